@@ -1,0 +1,1 @@
+//! `hashistack-agent image verify`: the gold image contract (owned by the packer work).

@@ -1,0 +1,2 @@
+//! hashistack-agent: metadata → NodeSpec → files → services → bootstrap → escrow → status.
+pub mod image;
