@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The agent binary and the units from this repository; only hashistack-agent.service is enabled.
+set -euo pipefail
+
+staging=/tmp/hashistack
+
+install -o root -g root -m 0755 "${staging}/hashistack-agent" /usr/local/bin/hashistack-agent
+
+# /etc/systemd/system, not /usr/lib/systemd/system: the HashiCorp packages install their own consul, vault
+# and nomad units in /usr/lib/systemd/system, and units in /etc/systemd/system take precedence over them.
+for unit in hashistack-agent consul vault nomad nomad-client; do
+  install -o root -g root -m 0644 "${staging}/systemd/${unit}.service" "/etc/systemd/system/${unit}.service"
+done
+systemctl daemon-reload
+
+# The agent starts the services a node's role needs at every boot; nothing else may start them at boot.
+systemctl enable hashistack-agent.service
+for unit in consul vault nomad nomad-client; do
+  rm -f "/etc/systemd/system/multi-user.target.wants/${unit}.service"
+done
+# Docker runs on workers only: nomad-client.service pulls it in there.
+systemctl disable --now docker.service docker.socket containerd.service
+
+rm -rf "${staging}"
+systemctl list-unit-files 'hashistack-agent.service' 'consul.service' 'vault.service' 'nomad*.service' \
+  'docker.*' 'containerd.service' --no-pager
