@@ -1,2 +1,18 @@
 //! hashistack-agent: metadata → NodeSpec → files → services → bootstrap → escrow → status.
+//!
+//! One module per concern; data flows one way through them.
+
+pub mod boot;
+pub mod config;
+pub mod files;
+pub mod identity;
 pub mod image;
+pub mod imds;
+pub mod logging;
+pub mod node;
+pub mod render;
+pub mod retry;
+pub mod services;
+pub mod status;
+pub mod tls;
+pub mod version;

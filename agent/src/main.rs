@@ -1,1 +1,266 @@
-fn main() {}
+//! The `hashistack-agent` command line.
+
+use clap::{Parser, Subcommand};
+use hashistack_agent::config::AgentConfig;
+use hashistack_agent::imds::InstanceMetadata;
+use hashistack_agent::logging::{self, LogFormat};
+use hashistack_agent::node::NodeSpec;
+use hashistack_agent::render::{self, Layout, RenderOptions, Versions};
+use hashistack_agent::version::{self, Installed, Product, Version};
+use hashistack_agent::{boot, status};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "hashistack-agent",
+    version,
+    about = "Turns an Azure VM into a Consul, Vault or Nomad node from its metadata tags.",
+    long_about = "Run by systemd at every boot (`boot`). Reads Azure IMDS and the node's tags (docs/tags.md), renders \
+Consul/Vault/Nomad configuration, and starts the services the node's role needs.\n\nExit codes: 0 ok, 1 run-time failure, \
+2 bad input (agent config, metadata, tags or key material)."
+)]
+struct Cli {
+    /// Log format on stderr (under systemd, logs go to the journal unless json is asked for).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// More detail in logs.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Configure this node from its metadata and start its services (idempotent; what systemd runs).
+    Boot {
+        /// Agent config file [default: /etc/hashistack/agent.toml, or built-in defaults when absent].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Render the configuration tree for a metadata document, offline: no network, no CA, no services,
+    /// no key material. Writes the tree a VM would have, rooted at --out.
+    Render {
+        /// IMDS instance metadata JSON (as `GET /metadata/instance` returns it).
+        #[arg(long)]
+        metadata: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Render for this Consul version instead of detecting the installed binary.
+        #[arg(long)]
+        consul_version: Option<String>,
+        #[arg(long)]
+        vault_version: Option<String>,
+        #[arg(long)]
+        nomad_version: Option<String>,
+    },
+    /// Show this node: identity, role, rendered files, local services and their APIs.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks of the VM image itself.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Check that an image root satisfies the gold-image contract (binaries, users, directories, units).
+    Verify {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("hashistack-agent: {msg}");
+    ExitCode::from(code)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    logging::init(cli.log_format, cli.verbose);
+    match cli.command {
+        Command::Boot { config } => run_boot(config, started).await,
+        Command::Render {
+            metadata,
+            config,
+            out,
+            consul_version,
+            vault_version,
+            nomad_version,
+        } => {
+            run_render(
+                metadata,
+                config,
+                out,
+                [consul_version, vault_version, nomad_version],
+            )
+            .await
+        }
+        Command::Status { config, json } => {
+            let cfg = match AgentConfig::load_or_default(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            match status::node_status(&cfg).await {
+                Ok(s) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&s).expect("status serialises")
+                        );
+                    } else {
+                        status::print_table(&s);
+                    }
+                    if s.healthy {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(2, e),
+            }
+        }
+        Command::Image {
+            command: ImageCommand::Verify { root },
+        } => run_image_verify(&root),
+    }
+}
+
+async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
+    let cfg = match AgentConfig::load_or_default(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let booted = match boot::boot(&cfg, started).await {
+        Ok(b) => b,
+        Err((e, _)) => return fail(e.exit_code() as u8, e),
+    };
+    tracing::info!(
+        critical_path_ms = booted.record.critical_path_ms,
+        "boot complete"
+    );
+    // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.
+    let shutdown = Box::pin(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down");
+    });
+    booted.manager.run_until(shutdown).await;
+    ExitCode::SUCCESS
+}
+
+async fn run_render(
+    metadata: PathBuf,
+    config: Option<PathBuf>,
+    out: PathBuf,
+    overrides: [Option<String>; 3],
+) -> ExitCode {
+    // Offline: an explicit --config is read; otherwise built-in defaults (never the machine's own agent.toml).
+    let cfg = match config {
+        Some(p) => match AgentConfig::load(&p) {
+            Ok(c) => c,
+            Err(e) => return fail(2, e),
+        },
+        None => AgentConfig::default(),
+    };
+    let bytes = match std::fs::read(&metadata) {
+        Ok(b) => b,
+        Err(e) => return fail(2, format!("metadata {}: {e}", metadata.display())),
+    };
+    let md = match InstanceMetadata::from_json(&bytes) {
+        Ok(m) => m,
+        Err(e) => return fail(2, format!("metadata {}: {e}", metadata.display())),
+    };
+    let spec = match NodeSpec::from_metadata(&md) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let mut versions = Versions::new();
+    for (p, over) in [Product::Consul, Product::Vault, Product::Nomad]
+        .into_iter()
+        .zip(overrides)
+    {
+        if !spec.products().contains(&p) {
+            continue;
+        }
+        let installed = match over {
+            Some(v) => match Version::parse(&v) {
+                Some(version) => Installed {
+                    distribution: version::assumed_current(p).distribution,
+                    version,
+                },
+                None => return fail(2, format!("--{p}-version {v:?} is not a version")),
+            },
+            None => match version::detect(p, &boot::bin_for(&cfg, p)).await {
+                Ok(i) => i,
+                Err(_) => version::assumed_current(p),
+            },
+        };
+        versions.insert(p, installed);
+    }
+    let root = PathBuf::from("/");
+    let mut plan = match render::render(
+        &spec,
+        &Layout::new(&root),
+        &RenderOptions::from_config(&cfg),
+        &versions,
+        None,
+    ) {
+        Ok(p) => p,
+        Err(e) => return fail(1, e),
+    };
+    // Offline renders are owned by whoever runs them.
+    for f in &mut plan.files {
+        f.owner = hashistack_agent::files::Owner::Current;
+    }
+    for d in &mut plan.dirs {
+        d.owner = hashistack_agent::files::Owner::Current;
+    }
+    render::rebase(&mut plan, &root, &out);
+    match boot::write_plan(&plan) {
+        Ok(changed) => {
+            for f in &plan.files {
+                println!(
+                    "{}{}",
+                    f.path.display(),
+                    if changed.contains(&f.path) {
+                        ""
+                    } else {
+                        " (unchanged)"
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+fn run_image_verify(root: &std::path::Path) -> ExitCode {
+    // WIRING PENDING: replaced by image::verify once the image contract lands.
+    fail(
+        1,
+        format!(
+            "image verify {}: not available in this build",
+            root.display()
+        ),
+    )
+}

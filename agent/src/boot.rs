@@ -1,0 +1,427 @@
+//! `hashistack-agent boot`: metadata → NodeSpec → files → services, idempotent at every boot.
+//! Everything that can be wrong with the inputs is found before the first byte is written.
+
+use crate::config::{AgentConfig, Backend};
+use crate::files::{self, FileError};
+use crate::imds::{ImdsClient, ImdsError, InstanceMetadata};
+use crate::node::{NodeSpec, Seal, SpecError};
+use crate::render::{self, Layout, Material, Plan, RenderOptions, Versions};
+use crate::retry::{RetryError, RetryPolicy};
+use crate::services::{
+    process::ProcessManager, systemd::Systemd, Action, ServiceError, ServiceManager,
+};
+use crate::tls::{self, ClusterCa, IssuedFor, NodeCert};
+use crate::version::{self, Installed, Product, VersionError};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Imds(#[from] RetryError<ImdsError>),
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Material(String),
+    #[error("{0}")]
+    Version(#[from] VersionError),
+    #[error("{0}")]
+    Render(#[from] render::RenderError),
+    #[error("{0}")]
+    Files(#[from] FileError),
+    #[error("{0}")]
+    Service(#[from] ServiceError),
+}
+
+impl BootError {
+    /// 2: the inputs are wrong (config, metadata, tags, key material); 1: something failed at run time.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BootError::Config(_) | BootError::Spec(_) | BootError::Material(_) => 2,
+            BootError::Imds(RetryError::Final(ImdsError::Body { .. })) => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self {
+            BootError::Config(_) => Phase::Config,
+            BootError::Imds(_) => Phase::Metadata,
+            BootError::Spec(_) => Phase::NodeSpec,
+            BootError::Material(_) | BootError::Version(_) | BootError::Render(_) => Phase::Render,
+            BootError::Files(_) => Phase::Write,
+            BootError::Service(_) => Phase::Services,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Config,
+    Metadata,
+    NodeSpec,
+    Render,
+    Write,
+    Services,
+    Done,
+}
+
+/// The non-secret record of this node's last boot, read by `status` (and published for the cluster view).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootRecord {
+    pub agent_version: String,
+    pub node: String,
+    pub role: Option<String>,
+    pub cluster: Option<String>,
+    pub phase: Phase,
+    pub ok: bool,
+    pub last_error: Option<String>,
+    pub finished_unix: i64,
+    pub critical_path_ms: Option<u64>,
+    pub versions: BTreeMap<String, String>,
+    pub files_changed: Vec<String>,
+    pub services: BTreeMap<String, Action>,
+}
+
+pub fn record_path(layout: &Layout) -> PathBuf {
+    layout.state_dir().join("boot.json")
+}
+
+fn write_record(layout: &Layout, rec: &BootRecord) {
+    let f = render::json_file(
+        record_path(layout),
+        rec,
+        0o644,
+        files::Owner::Current,
+        false,
+    );
+    if let Err(e) = files::write_atomic(&f) {
+        tracing::warn!(error = %e, "cannot write boot record");
+    }
+}
+
+/// What boot produced, for the caller (and the lab) to keep supervising.
+pub struct Booted {
+    pub spec: NodeSpec,
+    pub plan: Plan,
+    pub manager: Box<dyn BootManager>,
+    pub record: BootRecord,
+}
+
+/// A service manager that may need to keep running after boot (the process backend).
+#[async_trait::async_trait]
+pub trait BootManager: ServiceManager {
+    async fn run_until(
+        &self,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    );
+}
+
+#[async_trait::async_trait]
+impl BootManager for Systemd {
+    async fn run_until(
+        &self,
+        _shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) {
+    }
+}
+
+#[async_trait::async_trait]
+impl BootManager for ProcessManager {
+    async fn run_until(
+        &self,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) {
+        self.supervise(shutdown).await
+    }
+}
+
+/// Fetches metadata with the configured endpoint and deadline.
+pub async fn fetch_metadata(cfg: &AgentConfig) -> Result<InstanceMetadata, BootError> {
+    let client = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
+    Ok(client.instance().await?)
+}
+
+/// Versions of the binaries a node needs, cached by (path, size, mtime) so a normal boot spawns nothing.
+pub async fn detect_versions(
+    cfg: &AgentConfig,
+    layout: &Layout,
+    products: &[Product],
+) -> Result<Versions, BootError> {
+    #[derive(Serialize, Deserialize, Default)]
+    struct Cache(BTreeMap<String, (u64, i64, String, String)>);
+    let cache_path = layout.state_dir().join("versions.json");
+    let mut cache: Cache = std::fs::read(&cache_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut out = Versions::new();
+    let mut dirty = false;
+    for &p in products {
+        let bin = bin_for(cfg, p);
+        let key = bin.display().to_string();
+        let stamp = std::fs::metadata(&bin).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.size(), m.mtime())
+        });
+        let cached = match (stamp, cache.0.get(&key)) {
+            (Some((size, mtime)), Some((s, t, dist, v))) if *s == size && *t == mtime => {
+                version::Version::parse(v).map(|version| Installed {
+                    distribution: dist.clone(),
+                    version,
+                })
+            }
+            _ => None,
+        };
+        let installed = match cached {
+            Some(i) => i,
+            None => {
+                let i = version::detect(p, &bin).await?;
+                if let Some((size, mtime)) = stamp {
+                    cache.0.insert(
+                        key,
+                        (size, mtime, i.distribution.clone(), i.version.to_string()),
+                    );
+                    dirty = true;
+                }
+                i
+            }
+        };
+        out.insert(p, installed);
+    }
+    if dirty {
+        let f = render::json_file(cache_path, &cache, 0o644, files::Owner::Current, false);
+        let _ = files::write_atomic(&f);
+    }
+    Ok(out)
+}
+
+pub fn bin_for(cfg: &AgentConfig, p: Product) -> PathBuf {
+    match p {
+        Product::Consul => cfg.services.consul_bin.clone(),
+        Product::Vault => cfg.services.vault_bin.clone(),
+        Product::Nomad => cfg.services.nomad_bin.clone(),
+    }
+}
+
+fn read_secret_file(what: &str, path: &Path) -> Result<String, BootError> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| BootError::Material(format!("{what} {}: {e}", path.display())))?;
+    Ok(s.trim().to_string())
+}
+
+fn gossip_key(what: &str, path: &Path) -> Result<String, BootError> {
+    let k = read_secret_file(what, path)?;
+    match base64::engine::general_purpose::STANDARD.decode(&k) {
+        Ok(b) if b.len() == 32 => Ok(k),
+        _ => Err(BootError::Material(format!(
+            "{what} {}: not a base64-encoded 32-byte key",
+            path.display()
+        ))),
+    }
+}
+
+/// Loads the CA, gossip keys and seal token, and issues (or keeps) the node's certificates.
+pub fn load_material(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+    layout: &Layout,
+) -> Result<Material, BootError> {
+    let ca_pem = read_secret_file("tls.ca_cert", &cfg.tls.ca_cert)?;
+    let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
+    let ca = ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
+        BootError::Material(format!(
+            "{} / {}: {e}",
+            cfg.tls.ca_cert.display(),
+            cfg.tls.ca_key.display()
+        ))
+    })?;
+    let consul_gossip_key = gossip_key("gossip.consul_key_file", &cfg.gossip.consul_key_file)?;
+    let needs_nomad_key = spec.role == crate::node::Role::NomadServer;
+    let nomad_gossip_key = if needs_nomad_key {
+        gossip_key("gossip.nomad_key_file", &cfg.gossip.nomad_key_file)?
+    } else {
+        String::new()
+    };
+    let seal_token = match spec.vault.as_ref().map(|v| &v.seal) {
+        Some(Seal::Transit { .. }) => {
+            let path = cfg.vault.seal_token_file.as_ref().ok_or_else(|| {
+                BootError::Material("agent config vault.seal_token_file: required by the transit seal in tag hashistack-vault-seal".into())
+            })?;
+            Some(read_secret_file("vault.seal_token_file", path)?)
+        }
+        _ => None,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut certs = BTreeMap::new();
+    for p in spec.products() {
+        let sans = render::cert_sans(spec, p);
+        certs.insert(
+            p,
+            existing_or_new_cert(
+                layout,
+                p,
+                &ca,
+                &sans,
+                cfg.tls.node_cert_days,
+                now,
+                &spec.node_name,
+            )?,
+        );
+    }
+    Ok(Material {
+        ca_pem: ca.cert_pem().to_string() + "\n",
+        certs,
+        consul_gossip_key,
+        nomad_gossip_key,
+        seal_token,
+    })
+}
+
+fn existing_or_new_cert(
+    layout: &Layout,
+    p: Product,
+    ca: &ClusterCa,
+    sans: &[String],
+    days: u32,
+    now: time::OffsetDateTime,
+    cn: &str,
+) -> Result<NodeCert, BootError> {
+    let existing = (|| {
+        let issued: IssuedFor =
+            serde_json::from_slice(&std::fs::read(layout.issued_file(p)).ok()?).ok()?;
+        if !tls::still_good(&issued, ca, sans, now) {
+            return None;
+        }
+        let cert_pem = std::fs::read_to_string(layout.cert_file(p)).ok()?;
+        let key_pem = std::fs::read_to_string(layout.key_file(p)).ok()?;
+        Some(NodeCert {
+            cert_pem,
+            key_pem,
+            issued_for: issued,
+        })
+    })();
+    match existing {
+        Some(c) => Ok(c),
+        None => ca
+            .issue(cn, sans, days, now)
+            .map_err(|e| BootError::Material(format!("{p} certificate: {e}"))),
+    }
+}
+
+/// Writes the plan; returns the paths that changed (never their content).
+pub fn write_plan(plan: &Plan) -> Result<Vec<PathBuf>, BootError> {
+    let mut changed = Vec::new();
+    for d in &plan.dirs {
+        files::ensure_dir(d)?;
+    }
+    for f in &plan.files {
+        if files::write_atomic(f)? {
+            changed.push(f.path.clone());
+        }
+    }
+    Ok(changed)
+}
+
+/// The whole boot up to services started. `started` is when the process began (for the critical path).
+pub async fn boot(
+    cfg: &AgentConfig,
+    started: Instant,
+) -> Result<Booted, (BootError, Option<BootRecord>)> {
+    let layout = Layout::new(&cfg.paths.root);
+    let mut record = BootRecord {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        node: String::new(),
+        role: None,
+        cluster: None,
+        phase: Phase::Metadata,
+        ok: false,
+        last_error: None,
+        finished_unix: 0,
+        critical_path_ms: None,
+        versions: BTreeMap::new(),
+        files_changed: vec![],
+        services: BTreeMap::new(),
+    };
+    let result = boot_inner(cfg, &layout, started, &mut record).await;
+    record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+    match result {
+        Ok((spec, plan, manager)) => {
+            record.ok = true;
+            record.phase = Phase::Done;
+            write_record(&layout, &record);
+            Ok(Booted {
+                spec,
+                plan,
+                manager,
+                record,
+            })
+        }
+        Err(e) => {
+            record.phase = e.phase();
+            record.last_error = Some(e.to_string());
+            write_record(&layout, &record);
+            Err((e, Some(record)))
+        }
+    }
+}
+
+async fn boot_inner(
+    cfg: &AgentConfig,
+    layout: &Layout,
+    started: Instant,
+    rec: &mut BootRecord,
+) -> Result<(NodeSpec, Plan, Box<dyn BootManager>), BootError> {
+    rec.phase = Phase::Metadata;
+    let md = fetch_metadata(cfg).await?;
+    rec.node = md.compute.name.clone();
+    rec.phase = Phase::NodeSpec;
+    let spec = NodeSpec::from_metadata(&md)?;
+    rec.role = Some(spec.role.to_string());
+    rec.cluster = Some(spec.cluster.clone());
+    tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");
+
+    rec.phase = Phase::Render;
+    let versions = detect_versions(cfg, layout, &spec.products()).await?;
+    rec.versions = versions
+        .iter()
+        .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
+        .collect();
+    let material = load_material(cfg, &spec, layout)?;
+    let opts = RenderOptions::from_config(cfg);
+    let plan = render::render(&spec, layout, &opts, &versions, Some(&material))?;
+    drop(material);
+
+    rec.phase = Phase::Write;
+    let changed = write_plan(&plan)?;
+    rec.files_changed = changed.iter().map(|p| p.display().to_string()).collect();
+    if !changed.is_empty() {
+        tracing::info!(files = changed.len(), "configuration changed");
+    }
+
+    rec.phase = Phase::Services;
+    let manager: Box<dyn BootManager> = match cfg.services.backend {
+        Backend::Systemd => Box::new(Systemd::default()),
+        Backend::Process => Box::new(ProcessManager::new(
+            layout.log_dir(),
+            layout.state_dir().join("pids"),
+        )),
+    };
+    for svc in &plan.services {
+        // A service restarts when a file it reads changed.
+        let touched = changed
+            .iter()
+            .any(|c| svc.watch.iter().any(|w| c.starts_with(w)));
+        let action = manager.apply(svc, touched).await?;
+        tracing::info!(service = %svc.name, ?action, "service applied");
+        rec.services.insert(svc.name.clone(), action);
+    }
+    rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
+    Ok((spec, plan, manager))
+}

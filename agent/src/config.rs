@@ -1,0 +1,320 @@
+//! `/etc/hashistack/agent.toml`: how this agent reaches its environment. Everything a node *is* comes from
+//! IMDS tags (see `node`); this file only says where things are on this machine. Unknown keys are an error.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_PATH: &str = "/etc/hashistack/agent.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub imds: ImdsConfig,
+    pub paths: PathsConfig,
+    pub services: ServicesConfig,
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub gossip: GossipConfig,
+    pub vault: VaultConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImdsConfig {
+    /// Base URL of the instance metadata service. Never reached through a proxy.
+    pub endpoint: String,
+    /// Total time allowed for IMDS to answer at boot, retries included.
+    pub deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// The node's filesystem root. `/` on a VM; a per-node directory in the lab. Every rendered path,
+    /// and every path written inside a config file, is under it.
+    pub root: PathBuf,
+    /// Who owns rendered files: the service users (`consul`, `vault`, `nomad`) as on the image, or the user
+    /// running the agent (the lab runs unprivileged layouts).
+    pub owners: Owners,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owners {
+    ServiceUsers,
+    CurrentUser,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    pub backend: Backend,
+    pub consul_bin: PathBuf,
+    pub vault_bin: PathBuf,
+    pub nomad_bin: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Enable and start systemd units (the VM image).
+    Systemd,
+    /// Spawn and supervise the binaries as children of the agent (the lab).
+    Process,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Also serve the local HTTP APIs on 127.0.0.1 (on a VM, so local tools work). The lab turns this off
+    /// because all its nodes share one loopback interface.
+    pub loopback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Cluster CA certificate and key (PEM) from which the agent issues this node's certificates.
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// Validity of issued node certificates; they are re-issued when less than a third remains.
+    pub node_cert_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// Files holding the base64 32-byte gossip encryption keys.
+    pub consul_key_file: PathBuf,
+    pub nomad_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// File holding the token for a `transit` seal (the lab's stand-in for Key Vault). Unused with
+    /// `azurekeyvault`, which authenticates with the managed identity.
+    pub seal_token_file: Option<PathBuf>,
+}
+
+impl Default for ImdsConfig {
+    fn default() -> Self {
+        ImdsConfig {
+            endpoint: "http://169.254.169.254".into(),
+            deadline_secs: 300,
+        }
+    }
+}
+impl Default for PathsConfig {
+    fn default() -> Self {
+        PathsConfig {
+            root: PathBuf::from("/"),
+            owners: Owners::ServiceUsers,
+        }
+    }
+}
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        ServicesConfig {
+            backend: Backend::Systemd,
+            consul_bin: "/usr/bin/consul".into(),
+            vault_bin: "/usr/bin/vault".into(),
+            nomad_bin: "/usr/bin/nomad".into(),
+        }
+    }
+}
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig { loopback: true }
+    }
+}
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_cert: "/etc/hashistack/tls/ca.pem".into(),
+            ca_key: "/etc/hashistack/tls/ca-key.pem".into(),
+            node_cert_days: 365,
+        }
+    }
+}
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            consul_key_file: "/etc/hashistack/gossip/consul.key".into(),
+            nomad_key_file: "/etc/hashistack/gossip/nomad.key".into(),
+        }
+    }
+}
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            seal_token_file: None,
+        }
+    }
+}
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            imds: ImdsConfig::default(),
+            paths: PathsConfig::default(),
+            services: ServicesConfig::default(),
+            listen: ListenConfig::default(),
+            tls: TlsConfig::default(),
+            gossip: GossipConfig::default(),
+            vault: VaultConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("agent config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("agent config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    pub fn imds_deadline(&self) -> Duration {
+        Duration::from_secs(self.imds.deadline_secs)
+    }
+
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Reads the config if it exists; the defaults otherwise (only for the default path).
+    pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => Self::load(p),
+            None if Path::new(DEFAULT_PATH).exists() => Self::load(Path::new(DEFAULT_PATH)),
+            None => Ok(Self::default()),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's message spans several lines (it quotes the input); keep the first, which names the key.
+            message: e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        cfg.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ep = &self.imds.endpoint;
+        if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+            return Err(format!("imds.endpoint {ep:?} is not an http(s) URL"));
+        }
+        if self.imds.deadline_secs == 0 {
+            return Err("imds.deadline_secs must be at least 1".into());
+        }
+        if !self.paths.root.is_absolute() {
+            return Err(format!(
+                "paths.root {:?} is not an absolute path",
+                self.paths.root
+            ));
+        }
+        if self.tls.node_cert_days == 0 || self.tls.node_cert_days > 825 {
+            return Err("tls.node_cert_days must be between 1 and 825".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(t, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), AgentConfig::default());
+        assert_eq!(
+            AgentConfig::default().imds.endpoint,
+            "http://169.254.169.254"
+        );
+        assert_eq!(
+            AgentConfig::default().imds_deadline(),
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn lab_style_config_parses() {
+        let c = parse(
+            r#"
+            [imds]
+            endpoint = "http://127.77.0.31:16925"
+            deadline_secs = 30
+            [paths]
+            root = "/tmp/lab/node1"
+            owners = "current-user"
+            [services]
+            backend = "process"
+            vault_bin = "/opt/bao"
+            [listen]
+            loopback = false
+            [vault]
+            seal_token_file = "/tmp/lab/transit.token"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.services.backend, Backend::Process);
+        assert_eq!(c.paths.owners, Owners::CurrentUser);
+        assert!(!c.listen.loopback);
+        assert_eq!(c.services.consul_bin, PathBuf::from("/usr/bin/consul"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = parse("[imds]\nendpont = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("endpont"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = parse("[imsd]\n").unwrap_err().to_string();
+        assert!(e.contains("imsd"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(parse("[imds]\nendpoint = \"169.254.169.254\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("imds.endpoint"));
+        assert!(parse("[imds]\ndeadline_secs = 0\n").is_err());
+        assert!(parse("[paths]\nroot = \"relative\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("paths.root"));
+        assert!(parse("[services]\nbackend = \"docker\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("docker"));
+    }
+}

@@ -1,0 +1,517 @@
+//! NodeSpec: what this node is, parsed once from IMDS metadata and its tags (see docs/tags.md).
+//! Every later step takes a NodeSpec, never raw tags: parse, don't validate later.
+
+use crate::imds::InstanceMetadata;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+pub const TAG_PREFIX: &str = "hashistack-";
+pub const TAG_ROLE: &str = "hashistack-role";
+pub const TAG_CLUSTER: &str = "hashistack-cluster";
+pub const TAG_DATACENTER: &str = "hashistack-datacenter";
+pub const TAG_CONSUL_JOIN: &str = "hashistack-consul-join";
+pub const TAG_CONSUL_SERVERS: &str = "hashistack-consul-servers";
+pub const TAG_VAULT_JOIN: &str = "hashistack-vault-join";
+pub const TAG_VAULT_SERVERS: &str = "hashistack-vault-servers";
+pub const TAG_VAULT_SEAL: &str = "hashistack-vault-seal";
+pub const TAG_NOMAD_JOIN: &str = "hashistack-nomad-join";
+pub const TAG_NOMAD_SERVERS: &str = "hashistack-nomad-servers";
+pub const TAG_TENANT_ID: &str = "hashistack-tenant-id";
+pub const TAG_IDENTITY_CLIENT_ID: &str = "hashistack-identity-client-id";
+pub const TAG_BLOB_ENDPOINT: &str = "hashistack-blob-endpoint";
+pub const TAG_KEYVAULT_URI: &str = "hashistack-keyvault-uri";
+pub const TAG_ESCROW_VAULT_URI: &str = "hashistack-escrow-vault-uri";
+
+const KNOWN_TAGS: &[&str] = &[
+    TAG_ROLE,
+    TAG_CLUSTER,
+    TAG_DATACENTER,
+    TAG_CONSUL_JOIN,
+    TAG_CONSUL_SERVERS,
+    TAG_VAULT_JOIN,
+    TAG_VAULT_SERVERS,
+    TAG_VAULT_SEAL,
+    TAG_NOMAD_JOIN,
+    TAG_NOMAD_SERVERS,
+    TAG_TENANT_ID,
+    TAG_IDENTITY_CLIENT_ID,
+    TAG_BLOB_ENDPOINT,
+    TAG_KEYVAULT_URI,
+    TAG_ESCROW_VAULT_URI,
+];
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ConsulServer,
+    VaultServer,
+    NomadServer,
+    Worker,
+    Jumpbox,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::ConsulServer,
+        Role::VaultServer,
+        Role::NomadServer,
+        Role::Worker,
+        Role::Jumpbox,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ConsulServer => "consul-server",
+            Role::VaultServer => "vault-server",
+            Role::NomadServer => "nomad-server",
+            Role::Worker => "worker",
+            Role::Jumpbox => "jumpbox",
+        }
+    }
+
+    pub fn is_server_tier(self) -> bool {
+        matches!(
+            self,
+            Role::ConsulServer | Role::VaultServer | Role::NomadServer
+        )
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or(())
+    }
+}
+
+/// How peers are found: a go-discover expression for cloud auto-join, or fixed addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Join {
+    /// e.g. `provider=azure resource_group=rg vm_scale_set=hs-consul`
+    Cloud(String),
+    Static(Vec<Ipv4Addr>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seal {
+    AzureKeyVault {
+        vault_name: String,
+        key_name: String,
+        tenant_id: String,
+    },
+    Transit {
+        address: String,
+        key_name: String,
+        mount_path: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultSettings {
+    pub join: Join,
+    pub servers: u8,
+    pub seal: Seal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NomadSettings {
+    pub join: Join,
+    /// Expected servers; only on the nomad-server tier.
+    pub servers: Option<u8>,
+}
+
+/// Everything a node is. Built only by [`NodeSpec::from_metadata`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub role: Role,
+    pub cluster: String,
+    pub datacenter: String,
+    pub node_name: String,
+    pub vm_id: String,
+    pub scale_set: String,
+    pub resource_group: String,
+    pub subscription_id: String,
+    pub location: String,
+    pub zone: String,
+    pub ip: Ipv4Addr,
+    pub consul_join: Join,
+    /// `bootstrap_expect` for the consul-server tier.
+    pub consul_servers: Option<u8>,
+    pub vault: Option<VaultSettings>,
+    pub nomad: Option<NomadSettings>,
+    pub identity_client_id: Option<String>,
+    pub blob_endpoint: Option<String>,
+    pub keyvault_uri: Option<String>,
+    pub escrow_vault_uri: Option<String>,
+}
+
+/// One problem with the node's metadata, naming the tag or field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name} {name}: {problem}")]
+pub struct SpecError {
+    /// "tag" or "IMDS field"
+    pub source_name: &'static str,
+    pub name: String,
+    pub problem: String,
+}
+
+fn tag_err(name: &str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        source_name: "tag",
+        name: name.to_string(),
+        problem: problem.into(),
+    }
+}
+fn field_err(name: &str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        source_name: "IMDS field",
+        name: name.to_string(),
+        problem: problem.into(),
+    }
+}
+
+struct Tags<'a>(BTreeMap<&'a str, &'a str>);
+
+impl<'a> Tags<'a> {
+    fn required(&self, name: &str) -> Result<&'a str, SpecError> {
+        match self.0.get(name) {
+            None => Err(tag_err(name, "missing")),
+            Some(v) if v.trim().is_empty() => Err(tag_err(name, "empty")),
+            Some(v) => Ok(v.trim()),
+        }
+    }
+    fn optional(&self, name: &str) -> Option<&'a str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+    /// A tag that only some roles use must not appear on the others: a stray tag is a sign of a mis-tagged tier.
+    fn forbid(&self, name: &str, role: Role) -> Result<(), SpecError> {
+        match self.0.get(name) {
+            Some(_) => Err(tag_err(name, format!("does not apply to role {role}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_name(tag: &str, v: &str, allow_underscore: bool) -> Result<String, SpecError> {
+    let ok_char = |c: char| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (allow_underscore && c == '_')
+    };
+    if v.len() > 32 {
+        return Err(tag_err(tag, format!("{v:?} is longer than 32 characters")));
+    }
+    if !v.starts_with(|c: char| c.is_ascii_lowercase()) || !v.chars().all(ok_char) {
+        return Err(tag_err(
+            tag,
+            format!("{v:?} must start with a lowercase letter and hold only [a-z0-9-]"),
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn parse_count(tag: &str, v: &str) -> Result<u8, SpecError> {
+    match v.parse::<u8>() {
+        Ok(n @ (1 | 3 | 5 | 7)) => Ok(n),
+        _ => Err(tag_err(
+            tag,
+            format!("{v:?} is not a server count (1, 3, 5 or 7)"),
+        )),
+    }
+}
+
+fn parse_join(tag: &str, v: &str) -> Result<Join, SpecError> {
+    if v.starts_with("provider=") {
+        let mut provider = "";
+        for word in v.split_whitespace() {
+            let Some((k, val)) = word.split_once('=') else {
+                return Err(tag_err(tag, format!("{word:?} is not key=value")));
+            };
+            if val.is_empty() {
+                return Err(tag_err(tag, format!("{k} has an empty value")));
+            }
+            if k == "provider" {
+                provider = val;
+            }
+        }
+        if provider == "azure" {
+            for k in ["resource_group", "vm_scale_set"] {
+                if !v
+                    .split_whitespace()
+                    .any(|w| w.starts_with(&format!("{k}=")))
+                {
+                    return Err(tag_err(tag, format!("provider=azure needs {k}=")));
+                }
+            }
+        }
+        return Ok(Join::Cloud(
+            v.split_whitespace().collect::<Vec<_>>().join(" "),
+        ));
+    }
+    let mut addrs = Vec::new();
+    for word in v.split_whitespace() {
+        let ip: Ipv4Addr = word.parse().map_err(|_| {
+            tag_err(
+                tag,
+                format!("{word:?} is neither an IPv4 address nor a provider= expression"),
+            )
+        })?;
+        if !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
+    Ok(Join::Static(addrs))
+}
+
+fn parse_kv(tag: &str, words: &[&str]) -> Result<BTreeMap<String, String>, SpecError> {
+    let mut m = BTreeMap::new();
+    for w in words {
+        let Some((k, v)) = w.split_once('=') else {
+            return Err(tag_err(tag, format!("{w:?} is not key=value")));
+        };
+        if v.is_empty() {
+            return Err(tag_err(tag, format!("{k} has an empty value")));
+        }
+        if m.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(tag_err(tag, format!("{k} is given twice")));
+        }
+    }
+    Ok(m)
+}
+
+fn parse_seal(tag: &str, v: &str, tenant: Option<&str>) -> Result<Seal, SpecError> {
+    let words: Vec<&str> = v.split_whitespace().collect();
+    let (kind, rest) = words.split_first().ok_or_else(|| tag_err(tag, "empty"))?;
+    let mut kv = parse_kv(tag, rest)?;
+    let mut take = |k: &str| {
+        kv.remove(k)
+            .ok_or_else(|| tag_err(tag, format!("{kind} seal needs {k}=")))
+    };
+    let seal = match *kind {
+        "azurekeyvault" => {
+            let vault_name = take("vault_name")?;
+            let key_name = take("key_name")?;
+            let tenant_id = tenant.ok_or_else(|| {
+                tag_err(TAG_TENANT_ID, "missing (the azurekeyvault seal needs it)")
+            })?;
+            Seal::AzureKeyVault {
+                vault_name,
+                key_name,
+                tenant_id: parse_guid(TAG_TENANT_ID, tenant_id)?,
+            }
+        }
+        "transit" => {
+            let address = take("address")?;
+            if !(address.starts_with("https://") || address.starts_with("http://")) {
+                return Err(tag_err(
+                    tag,
+                    format!("transit address {address:?} is not an http(s) URL"),
+                ));
+            }
+            let key_name = take("key_name")?;
+            let mut mount_path = take("mount_path")?;
+            if !mount_path.ends_with('/') {
+                mount_path.push('/');
+            }
+            Seal::Transit {
+                address,
+                key_name,
+                mount_path,
+            }
+        }
+        other => {
+            return Err(tag_err(
+                tag,
+                format!("unknown seal type {other:?} (azurekeyvault or transit)"),
+            ))
+        }
+    };
+    if let Some(k) = kv.keys().next() {
+        return Err(tag_err(tag, format!("unknown seal setting {k:?}")));
+    }
+    Ok(seal)
+}
+
+fn parse_guid(tag: &str, v: &str) -> Result<String, SpecError> {
+    let parts: Vec<&str> = v.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    let ok = parts.len() == 5
+        && parts
+            .iter()
+            .zip(lens)
+            .all(|(p, l)| p.len() == l && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if ok {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(tag_err(tag, format!("{v:?} is not a GUID")))
+    }
+}
+
+fn parse_https_url(tag: &str, v: &str) -> Result<String, SpecError> {
+    let Some(rest) = v.strip_prefix("https://") else {
+        return Err(tag_err(tag, format!("{v:?} is not an https:// URL")));
+    };
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        return Err(tag_err(tag, format!("{v:?} has no host")));
+    }
+    Ok(if v.ends_with('/') {
+        v.to_string()
+    } else {
+        format!("{v}/")
+    })
+}
+
+impl NodeSpec {
+    /// Parses a node's identity and settings. Pure: no I/O.
+    pub fn from_metadata(md: &InstanceMetadata) -> Result<NodeSpec, SpecError> {
+        let mut map = BTreeMap::new();
+        for t in &md.compute.tags_list {
+            if t.name.starts_with(TAG_PREFIX) && !KNOWN_TAGS.contains(&t.name.as_str()) {
+                return Err(tag_err(
+                    &t.name,
+                    "unknown hashistack tag (see docs/tags.md)",
+                ));
+            }
+            if map.insert(t.name.as_str(), t.value.as_str()).is_some() {
+                return Err(tag_err(&t.name, "given twice"));
+            }
+        }
+        let tags = Tags(map);
+
+        let role_s = tags.required(TAG_ROLE)?;
+        let role: Role = role_s.parse().map_err(|_| {
+            tag_err(TAG_ROLE, format!("unknown role {role_s:?} (consul-server, vault-server, nomad-server, worker, jumpbox)"))
+        })?;
+        let cluster = parse_name(TAG_CLUSTER, tags.required(TAG_CLUSTER)?, false)?;
+        let datacenter = parse_name(
+            TAG_DATACENTER,
+            tags.optional(TAG_DATACENTER).unwrap_or("dc1"),
+            true,
+        )?;
+
+        let node_name = md.compute.name.trim();
+        if node_name.is_empty() {
+            return Err(field_err("compute.name", "missing"));
+        }
+        if node_name.len() > 63
+            || !node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(field_err(
+                "compute.name",
+                format!("{node_name:?} is not a valid host name"),
+            ));
+        }
+        let ip_s = md.primary_private_ip();
+        if ip_s.is_empty() {
+            return Err(field_err(
+                "network.interface[0].ipv4.ipAddress[0].privateIpAddress",
+                "missing",
+            ));
+        }
+        let ip: Ipv4Addr = ip_s.parse().map_err(|_| {
+            field_err(
+                "network.interface[0].ipv4.ipAddress[0].privateIpAddress",
+                format!("{ip_s:?} is not an IPv4 address"),
+            )
+        })?;
+
+        let consul_join = parse_join(TAG_CONSUL_JOIN, tags.required(TAG_CONSUL_JOIN)?)?;
+        let consul_servers = match role {
+            Role::ConsulServer => Some(parse_count(
+                TAG_CONSUL_SERVERS,
+                tags.required(TAG_CONSUL_SERVERS)?,
+            )?),
+            _ => {
+                tags.forbid(TAG_CONSUL_SERVERS, role)?;
+                None
+            }
+        };
+        let vault = match role {
+            Role::VaultServer => Some(VaultSettings {
+                join: parse_join(TAG_VAULT_JOIN, tags.required(TAG_VAULT_JOIN)?)?,
+                servers: parse_count(TAG_VAULT_SERVERS, tags.required(TAG_VAULT_SERVERS)?)?,
+                seal: parse_seal(
+                    TAG_VAULT_SEAL,
+                    tags.required(TAG_VAULT_SEAL)?,
+                    tags.optional(TAG_TENANT_ID),
+                )?,
+            }),
+            _ => {
+                for t in [TAG_VAULT_JOIN, TAG_VAULT_SERVERS, TAG_VAULT_SEAL] {
+                    tags.forbid(t, role)?;
+                }
+                None
+            }
+        };
+        let nomad = match role {
+            Role::NomadServer => Some(NomadSettings {
+                join: parse_join(TAG_NOMAD_JOIN, tags.required(TAG_NOMAD_JOIN)?)?,
+                servers: Some(parse_count(
+                    TAG_NOMAD_SERVERS,
+                    tags.required(TAG_NOMAD_SERVERS)?,
+                )?),
+            }),
+            Role::Worker => {
+                tags.forbid(TAG_NOMAD_SERVERS, role)?;
+                Some(NomadSettings {
+                    join: parse_join(TAG_NOMAD_JOIN, tags.required(TAG_NOMAD_JOIN)?)?,
+                    servers: None,
+                })
+            }
+            _ => {
+                tags.forbid(TAG_NOMAD_JOIN, role)?;
+                tags.forbid(TAG_NOMAD_SERVERS, role)?;
+                None
+            }
+        };
+        let identity_client_id = tags
+            .optional(TAG_IDENTITY_CLIENT_ID)
+            .map(|v| parse_guid(TAG_IDENTITY_CLIENT_ID, v))
+            .transpose()?;
+        if let Some(t) = tags.optional(TAG_TENANT_ID) {
+            parse_guid(TAG_TENANT_ID, t)?;
+        }
+        let url = |t: &str| tags.optional(t).map(|v| parse_https_url(t, v)).transpose();
+
+        Ok(NodeSpec {
+            role,
+            cluster,
+            datacenter,
+            node_name: node_name.to_string(),
+            vm_id: md.compute.vm_id.clone(),
+            scale_set: md.compute.vm_scale_set_name.clone(),
+            resource_group: md.compute.resource_group_name.clone(),
+            subscription_id: md.compute.subscription_id.clone(),
+            location: md.compute.location.clone(),
+            zone: md.compute.zone.clone(),
+            ip,
+            consul_join,
+            consul_servers,
+            vault,
+            nomad,
+            identity_client_id,
+            blob_endpoint: url(TAG_BLOB_ENDPOINT)?,
+            keyvault_uri: url(TAG_KEYVAULT_URI)?,
+            escrow_vault_uri: url(TAG_ESCROW_VAULT_URI)?,
+        })
+    }
+
+    /// Products this node runs, in start order.
+    pub fn products(&self) -> Vec<crate::version::Product> {
+        use crate::version::Product::*;
+        match self.role {
+            Role::ConsulServer | Role::Jumpbox => vec![Consul],
+            Role::VaultServer => vec![Consul, Vault],
+            Role::NomadServer | Role::Worker => vec![Consul, Nomad],
+        }
+    }
+}

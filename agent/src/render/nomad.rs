@@ -1,0 +1,248 @@
+//! Nomad agent configuration: server on the nomad-server tier, client with the Docker driver on workers.
+
+use super::{env_file, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use crate::files::Owner;
+use crate::node::{NodeSpec, Role};
+use crate::services::ServiceSpec;
+use crate::version::{Installed, Product};
+use serde::Serialize;
+
+pub const HTTP_PORT: u16 = 4646;
+
+#[derive(Serialize)]
+pub struct NomadConfig {
+    pub region: String,
+    pub datacenter: String,
+    pub name: String,
+    pub data_dir: String,
+    pub bind_addr: String,
+    pub advertise: Advertise,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Server>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<Client>,
+    pub acl: Acl,
+    pub tls: Tls,
+    pub consul: Consul,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<Plugins>,
+    pub disable_update_check: bool,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+#[derive(Serialize)]
+pub struct Advertise {
+    pub http: String,
+    pub rpc: String,
+    pub serf: String,
+}
+
+#[derive(Serialize)]
+pub struct Server {
+    pub enabled: bool,
+    pub bootstrap_expect: u8,
+    pub raft_multiplier: u8,
+    pub server_join: ServerJoin,
+}
+
+#[derive(Serialize)]
+pub struct Client {
+    pub enabled: bool,
+    pub server_join: ServerJoin,
+}
+
+#[derive(Serialize)]
+pub struct ServerJoin {
+    pub retry_join: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct Acl {
+    pub enabled: bool,
+}
+
+#[derive(Serialize)]
+pub struct Tls {
+    pub http: bool,
+    pub rpc: bool,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+    pub verify_server_hostname: bool,
+    pub verify_https_client: bool,
+}
+
+#[derive(Serialize)]
+pub struct Consul {
+    pub address: String,
+    pub ssl: bool,
+    pub ca_file: String,
+}
+
+#[derive(Serialize)]
+pub struct Plugins {
+    pub docker: DockerPlugin,
+}
+
+#[derive(Serialize)]
+pub struct DockerPlugin {
+    pub config: DockerConfig,
+}
+
+#[derive(Serialize)]
+pub struct DockerConfig {
+    pub allow_privileged: bool,
+    pub volumes: DockerVolumes,
+}
+
+#[derive(Serialize)]
+pub struct DockerVolumes {
+    pub enabled: bool,
+}
+
+#[derive(Serialize)]
+pub struct GossipConfig<'a> {
+    pub server: GossipServer<'a>,
+}
+
+#[derive(Serialize)]
+pub struct GossipServer<'a> {
+    pub encrypt: &'a str,
+}
+
+pub fn config(
+    spec: &NodeSpec,
+    layout: &Layout,
+    _opts: &RenderOptions,
+    _installed: &Installed,
+) -> NomadConfig {
+    let p = Product::Nomad;
+    let settings = spec
+        .nomad
+        .as_ref()
+        .expect("nomad nodes always carry nomad settings");
+    let join = ServerJoin {
+        retry_join: join_list(&settings.join),
+    };
+    let ip = spec.ip.to_string();
+    let (server, client, plugin) = match spec.role {
+        Role::NomadServer => (
+            Some(Server {
+                enabled: true,
+                bootstrap_expect: settings.servers.unwrap_or(3),
+                raft_multiplier: 1,
+                server_join: join,
+            }),
+            None,
+            None,
+        ),
+        _ => (
+            None,
+            Some(Client {
+                enabled: true,
+                server_join: join,
+            }),
+            Some(Plugins {
+                docker: DockerPlugin {
+                    config: DockerConfig {
+                        allow_privileged: false,
+                        volumes: DockerVolumes { enabled: false },
+                    },
+                },
+            }),
+        ),
+    };
+    NomadConfig {
+        region: "global".into(),
+        datacenter: spec.datacenter.clone(),
+        name: spec.node_name.clone(),
+        data_dir: path_str(&layout.data_dir(p)),
+        bind_addr: ip.clone(),
+        advertise: Advertise {
+            http: ip.clone(),
+            rpc: ip.clone(),
+            serf: ip.clone(),
+        },
+        server,
+        client,
+        acl: Acl { enabled: true },
+        tls: Tls {
+            http: true,
+            rpc: true,
+            ca_file: path_str(&layout.ca_file(p)),
+            cert_file: path_str(&layout.cert_file(p)),
+            key_file: path_str(&layout.key_file(p)),
+            verify_server_hostname: true,
+            verify_https_client: false,
+        },
+        consul: Consul {
+            address: format!("{}:{}", spec.ip, super::consul::HTTPS_PORT),
+            ssl: true,
+            ca_file: path_str(&layout.ca_file(Product::Consul)),
+        },
+        plugin,
+        disable_update_check: true,
+        log_level: "INFO".into(),
+        log_json: true,
+    }
+}
+
+pub fn render(
+    spec: &NodeSpec,
+    layout: &Layout,
+    opts: &RenderOptions,
+    installed: &Installed,
+    material: Option<&Material>,
+    owner: Owner,
+    plan: &mut Plan,
+) {
+    let p = Product::Nomad;
+    let cfg = config(spec, layout, opts, installed);
+    plan.files.push(json_file(
+        layout.config_file(p),
+        &cfg,
+        0o640,
+        owner.clone(),
+        false,
+    ));
+    let server = spec.role == Role::NomadServer;
+    let (name, unit) = if server {
+        ("nomad", "nomad.service")
+    } else {
+        ("nomad-client", "nomad-client.service")
+    };
+    let env_path = layout.env_file(name);
+    if let Some(m) = material {
+        if server {
+            let g = GossipConfig {
+                server: GossipServer {
+                    encrypt: &m.nomad_gossip_key,
+                },
+            };
+            plan.files
+                .push(json_file(layout.gossip_file(p), &g, 0o640, owner, true));
+        }
+        let mut vars: Vec<(&str, &str)> = Vec::new();
+        if let Some(id) = spec.identity_client_id.as_deref() {
+            vars.push(("AZURE_CLIENT_ID", id));
+        }
+        plan.files
+            .push(env_file(env_path.clone(), &vars, opts.owner("root")));
+    }
+    plan.services.push(ServiceSpec {
+        name: name.into(),
+        unit: unit.into(),
+        command: vec![
+            path_str(&opts.nomad_bin),
+            "agent".into(),
+            format!("-config={}", path_str(&layout.config_dir(p))),
+        ],
+        env_file: material.map(|_| env_path.clone()),
+        watch: vec![layout.config_dir(p), env_path.clone()],
+        health: crate::services::Health::NomadHttps {
+            addr: format!("{}:{HTTP_PORT}", spec.ip),
+            ca_file: layout.ca_file(p),
+        },
+    });
+}

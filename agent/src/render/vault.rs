@@ -1,0 +1,218 @@
+//! Vault (or OpenBao) server configuration: integrated raft storage, TLS listeners, auto-unseal.
+//! Azure: `seal "azurekeyvault"` with the managed identity. Lab: `seal "transit"` against a second server.
+//! Both come from the node's `hashistack-vault-seal` tag through the same code path.
+
+use super::{env_file, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use crate::files::Owner;
+use crate::node::{Join, NodeSpec, Seal};
+use crate::services::ServiceSpec;
+use crate::version::{Installed, Product};
+use serde::Serialize;
+
+pub const API_PORT: u16 = 8200;
+pub const CLUSTER_PORT: u16 = 8201;
+
+#[derive(Serialize)]
+pub struct VaultConfig {
+    pub ui: bool,
+    pub cluster_name: String,
+    pub api_addr: String,
+    pub cluster_addr: String,
+    /// Integrated storage recommends disabling mlock (it maps its database file); swap is off on the image.
+    pub disable_mlock: bool,
+    pub listener: Vec<Listener>,
+    pub storage: Storage,
+    pub seal: SealBlock,
+    pub log_level: String,
+    pub log_format: String,
+}
+
+#[derive(Serialize)]
+pub struct Listener {
+    pub tcp: TcpListener,
+}
+
+#[derive(Serialize)]
+pub struct TcpListener {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_address: Option<String>,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    pub tls_min_version: String,
+}
+
+#[derive(Serialize)]
+pub struct Storage {
+    pub raft: Raft,
+}
+
+#[derive(Serialize)]
+pub struct Raft {
+    pub path: String,
+    pub node_id: String,
+    pub performance_multiplier: u8,
+    pub retry_join: Vec<RetryJoin>,
+}
+
+#[derive(Serialize)]
+pub struct RetryJoin {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_join: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_join_scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_api_addr: Option<String>,
+    pub leader_ca_cert_file: String,
+}
+
+#[derive(Serialize)]
+pub enum SealBlock {
+    #[serde(rename = "azurekeyvault")]
+    AzureKeyVault {
+        tenant_id: String,
+        vault_name: String,
+        key_name: String,
+    },
+    #[serde(rename = "transit")]
+    Transit {
+        address: String,
+        key_name: String,
+        mount_path: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_ca_cert: Option<String>,
+    },
+}
+
+pub fn config(
+    spec: &NodeSpec,
+    layout: &Layout,
+    opts: &RenderOptions,
+    _installed: &Installed,
+) -> VaultConfig {
+    let p = Product::Vault;
+    let settings = spec
+        .vault
+        .as_ref()
+        .expect("vault-server nodes always carry vault settings");
+    let ca = path_str(&layout.ca_file(p));
+    let tcp = |address: String, cluster_address: Option<String>| Listener {
+        tcp: TcpListener {
+            address,
+            cluster_address,
+            tls_cert_file: path_str(&layout.cert_file(p)),
+            tls_key_file: path_str(&layout.key_file(p)),
+            tls_min_version: "tls12".into(),
+        },
+    };
+    let mut listener = vec![tcp(
+        format!("{}:{API_PORT}", spec.ip),
+        Some(format!("{}:{CLUSTER_PORT}", spec.ip)),
+    )];
+    if opts.loopback {
+        listener.push(tcp(format!("127.0.0.1:{API_PORT}"), None));
+    }
+    let retry_join = match &settings.join {
+        Join::Cloud(expr) => vec![RetryJoin {
+            auto_join: Some(expr.clone()),
+            auto_join_scheme: Some("https".into()),
+            leader_api_addr: None,
+            leader_ca_cert_file: ca.clone(),
+        }],
+        Join::Static(ips) => ips
+            .iter()
+            .filter(|ip| **ip != spec.ip)
+            .map(|ip| RetryJoin {
+                auto_join: None,
+                auto_join_scheme: None,
+                leader_api_addr: Some(format!("https://{ip}:{API_PORT}")),
+                leader_ca_cert_file: ca.clone(),
+            })
+            .collect(),
+    };
+    let seal = match &settings.seal {
+        Seal::AzureKeyVault {
+            vault_name,
+            key_name,
+            tenant_id,
+        } => SealBlock::AzureKeyVault {
+            tenant_id: tenant_id.clone(),
+            vault_name: vault_name.clone(),
+            key_name: key_name.clone(),
+        },
+        Seal::Transit {
+            address,
+            key_name,
+            mount_path,
+        } => SealBlock::Transit {
+            address: address.clone(),
+            key_name: key_name.clone(),
+            mount_path: mount_path.clone(),
+            tls_ca_cert: address.starts_with("https://").then(|| ca.clone()),
+        },
+    };
+    VaultConfig {
+        ui: true,
+        cluster_name: spec.cluster.clone(),
+        api_addr: format!("https://{}:{API_PORT}", spec.ip),
+        cluster_addr: format!("https://{}:{CLUSTER_PORT}", spec.ip),
+        disable_mlock: true,
+        listener,
+        storage: Storage {
+            raft: Raft {
+                path: path_str(&layout.data_dir(p)),
+                node_id: spec.node_name.clone(),
+                performance_multiplier: 1,
+                retry_join,
+            },
+        },
+        seal,
+        log_level: "info".into(),
+        log_format: "json".into(),
+    }
+}
+
+pub fn render(
+    spec: &NodeSpec,
+    layout: &Layout,
+    opts: &RenderOptions,
+    installed: &Installed,
+    material: Option<&Material>,
+    owner: Owner,
+    plan: &mut Plan,
+) {
+    let p = Product::Vault;
+    let cfg = config(spec, layout, opts, installed);
+    plan.files
+        .push(json_file(layout.config_file(p), &cfg, 0o640, owner, false));
+    let env_path = layout.env_file("vault");
+    if let Some(m) = material {
+        let mut vars: Vec<(&str, &str)> = Vec::new();
+        if let Some(id) = spec.identity_client_id.as_deref() {
+            vars.push(("AZURE_CLIENT_ID", id));
+        }
+        if let (Seal::Transit { .. }, Some(tok)) = (
+            &spec.vault.as_ref().expect("vault settings").seal,
+            m.seal_token.as_deref(),
+        ) {
+            vars.push(("VAULT_TOKEN", tok));
+        }
+        plan.files
+            .push(env_file(env_path.clone(), &vars, opts.owner("root")));
+    }
+    plan.services.push(ServiceSpec {
+        name: "vault".into(),
+        unit: "vault.service".into(),
+        command: vec![
+            path_str(&opts.vault_bin),
+            "server".into(),
+            format!("-config={}", path_str(&layout.config_file(p))),
+        ],
+        env_file: material.map(|_| env_path.clone()),
+        watch: vec![layout.config_dir(p), env_path.clone()],
+        health: crate::services::Health::VaultHttps {
+            addr: format!("{}:{API_PORT}", spec.ip),
+            ca_file: layout.ca_file(p),
+        },
+    });
+}

@@ -1,0 +1,188 @@
+//! One retry loop for every external call: a total deadline, a per-attempt timeout, capped exponential
+//! backoff, and an explicit verdict per attempt (done, retry, or fail at once).
+
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long and how often to try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Give up after this long in total (attempts and sleeps included).
+    pub deadline: Duration,
+    /// Upper bound for one attempt; an attempt that takes longer counts as a retryable timeout.
+    pub attempt_timeout: Duration,
+    /// First sleep between attempts; doubled after each retry up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy for IMDS: Azure documents that IMDS may answer 404/410/429/5xx while a VM starts.
+    pub fn imds(deadline: Duration) -> Self {
+        RetryPolicy {
+            deadline,
+            attempt_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What one attempt concluded.
+#[derive(Debug)]
+pub enum Attempt<T, E> {
+    Done(T),
+    /// A transient condition: try again while the deadline allows.
+    Retry(E),
+    /// A final answer: retrying cannot help.
+    Fail(E),
+}
+
+/// Why the loop stopped without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError<E: std::fmt::Display> {
+    #[error("{0}")]
+    Final(E),
+    #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    Deadline {
+        attempts: u32,
+        elapsed: Duration,
+        last: E,
+    },
+}
+
+impl<E: std::fmt::Display> RetryError<E> {
+    pub fn last(&self) -> &E {
+        match self {
+            RetryError::Final(e) => e,
+            RetryError::Deadline { last, .. } => last,
+        }
+    }
+}
+
+/// Marker for an attempt that exceeded `attempt_timeout`.
+pub trait TimeoutError {
+    fn timeout(after: Duration) -> Self;
+}
+
+/// Runs `op` until it is done, fails finally, or the deadline passes.
+pub async fn retry<T, E, F, Fut>(policy: RetryPolicy, mut op: F) -> Result<T, RetryError<E>>
+where
+    E: std::fmt::Display + TimeoutError,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Attempt<T, E>>,
+{
+    let start = Instant::now();
+    let mut backoff = policy.initial_backoff;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let remaining = policy.deadline.saturating_sub(start.elapsed());
+        let budget = policy.attempt_timeout.min(remaining);
+        let outcome = match tokio::time::timeout(budget, op(attempt)).await {
+            Ok(o) => o,
+            Err(_) => Attempt::Retry(E::timeout(budget)),
+        };
+        match outcome {
+            Attempt::Done(v) => return Ok(v),
+            Attempt::Fail(e) => return Err(RetryError::Final(e)),
+            Attempt::Retry(e) => {
+                let elapsed = start.elapsed();
+                if elapsed + backoff >= policy.deadline {
+                    return Err(RetryError::Deadline {
+                        attempts: attempt,
+                        elapsed,
+                        last: e,
+                    });
+                }
+                tracing::debug!(attempt, error = %e, backoff_ms = backoff.as_millis() as u64, "retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(policy.max_backoff);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug, PartialEq)]
+    struct E(&'static str);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl TimeoutError for E {
+        fn timeout(_: Duration) -> Self {
+            E("timeout")
+        }
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            deadline: Duration::from_millis(400),
+            attempt_timeout: Duration::from_millis(100),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_until_done() {
+        let n = AtomicU32::new(0);
+        let r = retry(quick(), |_| async {
+            if n.fetch_add(1, Ordering::SeqCst) < 3 {
+                Attempt::Retry(E("busy"))
+            } else {
+                Attempt::Done(7)
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn final_error_stops_at_once() {
+        let n = AtomicU32::new(0);
+        let r: Result<(), _> = retry(quick(), |_| async {
+            n.fetch_add(1, Ordering::SeqCst);
+            Attempt::Fail(E("bad request"))
+        })
+        .await;
+        assert!(matches!(r, Err(RetryError::Final(E("bad request")))));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn deadline_bounds_the_loop_and_keeps_last_error() {
+        let start = std::time::Instant::now();
+        let r: Result<(), _> = retry(quick(), |_| async { Attempt::Retry(E("503")) }).await;
+        match r {
+            Err(RetryError::Deadline { attempts, last, .. }) => {
+                assert!(attempts > 3);
+                assert_eq!(last, E("503"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn slow_attempt_is_a_retryable_timeout() {
+        let n = AtomicU32::new(0);
+        let r = retry(quick(), |_| async {
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Attempt::<u8, E>::Done(1)
+        })
+        .await;
+        assert_eq!(r.unwrap(), 1);
+        assert_eq!(n.load(Ordering::SeqCst), 2);
+    }
+}

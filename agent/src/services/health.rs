@@ -1,0 +1,84 @@
+//! Probes of the services' own HTTPS APIs, trusting the cluster CA. Each probe has a short deadline.
+
+use super::Health;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum Probe {
+    /// Consul/Nomad: the agent answers and knows its raft leader.
+    Leader {
+        leader: String,
+    },
+    NoLeader,
+    /// Vault: seal status.
+    Vault {
+        initialized: bool,
+        sealed: bool,
+    },
+    Unreachable {
+        error: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct SealStatus {
+    initialized: bool,
+    sealed: bool,
+}
+
+pub fn client_for(ca_file: &std::path::Path, timeout: Duration) -> Result<reqwest::Client, String> {
+    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    let cert = reqwest::Certificate::from_pem(&pem)
+        .map_err(|_| format!("{}: not a PEM certificate", ca_file.display()))?;
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([cert])
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+pub async fn probe(h: &Health, timeout: Duration) -> Probe {
+    let (addr, ca, path) = match h {
+        Health::ConsulHttps { addr, ca_file } => (addr, ca_file, "/v1/status/leader"),
+        Health::NomadHttps { addr, ca_file } => (addr, ca_file, "/v1/status/leader"),
+        Health::VaultHttps { addr, ca_file } => (addr, ca_file, "/v1/sys/seal-status"),
+    };
+    let client = match client_for(ca, timeout) {
+        Ok(c) => c,
+        Err(error) => return Probe::Unreachable { error },
+    };
+    let resp = match client.get(format!("https://{addr}{path}")).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            return Probe::Unreachable {
+                error: format!("HTTP {}", r.status().as_u16()),
+            }
+        }
+        Err(e) => {
+            return Probe::Unreachable {
+                error: e.without_url().to_string(),
+            }
+        }
+    };
+    match h {
+        Health::VaultHttps { .. } => match resp.json::<SealStatus>().await {
+            Ok(s) => Probe::Vault {
+                initialized: s.initialized,
+                sealed: s.sealed,
+            },
+            Err(_) => Probe::Unreachable {
+                error: "seal-status response did not parse".into(),
+            },
+        },
+        _ => match resp.json::<String>().await {
+            Ok(l) if !l.is_empty() => Probe::Leader { leader: l },
+            Ok(_) => Probe::NoLeader,
+            Err(_) => Probe::Unreachable {
+                error: "status/leader response did not parse".into(),
+            },
+        },
+    }
+}

@@ -1,0 +1,218 @@
+//! Node certificates issued at boot from the cluster CA (rcgen; never a shell-out to openssl).
+//!
+//! A certificate is kept across boots while it was issued by the current CA for the same names and more
+//! than a third of its validity remains, so re-rendering is byte-identical; otherwise a new key and
+//! certificate are issued. A small non-secret sidecar records what the certificate was issued for.
+
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+/// The cluster CA as loaded from its PEM files. The key never leaves this struct.
+pub struct ClusterCa {
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("sha256", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cluster CA certificate is not a usable PEM certificate")]
+    BadCaCert,
+    #[error("cluster CA key is not a usable PEM private key")]
+    BadCaKey,
+    #[error("cannot issue certificate: {0}")]
+    Issue(String),
+}
+
+/// What a node certificate was issued for (stored beside it; contains nothing secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedFor {
+    pub ca_sha256: String,
+    pub sans: Vec<String>,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+pub struct NodeCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub issued_for: IssuedFor,
+}
+
+impl std::fmt::Debug for NodeCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCert")
+            .field("issued_for", &self.issued_for)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|_| TlsError::BadCaKey)?;
+        // Parse once now so a broken CA fails before anything is rendered.
+        Issuer::from_ca_cert_pem(cert_pem, &key).map_err(|_| TlsError::BadCaCert)?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_string(),
+            key,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(self.cert_pem.as_bytes()))
+    }
+
+    /// Issues a server+client certificate for `sans` (DNS names or IP addresses), valid `days`.
+    pub fn issue(
+        &self,
+        common_name: &str,
+        sans: &[String],
+        days: u32,
+        now: OffsetDateTime,
+    ) -> Result<NodeCert, TlsError> {
+        let issuer =
+            Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(|_| TlsError::BadCaCert)?;
+        let mut params =
+            CertificateParams::new(sans.to_vec()).map_err(|e| TlsError::Issue(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let not_before = now - Duration::minutes(5);
+        let not_after = now + Duration::days(days as i64);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let key = KeyPair::generate().map_err(|e| TlsError::Issue(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(|e| TlsError::Issue(e.to_string()))?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issued_for: IssuedFor {
+                ca_sha256: self.fingerprint(),
+                sans: sans.to_vec(),
+                not_before: not_before.unix_timestamp(),
+                not_after: not_after.unix_timestamp(),
+            },
+        })
+    }
+}
+
+/// Whether an existing certificate may be kept: same CA, same names, and over a third of its life left.
+pub fn still_good(
+    existing: &IssuedFor,
+    ca: &ClusterCa,
+    sans: &[String],
+    now: OffsetDateTime,
+) -> bool {
+    let life = existing.not_after - existing.not_before;
+    existing.ca_sha256 == ca.fingerprint()
+        && existing.sans == sans
+        && existing.not_after - now.unix_timestamp() > life / 3
+}
+
+/// Makes a CA (the lab uses this to provision the cluster CA; on Azure it is created once at bootstrap).
+pub fn generate_ca(
+    common_name: &str,
+    days: u32,
+    now: OffsetDateTime,
+) -> Result<(String, String), TlsError> {
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Issue(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(days as i64);
+    let key = KeyPair::generate().map_err(|e| TlsError::Issue(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsError::Issue(e.to_string()))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_and_keeps_certificates() {
+        let now = OffsetDateTime::now_utc();
+        let (c, k) = generate_ca("test CA", 30, now).unwrap();
+        let ca = ClusterCa::from_pem(&c, &k).unwrap();
+        let sans = vec![
+            "n1".to_string(),
+            "server.dc1.consul".into(),
+            "10.0.1.4".into(),
+            "localhost".into(),
+        ];
+        let nc = ca.issue("n1", &sans, 90, now).unwrap();
+        assert!(nc.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(nc.key_pem.contains("PRIVATE KEY"));
+        assert!(still_good(&nc.issued_for, &ca, &sans, now));
+        assert!(
+            !still_good(&nc.issued_for, &ca, &sans[..3], now),
+            "names changed"
+        );
+        assert!(
+            !still_good(&nc.issued_for, &ca, &sans, now + Duration::days(70)),
+            "late in life"
+        );
+        let (c2, k2) = generate_ca("other CA", 30, now).unwrap();
+        assert!(
+            !still_good(
+                &nc.issued_for,
+                &ClusterCa::from_pem(&c2, &k2).unwrap(),
+                &sans,
+                now
+            ),
+            "CA changed"
+        );
+        assert!(!format!("{ca:?} {nc:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let now = OffsetDateTime::now_utc();
+        let (c, k) = generate_ca("test CA", 30, now).unwrap();
+        assert!(matches!(
+            ClusterCa::from_pem("nope", &k),
+            Err(TlsError::BadCaCert)
+        ));
+        assert!(matches!(
+            ClusterCa::from_pem(&c, "nope"),
+            Err(TlsError::BadCaKey)
+        ));
+    }
+}
