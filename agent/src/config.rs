@@ -1,13 +1,13 @@
 //! `/etc/hashistack/agent.toml`: how this agent reaches its environment. Everything a node *is* comes from
 //! IMDS tags (see `node`); this file only says where things are on this machine. Unknown keys are an error.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PATH: &str = "/etc/hashistack/agent.toml";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub imds: ImdsConfig,
@@ -19,7 +19,7 @@ pub struct AgentConfig {
     pub vault: VaultConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImdsConfig {
     /// Base URL of the instance metadata service. Never reached through a proxy.
@@ -28,7 +28,7 @@ pub struct ImdsConfig {
     pub deadline_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PathsConfig {
     /// The node's filesystem root. `/` on a VM; a per-node directory in the lab. Every rendered path,
@@ -39,14 +39,14 @@ pub struct PathsConfig {
     pub owners: Owners,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Owners {
     ServiceUsers,
     CurrentUser,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServicesConfig {
     pub backend: Backend,
@@ -55,7 +55,7 @@ pub struct ServicesConfig {
     pub nomad_bin: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
     /// Enable and start systemd units (the VM image).
@@ -64,7 +64,7 @@ pub enum Backend {
     Process,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// Also serve the local HTTP APIs on 127.0.0.1 (on a VM, so local tools work). The lab turns this off
@@ -72,7 +72,7 @@ pub struct ListenConfig {
     pub loopback: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Cluster CA certificate and key (PEM) from which the agent issues this node's certificates.
@@ -82,7 +82,7 @@ pub struct TlsConfig {
     pub node_cert_days: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GossipConfig {
     /// Files holding the base64 32-byte gossip encryption keys.
@@ -90,11 +90,12 @@ pub struct GossipConfig {
     pub nomad_key_file: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VaultConfig {
     /// File holding the token for a `transit` seal (the lab's stand-in for Key Vault). Unused with
     /// `azurekeyvault`, which authenticates with the managed identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seal_token_file: Option<PathBuf>,
 }
 

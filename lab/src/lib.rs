@@ -1,1 +1,8 @@
+//! hashistack-lab: Azure-in-a-box on one machine, for the README's demo and the end-to-end tests.
 
+pub mod imds;
+pub mod lab;
+pub mod procs;
+pub mod tools;
+
+pub use lab::{Lab, LabError, LabHealth, LabOptions};

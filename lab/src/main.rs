@@ -1,1 +1,157 @@
-fn main() {}
+//! `hashistack-lab`: bring the Azure-in-a-box lab up or down, or measure it.
+
+use clap::{Parser, Subcommand};
+use hashistack_lab::tools::{repo_root, Tools};
+use hashistack_lab::{Lab, LabOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "hashistack-lab",
+    version,
+    about = "Azure-in-a-box: fake IMDS per node, Azurite, a transit seal provider, and real Consul and OpenBao servers configured by real agents, all on loopback."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Lab state directory [default: <repo>/.lab/default].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Second octet of the loopback network the nodes use (127.<net>.0.x).
+    #[arg(long, default_value_t = 77)]
+    net: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the lab, wait until the clusters are healthy, print their status, then keep running until Ctrl-C.
+    Up {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 3)]
+        consul_servers: u8,
+        #[arg(long, default_value_t = 3)]
+        vault_servers: u8,
+        /// Keep the state directory after shutdown.
+        #[arg(long)]
+        keep: bool,
+        /// Stop as soon as the clusters are healthy (for scripts and CI).
+        #[arg(long)]
+        exit_when_healthy: bool,
+        /// How long to wait for health, in seconds.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Stop a lab started from another shell and remove its state unless --keep.
+    Down {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn state_dir(c: &Common) -> PathBuf {
+    c.state_dir
+        .clone()
+        .unwrap_or_else(|| repo_root().join(".lab/default"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up {
+            common,
+            consul_servers,
+            vault_servers,
+            keep,
+            exit_when_healthy,
+            timeout,
+        } => {
+            let tools = match Tools::discover() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("hashistack-lab: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut opts = LabOptions::new(state_dir(&common), common.net);
+            opts.consul_servers = consul_servers;
+            opts.vault_servers = vault_servers;
+            opts.keep = keep;
+            opts.verbose = true;
+            let started = Instant::now();
+            let lab = match Lab::up(opts, tools).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("hashistack-lab: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let code = match lab.wait_healthy(Duration::from_secs(timeout)).await {
+                Ok(h) => {
+                    println!("\n{}", h.table());
+                    println!(
+                        "clusters healthy {:.1}s after start",
+                        started.elapsed().as_secs_f64()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err((e, h)) => {
+                    println!("\n{}", h.table());
+                    eprintln!("hashistack-lab: {e}");
+                    eprintln!("logs: {}", lab.opts.state_dir.join("logs").display());
+                    ExitCode::from(1)
+                }
+            };
+            if code == ExitCode::SUCCESS && !exit_when_healthy {
+                println!("lab running; Ctrl-C (or `hashistack-lab down`) stops it");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("signal");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            eprintln!("lab: stopping");
+            lab.down().await;
+            code
+        }
+        Command::Down { common, keep } => {
+            let dir = state_dir(&common);
+            let lab_pid = std::fs::read_to_string(dir.join("lab.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let Some(pid) = lab_pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                for _ in 0..100 {
+                    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            let n = hashistack_lab::procs::kill_pid_files(&dir.join("pids"));
+            if !keep {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            println!(
+                "lab at {} stopped ({} stray processes signalled)",
+                dir.display(),
+                n
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}

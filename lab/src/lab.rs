@@ -1,0 +1,814 @@
+//! Azure-in-a-box: a fake IMDS per node, Azurite, the Key Vault emulator, a transit OpenBao standing in for
+//! Key Vault auto-unseal, and one real `hashistack-agent` per node using the process backend. Every node has
+//! its own loopback address `127.<net>.0.x`, so the default product ports work as on separate VMs, and two
+//! labs with different `net` values never collide.
+
+use crate::imds::{self, ImdsState, Shared};
+use crate::procs::{self, Proc};
+use crate::tools::Tools;
+use hashistack_agent::config::{AgentConfig, Backend, Owners};
+use hashistack_agent::node::{self as tags, Role};
+use hashistack_agent::services::health::{self, Probe};
+use serde::Serialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const IMDS_PORT: u16 = 16925;
+pub const AZURITE_PORT: u16 = 10000;
+pub const KEYVAULT_PORT: u16 = 8443;
+pub const TRANSIT_PORT: u16 = 8200;
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Where the lab keeps its state (node roots, logs, keys). Removed by `down` unless `keep`.
+    pub state_dir: PathBuf,
+    /// Second octet of the lab's loopback network: nodes live at 127.<net>.0.x.
+    pub net: u8,
+    pub cluster: String,
+    pub consul_servers: u8,
+    pub vault_servers: u8,
+    pub keep: bool,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+impl LabOptions {
+    pub fn new(state_dir: PathBuf, net: u8) -> Self {
+        LabOptions {
+            state_dir,
+            net,
+            cluster: "lab".into(),
+            consul_servers: 3,
+            vault_servers: 3,
+            keep: false,
+            verbose: false,
+        }
+    }
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, self.net, 0, host)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    Tool(#[from] crate::tools::MissingTool),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let what = what.into();
+    move |source| LabError::Io { what, source }
+}
+
+/// A node as a scale set would define it.
+#[derive(Debug, Clone)]
+pub struct NodeDef {
+    pub name: String,
+    pub role: Role,
+    pub ip: Ipv4Addr,
+    pub scale_set: String,
+    pub tags: Vec<(String, String)>,
+}
+
+pub struct Node {
+    pub def: NodeDef,
+    pub root: PathBuf,
+    pub config_path: PathBuf,
+    pub imds: Shared,
+    imds_task: tokio::task::JoinHandle<()>,
+    pub agent: Option<Proc>,
+}
+
+pub struct Lab {
+    pub opts: LabOptions,
+    pub tools: Tools,
+    pub nodes: Vec<Node>,
+    pub ca_cert: PathBuf,
+    pub azurite: Option<Proc>,
+    pub keyvault: Option<Proc>,
+    pub transit: Option<Proc>,
+    pid_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
+fn say(opts: &LabOptions, msg: impl AsRef<str>) {
+    if opts.verbose {
+        eprintln!("lab: {}", msg.as_ref());
+    }
+}
+
+fn write_secret(path: &Path, content: &str) -> Result<(), LabError> {
+    std::fs::write(path, content).map_err(io(path.display().to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(path.display().to_string()))
+}
+
+fn random_b64(n: usize) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The tags the lab's scale sets carry (cf. the ARM templates, which carry the Azure values).
+pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
+    let consul_ips: Vec<Ipv4Addr> = (0..o.consul_servers).map(|i| o.ip(11 + i)).collect();
+    let vault_ips: Vec<Ipv4Addr> = (0..o.vault_servers).map(|i| o.ip(21 + i)).collect();
+    let list = |ips: &[Ipv4Addr]| {
+        ips.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let common = |role: Role| {
+        vec![
+            (tags::TAG_ROLE.to_string(), role.to_string()),
+            (tags::TAG_CLUSTER.into(), o.cluster.clone()),
+            (tags::TAG_DATACENTER.into(), "dc1".into()),
+            (tags::TAG_CONSUL_JOIN.into(), list(&consul_ips)),
+            (
+                tags::TAG_BLOB_ENDPOINT.into(),
+                format!("https://{}:{AZURITE_PORT}/devstoreaccount1/", o.ip(1)),
+            ),
+            (
+                tags::TAG_KEYVAULT_URI.into(),
+                format!("https://{}:{KEYVAULT_PORT}/", o.ip(1)),
+            ),
+        ]
+    };
+    let mut defs = Vec::new();
+    for (i, ip) in consul_ips.iter().enumerate() {
+        let mut t = common(Role::ConsulServer);
+        t.push((
+            tags::TAG_CONSUL_SERVERS.into(),
+            o.consul_servers.to_string(),
+        ));
+        defs.push(NodeDef {
+            name: format!("consul-{i}"),
+            role: Role::ConsulServer,
+            ip: *ip,
+            scale_set: "hs-consul".into(),
+            tags: t,
+        });
+    }
+    for (i, ip) in vault_ips.iter().enumerate() {
+        let mut t = common(Role::VaultServer);
+        t.push((tags::TAG_VAULT_JOIN.into(), list(&vault_ips)));
+        t.push((tags::TAG_VAULT_SERVERS.into(), o.vault_servers.to_string()));
+        t.push((
+            tags::TAG_VAULT_SEAL.into(),
+            format!(
+                "transit address=http://{}:{TRANSIT_PORT} key_name=autounseal mount_path=transit/",
+                o.ip(2)
+            ),
+        ));
+        t.push((
+            tags::TAG_ESCROW_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_PORT}/", o.ip(1)),
+        ));
+        defs.push(NodeDef {
+            name: format!("vault-{i}"),
+            role: Role::VaultServer,
+            ip: *ip,
+            scale_set: "hs-vault".into(),
+            tags: t,
+        });
+    }
+    defs
+}
+
+async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<(), LabError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(LabError::Failed(format!(
+        "{what} not ready within {deadline:?}"
+    )))
+}
+
+async fn tcp_open(addr: SocketAddr) -> bool {
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
+}
+
+impl Lab {
+    pub async fn up(opts: LabOptions, tools: Tools) -> Result<Lab, LabError> {
+        let o = &opts;
+        if o.state_dir.exists() {
+            // A previous lab that was not taken down: stop what it left and start clean.
+            procs::kill_pid_files(&o.state_dir.join("pids"));
+            std::fs::remove_dir_all(&o.state_dir)
+                .map_err(io(format!("remove old state {}", o.state_dir.display())))?;
+        }
+        let secrets = o.state_dir.join("secrets");
+        std::fs::create_dir_all(&secrets).map_err(io("create state dir"))?;
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod secrets"))?;
+        let pid_dir = o.state_dir.join("pids");
+        let log_dir = o.state_dir.join("logs");
+        std::fs::write(
+            o.state_dir.join("lab.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .map_err(io("lab.pid"))?;
+
+        // Cluster PKI and gossip keys (on Azure the bootstrap creates these once and keeps them in Key Vault).
+        say(
+            o,
+            "creating the lab CA, emulator certificate and gossip keys",
+        );
+        let now = time::OffsetDateTime::now_utc();
+        let (ca_pem, ca_key) = hashistack_agent::tls::generate_ca("hashistack lab CA", 30, now)
+            .map_err(|e| LabError::Failed(e.to_string()))?;
+        let ca = hashistack_agent::tls::ClusterCa::from_pem(&ca_pem, &ca_key)
+            .map_err(|e| LabError::Failed(e.to_string()))?;
+        let emu = ca
+            .issue(
+                "lab emulators",
+                &[o.ip(1).to_string(), "localhost".into(), "127.0.0.1".into()],
+                30,
+                now,
+            )
+            .map_err(|e| LabError::Failed(e.to_string()))?;
+        let ca_cert = o.state_dir.join("ca.pem");
+        std::fs::write(&ca_cert, &ca_pem).map_err(io("ca.pem"))?;
+        write_secret(&secrets.join("ca-key.pem"), &ca_key)?;
+        std::fs::write(o.state_dir.join("emulator.pem"), &emu.cert_pem)
+            .map_err(io("emulator.pem"))?;
+        write_secret(&secrets.join("emulator-key.pem"), &emu.key_pem)?;
+        write_secret(&secrets.join("consul-gossip.key"), &random_b64(32))?;
+        write_secret(&secrets.join("nomad-gossip.key"), &random_b64(32))?;
+
+        let mut lab = Lab {
+            opts: opts.clone(),
+            tools,
+            nodes: Vec::new(),
+            ca_cert,
+            azurite: None,
+            keyvault: None,
+            transit: None,
+            pid_dir,
+            log_dir,
+        };
+        lab.start_emulators().await?;
+        lab.start_transit().await?;
+        for def in node_defs(&lab.opts) {
+            lab.add_node(def).await?;
+        }
+        let n = lab.nodes.len();
+        say(&lab.opts, format!("booting {n} agents"));
+        for i in 0..n {
+            lab.start_agent(i)?;
+        }
+        Ok(lab)
+    }
+
+    async fn start_emulators(&mut self) -> Result<(), LabError> {
+        let o = self.opts.clone();
+        let host = o.ip(1);
+        if let Some(azurite) = self.tools.azurite.clone() {
+            say(
+                &o,
+                format!("starting Azurite (blob, HTTPS, OAuth) on {host}:{AZURITE_PORT}"),
+            );
+            let dir = o.state_dir.join("azurite");
+            std::fs::create_dir_all(&dir).map_err(io("azurite dir"))?;
+            let args: Vec<String> = vec![
+                "--blobHost".into(),
+                host.to_string(),
+                "--blobPort".into(),
+                AZURITE_PORT.to_string(),
+                "--location".into(),
+                dir.display().to_string(),
+                "--cert".into(),
+                o.state_dir.join("emulator.pem").display().to_string(),
+                "--key".into(),
+                o.state_dir
+                    .join("secrets/emulator-key.pem")
+                    .display()
+                    .to_string(),
+                "--oauth".into(),
+                "basic".into(),
+                "--skipApiVersionCheck".into(),
+                "--disableTelemetry".into(),
+                "--loose".into(),
+            ];
+            self.azurite = Some(
+                procs::spawn(
+                    "azurite",
+                    &azurite,
+                    &args,
+                    &[],
+                    &self.log_dir,
+                    &self.pid_dir,
+                )
+                .map_err(io("start azurite"))?,
+            );
+            wait_for("Azurite", Duration::from_secs(60), || {
+                tcp_open(SocketAddr::from((host, AZURITE_PORT)))
+            })
+            .await?;
+        } else {
+            say(
+                &o,
+                "Azurite not installed: blob storage unavailable (run lab/setup.sh)",
+            );
+        }
+        if let (Some(jar), Some(java)) = (self.tools.lowkey_jar.clone(), self.tools.java.clone()) {
+            say(
+                &o,
+                format!("starting the Key Vault emulator (lowkey-vault) on {host}:{KEYVAULT_PORT}"),
+            );
+            let args: Vec<String> = vec![
+                "-jar".into(),
+                jar.display().to_string(),
+                format!("--server.port={KEYVAULT_PORT}"),
+                format!("--server.address={host}"),
+                format!("--LOWKEY_VAULT_NAMES=-"),
+                format!("--LOWKEY_VAULT_ALIASES=localhost={host}:<port>"),
+            ];
+            self.keyvault = Some(
+                procs::spawn("keyvault", &java, &args, &[], &self.log_dir, &self.pid_dir)
+                    .map_err(io("start lowkey-vault"))?,
+            );
+            wait_for("Key Vault emulator", Duration::from_secs(120), || {
+                tcp_open(SocketAddr::from((host, KEYVAULT_PORT)))
+            })
+            .await?;
+        } else {
+            say(
+                &o,
+                "Key Vault emulator not installed: skipped (run lab/setup.sh)",
+            );
+        }
+        Ok(())
+    }
+
+    /// A dev-mode OpenBao with a transit key: the lab's stand-in for the Key Vault key that auto-unseals Vault.
+    async fn start_transit(&mut self) -> Result<(), LabError> {
+        let o = self.opts.clone();
+        let addr = SocketAddr::from((o.ip(2), TRANSIT_PORT));
+        say(
+            &o,
+            format!("starting the transit seal provider (OpenBao dev) on {addr}"),
+        );
+        let token = format!(
+            "lab-transit-{}",
+            random_b64(12).replace(['/', '+', '='], "")
+        );
+        let token_file = o.state_dir.join("secrets/transit.token");
+        write_secret(&token_file, &token)?;
+        let args: Vec<String> = vec![
+            "server".into(),
+            "-dev".into(),
+            format!("-dev-listen-address={addr}"),
+            format!("-dev-root-token-id={token}"),
+            "-dev-no-store-token".into(),
+        ];
+        let envs = vec![(
+            "HOME".to_string(),
+            o.state_dir.join("transit-home").display().to_string(),
+        )];
+        self.transit = Some(
+            procs::spawn(
+                "transit",
+                &self.tools.bao,
+                &args,
+                &envs,
+                &self.log_dir,
+                &self.pid_dir,
+            )
+            .map_err(io("start transit bao"))?,
+        );
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let base = format!("http://{addr}");
+        wait_for("transit OpenBao", Duration::from_secs(60), || {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                http.get(format!("{base}/v1/sys/health"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await?;
+        let post = |path: &str, body: serde_json::Value| {
+            http.post(format!("{base}{path}"))
+                .header("X-Vault-Token", &token)
+                .json(&body)
+                .send()
+        };
+        let r = post(
+            "/v1/sys/mounts/transit",
+            serde_json::json!({"type": "transit"}),
+        )
+        .await
+        .map_err(|e| LabError::Failed(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "enabling transit: HTTP {}",
+                r.status()
+            )));
+        }
+        let r = post("/v1/transit/keys/autounseal", serde_json::json!({}))
+            .await
+            .map_err(|e| LabError::Failed(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "creating transit key: HTTP {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn agent_config(&self, def: &NodeDef, root: &Path) -> AgentConfig {
+        let o = &self.opts;
+        let mut c = AgentConfig::default();
+        c.imds.endpoint = format!("http://{}:{IMDS_PORT}", def.ip);
+        c.imds.deadline_secs = 60;
+        c.paths.root = root.to_path_buf();
+        c.paths.owners = Owners::CurrentUser;
+        c.services.backend = Backend::Process;
+        c.services.consul_bin = self.tools.consul.clone();
+        c.services.vault_bin = self.tools.bao.clone();
+        c.listen.loopback = false;
+        c.tls.ca_cert = o.state_dir.join("ca.pem");
+        c.tls.ca_key = o.state_dir.join("secrets/ca-key.pem");
+        c.gossip.consul_key_file = o.state_dir.join("secrets/consul-gossip.key");
+        c.gossip.nomad_key_file = o.state_dir.join("secrets/nomad-gossip.key");
+        c.vault.seal_token_file = Some(o.state_dir.join("secrets/transit.token"));
+        c
+    }
+
+    /// Adds a node: its root directory, agent config and fake IMDS (not yet its agent).
+    pub async fn add_node(&mut self, def: NodeDef) -> Result<usize, LabError> {
+        let root = self.opts.state_dir.join("nodes").join(&def.name);
+        std::fs::create_dir_all(root.join("etc/hashistack")).map_err(io("node root"))?;
+        let config_path = root.join("etc/hashistack/agent.toml");
+        let cfg = self.agent_config(&def, &root);
+        let text =
+            toml::to_string(&cfg).map_err(|e| LabError::Failed(format!("agent config: {e}")))?;
+        std::fs::write(&config_path, text).map_err(io("agent.toml"))?;
+        let doc =
+            imds::instance_document(&def.name, &def.scale_set, &def.ip.to_string(), &def.tags);
+        let state = Arc::new(Mutex::new(ImdsState {
+            document: doc,
+            fail_with: None,
+        }));
+        let task = imds::serve(SocketAddr::from((def.ip, IMDS_PORT)), state.clone())
+            .await
+            .map_err(io(format!("fake IMDS on {}", def.ip)))?;
+        self.nodes.push(Node {
+            def,
+            root,
+            config_path,
+            imds: state,
+            imds_task: task,
+            agent: None,
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Powers a node on: runs its agent (`hashistack-agent boot`), which renders and starts its services.
+    pub fn start_agent(&mut self, i: usize) -> Result<(), LabError> {
+        let node = &self.nodes[i];
+        let args = vec![
+            "--log-format".into(),
+            "json".into(),
+            "boot".into(),
+            "--config".into(),
+            node.config_path.display().to_string(),
+        ];
+        let name = format!("agent-{}", node.def.name);
+        let p = procs::spawn(
+            &name,
+            &self.tools.agent,
+            &args,
+            &[],
+            &self.log_dir,
+            &self.pid_dir,
+        )
+        .map_err(io("start agent"))?;
+        self.nodes[i].agent = Some(p);
+        Ok(())
+    }
+
+    /// Orderly shutdown of a node (the agent stops its services).
+    pub async fn stop_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].agent.take() {
+            p.stop(Duration::from_secs(30)).await;
+        }
+    }
+
+    /// Power loss: SIGKILL the agent; its services die with it (PDEATHSIG).
+    pub async fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].agent.take() {
+            p.kill().await;
+        }
+    }
+
+    pub async fn reboot(&mut self, i: usize) -> Result<(), LabError> {
+        self.stop_agent(i).await;
+        self.start_agent(i)
+    }
+
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.def.name == name)
+    }
+
+    /// The boot record an agent wrote, if any.
+    pub fn boot_record(&self, i: usize) -> Option<hashistack_agent::boot::BootRecord> {
+        let p = self.nodes[i].root.join("var/lib/hashistack/boot.json");
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    }
+
+    pub async fn health(&self) -> LabHealth {
+        let t = Duration::from_secs(3);
+        let mut nodes = Vec::new();
+        for n in &self.nodes {
+            let consul_ca = n.root.join("etc/consul.d/tls/ca.pem");
+            let consul = health::probe(
+                &hashistack_agent::services::Health::ConsulHttps {
+                    addr: format!("{}:8501", n.def.ip),
+                    ca_file: consul_ca.clone(),
+                },
+                t,
+            )
+            .await;
+            let peers = if n.def.role == Role::ConsulServer {
+                consul_peers(&n.def.ip, &consul_ca, t).await
+            } else {
+                None
+            };
+            let vault = if n.def.role == Role::VaultServer {
+                Some(
+                    health::probe(
+                        &hashistack_agent::services::Health::VaultHttps {
+                            addr: format!("{}:8200", n.def.ip),
+                            ca_file: n.root.join("etc/vault.d/tls/ca.pem"),
+                        },
+                        t,
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
+            let boot = self
+                .nodes
+                .iter()
+                .position(|m| m.def.name == n.def.name)
+                .and_then(|i| self.boot_record(i));
+            nodes.push(NodeHealth {
+                name: n.def.name.clone(),
+                role: n.def.role.to_string(),
+                ip: n.def.ip.to_string(),
+                boot_ok: boot.as_ref().map(|b| b.ok),
+                boot_error: boot.and_then(|b| b.last_error),
+                consul,
+                raft_peers: peers,
+                vault,
+                gossip_encrypted: n.root.join("etc/consul.d/gossip.json").is_file(),
+            });
+        }
+        LabHealth {
+            consul_servers: self.opts.consul_servers,
+            vault_servers: self.opts.vault_servers,
+            nodes,
+        }
+    }
+
+    /// Waits until every Consul server agrees on a leader with all peers, every Consul client knows the
+    /// leader, and every Vault server answers (uninitialized until the bootstrap).
+    pub async fn wait_healthy(
+        &self,
+        deadline: Duration,
+    ) -> Result<LabHealth, (LabError, LabHealth)> {
+        let start = Instant::now();
+        let mut last_report = Instant::now();
+        loop {
+            let h = self.health().await;
+            if h.consul_healthy() && h.vault_answering() {
+                return Ok(h);
+            }
+            if let Some(bad) = h.nodes.iter().find(|n| n.boot_ok == Some(false)) {
+                let e = LabError::Failed(format!(
+                    "agent on {} failed: {}",
+                    bad.name,
+                    bad.boot_error.clone().unwrap_or_default()
+                ));
+                return Err((e, h));
+            }
+            if start.elapsed() > deadline {
+                return Err((
+                    LabError::Failed(format!("cluster not healthy within {deadline:?}")),
+                    h,
+                ));
+            }
+            if self.opts.verbose && last_report.elapsed() > Duration::from_secs(3) {
+                last_report = Instant::now();
+                say(
+                    &self.opts,
+                    format!("waiting ({}s): {}", start.elapsed().as_secs(), h.progress()),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Stops everything this lab started, and removes its state unless `keep`.
+    pub async fn down(mut self) {
+        for i in (0..self.nodes.len()).rev() {
+            self.stop_agent(i).await;
+            self.nodes[i].imds_task.abort();
+        }
+        for p in [
+            self.transit.take(),
+            self.keyvault.take(),
+            self.azurite.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut p = p;
+            p.stop(Duration::from_secs(10)).await;
+        }
+        let _ = std::fs::remove_file(self.opts.state_dir.join("lab.pid"));
+        if !self.opts.keep {
+            let _ = std::fs::remove_dir_all(&self.opts.state_dir);
+        }
+    }
+}
+
+async fn consul_peers(ip: &Ipv4Addr, ca: &Path, t: Duration) -> Option<usize> {
+    let c = health::client_for(ca, t).ok()?;
+    let peers: Vec<String> = c
+        .get(format!("https://{ip}:8501/v1/status/peers"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(peers.len())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeHealth {
+    pub name: String,
+    pub role: String,
+    pub ip: String,
+    pub boot_ok: Option<bool>,
+    pub boot_error: Option<String>,
+    pub consul: Probe,
+    pub raft_peers: Option<usize>,
+    pub vault: Option<Probe>,
+    pub gossip_encrypted: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabHealth {
+    pub consul_servers: u8,
+    pub vault_servers: u8,
+    pub nodes: Vec<NodeHealth>,
+}
+
+impl LabHealth {
+    pub fn consul_leader(&self) -> Option<String> {
+        let leaders: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.consul {
+                Probe::Leader { leader } => Some(leader.as_str()),
+                _ => None,
+            })
+            .collect();
+        let first = leaders.first()?;
+        (leaders.len() == self.nodes.len() && leaders.iter().all(|l| l == first))
+            .then(|| first.to_string())
+    }
+
+    pub fn consul_healthy(&self) -> bool {
+        let servers_ok = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == "consul-server")
+            .all(|n| n.raft_peers == Some(self.consul_servers as usize));
+        servers_ok
+            && self.consul_leader().is_some()
+            && self.nodes.iter().all(|n| n.gossip_encrypted)
+    }
+
+    pub fn vault_answering(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.vault.as_ref())
+            .all(|v| matches!(v, Probe::Vault { .. }))
+    }
+
+    pub fn progress(&self) -> String {
+        let consul_up = self
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.consul, Probe::Leader { .. }))
+            .count();
+        let vault_up = self
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.vault, Some(Probe::Vault { .. })))
+            .count();
+        format!(
+            "consul agents with a leader {consul_up}/{}, vault servers answering {vault_up}/{}",
+            self.nodes.len(),
+            self.vault_servers
+        )
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.consul_healthy() && self.vault_answering() {
+            "HEALTHY"
+        } else {
+            "NOT HEALTHY"
+        };
+        s.push_str(&format!(
+            "{verdict}: consul leader {}\n",
+            self.consul_leader().unwrap_or_else(|| "none".into())
+        ));
+        s.push_str(&format!(
+            "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {}\n",
+            "NODE", "ROLE", "IP", "BOOT", "CONSUL", "RAFT PEERS", "VAULT"
+        ));
+        for n in &self.nodes {
+            let consul = match &n.consul {
+                Probe::Leader { .. } => "alive, TLS+gossip".to_string(),
+                Probe::NoLeader => "no leader".into(),
+                Probe::Unreachable { .. } => "unreachable".into(),
+                Probe::Vault { .. } => "?".into(),
+            };
+            let vault = match &n.vault {
+                None => "-".to_string(),
+                Some(Probe::Vault {
+                    initialized,
+                    sealed,
+                }) => {
+                    format!(
+                        "{}, {}",
+                        if *initialized {
+                            "initialized"
+                        } else {
+                            "not initialized"
+                        },
+                        if *sealed { "sealed" } else { "unsealed" }
+                    )
+                }
+                Some(Probe::Unreachable { error }) => format!("unreachable ({error})"),
+                Some(_) => "?".into(),
+            };
+            let boot = match n.boot_ok {
+                Some(true) => "ok",
+                Some(false) => "FAILED",
+                None => "running",
+            };
+            s.push_str(&format!(
+                "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {}\n",
+                n.name,
+                n.role,
+                n.ip,
+                boot,
+                consul,
+                n.raft_peers
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                vault
+            ));
+        }
+        s
+    }
+}
