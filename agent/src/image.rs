@@ -36,15 +36,29 @@ pub const VERSION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The units of `systemd/`, as this agent was built with them: (file name, content).
 pub const UNITS: [(&str, &str); 5] = [
-    ("hashistack-agent.service", include_str!("../../systemd/hashistack-agent.service")),
-    ("consul.service", include_str!("../../systemd/consul.service")),
+    (
+        "hashistack-agent.service",
+        include_str!("../../systemd/hashistack-agent.service"),
+    ),
+    (
+        "consul.service",
+        include_str!("../../systemd/consul.service"),
+    ),
     ("vault.service", include_str!("../../systemd/vault.service")),
     ("nomad.service", include_str!("../../systemd/nomad.service")),
-    ("nomad-client.service", include_str!("../../systemd/nomad-client.service")),
+    (
+        "nomad-client.service",
+        include_str!("../../systemd/nomad-client.service"),
+    ),
 ];
 
 /// Shells that refuse an interactive login.
-const NOLOGIN_SHELLS: [&str; 4] = ["/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"];
+const NOLOGIN_SHELLS: [&str; 4] = [
+    "/usr/sbin/nologin",
+    "/sbin/nologin",
+    "/bin/false",
+    "/usr/bin/false",
+];
 
 /// What a gold image must look like.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,13 +153,21 @@ pub struct VerifyFailed {
 }
 
 fn entry(path: &str, owner: &str, group: &str, mode: u32) -> Entry {
-    Entry { path: PathBuf::from(path), owner: owner.into(), group: group.into(), mode }
+    Entry {
+        path: PathBuf::from(path),
+        owner: owner.into(),
+        group: group.into(),
+        mode,
+    }
 }
 
 fn binary(path: &str, args: &[&str], expect: Expect) -> Binary {
     Binary {
         entry: entry(path, "root", "root", 0o755),
-        version: Some(VersionCheck { args: args.iter().map(|a| a.to_string()).collect(), expect }),
+        version: Some(VersionCheck {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            expect,
+        }),
     }
 }
 
@@ -162,15 +184,34 @@ impl ImageContract {
                     version: env!("CARGO_PKG_VERSION").into(),
                 },
             ),
-            binary("/usr/bin/consul", &["version"], Expect::Prefix("Consul v".into())),
-            binary("/usr/bin/vault", &["version"], Expect::Prefix("Vault v".into())),
-            binary("/usr/bin/nomad", &["version"], Expect::Prefix("Nomad v".into())),
-            binary("/usr/bin/docker", &["--version"], Expect::Prefix("Docker version ".into())),
+            binary(
+                "/usr/bin/consul",
+                &["version"],
+                Expect::Prefix("Consul v".into()),
+            ),
+            binary(
+                "/usr/bin/vault",
+                &["version"],
+                Expect::Prefix("Vault v".into()),
+            ),
+            binary(
+                "/usr/bin/nomad",
+                &["version"],
+                Expect::Prefix("Nomad v".into()),
+            ),
+            binary(
+                "/usr/bin/docker",
+                &["--version"],
+                Expect::Prefix("Docker version ".into()),
+            ),
             binary("/usr/bin/jq", &["--version"], Expect::Prefix("jq-".into())),
         ];
         let users = ["consul", "vault", "nomad"]
             .iter()
-            .map(|n| ServiceUser { name: n.to_string(), group: n.to_string() })
+            .map(|n| ServiceUser {
+                name: n.to_string(),
+                group: n.to_string(),
+            })
             .collect();
         let directories = vec![
             entry("/etc/hashistack", "root", "root", 0o750),
@@ -204,7 +245,10 @@ impl ImageContract {
             ("/etc/nomad.d/nomad.hcl", sample),
             ("/etc/nomad.d/client.hcl", sample),
             ("/etc/nomad.d/server.hcl", sample),
-            ("/opt/vault/tls", "key pair generated at image build time, every VM would share it"),
+            (
+                "/opt/vault/tls",
+                "key pair generated at image build time, every VM would share it",
+            ),
         ]
         .iter()
         .map(|(p, why)| (PathBuf::from(p), why.to_string()))
@@ -243,7 +287,10 @@ impl ImageContract {
                 _ => None,
             };
             if let (Some((prefix, version)), Some(check)) = (pinned, b.version.as_mut()) {
-                check.expect = Expect::Version { prefix: prefix.into(), version: version.clone() };
+                check.expect = Expect::Version {
+                    prefix: prefix.into(),
+                    version: version.clone(),
+                };
             }
         }
         self
@@ -270,11 +317,17 @@ impl ImageManifest {
     pub fn load(root: &Path) -> Result<Self, String> {
         let text = fs::read_to_string(under(root, Path::new(MANIFEST_PATH)))
             .map_err(|e| format!("{MANIFEST_PATH}: {}", io_reason(&e)))?;
-        let m: ImageManifest =
-            serde_json::from_str(&text).map_err(|e| format!("{MANIFEST_PATH}: not a valid manifest: {e}"))?;
-        for (name, v) in [("consul", &m.consul), ("vault", &m.vault), ("nomad", &m.nomad)] {
+        let m: ImageManifest = serde_json::from_str(&text)
+            .map_err(|e| format!("{MANIFEST_PATH}: not a valid manifest: {e}"))?;
+        for (name, v) in [
+            ("consul", &m.consul),
+            ("vault", &m.vault),
+            ("nomad", &m.nomad),
+        ] {
             if !is_exact_version(v) {
-                return Err(format!("{MANIFEST_PATH}: {name} version \"{v}\" is not an exact version like 1.2.3"));
+                return Err(format!(
+                    "{MANIFEST_PATH}: {name} version \"{v}\" is not an exact version like 1.2.3"
+                ));
             }
         }
         Ok(m)
@@ -283,7 +336,10 @@ impl ImageManifest {
 
 fn is_exact_version(v: &str) -> bool {
     let parts: Vec<&str> = v.split('.').collect();
-    parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What `hashistack-agent image verify [--root <dir>]` runs: the standard contract, versions pinned by the
@@ -294,7 +350,10 @@ pub fn verify_image(root: &Path) -> Result<VerifyReport, VerifyFailed> {
     match ImageManifest::load(root) {
         Ok(manifest) => verify(root, &contract.pin_versions(&manifest)),
         Err(problem) => match verify(root, &contract) {
-            Ok(_) => Err(VerifyFailed { root: root.to_owned(), problems: vec![problem] }),
+            Ok(_) => Err(VerifyFailed {
+                root: root.to_owned(),
+                problems: vec![problem],
+            }),
             Err(mut failed) => {
                 failed.problems.insert(0, problem);
                 Err(failed)
@@ -305,7 +364,12 @@ pub fn verify_image(root: &Path) -> Result<VerifyReport, VerifyFailed> {
 
 /// Checks `root` against `contract`, collecting every problem.
 pub fn verify(root: &Path, contract: &ImageContract) -> Result<VerifyReport, VerifyFailed> {
-    let mut v = Verifier { root, ids: Ids::load(root), passed: Vec::new(), problems: Vec::new() };
+    let mut v = Verifier {
+        root,
+        ids: Ids::load(root),
+        passed: Vec::new(),
+        problems: Vec::new(),
+    };
     v.users(&contract.users);
     for b in &contract.binaries {
         v.binary(b, contract.check_versions);
@@ -324,9 +388,15 @@ pub fn verify(root: &Path, contract: &ImageContract) -> Result<VerifyReport, Ver
     }
     v.units(&contract.enabled_units, &contract.disabled_units);
     if v.problems.is_empty() {
-        Ok(VerifyReport { root: root.to_owned(), passed: v.passed })
+        Ok(VerifyReport {
+            root: root.to_owned(),
+            passed: v.passed,
+        })
     } else {
-        Err(VerifyFailed { root: root.to_owned(), problems: v.problems })
+        Err(VerifyFailed {
+            root: root.to_owned(),
+            problems: v.problems,
+        })
     }
 }
 
@@ -335,7 +405,12 @@ impl fmt::Display for VerifyReport {
         for line in &self.passed {
             writeln!(f, "ok   {line}")?;
         }
-        write!(f, "image at {} satisfies the contract ({} checks)", self.root.display(), self.passed.len())
+        write!(
+            f,
+            "image at {} satisfies the contract ({} checks)",
+            self.root.display(),
+            self.passed.len()
+        )
     }
 }
 
@@ -344,7 +419,12 @@ impl fmt::Display for VerifyFailed {
         for line in &self.problems {
             writeln!(f, "FAIL {line}")?;
         }
-        write!(f, "image at {} breaks the contract: {} problem(s)", self.root.display(), self.problems.len())
+        write!(
+            f,
+            "image at {} breaks the contract: {} problem(s)",
+            self.root.display(),
+            self.problems.len()
+        )
     }
 }
 
@@ -380,19 +460,33 @@ struct Ids {
 
 impl Ids {
     fn load(root: &Path) -> Ids {
-        let mut ids = Ids { users: Vec::new(), groups: HashMap::new(), group_ids: HashMap::new(), problems: vec![] };
+        let mut ids = Ids {
+            users: Vec::new(),
+            groups: HashMap::new(),
+            group_ids: HashMap::new(),
+            problems: vec![],
+        };
         match fs::read_to_string(under(root, Path::new("/etc/passwd"))) {
             Ok(text) => {
-                for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+                for line in text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                {
                     let f: Vec<&str> = line.split(':').collect();
-                    match (f.len(), f.get(2).and_then(|s| s.parse().ok()), f.get(3).and_then(|s| s.parse().ok())) {
+                    match (
+                        f.len(),
+                        f.get(2).and_then(|s| s.parse().ok()),
+                        f.get(3).and_then(|s| s.parse().ok()),
+                    ) {
                         (7, Some(uid), Some(gid)) => ids.users.push(PasswdEntry {
                             name: f[0].into(),
                             uid,
                             gid,
                             shell: f[6].into(),
                         }),
-                        _ => ids.problems.push(format!("/etc/passwd: malformed line \"{line}\"")),
+                        _ => ids
+                            .problems
+                            .push(format!("/etc/passwd: malformed line \"{line}\"")),
                     }
                 }
             }
@@ -400,14 +494,19 @@ impl Ids {
         }
         match fs::read_to_string(under(root, Path::new("/etc/group"))) {
             Ok(text) => {
-                for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+                for line in text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                {
                     let f: Vec<&str> = line.split(':').collect();
                     match (f.len(), f.get(2).and_then(|s| s.parse::<u32>().ok())) {
                         (4, Some(gid)) => {
                             ids.groups.entry(gid).or_insert_with(|| f[0].to_string());
                             ids.group_ids.entry(f[0].to_string()).or_insert(gid);
                         }
-                        _ => ids.problems.push(format!("/etc/group: malformed line \"{line}\"")),
+                        _ => ids
+                            .problems
+                            .push(format!("/etc/group: malformed line \"{line}\"")),
                     }
                 }
             }
@@ -421,11 +520,18 @@ impl Ids {
     }
 
     fn user_name(&self, uid: u32) -> String {
-        self.users.iter().find(|u| u.uid == uid).map(|u| u.name.clone()).unwrap_or_else(|| format!("uid {uid}"))
+        self.users
+            .iter()
+            .find(|u| u.uid == uid)
+            .map(|u| u.name.clone())
+            .unwrap_or_else(|| format!("uid {uid}"))
     }
 
     fn group_name(&self, gid: u32) -> String {
-        self.groups.get(&gid).cloned().unwrap_or_else(|| format!("gid {gid}"))
+        self.groups
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| format!("gid {gid}"))
     }
 }
 
@@ -470,18 +576,23 @@ impl Verifier<'_> {
             let mut ok = true;
             let group_gid = self.ids.group_ids.get(&u.group).copied();
             if group_gid.is_none() {
-                self.problems.push(format!("group {}: missing from /etc/group", u.group));
+                self.problems
+                    .push(format!("group {}: missing from /etc/group", u.group));
                 ok = false;
             }
             match self.ids.user(&u.name) {
                 None => {
-                    self.problems.push(format!("user {}: missing from /etc/passwd", u.name));
+                    self.problems
+                        .push(format!("user {}: missing from /etc/passwd", u.name));
                     ok = false;
                 }
                 Some(p) => {
                     if group_gid.is_some_and(|g| g != p.gid) {
                         let actual = self.ids.group_name(p.gid);
-                        self.problems.push(format!("user {}: primary group is {actual}, expected {}", u.name, u.group));
+                        self.problems.push(format!(
+                            "user {}: primary group is {actual}, expected {}",
+                            u.name, u.group
+                        ));
                         ok = false;
                     }
                     if p.uid == 0 || p.uid >= 1000 {
@@ -503,7 +614,8 @@ impl Verifier<'_> {
                 }
             }
             if ok {
-                self.passed.push(format!("user {} (group {}, no login)", u.name, u.group));
+                self.passed
+                    .push(format!("user {} (group {}, no login)", u.name, u.group));
             }
         }
     }
@@ -514,17 +626,22 @@ impl Verifier<'_> {
         let mut ok = true;
         let owner = self.ids.user_name(meta.uid());
         if owner != want.owner {
-            self.problems.push(format!("{path}: owner is {owner}, expected {}", want.owner));
+            self.problems
+                .push(format!("{path}: owner is {owner}, expected {}", want.owner));
             ok = false;
         }
         let group = self.ids.group_name(meta.gid());
         if group != want.group {
-            self.problems.push(format!("{path}: group is {group}, expected {}", want.group));
+            self.problems
+                .push(format!("{path}: group is {group}, expected {}", want.group));
             ok = false;
         }
         let mode = meta.permissions().mode() & 0o7777;
         if mode != want.mode {
-            self.problems.push(format!("{path}: mode is {mode:04o}, expected {:04o}", want.mode));
+            self.problems.push(format!(
+                "{path}: mode is {mode:04o}, expected {:04o}",
+                want.mode
+            ));
             ok = false;
         }
         ok
@@ -552,7 +669,11 @@ impl Verifier<'_> {
             Kind::File => meta.file_type().is_file(),
         };
         if !is_kind {
-            self.problems.push(format!("{path}: is {}, expected {}", describe(meta.file_type()), kind.noun()));
+            self.problems.push(format!(
+                "{path}: is {}, expected {}",
+                describe(meta.file_type()),
+                kind.noun()
+            ));
             return;
         }
         let mut ok = self.ownership(want, &meta);
@@ -560,7 +681,9 @@ impl Verifier<'_> {
             match fs::read(&full) {
                 Ok(actual) if actual == expected.as_bytes() => {}
                 Ok(_) => {
-                    self.problems.push(format!("{path}: content differs from {source} this agent was built with"));
+                    self.problems.push(format!(
+                        "{path}: content differs from {source} this agent was built with"
+                    ));
                     ok = false;
                 }
                 Err(e) => {
@@ -570,8 +693,15 @@ impl Verifier<'_> {
             }
         }
         if ok {
-            let what = if content.is_some() { format!(", same as {source}") } else { String::new() };
-            self.passed.push(format!("{path} ({}:{} {:04o}{what})", want.owner, want.group, want.mode));
+            let what = if content.is_some() {
+                format!(", same as {source}")
+            } else {
+                String::new()
+            };
+            self.passed.push(format!(
+                "{path} ({}:{} {:04o}{what})",
+                want.owner, want.group, want.mode
+            ));
         }
     }
 
@@ -582,12 +712,18 @@ impl Verifier<'_> {
         let meta = match fs::metadata(&full) {
             Ok(m) => m,
             Err(e) => {
-                self.problems.push(format!("{path}: {}, expected an executable file", io_reason(&e)));
+                self.problems.push(format!(
+                    "{path}: {}, expected an executable file",
+                    io_reason(&e)
+                ));
                 return;
             }
         };
         if !meta.is_file() {
-            self.problems.push(format!("{path}: is {}, expected an executable file", describe(meta.file_type())));
+            self.problems.push(format!(
+                "{path}: is {}, expected an executable file",
+                describe(meta.file_type())
+            ));
             return;
         }
         if !self.ownership(want, &meta) {
@@ -598,7 +734,8 @@ impl Verifier<'_> {
             if let Some(check) = &b.version {
                 match run_version(&full, &check.args) {
                     Err(problem) => {
-                        self.problems.push(format!("{path} {}: {problem}", check.args.join(" ")));
+                        self.problems
+                            .push(format!("{path} {}: {problem}", check.args.join(" ")));
                         return;
                     }
                     Ok(first) => {
@@ -651,12 +788,17 @@ impl Verifier<'_> {
             match fs::symlink_metadata(&link) {
                 Ok(m) if m.file_type().is_symlink() => {
                     let target = fs::read_link(&link).ok();
-                    if target.as_deref().and_then(Path::file_name) == Some(std::ffi::OsStr::new(unit)) {
-                        self.passed.push(format!("{unit} enabled ({WANTS_DIR}/{unit})"));
+                    if target.as_deref().and_then(Path::file_name)
+                        == Some(std::ffi::OsStr::new(unit))
+                    {
+                        self.passed
+                            .push(format!("{unit} enabled ({WANTS_DIR}/{unit})"));
                     } else {
                         self.problems.push(format!(
                             "{unit}: {WANTS_DIR}/{unit} points to {}, expected {UNIT_DIR}/{unit}",
-                            target.map(|t| t.display().to_string()).unwrap_or_else(|| "nothing readable".into())
+                            target
+                                .map(|t| t.display().to_string())
+                                .unwrap_or_else(|| "nothing readable".into())
                         ));
                     }
                 }
@@ -664,7 +806,9 @@ impl Verifier<'_> {
                     "{unit}: {WANTS_DIR}/{unit} is {}, expected a symlink to {UNIT_DIR}/{unit}",
                     describe(m.file_type())
                 )),
-                Err(_) => self.problems.push(format!("{unit}: not enabled, expected a link in {WANTS_DIR}")),
+                Err(_) => self.problems.push(format!(
+                    "{unit}: not enabled, expected a link in {WANTS_DIR}"
+                )),
             }
         }
         let system = under(self.root, Path::new(UNIT_DIR));
@@ -702,7 +846,10 @@ fn run_version(binary: &Path, args: &[String]) -> Result<String, String> {
     command
         .args(args)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -726,7 +873,10 @@ fn run_version(binary: &Path, args: &[String]) -> Result<String, String> {
             Ok(None) if started.elapsed() > VERSION_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("did not finish within {} s", VERSION_TIMEOUT.as_secs()));
+                return Err(format!(
+                    "did not finish within {} s",
+                    VERSION_TIMEOUT.as_secs()
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("cannot wait for it: {e}")),
@@ -740,7 +890,12 @@ fn run_version(binary: &Path, args: &[String]) -> Result<String, String> {
     if let Some(mut s) = child.stderr.take() {
         let _ = s.read_to_string(&mut err);
     }
-    let first = |s: &str| s.lines().map(str::trim).find(|l| !l.is_empty()).map(String::from);
+    let first = |s: &str| {
+        s.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(String::from)
+    };
     let line = first(&out).or_else(|| first(&err));
     if !status.success() {
         return Err(format!(
@@ -770,8 +925,9 @@ fn mismatch(line: &str, expect: &Expect) -> Option<String> {
 /// Whether `path` carries a `security.capability` extended attribute.
 fn file_capability(path: &Path) -> std::io::Result<bool> {
     use nix::libc;
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+    })?;
     let name = c"security.capability";
     // SAFETY: both pointers are valid NUL-terminated strings; a null buffer of size 0 only asks for the size.
     let n = unsafe { libc::getxattr(c_path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
@@ -817,14 +973,38 @@ mod tests {
             0,
             0o644,
         );
-        w("/etc/group", "root:x:0:\nconsul:x:990:\nvault:x:991:\nnomad:x:992:\n", 0, 0, 0o644);
+        w(
+            "/etc/group",
+            "root:x:0:\nconsul:x:990:\nvault:x:991:\nnomad:x:992:\n",
+            0,
+            0,
+            0o644,
+        );
         let script = |line: &str| format!("#!/bin/sh\necho '{line}'\necho 'more detail'\n");
         let agent_version = format!("hashistack-agent {}", env!("CARGO_PKG_VERSION"));
-        w("/usr/local/bin/hashistack-agent", &script(&agent_version), 0, 0, 0o755);
+        w(
+            "/usr/local/bin/hashistack-agent",
+            &script(&agent_version),
+            0,
+            0,
+            0o755,
+        );
         w("/usr/bin/consul", &script("Consul v1.21.4"), 0, 0, 0o755);
-        w("/usr/bin/vault", &script("Vault v1.20.4 (abcdef), built 2025-09-01T00:00:00Z"), 0, 0, 0o755);
+        w(
+            "/usr/bin/vault",
+            &script("Vault v1.20.4 (abcdef), built 2025-09-01T00:00:00Z"),
+            0,
+            0,
+            0o755,
+        );
         w("/usr/bin/nomad", &script("Nomad v1.10.5"), 0, 0, 0o755);
-        w("/usr/bin/docker", &script("Docker version 27.5.1, build 27.5.1-0ubuntu3"), 0, 0, 0o755);
+        w(
+            "/usr/bin/docker",
+            &script("Docker version 27.5.1, build 27.5.1-0ubuntu3"),
+            0,
+            0,
+            0o755,
+        );
         w("/usr/bin/jq", &script("jq-1.7.1"), 0, 0, 0o755);
         for (p, uid, gid) in [
             ("/etc/hashistack", 0, 0),
@@ -844,21 +1024,41 @@ mod tests {
         for (name, content) in UNITS {
             w(&format!("{UNIT_DIR}/{name}"), content, 0, 0, 0o644);
         }
-        w(MANIFEST_PATH, r#"{"consul":"1.21.4","vault":"1.20.4","nomad":"1.10.5"}"#, 0, 0, 0o644);
+        w(
+            MANIFEST_PATH,
+            r#"{"consul":"1.21.4","vault":"1.20.4","nomad":"1.10.5"}"#,
+            0,
+            0,
+            0o644,
+        );
         let wants = under(r, Path::new(WANTS_DIR));
         fs::create_dir_all(&wants).unwrap();
-        symlink("/etc/systemd/system/hashistack-agent.service", wants.join("hashistack-agent.service")).unwrap();
+        symlink(
+            "/etc/systemd/system/hashistack-agent.service",
+            wants.join("hashistack-agent.service"),
+        )
+        .unwrap();
         // Base-system units are enabled too; only the listed ones matter.
-        symlink("/usr/lib/systemd/system/ssh.service", wants.join("ssh.service")).unwrap();
+        symlink(
+            "/usr/lib/systemd/system/ssh.service",
+            wants.join("ssh.service"),
+        )
+        .unwrap();
         dir
     }
 
     fn manifest() -> ImageManifest {
-        ImageManifest { consul: "1.21.4".into(), vault: "1.20.4".into(), nomad: "1.10.5".into() }
+        ImageManifest {
+            consul: "1.21.4".into(),
+            vault: "1.20.4".into(),
+            nomad: "1.10.5".into(),
+        }
     }
 
     fn contract() -> ImageContract {
-        ImageContract::standard().pin_versions(&manifest()).with_version_checks(true)
+        ImageContract::standard()
+            .pin_versions(&manifest())
+            .with_version_checks(true)
     }
 
     fn problems(root: &Path) -> Vec<String> {
@@ -877,9 +1077,18 @@ mod tests {
         let root = good_root();
         let report = verify(root.path(), &contract()).unwrap_or_else(|f| panic!("{f}"));
         let text = report.to_string();
-        assert!(text.contains("ok   /usr/bin/consul (root:root 0755, Consul v1.21.4)"), "{text}");
-        assert!(text.contains("ok   /etc/vault.d (vault:vault 0750)"), "{text}");
-        assert!(text.contains("ok   hashistack-agent.service enabled"), "{text}");
+        assert!(
+            text.contains("ok   /usr/bin/consul (root:root 0755, Consul v1.21.4)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ok   /etc/vault.d (vault:vault 0750)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ok   hashistack-agent.service enabled"),
+            "{text}"
+        );
         assert!(text.contains("ok   consul.service not enabled"), "{text}");
         assert!(
             text.contains("ok   /etc/systemd/system/vault.service (root:root 0644, same as systemd/vault.service)"),
@@ -893,38 +1102,62 @@ mod tests {
     fn missing_binary() {
         let root = good_root();
         fs::remove_file(p(root.path(), "/usr/bin/nomad")).unwrap();
-        assert_eq!(problems(root.path()), ["/usr/bin/nomad: missing, expected an executable file"]);
+        assert_eq!(
+            problems(root.path()),
+            ["/usr/bin/nomad: missing, expected an executable file"]
+        );
     }
 
     #[test]
     fn binary_not_executable() {
         let root = good_root();
-        fs::set_permissions(p(root.path(), "/usr/bin/jq"), fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(problems(root.path()), ["/usr/bin/jq: mode is 0644, expected 0755"]);
+        fs::set_permissions(
+            p(root.path(), "/usr/bin/jq"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert_eq!(
+            problems(root.path()),
+            ["/usr/bin/jq: mode is 0644, expected 0755"]
+        );
     }
 
     #[test]
     fn wrong_owner() {
         let root = good_root();
         std::os::unix::fs::chown(p(root.path(), "/etc/vault.d"), Some(0), None).unwrap();
-        assert_eq!(problems(root.path()), ["/etc/vault.d: owner is root, expected vault"]);
+        assert_eq!(
+            problems(root.path()),
+            ["/etc/vault.d: owner is root, expected vault"]
+        );
     }
 
     #[test]
     fn wrong_group_and_unknown_owner() {
         let root = good_root();
-        std::os::unix::fs::chown(p(root.path(), "/opt/consul"), Some(4242), Some(NOMAD_UID)).unwrap();
+        std::os::unix::fs::chown(p(root.path(), "/opt/consul"), Some(4242), Some(NOMAD_UID))
+            .unwrap();
         assert_eq!(
             problems(root.path()),
-            ["/opt/consul: owner is uid 4242, expected consul", "/opt/consul: group is nomad, expected consul"]
+            [
+                "/opt/consul: owner is uid 4242, expected consul",
+                "/opt/consul: group is nomad, expected consul"
+            ]
         );
     }
 
     #[test]
     fn wrong_mode() {
         let root = good_root();
-        fs::set_permissions(p(root.path(), "/etc/hashistack"), fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(problems(root.path()), ["/etc/hashistack: mode is 0755, expected 0750"]);
+        fs::set_permissions(
+            p(root.path(), "/etc/hashistack"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        assert_eq!(
+            problems(root.path()),
+            ["/etc/hashistack: mode is 0755, expected 0750"]
+        );
     }
 
     #[test]
@@ -961,8 +1194,11 @@ mod tests {
     #[test]
     fn unit_not_enabled() {
         let root = good_root();
-        fs::remove_file(p(root.path(), "/etc/systemd/system/multi-user.target.wants/hashistack-agent.service"))
-            .unwrap();
+        fs::remove_file(p(
+            root.path(),
+            "/etc/systemd/system/multi-user.target.wants/hashistack-agent.service",
+        ))
+        .unwrap();
         assert_eq!(
             problems(root.path()),
             ["hashistack-agent.service: not enabled, expected a link in /etc/systemd/system/multi-user.target.wants"]
@@ -973,9 +1209,17 @@ mod tests {
     fn extra_units_enabled() {
         let root = good_root();
         let sys = p(root.path(), UNIT_DIR);
-        symlink("/etc/systemd/system/consul.service", sys.join("multi-user.target.wants/consul.service")).unwrap();
+        symlink(
+            "/etc/systemd/system/consul.service",
+            sys.join("multi-user.target.wants/consul.service"),
+        )
+        .unwrap();
         fs::create_dir_all(sys.join("sockets.target.wants")).unwrap();
-        symlink("/usr/lib/systemd/system/docker.socket", sys.join("sockets.target.wants/docker.socket")).unwrap();
+        symlink(
+            "/usr/lib/systemd/system/docker.socket",
+            sys.join("sockets.target.wants/docker.socket"),
+        )
+        .unwrap();
         assert_eq!(
             problems(root.path()),
             [
@@ -992,8 +1236,14 @@ mod tests {
         let root = good_root();
         let passwd = p(root.path(), "/etc/passwd");
         let text = fs::read_to_string(&passwd).unwrap();
-        fs::write(&passwd, text.lines().filter(|l| !l.starts_with("vault:")).collect::<Vec<_>>().join("\n"))
-            .unwrap();
+        fs::write(
+            &passwd,
+            text.lines()
+                .filter(|l| !l.starts_with("vault:"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .unwrap();
         // The directories still belong to uid 991, which now has no name.
         assert_eq!(
             problems(root.path()),
@@ -1027,20 +1277,33 @@ mod tests {
     #[test]
     fn wrong_version() {
         let root = good_root();
-        fs::write(p(root.path(), "/usr/bin/consul"), "#!/bin/sh\necho 'Consul v1.21.40'\n").unwrap();
+        fs::write(
+            p(root.path(), "/usr/bin/consul"),
+            "#!/bin/sh\necho 'Consul v1.21.40'\n",
+        )
+        .unwrap();
         assert_eq!(
             problems(root.path()),
             ["/usr/bin/consul version: prints \"Consul v1.21.40\", expected version 1.21.4 (\"Consul v1.21.4\")"]
         );
         // Off the real root the version is not asked, so the same root passes without the flag.
-        verify(root.path(), &contract().with_version_checks(false)).unwrap_or_else(|f| panic!("{f}"));
+        verify(root.path(), &contract().with_version_checks(false))
+            .unwrap_or_else(|f| panic!("{f}"));
     }
 
     #[test]
     fn version_command_that_fails_or_is_the_wrong_product() {
         let root = good_root();
-        fs::write(p(root.path(), "/usr/bin/vault"), "#!/bin/sh\necho 'no such command' >&2\nexit 3\n").unwrap();
-        fs::write(p(root.path(), "/usr/bin/docker"), "#!/bin/sh\necho 'podman version 4.9.3'\n").unwrap();
+        fs::write(
+            p(root.path(), "/usr/bin/vault"),
+            "#!/bin/sh\necho 'no such command' >&2\nexit 3\n",
+        )
+        .unwrap();
+        fs::write(
+            p(root.path(), "/usr/bin/docker"),
+            "#!/bin/sh\necho 'podman version 4.9.3'\n",
+        )
+        .unwrap();
         assert_eq!(
             problems(root.path()),
             [
@@ -1054,11 +1317,17 @@ mod tests {
     #[test]
     fn leftovers_from_the_packages() {
         let root = good_root();
-        fs::write(p(root.path(), "/etc/consul.d/consul.hcl"), "data_dir = \"/opt/consul\"\n").unwrap();
+        fs::write(
+            p(root.path(), "/etc/consul.d/consul.hcl"),
+            "data_dir = \"/opt/consul\"\n",
+        )
+        .unwrap();
         fs::create_dir_all(p(root.path(), "/opt/vault/tls")).unwrap();
         let vault = p(root.path(), "/usr/bin/vault");
         // cap_ipc_lock=+ep, as the vault package's postinst sets it (VFS_CAP_REVISION_2 | EFFECTIVE).
-        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let cap: [u8; 20] = [
+            1, 0, 0, 2, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         set_xattr(&vault, "security.capability", &cap);
         assert_eq!(
             problems(root.path()),
@@ -1076,8 +1345,11 @@ mod tests {
     #[test]
     fn manifest_missing_or_unpinned() {
         let root = good_root();
-        fs::write(p(root.path(), MANIFEST_PATH), r#"{"consul":"latest","vault":"1.20.4","nomad":"1.10.5"}"#)
-            .unwrap();
+        fs::write(
+            p(root.path(), MANIFEST_PATH),
+            r#"{"consul":"latest","vault":"1.20.4","nomad":"1.10.5"}"#,
+        )
+        .unwrap();
         let failed = verify_image(root.path()).unwrap_err();
         assert_eq!(
             failed.problems,
@@ -1099,16 +1371,27 @@ mod tests {
         let root = good_root();
         fs::remove_file(p(root.path(), "/usr/bin/docker")).unwrap();
         std::os::unix::fs::chown(p(root.path(), "/etc/consul.d"), Some(0), Some(0)).unwrap();
-        fs::remove_file(p(root.path(), "/etc/systemd/system/multi-user.target.wants/hashistack-agent.service"))
-            .unwrap();
+        fs::remove_file(p(
+            root.path(),
+            "/etc/systemd/system/multi-user.target.wants/hashistack-agent.service",
+        ))
+        .unwrap();
         let failed = verify(root.path(), &contract()).unwrap_err();
         assert_eq!(failed.problems.len(), 4, "{failed}");
-        assert!(failed.to_string().ends_with("breaks the contract: 4 problem(s)"), "{failed}");
+        assert!(
+            failed
+                .to_string()
+                .ends_with("breaks the contract: 4 problem(s)"),
+            "{failed}"
+        );
     }
 
     #[test]
     fn version_matching() {
-        let v = Expect::Version { prefix: "Consul v".into(), version: "1.21.4".into() };
+        let v = Expect::Version {
+            prefix: "Consul v".into(),
+            version: "1.21.4".into(),
+        };
         assert_eq!(mismatch("Consul v1.21.4", &v), None);
         assert_eq!(mismatch("Consul v1.21.4+ent", &v), None);
         assert!(mismatch("Consul v1.21.40", &v).is_some());
@@ -1127,8 +1410,20 @@ mod tests {
         let c_name = CString::new(name).unwrap();
         // SAFETY: valid NUL-terminated strings and a buffer of the given length.
         let rc = unsafe {
-            libc::setxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            libc::setxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
         };
-        assert_eq!(rc, 0, "setxattr {}: {}", path.display(), std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
 }
