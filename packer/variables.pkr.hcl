@@ -1,5 +1,5 @@
 # Inputs of the gold image build. Every version is pinned: an image is rebuilt, never upgraded in place.
-# Copy example.pkrvars.hcl, fill it in, and pass it with -var-file (see docs/deploy.md and packer/README.md).
+# Copy example.pkrvars.hcl, fill it in, and pass it with -var-file (see packer/README.md).
 
 # --- Azure authentication -------------------------------------------------------------------------------
 # Either an Azure CLI login (use_azure_cli_auth = true) or a service principal (client_id/client_secret,
