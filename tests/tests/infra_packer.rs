@@ -192,23 +192,61 @@ fn strings(e: &Expression) -> Vec<String> {
     }
 }
 
-#[test]
-fn packer_every_variable_is_used_and_every_used_variable_is_declared() {
-    let declared: BTreeSet<String> = variables().keys().cloned().collect();
+/// (declared but unused, used but undeclared) for `root` (`var` or `local`) over parsed template files.
+fn unused_and_undeclared(bodies: &[Body], root: &str) -> (Vec<String>, Vec<String>) {
+    let mut declared = BTreeSet::new();
     let mut used = BTreeSet::new();
-    let mut locals_declared = BTreeSet::new();
-    let mut locals_used = BTreeSet::new();
-    for (_, body) in templates() {
-        for b in body.blocks().filter(|b| b.identifier() != "variable") {
-            refs_in_body(b.body(), "var", &mut used);
-            refs_in_body(b.body(), "local", &mut locals_used);
-        }
-        for b in blocks(&body, "locals") {
-            locals_declared.extend(b.body().attributes().map(|a| a.key.as_str().to_string()));
+    for body in bodies {
+        for b in body.blocks() {
+            match (root, b.identifier()) {
+                ("var", "variable") => {
+                    declared.insert(label(b, 0).to_string());
+                }
+                ("local", "locals") => {
+                    declared.extend(b.body().attributes().map(|a| a.key.as_str().to_string()));
+                    refs_in_body(b.body(), root, &mut used);
+                }
+                _ => refs_in_body(b.body(), root, &mut used),
+            }
         }
     }
-    let unused: Vec<_> = declared.difference(&used).collect();
-    let undeclared: Vec<_> = used.difference(&declared).collect();
+    (
+        declared.difference(&used).cloned().collect(),
+        used.difference(&declared).cloned().collect(),
+    )
+}
+
+#[test]
+fn hcl_reference_check_can_fail() {
+    let body = hcl::parse(
+        r#"
+        variable "a" {}
+        variable "b" {}
+        locals { l = "${var.a}-x" }
+        source "azure-arm" "x" {
+          dynamic "d" {
+            for_each = var.c == "" ? [] : [1]
+            content { n = upper(local.m) }
+          }
+        }
+        "#,
+    )
+    .unwrap();
+    let bodies = [body];
+    assert_eq!(
+        unused_and_undeclared(&bodies, "var"),
+        (vec!["b".to_string()], vec!["c".to_string()])
+    );
+    assert_eq!(
+        unused_and_undeclared(&bodies, "local"),
+        (vec!["l".to_string()], vec!["m".to_string()])
+    );
+}
+
+#[test]
+fn packer_every_variable_is_used_and_every_used_variable_is_declared() {
+    let bodies: Vec<Body> = templates().into_iter().map(|(_, b)| b).collect();
+    let (unused, undeclared) = unused_and_undeclared(&bodies, "var");
     assert!(
         unused.is_empty(),
         "variables declared but never used: {unused:?}"
@@ -217,8 +255,7 @@ fn packer_every_variable_is_used_and_every_used_variable_is_declared() {
         undeclared.is_empty(),
         "var.<name> used but not declared: {undeclared:?}"
     );
-    let unused: Vec<_> = locals_declared.difference(&locals_used).collect();
-    let undeclared: Vec<_> = locals_used.difference(&locals_declared).collect();
+    let (unused, undeclared) = unused_and_undeclared(&bodies, "local");
     assert!(
         unused.is_empty(),
         "locals declared but never used: {unused:?}"
@@ -227,6 +264,11 @@ fn packer_every_variable_is_used_and_every_used_variable_is_declared() {
         undeclared.is_empty(),
         "local.<name> used but not declared: {undeclared:?}"
     );
+    let declared: BTreeSet<String> = variables().keys().cloned().collect();
+    let mut used = BTreeSet::new();
+    for body in &bodies {
+        refs_in_body(body, "var", &mut used);
+    }
     // Sanity: the walk does find references inside templates and nested dynamic blocks.
     for name in [
         "consul_version",
@@ -378,13 +420,15 @@ fn packer_provisioning_uploads_the_build_and_ends_with_verify_then_deprovision()
         ["/usr/local/bin/hashistack-agent image verify"],
         "second to last: image verify"
     );
-    let sudo = |p: &Block| {
-        attr(p.body(), "execute_command")
-            .map(|e| format!("{e:?}"))
-            .unwrap_or_default()
-    };
-    assert!(
-        sudo(verify).contains("sudo_execute"),
+    let mut execute = BTreeSet::new();
+    refs_in_expr(
+        attr(verify.body(), "execute_command").expect("image verify sets execute_command"),
+        "local",
+        &mut execute,
+    );
+    assert_eq!(
+        execute.into_iter().collect::<Vec<_>>(),
+        ["sudo_execute"],
         "image verify must run as root"
     );
     assert_eq!(label(last, 0), "shell");
