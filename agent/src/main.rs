@@ -255,12 +255,14 @@ async fn run_render(
 }
 
 fn run_image_verify(root: &std::path::Path) -> ExitCode {
-    // WIRING PENDING: replaced by image::verify once the image contract lands.
-    fail(
-        1,
-        format!(
-            "image verify {}: not available in this build",
-            root.display()
-        ),
-    )
+    match hashistack_agent::image::verify_image(root) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(failed) => {
+            eprintln!("{failed}");
+            ExitCode::from(1)
+        }
+    }
 }
