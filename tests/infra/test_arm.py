@@ -1,0 +1,183 @@
+"""Offline checks of arm-templates/ (issue 4, "Checks in CI"). Run from the repository root:
+
+    python -m pytest tests/infra -q
+
+Schemas come from ../shared/arm-schemas (or $HASHISTACK_ARM_SCHEMAS). Nothing here touches the network.
+test_mutations.py proves that each of these checks fails on a template broken in the way it guards against.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import armlib
+import checks
+
+
+def no_problems(problems: list[str]) -> None:
+    assert not problems, "\n" + "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------- JSON schema
+
+def test_template_validates_against_arm_schemas(template, schemas):
+    """Top level against deploymentTemplate.json, every resource against its provider schema at its apiVersion."""
+    no_problems(checks.check_template_schema(template, schemas))
+
+
+def test_parameters_file_validates_and_matches_template(template, params_file, schemas):
+    no_problems(checks.check_parameters_file(template, params_file, schemas))
+
+
+def test_create_ui_definition_validates(uidef, schemas):
+    no_problems(checks.check_uidef_schema(uidef, schemas))
+
+
+def test_files_are_canonical_json():
+    """Every JSON file parses, and no key appears twice in an object (json.load would silently keep the last)."""
+    def no_dupes(pairs):
+        keys = [k for k, _ in pairs]
+        dupes = {k for k in keys if keys.count(k) > 1}
+        assert not dupes, f"duplicate keys {dupes}"
+        return dict(pairs)
+    for path in sorted(armlib.ARM_DIR.glob("*.json")):
+        json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_dupes)
+
+
+# --------------------------------------------------------------------------------------------- structure
+
+def test_every_parameter_used_and_declared(template):
+    no_problems(checks.check_parameters_used(template))
+
+
+def test_no_hard_coded_location(template):
+    no_problems(checks.check_no_hardcoded_location(template))
+
+
+def test_api_versions_exist_are_recent_and_stable(template, schemas):
+    no_problems(checks.check_api_versions(template, schemas, armlib.today()))
+
+
+def test_secrets_only_in_secure_parameters_without_defaults(template):
+    no_problems(checks.check_secrets(template))
+
+
+def test_no_secret_in_outputs(template):
+    no_problems(checks.check_outputs_no_secret(template))
+
+
+def test_template_expressions_evaluate(template, ev):
+    """Every expression in variables, resource names and outputs evaluates with the parameters file's values
+    (catches typos in variables()/parameters() paths and malformed format strings)."""
+    problems = []
+    for name in template["variables"]:
+        try:
+            ev.variable(name)
+        except armlib.ArmExprError as exc:
+            problems.append(f"variable {name}: {exc}")
+    for r in template["resources"]:
+        for key in ("name", "scope", "condition"):
+            if key in r:
+                try:
+                    ev.value(r[key])
+                except armlib.ArmExprError as exc:
+                    problems.append(f"{r['type']} {key} {r[key]}: {exc}")
+    for name, out in template["outputs"].items():
+        try:
+            ev.value(out["value"])
+        except armlib.ArmExprError as exc:
+            problems.append(f"output {name}: {exc}")
+    no_problems(problems)
+
+
+def test_resource_names_fit_azure_limits(template, ev):
+    limits = {
+        "Microsoft.Storage/storageAccounts": r"[a-z0-9]{3,24}",
+        "Microsoft.KeyVault/vaults": r"[a-zA-Z](?!.*--)[a-zA-Z0-9-]{1,22}[a-zA-Z0-9]",
+        "Microsoft.Compute/virtualMachineScaleSets": r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}",
+    }
+    problems = []
+    for r in template["resources"]:
+        rule = limits.get(r["type"])
+        if rule:
+            name = ev.value(r["name"])
+            if not re.fullmatch(rule, name):
+                problems.append(f"{r['type']} name {name!r} does not match {rule}")
+    # Linux scale sets: computerNamePrefix is 1-58 characters
+    for r in checks.resources_of(template, "Microsoft.Compute/virtualMachineScaleSets"):
+        prefix = ev.value(r["properties"]["virtualMachineProfile"]["osProfile"]["computerNamePrefix"])
+        if len(prefix) > 58:
+            problems.append(f"computerNamePrefix {prefix!r} too long")
+    no_problems(problems)
+
+
+def test_create_ui_definition_outputs_match_template_parameters(template, uidef):
+    no_problems(checks.check_uidef_outputs(template, uidef))
+
+
+def test_metadata_follows_quickstart_conventions(metadata):
+    no_problems(checks.check_metadata(metadata))
+
+
+# --------------------------------------------------------------------------------------------- security
+
+def test_escrow_is_write_only_for_vm_identities(template, ev):
+    no_problems(checks.check_escrow_write_only(template, ev))
+
+
+def test_unseal_key_usable_by_vault_servers_only(template, ev):
+    no_problems(checks.check_unseal_key(template, ev))
+
+
+def test_access_matrix_is_least_privilege(template, ev):
+    """The exact set of (principal, scope, role) triples, documented in docs/deploy.md."""
+    no_problems(checks.check_access_matrix(template, ev))
+
+
+def test_role_assignments_and_custom_roles_hygiene(template, ev):
+    no_problems(checks.check_assignment_hygiene(template, ev))
+
+
+def test_storage_and_key_vaults_hardened(template):
+    no_problems(checks.check_storage_and_key_vaults(template))
+
+
+# --------------------------------------------------------------------------------------------- network, compute
+
+def test_network_layout(template, ev):
+    no_problems(checks.check_network(template, ev))
+
+
+def test_nsg_rules_match_docs_network_md(template, ev, network_md):
+    no_problems(checks.check_nsg_matches_doc(template, ev, network_md))
+
+
+def test_scale_sets_and_jumpbox(template, ev):
+    no_problems(checks.check_scale_sets(template, ev))
+
+
+def test_vault_internal_load_balancer(template, ev):
+    no_problems(checks.check_vault_load_balancer(template, ev))
+
+
+def test_tags_carry_what_docs_tags_md_requires(template, ev, tags_md):
+    no_problems(checks.check_tags(template, ev, tags_md))
+
+
+# --------------------------------------------------------------------------------------------- checkov
+
+def test_checkov_skips_have_reasons():
+    no_problems(checks.check_checkov_skips((armlib.ARM_DIR / ".checkov.yaml").read_text(encoding="utf-8")))
+
+
+def test_checkov_passes_offline():
+    code, report, stderr = armlib.run_checkov(armlib.ARM_DIR, armlib.ARM_DIR / ".checkov.yaml")
+    assert report, f"checkov produced no JSON report (exit {code}):\n{stderr}"
+    failures = checks.checkov_failures(report)
+    no_problems(failures)
+    reports = report if isinstance(report, list) else [report]
+    passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
+    assert passed > 50, f"checkov ran only {passed} checks: did it scan the template?"
+    assert code == 0, stderr
