@@ -769,6 +769,33 @@ fn systemd_units_pass_systemd_analyze_verify() {
     fs::write(root.path().join("etc/systemd/system/typo.service"), bad).unwrap();
     let (_, text) = analyze_verify(root.path(), "typo.service");
     assert!(text.contains("Unknown key 'ProtectSystm'"), "{text}");
+    // Enabling as packer does, and as the agent's systemd backend does at boot (`systemctl enable --quiet`):
+    // only the agent gets a link; the services have no [Install] section, so enabling them is a silent no-op.
+    let systemctl = |args: &[&str]| {
+        let out = Command::new("systemctl")
+            .arg(format!("--root={}", root.path().display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "systemctl {args:?}: {out:?}");
+    };
+    systemctl(&["enable", "hashistack-agent.service"]);
+    systemctl(&[
+        "enable",
+        "--quiet",
+        "consul.service",
+        "vault.service",
+        "nomad.service",
+        "nomad-client.service",
+    ]);
+    let wants: Vec<String> = fs::read_dir(
+        root.path()
+            .join("etc/systemd/system/multi-user.target.wants"),
+    )
+    .unwrap()
+    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    .collect();
+    assert_eq!(wants, ["hashistack-agent.service"]);
     fs::remove_file(root.path().join("usr/bin/vault")).unwrap();
     let (ok, text) = analyze_verify(root.path(), "vault.service");
     assert!(
@@ -922,7 +949,13 @@ fn systemd_service_units_start_only_from_rendered_configs() {
             format!("-/etc/hashistack/env/{env}.env"),
             "{name}"
         );
-        assert_eq!(one(&text, "Type"), "notify", "{name}");
+        // Consul: READY=1 only after a LAN join, which may be minutes away at first boot.
+        let start_type = if name == "consul.service" {
+            "exec"
+        } else {
+            "notify"
+        };
+        assert_eq!(one(&text, "Type"), start_type, "{name}");
         assert_eq!(one(&text, "Restart"), "on-failure", "{name}");
         assert_eq!(one(&text, "LimitNOFILE"), "65536", "{name}");
         assert!(
