@@ -19,7 +19,9 @@ pub struct VaultConfig {
     pub api_addr: String,
     pub cluster_addr: String,
     /// Integrated storage recommends disabling mlock (it maps its database file); swap is off on the image.
-    pub disable_mlock: bool,
+    /// OpenBao removed mlock (2.0) and warns about the key, so it is left out there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disable_mlock: Option<bool>,
     pub listener: Vec<Listener>,
     pub storage: Storage,
     pub seal: SealBlock,
@@ -88,7 +90,7 @@ pub fn config(
     spec: &NodeSpec,
     layout: &Layout,
     opts: &RenderOptions,
-    _installed: &Installed,
+    installed: &Installed,
 ) -> VaultConfig {
     let p = Product::Vault;
     let settings = spec
@@ -156,7 +158,7 @@ pub fn config(
         cluster_name: spec.cluster.clone(),
         api_addr: format!("https://{}:{API_PORT}", spec.ip),
         cluster_addr: format!("https://{}:{CLUSTER_PORT}", spec.ip),
-        disable_mlock: true,
+        disable_mlock: (installed.distribution != "OpenBao").then_some(true),
         listener,
         storage: Storage {
             raft: Raft {
@@ -215,4 +217,64 @@ pub fn render(
             ca_file: layout.ca_file(p),
         },
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imds::InstanceMetadata;
+    use crate::version::Version;
+
+    fn spec() -> NodeSpec {
+        let md = InstanceMetadata::from_json(include_bytes!(
+            "../../tests/fixtures/imds/vault-server-transit.json"
+        ))
+        .unwrap();
+        NodeSpec::from_metadata(&md).unwrap()
+    }
+
+    fn rendered(distribution: &str, version: Version) -> serde_json::Value {
+        let opts = RenderOptions::from_config(&crate::config::AgentConfig::default());
+        let installed = Installed {
+            distribution: distribution.into(),
+            version,
+        };
+        serde_json::to_value(config(
+            &spec(),
+            &Layout::new(std::path::Path::new("/")),
+            &opts,
+            &installed,
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn disable_mlock_only_where_the_binary_knows_it() {
+        assert_eq!(
+            rendered("Vault", Version::new(1, 18, 0))["disable_mlock"],
+            true
+        );
+        // OpenBao removed mlock in 2.0 and warns about the unknown key.
+        assert!(rendered("OpenBao", Version::new(2, 7, 2))
+            .get("disable_mlock")
+            .is_none());
+    }
+
+    #[test]
+    fn static_join_skips_this_node_and_transit_over_http_has_no_ca() {
+        let v = rendered("Vault", Version::new(1, 18, 0));
+        let joins: Vec<&str> = v["storage"]["raft"]["retry_join"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["leader_api_addr"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            joins,
+            ["https://127.0.0.41:8200", "https://127.0.0.43:8200"],
+            "127.0.0.42 is this node"
+        );
+        assert_eq!(v["seal"]["transit"]["address"], "http://127.0.0.2:8200");
+        assert!(v["seal"]["transit"].get("tls_ca_cert").is_none());
+    }
 }
