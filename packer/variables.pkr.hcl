@@ -128,18 +128,33 @@ variable "consul_version" {
   type        = string
   default     = "1.21.4"
   description = "Exact Consul version from HashiCorp's apt repository."
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.consul_version))
+    error_message = "The consul_version must be an exact release such as 1.21.4: images pin their versions."
+  }
 }
 
 variable "vault_version" {
   type        = string
   default     = "1.20.4"
   description = "Exact Vault version from HashiCorp's apt repository."
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.vault_version))
+    error_message = "The vault_version must be an exact release such as 1.20.4: images pin their versions."
+  }
 }
 
 variable "nomad_version" {
   type        = string
   default     = "1.10.5"
   description = "Exact Nomad version from HashiCorp's apt repository."
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.nomad_version))
+    error_message = "The nomad_version must be an exact release such as 1.10.5: images pin their versions."
+  }
 }
 
 variable "hashicorp_apt_url" {

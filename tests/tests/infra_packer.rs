@@ -326,6 +326,17 @@ fn packer_versions_are_pinned_to_exact_releases() {
             "variable {name}: default \"{v}\" is not an exact version (x.y.z; no 'latest', no wildcard)"
         );
     }
+    // Packer itself refuses an override that is not exact.
+    for (_, body) in templates() {
+        for b in blocks(&body, "variable").filter(|b| names.contains(&label(b, 0))) {
+            let v = blocks(b.body(), "validation")
+                .next()
+                .unwrap_or_else(|| panic!("variable {} has no validation", label(b, 0)));
+            let mut refs = BTreeSet::new();
+            refs_in_expr(attr(v.body(), "condition").unwrap(), "var", &mut refs);
+            assert_eq!(refs.into_iter().collect::<Vec<_>>(), [label(b, 0)]);
+        }
+    }
     // The script installs exactly those versions (any packaging revision) and holds them.
     let script = fs::read_to_string(packer_dir().join("scripts/20-packages.sh")).unwrap();
     for pkg in ["consul", "vault", "nomad"] {
