@@ -1,0 +1,307 @@
+"""Every check in test_arm.py can fail: each case breaks a copy of the template (or of a doc it is compared with)
+in one way and asserts that the check guarding against it reports a problem."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import pytest
+
+import armlib
+import checks
+
+ESCROW_BLOB_ROLE = "escrowBlobWriter"
+
+
+def res(t, rtype, pred=lambda r: True):
+    found = [r for r in t["resources"] if r["type"] == rtype and pred(r)]
+    assert found, f"mutation target {rtype} not found"
+    return found
+
+
+def vmss(t, role):
+    return res(t, "Microsoft.Compute/virtualMachineScaleSets", lambda r: r["tags"]["hashistack-role"] == role)[0]
+
+
+def nsg(t, tier):
+    return res(t, "Microsoft.Network/networkSecurityGroups", lambda r: f".{tier}]" in r["name"])[0]
+
+
+def assignment(t, key, tier=None):
+    def pred(r):
+        return f"'{key}')]" in r["name"] and (tier is None or f"identityNames').{tier})" in r["name"])
+    return res(t, "Microsoft.Authorization/roleAssignments", pred)[0]
+
+
+def role_def(t, key):
+    return res(t, "Microsoft.Authorization/roleDefinitions", lambda r: r["name"] == f"[variables('customRoles').{key}]")[0]
+
+
+def set_rule(t, tier, name, **props):
+    for rule in nsg(t, tier)["properties"]["securityRules"]:
+        if rule["name"] == name:
+            rule["properties"].update(props)
+            return
+    raise AssertionError(name)
+
+
+# Each case: (id, mutate(ctx), run(ctx, schemas) -> problems). ctx holds deep copies of every input.
+def _schema(ctx, s):
+    return checks.check_template_schema(ctx["t"], s)
+
+
+def _ev(ctx):
+    return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
+
+
+CASES = [
+    # --- JSON schema
+    ("schema: bad NSG protocol",
+     lambda c: set_rule(c["t"], "consul", "ConsulServerRpc", protocol="Sctp"), _schema),
+    ("schema: unknown top-level key",
+     lambda c: c["t"].__setitem__("resourcez", []), _schema),
+    ("schema: scale set capacity of the wrong type",
+     lambda c: vmss(c["t"], "worker")["sku"].__setitem__("capacity", "three"), _schema),
+    ("schema: apiVersion without a schema",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts")[0].__setitem__("apiVersion", "2019-06-01"), _schema),
+    ("params file: undeclared parameter",
+     lambda c: c["pf"]["parameters"].__setitem__("nope", {"value": 1}),
+     lambda c, s: checks.check_parameters_file(c["t"], c["pf"], s)),
+    ("params file: required parameter missing",
+     lambda c: c["pf"]["parameters"].pop("imageId"),
+     lambda c, s: checks.check_parameters_file(c["t"], c["pf"], s)),
+    ("params file: schema ($schema missing)",
+     lambda c: c["pf"].pop("$schema"),
+     lambda c, s: checks.check_parameters_file(c["t"], c["pf"], s)),
+    ("createUiDefinition: schema (TextBox without label)",
+     lambda c: c["ui"]["parameters"]["basics"][0].pop("label"),
+     lambda c, s: checks.check_uidef_schema(c["ui"], s)),
+    # --- structure
+    ("parameter declared, never used",
+     lambda c: c["t"]["parameters"].__setitem__("unused", {"type": "string", "defaultValue": "x",
+                                                           "metadata": {"description": "unused"}}),
+     lambda c, s: checks.check_parameters_used(c["t"])),
+    ("parameter used, not declared",
+     lambda c: c["t"]["parameters"].pop("datacenter"),
+     lambda c, s: checks.check_parameters_used(c["t"])),
+    ("variable used, not declared",
+     lambda c: c["t"]["variables"].pop("vnetName"),
+     lambda c, s: checks.check_parameters_used(c["t"])),
+    ("hard-coded location",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults")[0].__setitem__("location", "westeurope"),
+     lambda c, s: checks.check_no_hardcoded_location(c["t"])),
+    ("location parameter default hard-coded",
+     lambda c: c["t"]["parameters"]["location"].__setitem__("defaultValue", "eastus"),
+     lambda c, s: checks.check_no_hardcoded_location(c["t"])),
+    ("preview apiVersion",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults")[0].__setitem__("apiVersion", "2026-02-01-preview"),
+     lambda c, s: checks.check_api_versions(c["t"], s, dt.date(2026, 11, 27))),
+    ("apiVersion older than two years",
+     lambda c: [r.__setitem__("apiVersion", "2024-10-01") for r in res(c["t"], "Microsoft.Network/natGateways")],
+     lambda c, s: checks.check_api_versions(c["t"], s, dt.date(2026, 11, 27))),
+    ("apiVersion ages out (today moves on)",
+     lambda c: c.__setitem__("today", dt.date(2028, 6, 1)),
+     lambda c, s: checks.check_api_versions(c["t"], s, c["today"])),
+    ("secret parameter as plain string",
+     lambda c: c["t"]["parameters"].__setitem__("adminPassword", {"type": "string", "metadata": {"description": "x"}}),
+     lambda c, s: checks.check_secrets(c["t"])),
+    ("secureString parameter with a default",
+     lambda c: c["t"]["parameters"].__setitem__("gossipKey", {"type": "securestring", "defaultValue": "abc",
+                                                              "metadata": {"description": "x"}}),
+     lambda c, s: checks.check_secrets(c["t"])),
+    ("literal password in a VM profile",
+     lambda c: vmss(c["t"], "worker")["properties"]["virtualMachineProfile"]["osProfile"].__setitem__(
+         "adminPassword", "Hunter2Hunter2!"),
+     lambda c, s: checks.check_secrets(c["t"])),
+    ("output calls listKeys()",
+     lambda c: c["t"]["outputs"].__setitem__("storageKey", {
+         "type": "string", "value": "[listKeys(resourceId('Microsoft.Storage/storageAccounts', "
+                                    "variables('storageAccountName')), '2026-04-01').keys[0].value]"}),
+     lambda c, s: checks.check_outputs_no_secret(c["t"])),
+    ("output of a secure parameter",
+     lambda c: (c["t"]["parameters"].__setitem__("pgp", {"type": "securestring", "metadata": {"description": "x"}}),
+                c["t"]["outputs"].__setitem__("pgpOut", {"type": "string", "value": "[parameters('pgp')]"})),
+     lambda c, s: checks.check_outputs_no_secret(c["t"])),
+    ("createUiDefinition lacks a required parameter",
+     lambda c: c["ui"]["parameters"]["outputs"].pop("imageId"),
+     lambda c, s: checks.check_uidef_outputs(c["t"], c["ui"])),
+    ("createUiDefinition outputs an unknown parameter",
+     lambda c: c["ui"]["parameters"]["outputs"].__setitem__("imageID", "[basics('imageId')]"),
+     lambda c, s: checks.check_uidef_outputs(c["t"], c["ui"])),
+    ("createUiDefinition output refers to a missing element",
+     lambda c: c["ui"]["parameters"]["outputs"].__setitem__("workerCount", "[int(steps('cluster').workers)]"),
+     lambda c, s: checks.check_uidef_outputs(c["t"], c["ui"])),
+    ("metadata.json lacks summary",
+     lambda c: c["md"].pop("summary"),
+     lambda c, s: checks.check_metadata(c["md"])),
+    # --- identities and escrow
+    ("escrow blob role can read",
+     lambda c: role_def(c["t"], ESCROW_BLOB_ROLE)["properties"]["permissions"][0]["dataActions"].append(
+         "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read"),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("escrow secret role can get",
+     lambda c: role_def(c["t"], "escrowSecretWriter")["properties"]["permissions"][0]["dataActions"].append(
+         "Microsoft.KeyVault/vaults/secrets/getSecret/action"),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("escrow key role can unwrap",
+     lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0]["dataActions"].append(
+         "Microsoft.KeyVault/vaults/keys/unwrap/action"),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("VM identity gets a built-in reader role on the escrow container",
+     lambda c: assignment(c["t"], "escrowBlobWriter", "consul")["properties"].__setitem__(
+         "roleDefinitionId", "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+                             "variables('builtInRoles').storageBlobDataReader)]"),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("VM identity reads blobs account-wide (covers escrow)",
+     lambda c: assignment(c["t"], "coordinationReader", "jumpbox").__setitem__(
+         "scope", "[format('Microsoft.Storage/storageAccounts/{0}', variables('storageAccountName'))]"),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("workers get escrow write",
+     lambda c: assignment(c["t"], "sharedSecretsUser", "workers").update({
+         "scope": "[format('Microsoft.KeyVault/vaults/{0}', variables('escrowVaultName'))]",
+         "properties": dict(assignment(c["t"], "sharedSecretsUser", "workers")["properties"],
+                            roleDefinitionId="[resourceId('Microsoft.Authorization/roleDefinitions', "
+                                             "variables('customRoles').escrowSecretWriter)]")}),
+     lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
+    ("unseal key usable by consul servers",
+     lambda c: assignment(c["t"], "unseal", "vault").__setitem__(
+         "properties", dict(assignment(c["t"], "unseal", "vault")["properties"],
+                            principalId="[reference(resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', "
+                                        "variables('identityNames').consul), '2024-11-30').principalId]")),
+     lambda c, s: checks.check_unseal_key(c["t"], _ev(c))),
+    ("operator unwrap assignment removed",
+     lambda c: c["t"]["resources"].remove(assignment(c["t"], "operatorEscrowKeyUnwrapper")),
+     lambda c, s: checks.check_access_matrix(c["t"], _ev(c))),
+    ("reader widened to the subscription",
+     lambda c: assignment(c["t"], "reader", "workers").__setitem__("scope", "[subscription().id]"),
+     lambda c, s: checks.check_access_matrix(c["t"], _ev(c))),
+    ("assignment without principalType",
+     lambda c: assignment(c["t"], "reader", "vault")["properties"].pop("principalType"),
+     lambda c, s: checks.check_assignment_hygiene(c["t"], _ev(c))),
+    ("custom role name not unique per deployment",
+     lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"].__setitem__("roleName", "hashistack escrow key wrapper"),
+     lambda c, s: checks.check_assignment_hygiene(c["t"], _ev(c))),
+    # --- storage and key vaults
+    ("storage shared keys on",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts")[0]["properties"].__setitem__("allowSharedKeyAccess", True),
+     lambda c, s: checks.check_storage_and_key_vaults(c["t"])),
+    ("blob versioning off",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts/blobServices")[0]["properties"].__setitem__(
+         "isVersioningEnabled", False),
+     lambda c, s: checks.check_storage_and_key_vaults(c["t"])),
+    ("key vault without purge protection",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults")[1]["properties"].__setitem__("enablePurgeProtection", False),
+     lambda c, s: checks.check_storage_and_key_vaults(c["t"])),
+    ("key vault in access-policy mode",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults")[2]["properties"].__setitem__("enableRbacAuthorization", False),
+     lambda c, s: checks.check_storage_and_key_vaults(c["t"])),
+    # --- network
+    ("scale set instances get public IPs",
+     lambda c: vmss(c["t"], "worker")["properties"]["virtualMachineProfile"]["networkProfile"][
+         "networkInterfaceConfigurations"][0]["properties"]["ipConfigurations"][0]["properties"].__setitem__(
+         "publicIPAddressConfiguration", {"name": "pip"}),
+     lambda c, s: checks.check_network(c["t"], _ev(c))),
+    ("subnet bypasses the NAT gateway",
+     lambda c: res(c["t"], "Microsoft.Network/virtualNetworks")[0]["properties"]["subnets"][2]["properties"].pop("natGateway"),
+     lambda c, s: checks.check_network(c["t"], _ev(c))),
+    ("NSG port differs from docs/network.md",
+     lambda c: set_rule(c["t"], "consul", "ConsulSerfLanTcp", destinationPortRange="8302"),
+     lambda c, s: checks.check_nsg_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("NSG source widened",
+     lambda c: set_rule(c["t"], "vault", "VaultCluster", sourceAddressPrefix="VirtualNetwork"),
+     lambda c, s: checks.check_nsg_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("docs/network.md row missing",
+     lambda c: c.__setitem__("network_md", c["network_md"].replace(
+         "| nomad | 130 | `NomadRpc` | Allow | Tcp | nomad, workers | 4647 |\n", "")),
+     lambda c, s: checks.check_nsg_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("deny-all removed (doc updated too)",
+     lambda c: (nsg(c["t"], "workers")["properties"]["securityRules"].pop(),
+                c.__setitem__("network_md", c["network_md"].replace(
+                    "| workers | 4096 | `DenyAllInbound` | Deny | * | * | * |\n", ""))),
+     lambda c, s: checks.check_nsg_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("SSH to a tier from the internet (doc updated too)",
+     lambda c: (set_rule(c["t"], "nomad", "SshFromJumpbox", sourceAddressPrefix="Internet"),
+                c.__setitem__("network_md", c["network_md"].replace(
+                    "| nomad | 200 | `SshFromJumpbox` | Allow | Tcp | jumpbox | 22 |",
+                    "| nomad | 200 | `SshFromJumpbox` | Allow | Tcp | Internet | 22 |"))),
+     lambda c, s: checks.check_nsg_matches_doc(c["t"], _ev(c), c["network_md"])),
+    # --- compute
+    ("scale set in Flexible mode",
+     lambda c: vmss(c["t"], "consul-server")["properties"].__setitem__("orchestrationMode", "Flexible"),
+     lambda c, s: checks.check_scale_sets(c["t"], _ev(c))),
+    ("password login allowed",
+     lambda c: vmss(c["t"], "nomad-server")["properties"]["virtualMachineProfile"]["osProfile"][
+         "linuxConfiguration"].__setitem__("disablePasswordAuthentication", False),
+     lambda c, s: checks.check_scale_sets(c["t"], _ev(c))),
+    ("server without a data disk",
+     lambda c: vmss(c["t"], "vault-server")["properties"]["virtualMachineProfile"]["storageProfile"].pop("dataDisks"),
+     lambda c, s: checks.check_scale_sets(c["t"], _ev(c))),
+    ("marketplace image instead of imageId",
+     lambda c: vmss(c["t"], "worker")["properties"]["virtualMachineProfile"]["storageProfile"].__setitem__(
+         "imageReference", {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}),
+     lambda c, s: checks.check_scale_sets(c["t"], _ev(c))),
+    ("vault probe on the wrong path",
+     lambda c: res(c["t"], "Microsoft.Network/loadBalancers")[0]["properties"]["probes"][0]["properties"].__setitem__(
+         "requestPath", "/"),
+     lambda c, s: checks.check_vault_load_balancer(c["t"], _ev(c))),
+    # --- tags
+    ("vault servers lack the seal tag",
+     lambda c: vmss(c["t"], "vault-server")["tags"].pop("hashistack-vault-seal"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("misspelt tag",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__("hashistack-rol", "worker"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("vault join points at the consul scale set",
+     lambda c: vmss(c["t"], "vault-server")["tags"].__setitem__(
+         "hashistack-vault-join", vmss(c["t"], "vault-server")["tags"]["hashistack-vault-join"].replace(
+             "vmssNames').vault", "vmssNames').consul")),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("jumpbox lacks the blob endpoint",
+     lambda c: res(c["t"], "Microsoft.Compute/virtualMachines")[0]["tags"].pop("hashistack-blob-endpoint"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("server count tag not 1/3/5/7",
+     lambda c: c["t"]["parameters"]["consulServerCount"].__setitem__("defaultValue", 4),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    # --- checkov config
+    ("checkov skip without a reason",
+     lambda c: c.__setitem__("checkov_yaml", c["checkov_yaml"] + "  - CKV_AZURE_1\n"),
+     lambda c, s: checks.check_checkov_skips(c["checkov_yaml"])),
+]
+
+
+@pytest.fixture
+def ctx(template, params_file, uidef, metadata, network_md, tags_md):
+    return {"t": json.loads(json.dumps(template)), "pf": json.loads(json.dumps(params_file)),
+            "ui": json.loads(json.dumps(uidef)), "md": json.loads(json.dumps(metadata)),
+            "network_md": network_md, "tags_md": tags_md, "today": dt.date(2026, 11, 27),
+            "checkov_yaml": (armlib.ARM_DIR / ".checkov.yaml").read_text(encoding="utf-8")}
+
+
+@pytest.mark.parametrize("mutate,run", [(m, r) for _, m, r in CASES], ids=[c[0] for c in CASES])
+def test_check_fails_on_broken_copy(ctx, schemas, mutate, run):
+    assert not run(ctx, schemas), "the unbroken input must pass first"
+    mutate(ctx)
+    assert run(ctx, schemas), "the check did not notice the breakage"
+
+
+def test_tags_doc_parser_rejects_unknown_phrases(tags_md):
+    broken = tags_md.replace("| `hashistack-nomad-servers` | nomad-server |", "| `hashistack-nomad-servers` | nomad leaders |")
+    assert broken != tags_md
+    with pytest.raises(ValueError):
+        checks.required_tags_from_doc(broken)
+
+
+def test_checkov_fails_on_insecure_copy(tmp_path):
+    t = armlib.load_json(armlib.ARM_DIR / "azuredeploy.json")
+    sa = res(t, "Microsoft.Storage/storageAccounts")[0]["properties"]
+    sa["minimumTlsVersion"] = "TLS1_0"
+    sa["supportsHttpsTrafficOnly"] = False
+    work = tmp_path / "arm-templates"
+    work.mkdir()
+    (work / "azuredeploy.json").write_text(json.dumps(t), encoding="utf-8")
+    shutil.copy(armlib.ARM_DIR / ".checkov.yaml", work / ".checkov.yaml")
+    code, report, stderr = armlib.run_checkov(work, work / ".checkov.yaml")
+    failed = {f.split()[0] for f in checks.checkov_failures(report)}
+    assert {"CKV_AZURE_44", "CKV_AZURE_3"} <= failed, (failed, stderr)
+    assert code != 0
