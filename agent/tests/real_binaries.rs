@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::{imds_fixture, require_tool, run_agent, set_ip, set_tag, text, ROLE_FIXTURES};
-use hashistack_agent::boot;
-use hashistack_agent::config::{AgentConfig, Owners};
-use hashistack_agent::imds::InstanceMetadata;
-use hashistack_agent::node::NodeSpec;
-use hashistack_agent::render::{self, Layout, Plan, RenderOptions, Versions};
+use common::{
+    agent_config, imds_fixture, render_with_material, require_tool, run_agent, set_ip, set_tag,
+    text, versions, ROLE_FIXTURES,
+};
+use hashistack_agent::render::Layout;
 use hashistack_agent::services::health::{client_for, probe, Probe};
 use hashistack_agent::services::{read_env_file, Health};
 use hashistack_agent::version::{self, Installed, Product, Version};
@@ -46,70 +45,6 @@ fn bao() -> Option<(PathBuf, Installed)> {
         installed.version
     );
     Some((bin, installed))
-}
-
-/// Cluster material in `dir`: CA, gossip keys, transit token; and an agent config rooted at `root`.
-fn agent_config(dir: &Path, root: &Path, loopback: bool, seal_token: &str) -> AgentConfig {
-    use base64::Engine;
-    let (ca, key) = hashistack_agent::tls::generate_ca(
-        "hashistack test CA",
-        30,
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca).unwrap();
-    std::fs::write(dir.join("ca-key.pem"), key).unwrap();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    std::fs::write(dir.join("consul.key"), b64.encode([7u8; 32])).unwrap();
-    std::fs::write(dir.join("nomad.key"), b64.encode([9u8; 32])).unwrap();
-    std::fs::write(dir.join("transit.token"), seal_token).unwrap();
-    let mut cfg = AgentConfig::default();
-    cfg.paths.root = root.to_path_buf();
-    cfg.paths.owners = Owners::CurrentUser;
-    cfg.listen.loopback = loopback;
-    cfg.tls.ca_cert = dir.join("ca.pem");
-    cfg.tls.ca_key = dir.join("ca-key.pem");
-    cfg.gossip.consul_key_file = dir.join("consul.key");
-    cfg.gossip.nomad_key_file = dir.join("nomad.key");
-    cfg.vault.seal_token_file = Some(dir.join("transit.token"));
-    cfg
-}
-
-/// Renders a node with full material (certificates, gossip keys, env files) into `cfg.paths.root`, as boot
-/// would, and writes it.
-fn render_with_material(doc: &Value, cfg: &AgentConfig, versions: &Versions) -> (NodeSpec, Plan) {
-    let md = InstanceMetadata::from_json(&serde_json::to_vec(doc).unwrap()).unwrap();
-    let spec = NodeSpec::from_metadata(&md).unwrap();
-    let layout = Layout::new(&cfg.paths.root);
-    let material = boot::load_material(cfg, &spec, &layout).unwrap();
-    let plan = render::render(
-        &spec,
-        &layout,
-        &RenderOptions::from_config(cfg),
-        versions,
-        Some(&material),
-    )
-    .unwrap();
-    boot::write_plan(&plan).unwrap();
-    (spec, plan)
-}
-
-fn versions(consul: Option<&Installed>, vault: Option<&Installed>) -> Versions {
-    let mut v = Versions::new();
-    v.insert(
-        Product::Consul,
-        consul
-            .cloned()
-            .unwrap_or_else(|| version::assumed_current(Product::Consul)),
-    );
-    v.insert(
-        Product::Vault,
-        vault
-            .cloned()
-            .unwrap_or_else(|| version::assumed_current(Product::Vault)),
-    );
-    v.insert(Product::Nomad, version::assumed_current(Product::Nomad));
-    v
 }
 
 fn consul_validate(bin: &Path, dir: &Path) -> (bool, String) {
