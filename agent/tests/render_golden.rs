@@ -320,3 +320,51 @@ fn offline_render_holds_no_key_material() {
         }
     }
 }
+
+/// As boot renders at every boot: with key material, a second render keeps the certificates and keys it
+/// issued the first time, so nothing changes on disk and no service restarts.
+#[test]
+fn rerender_with_material_keeps_certificates_and_touches_nothing() {
+    use hashistack_agent::render::{self, Layout, RenderOptions};
+    for fixture in ROLE_FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let cfg = common::agent_config(dir.path(), root.path(), true, "s.transit-token");
+        let vs = common::versions(None, None);
+        let (spec, first) = common::render_with_material(&common::imds_fixture(fixture), &cfg, &vs);
+        let before = files(root.path());
+        assert!(
+            before.keys().any(|k| k.ends_with("-key.pem")),
+            "{fixture}: keys written"
+        );
+        for f in &first.files {
+            if f.secret {
+                let mode = std::fs::metadata(&f.path).unwrap().mode() & 0o777;
+                assert_eq!(
+                    mode & 0o007,
+                    0,
+                    "{fixture}: {} is not world-readable",
+                    f.path.display()
+                );
+            }
+        }
+
+        let layout = Layout::new(root.path());
+        let material = hashistack_agent::boot::load_material(&cfg, &spec, &layout).unwrap();
+        let second = render::render(
+            &spec,
+            &layout,
+            &RenderOptions::from_config(&cfg),
+            &vs,
+            Some(&material),
+        )
+        .unwrap();
+        let changed = hashistack_agent::boot::write_plan(&second).unwrap();
+        assert_eq!(
+            changed,
+            Vec::<PathBuf>::new(),
+            "{fixture}: second boot changes nothing"
+        );
+        assert_eq!(files(root.path()), before, "{fixture}");
+    }
+}
