@@ -76,6 +76,8 @@ pub enum Phase {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BootRecord {
     pub agent_version: String,
+    /// Process id of the agent that wrote this record (tells one boot from the next).
+    pub pid: u32,
     pub node: String,
     pub role: Option<String>,
     pub cluster: Option<String>,
@@ -337,6 +339,7 @@ pub async fn boot(
     let layout = Layout::new(&cfg.paths.root);
     let mut record = BootRecord {
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
         node: String::new(),
         role: None,
         cluster: None,

@@ -538,6 +538,35 @@ impl Lab {
         self.start_agent(i)
     }
 
+    /// Waits until the node's current agent has finished its boot (successfully or not) and returns its record.
+    pub async fn wait_booted(
+        &self,
+        i: usize,
+        deadline: Duration,
+    ) -> Result<hashistack_agent::boot::BootRecord, LabError> {
+        let pid = self.nodes[i]
+            .agent
+            .as_ref()
+            .and_then(|a| a.pid())
+            .ok_or_else(|| LabError::Failed("agent not running".into()))?;
+        let start = Instant::now();
+        loop {
+            if let Some(r) = self
+                .boot_record(i)
+                .filter(|r| r.pid == pid && (r.ok || r.last_error.is_some()))
+            {
+                return Ok(r);
+            }
+            if start.elapsed() > deadline {
+                return Err(LabError::Failed(format!(
+                    "{}: agent did not finish booting within {deadline:?}",
+                    self.nodes[i].def.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.def.name == name)
     }

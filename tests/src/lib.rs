@@ -17,11 +17,15 @@ pub fn options(name: &str, net: u8) -> LabOptions {
 }
 
 pub fn tools() -> Tools {
-    Tools::discover().unwrap_or_else(|e| panic!("{e} (the test runner, tests/run.sh, installs and builds everything)"))
+    Tools::discover().unwrap_or_else(|e| {
+        panic!("{e} (the test runner, tests/run.sh, installs and builds everything)")
+    })
 }
 
 pub async fn healthy_lab(o: LabOptions) -> Lab {
-    let lab = Lab::up(o, tools()).await.unwrap_or_else(|e| panic!("lab up: {e}"));
+    let lab = Lab::up(o, tools())
+        .await
+        .unwrap_or_else(|e| panic!("lab up: {e}"));
     if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(120)).await {
         let logs = lab.opts.state_dir.join("logs");
         panic!("{e}\n{}\nlogs in {}", h.table(), logs.display());
@@ -38,7 +42,10 @@ pub fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
             if p.is_dir() {
                 walk(base, &p, out);
             } else if let Ok(b) = std::fs::read(&p) {
-                out.insert(p.strip_prefix(base).unwrap().to_path_buf(), hex::encode(Sha256::digest(&b)));
+                out.insert(
+                    p.strip_prefix(base).unwrap().to_path_buf(),
+                    hex::encode(Sha256::digest(&b)),
+                );
             }
         }
     }

@@ -12,34 +12,73 @@ async fn three_consul_and_three_vault_servers_come_up_from_tags() {
     let h = lab.health().await;
     // One leader that every agent (servers and the vault nodes' clients) agrees on, with 3 raft voters.
     let leader = h.consul_leader().expect("agreed leader");
-    assert!(leader.starts_with("127.81.0.1"), "leader is a consul server: {leader}");
+    assert!(
+        leader.starts_with("127.81.0.1"),
+        "leader is a consul server: {leader}"
+    );
     for n in h.nodes.iter().filter(|n| n.role == "consul-server") {
         assert_eq!(n.raft_peers, Some(3), "{}", n.name);
     }
     // Vault servers run from rendered configs, sealed and not initialized (the bootstrap initializes them).
     let vaults: Vec<_> = h.nodes.iter().filter_map(|n| n.vault.clone()).collect();
     assert_eq!(vaults.len(), 3);
-    assert!(vaults.iter().all(|v| *v == Probe::Vault { initialized: false, sealed: true }), "{vaults:?}");
+    assert!(
+        vaults.iter().all(|v| *v
+            == Probe::Vault {
+                initialized: false,
+                sealed: true
+            }),
+        "{vaults:?}"
+    );
 
     for (i, n) in lab.nodes.iter().enumerate() {
         let rec = lab.boot_record(i).expect("boot record");
-        assert!(rec.ok && rec.last_error.is_none(), "{}: {:?}", n.def.name, rec.last_error);
+        assert!(
+            rec.ok && rec.last_error.is_none(),
+            "{}: {:?}",
+            n.def.name,
+            rec.last_error
+        );
         // Plain HTTP is off (the health probes above went over HTTPS, trusting only the cluster CA).
-        assert!(std::net::TcpStream::connect_timeout(&format!("{}:8500", n.def.ip).parse().unwrap(), Duration::from_millis(300)).is_err());
+        assert!(std::net::TcpStream::connect_timeout(
+            &format!("{}:8500", n.def.ip).parse().unwrap(),
+            Duration::from_millis(300)
+        )
+        .is_err());
     }
     // Gossip is encrypted: an agent without the key is refused by the servers.
     let rogue_dir = lab.opts.state_dir.join("rogue");
     let log = lab.opts.state_dir.join("rogue.log");
     let mut rogue = std::process::Command::new(&lab.tools.consul)
-        .args(["agent", "-data-dir", rogue_dir.to_str().unwrap(), "-bind", "127.81.0.98", "-client", "127.81.0.98", "-node", "rogue"])
-        .args(["-http-port", "-1", "-dns-port", "-1", "-retry-join", "127.81.0.11"])
+        .args([
+            "agent",
+            "-data-dir",
+            rogue_dir.to_str().unwrap(),
+            "-bind",
+            "127.81.0.98",
+            "-client",
+            "127.81.0.98",
+            "-node",
+            "rogue",
+        ])
+        .args([
+            "-http-port",
+            "-1",
+            "-dns-port",
+            "-1",
+            "-retry-join",
+            "127.81.0.11",
+        ])
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut refused = false;
     for _ in 0..100 {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("Remote state is encrypted and encryption is not configured") {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("Remote state is encrypted and encryption is not configured")
+        {
             refused = true;
             break;
         }
@@ -47,25 +86,51 @@ async fn three_consul_and_three_vault_servers_come_up_from_tags() {
     }
     let _ = rogue.kill();
     let _ = rogue.wait();
-    assert!(refused, "an unencrypted agent was not refused:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        refused,
+        "an unencrypted agent was not refused:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     lab.down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reboots_are_idempotent() {
     let mut lab = healthy_lab(options("reboot", 82)).await;
-    let etc: Vec<_> = lab.nodes.iter().map(|n| tree_digest(&n.root.join("etc"))).collect();
+    let etc: Vec<_> = lab
+        .nodes
+        .iter()
+        .map(|n| tree_digest(&n.root.join("etc")))
+        .collect();
     for round in 0..3 {
         for i in 0..lab.nodes.len() {
             lab.reboot(i).await.unwrap();
+        }
+        for i in 0..lab.nodes.len() {
+            lab.wait_booted(i, Duration::from_secs(60)).await.unwrap();
         }
         if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(120)).await {
             panic!("round {round}: {e}\n{}", h.table());
         }
         for (i, n) in lab.nodes.iter().enumerate() {
-            assert_eq!(tree_digest(&n.root.join("etc")), etc[i], "round {round}: {} config changed on reboot", n.def.name);
+            let now = tree_digest(&n.root.join("etc"));
+            let diff: Vec<_> = now
+                .iter()
+                .filter(|(k, v)| etc[i].get(*k) != Some(v))
+                .map(|(k, _)| k)
+                .collect();
+            assert!(
+                diff.is_empty() && now.len() == etc[i].len(),
+                "round {round}: {} config changed on reboot: {diff:?}",
+                n.def.name
+            );
             let rec = lab.boot_record(i).unwrap();
-            assert!(rec.files_changed.is_empty(), "{}: rewrote {:?}", n.def.name, rec.files_changed);
+            assert!(
+                rec.files_changed.is_empty(),
+                "{}: rewrote {:?}",
+                n.def.name,
+                rec.files_changed
+            );
         }
     }
     lab.down().await;
@@ -85,13 +150,22 @@ async fn a_node_with_a_bad_role_tag_fails_clearly_and_starts_nothing() {
     let i = lab.add_node(NodeDef { ..def }).await.unwrap();
     lab.start_agent(i).unwrap();
     let agent = lab.nodes[i].agent.as_mut().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), agent.child.wait()).await.expect("agent exits").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), agent.child.wait())
+        .await
+        .expect("agent exits")
+        .unwrap();
     assert_eq!(status.code(), Some(2));
     let log = agent.log_tail(5);
-    assert!(log.contains("hashistack-role") && log.contains("consul-sever"), "{log}");
+    assert!(
+        log.contains("hashistack-role") && log.contains("consul-sever"),
+        "{log}"
+    );
     let root = &lab.nodes[i].root;
     assert!(!root.join("etc/consul.d").exists(), "nothing rendered");
-    assert!(!root.join("var/lib/hashistack/pids").exists(), "nothing started");
+    assert!(
+        !root.join("var/lib/hashistack/pids").exists(),
+        "nothing started"
+    );
     let rec = lab.boot_record(i).expect("failure is recorded for status");
     assert!(!rec.ok);
     assert!(rec.last_error.unwrap().contains("hashistack-role"));
