@@ -3,7 +3,7 @@
 //! Syntax follows the installed version: Consul 1.12 moved TLS settings into a `tls` block and 1.14 added
 //! `ports.grpc_tls`; older releases (the lab's 1.8.7) take the flat `verify_*`/`*_file` keys.
 
-use super::{join_list, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use super::{env_file, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions};
 use crate::files::Owner;
 use crate::node::{NodeSpec, Role};
 use crate::services::ServiceSpec;
@@ -236,6 +236,7 @@ pub fn render(
         owner.clone(),
         false,
     ));
+    let env_path = layout.env_file("consul");
     if let Some(m) = material {
         plan.files.push(json_file(
             layout.gossip_file(p),
@@ -246,6 +247,14 @@ pub fn render(
             owner,
             true,
         ));
+        // Cloud auto-join (go-discover's azure provider) authenticates with the managed identity; a
+        // user-assigned one is selected by AZURE_CLIENT_ID. consul.service reads this file.
+        let mut vars: Vec<(&str, &str)> = Vec::new();
+        if let Some(id) = spec.identity_client_id.as_deref() {
+            vars.push(("AZURE_CLIENT_ID", id));
+        }
+        plan.files
+            .push(env_file(env_path.clone(), &vars, opts.owner("root")));
     }
     plan.services.push(ServiceSpec {
         name: "consul".into(),
@@ -255,8 +264,8 @@ pub fn render(
             "agent".into(),
             format!("-config-dir={}", path_str(&layout.config_dir(p))),
         ],
-        env_file: None,
-        watch: vec![layout.config_dir(p)],
+        env_file: material.map(|_| env_path.clone()),
+        watch: vec![layout.config_dir(p), env_path.clone()],
         health: crate::services::Health::ConsulHttps {
             addr: format!("{}:{HTTPS_PORT}", spec.ip),
             ca_file: layout.ca_file(p),

@@ -212,7 +212,8 @@ pub fn render(
     } else {
         ("nomad-client", "nomad-client.service")
     };
-    let env_path = layout.env_file(name);
+    // One node runs either the server or the client; both units read nomad.env.
+    let env_path = layout.env_file("nomad");
     if let Some(m) = material {
         if server {
             let g = GossipConfig {

@@ -208,7 +208,7 @@ pub fn render(
         command: vec![
             path_str(&opts.vault_bin),
             "server".into(),
-            format!("-config={}", path_str(&layout.config_file(p))),
+            format!("-config={}", path_str(&layout.config_dir(p))),
         ],
         env_file: material.map(|_| env_path.clone()),
         watch: vec![layout.config_dir(p), env_path.clone()],
