@@ -69,6 +69,7 @@ pub enum Phase {
     Render,
     Write,
     Services,
+    Bootstrap,
     Done,
 }
 
@@ -86,9 +87,15 @@ pub struct BootRecord {
     pub last_error: Option<String>,
     pub finished_unix: i64,
     pub critical_path_ms: Option<u64>,
+    /// Microseconds spent in each step of the critical path ("start": process start → boot begins).
+    #[serde(default)]
+    pub phases_us: BTreeMap<String, u64>,
     pub versions: BTreeMap<String, String>,
     pub files_changed: Vec<String>,
     pub services: BTreeMap<String, Action>,
+    /// The tier bootstrap's outcome on server tiers ("bootstrapped", "already-done", …) or its error.
+    #[serde(default)]
+    pub bootstrap: Option<String>,
 }
 
 pub fn record_path(layout: &Layout) -> PathBuf {
@@ -348,9 +355,11 @@ pub async fn boot(
         last_error: None,
         finished_unix: 0,
         critical_path_ms: None,
+        phases_us: BTreeMap::new(),
         versions: BTreeMap::new(),
         files_changed: vec![],
         services: BTreeMap::new(),
+        bootstrap: None,
     };
     let result = boot_inner(cfg, &layout, started, &mut record).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -381,8 +390,17 @@ async fn boot_inner(
     started: Instant,
     rec: &mut BootRecord,
 ) -> Result<(NodeSpec, Plan, Box<dyn BootManager>), BootError> {
+    let mut lap = started;
+    let mut timed = |rec: &mut BootRecord, step: &str| {
+        let now = Instant::now();
+        let us = now.duration_since(lap).as_micros() as u64;
+        rec.phases_us.insert(step.into(), us);
+        lap = now;
+    };
+    timed(rec, "start");
     rec.phase = Phase::Metadata;
     let md = fetch_metadata(cfg).await?;
+    timed(rec, "metadata");
     rec.node = md.compute.name.clone();
     rec.phase = Phase::NodeSpec;
     let spec = NodeSpec::from_metadata(&md)?;
@@ -396,13 +414,17 @@ async fn boot_inner(
         .iter()
         .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
         .collect();
+    timed(rec, "versions");
     let material = load_material(cfg, &spec, layout)?;
+    timed(rec, "material");
     let opts = RenderOptions::from_config(cfg);
     let plan = render::render(&spec, layout, &opts, &versions, Some(&material))?;
     drop(material);
+    timed(rec, "render");
 
     rec.phase = Phase::Write;
     let changed = write_plan(&plan)?;
+    timed(rec, "write");
     rec.files_changed = changed.iter().map(|p| p.display().to_string()).collect();
     if !changed.is_empty() {
         tracing::info!(files = changed.len(), "configuration changed");
@@ -425,6 +447,72 @@ async fn boot_inner(
         tracing::info!(service = %svc.name, ?action, "service applied");
         rec.services.insert(svc.name.clone(), action);
     }
+    timed(rec, "services");
     rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
     Ok((spec, plan, manager))
+}
+
+/// The one-time tier bootstrap (server tiers only), after the services run. Updates and rewrites the boot record.
+pub async fn bootstrap_phase(cfg: &AgentConfig, booted: &mut Booted) -> Result<Option<crate::bootstrap::Outcome>, crate::bootstrap::BootstrapError> {
+    use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
+    let spec = &booted.spec;
+    let layout = Layout::new(&cfg.paths.root);
+    let (Some(blob), Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone()) else {
+        return Ok(None);
+    };
+    if !cfg.bootstrap.enabled || !matches!(spec.role, crate::node::Role::ConsulServer | crate::node::Role::VaultServer) {
+        return Ok(None);
+    }
+    let imds = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
+    let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(imds, spec.identity_client_id.clone()));
+    let az = crate::azure::Azure::new(credential, cfg.azure.extra_ca_file.as_deref(), cfg.azure.verify_challenge_resource)
+        .map_err(|message| bootstrap::BootstrapError::Tier { tier: spec.role.to_string(), message })?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let ctx = Ctx {
+        az,
+        targets: crate::escrow::Targets { blob_endpoint: blob, escrow_vault_uri: escrow_vault },
+        cluster: spec.cluster.clone(),
+        node: spec.node_name.clone(),
+        state_dir: layout.state_dir(),
+        policy,
+        follower_deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs),
+        crash_at: cfg.faults.crash_at,
+    };
+    booted.record.phase = Phase::Bootstrap;
+    let result = match spec.role {
+        crate::node::Role::VaultServer => {
+            let v = spec.vault.as_ref().expect("vault settings");
+            let tier = VaultTier {
+                api: format!("https://{}:{}", spec.ip, render::vault::API_PORT),
+                ca_file: layout.ca_file(Product::Vault),
+                recovery_shares: cfg.bootstrap.recovery_shares,
+                recovery_threshold: cfg.bootstrap.recovery_threshold,
+                servers: v.servers,
+                audit_file: layout.log_dir().join("vault-audit.log"),
+            };
+            bootstrap::run(&ctx, &tier).await
+        }
+        _ => {
+            let tier = ConsulTier {
+                api: format!("https://{}:{}", spec.ip, render::consul::HTTPS_PORT),
+                ca_file: layout.ca_file(Product::Consul),
+            };
+            bootstrap::run(&ctx, &tier).await
+        }
+    };
+    booted.record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+    match &result {
+        Ok(o) => {
+            booted.record.phase = Phase::Done;
+            booted.record.bootstrap = Some(serde_json::to_value(o).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default());
+        }
+        Err(e) => {
+            booted.record.ok = false;
+            booted.record.last_error = Some(e.to_string());
+            booted.record.bootstrap = Some("failed".into());
+        }
+    }
+    write_record(&layout, &booted.record);
+    result.map(Some)
 }

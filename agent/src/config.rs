@@ -17,6 +17,52 @@ pub struct AgentConfig {
     pub tls: TlsConfig,
     pub gossip: GossipConfig,
     pub vault: VaultConfig,
+    pub azure: AzureConfig,
+    pub bootstrap: BootstrapConfig,
+    pub faults: FaultsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AzureConfig {
+    /// A CA to trust for Azure endpoints besides the system roots (the lab's emulators use a lab CA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Require Key Vault's authentication challenge to name the vault's own domain (keep on in Azure).
+    pub verify_challenge_resource: bool,
+}
+
+impl Default for AzureConfig {
+    fn default() -> Self {
+        AzureConfig { extra_ca_file: None, verify_challenge_resource: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapConfig {
+    /// Run the one-time bootstrap on server tiers (lease, init, escrow).
+    pub enabled: bool,
+    pub recovery_shares: u8,
+    pub recovery_threshold: u8,
+    /// How long a node that lost the election waits for the leader to finish.
+    pub follower_deadline_secs: u64,
+    /// Deadline for each Azure call (retries included).
+    pub azure_deadline_secs: u64,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        BootstrapConfig { enabled: true, recovery_shares: 5, recovery_threshold: 3, follower_deadline_secs: 900, azure_deadline_secs: 120 }
+    }
+}
+
+/// Crash injection for the lab's tests: the agent kills itself at the named bootstrap phase boundary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash_at: Option<crate::bootstrap::CrashPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -164,6 +210,9 @@ impl Default for AgentConfig {
             tls: TlsConfig::default(),
             gossip: GossipConfig::default(),
             vault: VaultConfig::default(),
+            azure: AzureConfig::default(),
+            bootstrap: BootstrapConfig::default(),
+            faults: FaultsConfig::default(),
         }
     }
 }
@@ -238,6 +287,10 @@ impl AgentConfig {
                 "paths.root {:?} is not an absolute path",
                 self.paths.root
             ));
+        }
+        let b = &self.bootstrap;
+        if b.recovery_threshold == 0 || b.recovery_threshold > b.recovery_shares {
+            return Err("bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares".into());
         }
         if self.tls.node_cert_days == 0 || self.tls.node_cert_days > 825 {
             return Err("tls.node_cert_days must be between 1 and 825".into());

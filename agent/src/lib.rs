@@ -2,8 +2,13 @@
 //!
 //! One module per concern; data flows one way through them.
 
+pub mod azure;
 pub mod boot;
+pub mod bootstrap;
 pub mod config;
+pub mod coordination;
+pub mod election;
+pub mod escrow;
 pub mod files;
 pub mod identity;
 pub mod image;

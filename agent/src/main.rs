@@ -145,18 +145,26 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    let booted = match boot::boot(&cfg, started).await {
+    let mut booted = match boot::boot(&cfg, started).await {
         Ok(b) => b,
         Err((e, _)) => return fail(e.exit_code() as u8, e),
     };
-    tracing::info!(
-        critical_path_ms = booted.record.critical_path_ms,
-        "boot complete"
-    );
+    tracing::info!(critical_path_ms = booted.record.critical_path_ms, "services started");
+    // The services keep running whatever the bootstrap concludes; a failure is recorded for `status` and
+    // makes the unit fail, so it is visible.
+    let mut code = ExitCode::SUCCESS;
+    match boot::bootstrap_phase(&cfg, &mut booted).await {
+        Ok(Some(outcome)) => tracing::info!(?outcome, "tier bootstrap"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "tier bootstrap failed");
+            eprintln!("hashistack-agent: {e}");
+            code = ExitCode::from(1);
+        }
+    }
     // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.
     let shutdown = Box::pin(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
@@ -164,7 +172,7 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
         tracing::info!("shutting down");
     });
     booted.manager.run_until(shutdown).await;
-    ExitCode::SUCCESS
+    code
 }
 
 async fn run_render(

@@ -1,0 +1,167 @@
+//! Azure SDK clients (Blob Storage, Key Vault) built over the node's managed identity, and the one place
+//! where SDK errors are classified as retryable or final. SDK-internal retries are off: every call goes
+//! through `retry::retry` with an explicit deadline, so a dead endpoint costs seconds, not minutes.
+
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
+use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
+use azure_core::http::{ClientOptions, RetryOptions, Transport, Url};
+use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
+use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
+use azure_storage_blob::{BlobClient, BlobClientOptions};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An Azure call that failed. Carries status and service error code only: never a request or response body.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}: {detail}")]
+pub struct AzureError {
+    pub what: String,
+    pub status: Option<u16>,
+    pub code: Option<String>,
+    pub detail: String,
+}
+
+impl TimeoutError for AzureError {
+    fn timeout(after: Duration) -> Self {
+        AzureError { what: "request".into(), status: None, code: None, detail: format!("no answer within {after:?}") }
+    }
+}
+
+impl AzureError {
+    pub fn from_sdk(what: &str, e: &azure_core::Error) -> Self {
+        let (status, code) = match e.kind() {
+            ErrorKind::HttpResponse { status, error_code, .. } => (Some(u16::from(*status)), error_code.clone()),
+            _ => (None, None),
+        };
+        let detail = match (status, &code) {
+            (Some(s), Some(c)) => format!("HTTP {s} {c}"),
+            (Some(s), None) => format!("HTTP {s}"),
+            _ => match e.kind() {
+                ErrorKind::Connection => "cannot connect".to_string(),
+                ErrorKind::Io => "I/O error".to_string(),
+                ErrorKind::Credential => format!("credential: {e}"),
+                _ => "request failed".to_string(),
+            },
+        };
+        AzureError { what: what.to_string(), status, code, detail }
+    }
+
+    /// Whether trying again can help: throttling, server errors, timeouts, connection failures, and 401
+    /// (a token that expired in flight). 400/404/409/412 are final answers.
+    pub fn retryable(&self) -> bool {
+        match self.status {
+            // 403 is retried too: Azure documents that new role assignments can take minutes to apply, and a
+            // freshly deployed VM boots inside that window. The deadline bounds it.
+            Some(s) => s == 401 || s == 403 || s == 408 || s == 429 || (500..600).contains(&s),
+            None => !self.detail.starts_with("credential"),
+        }
+    }
+
+    pub fn is(&self, status: u16) -> bool {
+        self.status == Some(status)
+    }
+}
+
+/// Runs one SDK call under `policy`, classifying failures.
+pub async fn call<T, F, Fut>(policy: RetryPolicy, what: &str, mut f: F) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    let r = retry(policy, |_| {
+        let fut = f();
+        async move {
+            match fut.await {
+                Ok(v) => Attempt::Done(v),
+                Err(e) => {
+                    let err = AzureError::from_sdk(what, &e);
+                    if err.retryable() {
+                        Attempt::Retry(err)
+                    } else {
+                        Attempt::Fail(err)
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    r.map_err(|e| match e {
+        RetryError::Final(e) => e,
+        RetryError::Deadline { attempts, elapsed, last } => {
+            AzureError { detail: format!("{} (gave up after {attempts} attempts in {:.1}s)", last.detail, elapsed.as_secs_f64()), ..last }
+        }
+    })
+}
+
+/// Factory for SDK clients sharing one credential and transport.
+#[derive(Clone)]
+pub struct Azure {
+    credential: Arc<dyn TokenCredential>,
+    transport: Option<Transport>,
+    verify_challenge_resource: bool,
+}
+
+impl std::fmt::Debug for Azure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Azure").finish_non_exhaustive()
+    }
+}
+
+impl Azure {
+    /// `extra_ca`: a CA to trust besides the system roots (the lab's emulators). `verify_challenge_resource`
+    /// stays true on Azure; the lab's Key Vault on 127.x cannot match `*.vault.azure.net`.
+    pub fn new(credential: Arc<dyn TokenCredential>, extra_ca: Option<&Path>, verify_challenge_resource: bool) -> Result<Self, String> {
+        let transport = match extra_ca {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let cert = reqwest::Certificate::from_pem(&pem).map_err(|_| format!("{}: not a PEM certificate", path.display()))?;
+                let client = reqwest::Client::builder()
+                    .add_root_certificate(cert)
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .redirect(reqwest::redirect::Policy::none())
+                    // Partitioned blob downloads need the raw bytes (as the SDK's own default transport does).
+                    .gzip(false)
+                    .deflate(false)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Some(Transport::new(Arc::new(client)))
+            }
+        };
+        Ok(Azure { credential, transport, verify_challenge_resource })
+    }
+
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions { transport: self.transport.clone(), retry: RetryOptions::none(), ..Default::default() }
+    }
+
+    /// `<endpoint><container>/<name>`; `endpoint` ends with `/` (NodeSpec guarantees it).
+    pub fn blob(&self, endpoint: &str, container: &str, name: &str) -> Result<BlobClient, AzureError> {
+        let url = Url::parse(&format!("{endpoint}{container}/{name}"))
+            .map_err(|e| AzureError { what: format!("blob {container}/{name}"), status: None, code: None, detail: e.to_string() })?;
+        let opts = BlobClientOptions { client_options: self.client_options(), ..Default::default() };
+        BlobClient::new(url, Some(self.credential.clone()), Some(opts)).map_err(|e| AzureError::from_sdk(&format!("blob {container}/{name}"), &e))
+    }
+
+    pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {
+        let opts = KeyClientOptions {
+            client_options: self.client_options(),
+            verify_challenge_resource: Some(self.verify_challenge_resource),
+            ..Default::default()
+        };
+        KeyClient::new(vault_uri, self.credential.clone(), Some(opts)).map_err(|e| AzureError::from_sdk("key vault keys client", &e))
+    }
+
+    pub fn secrets(&self, vault_uri: &str) -> Result<SecretClient, AzureError> {
+        let opts = SecretClientOptions {
+            client_options: self.client_options(),
+            verify_challenge_resource: Some(self.verify_challenge_resource),
+            ..Default::default()
+        };
+        SecretClient::new(vault_uri, self.credential.clone(), Some(opts)).map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
+    }
+}

@@ -1,0 +1,297 @@
+//! The one-time bootstrap of a server tier, exactly once per cluster, with escrow before anything can be
+//! lost:
+//!
+//! ```text
+//!   lease ─► pre-flight (wrap a data key; write-test both targets) ─► state=initializing
+//!         ─► init / ACL bootstrap ─► seal + spool (local, fsynced) ─► state=initialized
+//!         ─► post-bootstrap config ─► blob ─► key vault ─► state=escrowed (receipts) ─► state=done
+//! ```
+//!
+//! A crash anywhere is recovered at the next boot: a spooled envelope is uploaded again (create-only,
+//! idempotent), and a tier whose server is initialized with nothing spooled or escrowed is reported as
+//! `needs-operator` with the documented recovery (docs/bootstrap.md) — never initialized twice.
+
+pub mod consul;
+pub mod vault;
+
+use crate::azure::{Azure, AzureError};
+use crate::coordination::{self, TierPhase, TierState};
+use crate::election::{self, Leadership};
+use crate::escrow::{self, envelope, Receipt, Targets};
+use crate::retry::RetryPolicy;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+/// Where the process may be killed on purpose (crash-injection tests set `faults.crash_at` in agent.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrashPoint {
+    AfterLease,
+    AfterInit,
+    AfterSpool,
+    BetweenTargets,
+    BeforeReceipt,
+}
+
+fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
+    if configured == Some(here) {
+        tracing::warn!(point = ?here, "crash injection: killing the agent");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{0}")]
+    Azure(#[from] AzureError),
+    #[error("{0}")]
+    Lease(#[from] election::LeaseLost),
+    #[error("{tier}: {message}")]
+    Tier { tier: String, message: String },
+    #[error("{tier}: needs an operator: {message}")]
+    NeedsOperator { tier: String, message: String },
+    #[error("{tier}: bootstrap not finished by another node within {waited:?} (state: {phase})")]
+    Timeout { tier: String, waited: Duration, phase: String },
+    #[error("spool: {0}")]
+    Spool(String),
+}
+
+/// What the product-specific part does.
+#[async_trait::async_trait]
+pub trait Tier: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Waits until the local server answers (and can take the bootstrap call).
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), String>;
+    /// Whether the product says it is already bootstrapped (`None`: it cannot tell without a token).
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, String>;
+    /// The bootstrap call. Returns the secrets as a serialisable, zeroizing payload.
+    async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure>;
+    /// Configuration that needs the fresh root credential (audit device, autopilot, policies).
+    async fn configure(&self, secrets: &[u8]) -> Result<(), String>;
+}
+
+/// Why a bootstrap call failed.
+#[derive(Debug)]
+pub enum TierFailure {
+    /// The product was already bootstrapped (by an earlier run whose secrets never reached the spool).
+    AlreadyDone(String),
+    Other(String),
+}
+
+/// Settings for one tier's bootstrap.
+#[derive(Clone)]
+pub struct Ctx {
+    pub az: Azure,
+    pub targets: Targets,
+    pub cluster: String,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub policy: RetryPolicy,
+    /// How long followers wait for the leader's bootstrap to finish.
+    pub follower_deadline: Duration,
+    pub crash_at: Option<CrashPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// This node bootstrapped the tier.
+    Bootstrapped,
+    /// This node finished an earlier, interrupted bootstrap (uploaded a spooled escrow).
+    Recovered,
+    /// Another node did it (or it was done before).
+    AlreadyDone,
+}
+
+async fn save(ctx: &Ctx, state: &TierState) -> Result<(), AzureError> {
+    coordination::write(&ctx.az, &ctx.targets.blob_endpoint, state, ctx.policy).await
+}
+
+/// Uploads an envelope to both targets; receipts for those that succeeded are added to `state`.
+async fn deliver(ctx: &Ctx, state: &mut TierState, env: &envelope::Envelope) -> Result<(), AzureError> {
+    if !state.receipts.iter().any(|r: &Receipt| r.target == "blob" && r.object.ends_with(&escrow::blob_name(env))) {
+        let r = escrow::upload_blob(&ctx.az, &ctx.targets, env, ctx.policy).await?;
+        state.receipts.push(r);
+    }
+    crash_if(ctx.crash_at, CrashPoint::BetweenTargets);
+    if !state.receipts.iter().any(|r| r.target == "keyvault" && r.object == escrow::secret_name(env)) {
+        let r = escrow::upload_keyvault(&ctx.az, &ctx.targets, env, ctx.policy).await?;
+        state.receipts.push(r);
+    }
+    crash_if(ctx.crash_at, CrashPoint::BeforeReceipt);
+    Ok(())
+}
+
+/// Runs the tier's bootstrap protocol on this node.
+pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
+    let name = tier.name();
+    tier.wait_ready(Duration::from_secs(300)).await.map_err(|message| BootstrapError::Tier { tier: name.into(), message })?;
+    let start = Instant::now();
+    let mut waited_logged = false;
+    loop {
+        let state = coordination::read(&ctx.az, &ctx.targets.blob_endpoint, &ctx.cluster, name, ctx.policy).await?;
+        let pending: Vec<_> = escrow::pending(&ctx.state_dir).into_iter().filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster).collect();
+        if pending.is_empty() {
+            if let Some(s) = &state {
+                match s.phase {
+                    TierPhase::Done => return Ok(Outcome::AlreadyDone),
+                    TierPhase::NeedsOperator => {
+                        return Err(BootstrapError::NeedsOperator { tier: name.into(), message: s.message.clone().unwrap_or_default() })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match election::try_acquire(&ctx.az, &ctx.targets.blob_endpoint, &ctx.cluster, name, ctx.policy).await? {
+            Some(lead) => {
+                crash_if(ctx.crash_at, CrashPoint::AfterLease);
+                let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
+                lead.release().await;
+                return r;
+            }
+            None => {
+                if !waited_logged {
+                    tracing::info!(tier = name, "another node holds the bootstrap lease; waiting for it to finish");
+                    waited_logged = true;
+                }
+                if start.elapsed() > ctx.follower_deadline {
+                    let phase = state.map(|s| format!("{:?}", s.phase)).unwrap_or_else(|| "none".into());
+                    return Err(BootstrapError::Timeout { tier: name.into(), waited: ctx.follower_deadline, phase });
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+async fn lead_bootstrap(
+    ctx: &Ctx,
+    tier: &dyn Tier,
+    lead: &Leadership,
+    state: Option<TierState>,
+    pending: Vec<(PathBuf, envelope::Envelope)>,
+) -> Result<Outcome, BootstrapError> {
+    let name = tier.name();
+    let mut state = state.unwrap_or_else(|| TierState::new(&ctx.cluster, name, &ctx.node));
+
+    // 1. An interrupted bootstrap of ours: its secrets are safe in the spool; finish the escrow.
+    if !pending.is_empty() {
+        for (path, env) in &pending {
+            lead.check()?;
+            state.escrow_id = Some(env.escrow_id.clone());
+            deliver(ctx, &mut state, env).await?;
+            state.set(TierPhase::Escrowed, &ctx.node, Some("escrow completed from the local spool after an interruption".into()));
+            save(ctx, &state).await?;
+            std::fs::remove_file(path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+        }
+        state.set(TierPhase::Done, &ctx.node, state.message.clone());
+        save(ctx, &state).await?;
+        return Ok(Outcome::Recovered);
+    }
+    if state.phase == TierPhase::Done {
+        return Ok(Outcome::AlreadyDone);
+    }
+
+    // 2. Initialized before, but its secrets are neither spooled here nor escrowed: never init twice.
+    let initialized = tier.already_bootstrapped().await.map_err(|message| BootstrapError::Tier { tier: name.into(), message })?;
+    let escrowed = state.escrowed_to("blob") && state.escrowed_to("keyvault");
+    if initialized == Some(true) {
+        if escrowed {
+            state.set(TierPhase::Done, &ctx.node, state.message.clone());
+            save(ctx, &state).await?;
+            return Ok(Outcome::AlreadyDone);
+        }
+        let msg = format!(
+            "{name} is already initialized (by {} at {}), but no escrow receipt exists and no spooled copy is on {}. \
+             If the node that initialized it still has /var/lib/hashistack/escrow-spool, boot it: it completes the escrow. \
+             Otherwise the secrets are lost: follow docs/bootstrap.md#bootstrapped-but-nothing-escrowed",
+            state.leader, state.updated_unix, ctx.node
+        );
+        state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+        save(ctx, &state).await?;
+        return Err(BootstrapError::NeedsOperator { tier: name.into(), message: msg });
+    }
+
+    // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
+    let prepared = escrow::prepare(&ctx.az, &ctx.targets, ctx.policy).await?;
+    preflight(ctx, name, &prepared.escrow_id).await?;
+    lead.check()?;
+    state.escrow_id = Some(prepared.escrow_id.clone());
+    state.receipts.clear();
+    state.set(TierPhase::Initializing, &ctx.node, None);
+    save(ctx, &state).await?;
+    lead.check()?;
+
+    // 4. The bootstrap call, then straight to local disk.
+    let secrets = match tier.bootstrap().await {
+        Ok(s) => s,
+        Err(TierFailure::AlreadyDone(detail)) => {
+            let msg = format!(
+                "{name} reports it was already bootstrapped ({detail}) but nothing was escrowed: follow docs/bootstrap.md#{name}-already-bootstrapped"
+            );
+            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+            save(ctx, &state).await?;
+            return Err(BootstrapError::NeedsOperator { tier: name.into(), message: msg });
+        }
+        Err(TierFailure::Other(message)) => return Err(BootstrapError::Tier { tier: name.into(), message }),
+    };
+    crash_if(ctx.crash_at, CrashPoint::AfterInit);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let env = envelope::seal(
+        &prepared.key,
+        Zeroizing::new(secrets.to_vec()),
+        &prepared.escrow_id,
+        &ctx.cluster,
+        name,
+        &prepared.kek_id,
+        &prepared.wrapped,
+        now,
+    )
+    .map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    let spool_path = escrow::spool(&ctx.state_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    crash_if(ctx.crash_at, CrashPoint::AfterSpool);
+    state.set(TierPhase::Initialized, &ctx.node, None);
+    if let Err(e) = save(ctx, &state).await {
+        // The secrets are safe in the spool; the escrow below records the state again.
+        tracing::warn!(error = %e, "could not record the initialized state");
+    }
+
+    // 5. Configuration that needs the fresh root credential, while it is in memory.
+    if let Err(message) = tier.configure(&secrets).await {
+        tracing::error!(tier = name, %message, "post-bootstrap configuration failed");
+        state.message = Some(format!("post-bootstrap configuration incomplete: {message}"));
+    }
+    drop(secrets);
+
+    // 6. Escrow to both targets, then the receipts.
+    deliver(ctx, &mut state, &env).await?;
+    state.set(TierPhase::Escrowed, &ctx.node, state.message.clone());
+    save(ctx, &state).await?;
+    std::fs::remove_file(&spool_path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    state.set(TierPhase::Done, &ctx.node, state.message.clone());
+    save(ctx, &state).await?;
+    tracing::info!(tier = name, escrow_id = %prepared.escrow_id, "bootstrapped and escrowed");
+    Ok(Outcome::Bootstrapped)
+}
+
+/// Writes a small non-secret object to each target so a permission problem is found before init.
+async fn preflight(ctx: &Ctx, tier: &str, escrow_id: &str) -> Result<(), AzureError> {
+    let probe = envelope::Envelope {
+        format: 1,
+        escrow_id: format!("preflight-{escrow_id}"),
+        cluster: ctx.cluster.clone(),
+        tier: tier.into(),
+        created_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        kek_id: String::new(),
+        wrap_alg: "none".into(),
+        wrapped_key: String::new(),
+        nonce: String::new(),
+        ciphertext: String::new(),
+    };
+    escrow::upload_blob(&ctx.az, &ctx.targets, &probe, ctx.policy).await?;
+    escrow::upload_keyvault(&ctx.az, &ctx.targets, &probe, ctx.policy).await?;
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Vault/OpenBao bootstrap: `PUT /v1/sys/init` with recovery shares (auto-unseal), then an audit device
+//! and raft autopilot with dead-server cleanup (scale sets replace VMs).
+
+use super::{Tier, TierFailure};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+pub struct VaultTier {
+    pub api: String,
+    pub ca_file: PathBuf,
+    pub recovery_shares: u8,
+    pub recovery_threshold: u8,
+    pub servers: u8,
+    pub audit_file: PathBuf,
+}
+
+#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+struct InitResponse {
+    #[serde(default)]
+    recovery_keys_base64: Vec<String>,
+    root_token: String,
+}
+
+/// What is escrowed for the Vault tier.
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct VaultSecrets {
+    pub kind: String,
+    pub recovery_keys_base64: Vec<String>,
+    pub recovery_threshold: u8,
+    pub root_token: String,
+}
+
+#[derive(Deserialize)]
+struct SealStatus {
+    initialized: bool,
+    sealed: bool,
+}
+
+impl VaultTier {
+    fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+        crate::services::health::client_for(&self.ca_file, timeout)
+    }
+
+    async fn seal_status(&self) -> Result<SealStatus, String> {
+        let c = self.client(Duration::from_secs(5))?;
+        let r = c.get(format!("{}/v1/sys/seal-status", self.api)).send().await.map_err(|e| e.without_url().to_string())?;
+        r.json::<SealStatus>().await.map_err(|_| "seal-status did not parse".to_string())
+    }
+}
+
+#[async_trait::async_trait]
+impl Tier for VaultTier {
+    fn name(&self) -> &'static str {
+        "vault"
+    }
+
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.seal_status().await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > deadline => return Err(format!("local Vault not answering within {deadline:?}: {e}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
+        Ok(Some(self.seal_status().await?.initialized))
+    }
+
+    async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
+        // Generous timeout: an init that succeeded on the server while the client gave up would leave the
+        // secrets nowhere. Only a connection that never reached the server is retried.
+        let c = self.client(Duration::from_secs(180)).map_err(TierFailure::Other)?;
+        let body = serde_json::json!({"recovery_shares": self.recovery_shares, "recovery_threshold": self.recovery_threshold});
+        let mut attempts = 0;
+        let resp = loop {
+            attempts += 1;
+            match c.put(format!("{}/v1/sys/init", self.api)).json(&body).send().await {
+                Ok(r) => break r,
+                Err(e) if e.is_connect() && attempts < 10 => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(e) => return Err(TierFailure::Other(format!("init: {}", e.without_url()))),
+            }
+        };
+        let status = resp.status().as_u16();
+        let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        if status == 400 && String::from_utf8_lossy(&bytes).contains("already initialized") {
+            return Err(TierFailure::AlreadyDone("Vault is already initialized".into()));
+        }
+        if status != 200 {
+            bytes.zeroize();
+            return Err(TierFailure::Other(format!("init: HTTP {status}")));
+        }
+        let parsed: Result<InitResponse, _> = serde_json::from_slice(&bytes);
+        bytes.zeroize();
+        let mut init = parsed.map_err(|_| TierFailure::Other("init response did not parse".into()))?;
+        let secrets = VaultSecrets {
+            kind: "vault-init".into(),
+            recovery_keys_base64: std::mem::take(&mut init.recovery_keys_base64),
+            recovery_threshold: self.recovery_threshold,
+            root_token: std::mem::take(&mut init.root_token),
+        };
+        Ok(crate::escrow::payload(&secrets))
+    }
+
+    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
+        let s: VaultSecrets = serde_json::from_slice(secrets).map_err(|_| "escrow payload did not parse".to_string())?;
+        let token = Zeroizing::new(s.root_token.clone());
+        drop(s);
+        // Auto-unseal follows init within seconds; the active node then takes writes.
+        let start = std::time::Instant::now();
+        loop {
+            match self.seal_status().await {
+                Ok(st) if !st.sealed => break,
+                _ if start.elapsed() > Duration::from_secs(60) => return Err("Vault did not unseal within 60s of init".into()),
+                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+        let c = self.client(Duration::from_secs(30))?;
+        let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+            c.request(method, format!("{}{path}", self.api)).header("X-Vault-Token", token.as_str()).json(&body).send()
+        };
+        let mut last = String::new();
+        for _ in 0..40 {
+            let audit = send(
+                reqwest::Method::PUT,
+                "/v1/sys/audit/file",
+                serde_json::json!({"type": "file", "options": {"file_path": self.audit_file.display().to_string()}}),
+            )
+            .await;
+            match audit {
+                Ok(r) if r.status().is_success() => {
+                    last.clear();
+                    break;
+                }
+                Ok(r) if r.status().as_u16() == 400 => {
+                    // "path already in use": enabled by an earlier run.
+                    last.clear();
+                    break;
+                }
+                Ok(r) => last = format!("audit device: HTTP {}", r.status().as_u16()),
+                Err(e) => last = format!("audit device: {}", e.without_url()),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !last.is_empty() {
+            return Err(last);
+        }
+        let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers.max(1));
+        let r = send(
+            reqwest::Method::POST,
+            "/v1/sys/storage/raft/autopilot/configuration",
+            serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
+        )
+        .await
+        .map_err(|e| format!("autopilot: {}", e.without_url()))?;
+        if !r.status().is_success() {
+            return Err(format!("autopilot: HTTP {}", r.status().as_u16()));
+        }
+        Ok(())
+    }
+}

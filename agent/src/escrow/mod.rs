@@ -1,0 +1,191 @@
+//! Escrow of bootstrap secrets: envelope-encrypted, spooled to local disk (0600, fsynced) before upload,
+//! then written create-only to Blob Storage and to the escrow Key Vault. A VM identity may write there but
+//! never read; operators recover with `hashistack-agent escrow open`.
+
+pub mod envelope;
+
+use crate::azure::{call, Azure, AzureError};
+use crate::files::{self, FileSpec, Owner};
+use crate::retry::RetryPolicy;
+use azure_core::http::RequestContent;
+use azure_security_keyvault_keys::models::{EncryptionAlgorithm, KeyOperationParameters};
+use azure_security_keyvault_secrets::models::SetSecretParameters;
+use azure_storage_blob::models::BlobClientUploadOptions;
+use envelope::{DataKey, Envelope};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+pub const ESCROW_CONTAINER: &str = "escrow";
+pub const ESCROW_KEY_NAME: &str = "escrow-wrap";
+
+/// Where escrow goes: the storage account and the write-only escrow vault.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    pub blob_endpoint: String,
+    pub escrow_vault_uri: String,
+}
+
+/// Proof that an escrowed object was written (non-secret; kept in the coordination state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// "blob" or "keyvault"
+    pub target: String,
+    /// Blob path or Key Vault secret name.
+    pub object: String,
+    /// Blob ETag or Key Vault secret version.
+    pub version: String,
+    pub ciphertext_sha256: String,
+    pub written_unix: i64,
+}
+
+/// A data key wrapped by the escrow key, ready before the secrets exist (so nothing after init needs the network
+/// before the secrets are safe on local disk).
+pub struct Prepared {
+    pub escrow_id: String,
+    pub key: DataKey,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("escrow_id", &self.escrow_id).field("kek_id", &self.kek_id).finish_non_exhaustive()
+    }
+}
+
+pub fn new_escrow_id() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
+    format!("{}-{}", time::OffsetDateTime::now_utc().unix_timestamp(), hex::encode(b))
+}
+
+pub fn policy() -> RetryPolicy {
+    RetryPolicy {
+        deadline: Duration::from_secs(120),
+        attempt_timeout: Duration::from_secs(20),
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(10),
+    }
+}
+
+/// Wraps a fresh data key with the escrow key (wrap permission only).
+pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Prepared, AzureError> {
+    let keys = az.keys(&t.escrow_vault_uri)?;
+    let key = DataKey::generate();
+    let result = call(policy, "escrow key wrap", || {
+        let params = KeyOperationParameters {
+            algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+            value: Some(key.bytes().to_vec()),
+            ..Default::default()
+        };
+        let keys = &keys;
+        async move {
+            let body: RequestContent<KeyOperationParameters> = params.try_into()?;
+            keys.wrap_key(ESCROW_KEY_NAME, body, None).await?.into_model()
+        }
+    })
+    .await?;
+    let kek_id = result.kid.clone().unwrap_or_default();
+    let wrapped = result.result.clone().unwrap_or_default();
+    if kek_id.is_empty() || wrapped.is_empty() {
+        return Err(AzureError { what: "escrow key wrap".into(), status: None, code: None, detail: "response lacks kid or value".into() });
+    }
+    Ok(Prepared { escrow_id: new_escrow_id(), key, kek_id, wrapped })
+}
+
+pub fn spool_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("escrow-spool")
+}
+
+/// Writes the envelope to the local spool (0600, fsynced, atomic) — before any upload.
+pub fn spool(state_dir: &Path, env: &Envelope) -> Result<PathBuf, files::FileError> {
+    let path = spool_dir(state_dir).join(format!("{}-{}.json", env.tier, env.escrow_id));
+    files::ensure_dir(&files::DirSpec { path: spool_dir(state_dir), mode: 0o700, owner: Owner::Current })?;
+    files::write_atomic(&FileSpec { path: path.clone(), content: env.to_json(), mode: 0o600, owner: Owner::Current, secret: false })?;
+    Ok(path)
+}
+
+/// Envelopes still waiting for upload (a crash between spool and receipt).
+pub fn pending(state_dir: &Path) -> Vec<(PathBuf, Envelope)> {
+    let Ok(rd) = std::fs::read_dir(spool_dir(state_dir)) else { return vec![] };
+    let mut v: Vec<_> = rd
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| Some((e.path(), serde_json::from_slice::<Envelope>(&std::fs::read(e.path()).ok()?).ok()?)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub fn blob_name(env: &Envelope) -> String {
+    format!("{}/{}/{}.json", env.cluster, env.tier, env.escrow_id)
+}
+
+pub fn secret_name(env: &Envelope) -> String {
+    // Key Vault secret names: 1-127 alphanumerics and dashes.
+    format!("{}-{}-{}", env.cluster, env.tier, env.escrow_id).replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
+}
+
+/// Create-only upload to the `escrow` container. A 409 for our own unique name means an earlier attempt
+/// (whose answer was lost) already wrote it.
+pub async fn upload_blob(az: &Azure, t: &Targets, env: &Envelope, policy: RetryPolicy) -> Result<Receipt, AzureError> {
+    let name = blob_name(env);
+    let blob = az.blob(&t.blob_endpoint, ESCROW_CONTAINER, &name)?;
+    let body = env.to_json();
+    let r = call(policy, "escrow blob upload", || {
+        let blob = &blob;
+        let body = body.clone();
+        async move {
+            let opts = BlobClientUploadOptions::default().if_not_exists();
+            blob.upload(RequestContent::from(body), Some(opts)).await.map(|_| ())
+        }
+    })
+    .await;
+    match r {
+        Ok(()) => {}
+        Err(e) if e.is(409) => tracing::info!(object = %name, "escrow blob already present (earlier attempt landed)"),
+        Err(e) => return Err(e),
+    }
+    Ok(Receipt {
+        target: "blob".into(),
+        object: format!("{ESCROW_CONTAINER}/{name}"),
+        version: String::new(),
+        ciphertext_sha256: env.ciphertext_sha256(),
+        written_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+    })
+}
+
+/// Writes the envelope as a new secret in the escrow vault (setSecret permission only).
+pub async fn upload_keyvault(az: &Azure, t: &Targets, env: &Envelope, policy: RetryPolicy) -> Result<Receipt, AzureError> {
+    let secrets = az.secrets(&t.escrow_vault_uri)?;
+    let name = secret_name(env);
+    let value = String::from_utf8(env.to_json()).expect("JSON is UTF-8");
+    let bundle = call(policy, "escrow key vault write", || {
+        let params = SetSecretParameters {
+            value: Some(value.clone()),
+            content_type: Some("application/vnd.hashistack.escrow+json".into()),
+            ..Default::default()
+        };
+        let (secrets, name) = (&secrets, &name);
+        async move {
+            let body: RequestContent<SetSecretParameters> = params.try_into()?;
+            secrets.set_secret(name, body, None).await?.into_model()
+        }
+    })
+    .await?;
+    let version = bundle.id.as_deref().and_then(|id| id.rsplit('/').next()).unwrap_or("").to_string();
+    Ok(Receipt {
+        target: "keyvault".into(),
+        object: name,
+        version,
+        ciphertext_sha256: env.ciphertext_sha256(),
+        written_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+    })
+}
+
+/// Secrets to escrow, serialised once into a zeroizing buffer.
+pub fn payload(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(serde_json::to_vec(value).expect("payload serialises"))
+}
