@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 pub const LAB_TENANT: &str = "00000000-0000-4000-8000-00000000a2b0";
+/// The `oid` of tokens when a node's identity is not set (the lab's historical value).
+pub const DEFAULT_OID: &str = "00000000-0000-4000-8000-00000000beef";
 
 /// What one fake IMDS serves; mutable so tests can change a node's tags or break its answers.
 #[derive(Debug, Clone)]
@@ -21,6 +23,19 @@ pub struct ImdsState {
     pub document: Value,
     /// Answer every request with this status instead (fault injection).
     pub fail_with: Option<u16>,
+    /// The managed identity's object id: the `oid` claim of the tokens this IMDS issues (the principal the
+    /// Key Vault double's RBAC checks). [`DEFAULT_OID`] unless the lab sets a role's identity.
+    pub oid: String,
+}
+
+impl ImdsState {
+    pub fn new(document: Value) -> Self {
+        ImdsState {
+            document,
+            fail_with: None,
+            oid: DEFAULT_OID.into(),
+        }
+    }
 }
 
 pub type Shared = Arc<Mutex<ImdsState>>;
@@ -112,13 +127,18 @@ async fn instance(State(s): State<Shared>, h: HeaderMap) -> Response {
 
 /// An unsigned JWT with the claims Azurite's `--oauth basic` checks. Nothing verifies signatures in the lab.
 pub fn lab_token(resource: &str, now: i64, ttl: i64) -> String {
+    lab_token_for(resource, DEFAULT_OID, now, ttl)
+}
+
+/// [`lab_token`] for the principal `oid`.
+pub fn lab_token_for(resource: &str, oid: &str, now: i64, ttl: i64) -> String {
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let header = json!({"typ": "JWT", "alg": "RS256", "kid": "lab"});
     let claims = json!({
         "aud": resource.trim_end_matches('/'),
         "iss": format!("https://sts.windows.net/{LAB_TENANT}/"),
         "iat": now, "nbf": now - 60, "exp": now + ttl,
-        "oid": "00000000-0000-4000-8000-00000000beef",
+        "oid": oid,
         "tid": LAB_TENANT,
     });
     format!(
@@ -133,7 +153,11 @@ async fn token(State(s): State<Shared>, h: HeaderMap, Query(q): Query<TokenQuery
     if let Some(r) = check_headers(&h) {
         return r;
     }
-    if let Some(code) = s.lock().expect("imds state").fail_with {
+    let (fail_with, oid) = {
+        let st = s.lock().expect("imds state");
+        (st.fail_with, st.oid.clone())
+    };
+    if let Some(code) = fail_with {
         return StatusCode::from_u16(code)
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             .into_response();
@@ -148,7 +172,7 @@ async fn token(State(s): State<Shared>, h: HeaderMap, Query(q): Query<TokenQuery
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let ttl = 3600;
     Json(json!({
-        "access_token": lab_token(&resource, now, ttl),
+        "access_token": lab_token_for(&resource, &oid, now, ttl),
         "expires_in": ttl.to_string(),
         "expires_on": (now + ttl).to_string(),
         "not_before": (now - 60).to_string(),

@@ -1,9 +1,10 @@
-//! Azure-in-a-box: a fake IMDS per node, Azurite, the Key Vault emulator, a transit OpenBao standing in for
+//! Azure-in-a-box: a fake IMDS per node, Azurite, the Key Vault contract double, a transit OpenBao standing in for
 //! Key Vault auto-unseal, and one real `hashistack-agent` per node using the process backend. Every node has
 //! its own loopback address `127.<net>.0.x`, so the default product ports work as on separate VMs, and two
 //! labs with different `net` values never collide.
 
 use crate::imds::{self, ImdsState, Shared};
+use crate::keyvault::{self, KeyVaultDouble};
 use crate::procs::{self, Proc};
 use crate::tools::Tools;
 use hashistack_agent::config::{AgentConfig, Backend, Owners};
@@ -18,7 +19,9 @@ use std::time::{Duration, Instant};
 
 pub const IMDS_PORT: u16 = 16925;
 pub const AZURITE_PORT: u16 = 10000;
+/// The Key Vault double's `shared` vault (cluster material); the `escrow` vault listens on the next port.
 pub const KEYVAULT_PORT: u16 = 8443;
+pub const KEYVAULT_ESCROW_PORT: u16 = 8444;
 pub const TRANSIT_PORT: u16 = 8200;
 
 #[derive(Debug, Clone)]
@@ -95,7 +98,8 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     pub ca_cert: PathBuf,
     pub azurite: Option<Proc>,
-    pub keyvault: Option<Proc>,
+    /// The in-process Key Vault contract double (vaults `shared` and `escrow`): grant roles, inject faults.
+    pub keyvault: Option<KeyVaultDouble>,
     pub transit: Option<Proc>,
     pid_dir: PathBuf,
     log_dir: PathBuf,
@@ -173,7 +177,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
         ));
         t.push((
             tags::TAG_ESCROW_VAULT_URI.into(),
-            format!("https://{}:{KEYVAULT_PORT}/", o.ip(1)),
+            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
         ));
         defs.push(NodeDef {
             name: format!("vault-{i}"),
@@ -335,33 +339,26 @@ impl Lab {
                 "Azurite not installed: blob storage unavailable (run lab/setup.sh)",
             );
         }
-        if let (Some(jar), Some(java)) = (self.tools.lowkey_jar.clone(), self.tools.java.clone()) {
-            say(
-                &o,
-                format!("starting the Key Vault emulator (lowkey-vault) on {host}:{KEYVAULT_PORT}"),
-            );
-            let args: Vec<String> = vec![
-                "-jar".into(),
-                jar.display().to_string(),
-                format!("--server.port={KEYVAULT_PORT}"),
-                format!("--server.address={host}"),
-                format!("--LOWKEY_VAULT_NAMES=-"),
-                format!("--LOWKEY_VAULT_ALIASES=localhost={host}:<port>"),
-            ];
-            self.keyvault = Some(
-                procs::spawn("keyvault", &java, &args, &[], &self.log_dir, &self.pid_dir)
-                    .map_err(io("start lowkey-vault"))?,
-            );
-            wait_for("Key Vault emulator", Duration::from_secs(120), || {
-                tcp_open(SocketAddr::from((host, KEYVAULT_PORT)))
-            })
-            .await?;
-        } else {
-            say(
-                &o,
-                "Key Vault emulator not installed: skipped (run lab/setup.sh)",
-            );
-        }
+        say(
+            &o,
+            format!(
+                "starting the Key Vault contract double on {host}:{KEYVAULT_PORT} (shared) and {host}:{KEYVAULT_ESCROW_PORT} (escrow)"
+            ),
+        );
+        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(io(p.display().to_string()));
+        let kv = KeyVaultDouble::start_lab(
+            &read(o.state_dir.join("emulator.pem"))?,
+            &read(o.state_dir.join("secrets/emulator-key.pem"))?,
+            host,
+            KEYVAULT_PORT,
+            KEYVAULT_ESCROW_PORT,
+            Some(&o.state_dir.join("secrets/keyvault")),
+        )
+        .await
+        .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
+        kv.model_arm()
+            .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
+        self.keyvault = Some(kv);
         Ok(())
     }
 
@@ -478,8 +475,8 @@ impl Lab {
         let doc =
             imds::instance_document(&def.name, &def.scale_set, &def.ip.to_string(), &def.tags);
         let state = Arc::new(Mutex::new(ImdsState {
-            document: doc,
-            fail_with: None,
+            oid: keyvault::principal_for(def.role).into(),
+            ..ImdsState::new(doc)
         }));
         let task = imds::serve(SocketAddr::from((def.ip, IMDS_PORT)), state.clone())
             .await
@@ -677,13 +674,12 @@ impl Lab {
             self.stop_agent(i).await;
             self.nodes[i].imds_task.abort();
         }
-        for p in [
-            self.transit.take(),
-            self.keyvault.take(),
-            self.azurite.take(),
-        ]
-        .into_iter()
-        .flatten()
+        if let Some(kv) = self.keyvault.take() {
+            kv.stop();
+        }
+        for p in [self.transit.take(), self.azurite.take()]
+            .into_iter()
+            .flatten()
         {
             let mut p = p;
             p.stop(Duration::from_secs(10)).await;

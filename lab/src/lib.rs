@@ -1,6 +1,7 @@
 //! hashistack-lab: Azure-in-a-box on one machine, for the README's demo and the end-to-end tests.
 
 pub mod imds;
+pub mod keyvault;
 pub mod lab;
 pub mod procs;
 pub mod tools;
