@@ -34,6 +34,8 @@ pub struct LabOptions {
     pub consul_servers: u8,
     pub vault_servers: u8,
     pub keep: bool,
+    /// Run (and wait for) the one-time tier bootstrap: Vault init, Consul ACL bootstrap, escrow.
+    pub bootstrap: bool,
     /// Print progress lines.
     pub verbose: bool,
 }
@@ -47,6 +49,7 @@ impl LabOptions {
             consul_servers: 3,
             vault_servers: 3,
             keep: false,
+            bootstrap: true,
             verbose: false,
         }
     }
@@ -103,6 +106,7 @@ pub struct Lab {
     pub transit: Option<Proc>,
     pid_dir: PathBuf,
     log_dir: PathBuf,
+    extra_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn say(opts: &LabOptions, msg: impl AsRef<str>) {
@@ -155,6 +159,10 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
         t.push((
             tags::TAG_CONSUL_SERVERS.into(),
             o.consul_servers.to_string(),
+        ));
+        t.push((
+            tags::TAG_ESCROW_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
         ));
         defs.push(NodeDef {
             name: format!("consul-{i}"),
@@ -274,6 +282,7 @@ impl Lab {
             transit: None,
             pid_dir,
             log_dir,
+            extra_tasks: Vec::new(),
         };
         lab.start_emulators().await?;
         lab.start_transit().await?;
@@ -333,6 +342,10 @@ impl Lab {
                 tcp_open(SocketAddr::from((host, AZURITE_PORT)))
             })
             .await?;
+            // What the ARM template creates: the coordination and escrow containers.
+            for container in ["coordination", "escrow"] {
+                self.create_container(container).await?;
+            }
         } else {
             say(
                 &o,
@@ -444,6 +457,96 @@ impl Lab {
         Ok(())
     }
 
+    /// The lab's HTTPS client trusting the lab CA.
+    pub fn https(&self) -> reqwest::Client {
+        let pem = std::fs::read(&self.ca_cert).expect("lab CA");
+        reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("lab CA PEM")])
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client")
+    }
+
+    pub fn blob_endpoint(&self) -> String {
+        format!(
+            "https://{}:{AZURITE_PORT}/devstoreaccount1/",
+            self.opts.ip(1)
+        )
+    }
+
+    pub fn escrow_vault_uri(&self) -> String {
+        format!("https://{}:{KEYVAULT_ESCROW_PORT}/", self.opts.ip(1))
+    }
+
+    /// A storage request as the lab's "ARM" (Azurite checks token shape, not RBAC).
+    async fn create_container(&self, name: &str) -> Result<(), LabError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .put(format!("{}{name}?restype=container", self.blob_endpoint()))
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .header("Content-Length", "0")
+            .send()
+            .await
+            .map_err(|e| LabError::Failed(format!("create container {name}: {e}")))?;
+        if !(r.status().is_success() || r.status().as_u16() == 409) {
+            return Err(LabError::Failed(format!(
+                "create container {name}: HTTP {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads a blob as the lab (for tests: coordination state, escrow objects).
+    pub async fn read_blob(&self, container: &str, name: &str) -> Option<Vec<u8>> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .get(format!("{}{container}/{name}", self.blob_endpoint()))
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.bytes().await.ok().map(|b| b.to_vec())
+    }
+
+    /// A tier's coordination state, as status and operators read it.
+    pub async fn tier_state(
+        &self,
+        tier: &str,
+    ) -> Option<hashistack_agent::coordination::TierState> {
+        let b = self
+            .read_blob(
+                "coordination",
+                &hashistack_agent::coordination::state_blob_name(&self.opts.cluster, tier),
+            )
+            .await?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Starts a fake IMDS for the operator's identity (what `az login` is on a workstation), for `escrow open`.
+    pub async fn operator_imds(&mut self) -> Result<String, LabError> {
+        let ip = self.opts.ip(250);
+        let doc = imds::instance_document("operator", "", &ip.to_string(), &[]);
+        let mut st = ImdsState::new(doc);
+        st.oid = crate::keyvault::principals::OPERATOR.to_string();
+        let state = Arc::new(Mutex::new(st));
+        let task = imds::serve(SocketAddr::from((ip, IMDS_PORT)), state)
+            .await
+            .map_err(io(format!("operator IMDS on {ip}")))?;
+        self.extra_tasks.push(task);
+        Ok(format!("http://{ip}:{IMDS_PORT}"))
+    }
+
     pub fn agent_config(&self, def: &NodeDef, root: &Path) -> AgentConfig {
         let o = &self.opts;
         let mut c = AgentConfig::default();
@@ -460,6 +563,12 @@ impl Lab {
         c.gossip.consul_key_file = o.state_dir.join("secrets/consul-gossip.key");
         c.gossip.nomad_key_file = o.state_dir.join("secrets/nomad-gossip.key");
         c.vault.seal_token_file = Some(o.state_dir.join("secrets/transit.token"));
+        // The emulators' certificates come from the lab CA, and the Key Vault double lives on 127.x.
+        c.azure.extra_ca_file = Some(o.state_dir.join("ca.pem"));
+        c.azure.verify_challenge_resource = false;
+        c.bootstrap.enabled = o.bootstrap;
+        c.bootstrap.follower_deadline_secs = 300;
+        c.bootstrap.azure_deadline_secs = 60;
         c
     }
 
@@ -616,7 +725,8 @@ impl Lab {
                 role: n.def.role.to_string(),
                 ip: n.def.ip.to_string(),
                 boot_ok: boot.as_ref().map(|b| b.ok),
-                boot_error: boot.and_then(|b| b.last_error),
+                boot_error: boot.as_ref().and_then(|b| b.last_error.clone()),
+                bootstrap: boot.and_then(|b| b.bootstrap),
                 consul,
                 raft_peers: peers,
                 vault,
@@ -626,6 +736,7 @@ impl Lab {
         LabHealth {
             consul_servers: self.opts.consul_servers,
             vault_servers: self.opts.vault_servers,
+            bootstrap_expected: self.opts.bootstrap,
             nodes,
         }
     }
@@ -640,7 +751,7 @@ impl Lab {
         let mut last_report = Instant::now();
         loop {
             let h = self.health().await;
-            if h.consul_healthy() && h.vault_answering() {
+            if h.healthy() {
                 return Ok(h);
             }
             if let Some(bad) = h.nodes.iter().find(|n| n.boot_ok == Some(false)) {
@@ -673,6 +784,9 @@ impl Lab {
         for i in (0..self.nodes.len()).rev() {
             self.stop_agent(i).await;
             self.nodes[i].imds_task.abort();
+        }
+        for t in self.extra_tasks.drain(..) {
+            t.abort();
         }
         if let Some(kv) = self.keyvault.take() {
             kv.stop();
@@ -715,12 +829,15 @@ pub struct NodeHealth {
     pub raft_peers: Option<usize>,
     pub vault: Option<Probe>,
     pub gossip_encrypted: bool,
+    /// The agent's tier bootstrap outcome (server tiers).
+    pub bootstrap: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LabHealth {
     pub consul_servers: u8,
     pub vault_servers: u8,
+    pub bootstrap_expected: bool,
     pub nodes: Vec<NodeHealth>,
 }
 
@@ -750,6 +867,39 @@ impl LabHealth {
             && self.nodes.iter().all(|n| n.gossip_encrypted)
     }
 
+    /// Healthy: Consul formed; without bootstrap every Vault answers; with it every Vault is initialized and
+    /// unsealed and every server agent finished its tier's bootstrap.
+    pub fn healthy(&self) -> bool {
+        if !self.consul_healthy() {
+            return false;
+        }
+        if !self.bootstrap_expected {
+            return self.vault_answering();
+        }
+        self.vault_unsealed() && self.bootstrapped()
+    }
+
+    pub fn vault_unsealed(&self) -> bool {
+        self.nodes.iter().filter_map(|n| n.vault.as_ref()).all(|v| {
+            *v == Probe::Vault {
+                initialized: true,
+                sealed: false,
+            }
+        })
+    }
+
+    pub fn bootstrapped(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.role == "consul-server" || n.role == "vault-server")
+            .all(|n| {
+                matches!(
+                    n.bootstrap.as_deref(),
+                    Some("bootstrapped" | "already-done" | "recovered")
+                )
+            })
+    }
+
     pub fn vault_answering(&self) -> bool {
         self.nodes
             .iter()
@@ -777,7 +927,7 @@ impl LabHealth {
 
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let verdict = if self.consul_healthy() && self.vault_answering() {
+        let verdict = if self.healthy() {
             "HEALTHY"
         } else {
             "NOT HEALTHY"
@@ -787,8 +937,8 @@ impl LabHealth {
             self.consul_leader().unwrap_or_else(|| "none".into())
         ));
         s.push_str(&format!(
-            "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {}\n",
-            "NODE", "ROLE", "IP", "BOOT", "CONSUL", "RAFT PEERS", "VAULT"
+            "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {}\n",
+            "NODE", "ROLE", "IP", "BOOT", "CONSUL", "RAFT PEERS", "VAULT", "BOOTSTRAP"
         ));
         for n in &self.nodes {
             let consul = match &n.consul {
@@ -822,7 +972,7 @@ impl LabHealth {
                 None => "running",
             };
             s.push_str(&format!(
-                "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {}\n",
+                "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {}\n",
                 n.name,
                 n.role,
                 n.ip,
@@ -831,7 +981,8 @@ impl LabHealth {
                 n.raft_peers
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into()),
-                vault
+                vault,
+                n.bootstrap.as_deref().unwrap_or("-")
             ));
         }
         s

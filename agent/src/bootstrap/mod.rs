@@ -54,7 +54,11 @@ pub enum BootstrapError {
     #[error("{tier}: needs an operator: {message}")]
     NeedsOperator { tier: String, message: String },
     #[error("{tier}: bootstrap not finished by another node within {waited:?} (state: {phase})")]
-    Timeout { tier: String, waited: Duration, phase: String },
+    Timeout {
+        tier: String,
+        waited: Duration,
+        phase: String,
+    },
     #[error("spool: {0}")]
     Spool(String),
 }
@@ -111,13 +115,25 @@ async fn save(ctx: &Ctx, state: &TierState) -> Result<(), AzureError> {
 }
 
 /// Uploads an envelope to both targets; receipts for those that succeeded are added to `state`.
-async fn deliver(ctx: &Ctx, state: &mut TierState, env: &envelope::Envelope) -> Result<(), AzureError> {
-    if !state.receipts.iter().any(|r: &Receipt| r.target == "blob" && r.object.ends_with(&escrow::blob_name(env))) {
+async fn deliver(
+    ctx: &Ctx,
+    state: &mut TierState,
+    env: &envelope::Envelope,
+) -> Result<(), AzureError> {
+    if !state
+        .receipts
+        .iter()
+        .any(|r: &Receipt| r.target == "blob" && r.object.ends_with(&escrow::blob_name(env)))
+    {
         let r = escrow::upload_blob(&ctx.az, &ctx.targets, env, ctx.policy).await?;
         state.receipts.push(r);
     }
     crash_if(ctx.crash_at, CrashPoint::BetweenTargets);
-    if !state.receipts.iter().any(|r| r.target == "keyvault" && r.object == escrow::secret_name(env)) {
+    if !state
+        .receipts
+        .iter()
+        .any(|r| r.target == "keyvault" && r.object == escrow::secret_name(env))
+    {
         let r = escrow::upload_keyvault(&ctx.az, &ctx.targets, env, ctx.policy).await?;
         state.receipts.push(r);
     }
@@ -128,38 +144,89 @@ async fn deliver(ctx: &Ctx, state: &mut TierState, env: &envelope::Envelope) -> 
 /// Runs the tier's bootstrap protocol on this node.
 pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     let name = tier.name();
-    tier.wait_ready(Duration::from_secs(300)).await.map_err(|message| BootstrapError::Tier { tier: name.into(), message })?;
+    tier.wait_ready(Duration::from_secs(300))
+        .await
+        .map_err(|message| BootstrapError::Tier {
+            tier: name.into(),
+            message,
+        })?;
     let start = Instant::now();
     let mut waited_logged = false;
     loop {
-        let state = coordination::read(&ctx.az, &ctx.targets.blob_endpoint, &ctx.cluster, name, ctx.policy).await?;
-        let pending: Vec<_> = escrow::pending(&ctx.state_dir).into_iter().filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster).collect();
+        let state = coordination::read(
+            &ctx.az,
+            &ctx.targets.blob_endpoint,
+            &ctx.cluster,
+            name,
+            ctx.policy,
+        )
+        .await?;
+        let pending: Vec<_> = escrow::pending(&ctx.state_dir)
+            .into_iter()
+            .filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster)
+            .collect();
         if pending.is_empty() {
             if let Some(s) = &state {
                 match s.phase {
                     TierPhase::Done => return Ok(Outcome::AlreadyDone),
                     TierPhase::NeedsOperator => {
-                        return Err(BootstrapError::NeedsOperator { tier: name.into(), message: s.message.clone().unwrap_or_default() })
+                        return Err(BootstrapError::NeedsOperator {
+                            tier: name.into(),
+                            message: s.message.clone().unwrap_or_default(),
+                        })
                     }
                     _ => {}
                 }
             }
         }
-        match election::try_acquire(&ctx.az, &ctx.targets.blob_endpoint, &ctx.cluster, name, ctx.policy).await? {
+        match election::try_acquire(
+            &ctx.az,
+            &ctx.targets.blob_endpoint,
+            &ctx.cluster,
+            name,
+            ctx.policy,
+        )
+        .await?
+        {
             Some(lead) => {
                 crash_if(ctx.crash_at, CrashPoint::AfterLease);
+                // Re-read under the lease: the previous holder may have finished just before releasing it.
+                let state = match coordination::read(
+                    &ctx.az,
+                    &ctx.targets.blob_endpoint,
+                    &ctx.cluster,
+                    name,
+                    ctx.policy,
+                )
+                .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        lead.release().await;
+                        return Err(e.into());
+                    }
+                };
                 let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
                 lead.release().await;
                 return r;
             }
             None => {
                 if !waited_logged {
-                    tracing::info!(tier = name, "another node holds the bootstrap lease; waiting for it to finish");
+                    tracing::info!(
+                        tier = name,
+                        "another node holds the bootstrap lease; waiting for it to finish"
+                    );
                     waited_logged = true;
                 }
                 if start.elapsed() > ctx.follower_deadline {
-                    let phase = state.map(|s| format!("{:?}", s.phase)).unwrap_or_else(|| "none".into());
-                    return Err(BootstrapError::Timeout { tier: name.into(), waited: ctx.follower_deadline, phase });
+                    let phase = state
+                        .map(|s| format!("{:?}", s.phase))
+                        .unwrap_or_else(|| "none".into());
+                    return Err(BootstrapError::Timeout {
+                        tier: name.into(),
+                        waited: ctx.follower_deadline,
+                        phase,
+                    });
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
@@ -183,7 +250,11 @@ async fn lead_bootstrap(
             lead.check()?;
             state.escrow_id = Some(env.escrow_id.clone());
             deliver(ctx, &mut state, env).await?;
-            state.set(TierPhase::Escrowed, &ctx.node, Some("escrow completed from the local spool after an interruption".into()));
+            state.set(
+                TierPhase::Escrowed,
+                &ctx.node,
+                Some("escrow completed from the local spool after an interruption".into()),
+            );
             save(ctx, &state).await?;
             std::fs::remove_file(path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
         }
@@ -196,7 +267,13 @@ async fn lead_bootstrap(
     }
 
     // 2. Initialized before, but its secrets are neither spooled here nor escrowed: never init twice.
-    let initialized = tier.already_bootstrapped().await.map_err(|message| BootstrapError::Tier { tier: name.into(), message })?;
+    let initialized =
+        tier.already_bootstrapped()
+            .await
+            .map_err(|message| BootstrapError::Tier {
+                tier: name.into(),
+                message,
+            })?;
     let escrowed = state.escrowed_to("blob") && state.escrowed_to("keyvault");
     if initialized == Some(true) {
         if escrowed {
@@ -212,7 +289,10 @@ async fn lead_bootstrap(
         );
         state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
         save(ctx, &state).await?;
-        return Err(BootstrapError::NeedsOperator { tier: name.into(), message: msg });
+        return Err(BootstrapError::NeedsOperator {
+            tier: name.into(),
+            message: msg,
+        });
     }
 
     // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
@@ -234,9 +314,17 @@ async fn lead_bootstrap(
             );
             state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
             save(ctx, &state).await?;
-            return Err(BootstrapError::NeedsOperator { tier: name.into(), message: msg });
+            return Err(BootstrapError::NeedsOperator {
+                tier: name.into(),
+                message: msg,
+            });
         }
-        Err(TierFailure::Other(message)) => return Err(BootstrapError::Tier { tier: name.into(), message }),
+        Err(TierFailure::Other(message)) => {
+            return Err(BootstrapError::Tier {
+                tier: name.into(),
+                message,
+            })
+        }
     };
     crash_if(ctx.crash_at, CrashPoint::AfterInit);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -251,7 +339,8 @@ async fn lead_bootstrap(
         now,
     )
     .map_err(|e| BootstrapError::Spool(e.to_string()))?;
-    let spool_path = escrow::spool(&ctx.state_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    let spool_path =
+        escrow::spool(&ctx.state_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
     crash_if(ctx.crash_at, CrashPoint::AfterSpool);
     state.set(TierPhase::Initialized, &ctx.node, None);
     if let Err(e) = save(ctx, &state).await {
@@ -262,7 +351,9 @@ async fn lead_bootstrap(
     // 5. Configuration that needs the fresh root credential, while it is in memory.
     if let Err(message) = tier.configure(&secrets).await {
         tracing::error!(tier = name, %message, "post-bootstrap configuration failed");
-        state.message = Some(format!("post-bootstrap configuration incomplete: {message}"));
+        state.message = Some(format!(
+            "post-bootstrap configuration incomplete: {message}"
+        ));
     }
     drop(secrets);
 
