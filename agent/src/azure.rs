@@ -26,14 +26,21 @@ pub struct AzureError {
 
 impl TimeoutError for AzureError {
     fn timeout(after: Duration) -> Self {
-        AzureError { what: "request".into(), status: None, code: None, detail: format!("no answer within {after:?}") }
+        AzureError {
+            what: "request".into(),
+            status: None,
+            code: None,
+            detail: format!("no answer within {after:?}"),
+        }
     }
 }
 
 impl AzureError {
     pub fn from_sdk(what: &str, e: &azure_core::Error) -> Self {
         let (status, code) = match e.kind() {
-            ErrorKind::HttpResponse { status, error_code, .. } => (Some(u16::from(*status)), error_code.clone()),
+            ErrorKind::HttpResponse {
+                status, error_code, ..
+            } => (Some(u16::from(*status)), error_code.clone()),
             _ => (None, None),
         };
         let detail = match (status, &code) {
@@ -46,7 +53,12 @@ impl AzureError {
                 _ => "request failed".to_string(),
             },
         };
-        AzureError { what: what.to_string(), status, code, detail }
+        AzureError {
+            what: what.to_string(),
+            status,
+            code,
+            detail,
+        }
     }
 
     /// Whether trying again can help: throttling, server errors, timeouts, connection failures, and 401
@@ -90,9 +102,18 @@ where
     .await;
     r.map_err(|e| match e {
         RetryError::Final(e) => e,
-        RetryError::Deadline { attempts, elapsed, last } => {
-            AzureError { detail: format!("{} (gave up after {attempts} attempts in {:.1}s)", last.detail, elapsed.as_secs_f64()), ..last }
-        }
+        RetryError::Deadline {
+            attempts,
+            elapsed,
+            last,
+        } => AzureError {
+            detail: format!(
+                "{} (gave up after {attempts} attempts in {:.1}s)",
+                last.detail,
+                elapsed.as_secs_f64()
+            ),
+            ..last
+        },
     })
 }
 
@@ -113,12 +134,17 @@ impl std::fmt::Debug for Azure {
 impl Azure {
     /// `extra_ca`: a CA to trust besides the system roots (the lab's emulators). `verify_challenge_resource`
     /// stays true on Azure; the lab's Key Vault on 127.x cannot match `*.vault.azure.net`.
-    pub fn new(credential: Arc<dyn TokenCredential>, extra_ca: Option<&Path>, verify_challenge_resource: bool) -> Result<Self, String> {
+    pub fn new(
+        credential: Arc<dyn TokenCredential>,
+        extra_ca: Option<&Path>,
+        verify_challenge_resource: bool,
+    ) -> Result<Self, String> {
         let transport = match extra_ca {
             None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let cert = reqwest::Certificate::from_pem(&pem).map_err(|_| format!("{}: not a PEM certificate", path.display()))?;
+                let cert = reqwest::Certificate::from_pem(&pem)
+                    .map_err(|_| format!("{}: not a PEM certificate", path.display()))?;
                 let client = reqwest::Client::builder()
                     .add_root_certificate(cert)
                     .connect_timeout(Duration::from_secs(5))
@@ -132,19 +158,40 @@ impl Azure {
                 Some(Transport::new(Arc::new(client)))
             }
         };
-        Ok(Azure { credential, transport, verify_challenge_resource })
+        Ok(Azure {
+            credential,
+            transport,
+            verify_challenge_resource,
+        })
     }
 
     fn client_options(&self) -> ClientOptions {
-        ClientOptions { transport: self.transport.clone(), retry: RetryOptions::none(), ..Default::default() }
+        ClientOptions {
+            transport: self.transport.clone(),
+            retry: RetryOptions::none(),
+            ..Default::default()
+        }
     }
 
     /// `<endpoint><container>/<name>`; `endpoint` ends with `/` (NodeSpec guarantees it).
-    pub fn blob(&self, endpoint: &str, container: &str, name: &str) -> Result<BlobClient, AzureError> {
-        let url = Url::parse(&format!("{endpoint}{container}/{name}"))
-            .map_err(|e| AzureError { what: format!("blob {container}/{name}"), status: None, code: None, detail: e.to_string() })?;
-        let opts = BlobClientOptions { client_options: self.client_options(), ..Default::default() };
-        BlobClient::new(url, Some(self.credential.clone()), Some(opts)).map_err(|e| AzureError::from_sdk(&format!("blob {container}/{name}"), &e))
+    pub fn blob(
+        &self,
+        endpoint: &str,
+        container: &str,
+        name: &str,
+    ) -> Result<BlobClient, AzureError> {
+        let url = Url::parse(&format!("{endpoint}{container}/{name}")).map_err(|e| AzureError {
+            what: format!("blob {container}/{name}"),
+            status: None,
+            code: None,
+            detail: e.to_string(),
+        })?;
+        let opts = BlobClientOptions {
+            client_options: self.client_options(),
+            ..Default::default()
+        };
+        BlobClient::new(url, Some(self.credential.clone()), Some(opts))
+            .map_err(|e| AzureError::from_sdk(&format!("blob {container}/{name}"), &e))
     }
 
     pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {
@@ -153,7 +200,8 @@ impl Azure {
             verify_challenge_resource: Some(self.verify_challenge_resource),
             ..Default::default()
         };
-        KeyClient::new(vault_uri, self.credential.clone(), Some(opts)).map_err(|e| AzureError::from_sdk("key vault keys client", &e))
+        KeyClient::new(vault_uri, self.credential.clone(), Some(opts))
+            .map_err(|e| AzureError::from_sdk("key vault keys client", &e))
     }
 
     pub fn secrets(&self, vault_uri: &str) -> Result<SecretClient, AzureError> {
@@ -162,6 +210,7 @@ impl Azure {
             verify_challenge_resource: Some(self.verify_challenge_resource),
             ..Default::default()
         };
-        SecretClient::new(vault_uri, self.credential.clone(), Some(opts)).map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
+        SecretClient::new(vault_uri, self.credential.clone(), Some(opts))
+            .map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
     }
 }

@@ -34,7 +34,10 @@ pub struct AzureConfig {
 
 impl Default for AzureConfig {
     fn default() -> Self {
-        AzureConfig { extra_ca_file: None, verify_challenge_resource: true }
+        AzureConfig {
+            extra_ca_file: None,
+            verify_challenge_resource: true,
+        }
     }
 }
 
@@ -53,7 +56,13 @@ pub struct BootstrapConfig {
 
 impl Default for BootstrapConfig {
     fn default() -> Self {
-        BootstrapConfig { enabled: true, recovery_shares: 5, recovery_threshold: 3, follower_deadline_secs: 900, azure_deadline_secs: 120 }
+        BootstrapConfig {
+            enabled: true,
+            recovery_shares: 5,
+            recovery_threshold: 3,
+            follower_deadline_secs: 900,
+            azure_deadline_secs: 120,
+        }
     }
 }
 
@@ -290,7 +299,10 @@ impl AgentConfig {
         }
         let b = &self.bootstrap;
         if b.recovery_threshold == 0 || b.recovery_threshold > b.recovery_shares {
-            return Err("bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares".into());
+            return Err(
+                "bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares"
+                    .into(),
+            );
         }
         if self.tls.node_cert_days == 0 || self.tls.node_cert_days > 825 {
             return Err("tls.node_cert_days must be between 1 and 825".into());

@@ -63,7 +63,9 @@ impl TierState {
     }
 
     pub fn escrowed_to(&self, target: &str) -> bool {
-        self.receipts.iter().any(|r| r.target == target && Some(r.object.as_str()).is_some())
+        self.receipts
+            .iter()
+            .any(|r| r.target == target && Some(r.object.as_str()).is_some())
     }
 }
 
@@ -72,31 +74,56 @@ pub fn state_blob_name(cluster: &str, tier: &str) -> String {
 }
 
 /// Reads a tier's state; `Ok(None)` when the tier was never bootstrapped.
-pub async fn read(az: &Azure, blob_endpoint: &str, cluster: &str, tier: &str, policy: RetryPolicy) -> Result<Option<TierState>, AzureError> {
-    let blob = az.blob(blob_endpoint, COORDINATION_CONTAINER, &state_blob_name(cluster, tier))?;
+pub async fn read(
+    az: &Azure,
+    blob_endpoint: &str,
+    cluster: &str,
+    tier: &str,
+    policy: RetryPolicy,
+) -> Result<Option<TierState>, AzureError> {
+    let blob = az.blob(
+        blob_endpoint,
+        COORDINATION_CONTAINER,
+        &state_blob_name(cluster, tier),
+    )?;
     let r = call(policy, "coordination read", || {
         let blob = &blob;
         async move { blob.download(None).await?.body.collect().await }
     })
     .await;
     match r {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| AzureError {
-            what: "coordination read".into(),
-            status: None,
-            code: None,
-            detail: format!("state.json does not parse: {e}"),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AzureError {
+                what: "coordination read".into(),
+                status: None,
+                code: None,
+                detail: format!("state.json does not parse: {e}"),
+            }),
         Err(e) if e.is(404) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-pub async fn write(az: &Azure, blob_endpoint: &str, state: &TierState, policy: RetryPolicy) -> Result<(), AzureError> {
-    let blob = az.blob(blob_endpoint, COORDINATION_CONTAINER, &state_blob_name(&state.cluster, &state.tier))?;
+pub async fn write(
+    az: &Azure,
+    blob_endpoint: &str,
+    state: &TierState,
+    policy: RetryPolicy,
+) -> Result<(), AzureError> {
+    let blob = az.blob(
+        blob_endpoint,
+        COORDINATION_CONTAINER,
+        &state_blob_name(&state.cluster, &state.tier),
+    )?;
     let body = serde_json::to_vec_pretty(state).expect("state serialises");
     call(policy, "coordination write", || {
         let (blob, body) = (&blob, body.clone());
-        async move { blob.upload(RequestContent::from(body), None).await.map(|_| ()) }
+        async move {
+            blob.upload(RequestContent::from(body), None)
+                .await
+                .map(|_| ())
+        }
     })
     .await
 }

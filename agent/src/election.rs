@@ -32,7 +32,9 @@ pub struct Leadership {
 
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leadership").field("tier", &self.tier).finish_non_exhaustive()
+        f.debug_struct("Leadership")
+            .field("tier", &self.tier)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,7 +44,14 @@ fn lease_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 pub fn lock_blob_name(cluster: &str, tier: &str) -> String {
@@ -50,15 +59,28 @@ pub fn lock_blob_name(cluster: &str, tier: &str) -> String {
 }
 
 /// Tries once (with retries for transient errors) to become the tier's leader. `Ok(None)`: someone else is.
-pub async fn try_acquire(az: &Azure, blob_endpoint: &str, cluster: &str, tier: &str, policy: RetryPolicy) -> Result<Option<Leadership>, AzureError> {
-    let blob = az.blob(blob_endpoint, COORDINATION_CONTAINER, &lock_blob_name(cluster, tier))?;
+pub async fn try_acquire(
+    az: &Azure,
+    blob_endpoint: &str,
+    cluster: &str,
+    tier: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Leadership>, AzureError> {
+    let blob = az.blob(
+        blob_endpoint,
+        COORDINATION_CONTAINER,
+        &lock_blob_name(cluster, tier),
+    )?;
     // The lock blob must exist before it can be leased; creating it is create-only and idempotent.
     let created = call(policy, "leader lock create", || {
         let blob = &blob;
         async move {
-            blob.upload(RequestContent::from(Vec::<u8>::new()), Some(BlobClientUploadOptions::default().if_not_exists()))
-                .await
-                .map(|_| ())
+            blob.upload(
+                RequestContent::from(Vec::<u8>::new()),
+                Some(BlobClientUploadOptions::default().if_not_exists()),
+            )
+            .await
+            .map(|_| ())
         }
     })
     .await;
@@ -72,7 +94,10 @@ pub async fn try_acquire(az: &Azure, blob_endpoint: &str, cluster: &str, tier: &
     let acquired = call(policy, "leader lease acquire", || {
         let (blob, id) = (&blob, lease_id.clone());
         async move {
-            let opts = BlobClientAcquireLeaseOptions { proposed_lease_id: Some(id), ..Default::default() };
+            let opts = BlobClientAcquireLeaseOptions {
+                proposed_lease_id: Some(id),
+                ..Default::default()
+            };
             blob.acquire_lease(LEASE_SECS, Some(opts)).await.map(|_| ())
         }
     })
@@ -83,10 +108,25 @@ pub async fn try_acquire(az: &Azure, blob_endpoint: &str, cluster: &str, tier: &
         Err(e) => return Err(e),
     }
     let (tx, rx) = watch::channel(false);
-    let renew_blob = az.blob(blob_endpoint, COORDINATION_CONTAINER, &lock_blob_name(cluster, tier))?;
-    let renewer = tokio::spawn(renew_loop(renew_blob, lease_id.clone(), tier.to_string(), tx));
+    let renew_blob = az.blob(
+        blob_endpoint,
+        COORDINATION_CONTAINER,
+        &lock_blob_name(cluster, tier),
+    )?;
+    let renewer = tokio::spawn(renew_loop(
+        renew_blob,
+        lease_id.clone(),
+        tier.to_string(),
+        tx,
+    ));
     tracing::info!(tier, "won the leader lease");
-    Ok(Some(Leadership { tier: tier.to_string(), blob, lease_id, lost: rx, renewer }))
+    Ok(Some(Leadership {
+        tier: tier.to_string(),
+        blob,
+        lease_id,
+        lost: rx,
+        renewer,
+    }))
 }
 
 async fn renew_loop(blob: BlobClient, lease_id: String, tier: String, tx: watch::Sender<bool>) {
@@ -94,7 +134,9 @@ async fn renew_loop(blob: BlobClient, lease_id: String, tier: String, tx: watch:
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
         let expires = last_ok + Duration::from_secs(LEASE_SECS as u64);
-        let remaining = expires.saturating_duration_since(Instant::now()).saturating_sub(Duration::from_secs(2));
+        let remaining = expires
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_secs(2));
         let policy = RetryPolicy {
             deadline: remaining,
             attempt_timeout: Duration::from_secs(5),
@@ -121,7 +163,9 @@ impl Leadership {
     /// A safe point: fails if the lease was lost.
     pub fn check(&self) -> Result<(), LeaseLost> {
         if *self.lost.borrow() {
-            Err(LeaseLost { tier: self.tier.clone() })
+            Err(LeaseLost {
+                tier: self.tier.clone(),
+            })
         } else {
             Ok(())
         }

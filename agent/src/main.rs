@@ -149,7 +149,10 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
         Ok(b) => b,
         Err((e, _)) => return fail(e.exit_code() as u8, e),
     };
-    tracing::info!(critical_path_ms = booted.record.critical_path_ms, "services started");
+    tracing::info!(
+        critical_path_ms = booted.record.critical_path_ms,
+        "services started"
+    );
     // The services keep running whatever the bootstrap concludes; a failure is recorded for `status` and
     // makes the unit fail, so it is visible.
     let mut code = ExitCode::SUCCESS;
@@ -164,7 +167,8 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     }
     // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.
     let shutdown = Box::pin(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},

@@ -31,7 +31,9 @@ pub struct ConsulSecrets {
 /// Classifies an ACL bootstrap answer that is not 200.
 pub fn classify(status: u16, body: &str) -> Result<(), TierFailure> {
     if body.contains("no longer allowed") {
-        return Err(TierFailure::AlreadyDone(body.trim().chars().take(200).collect()));
+        return Err(TierFailure::AlreadyDone(
+            body.trim().chars().take(200).collect(),
+        ));
     }
     if body.contains("legacy mode") || body.contains("No cluster leader") || status >= 500 {
         return Ok(()); // retryable
@@ -56,7 +58,11 @@ impl Tier for ConsulTier {
         let start = std::time::Instant::now();
         loop {
             let leader = async {
-                let r = c.get(format!("{}/v1/status/leader", self.api)).send().await.ok()?;
+                let r = c
+                    .get(format!("{}/v1/status/leader", self.api))
+                    .send()
+                    .await
+                    .ok()?;
                 r.json::<String>().await.ok().filter(|l| !l.is_empty())
             };
             if leader.await.is_some() {
@@ -74,7 +80,9 @@ impl Tier for ConsulTier {
     }
 
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
-        let c = self.client(Duration::from_secs(120)).map_err(TierFailure::Other)?;
+        let c = self
+            .client(Duration::from_secs(120))
+            .map_err(TierFailure::Other)?;
         let start = std::time::Instant::now();
         loop {
             let resp = match c.put(format!("{}/v1/acl/bootstrap", self.api)).send().await {
@@ -83,14 +91,21 @@ impl Tier for ConsulTier {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-                Err(e) => return Err(TierFailure::Other(format!("ACL bootstrap: {}", e.without_url()))),
+                Err(e) => {
+                    return Err(TierFailure::Other(format!(
+                        "ACL bootstrap: {}",
+                        e.without_url()
+                    )))
+                }
             };
             let status = resp.status().as_u16();
             let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
             if status == 200 {
                 let parsed: Result<BootstrapResponse, _> = serde_json::from_slice(&bytes);
                 bytes.zeroize();
-                let mut r = parsed.map_err(|_| TierFailure::Other("ACL bootstrap response did not parse".into()))?;
+                let mut r = parsed.map_err(|_| {
+                    TierFailure::Other("ACL bootstrap response did not parse".into())
+                })?;
                 let secrets = ConsulSecrets {
                     kind: "consul-acl-bootstrap".into(),
                     accessor_id: std::mem::take(&mut r.accessor_id),
@@ -101,7 +116,9 @@ impl Tier for ConsulTier {
             let text = String::from_utf8_lossy(&bytes).to_string();
             classify(status, &text)?;
             if start.elapsed() > Duration::from_secs(120) {
-                return Err(TierFailure::Other(format!("ACL bootstrap: still HTTP {status} after 120s")));
+                return Err(TierFailure::Other(format!(
+                    "ACL bootstrap: still HTTP {status} after 120s"
+                )));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

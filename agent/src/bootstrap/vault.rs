@@ -45,8 +45,14 @@ impl VaultTier {
 
     async fn seal_status(&self) -> Result<SealStatus, String> {
         let c = self.client(Duration::from_secs(5))?;
-        let r = c.get(format!("{}/v1/sys/seal-status", self.api)).send().await.map_err(|e| e.without_url().to_string())?;
-        r.json::<SealStatus>().await.map_err(|_| "seal-status did not parse".to_string())
+        let r = c
+            .get(format!("{}/v1/sys/seal-status", self.api))
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())?;
+        r.json::<SealStatus>()
+            .await
+            .map_err(|_| "seal-status did not parse".to_string())
     }
 }
 
@@ -61,7 +67,11 @@ impl Tier for VaultTier {
         loop {
             match self.seal_status().await {
                 Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() > deadline => return Err(format!("local Vault not answering within {deadline:?}: {e}")),
+                Err(e) if start.elapsed() > deadline => {
+                    return Err(format!(
+                        "local Vault not answering within {deadline:?}: {e}"
+                    ))
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
@@ -74,21 +84,32 @@ impl Tier for VaultTier {
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
         // Generous timeout: an init that succeeded on the server while the client gave up would leave the
         // secrets nowhere. Only a connection that never reached the server is retried.
-        let c = self.client(Duration::from_secs(180)).map_err(TierFailure::Other)?;
+        let c = self
+            .client(Duration::from_secs(180))
+            .map_err(TierFailure::Other)?;
         let body = serde_json::json!({"recovery_shares": self.recovery_shares, "recovery_threshold": self.recovery_threshold});
         let mut attempts = 0;
         let resp = loop {
             attempts += 1;
-            match c.put(format!("{}/v1/sys/init", self.api)).json(&body).send().await {
+            match c
+                .put(format!("{}/v1/sys/init", self.api))
+                .json(&body)
+                .send()
+                .await
+            {
                 Ok(r) => break r,
-                Err(e) if e.is_connect() && attempts < 10 => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(e) if e.is_connect() && attempts < 10 => {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
                 Err(e) => return Err(TierFailure::Other(format!("init: {}", e.without_url()))),
             }
         };
         let status = resp.status().as_u16();
         let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
         if status == 400 && String::from_utf8_lossy(&bytes).contains("already initialized") {
-            return Err(TierFailure::AlreadyDone("Vault is already initialized".into()));
+            return Err(TierFailure::AlreadyDone(
+                "Vault is already initialized".into(),
+            ));
         }
         if status != 200 {
             bytes.zeroize();
@@ -96,7 +117,8 @@ impl Tier for VaultTier {
         }
         let parsed: Result<InitResponse, _> = serde_json::from_slice(&bytes);
         bytes.zeroize();
-        let mut init = parsed.map_err(|_| TierFailure::Other("init response did not parse".into()))?;
+        let mut init =
+            parsed.map_err(|_| TierFailure::Other("init response did not parse".into()))?;
         let secrets = VaultSecrets {
             kind: "vault-init".into(),
             recovery_keys_base64: std::mem::take(&mut init.recovery_keys_base64),
@@ -107,7 +129,8 @@ impl Tier for VaultTier {
     }
 
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
-        let s: VaultSecrets = serde_json::from_slice(secrets).map_err(|_| "escrow payload did not parse".to_string())?;
+        let s: VaultSecrets = serde_json::from_slice(secrets)
+            .map_err(|_| "escrow payload did not parse".to_string())?;
         let token = Zeroizing::new(s.root_token.clone());
         drop(s);
         // Auto-unseal follows init within seconds; the active node then takes writes.
@@ -115,13 +138,18 @@ impl Tier for VaultTier {
         loop {
             match self.seal_status().await {
                 Ok(st) if !st.sealed => break,
-                _ if start.elapsed() > Duration::from_secs(60) => return Err("Vault did not unseal within 60s of init".into()),
+                _ if start.elapsed() > Duration::from_secs(60) => {
+                    return Err("Vault did not unseal within 60s of init".into())
+                }
                 _ => tokio::time::sleep(Duration::from_millis(300)).await,
             }
         }
         let c = self.client(Duration::from_secs(30))?;
         let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
-            c.request(method, format!("{}{path}", self.api)).header("X-Vault-Token", token.as_str()).json(&body).send()
+            c.request(method, format!("{}{path}", self.api))
+                .header("X-Vault-Token", token.as_str())
+                .json(&body)
+                .send()
         };
         let mut last = String::new();
         for _ in 0..40 {

@@ -91,12 +91,18 @@ pub fn seal(
     wrapped_key: &[u8],
     created_unix: i64,
 ) -> Result<Envelope, EnvelopeError> {
-    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.bytes()).map_err(|_| EnvelopeError::BadKey)?);
+    let aead = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key.bytes()).map_err(|_| EnvelopeError::BadKey)?,
+    );
     let mut nonce = [0u8; NONCE_LEN];
     aws_lc_rs::rand::fill(&mut nonce).expect("system RNG");
     let aad = Envelope::aad(escrow_id, cluster, tier);
     let mut buf: Vec<u8> = std::mem::take(&mut *plaintext);
-    let r = aead.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut buf);
+    let r = aead.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(&aad[..]),
+        &mut buf,
+    );
     if r.is_err() {
         buf.zeroize();
         return Err(EnvelopeError::BadKey);
@@ -117,13 +123,25 @@ pub fn seal(
 
 /// Decrypts an envelope with its (unwrapped) data key.
 pub fn open(env: &Envelope, key: &DataKey) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
-    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.bytes()).map_err(|_| EnvelopeError::BadKey)?);
-    let nonce: [u8; NONCE_LEN] =
-        B64.decode(&env.nonce).ok().and_then(|n| n.try_into().ok()).ok_or(EnvelopeError::Malformed("nonce"))?;
-    let mut buf = Zeroizing::new(B64.decode(&env.ciphertext).map_err(|_| EnvelopeError::Malformed("ciphertext"))?);
+    let aead = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key.bytes()).map_err(|_| EnvelopeError::BadKey)?,
+    );
+    let nonce: [u8; NONCE_LEN] = B64
+        .decode(&env.nonce)
+        .ok()
+        .and_then(|n| n.try_into().ok())
+        .ok_or(EnvelopeError::Malformed("nonce"))?;
+    let mut buf = Zeroizing::new(
+        B64.decode(&env.ciphertext)
+            .map_err(|_| EnvelopeError::Malformed("ciphertext"))?,
+    );
     let aad = Envelope::aad(&env.escrow_id, &env.cluster, &env.tier);
     let plain_len = aead
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut buf[..])
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..]),
+            &mut buf[..],
+        )
         .map_err(|_| EnvelopeError::Decrypt)?
         .len();
     buf.truncate(plain_len);
@@ -138,14 +156,28 @@ mod tests {
     fn round_trip_and_tamper_detection() {
         let k = DataKey::generate();
         let secret = b"root-token-s.abc123".to_vec();
-        let env = seal(&k, Zeroizing::new(secret.clone()), "e1", "lab", "vault", "kid/1", b"wrapped", 1).unwrap();
+        let env = seal(
+            &k,
+            Zeroizing::new(secret.clone()),
+            "e1",
+            "lab",
+            "vault",
+            "kid/1",
+            b"wrapped",
+            1,
+        )
+        .unwrap();
         assert!(!String::from_utf8_lossy(&env.to_json()).contains("root-token"));
         assert_eq!(&open(&env, &k).unwrap()[..], &secret[..]);
         let other = DataKey::generate();
         assert_eq!(open(&env, &other).unwrap_err(), EnvelopeError::Decrypt);
         let mut moved = env.clone();
         moved.tier = "consul".into();
-        assert_eq!(open(&moved, &k).unwrap_err(), EnvelopeError::Decrypt, "AAD binds cluster/tier/id");
+        assert_eq!(
+            open(&moved, &k).unwrap_err(),
+            EnvelopeError::Decrypt,
+            "AAD binds cluster/tier/id"
+        );
         assert_eq!(env.ciphertext_sha256().len(), 64);
         assert!(!format!("{k:?}").contains(&hex::encode(k.bytes())));
     }

@@ -51,14 +51,21 @@ pub struct Prepared {
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prepared").field("escrow_id", &self.escrow_id).field("kek_id", &self.kek_id).finish_non_exhaustive()
+        f.debug_struct("Prepared")
+            .field("escrow_id", &self.escrow_id)
+            .field("kek_id", &self.kek_id)
+            .finish_non_exhaustive()
     }
 }
 
 pub fn new_escrow_id() -> String {
     let mut b = [0u8; 8];
     aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-    format!("{}-{}", time::OffsetDateTime::now_utc().unix_timestamp(), hex::encode(b))
+    format!(
+        "{}-{}",
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+        hex::encode(b)
+    )
 }
 
 pub fn policy() -> RetryPolicy {
@@ -83,16 +90,28 @@ pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Pre
         let keys = &keys;
         async move {
             let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-            keys.wrap_key(ESCROW_KEY_NAME, body, None).await?.into_model()
+            keys.wrap_key(ESCROW_KEY_NAME, body, None)
+                .await?
+                .into_model()
         }
     })
     .await?;
     let kek_id = result.kid.clone().unwrap_or_default();
     let wrapped = result.result.clone().unwrap_or_default();
     if kek_id.is_empty() || wrapped.is_empty() {
-        return Err(AzureError { what: "escrow key wrap".into(), status: None, code: None, detail: "response lacks kid or value".into() });
+        return Err(AzureError {
+            what: "escrow key wrap".into(),
+            status: None,
+            code: None,
+            detail: "response lacks kid or value".into(),
+        });
     }
-    Ok(Prepared { escrow_id: new_escrow_id(), key, kek_id, wrapped })
+    Ok(Prepared {
+        escrow_id: new_escrow_id(),
+        key,
+        kek_id,
+        wrapped,
+    })
 }
 
 pub fn spool_dir(state_dir: &Path) -> PathBuf {
@@ -102,18 +121,35 @@ pub fn spool_dir(state_dir: &Path) -> PathBuf {
 /// Writes the envelope to the local spool (0600, fsynced, atomic) — before any upload.
 pub fn spool(state_dir: &Path, env: &Envelope) -> Result<PathBuf, files::FileError> {
     let path = spool_dir(state_dir).join(format!("{}-{}.json", env.tier, env.escrow_id));
-    files::ensure_dir(&files::DirSpec { path: spool_dir(state_dir), mode: 0o700, owner: Owner::Current })?;
-    files::write_atomic(&FileSpec { path: path.clone(), content: env.to_json(), mode: 0o600, owner: Owner::Current, secret: false })?;
+    files::ensure_dir(&files::DirSpec {
+        path: spool_dir(state_dir),
+        mode: 0o700,
+        owner: Owner::Current,
+    })?;
+    files::write_atomic(&FileSpec {
+        path: path.clone(),
+        content: env.to_json(),
+        mode: 0o600,
+        owner: Owner::Current,
+        secret: false,
+    })?;
     Ok(path)
 }
 
 /// Envelopes still waiting for upload (a crash between spool and receipt).
 pub fn pending(state_dir: &Path) -> Vec<(PathBuf, Envelope)> {
-    let Ok(rd) = std::fs::read_dir(spool_dir(state_dir)) else { return vec![] };
+    let Ok(rd) = std::fs::read_dir(spool_dir(state_dir)) else {
+        return vec![];
+    };
     let mut v: Vec<_> = rd
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| Some((e.path(), serde_json::from_slice::<Envelope>(&std::fs::read(e.path()).ok()?).ok()?)))
+        .filter_map(|e| {
+            Some((
+                e.path(),
+                serde_json::from_slice::<Envelope>(&std::fs::read(e.path()).ok()?).ok()?,
+            ))
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -125,12 +161,18 @@ pub fn blob_name(env: &Envelope) -> String {
 
 pub fn secret_name(env: &Envelope) -> String {
     // Key Vault secret names: 1-127 alphanumerics and dashes.
-    format!("{}-{}-{}", env.cluster, env.tier, env.escrow_id).replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
+    format!("{}-{}-{}", env.cluster, env.tier, env.escrow_id)
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
 }
 
 /// Create-only upload to the `escrow` container. A 409 for our own unique name means an earlier attempt
 /// (whose answer was lost) already wrote it.
-pub async fn upload_blob(az: &Azure, t: &Targets, env: &Envelope, policy: RetryPolicy) -> Result<Receipt, AzureError> {
+pub async fn upload_blob(
+    az: &Azure,
+    t: &Targets,
+    env: &Envelope,
+    policy: RetryPolicy,
+) -> Result<Receipt, AzureError> {
     let name = blob_name(env);
     let blob = az.blob(&t.blob_endpoint, ESCROW_CONTAINER, &name)?;
     let body = env.to_json();
@@ -139,13 +181,17 @@ pub async fn upload_blob(az: &Azure, t: &Targets, env: &Envelope, policy: RetryP
         let body = body.clone();
         async move {
             let opts = BlobClientUploadOptions::default().if_not_exists();
-            blob.upload(RequestContent::from(body), Some(opts)).await.map(|_| ())
+            blob.upload(RequestContent::from(body), Some(opts))
+                .await
+                .map(|_| ())
         }
     })
     .await;
     match r {
         Ok(()) => {}
-        Err(e) if e.is(409) => tracing::info!(object = %name, "escrow blob already present (earlier attempt landed)"),
+        Err(e) if e.is(409) => {
+            tracing::info!(object = %name, "escrow blob already present (earlier attempt landed)")
+        }
         Err(e) => return Err(e),
     }
     Ok(Receipt {
@@ -158,7 +204,12 @@ pub async fn upload_blob(az: &Azure, t: &Targets, env: &Envelope, policy: RetryP
 }
 
 /// Writes the envelope as a new secret in the escrow vault (setSecret permission only).
-pub async fn upload_keyvault(az: &Azure, t: &Targets, env: &Envelope, policy: RetryPolicy) -> Result<Receipt, AzureError> {
+pub async fn upload_keyvault(
+    az: &Azure,
+    t: &Targets,
+    env: &Envelope,
+    policy: RetryPolicy,
+) -> Result<Receipt, AzureError> {
     let secrets = az.secrets(&t.escrow_vault_uri)?;
     let name = secret_name(env);
     let value = String::from_utf8(env.to_json()).expect("JSON is UTF-8");
@@ -175,7 +226,12 @@ pub async fn upload_keyvault(az: &Azure, t: &Targets, env: &Envelope, policy: Re
         }
     })
     .await?;
-    let version = bundle.id.as_deref().and_then(|id| id.rsplit('/').next()).unwrap_or("").to_string();
+    let version = bundle
+        .id
+        .as_deref()
+        .and_then(|id| id.rsplit('/').next())
+        .unwrap_or("")
+        .to_string();
     Ok(Receipt {
         target: "keyvault".into(),
         object: name,
