@@ -77,8 +77,36 @@ impl AzureError {
     }
 }
 
-/// Runs one SDK call under `policy`, classifying failures.
-pub async fn call<T, F, Fut>(policy: RetryPolicy, what: &str, mut f: F) -> Result<T, AzureError>
+/// Runs one SDK call under `policy`, classifying failures (403 retried: role assignments still propagating).
+pub async fn call<T, F, Fut>(policy: RetryPolicy, what: &str, f: F) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    call_classified(policy, what, AzureError::retryable, f).await
+}
+
+/// Like [`call`], but a 403 is final: for operators, whose permissions are not in the middle of being granted.
+pub async fn call_strict<T, F, Fut>(policy: RetryPolicy, what: &str, f: F) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    call_classified(
+        policy,
+        what,
+        |e: &AzureError| !e.is(403) && e.retryable(),
+        f,
+    )
+    .await
+}
+
+async fn call_classified<T, F, Fut>(
+    policy: RetryPolicy,
+    what: &str,
+    retryable: fn(&AzureError) -> bool,
+    mut f: F,
+) -> Result<T, AzureError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = azure_core::Result<T>>,
@@ -90,7 +118,7 @@ where
                 Ok(v) => Attempt::Done(v),
                 Err(e) => {
                     let err = AzureError::from_sdk(what, &e);
-                    if err.retryable() {
+                    if retryable(&err) {
                         Attempt::Retry(err)
                     } else {
                         Attempt::Fail(err)
@@ -212,5 +240,69 @@ impl Azure {
         };
         SecretClient::new(vault_uri, self.credential.clone(), Some(opts))
             .map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(status: Option<u16>, detail: &str) -> AzureError {
+        AzureError {
+            what: "t".into(),
+            status,
+            code: None,
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn retryable_and_final_statuses() {
+        for s in [401, 403, 408, 429, 500, 502, 503, 504] {
+            assert!(e(Some(s), "").retryable(), "{s} is retried");
+        }
+        for s in [400, 404, 409, 412] {
+            assert!(!e(Some(s), "").retryable(), "{s} is final");
+        }
+        assert!(e(None, "cannot connect").retryable());
+        assert!(!e(None, "credential: no token").retryable());
+    }
+
+    #[tokio::test]
+    async fn strict_calls_stop_at_403_and_lenient_ones_retry_it() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let policy = RetryPolicy {
+            deadline: Duration::from_millis(300),
+            attempt_timeout: Duration::from_millis(100),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(10),
+        };
+        let forbidden = || {
+            azure_core::Error::new(
+                ErrorKind::HttpResponse {
+                    status: azure_core::http::StatusCode::Forbidden,
+                    error_code: None,
+                    raw_response: None,
+                },
+                "forbidden",
+            )
+        };
+        let n = AtomicU32::new(0);
+        let r: Result<(), _> = call_strict(policy, "x", || {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Err(forbidden()) }
+        })
+        .await;
+        assert!(r.unwrap_err().is(403));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        let n = AtomicU32::new(0);
+        let r: Result<(), _> = call(policy, "x", || {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Err(forbidden()) }
+        })
+        .await;
+        let err = r.unwrap_err();
+        assert!(err.is(403) && err.detail.contains("gave up"), "{err}");
+        assert!(n.load(Ordering::SeqCst) > 1);
     }
 }

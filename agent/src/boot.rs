@@ -453,31 +453,55 @@ async fn boot_inner(
 }
 
 /// The one-time tier bootstrap (server tiers only), after the services run. Updates and rewrites the boot record.
-pub async fn bootstrap_phase(cfg: &AgentConfig, booted: &mut Booted) -> Result<Option<crate::bootstrap::Outcome>, crate::bootstrap::BootstrapError> {
+pub async fn bootstrap_phase(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<Option<crate::bootstrap::Outcome>, crate::bootstrap::BootstrapError> {
     use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
     let spec = &booted.spec;
     let layout = Layout::new(&cfg.paths.root);
-    let (Some(blob), Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone()) else {
+    let (Some(blob), Some(escrow_vault)) =
+        (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
+    else {
         return Ok(None);
     };
-    if !cfg.bootstrap.enabled || !matches!(spec.role, crate::node::Role::ConsulServer | crate::node::Role::VaultServer) {
+    if !cfg.bootstrap.enabled
+        || !matches!(
+            spec.role,
+            crate::node::Role::ConsulServer | crate::node::Role::VaultServer
+        )
+    {
         return Ok(None);
     }
     let imds = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
-    let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(imds, spec.identity_client_id.clone()));
-    let az = crate::azure::Azure::new(credential, cfg.azure.extra_ca_file.as_deref(), cfg.azure.verify_challenge_resource)
-        .map_err(|message| bootstrap::BootstrapError::Tier { tier: spec.role.to_string(), message })?;
+    let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
+        imds,
+        spec.identity_client_id.clone(),
+    ));
+    let az = crate::azure::Azure::new(
+        credential,
+        cfg.azure.extra_ca_file.as_deref(),
+        cfg.azure.verify_challenge_resource,
+    )
+    .map_err(|message| bootstrap::BootstrapError::Tier {
+        tier: spec.role.to_string(),
+        message,
+    })?;
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
     let ctx = Ctx {
         az,
-        targets: crate::escrow::Targets { blob_endpoint: blob, escrow_vault_uri: escrow_vault },
+        targets: crate::escrow::Targets {
+            blob_endpoint: blob,
+            escrow_vault_uri: escrow_vault,
+        },
         cluster: spec.cluster.clone(),
         node: spec.node_name.clone(),
         state_dir: layout.state_dir(),
         policy,
         follower_deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs),
         crash_at: cfg.faults.crash_at,
+        lease_secs: cfg.bootstrap.lease_secs as i32,
     };
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {
@@ -505,7 +529,12 @@ pub async fn bootstrap_phase(cfg: &AgentConfig, booted: &mut Booted) -> Result<O
     match &result {
         Ok(o) => {
             booted.record.phase = Phase::Done;
-            booted.record.bootstrap = Some(serde_json::to_value(o).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default());
+            booted.record.bootstrap = Some(
+                serde_json::to_value(o)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+            );
         }
         Err(e) => {
             booted.record.ok = false;

@@ -52,6 +52,8 @@ pub struct BootstrapConfig {
     pub follower_deadline_secs: u64,
     /// Deadline for each Azure call (retries included).
     pub azure_deadline_secs: u64,
+    /// Leader lease length (Azure allows 15–60 s).
+    pub lease_secs: u32,
 }
 
 impl Default for BootstrapConfig {
@@ -61,6 +63,7 @@ impl Default for BootstrapConfig {
             recovery_shares: 5,
             recovery_threshold: 3,
             follower_deadline_secs: 900,
+            lease_secs: 60,
             azure_deadline_secs: 120,
         }
     }
@@ -298,6 +301,11 @@ impl AgentConfig {
             ));
         }
         let b = &self.bootstrap;
+        if !(15..=60).contains(&b.lease_secs) {
+            return Err(
+                "bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)".into(),
+            );
+        }
         if b.recovery_threshold == 0 || b.recovery_threshold > b.recovery_shares {
             return Err(
                 "bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares"

@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub const COORDINATION_CONTAINER: &str = "coordination";
+/// Azure allows leases of 15 to 60 seconds; renewal runs every third of the lease.
 pub const LEASE_SECS: i32 = 60;
-pub const RENEW_EVERY: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 #[error("leadership of {tier} lost (lease not renewed in time)")]
@@ -65,6 +65,7 @@ pub async fn try_acquire(
     cluster: &str,
     tier: &str,
     policy: RetryPolicy,
+    lease_secs: i32,
 ) -> Result<Option<Leadership>, AzureError> {
     let blob = az.blob(
         blob_endpoint,
@@ -98,7 +99,7 @@ pub async fn try_acquire(
                 proposed_lease_id: Some(id),
                 ..Default::default()
             };
-            blob.acquire_lease(LEASE_SECS, Some(opts)).await.map(|_| ())
+            blob.acquire_lease(lease_secs, Some(opts)).await.map(|_| ())
         }
     })
     .await;
@@ -118,6 +119,7 @@ pub async fn try_acquire(
         lease_id.clone(),
         tier.to_string(),
         tx,
+        lease_secs,
     ));
     tracing::info!(tier, "won the leader lease");
     Ok(Some(Leadership {
@@ -129,11 +131,17 @@ pub async fn try_acquire(
     }))
 }
 
-async fn renew_loop(blob: BlobClient, lease_id: String, tier: String, tx: watch::Sender<bool>) {
+async fn renew_loop(
+    blob: BlobClient,
+    lease_id: String,
+    tier: String,
+    tx: watch::Sender<bool>,
+    lease_secs: i32,
+) {
     let mut last_ok = Instant::now();
     loop {
-        tokio::time::sleep(RENEW_EVERY).await;
-        let expires = last_ok + Duration::from_secs(LEASE_SECS as u64);
+        tokio::time::sleep(Duration::from_secs(lease_secs as u64 / 3)).await;
+        let expires = last_ok + Duration::from_secs(lease_secs as u64);
         let remaining = expires
             .saturating_duration_since(Instant::now())
             .saturating_sub(Duration::from_secs(2));

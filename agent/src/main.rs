@@ -66,10 +66,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Operators: recover or check escrowed bootstrap secrets with your own Azure identity.
+    Escrow {
+        #[command(subcommand)]
+        command: EscrowCommand,
+    },
     /// Checks of the VM image itself.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct EscrowTarget {
+    /// Cluster name (the `hashistack-cluster` tag).
+    #[arg(long)]
+    cluster: String,
+    /// Storage account blob endpoint (ARM output `blobEndpoint`).
+    #[arg(long, env = "HASHISTACK_BLOB_ENDPOINT")]
+    blob_endpoint: String,
+    /// Escrow Key Vault URI (ARM output `escrowVaultUri`).
+    #[arg(long, env = "HASHISTACK_ESCROW_VAULT_URI")]
+    escrow_vault_uri: String,
+    /// Whose identity: `azure-cli` (your `az login`) or `imds` (a managed identity, e.g. an operator VM).
+    #[arg(long, value_enum, default_value = "azure-cli")]
+    credential: CredentialKind,
+    /// IMDS endpoint for `--credential imds`.
+    #[arg(long, default_value = "http://169.254.169.254")]
+    imds_endpoint: String,
+    /// Extra CA to trust for the endpoints (the lab's emulators).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Accept a Key Vault challenge naming another host (only for the lab's Key Vault on 127.x).
+    #[arg(long)]
+    lab: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CredentialKind {
+    AzureCli,
+    Imds,
+}
+
+#[derive(Subcommand)]
+enum EscrowCommand {
+    /// Fetch, unwrap and decrypt a tier's escrowed secrets (recovery keys, root/bootstrap tokens).
+    Open {
+        #[command(flatten)]
+        target: EscrowTarget,
+        /// consul, vault or nomad
+        #[arg(long)]
+        tier: String,
+        /// Write the secrets to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check that every escrow receipt has a matching object, without decrypting anything.
+    Verify {
+        #[command(flatten)]
+        target: EscrowTarget,
     },
 }
 
@@ -134,6 +190,7 @@ async fn main() -> ExitCode {
                 Err(e) => fail(2, e),
             }
         }
+        Command::Escrow { command } => run_escrow(command).await,
         Command::Image {
             command: ImageCommand::Verify { root },
         } => run_image_verify(&root),
@@ -275,6 +332,114 @@ fn run_image_verify(root: &std::path::Path) -> ExitCode {
         Err(failed) => {
             eprintln!("{failed}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn escrow_azure(t: &EscrowTarget) -> Result<hashistack_agent::azure::Azure, String> {
+    use std::sync::Arc;
+    let credential: Arc<dyn azure_core::credentials::TokenCredential> = match t.credential {
+        CredentialKind::AzureCli => azure_identity::AzureCliCredential::new(None)
+            .map_err(|e| format!("Azure CLI credential: {e}"))?,
+        CredentialKind::Imds => {
+            let imds = hashistack_agent::imds::ImdsClient::new(
+                &t.imds_endpoint,
+                hashistack_agent::retry::RetryPolicy::imds(std::time::Duration::from_secs(30)),
+            );
+            Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None))
+        }
+    };
+    hashistack_agent::azure::Azure::new(credential, t.ca_file.as_deref(), !t.lab)
+}
+
+fn normalise(url: &str) -> String {
+    if url.ends_with('/') {
+        url.to_string()
+    } else {
+        format!("{url}/")
+    }
+}
+
+async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
+    use hashistack_agent::escrow::{self, operator, Targets};
+    let (EscrowCommand::Open { target, .. } | EscrowCommand::Verify { target }) = &cmd;
+    let az = match escrow_azure(target) {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let targets = Targets {
+        blob_endpoint: normalise(&target.blob_endpoint),
+        escrow_vault_uri: normalise(&target.escrow_vault_uri),
+    };
+    let mut policy = escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(60);
+    match &cmd {
+        EscrowCommand::Open { target, tier, out } => {
+            if !operator::TIERS.contains(&tier.as_str()) {
+                return fail(
+                    2,
+                    format!("--tier {tier:?}: expected consul, vault or nomad"),
+                );
+            }
+            let plain = match operator::open(&az, &targets, &target.cluster, tier, policy).await {
+                Ok(p) => p,
+                Err(e) => return fail(1, e),
+            };
+            match out {
+                Some(path) => {
+                    let f = hashistack_agent::files::FileSpec {
+                        path: path.clone(),
+                        content: plain.to_vec(),
+                        mode: 0o600,
+                        owner: hashistack_agent::files::Owner::Current,
+                        secret: true,
+                    };
+                    if let Err(e) = hashistack_agent::files::write_atomic(&f) {
+                        return fail(1, e);
+                    }
+                    eprintln!(
+                        "secrets of {}/{tier} written to {} (mode 0600)",
+                        target.cluster,
+                        path.display()
+                    );
+                }
+                None => {
+                    use std::io::Write;
+                    let mut so = std::io::stdout();
+                    let _ = so.write_all(&plain);
+                    let _ = so.write_all(b"\n");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        EscrowCommand::Verify { target } => {
+            match operator::verify(&az, &targets, &target.cluster, policy).await {
+                Ok(lines) => {
+                    let bad = lines.iter().filter(|l| !l.ok).count();
+                    for l in &lines {
+                        println!(
+                            "{:<4} {:<7} {:<9} {:<60} {}",
+                            if l.ok { "ok" } else { "BAD" },
+                            l.tier,
+                            l.target,
+                            l.object,
+                            l.detail
+                        );
+                    }
+                    if lines.is_empty() {
+                        println!(
+                            "no tier of cluster {} has been bootstrapped",
+                            target.cluster
+                        );
+                    }
+                    if bad == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(1, e),
+            }
         }
     }
 }

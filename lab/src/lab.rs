@@ -36,6 +36,8 @@ pub struct LabOptions {
     pub keep: bool,
     /// Run (and wait for) the one-time tier bootstrap: Vault init, Consul ACL bootstrap, escrow.
     pub bootstrap: bool,
+    /// Start every node's agent in `up` (tests that stage boots themselves turn this off).
+    pub start_agents: bool,
     /// Print progress lines.
     pub verbose: bool,
 }
@@ -50,6 +52,7 @@ impl LabOptions {
             vault_servers: 3,
             keep: false,
             bootstrap: true,
+            start_agents: true,
             verbose: false,
         }
     }
@@ -290,9 +293,11 @@ impl Lab {
             lab.add_node(def).await?;
         }
         let n = lab.nodes.len();
-        say(&lab.opts, format!("booting {n} agents"));
-        for i in 0..n {
-            lab.start_agent(i)?;
+        if lab.opts.start_agents {
+            say(&lab.opts, format!("booting {n} agents"));
+            for i in 0..n {
+                lab.start_agent(i)?;
+            }
         }
         Ok(lab)
     }
@@ -569,7 +574,19 @@ impl Lab {
         c.bootstrap.enabled = o.bootstrap;
         c.bootstrap.follower_deadline_secs = 300;
         c.bootstrap.azure_deadline_secs = 60;
+        // Azure's shortest lease: a crashed leader's lease frees up in 15 s instead of 60.
+        c.bootstrap.lease_secs = 15;
         c
+    }
+
+    pub fn node_config(&self, i: usize) -> AgentConfig {
+        AgentConfig::load(&self.nodes[i].config_path).expect("lab-written agent config")
+    }
+
+    pub fn write_node_config(&self, i: usize, cfg: &AgentConfig) -> Result<(), LabError> {
+        let text =
+            toml::to_string(cfg).map_err(|e| LabError::Failed(format!("agent config: {e}")))?;
+        std::fs::write(&self.nodes[i].config_path, text).map_err(io("agent.toml"))
     }
 
     /// Adds a node: its root directory, agent config and fake IMDS (not yet its agent).

@@ -53,3 +53,56 @@ pub fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// The agent binary the lab runs.
+pub fn agent(lab: &Lab) -> PathBuf {
+    lab.tools.agent.clone()
+}
+
+/// `hashistack-agent escrow open` against the lab as the identity behind `imds_endpoint`.
+pub fn escrow_cmd(lab: &Lab, imds_endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(agent(lab))
+        .arg("escrow")
+        .args(args)
+        .args(["--cluster", &lab.opts.cluster])
+        .args(["--blob-endpoint", &lab.blob_endpoint()])
+        .args(["--escrow-vault-uri", &lab.escrow_vault_uri()])
+        .args([
+            "--credential",
+            "imds",
+            "--imds-endpoint",
+            imds_endpoint,
+            "--lab",
+        ])
+        .arg("--ca-file")
+        .arg(&lab.ca_cert)
+        .output()
+        .expect("run hashistack-agent escrow")
+}
+
+/// Every file under `dir` whose content contains any of `needles`, skipping the given subpaths.
+pub fn files_containing(dir: &Path, needles: &[String], skip: &[&str]) -> Vec<PathBuf> {
+    fn walk(d: &Path, needles: &[String], skip: &[&str], out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if skip.iter().any(|s| p.to_string_lossy().contains(s)) {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, needles, skip, out);
+            } else if let Ok(b) = std::fs::read(&p) {
+                let text = String::from_utf8_lossy(&b);
+                if needles
+                    .iter()
+                    .any(|n| !n.is_empty() && text.contains(n.as_str()))
+                {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, needles, skip, &mut out);
+    out
+}

@@ -97,6 +97,7 @@ pub struct Ctx {
     /// How long followers wait for the leader's bootstrap to finish.
     pub follower_deadline: Duration,
     pub crash_at: Option<CrashPoint>,
+    pub lease_secs: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +186,7 @@ pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> 
             &ctx.cluster,
             name,
             ctx.policy,
+            ctx.lease_secs,
         )
         .await?
         {
@@ -258,7 +260,12 @@ async fn lead_bootstrap(
             save(ctx, &state).await?;
             std::fs::remove_file(path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
         }
-        state.set(TierPhase::Done, &ctx.node, state.message.clone());
+        // The root credential died with the interrupted run: configuration that needed it is the operator's.
+        let note = format!(
+            "escrow completed from the local spool after an interruption; post-bootstrap configuration of {name} \
+             (audit device, autopilot) may be missing: see docs/bootstrap.md#finish-configuration"
+        );
+        state.set(TierPhase::Done, &ctx.node, Some(note));
         save(ctx, &state).await?;
         return Ok(Outcome::Recovered);
     }

@@ -3,6 +3,7 @@
 //! never read; operators recover with `hashistack-agent escrow open`.
 
 pub mod envelope;
+pub mod operator;
 
 use crate::azure::{call, Azure, AzureError};
 use crate::files::{self, FileSpec, Owner};

@@ -1,0 +1,348 @@
+//! End-to-end bootstrap: exactly one init per tier, escrow that operators can open and VMs cannot, and
+//! crash injection at every phase boundary (real Azurite, the Key Vault contract double, real Consul 1.8.7
+//! and OpenBao).
+
+use hashistack_agent::bootstrap::CrashPoint;
+use hashistack_agent::coordination::TierPhase;
+use hashistack_agent::node::Role;
+use hashistack_e2e::{escrow_cmd, files_containing, healthy_lab, options, tools};
+use hashistack_lab::Lab;
+use serde_json::Value;
+use std::time::Duration;
+
+fn count_outcome(lab: &Lab, role: Role, outcome: &str) -> usize {
+    (0..lab.nodes.len())
+        .filter(|&i| lab.nodes[i].def.role == role)
+        .filter(|&i| lab.boot_record(i).and_then(|r| r.bootstrap).as_deref() == Some(outcome))
+        .count()
+}
+
+async fn assert_done_and_escrowed(lab: &Lab, tier: &str) {
+    let st = lab
+        .tier_state(tier)
+        .await
+        .unwrap_or_else(|| panic!("{tier}: no coordination state"));
+    assert_eq!(st.phase, TierPhase::Done, "{tier}: {st:?}");
+    for target in ["blob", "keyvault"] {
+        assert!(
+            st.receipts.iter().any(|r| r.target == target),
+            "{tier}: no {target} receipt: {st:?}"
+        );
+    }
+    let inits = st
+        .history
+        .iter()
+        .filter(|(p, _, _)| *p == TierPhase::Initializing)
+        .count();
+    assert_eq!(
+        inits, 1,
+        "{tier}: initialized more than once: {:?}",
+        st.history
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
+    let mut lab = healthy_lab(options("escrow", 84)).await;
+    assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
+    assert_eq!(count_outcome(&lab, Role::ConsulServer, "bootstrapped"), 1);
+    assert_done_and_escrowed(&lab, "vault").await;
+    assert_done_and_escrowed(&lab, "consul").await;
+
+    // The operator recovers working secrets.
+    let operator = lab.operator_imds().await.unwrap();
+    let out_file = lab.opts.state_dir.join("recovered-vault.json");
+    let o = escrow_cmd(
+        &lab,
+        &operator,
+        &[
+            "open",
+            "--tier",
+            "vault",
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "escrow open: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let vault: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let root = vault["root_token"].as_str().unwrap().to_string();
+    let keys: Vec<String> = vault["recovery_keys_base64"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys.len(), 5);
+    let http = lab.https();
+    let vault_ip = lab
+        .nodes
+        .iter()
+        .find(|n| n.def.role == Role::VaultServer)
+        .unwrap()
+        .def
+        .ip;
+    let r = http
+        .get(format!("https://{vault_ip}:8200/v1/auth/token/lookup-self"))
+        .header("X-Vault-Token", &root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "recovered root token authenticates"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(body["data"]["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "root"));
+
+    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "consul"]);
+    assert!(
+        o.status.success(),
+        "escrow open consul: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let consul: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let secret_id = consul["secret_id"].as_str().unwrap().to_string();
+    let consul_ip = lab.nodes[0].def.ip;
+    let r = http
+        .get(format!("https://{consul_ip}:8501/v1/acl/token/self"))
+        .header("X-Consul-Token", &secret_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let tok: Value = r.json().await.unwrap();
+    assert!(
+        tok["Policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["Name"] == "global-management"),
+        "{tok}"
+    );
+
+    // Every receipt matches its object.
+    let o = escrow_cmd(&lab, &operator, &["verify"]);
+    assert!(
+        o.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("ok"))
+            .count(),
+        4
+    );
+
+    // A VM identity may write escrow but never read it back.
+    let vm_imds = format!("http://{vault_ip}:{}", hashistack_lab::lab::IMDS_PORT);
+    let o = escrow_cmd(&lab, &vm_imds, &["open", "--tier", "vault"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("403"), "{err}");
+    assert!(o.stdout.is_empty());
+
+    // No secret reached a log, a boot record, the spool, or escrow storage in the clear.
+    let mut needles = keys.clone();
+    needles.push(root.clone());
+    needles.push(secret_id.clone());
+    // Raft data holds tokens by design (Consul's state store); the operator's own output file is the point.
+    let leaks = files_containing(
+        &lab.opts.state_dir,
+        &needles,
+        &[
+            "/opt/consul/data",
+            "/opt/vault/data",
+            "recovered-vault.json",
+        ],
+    );
+    assert!(leaks.is_empty(), "secrets found in {leaks:?}");
+    lab.down().await;
+}
+
+async fn sized(net: u8, n: u8) {
+    let mut o = options(&format!("size{n}"), net);
+    o.consul_servers = n;
+    o.vault_servers = n;
+    let lab = healthy_lab(o).await;
+    assert_eq!(
+        count_outcome(&lab, Role::VaultServer, "bootstrapped"),
+        1,
+        "one Vault init among {n}"
+    );
+    assert_eq!(
+        count_outcome(&lab, Role::ConsulServer, "bootstrapped"),
+        1,
+        "one ACL bootstrap among {n}"
+    );
+    assert_eq!(
+        count_outcome(&lab, Role::VaultServer, "already-done"),
+        n as usize - 1
+    );
+    assert_done_and_escrowed(&lab, "vault").await;
+    assert_done_and_escrowed(&lab, "consul").await;
+    lab.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_servers_per_tier_bootstrap_once() {
+    sized(85, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_servers_per_tier_bootstrap_once() {
+    sized(86, 7).await;
+}
+
+/// Concurrency stress: STRESS_RUNS labs of 3 servers per tier (CI runs a few; ≥ 20 for a full stress run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_concurrent_boots_bootstrap_exactly_once() {
+    let runs: u32 = std::env::var("STRESS_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for run in 0..runs {
+        let lab = healthy_lab(options("stress", 87)).await;
+        assert_eq!(
+            count_outcome(&lab, Role::VaultServer, "bootstrapped"),
+            1,
+            "run {run}"
+        );
+        assert_eq!(
+            count_outcome(&lab, Role::ConsulServer, "bootstrapped"),
+            1,
+            "run {run}"
+        );
+        assert_done_and_escrowed(&lab, "vault").await;
+        assert_done_and_escrowed(&lab, "consul").await;
+        lab.down().await;
+    }
+}
+
+/// Kills the Vault tier's leader at `point`, then reboots it without the fault and lets the others boot.
+async fn crash_vault_leader(net: u8, point: CrashPoint) -> Lab {
+    let mut o = options(&format!("crash-{point:?}").to_lowercase(), net);
+    o.start_agents = false;
+    let mut lab = Lab::up(o, tools()).await.unwrap();
+    let v0 = lab
+        .nodes
+        .iter()
+        .position(|n| n.def.role == Role::VaultServer)
+        .unwrap();
+    // Consul servers boot normally; vault-0 boots alone with the fault, so it is the leader that dies.
+    for i in 0..lab.nodes.len() {
+        if lab.nodes[i].def.role == Role::ConsulServer {
+            lab.start_agent(i).unwrap();
+        }
+    }
+    let mut cfg = lab.node_config(v0);
+    cfg.faults.crash_at = Some(point);
+    lab.write_node_config(v0, &cfg).unwrap();
+    lab.start_agent(v0).unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        lab.nodes[v0].agent.as_mut().unwrap().child.wait(),
+    )
+    .await
+    .expect("the faulted agent dies")
+    .unwrap();
+    assert_eq!(status.code(), None, "killed by a signal at {point:?}");
+    lab.kill_agent(v0).await;
+    // Power back on, healthy this time, and the rest of the tier with it.
+    cfg.faults.crash_at = None;
+    lab.write_node_config(v0, &cfg).unwrap();
+    for i in 0..lab.nodes.len() {
+        if lab.nodes[i].def.role == Role::VaultServer {
+            lab.start_agent(i).unwrap();
+        }
+    }
+    lab
+}
+
+async fn crash_recovers(net: u8, point: CrashPoint) {
+    let lab = crash_vault_leader(net, point).await;
+    if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(150)).await {
+        panic!("{point:?}: {e}\n{}", h.table());
+    }
+    assert_done_and_escrowed(&lab, "vault").await;
+    let recovered_or_fresh = count_outcome(&lab, Role::VaultServer, "recovered")
+        + count_outcome(&lab, Role::VaultServer, "bootstrapped");
+    assert_eq!(
+        recovered_or_fresh, 1,
+        "{point:?}: exactly one node finished the bootstrap"
+    );
+    lab.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_lease_is_taken_over() {
+    crash_recovers(88, CrashPoint::AfterLease).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_spool_completes_escrow_at_next_boot() {
+    crash_recovers(89, CrashPoint::AfterSpool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_targets_completes_escrow_at_next_boot() {
+    crash_recovers(91, CrashPoint::BetweenTargets).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_receipt_completes_escrow_at_next_boot() {
+    crash_recovers(92, CrashPoint::BeforeReceipt).await;
+}
+
+/// The one window nothing can close: killed after init returned and before the secrets reached the disk.
+/// The tier must say so, with the recovery procedure, and never initialize again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_init_is_reported_for_the_operator_never_reinitialized() {
+    let lab = crash_vault_leader(94, CrashPoint::AfterInit).await;
+    let start = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = lab
+            .tier_state("vault")
+            .await
+            .filter(|s| s.phase == TierPhase::NeedsOperator)
+        {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no needs-operator state: {:?}",
+            lab.tier_state("vault").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let msg = st.message.unwrap();
+    assert!(
+        msg.contains("docs/bootstrap.md#bootstrapped-but-nothing-escrowed"),
+        "{msg}"
+    );
+    assert_eq!(
+        st.history
+            .iter()
+            .filter(|(p, _, _)| *p == TierPhase::Initializing)
+            .count(),
+        1,
+        "never a second init"
+    );
+    assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 0);
+    lab.down().await;
+}
