@@ -502,6 +502,7 @@ pub async fn bootstrap_phase(
         follower_deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs),
         crash_at: cfg.faults.crash_at,
         lease_secs: cfg.bootstrap.lease_secs as i32,
+        peer_grace: std::time::Duration::from_secs(cfg.bootstrap.peer_grace_secs),
     };
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {

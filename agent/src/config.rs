@@ -54,6 +54,8 @@ pub struct BootstrapConfig {
     pub azure_deadline_secs: u64,
     /// Leader lease length (Azure allows 15–60 s).
     pub lease_secs: u32,
+    /// How long another node's unfinished bootstrap may take to come back and finish (a VM reboot).
+    pub peer_grace_secs: u64,
 }
 
 impl Default for BootstrapConfig {
@@ -64,6 +66,7 @@ impl Default for BootstrapConfig {
             recovery_threshold: 3,
             follower_deadline_secs: 900,
             lease_secs: 60,
+            peer_grace_secs: 600,
             azure_deadline_secs: 120,
         }
     }

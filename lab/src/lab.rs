@@ -576,6 +576,7 @@ impl Lab {
         c.bootstrap.azure_deadline_secs = 60;
         // Azure's shortest lease: a crashed leader's lease frees up in 15 s instead of 60.
         c.bootstrap.lease_secs = 15;
+        c.bootstrap.peer_grace_secs = 90;
         c
     }
 
@@ -620,6 +621,8 @@ impl Lab {
 
     /// Powers a node on: runs its agent (`hashistack-agent boot`), which renders and starts its services.
     pub fn start_agent(&mut self, i: usize) -> Result<(), LabError> {
+        // A boot starts from nothing: no process of the node's previous life survives.
+        self.kill_node_services(i);
         let node = &self.nodes[i];
         let args = vec![
             "--log-format".into(),
@@ -649,11 +652,18 @@ impl Lab {
         }
     }
 
-    /// Power loss: SIGKILL the agent; its services die with it (PDEATHSIG).
+    /// Power loss: SIGKILL the agent and every service it started (a VM's processes do not survive it).
     pub async fn kill_agent(&mut self, i: usize) {
         if let Some(mut p) = self.nodes[i].agent.take() {
             p.kill().await;
         }
+        self.kill_node_services(i);
+    }
+
+    /// SIGKILLs the services recorded by the node's agent (pid files under its state directory).
+    pub fn kill_node_services(&self, i: usize) {
+        let pids = self.nodes[i].root.join("var/lib/hashistack/pids");
+        procs::signal_pid_files(&pids, nix::sys::signal::Signal::SIGKILL);
     }
 
     pub async fn reboot(&mut self, i: usize) -> Result<(), LabError> {
@@ -800,6 +810,7 @@ impl Lab {
     pub async fn down(mut self) {
         for i in (0..self.nodes.len()).rev() {
             self.stop_agent(i).await;
+            self.kill_node_services(i);
             self.nodes[i].imds_task.abort();
         }
         for t in self.extra_tasks.drain(..) {
@@ -818,6 +829,18 @@ impl Lab {
         let _ = std::fs::remove_file(self.opts.state_dir.join("lab.pid"));
         if !self.opts.keep {
             let _ = std::fs::remove_dir_all(&self.opts.state_dir);
+        }
+    }
+}
+
+impl Drop for Lab {
+    /// A lab dropped without `down` (a failed test): nothing it started may outlive it.
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if let Some(p) = self.nodes[i].agent.as_mut() {
+                let _ = p.child.start_kill();
+            }
+            self.kill_node_services(i);
         }
     }
 }

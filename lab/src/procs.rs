@@ -96,6 +96,11 @@ impl Proc {
 
 /// Stops processes recorded in `pid_dir` by a lab running in another process (`hashistack-lab down`).
 pub fn kill_pid_files(pid_dir: &Path) -> usize {
+    signal_pid_files(pid_dir, nix::sys::signal::Signal::SIGTERM)
+}
+
+/// Sends `sig` to every process recorded in `pid_dir` and removes the pid files.
+pub fn signal_pid_files(pid_dir: &Path, sig: nix::sys::signal::Signal) -> usize {
     let Ok(entries) = std::fs::read_dir(pid_dir) else {
         return 0;
     };
@@ -105,13 +110,7 @@ pub fn kill_pid_files(pid_dir: &Path) -> usize {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
-            if pid > 1
-                && nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                )
-                .is_ok()
-            {
+            if pid > 1 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok() {
                 n += 1;
             }
         }

@@ -98,6 +98,9 @@ pub struct Ctx {
     pub follower_deadline: Duration,
     pub crash_at: Option<CrashPoint>,
     pub lease_secs: i32,
+    /// How long an unfinished bootstrap by another node is given to complete from that node's spool before
+    /// the tier is reported as needing an operator.
+    pub peer_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,7 +213,21 @@ pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> 
                 };
                 let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
                 lead.release().await;
-                return r;
+                match r {
+                    Ok(Some(outcome)) => return Ok(outcome),
+                    Err(e) => return Err(e),
+                    // The node that initialized the tier may still come back with its spool: give it time.
+                    Ok(None) => {
+                        if start.elapsed() > ctx.follower_deadline {
+                            return Err(BootstrapError::Timeout {
+                                tier: name.into(),
+                                waited: ctx.follower_deadline,
+                                phase: "initialized, escrow pending on another node".into(),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
             }
             None => {
                 if !waited_logged {
@@ -242,7 +259,7 @@ async fn lead_bootstrap(
     lead: &Leadership,
     state: Option<TierState>,
     pending: Vec<(PathBuf, envelope::Envelope)>,
-) -> Result<Outcome, BootstrapError> {
+) -> Result<Option<Outcome>, BootstrapError> {
     let name = tier.name();
     let mut state = state.unwrap_or_else(|| TierState::new(&ctx.cluster, name, &ctx.node));
 
@@ -267,10 +284,10 @@ async fn lead_bootstrap(
         );
         state.set(TierPhase::Done, &ctx.node, Some(note));
         save(ctx, &state).await?;
-        return Ok(Outcome::Recovered);
+        return Ok(Some(Outcome::Recovered));
     }
     if state.phase == TierPhase::Done {
-        return Ok(Outcome::AlreadyDone);
+        return Ok(Some(Outcome::AlreadyDone));
     }
 
     // 2. Initialized before, but its secrets are neither spooled here nor escrowed: never init twice.
@@ -286,7 +303,11 @@ async fn lead_bootstrap(
         if escrowed {
             state.set(TierPhase::Done, &ctx.node, state.message.clone());
             save(ctx, &state).await?;
-            return Ok(Outcome::AlreadyDone);
+            return Ok(Some(Outcome::AlreadyDone));
+        }
+        if peer_may_finish(ctx, &state) {
+            tracing::info!(tier = name, leader = %state.leader, "initialized by another node whose escrow is not confirmed yet; waiting for it");
+            return Ok(None);
         }
         let msg = format!(
             "{name} is already initialized (by {} at {}), but no escrow receipt exists and no spooled copy is on {}. \
@@ -303,6 +324,7 @@ async fn lead_bootstrap(
     }
 
     // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
+    let state_before = state.clone();
     let prepared = escrow::prepare(&ctx.az, &ctx.targets, ctx.policy).await?;
     preflight(ctx, name, &prepared.escrow_id).await?;
     lead.check()?;
@@ -315,6 +337,12 @@ async fn lead_bootstrap(
     // 4. The bootstrap call, then straight to local disk.
     let secrets = match tier.bootstrap().await {
         Ok(s) => s,
+        Err(TierFailure::AlreadyDone(_)) if peer_may_finish(ctx, &state_before) => {
+            tracing::info!(tier = name, leader = %state_before.leader, "bootstrapped by another node whose escrow is not confirmed yet; waiting for it");
+            // Put back the other node's record (our pre-flight overwrote it), so its grace is not extended.
+            save(ctx, &state_before).await?;
+            return Ok(None);
+        }
         Err(TierFailure::AlreadyDone(detail)) => {
             let msg = format!(
                 "{name} reports it was already bootstrapped ({detail}) but nothing was escrowed: follow docs/bootstrap.md#{name}-already-bootstrapped"
@@ -372,7 +400,17 @@ async fn lead_bootstrap(
     state.set(TierPhase::Done, &ctx.node, state.message.clone());
     save(ctx, &state).await?;
     tracing::info!(tier = name, escrow_id = %prepared.escrow_id, "bootstrapped and escrowed");
-    Ok(Outcome::Bootstrapped)
+    Ok(Some(Outcome::Bootstrapped))
+}
+
+/// Whether the node that last led this tier (not us) may still come back and finish from its spool.
+fn peer_may_finish(ctx: &Ctx, state: &TierState) -> bool {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    matches!(
+        state.phase,
+        TierPhase::Initializing | TierPhase::Initialized
+    ) && state.leader != ctx.node
+        && now - state.updated_unix < ctx.peer_grace.as_secs() as i64
 }
 
 /// Writes a small non-secret object to each target so a permission problem is found before init.
