@@ -515,6 +515,7 @@ pub async fn bootstrap_phase(
                 recovery_threshold: cfg.bootstrap.recovery_threshold,
                 servers: v.servers,
                 audit_file: layout.log_dir().join("vault-audit.log"),
+                shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
             };
             bootstrap::run(&ctx, &tier).await
         }
@@ -522,6 +523,7 @@ pub async fn bootstrap_phase(
             let tier = ConsulTier {
                 api: format!("https://{}:{}", spec.ip, render::consul::HTTPS_PORT),
                 ca_file: layout.ca_file(Product::Consul),
+                shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
             };
             bootstrap::run(&ctx, &tier).await
         }

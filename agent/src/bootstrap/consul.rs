@@ -11,6 +11,8 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 pub struct ConsulTier {
     pub api: String,
     pub ca_file: PathBuf,
+    /// The shared cluster-material Key Vault (client, URI), where tokens for other nodes are handed over.
+    pub shared: Option<(crate::azure::Azure, String)>,
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]

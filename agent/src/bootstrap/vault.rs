@@ -14,6 +14,8 @@ pub struct VaultTier {
     pub recovery_threshold: u8,
     pub servers: u8,
     pub audit_file: PathBuf,
+    /// The shared cluster-material Key Vault (client, URI), where tokens for other nodes are handed over.
+    pub shared: Option<(crate::azure::Azure, String)>,
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
