@@ -31,6 +31,8 @@ pub enum BootError {
     #[error("{0}")]
     Version(#[from] VersionError),
     #[error("{0}")]
+    ClusterMaterial(#[from] crate::material::MaterialError),
+    #[error("{0}")]
     Render(#[from] render::RenderError),
     #[error("{0}")]
     Files(#[from] FileError),
@@ -53,7 +55,10 @@ impl BootError {
             BootError::Config(_) => Phase::Config,
             BootError::Imds(_) => Phase::Metadata,
             BootError::Spec(_) => Phase::NodeSpec,
-            BootError::Material(_) | BootError::Version(_) | BootError::Render(_) => Phase::Render,
+            BootError::Material(_)
+            | BootError::Version(_)
+            | BootError::Render(_)
+            | BootError::ClusterMaterial(_) => Phase::Render,
             BootError::Files(_) => Phase::Write,
             BootError::Service(_) => Phase::Services,
         }
@@ -237,26 +242,52 @@ fn gossip_key(what: &str, path: &Path) -> Result<String, BootError> {
 }
 
 /// Loads the CA, gossip keys and seal token, and issues (or keeps) the node's certificates.
+/// Loads the CA, gossip keys and seal token — from Key Vault (`shared`) or from files — and issues (or
+/// keeps) the node's certificates.
 pub fn load_material(
     cfg: &AgentConfig,
     spec: &NodeSpec,
     layout: &Layout,
+    shared: Option<&crate::material::ClusterMaterial>,
 ) -> Result<Material, BootError> {
-    let ca_pem = read_secret_file("tls.ca_cert", &cfg.tls.ca_cert)?;
-    let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
-    let ca = ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
-        BootError::Material(format!(
-            "{} / {}: {e}",
-            cfg.tls.ca_cert.display(),
-            cfg.tls.ca_key.display()
-        ))
-    })?;
-    let consul_gossip_key = gossip_key("gossip.consul_key_file", &cfg.gossip.consul_key_file)?;
     let needs_nomad_key = spec.role == crate::node::Role::NomadServer;
-    let nomad_gossip_key = if needs_nomad_key {
-        gossip_key("gossip.nomad_key_file", &cfg.gossip.nomad_key_file)?
-    } else {
-        String::new()
+    let (ca, consul_gossip_key, nomad_gossip_key) = match shared {
+        Some(m) => {
+            let ca = ClusterCa::from_pem(&m.ca_cert, &m.ca_key)
+                .map_err(|e| BootError::Material(format!("cluster CA from Key Vault: {e}")))?;
+            let check =
+                |what: &str, k: &str| match base64::engine::general_purpose::STANDARD.decode(k) {
+                    Ok(b) if b.len() == 32 => Ok(k.to_string()),
+                    _ => Err(BootError::Material(format!(
+                        "{what} from Key Vault: not a base64-encoded 32-byte key"
+                    ))),
+                };
+            let consul = check("consul gossip key", &m.consul_gossip_key)?;
+            let nomad = if needs_nomad_key {
+                check("nomad gossip key", &m.nomad_gossip_key)?
+            } else {
+                String::new()
+            };
+            (ca, consul, nomad)
+        }
+        None => {
+            let ca_pem = read_secret_file("tls.ca_cert", &cfg.tls.ca_cert)?;
+            let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
+            let ca = ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
+                BootError::Material(format!(
+                    "{} / {}: {e}",
+                    cfg.tls.ca_cert.display(),
+                    cfg.tls.ca_key.display()
+                ))
+            })?;
+            let consul = gossip_key("gossip.consul_key_file", &cfg.gossip.consul_key_file)?;
+            let nomad = if needs_nomad_key {
+                gossip_key("gossip.nomad_key_file", &cfg.gossip.nomad_key_file)?
+            } else {
+                String::new()
+            };
+            (ca, consul, nomad)
+        }
     };
     let seal_token = match spec.vault.as_ref().map(|v| &v.seal) {
         Some(Seal::Transit { .. }) => {
@@ -415,7 +446,40 @@ async fn boot_inner(
         .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
         .collect();
     timed(rec, "versions");
-    let material = load_material(cfg, &spec, layout)?;
+    let shared = match cfg.material.source {
+        crate::config::MaterialSource::Files => None,
+        crate::config::MaterialSource::Keyvault => {
+            let vault = spec.keyvault_uri.clone().ok_or_else(|| {
+                BootError::Spec(SpecError {
+                    source_name: "tag",
+                    name: crate::node::TAG_KEYVAULT_URI.into(),
+                    problem: "missing (cluster material comes from Key Vault; or set material.source = \"files\")".into(),
+                })
+            })?;
+            let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
+            let mut policy = crate::escrow::policy();
+            policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+            let started = Instant::now();
+            let m = crate::material::fetch_or_create(
+                &az,
+                &vault,
+                spec.blob_endpoint.as_deref(),
+                &spec.cluster,
+                spec.role.is_server_tier(),
+                cfg.bootstrap.lease_secs as i32,
+                policy,
+                std::time::Duration::from_secs(cfg.material.deadline_secs),
+            )
+            .await?;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "cluster material from Key Vault"
+            );
+            Some(m)
+        }
+    };
+    let material = load_material(cfg, &spec, layout, shared.as_ref())?;
+    drop(shared);
     timed(rec, "material");
     let opts = RenderOptions::from_config(cfg);
     let plan = render::render(&spec, layout, &opts, &versions, Some(&material))?;
@@ -473,17 +537,7 @@ pub async fn bootstrap_phase(
     {
         return Ok(None);
     }
-    let imds = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
-    let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
-        imds,
-        spec.identity_client_id.clone(),
-    ));
-    let az = crate::azure::Azure::new(
-        credential,
-        cfg.azure.extra_ca_file.as_deref(),
-        cfg.azure.verify_challenge_resource,
-    )
-    .map_err(|message| bootstrap::BootstrapError::Tier {
+    let az = azure_for(cfg, spec).map_err(|message| bootstrap::BootstrapError::Tier {
         tier: spec.role.to_string(),
         message,
     })?;
@@ -547,4 +601,18 @@ pub async fn bootstrap_phase(
     }
     write_record(&layout, &booted.record);
     result.map(Some)
+}
+
+/// Azure SDK clients over this node's managed identity (our IMDS client), per the agent config.
+pub fn azure_for(cfg: &AgentConfig, spec: &NodeSpec) -> Result<crate::azure::Azure, String> {
+    let imds = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
+    let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
+        imds,
+        spec.identity_client_id.clone(),
+    ));
+    crate::azure::Azure::new(
+        credential,
+        cfg.azure.extra_ca_file.as_deref(),
+        cfg.azure.verify_challenge_resource,
+    )
 }

@@ -20,6 +20,34 @@ pub struct AgentConfig {
     pub azure: AzureConfig,
     pub bootstrap: BootstrapConfig,
     pub faults: FaultsConfig,
+    pub material: MaterialConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaterialSource {
+    /// The cluster CA and gossip keys live in the cluster's Key Vault (tag `hashistack-keyvault-uri`);
+    /// the first server-tier node creates them.
+    Keyvault,
+    /// From the files named in `[tls]` and `[gossip]` (pre-provisioned images, offline tests).
+    Files,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaterialConfig {
+    pub source: MaterialSource,
+    /// How long a node waits for another node to create the material.
+    pub deadline_secs: u64,
+}
+
+impl Default for MaterialConfig {
+    fn default() -> Self {
+        MaterialConfig {
+            source: MaterialSource::Keyvault,
+            deadline_secs: 600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -228,6 +256,7 @@ impl Default for AgentConfig {
             azure: AzureConfig::default(),
             bootstrap: BootstrapConfig::default(),
             faults: FaultsConfig::default(),
+            material: MaterialConfig::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod image;
 pub mod imds;
 pub mod logging;
+pub mod material;
 pub mod node;
 pub mod render;
 pub mod retry;

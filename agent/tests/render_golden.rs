@@ -350,7 +350,7 @@ fn rerender_with_material_keeps_certificates_and_touches_nothing() {
         }
 
         let layout = Layout::new(root.path());
-        let material = hashistack_agent::boot::load_material(&cfg, &spec, &layout).unwrap();
+        let material = hashistack_agent::boot::load_material(&cfg, &spec, &layout, None).unwrap();
         let second = render::render(
             &spec,
             &layout,

@@ -272,8 +272,6 @@ impl Lab {
         std::fs::write(o.state_dir.join("emulator.pem"), &emu.cert_pem)
             .map_err(io("emulator.pem"))?;
         write_secret(&secrets.join("emulator-key.pem"), &emu.key_pem)?;
-        write_secret(&secrets.join("consul-gossip.key"), &random_b64(32))?;
-        write_secret(&secrets.join("nomad-gossip.key"), &random_b64(32))?;
 
         let mut lab = Lab {
             opts: opts.clone(),
@@ -463,14 +461,29 @@ impl Lab {
     }
 
     /// The lab's HTTPS client trusting the lab CA.
+    /// An HTTPS client trusting the lab CA (emulators) and, once it exists, the cluster CA the first
+    /// server created in Key Vault (Consul, Vault and Nomad APIs).
     pub fn https(&self) -> reqwest::Client {
         let pem = std::fs::read(&self.ca_cert).expect("lab CA");
+        let mut certs = vec![reqwest::Certificate::from_pem(&pem).expect("lab CA PEM")];
+        if let Some(ca) = self.cluster_ca() {
+            if let Ok(c) = reqwest::Certificate::from_pem(ca.as_bytes()) {
+                certs.push(c);
+            }
+        }
         reqwest::Client::builder()
             .no_proxy()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("lab CA PEM")])
+            .tls_certs_only(certs)
             .timeout(Duration::from_secs(10))
             .build()
             .expect("client")
+    }
+
+    /// The cluster CA certificate (PEM) as stored in the shared Key Vault, once created.
+    pub fn cluster_ca(&self) -> Option<String> {
+        let kv = self.keyvault.as_ref()?;
+        let name = hashistack_agent::material::names(&self.opts.cluster)[0].clone();
+        kv.vault(crate::keyvault::SHARED_VAULT)?.secret_value(&name)
     }
 
     pub fn blob_endpoint(&self) -> String {
@@ -563,10 +576,9 @@ impl Lab {
         c.services.consul_bin = self.tools.consul.clone();
         c.services.vault_bin = self.tools.bao.clone();
         c.listen.loopback = false;
-        c.tls.ca_cert = o.state_dir.join("ca.pem");
-        c.tls.ca_key = o.state_dir.join("secrets/ca-key.pem");
-        c.gossip.consul_key_file = o.state_dir.join("secrets/consul-gossip.key");
-        c.gossip.nomad_key_file = o.state_dir.join("secrets/nomad-gossip.key");
+        // The cluster CA and gossip keys come from the shared Key Vault, created by the first server (as on
+        // Azure); the lab CA above only signs the emulators' certificates, like a public CA would.
+        c.material.source = hashistack_agent::config::MaterialSource::Keyvault;
         c.vault.seal_token_file = Some(o.state_dir.join("secrets/transit.token"));
         // The emulators' certificates come from the lab CA, and the Key Vault double lives on 127.x.
         c.azure.extra_ca_file = Some(o.state_dir.join("ca.pem"));

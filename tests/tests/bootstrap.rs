@@ -49,6 +49,28 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
     assert_done_and_escrowed(&lab, "vault").await;
     assert_done_and_escrowed(&lab, "consul").await;
 
+    // Cluster material was created once, in the shared Key Vault, and every node renders from it.
+    let shared = lab
+        .keyvault
+        .as_ref()
+        .unwrap()
+        .vault(hashistack_lab::keyvault::SHARED_VAULT)
+        .unwrap();
+    for name in hashistack_agent::material::names("lab") {
+        assert_eq!(shared.secret_version_count(&name), 1, "{name} written once");
+    }
+    let ca = lab.cluster_ca().unwrap();
+    for n in &lab.nodes {
+        assert_eq!(
+            std::fs::read_to_string(n.root.join("etc/consul.d/tls/ca.pem"))
+                .unwrap()
+                .trim(),
+            ca.trim(),
+            "{}",
+            n.def.name
+        );
+    }
+
     // The operator recovers working secrets.
     let operator = lab.operator_imds().await.unwrap();
     let out_file = lab.opts.state_dir.join("recovered-vault.json");

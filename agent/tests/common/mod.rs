@@ -398,7 +398,7 @@ pub fn render_with_material(
     let md = InstanceMetadata::from_json(&serde_json::to_vec(doc).unwrap()).unwrap();
     let spec = NodeSpec::from_metadata(&md).unwrap();
     let layout = Layout::new(&cfg.paths.root);
-    let material = boot::load_material(cfg, &spec, &layout).unwrap();
+    let material = boot::load_material(cfg, &spec, &layout, None).unwrap();
     let plan = render::render(
         &spec,
         &layout,
