@@ -310,26 +310,7 @@ impl Lab {
             );
             let dir = o.state_dir.join("azurite");
             std::fs::create_dir_all(&dir).map_err(io("azurite dir"))?;
-            let args: Vec<String> = vec![
-                "--blobHost".into(),
-                host.to_string(),
-                "--blobPort".into(),
-                AZURITE_PORT.to_string(),
-                "--location".into(),
-                dir.display().to_string(),
-                "--cert".into(),
-                o.state_dir.join("emulator.pem").display().to_string(),
-                "--key".into(),
-                o.state_dir
-                    .join("secrets/emulator-key.pem")
-                    .display()
-                    .to_string(),
-                "--oauth".into(),
-                "basic".into(),
-                "--skipApiVersionCheck".into(),
-                "--disableTelemetry".into(),
-                "--loose".into(),
-            ];
+            let args = self.azurite_args();
             self.azurite = Some(
                 procs::spawn(
                     "azurite",
@@ -376,6 +357,55 @@ impl Lab {
             .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
         self.keyvault = Some(kv);
         Ok(())
+    }
+
+    fn azurite_args(&self) -> Vec<String> {
+        let o = &self.opts;
+        vec![
+            "--blobHost".into(),
+            o.ip(1).to_string(),
+            "--blobPort".into(),
+            AZURITE_PORT.to_string(),
+            "--location".into(),
+            o.state_dir.join("azurite").display().to_string(),
+            "--cert".into(),
+            o.state_dir.join("emulator.pem").display().to_string(),
+            "--key".into(),
+            o.state_dir
+                .join("secrets/emulator-key.pem")
+                .display()
+                .to_string(),
+            "--oauth".into(),
+            "basic".into(),
+            "--skipApiVersionCheck".into(),
+            "--disableTelemetry".into(),
+            "--loose".into(),
+        ]
+    }
+
+    /// Starts Azurite again on the same address and data, stopping it first if it runs (fault tests take
+    /// storage down with `lab.azurite.take()` and bring it back with this).
+    pub async fn restart_azurite(&mut self) -> Result<(), LabError> {
+        let azurite = self
+            .tools
+            .azurite
+            .clone()
+            .ok_or_else(|| LabError::Failed("Azurite not installed".into()))?;
+        if let Some(mut p) = self.azurite.take() {
+            p.stop(Duration::from_secs(10)).await;
+        }
+        let p = procs::spawn(
+            "azurite",
+            &azurite,
+            &self.azurite_args(),
+            &[],
+            &self.log_dir,
+            &self.pid_dir,
+        )
+        .map_err(io("start azurite"))?;
+        self.azurite = Some(p);
+        let addr = SocketAddr::from((self.opts.ip(1), AZURITE_PORT));
+        wait_for("Azurite", Duration::from_secs(60), || tcp_open(addr)).await
     }
 
     /// A dev-mode OpenBao with a transit key: the lab's stand-in for the Key Vault key that auto-unseals Vault.
