@@ -321,6 +321,8 @@ pub fn load_material(
         consul_gossip_key,
         nomad_gossip_key,
         seal_token,
+        consul_agent_token: shared
+            .and_then(|m| m.consul_agent_token.as_ref().map(|t| t.to_string())),
     })
 }
 
@@ -578,6 +580,7 @@ pub async fn bootstrap_phase(
                 api: format!("https://{}:{}", spec.ip, render::consul::HTTPS_PORT),
                 ca_file: layout.ca_file(Product::Consul),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
+                cluster: spec.cluster.clone(),
             };
             bootstrap::run(&ctx, &tier).await
         }
@@ -615,4 +618,90 @@ pub fn azure_for(cfg: &AgentConfig, spec: &NodeSpec) -> Result<crate::azure::Azu
         cfg.azure.extra_ca_file.as_deref(),
         cfg.azure.verify_challenge_resource,
     )
+}
+
+/// After the bootstrap: a node whose Consul runs without the agent token waits for the Consul tier to hand it
+/// over through Key Vault, renders it (`acl-tokens.json`) and reloads Consul. Returns whether it did.
+pub async fn converge_consul_token(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<bool, BootError> {
+    let spec = booted.spec.clone();
+    if cfg.material.source != crate::config::MaterialSource::Keyvault
+        || !spec.products().contains(&Product::Consul)
+    {
+        return Ok(false);
+    }
+    if booted
+        .plan
+        .files
+        .iter()
+        .any(|f| f.path.ends_with("acl-tokens.json"))
+    {
+        return Ok(false);
+    }
+    let Some(vault) = spec.keyvault_uri.clone() else {
+        return Ok(false);
+    };
+    let layout = Layout::new(&cfg.paths.root);
+    let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let name = crate::bootstrap::consul_tokens::agent_token_secret(&spec.cluster);
+    let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
+    let start = Instant::now();
+    loop {
+        if crate::material::get_secret(&az, &vault, &name, policy)
+            .await
+            .map_err(|e| BootError::Material(e.to_string()))?
+            .is_some()
+        {
+            break;
+        }
+        if start.elapsed() > deadline {
+            return Err(BootError::Material(format!(
+                "Consul agent token not in Key Vault within {deadline:?}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    let shared = crate::material::fetch_or_create(
+        &az,
+        &vault,
+        None,
+        &spec.cluster,
+        false,
+        cfg.bootstrap.lease_secs as i32,
+        policy,
+        deadline,
+    )
+    .await?;
+    let versions = detect_versions(cfg, &layout, &spec.products()).await?;
+    let material = load_material(cfg, &spec, &layout, Some(&shared))?;
+    drop(shared);
+    let plan = render::render(
+        &spec,
+        &layout,
+        &RenderOptions::from_config(cfg),
+        &versions,
+        Some(&material),
+    )?;
+    drop(material);
+    let changed = write_plan(&plan)?;
+    if let Some(consul) = plan.services.iter().find(|s| s.name == "consul") {
+        if changed
+            .iter()
+            .any(|c| consul.watch.iter().any(|w| c.starts_with(w)))
+        {
+            booted.manager.reload(consul).await?;
+            tracing::info!("consul agent token rendered; consul reloaded");
+        }
+    }
+    booted
+        .record
+        .files_changed
+        .extend(changed.iter().map(|p| p.display().to_string()));
+    booted.plan = plan;
+    write_record(&layout, &booted.record);
+    Ok(true)
 }

@@ -222,6 +222,14 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
             code = ExitCode::from(1);
         }
     }
+    match boot::converge_consul_token(&cfg, &mut booted).await {
+        Ok(true) => {}
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "consul agent token");
+            code = ExitCode::from(1);
+        }
+    }
     // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.
     let shutdown = Box::pin(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -18,6 +18,8 @@ pub struct ClusterMaterial {
     pub ca_key: Zeroizing<String>,
     pub consul_gossip_key: Zeroizing<String>,
     pub nomad_gossip_key: Zeroizing<String>,
+    /// The Consul agent token, once the Consul tier's bootstrap has created it.
+    pub consul_agent_token: Option<Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for ClusterMaterial {
@@ -107,11 +109,19 @@ async fn read_all(
     ) else {
         return Ok(None);
     };
+    let token = get(
+        az,
+        vault,
+        &crate::bootstrap::consul_tokens::agent_token_secret(cluster),
+        policy,
+    )
+    .await?;
     Ok(Some(ClusterMaterial {
         ca_cert: cert.to_string(),
         ca_key: key,
         consul_gossip_key: consul,
         nomad_gossip_key: nomad,
+        consul_agent_token: token,
     }))
 }
 
@@ -179,6 +189,7 @@ async fn create(
         ca_key: Zeroizing::new(ca_key),
         consul_gossip_key: gossip_key(),
         nomad_gossip_key: gossip_key(),
+        consul_agent_token: None,
     };
     let [cert, key, consul, nomad] = names(cluster);
     set(az, vault, &key, &m.ca_key, policy).await?;
@@ -190,4 +201,24 @@ async fn create(
         "created the cluster CA and gossip keys in Key Vault"
     );
     Ok(m)
+}
+
+/// Writes one secret to the shared vault (tokens handed from the bootstrap leader to other nodes).
+pub async fn put_secret(
+    az: &Azure,
+    vault: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), AzureError> {
+    set(az, vault, name, value, crate::escrow::policy()).await
+}
+
+/// Reads one optional secret from the shared vault.
+pub async fn get_secret(
+    az: &Azure,
+    vault: &str,
+    name: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Zeroizing<String>>, AzureError> {
+    get(az, vault, name, policy).await
 }

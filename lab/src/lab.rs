@@ -800,6 +800,7 @@ impl Lab {
                 raft_peers: peers,
                 vault,
                 gossip_encrypted: n.root.join("etc/consul.d/gossip.json").is_file(),
+                agent_token: n.root.join("etc/consul.d/acl-tokens.json").is_file(),
             });
         }
         LabHealth {
@@ -913,6 +914,8 @@ pub struct NodeHealth {
     pub gossip_encrypted: bool,
     /// The agent's tier bootstrap outcome (server tiers).
     pub bootstrap: Option<String>,
+    /// Consul runs with the least-privilege agent token handed over by the Consul tier's bootstrap.
+    pub agent_token: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -958,7 +961,7 @@ impl LabHealth {
         if !self.bootstrap_expected {
             return self.vault_answering();
         }
-        self.vault_unsealed() && self.bootstrapped()
+        self.vault_unsealed() && self.bootstrapped() && self.nodes.iter().all(|n| n.agent_token)
     }
 
     pub fn vault_unsealed(&self) -> bool {

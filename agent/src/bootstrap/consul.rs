@@ -13,6 +13,7 @@ pub struct ConsulTier {
     pub ca_file: PathBuf,
     /// The shared cluster-material Key Vault (client, URI), where tokens for other nodes are handed over.
     pub shared: Option<(crate::azure::Azure, String)>,
+    pub cluster: String,
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -126,7 +127,24 @@ impl Tier for ConsulTier {
         }
     }
 
-    async fn configure(&self, _secrets: &[u8]) -> Result<(), String> {
+    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
+        let s: ConsulSecrets = serde_json::from_slice(secrets)
+            .map_err(|_| "escrow payload did not parse".to_string())?;
+        let management = Zeroizing::new(s.secret_id.clone());
+        drop(s);
+        if let Some((az, vault)) = &self.shared {
+            let token =
+                super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
+                    .await?;
+            crate::material::put_secret(
+                az,
+                vault,
+                &super::consul_tokens::agent_token_secret(&self.cluster),
+                &token,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 //! `needs-operator` with the documented recovery (docs/bootstrap.md) — never initialized twice.
 
 pub mod consul;
+pub mod consul_tokens;
 pub mod vault;
 
 use crate::azure::{Azure, AzureError};

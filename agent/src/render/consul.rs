@@ -129,6 +129,22 @@ pub struct UiConfig {
     pub enabled: bool,
 }
 
+/// The agent's ACL token, in a file of its own (0640): `{"acl": {"tokens": {"agent": …}}}`.
+#[derive(Serialize)]
+pub struct AclTokensFile<'a> {
+    pub acl: AclTokens<'a>,
+}
+
+#[derive(Serialize)]
+pub struct AclTokens<'a> {
+    pub tokens: AgentToken<'a>,
+}
+
+#[derive(Serialize)]
+pub struct AgentToken<'a> {
+    pub agent: &'a str,
+}
+
 /// The gossip key, in a file of its own (mode 0640) so consul.json holds nothing secret.
 #[derive(Serialize)]
 pub struct GossipConfig<'a> {
@@ -244,9 +260,22 @@ pub fn render(
                 encrypt: &m.consul_gossip_key,
             },
             0o640,
-            owner,
+            owner.clone(),
             true,
         ));
+        if let Some(token) = m.consul_agent_token.as_deref() {
+            plan.files.push(json_file(
+                layout.config_dir(p).join("acl-tokens.json"),
+                &AclTokensFile {
+                    acl: AclTokens {
+                        tokens: AgentToken { agent: token },
+                    },
+                },
+                0o640,
+                owner,
+                true,
+            ));
+        }
         // Cloud auto-join (go-discover's azure provider) authenticates with the managed identity; a
         // user-assigned one is selected by AZURE_CLIENT_ID. consul.service reads this file.
         let mut vars: Vec<(&str, &str)> = Vec::new();

@@ -75,6 +75,8 @@ pub struct Material {
     pub consul_gossip_key: String,
     pub nomad_gossip_key: String,
     pub seal_token: Option<String>,
+    /// `acl.tokens.agent` for Consul, once the Consul tier's bootstrap handed it over.
+    pub consul_agent_token: Option<String>,
 }
 
 impl std::fmt::Debug for Material {

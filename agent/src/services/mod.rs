@@ -59,6 +59,8 @@ pub trait ServiceManager: Send + Sync {
     async fn apply(&self, svc: &ServiceSpec, config_changed: bool) -> Result<Action, ServiceError>;
     /// Whether the service's process is up (not whether its API answers).
     async fn is_running(&self, svc: &ServiceSpec) -> Result<bool, ServiceError>;
+    /// Asks a running service to re-read its configuration (SIGHUP; `systemctl reload`).
+    async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError>;
     /// Stops every service this manager started (the process backend on shutdown; a no-op for systemd).
     async fn stop_all(&self);
 }

@@ -137,6 +137,25 @@ impl ServiceManager for ProcessManager {
             .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None))))
     }
 
+    async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+        let children = self.children.lock().await;
+        let pid = children
+            .get(&svc.name)
+            .and_then(|(_, c)| c.id())
+            .ok_or_else(|| ServiceError::Failed {
+                service: svc.name.clone(),
+                message: "not running".into(),
+            })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .map_err(|e| ServiceError::Failed {
+            service: svc.name.clone(),
+            message: format!("SIGHUP: {e}"),
+        })
+    }
+
     async fn stop_all(&self) {
         let mut children = self.children.lock().await;
         // Stop in reverse start order: dependants (vault, nomad) before consul.

@@ -92,5 +92,9 @@ impl ServiceManager for Systemd {
             .success())
     }
 
+    async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+        self.must(&svc.name, &["reload", &svc.unit]).await
+    }
+
     async fn stop_all(&self) {}
 }
