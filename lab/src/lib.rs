@@ -1,5 +1,6 @@
 //! hashistack-lab: Azure-in-a-box on one machine, for the README's demo and the end-to-end tests.
 
+pub mod bench;
 pub mod imds;
 pub mod keyvault;
 pub mod lab;

@@ -48,6 +48,27 @@ enum Command {
         #[arg(long, default_value_t = 180)]
         timeout: u64,
     },
+    /// Measure agent boot critical path, agent peak RSS, release binary size and lab time-to-healthy
+    /// (docs/PERFORMANCE.md). Uses its own loopback net and state directory.
+    Bench {
+        /// Lab state directory [default: <repo>/.lab/bench].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 90)]
+        net: u8,
+        /// Number of labs to bring up.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// The stripped release agent [default: built with `cargo build --release -p hashistack-agent`].
+        #[arg(long)]
+        agent_release: Option<PathBuf>,
+        /// The agent the labs run [default: $HASHISTACK_AGENT, else the release agent].
+        #[arg(long)]
+        lab_agent: Option<PathBuf>,
+        /// Print the report as JSON on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop a lab started from another shell and remove its state unless --keep.
     Down {
         #[command(flatten)]
@@ -124,6 +145,38 @@ async fn main() -> ExitCode {
             eprintln!("lab: stopping");
             lab.down().await;
             code
+        }
+        Command::Bench {
+            state_dir,
+            net,
+            runs,
+            agent_release,
+            lab_agent,
+            json,
+        } => {
+            use hashistack_lab::bench;
+            let tools = match Tools::discover() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("hashistack-lab: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let dir = state_dir.unwrap_or_else(|| repo_root().join(".lab/bench"));
+            let mut o = bench::BenchOptions::new(dir, net);
+            (o.runs, o.agent_release, o.lab_agent) = (runs, agent_release, lab_agent);
+            match bench::run(&o, tools).await {
+                Ok(r) if json => {
+                    eprint!("{}", r.table());
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                }
+                Ok(r) => print!("{}", r.table()),
+                Err(e) => {
+                    eprintln!("hashistack-lab bench: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            ExitCode::SUCCESS
         }
         Command::Down { common, keep } => {
             let dir = state_dir(&common);
