@@ -16,6 +16,7 @@ pub mod imds;
 pub mod logging;
 pub mod material;
 pub mod node;
+pub mod publish;
 pub mod render;
 pub mod retry;
 pub mod services;

@@ -7,7 +7,7 @@ use hashistack_agent::logging::{self, LogFormat};
 use hashistack_agent::node::NodeSpec;
 use hashistack_agent::render::{self, Layout, RenderOptions, Versions};
 use hashistack_agent::version::{self, Installed, Product, Version};
-use hashistack_agent::{boot, status};
+use hashistack_agent::{boot, publish, status};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -58,13 +58,20 @@ enum Command {
         #[arg(long)]
         nomad_version: Option<String>,
     },
-    /// Show this node: identity, role, rendered files, local services and their APIs.
+    /// The whole cluster at a glance (on the jumpbox): verdict, tiers, servers, failed agents, problems.
+    /// Exit codes: 0 healthy, 1 degraded, 2 cannot tell. docs/status.md explains every line.
     Status {
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Machine-readable output.
+        /// Machine-readable output (schema hashistack-status/1, docs/status.md).
         #[arg(long)]
         json: bool,
+        /// Only this node: identity, role, rendered files, local services and their APIs.
+        #[arg(long)]
+        node: bool,
+        /// Refresh every SECS seconds (default 5) until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "5")]
+        watch: Option<u64>,
     },
     /// Operators: recover or check escrowed bootstrap secrets with your own Azure identity.
     Escrow {
@@ -166,29 +173,19 @@ async fn main() -> ExitCode {
             )
             .await
         }
-        Command::Status { config, json } => {
-            let cfg = match AgentConfig::load_or_default(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => return fail(2, e),
+        Command::Status {
+            config,
+            json,
+            node,
+            watch,
+        } => {
+            let args = status::cli::Args {
+                config,
+                node,
+                json,
+                watch,
             };
-            match status::node_status(&cfg).await {
-                Ok(s) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&s).expect("status serialises")
-                        );
-                    } else {
-                        status::print_table(&s);
-                    }
-                    if s.healthy {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => fail(2, e),
-            }
+            ExitCode::from(status::cli::run(args).await)
         }
         Command::Escrow { command } => run_escrow(command).await,
         Command::Image {
@@ -204,8 +201,14 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     };
     let mut booted = match boot::boot(&cfg, started).await {
         Ok(b) => b,
-        Err((e, _)) => return fail(e.exit_code() as u8, e),
+        Err((e, record)) => {
+            if let Some(r) = &record {
+                publish::publish(&cfg, r, None).await;
+            }
+            return fail(e.exit_code() as u8, e);
+        }
     };
+    let publishing = publish::spawn(&cfg, &booted.record, Some(&booted.spec));
     tracing::info!(
         critical_path_ms = booted.record.critical_path_ms,
         "services started"
@@ -213,7 +216,11 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     // The services keep running whatever the bootstrap concludes; a failure is recorded for `status` and
     // makes the unit fail, so it is visible.
     let mut code = ExitCode::SUCCESS;
-    match boot::bootstrap_phase(&cfg, &mut booted).await {
+    let bootstrap = boot::bootstrap_phase(&cfg, &mut booted).await;
+    let ran = !matches!(bootstrap, Ok(None));
+    let newer = ran.then_some(&booted.record);
+    publishing.then(&cfg, newer, Some(&booted.spec)).await;
+    match bootstrap {
         Ok(Some(outcome)) => tracing::info!(?outcome, "tier bootstrap"),
         Ok(None) => {}
         Err(e) => {

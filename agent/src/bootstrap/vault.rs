@@ -190,6 +190,11 @@ impl Tier for VaultTier {
         if !r.status().is_success() {
             return Err(format!("autopilot: HTTP {}", r.status().as_u16()));
         }
+        // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens): orphan, periodic.
+        if let Some(shared) = &self.shared {
+            let status = crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await?;
+            crate::status::tokens::hand_over(shared, crate::status::tokens::VAULT_SECRET, &status).await?;
+        }
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! `hashistack-agent status`: this node — identity, role, rendered files, local services and their APIs.
-//! (The cluster-wide view builds on this.) Every probe has a deadline, so a dead service is reported, not waited on.
+//! `hashistack-agent status --node`: this node — identity, role, rendered files, local services and their APIs.
+//! Every probe has a deadline, so a dead service is reported, not waited on.
 
 use crate::boot::{self, BootRecord};
 use crate::config::{AgentConfig, Backend};
