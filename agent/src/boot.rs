@@ -565,6 +565,10 @@ pub async fn bootstrap_phase(
         crate::node::Role::VaultServer => {
             let v = spec.vault.as_ref().expect("vault settings");
             let tier = VaultTier {
+                pgp: crate::bootstrap::vault::PgpKeys {
+                    recovery: cfg.bootstrap.recovery_pgp_keys.clone(),
+                    root_token: cfg.bootstrap.root_token_pgp_key.clone(),
+                },
                 api: format!("https://{}:{}", spec.ip, render::vault::API_PORT),
                 ca_file: layout.ca_file(Product::Vault),
                 recovery_shares: cfg.bootstrap.recovery_shares,

@@ -84,6 +84,11 @@ pub struct BootstrapConfig {
     pub lease_secs: u32,
     /// How long another node's unfinished bootstrap may take to come back and finish (a VM reboot).
     pub peer_grace_secs: u64,
+    /// Operators' PGP public keys (base64), one per recovery share: Vault encrypts each recovery key to one.
+    pub recovery_pgp_keys: Vec<String>,
+    /// PGP public key (base64) the initial root token is encrypted to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_token_pgp_key: Option<String>,
 }
 
 impl Default for BootstrapConfig {
@@ -95,6 +100,8 @@ impl Default for BootstrapConfig {
             follower_deadline_secs: 900,
             lease_secs: 60,
             peer_grace_secs: 600,
+            recovery_pgp_keys: Vec::new(),
+            root_token_pgp_key: None,
             azure_deadline_secs: 120,
         }
     }
@@ -333,6 +340,13 @@ impl AgentConfig {
             ));
         }
         let b = &self.bootstrap;
+        if !b.recovery_pgp_keys.is_empty() && b.recovery_pgp_keys.len() != b.recovery_shares as usize {
+            return Err(format!(
+                "bootstrap.recovery_pgp_keys has {} keys; it needs one per recovery share ({})",
+                b.recovery_pgp_keys.len(),
+                b.recovery_shares
+            ));
+        }
         if !(15..=60).contains(&b.lease_secs) {
             return Err(
                 "bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)".into(),

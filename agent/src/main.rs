@@ -190,7 +190,7 @@ async fn main() -> ExitCode {
         Command::Escrow { command } => run_escrow(command).await,
         Command::Image {
             command: ImageCommand::Verify { root },
-        } => run_image_verify(&root),
+        } => run_image_verify(&root).await,
     }
 }
 
@@ -338,10 +338,22 @@ async fn run_render(
     }
 }
 
-fn run_image_verify(root: &std::path::Path) -> ExitCode {
+async fn run_image_verify(root: &std::path::Path) -> ExitCode {
     match hashistack_agent::image::verify_image(root) {
         Ok(report) => {
             println!("{report}");
+            // On the image itself, record the binaries' versions now (keyed by path, size and mtime, which
+            // image capture preserves), so a VM's first boot spawns no `version` probes.
+            if root == std::path::Path::new("/") {
+                let cfg = AgentConfig::default();
+                let layout = Layout::new(&cfg.paths.root);
+                let all = [Product::Consul, Product::Vault, Product::Nomad];
+                if let Err(e) = boot::detect_versions(&cfg, &layout, &all).await {
+                    eprintln!("hashistack-agent: version cache not written: {e}");
+                    return ExitCode::from(1);
+                }
+                println!("version cache written to {}", layout.state_dir().join("versions.json").display());
+            }
             ExitCode::SUCCESS
         }
         Err(failed) => {

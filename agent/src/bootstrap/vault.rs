@@ -7,7 +7,36 @@ use std::path::PathBuf;
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+/// Operators' PGP public keys (base64 of the binary key, as `vault operator init -recovery-pgp-keys` takes):
+/// with them, Vault returns each recovery key encrypted to one operator, and the root token to another.
+#[derive(Debug, Clone, Default)]
+pub struct PgpKeys {
+    pub recovery: Vec<String>,
+    pub root_token: Option<String>,
+}
+
+/// The `PUT /v1/sys/init` body for an auto-unsealed Vault.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct InitRequest {
+    pub recovery_shares: u8,
+    pub recovery_threshold: u8,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recovery_pgp_keys: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_token_pgp_key: Option<String>,
+}
+
+pub fn init_request(shares: u8, threshold: u8, pgp: &PgpKeys) -> InitRequest {
+    InitRequest {
+        recovery_shares: shares,
+        recovery_threshold: threshold,
+        recovery_pgp_keys: pgp.recovery.clone(),
+        root_token_pgp_key: pgp.root_token.clone(),
+    }
+}
+
 pub struct VaultTier {
+    pub pgp: PgpKeys,
     pub api: String,
     pub ca_file: PathBuf,
     pub recovery_shares: u8,
@@ -89,7 +118,7 @@ impl Tier for VaultTier {
         let c = self
             .client(Duration::from_secs(180))
             .map_err(TierFailure::Other)?;
-        let body = serde_json::json!({"recovery_shares": self.recovery_shares, "recovery_threshold": self.recovery_threshold});
+        let body = init_request(self.recovery_shares, self.recovery_threshold, &self.pgp);
         let mut attempts = 0;
         let resp = loop {
             attempts += 1;
@@ -196,5 +225,22 @@ impl Tier for VaultTier {
             crate::status::tokens::hand_over(shared, crate::status::tokens::VAULT_SECRET, &status).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_request_without_and_with_pgp_keys() {
+        let plain = serde_json::to_value(init_request(5, 3, &PgpKeys::default())).unwrap();
+        assert_eq!(plain, serde_json::json!({"recovery_shares": 5, "recovery_threshold": 3}));
+        let pgp = PgpKeys { recovery: vec!["a".into(), "b".into(), "c".into()], root_token: Some("r".into()) };
+        let with = serde_json::to_value(init_request(3, 2, &pgp)).unwrap();
+        assert_eq!(
+            with,
+            serde_json::json!({"recovery_shares": 3, "recovery_threshold": 2, "recovery_pgp_keys": ["a", "b", "c"], "root_token_pgp_key": "r"})
+        );
     }
 }
