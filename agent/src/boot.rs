@@ -534,7 +534,9 @@ pub async fn bootstrap_phase(
     if !cfg.bootstrap.enabled
         || !matches!(
             spec.role,
-            crate::node::Role::ConsulServer | crate::node::Role::VaultServer
+            crate::node::Role::ConsulServer
+                | crate::node::Role::VaultServer
+                | crate::node::Role::NomadServer
         )
     {
         return Ok(None);
@@ -562,6 +564,13 @@ pub async fn bootstrap_phase(
     };
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {
+        crate::node::Role::NomadServer => {
+            let tier = crate::bootstrap::nomad::NomadTier::new(
+                format!("https://{}:{}", spec.ip, render::nomad::HTTP_PORT),
+                layout.ca_file(Product::Nomad),
+            );
+            bootstrap::run(&ctx, &tier).await
+        }
         crate::node::Role::VaultServer => {
             let v = spec.vault.as_ref().expect("vault settings");
             let tier = VaultTier {

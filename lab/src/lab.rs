@@ -33,6 +33,11 @@ pub struct LabOptions {
     pub cluster: String,
     pub consul_servers: u8,
     pub vault_servers: u8,
+    /// Nomad servers (scale set `hs-nomad`, 127.<net>.0.31+). `hashistack-lab up` starts 3; the default
+    /// here is 0 so suites that predate the Nomad tier keep their node set.
+    pub nomad_servers: u8,
+    /// The `nomad` the agents run; `None`: the Nomad contract double (`<state_dir>/bin/nomad`).
+    pub nomad_bin: Option<PathBuf>,
     pub keep: bool,
     /// Run (and wait for) the one-time tier bootstrap: Vault init, Consul ACL bootstrap, escrow.
     pub bootstrap: bool,
@@ -50,6 +55,8 @@ impl LabOptions {
             cluster: "lab".into(),
             consul_servers: 3,
             vault_servers: 3,
+            nomad_servers: 0,
+            nomad_bin: None,
             keep: false,
             bootstrap: true,
             start_agents: true,
@@ -198,6 +205,23 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
             tags: t,
         });
     }
+    let nomad_ips: Vec<Ipv4Addr> = (0..o.nomad_servers).map(|i| o.ip(31 + i)).collect();
+    for (i, ip) in nomad_ips.iter().enumerate() {
+        let mut t = common(Role::NomadServer);
+        t.push((tags::TAG_NOMAD_JOIN.into(), list(&nomad_ips)));
+        t.push((tags::TAG_NOMAD_SERVERS.into(), o.nomad_servers.to_string()));
+        t.push((
+            tags::TAG_ESCROW_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
+        ));
+        defs.push(NodeDef {
+            name: format!("nomad-{i}"),
+            role: Role::NomadServer,
+            ip: *ip,
+            scale_set: "hs-nomad".into(),
+            tags: t,
+        });
+    }
     defs
 }
 
@@ -287,6 +311,7 @@ impl Lab {
         };
         lab.start_emulators().await?;
         lab.start_transit().await?;
+        lab.link_nomad_double()?;
         for def in node_defs(&lab.opts) {
             lab.add_node(def).await?;
         }
@@ -595,6 +620,37 @@ impl Lab {
         Ok(format!("http://{ip}:{IMDS_PORT}"))
     }
 
+    /// The `nomad` the agents run: `opts.nomad_bin`, else the contract double's link.
+    pub fn nomad_bin(&self) -> PathBuf {
+        self.opts
+            .nomad_bin
+            .clone()
+            .unwrap_or_else(|| self.opts.state_dir.join("bin/nomad"))
+    }
+
+    /// `<state_dir>/bin/nomad -> hashistack-lab`: started under that name, the lab binary is the Nomad
+    /// contract double (lab/src/nomad_double.rs). The lab binary: $HASHISTACK_LAB, this process when it is
+    /// `hashistack-lab`, else the one next to the agent (cargo's target dir).
+    fn link_nomad_double(&self) -> Result<(), LabError> {
+        let exe = std::env::current_exe()
+            .ok()
+            .filter(|p| p.file_name().is_some_and(|n| n == "hashistack-lab"));
+        let lab_bin = std::env::var_os("HASHISTACK_LAB")
+            .map(PathBuf::from)
+            .or(exe)
+            .unwrap_or_else(|| self.tools.agent.with_file_name("hashistack-lab"));
+        if self.opts.nomad_servers > 0 && self.opts.nomad_bin.is_none() && !lab_bin.is_file() {
+            return Err(LabError::Failed(format!(
+                "the Nomad contract double needs the lab binary at {} (cargo build --workspace --bins)",
+                lab_bin.display()
+            )));
+        }
+        let link = self.opts.state_dir.join("bin/nomad");
+        std::fs::create_dir_all(self.opts.state_dir.join("bin")).map_err(io("bin dir"))?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lab_bin, &link).map_err(io(link.display().to_string()))
+    }
+
     pub fn agent_config(&self, def: &NodeDef, root: &Path) -> AgentConfig {
         let o = &self.opts;
         let mut c = AgentConfig::default();
@@ -605,6 +661,7 @@ impl Lab {
         c.services.backend = Backend::Process;
         c.services.consul_bin = self.tools.consul.clone();
         c.services.vault_bin = self.tools.bao.clone();
+        c.services.nomad_bin = self.nomad_bin();
         c.listen.loopback = false;
         // The cluster CA and gossip keys come from the shared Key Vault, created by the first server (as on
         // Azure); the lab CA above only signs the emulators' certificates, like a public CA would.
@@ -784,6 +841,20 @@ impl Lab {
             } else {
                 None
             };
+            let nomad = if n.def.role == Role::NomadServer {
+                Some(
+                    health::probe(
+                        &hashistack_agent::services::Health::NomadHttps {
+                            addr: format!("{}:4646", n.def.ip),
+                            ca_file: n.root.join("etc/nomad.d/tls/ca.pem"),
+                        },
+                        t,
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
             let boot = self
                 .nodes
                 .iter()
@@ -799,6 +870,7 @@ impl Lab {
                 consul,
                 raft_peers: peers,
                 vault,
+                nomad,
                 gossip_encrypted: n.root.join("etc/consul.d/gossip.json").is_file(),
                 agent_token: n.root.join("etc/consul.d/acl-tokens.json").is_file(),
             });
@@ -911,6 +983,8 @@ pub struct NodeHealth {
     pub consul: Probe,
     pub raft_peers: Option<usize>,
     pub vault: Option<Probe>,
+    /// Nomad servers: their HTTPS API knows the leader.
+    pub nomad: Option<Probe>,
     pub gossip_encrypted: bool,
     /// The agent's tier bootstrap outcome (server tiers).
     pub bootstrap: Option<String>,
@@ -955,7 +1029,7 @@ impl LabHealth {
     /// Healthy: Consul formed; without bootstrap every Vault answers; with it every Vault is initialized and
     /// unsealed and every server agent finished its tier's bootstrap.
     pub fn healthy(&self) -> bool {
-        if !self.consul_healthy() {
+        if !self.consul_healthy() || !self.nomad_led() {
             return false;
         }
         if !self.bootstrap_expected {
@@ -973,10 +1047,24 @@ impl LabHealth {
         })
     }
 
+    /// Every Nomad server knows the same leader (vacuous without Nomad servers).
+    pub fn nomad_led(&self) -> bool {
+        let leaders: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.nomad {
+                Some(Probe::Leader { leader }) => Some(leader.as_str()),
+                _ => None,
+            })
+            .collect();
+        let servers = self.nodes.iter().filter(|n| n.nomad.is_some()).count();
+        leaders.len() == servers && leaders.windows(2).all(|w| w[0] == w[1])
+    }
+
     pub fn bootstrapped(&self) -> bool {
         self.nodes
             .iter()
-            .filter(|n| n.role == "consul-server" || n.role == "vault-server")
+            .filter(|n| matches!(n.role.as_str(), "consul-server" | "vault-server" | "nomad-server"))
             .all(|n| {
                 matches!(
                     n.bootstrap.as_deref(),
@@ -1022,8 +1110,8 @@ impl LabHealth {
             self.consul_leader().unwrap_or_else(|| "none".into())
         ));
         s.push_str(&format!(
-            "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {}\n",
-            "NODE", "ROLE", "IP", "BOOT", "CONSUL", "RAFT PEERS", "VAULT", "BOOTSTRAP"
+            "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {:<14} {}\n",
+            "NODE", "ROLE", "IP", "BOOT", "CONSUL", "RAFT PEERS", "VAULT", "NOMAD", "BOOTSTRAP"
         ));
         for n in &self.nodes {
             let consul = match &n.consul {
@@ -1051,13 +1139,20 @@ impl LabHealth {
                 Some(Probe::Unreachable { error }) => format!("unreachable ({error})"),
                 Some(_) => "?".into(),
             };
+            let nomad = match &n.nomad {
+                None => "-",
+                Some(Probe::Leader { .. }) => "leader known",
+                Some(Probe::NoLeader) => "no leader",
+                Some(Probe::Unreachable { .. }) => "unreachable",
+                Some(_) => "?",
+            };
             let boot = match n.boot_ok {
                 Some(true) => "ok",
                 Some(false) => "FAILED",
                 None => "running",
             };
             s.push_str(&format!(
-                "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {}\n",
+                "{:<10} {:<14} {:<14} {:<8} {:<24} {:<12} {:<26} {:<14} {}\n",
                 n.name,
                 n.role,
                 n.ip,
@@ -1067,6 +1162,7 @@ impl LabHealth {
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into()),
                 vault,
+                nomad,
                 n.bootstrap.as_deref().unwrap_or("-")
             ));
         }

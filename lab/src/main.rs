@@ -38,6 +38,11 @@ enum Command {
         consul_servers: u8,
         #[arg(long, default_value_t = 3)]
         vault_servers: u8,
+        /// Nomad servers, run by the Nomad contract double unless --nomad-bin names a real `nomad`.
+        #[arg(long, default_value_t = 3)]
+        nomad_servers: u8,
+        #[arg(long)]
+        nomad_bin: Option<PathBuf>,
         /// Keep the state directory after shutdown.
         #[arg(long)]
         keep: bool,
@@ -86,12 +91,18 @@ fn state_dir(c: &Common) -> PathBuf {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Started through the lab's `nomad` link: be the Nomad contract double (lab/src/nomad_double.rs).
+    if hashistack_lab::nomad_double::invoked_as_nomad() {
+        return hashistack_lab::nomad_double::cli(&std::env::args().collect::<Vec<_>>()).await;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Up {
             common,
             consul_servers,
             vault_servers,
+            nomad_servers,
+            nomad_bin,
             keep,
             exit_when_healthy,
             timeout,
@@ -106,6 +117,7 @@ async fn main() -> ExitCode {
             let mut opts = LabOptions::new(state_dir(&common), common.net);
             opts.consul_servers = consul_servers;
             opts.vault_servers = vault_servers;
+            (opts.nomad_servers, opts.nomad_bin) = (nomad_servers, nomad_bin);
             opts.keep = keep;
             opts.verbose = true;
             let started = Instant::now();

@@ -7,12 +7,16 @@
 //!         ─► post-bootstrap config ─► blob ─► key vault ─► state=escrowed (receipts) ─► state=done
 //! ```
 //!
+//! A tier whose product takes a caller-chosen secret ([`Tier::pre_secret`], Nomad's `BootstrapSecret`)
+//! escrows it to both targets before the call (escrow before use); the call is then idempotent.
+//!
 //! A crash anywhere is recovered at the next boot: a spooled envelope is uploaded again (create-only,
 //! idempotent), and a tier whose server is initialized with nothing spooled or escrowed is reported as
 //! `needs-operator` with the documented recovery (docs/bootstrap.md) — never initialized twice.
 
 pub mod consul;
 pub mod consul_tokens;
+pub mod nomad;
 pub mod vault;
 
 use crate::azure::{Azure, AzureError};
@@ -72,6 +76,12 @@ pub trait Tier: Send + Sync {
     async fn wait_ready(&self, deadline: Duration) -> Result<(), String>;
     /// Whether the product says it is already bootstrapped (`None`: it cannot tell without a token).
     async fn already_bootstrapped(&self) -> Result<Option<bool>, String>;
+    /// Escrow before use: a tier whose product takes a caller-chosen bootstrap secret returns it here as
+    /// an escrow payload; the protocol escrows it to both targets (receipts recorded) before calling
+    /// `bootstrap`, which must then use that secret. Default: none (the secrets are escrowed after the call).
+    fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
+        None
+    }
     /// The bootstrap call. Returns the secrets as a serialisable, zeroizing payload.
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure>;
     /// Configuration that needs the fresh root credential (audit device, autopilot, policies).
@@ -269,6 +279,7 @@ async fn lead_bootstrap(
         for (path, env) in &pending {
             lead.check()?;
             state.escrow_id = Some(env.escrow_id.clone());
+            state.receipts.retain(|r| r.object.contains(&env.escrow_id));
             deliver(ctx, &mut state, env).await?;
             state.set(
                 TierPhase::Escrowed,
@@ -331,13 +342,32 @@ async fn lead_bootstrap(
     lead.check()?;
     state.escrow_id = Some(prepared.escrow_id.clone());
     state.receipts.clear();
-    state.set(TierPhase::Initializing, &ctx.node, None);
+    let pre_escrowed = escrow_before_use(ctx, tier, &mut state).await?;
+    let note = pre_escrowed.then(|| "bootstrap secret escrowed before use".to_string());
+    state.set(TierPhase::Initializing, &ctx.node, note);
     save(ctx, &state).await?;
     lead.check()?;
 
     // 4. The bootstrap call, then straight to local disk.
     let secrets = match tier.bootstrap().await {
         Ok(s) => s,
+        // An earlier leader escrowed its secret before use and its call landed, but the answer (or that
+        // agent) was lost: the escrow it recorded holds the bootstrap token.
+        Err(TierFailure::AlreadyDone(_))
+            if pre_escrowed
+                && state_before.escrowed_to("blob")
+                && state_before.escrowed_to("keyvault") =>
+        {
+            let mut done = state_before.clone();
+            let msg = format!(
+                "{name} was bootstrapped by an earlier attempt whose secret was escrowed before use (escrow {})",
+                done.escrow_id.clone().unwrap_or_default()
+            );
+            done.set(TierPhase::Done, &ctx.node, Some(msg));
+            save(ctx, &done).await?;
+            tracing::info!(tier = name, "bootstrapped earlier with a secret escrowed before use");
+            return Ok(Some(Outcome::Recovered));
+        }
         Err(TierFailure::AlreadyDone(_)) if peer_may_finish(ctx, &state_before) => {
             tracing::info!(tier = name, leader = %state_before.leader, "bootstrapped by another node whose escrow is not confirmed yet; waiting for it");
             // Put back the other node's record (our pre-flight overwrote it), so its grace is not extended.
@@ -348,6 +378,11 @@ async fn lead_bootstrap(
             let msg = format!(
                 "{name} reports it was already bootstrapped ({detail}) but nothing was escrowed: follow docs/bootstrap.md#{name}-already-bootstrapped"
             );
+            if pre_escrowed {
+                // Our secret was escrowed but never used: the state must not point operators at it.
+                state.receipts.clear();
+                state.escrow_id = None;
+            }
             state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
             save(ctx, &state).await?;
             return Err(BootstrapError::NeedsOperator {
@@ -394,6 +429,12 @@ async fn lead_bootstrap(
     drop(secrets);
 
     // 6. Escrow to both targets, then the receipts.
+    if pre_escrowed {
+        // Until now the state named the escrow made before use; the post-call one (with the server-chosen
+        // accessor) replaces it.
+        state.escrow_id = Some(prepared.escrow_id.clone());
+        state.receipts.clear();
+    }
     deliver(ctx, &mut state, &env).await?;
     state.set(TierPhase::Escrowed, &ctx.node, state.message.clone());
     save(ctx, &state).await?;
@@ -402,6 +443,35 @@ async fn lead_bootstrap(
     save(ctx, &state).await?;
     tracing::info!(tier = name, escrow_id = %prepared.escrow_id, "bootstrapped and escrowed");
     Ok(Some(Outcome::Bootstrapped))
+}
+
+/// Escrow before use: seals the tier's caller-chosen secret under an escrow id of its own and delivers it
+/// to both targets; `state` then names that escrow. No spool: until the bootstrap call the secret is in
+/// effect nowhere, so a crash loses nothing (the next leader escrows a fresh one).
+async fn escrow_before_use(
+    ctx: &Ctx,
+    tier: &dyn Tier,
+    state: &mut TierState,
+) -> Result<bool, BootstrapError> {
+    let Some(payload) = tier.pre_secret() else {
+        return Ok(false);
+    };
+    let pre = escrow::prepare(&ctx.az, &ctx.targets, ctx.policy).await?;
+    let env = envelope::seal(
+        &pre.key,
+        payload,
+        &pre.escrow_id,
+        &ctx.cluster,
+        tier.name(),
+        &pre.kek_id,
+        &pre.wrapped,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    deliver(ctx, state, &env).await?;
+    state.escrow_id = Some(pre.escrow_id.clone());
+    tracing::info!(tier = tier.name(), escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
+    Ok(true)
 }
 
 /// Whether the node that last led this tier (not us) may still come back and finish from its spool.
