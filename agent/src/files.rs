@@ -148,11 +148,18 @@ pub fn write_atomic(f: &FileSpec) -> Result<bool, FileError> {
     if up_to_date(f, ids) {
         return Ok(false);
     }
-    let dir = f.path.parent().ok_or_else(|| FileError::Io {
-        path: f.path.clone(),
-        op: "find parent directory",
-        source: std::io::ErrorKind::InvalidInput.into(),
-    })?;
+    let dir = match f.path.parent() {
+        // A bare relative name (`--out vault.json`): its directory is the current one.
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => {
+            return Err(FileError::Io {
+                path: f.path.clone(),
+                op: "find parent directory",
+                source: std::io::ErrorKind::InvalidInput.into(),
+            })
+        }
+    };
     fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
     let name = f
         .path
