@@ -93,8 +93,9 @@ pub fn target(md: &InstanceMetadata) -> Result<Target, String> {
         .ok_or("tag hashistack-cluster is missing or malformed")?;
     let endpoint = tag(md, tags::TAG_BLOB_ENDPOINT)
         .filter(|e| {
-            e.strip_prefix("https://")
-                .is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace))
+            e.strip_prefix("https://").is_some_and(|r| {
+                !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace)
+            })
         })
         .ok_or("tag hashistack-blob-endpoint is missing or not an https URL")?;
     let node = md.compute.name.trim();
@@ -252,7 +253,12 @@ pub fn spawn(cfg: &AgentConfig, record: &BootRecord, spec: Option<&NodeSpec>) ->
 impl Publishing {
     /// Lets the background publish finish (bounded), then publishes `newer` if given, so the later record is
     /// the one that stays.
-    pub async fn then(self, cfg: &AgentConfig, newer: Option<&BootRecord>, spec: Option<&NodeSpec>) {
+    pub async fn then(
+        self,
+        cfg: &AgentConfig,
+        newer: Option<&BootRecord>,
+        spec: Option<&NodeSpec>,
+    ) {
         let _ = tokio::time::timeout(DEADLINE, self.0).await;
         if let Some(r) = newer {
             publish(cfg, r, spec).await;
@@ -287,7 +293,10 @@ mod tests {
         let t = target(&md(&[
             ("hashistack-role", "consul-sever"),
             ("hashistack-cluster", "prod"),
-            ("hashistack-blob-endpoint", "https://hsx.blob.core.windows.net"),
+            (
+                "hashistack-blob-endpoint",
+                "https://hsx.blob.core.windows.net",
+            ),
             ("hashistack-consul-servers", "3"),
         ]))
         .unwrap();
@@ -295,7 +304,10 @@ mod tests {
         assert_eq!(t.blob_endpoint, "https://hsx.blob.core.windows.net/");
         assert_eq!(t.role_tag.as_deref(), Some("consul-sever"));
         assert_eq!(t.expects.get("consul-servers"), Some(&3));
-        assert_eq!(record_blob_name(&t.cluster, &t.node), "prod/nodes/consul-7.json");
+        assert_eq!(
+            record_blob_name(&t.cluster, &t.node),
+            "prod/nodes/consul-7.json"
+        );
     }
 
     #[test]

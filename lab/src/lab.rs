@@ -38,6 +38,8 @@ pub struct LabOptions {
     pub nomad_servers: u8,
     /// The `nomad` the agents run; `None`: the Nomad contract double (`<state_dir>/bin/nomad`).
     pub nomad_bin: Option<PathBuf>,
+    /// Add the jumpbox (127.<net>.0.5, role `jumpbox`, its own identity), where `hashistack-agent status` runs.
+    pub jumpbox: bool,
     pub keep: bool,
     /// Run (and wait for) the one-time tier bootstrap: Vault init, Consul ACL bootstrap, escrow.
     pub bootstrap: bool,
@@ -57,6 +59,7 @@ impl LabOptions {
             vault_servers: 3,
             nomad_servers: 0,
             nomad_bin: None,
+            jumpbox: true,
             keep: false,
             bootstrap: true,
             start_agents: true,
@@ -220,6 +223,16 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
             ip: *ip,
             scale_set: "hs-nomad".into(),
             tags: t,
+        });
+    }
+    // The operators' jumpbox (a VM, not a scale set): a Consul client, and where `hashistack-agent status` runs.
+    if o.jumpbox {
+        defs.push(NodeDef {
+            name: "jumpbox".into(),
+            role: Role::Jumpbox,
+            ip: o.ip(5),
+            scale_set: String::new(),
+            tags: common(Role::Jumpbox),
         });
     }
     defs
@@ -590,6 +603,34 @@ impl Lab {
             return None;
         }
         r.bytes().await.ok().map(|b| b.to_vec())
+    }
+
+    /// Writes (overwrites) a blob as the lab (for tests: e.g. a tier state without its escrow receipts).
+    pub async fn write_blob(&self, container: &str, name: &str, body: Vec<u8>) -> Result<(), LabError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .put(format!("{}{container}/{name}", self.blob_endpoint()))
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .header("x-ms-blob-type", "BlockBlob")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| LabError::Failed(format!("write blob {container}/{name}: {e}")))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "write blob {container}/{name}: HTTP {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The jumpbox's node index (where `hashistack-agent status` runs).
+    pub fn jumpbox(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| n.def.role == Role::Jumpbox)
     }
 
     /// A tier's coordination state, as status and operators read it.

@@ -192,7 +192,10 @@ fn expected(o: &Observations, key: &str) -> Option<u8> {
         .map(|(n, _)| n)
 }
 
-fn records_of<'a>(o: &'a Observations, role: &'a str) -> impl Iterator<Item = &'a crate::publish::NodeRecord> {
+fn records_of<'a>(
+    o: &'a Observations,
+    role: &'a str,
+) -> impl Iterator<Item = &'a crate::publish::NodeRecord> {
     o.records
         .iter()
         .filter(move |r| r.boot.role.as_deref() == Some(role))
@@ -207,7 +210,11 @@ fn name_for_ip(o: &Observations, ip: &str) -> Option<String> {
 
 /// Strips the distribution word: `consul 1.8.7` → `1.8.7`.
 fn bare_version(v: &str) -> String {
-    v.rsplit(' ').next().unwrap_or(v).trim_start_matches('v').to_string()
+    v.rsplit(' ')
+        .next()
+        .unwrap_or(v)
+        .trim_start_matches('v')
+        .to_string()
 }
 
 fn distinct_versions(servers: &[ServerReport]) -> Vec<String> {
@@ -219,8 +226,8 @@ fn distinct_versions(servers: &[ServerReport]) -> Vec<String> {
 
 fn err_short(e: &str) -> String {
     let e = e.trim();
-    if e.chars().count() > 120 {
-        format!("{}…", e.chars().take(120).collect::<String>())
+    if e.chars().count() > 160 {
+        format!("{}…", e.chars().take(160).collect::<String>())
     } else {
         e.to_string()
     }
@@ -230,10 +237,12 @@ struct Servers(BTreeMap<String, ServerReport>);
 
 impl Servers {
     fn entry(&mut self, name: &str) -> &mut ServerReport {
-        self.0.entry(name.to_string()).or_insert_with(|| ServerReport {
-            name: name.to_string(),
-            ..Default::default()
-        })
+        self.0
+            .entry(name.to_string())
+            .or_insert_with(|| ServerReport {
+                name: name.to_string(),
+                ..Default::default()
+            })
     }
 }
 
@@ -255,7 +264,16 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         for r in raft {
             let e = s.entry(&r.node);
             e.address = Some(host(&r.address).to_string());
-            e.raft = Some(if r.leader { "leader" } else if r.voter { "voter" } else { "non-voter" }.into());
+            e.raft = Some(
+                if r.leader {
+                    "leader"
+                } else if r.voter {
+                    "voter"
+                } else {
+                    "non-voter"
+                }
+                .into(),
+            );
         }
     } else if let Some(Ok(peers)) = &c.peers {
         for a in peers {
@@ -263,7 +281,14 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
             let name = name_for_ip(o, ip).unwrap_or_else(|| ip.to_string());
             let e = s.entry(&name);
             e.address = Some(ip.to_string());
-            e.raft = Some(if leader_addr.as_deref() == Some(a.as_str()) { "leader" } else { "voter" }.into());
+            e.raft = Some(
+                if leader_addr.as_deref() == Some(a.as_str()) {
+                    "leader"
+                } else {
+                    "voter"
+                }
+                .into(),
+            );
         }
     }
     if let Some(Ok(ap)) = &c.autopilot {
@@ -326,7 +351,8 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         }
     }
 
-    let answered = matches!(c.leader, Some(Ok(_))) || c.probes.iter().any(|p| matches!(p.answer, Some(Ok(_))));
+    let answered =
+        matches!(c.leader, Some(Ok(_))) || c.probes.iter().any(|p| matches!(p.answer, Some(Ok(_))));
     let leader = leader_addr.as_ref().map(|a| {
         c.raft
             .as_ref()
@@ -337,18 +363,35 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
     });
     let mut healthy_servers = 0;
     if !answered {
-        let sev = if anything_answered { Severity::Degraded } else { Severity::Unknown };
-        let via = c.via.clone().unwrap_or_else(|| format!("{} servers", c.probes.len()));
-        p.add(sev, tier, None, format!("no Consul API answered (tried {via})"));
+        let sev = if anything_answered {
+            Severity::Degraded
+        } else {
+            Severity::Unknown
+        };
+        let via = c
+            .via
+            .clone()
+            .unwrap_or_else(|| format!("{} servers", c.probes.len()));
+        p.add(
+            sev,
+            tier,
+            None,
+            format!("no Consul API answered (tried {via})"),
+        );
     } else {
         if matches!(c.leader, Some(Ok(ref l)) if l.is_empty()) {
-            p.bad(tier, None, "no raft leader: the servers have no quorum".into());
+            p.bad(
+                tier,
+                None,
+                "no raft leader: the servers have no quorum".into(),
+            );
         }
         for e in s.0.values_mut() {
             let mut why = vec![];
             let leftover = raft_known
                 && e.raft.as_deref() == Some("absent")
-                && (e.reachable == Some(false) || matches!(e.member.as_deref(), Some("failed" | "left")));
+                && (e.reachable == Some(false)
+                    || matches!(e.member.as_deref(), Some("failed" | "left")));
             if leftover {
                 e.note = Some("not in raft (replaced or removed)".into());
                 continue;
@@ -369,10 +412,17 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
                 healthy_servers += 1;
             } else {
                 e.note = Some(why.join("; "));
-                p.bad(tier, Some(&e.name), format!("{}: {}", e.name, why.join("; ")));
+                p.bad(
+                    tier,
+                    Some(&e.name),
+                    format!("{}: {}", e.name, why.join("; ")),
+                );
             }
         }
-        let counted = s.0.values().filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)")).count();
+        let counted =
+            s.0.values()
+                .filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)"))
+                .count();
         if let Some(want) = expected_servers {
             if counted < want as usize {
                 p.bad(
@@ -389,12 +439,25 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
             }
         }
         for (name, r) in [
-            ("raft configuration", c.raft.as_ref().map(|r| r.as_ref().map(|_| ()))),
-            ("autopilot health", c.autopilot.as_ref().map(|r| r.as_ref().map(|_| ()))),
-            ("gossip members", c.members.as_ref().map(|r| r.as_ref().map(|_| ()))),
+            (
+                "raft configuration",
+                c.raft.as_ref().map(|r| r.as_ref().map(|_| ())),
+            ),
+            (
+                "autopilot health",
+                c.autopilot.as_ref().map(|r| r.as_ref().map(|_| ())),
+            ),
+            (
+                "gossip members",
+                c.members.as_ref().map(|r| r.as_ref().map(|_| ())),
+            ),
         ] {
             if let Some(Err(e)) = r {
-                p.unknown(tier, None, format!("cannot read the {name}: {}", err_short(e)));
+                p.unknown(
+                    tier,
+                    None,
+                    format!("cannot read the {name}: {}", err_short(e)),
+                );
             }
         }
     }
@@ -407,9 +470,16 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
     }
     let clients = match &c.members {
         Some(Ok(ms)) => {
-            let cl: Vec<&Member> = ms.iter().filter(|m| m.role != "consul" && m.status != "left").collect();
+            let cl: Vec<&Member> = ms
+                .iter()
+                .filter(|m| m.role != "consul" && m.status != "left")
+                .collect();
             for m in cl.iter().filter(|m| m.status == "failed") {
-                p.bad(tier, Some(&m.name), format!("{}: client agent failed (gossip)", m.name));
+                p.bad(
+                    tier,
+                    Some(&m.name),
+                    format!("{}: client agent failed (gossip)", m.name),
+                );
             }
             Some(Clients {
                 ready: cl.iter().filter(|m| m.status == "alive").count(),
@@ -426,7 +496,16 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
     };
     if let Some(Err(e)) = &c.acl {
         if done && c.token == TokenState::Present {
-            p.unknown(tier, None, format!("status token refused: {}", err_short(e)));
+            let refused = e.starts_with("HTTP 401") || e.starts_with("HTTP 403");
+            p.unknown(
+                tier,
+                None,
+                if refused {
+                    format!("status token refused: {}", err_short(e))
+                } else {
+                    format!("cannot check the status token: {}", err_short(e))
+                },
+            );
         }
     }
     let servers: Vec<ServerReport> = s.0.into_values().collect();
@@ -436,7 +515,11 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         expected_servers,
         healthy_servers,
         leader,
-        failure_tolerance: c.autopilot.as_ref().and_then(|a| a.as_ref().ok()).map(|a| a.failure_tolerance),
+        failure_tolerance: c
+            .autopilot
+            .as_ref()
+            .and_then(|a| a.as_ref().ok())
+            .map(|a| a.failure_tolerance),
         acl: acl.into(),
         initialized: None,
         sealed: None,
@@ -462,7 +545,16 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         for r in raft {
             let e = s.entry(&r.node);
             e.address = Some(host(&r.address).to_string());
-            e.raft = Some(if r.leader { "leader" } else if r.voter { "voter" } else { "non-voter" }.into());
+            e.raft = Some(
+                if r.leader {
+                    "leader"
+                } else if r.voter {
+                    "voter"
+                } else {
+                    "non-voter"
+                }
+                .into(),
+            );
         }
     }
     if let Some(Ok(ap)) = &v.autopilot {
@@ -509,14 +601,23 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
             }
         }
     }
-    let answering: Vec<&ServerReport> = s.0.values().filter(|e| e.reachable == Some(true)).collect();
-    let initialized = (!answering.is_empty()).then(|| answering.iter().all(|e| e.initialized == Some(true)));
+    let answering: Vec<&ServerReport> =
+        s.0.values().filter(|e| e.reachable == Some(true)).collect();
+    let initialized =
+        (!answering.is_empty()).then(|| answering.iter().all(|e| e.initialized == Some(true)));
     let sealed = (!answering.is_empty()).then(|| answering.iter().any(|e| e.sealed == Some(true)));
-    let active_node = answering.iter().find(|e| e.active == Some(true)).map(|e| e.name.clone());
+    let active_node = answering
+        .iter()
+        .find(|e| e.active == Some(true))
+        .map(|e| e.name.clone());
     let answered = !answering.is_empty();
     let mut healthy_servers = 0;
     if !answered {
-        let sev = if anything_answered { Severity::Degraded } else { Severity::Unknown };
+        let sev = if anything_answered {
+            Severity::Degraded
+        } else {
+            Severity::Unknown
+        };
         p.add(
             sev,
             tier,
@@ -529,10 +630,15 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         );
     } else {
         if done && active_node.is_none() {
-            p.bad(tier, None, "no active node: Vault serves no requests".into());
+            p.bad(
+                tier,
+                None,
+                "no active node: Vault serves no requests".into(),
+            );
         }
         for e in s.0.values_mut() {
-            let leftover = raft_known && e.raft.as_deref() == Some("absent") && e.reachable == Some(false);
+            let leftover =
+                raft_known && e.raft.as_deref() == Some("absent") && e.reachable == Some(false);
             if leftover {
                 e.note = Some("not in raft (replaced or removed)".into());
                 continue;
@@ -559,29 +665,58 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
                 healthy_servers += usize::from(e.sealed == Some(false));
             } else {
                 e.note = Some(why.join("; "));
-                p.bad(tier, Some(&e.name), format!("{}: {}", e.name, why.join("; ")));
+                p.bad(
+                    tier,
+                    Some(&e.name),
+                    format!("{}: {}", e.name, why.join("; ")),
+                );
             }
         }
-        let counted = s.0.values().filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)")).count();
+        let counted =
+            s.0.values()
+                .filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)"))
+                .count();
         if let Some(want) = expected_servers {
             if counted < want as usize {
-                p.bad(tier, None, format!("{counted} servers known, {want} expected (hashistack-vault-servers)"));
+                p.bad(
+                    tier,
+                    None,
+                    format!("{counted} servers known, {want} expected (hashistack-vault-servers)"),
+                );
             } else if counted > want as usize {
-                p.bad(tier, None, format!("{counted} servers, {want} expected (hashistack-vault-servers)"));
+                p.bad(
+                    tier,
+                    None,
+                    format!("{counted} servers, {want} expected (hashistack-vault-servers)"),
+                );
             }
         }
         if let Some(Ok(ap)) = &v.autopilot {
             if !ap.healthy && !p.0.iter().any(|x| x.area == tier && x.subject.is_some()) {
-                p.bad(tier, None, "autopilot reports the raft cluster unhealthy".into());
+                p.bad(
+                    tier,
+                    None,
+                    "autopilot reports the raft cluster unhealthy".into(),
+                );
             }
         }
         if done && v.token == TokenState::Present {
             for (name, r) in [
-                ("raft configuration", v.raft.as_ref().map(|r| r.as_ref().map(|_| ()))),
-                ("autopilot state", v.autopilot.as_ref().map(|r| r.as_ref().map(|_| ()))),
+                (
+                    "raft configuration",
+                    v.raft.as_ref().map(|r| r.as_ref().map(|_| ())),
+                ),
+                (
+                    "autopilot state",
+                    v.autopilot.as_ref().map(|r| r.as_ref().map(|_| ())),
+                ),
             ] {
                 if let Some(Err(e)) = r {
-                    p.unknown(tier, None, format!("cannot read the {name}: {}", err_short(&e)));
+                    p.unknown(
+                        tier,
+                        None,
+                        format!("cannot read the {name}: {}", err_short(&e)),
+                    );
                 }
             }
         }
@@ -606,7 +741,11 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         expected_servers,
         healthy_servers,
         leader,
-        failure_tolerance: v.autopilot.as_ref().and_then(|a| a.as_ref().ok()).map(|a| a.failure_tolerance),
+        failure_tolerance: v
+            .autopilot
+            .as_ref()
+            .and_then(|a| a.as_ref().ok())
+            .map(|a| a.failure_tolerance),
         acl: if done {
             "bootstrapped"
         } else if matches!(v.state, Some(Ok(_))) {
@@ -709,9 +848,17 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
         .map(|a| name_for_ip(o, host(a)).unwrap_or_else(|| a.clone()));
     let any_answer = s.0.values().any(|e| e.reachable == Some(true));
     if !s.0.is_empty() && !any_answer {
-        p.bad(tier, None, format!("no Nomad server answered (tried {})", s.0.len()));
+        p.bad(
+            tier,
+            None,
+            format!("no Nomad server answered (tried {})", s.0.len()),
+        );
     } else if !s.0.is_empty() && report.leader.is_none() {
-        p.bad(tier, None, "no raft leader: the servers have no quorum".into());
+        p.bad(
+            tier,
+            None,
+            "no raft leader: the servers have no quorum".into(),
+        );
     }
     for e in s.0.values_mut() {
         let mut why = vec![];
@@ -725,25 +872,44 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
             report.healthy_servers += 1;
         } else {
             e.note = Some(why.join("; "));
-            p.bad(tier, Some(&e.name), format!("{}: {}", e.name, why.join("; ")));
+            p.bad(
+                tier,
+                Some(&e.name),
+                format!("{}: {}", e.name, why.join("; ")),
+            );
         }
     }
     if let Some(want) = expected_servers {
         if s.0.len() != want as usize {
-            p.bad(tier, None, format!("{} servers known, {want} expected (hashistack-nomad-servers)", s.0.len()));
+            p.bad(
+                tier,
+                None,
+                format!(
+                    "{} servers known, {want} expected (hashistack-nomad-servers)",
+                    s.0.len()
+                ),
+            );
         }
     }
     match &n.nodes {
         Some(Ok(nodes)) => {
             for x in nodes.iter().filter(|x| x.status != "ready") {
-                p.bad(tier, Some(&x.name), format!("{}: client node {}", x.name, x.status));
+                p.bad(
+                    tier,
+                    Some(&x.name),
+                    format!("{}: client node {}", x.name, x.status),
+                );
             }
             report.clients = Some(Clients {
                 ready: nodes.iter().filter(|x| x.status == "ready").count(),
                 total: nodes.len(),
             });
         }
-        Some(Err(e)) if done => p.unknown(tier, None, format!("cannot list client nodes: {}", err_short(e))),
+        Some(Err(e)) if done => p.unknown(
+            tier,
+            None,
+            format!("cannot list client nodes: {}", err_short(e)),
+        ),
         _ => {}
     }
     report.servers = s.0.into_values().collect();
@@ -786,12 +952,19 @@ fn nodes(o: &Observations, p: &mut Problems) -> Vec<NodeReport> {
                 n.name,
                 n.phase,
                 age(o.observed_unix, n.finished_unix),
-                n.last_error.as_deref().map(err_short).unwrap_or_else(|| "no error recorded".into())
+                n.last_error
+                    .as_deref()
+                    .map(err_short)
+                    .unwrap_or_else(|| "no error recorded".into())
             ),
         );
     }
     if let Some(e) = &o.records_error {
-        p.unknown("coordination", None, format!("cannot read the node records: {}", err_short(e)));
+        p.unknown(
+            "coordination",
+            None,
+            format!("cannot read the node records: {}", err_short(e)),
+        );
     }
     out
 }
@@ -800,8 +973,14 @@ fn nodes(o: &Observations, p: &mut Problems) -> Vec<NodeReport> {
 pub fn assess(o: &Observations) -> Report {
     let mut p = Problems(vec![]);
     let anything_answered = matches!(o.consul.leader, Some(Ok(_)))
-        || o.consul.probes.iter().any(|x| matches!(x.answer, Some(Ok(_))))
-        || o.vault.health.iter().any(|x| matches!(x.answer, Some(Ok(_))));
+        || o.consul
+            .probes
+            .iter()
+            .any(|x| matches!(x.answer, Some(Ok(_))))
+        || o.vault
+            .health
+            .iter()
+            .any(|x| matches!(x.answer, Some(Ok(_))));
     let tiers = vec![
         consul(o, anything_answered, &mut p),
         vault(o, anything_answered, &mut p),
@@ -827,7 +1006,9 @@ pub fn assess(o: &Observations) -> Report {
                     "{} {}/{} {what}",
                     r.tier,
                     r.healthy_servers,
-                    r.expected_servers.map(|e| e.to_string()).unwrap_or_else(|| "?".into())
+                    r.expected_servers
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "?".into())
                 )
             };
             let mut parts = vec![t(&tiers[0], "servers"), t(&tiers[1], "unsealed")];
@@ -843,7 +1024,10 @@ pub fn assess(o: &Observations) -> Report {
                 1 => " (+1 more problem)".into(),
                 n => format!(" (+{n} more problems)"),
             };
-            format!("cluster {}: {}: {}{more}", o.cluster, first.area, first.message)
+            format!(
+                "cluster {}: {}: {}{more}",
+                o.cluster, first.area, first.message
+            )
         }
     };
     Report {

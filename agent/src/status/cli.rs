@@ -65,7 +65,10 @@ async fn node_view(cfg: &AgentConfig, json: bool) -> u8 {
     match super::node_status(cfg).await {
         Ok(s) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).expect("status serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).expect("status serialises")
+                );
             } else {
                 super::print_table(&s);
             }
@@ -94,7 +97,11 @@ pub async fn run(args: Args) -> u8 {
     if args.node {
         return node_view(&cfg, args.json).await;
     }
-    let color = !args.json && use_color(std::io::stdout().is_terminal(), std::env::var_os("NO_COLOR"));
+    let color = !args.json
+        && use_color(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        );
     let watching = args.watch.is_some();
     let interval = Duration::from_secs(args.watch.unwrap_or(5).max(1));
     let mut collector: Option<Collector> = None;

@@ -68,7 +68,12 @@ fn short(e: &reqwest::Error) -> String {
         format!("no answer within {HTTP_TIMEOUT:?}")
     } else if connect {
         // The innermost cause says it best ("Connection refused", "No route to host").
-        format!("cannot connect: {src}")
+        let text = src.to_string();
+        let text = match text.find(" (os error") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        };
+        format!("cannot connect: {text}")
     } else {
         format!("request failed: {src}")
     }
@@ -135,25 +140,24 @@ impl Collector {
             .await
             .is_err()
         {
-            o.records_error
-                .get_or_insert_with(|| format!("collection did not finish within {COLLECT_DEADLINE:?}"));
+            o.records_error.get_or_insert_with(|| {
+                format!("collection did not finish within {COLLECT_DEADLINE:?}")
+            });
         }
         o
     }
 
     async fn collect_into(&mut self, o: &mut Observations) {
         // 1. Azure: tier states, node records, status tokens — all at once.
-        let (states, records, tokens) = tokio::join!(
-            self.tier_states(),
-            self.records(),
-            self.tokens()
-        );
+        let (states, records, tokens) =
+            tokio::join!(self.tier_states(), self.records(), self.tokens());
         (o.consul.state, o.vault.state, o.nomad.state) = states;
         match records {
             Ok((r, unreadable)) => {
                 o.records = r;
                 if !unreadable.is_empty() {
-                    o.records_error = Some(format!("unreadable records: {}", unreadable.join(", ")));
+                    o.records_error =
+                        Some(format!("unreadable records: {}", unreadable.join(", ")));
                 }
             }
             Err(e) => o.records_error = Some(e),
@@ -178,7 +182,11 @@ impl Collector {
                 o.consul.leader = Some(Err(e.clone()));
                 o.vault.health = servers_of(&o.records, "vault-server", VAULT_PORT)
                     .into_iter()
-                    .map(|(name, address)| Probed { name, address, answer: Some(Err(e.clone())) })
+                    .map(|(name, address)| Probed {
+                        name,
+                        address,
+                        answer: Some(Err(e.clone())),
+                    })
                     .collect();
                 return;
             }
@@ -192,24 +200,55 @@ impl Collector {
         let nomad_token = self.nomad_token.clone();
         let renew = !self.vault_renewed && vault_token.is_some();
         let (consul, vault, nomad) = tokio::join!(
-            collect_consul(&http, &local, &consul_servers, consul_token.as_deref().map(|s| s.as_str()), &o.records),
-            collect_vault(&http, &vault_servers, vault_token.as_deref().map(|s| s.as_str()), renew),
-            collect_nomad(&http, &nomad_servers, nomad_token.as_deref().map(|s| s.as_str())),
+            collect_consul(
+                &http,
+                &local,
+                &consul_servers,
+                consul_token.as_deref().map(|s| s.as_str()),
+                &o.records
+            ),
+            collect_vault(
+                &http,
+                &vault_servers,
+                vault_token.as_deref().map(|s| s.as_str()),
+                renew
+            ),
+            collect_nomad(
+                &http,
+                &nomad_servers,
+                nomad_token.as_deref().map(|s| s.as_str())
+            ),
         );
         if renew {
             self.vault_renewed = true;
         }
         let (state, token) = (o.consul.state.take(), o.consul.token.clone());
-        o.consul = ConsulObs { state, token, ..consul };
+        o.consul = ConsulObs {
+            state,
+            token,
+            ..consul
+        };
         let (state, token) = (o.vault.state.take(), o.vault.token.clone());
-        o.vault = VaultObs { state, token, ..vault };
+        o.vault = VaultObs {
+            state,
+            token,
+            ..vault
+        };
         let (state, token) = (o.nomad.state.take(), o.nomad.token.clone());
-        o.nomad = NomadObs { state, token, ..nomad };
+        o.nomad = NomadObs {
+            state,
+            token,
+            ..nomad
+        };
     }
 
     async fn tier_states(
         &self,
-    ) -> (Got<Option<coordination::TierState>>, Got<Option<coordination::TierState>>, Got<Option<coordination::TierState>>) {
+    ) -> (
+        Got<Option<coordination::TierState>>,
+        Got<Option<coordination::TierState>>,
+        Got<Option<coordination::TierState>>,
+    ) {
         let Some(blob) = self.spec.blob_endpoint.as_deref() else {
             let e: Got<Option<coordination::TierState>> =
                 Some(Err("this node has no hashistack-blob-endpoint tag".into()));
@@ -252,20 +291,36 @@ impl Collector {
             let mut req = self
                 .azure_http
                 .get(&container)
-                .query(&[("restype", "container"), ("comp", "list"), ("prefix", prefix.as_str())])
+                .query(&[
+                    ("restype", "container"),
+                    ("comp", "list"),
+                    ("prefix", prefix.as_str()),
+                ])
                 .bearer_auth(token.as_str())
                 .header("x-ms-version", "2021-12-02");
             if let Some(m) = &marker {
                 req = req.query(&[("marker", m.as_str())]);
             }
-            let r = req.send().await.map_err(|e| format!("list node records: {}", short(&e)))?;
+            let r = req
+                .send()
+                .await
+                .map_err(|e| format!("list node records: {}", short(&e)))?;
             let status = r.status().as_u16();
             if status != 200 {
                 return Err(format!("list node records: HTTP {status}"));
             }
-            let xml = r.text().await.map_err(|e| format!("list node records: {}", short(&e)))?;
-            names.extend(xml_values(&xml, "Name").into_iter().filter(|n| n.ends_with(".json")));
-            marker = xml_values(&xml, "NextMarker").into_iter().find(|m| !m.is_empty());
+            let xml = r
+                .text()
+                .await
+                .map_err(|e| format!("list node records: {}", short(&e)))?;
+            names.extend(
+                xml_values(&xml, "Name")
+                    .into_iter()
+                    .filter(|n| n.ends_with(".json")),
+            );
+            marker = xml_values(&xml, "NextMarker")
+                .into_iter()
+                .find(|m| !m.is_empty());
             if marker.is_none() {
                 break;
             }
@@ -382,14 +437,19 @@ async fn get_json<T: DeserializeOwned>(
         let body = r.text().await.unwrap_or_default();
         let first = body.lines().next().unwrap_or("").trim();
         // Product error bodies are short and carry no secrets ("ACL not found", "permission denied").
-        let hint: String = first.chars().take(80).collect();
+        let hint: String = first.chars().take(160).collect();
         return Err(if hint.is_empty() {
             format!("HTTP {status}")
         } else {
             format!("HTTP {status}: {hint}")
         });
     }
-    r.json::<T>().await.map_err(|_| format!("{path}: response did not parse"))
+    let body = r.bytes().await.map_err(|e| short(&e))?;
+    // serde names the missing or mistyped field; the bodies parsed here hold no secrets.
+    serde_json::from_slice::<T>(&body).map_err(|e| {
+        let p = path.split('?').next().unwrap_or(path);
+        format!("{p} (HTTP {status}): response did not parse: {e}")
+    })
 }
 
 async fn probe_all<T: DeserializeOwned + Send + 'static>(
@@ -402,7 +462,14 @@ async fn probe_all<T: DeserializeOwned + Send + 'static>(
         let (http, name, address) = (http.clone(), name.clone(), address.clone());
         set.spawn(async move {
             let answer = get_json::<T>(&http, &address, path, None, &[]).await;
-            (i, Probed { name, address: crate::status::assess::host(&address).to_string(), answer: Some(answer) })
+            (
+                i,
+                Probed {
+                    name,
+                    address: crate::status::assess::host(&address).to_string(),
+                    answer: Some(answer),
+                },
+            )
         });
     }
     let mut out: Vec<(usize, Probed<T>)> = vec![];
@@ -514,26 +581,50 @@ async fn collect_consul(
         get_json::<Vec<String>>(http, &via, "/v1/status/peers", None, &[]),
         async {
             match h {
-                Some(h) => Some(get_json::<ConsulRaftConfig>(http, &via, "/v1/operator/raft/configuration", Some(h), &[]).await),
+                Some(h) => Some(
+                    get_json::<ConsulRaftConfig>(
+                        http,
+                        &via,
+                        "/v1/operator/raft/configuration",
+                        Some(h),
+                        &[],
+                    )
+                    .await,
+                ),
                 None => None,
             }
         },
         async {
             match h {
                 // 429: autopilot answers with its report and "unhealthy".
-                Some(h) => Some(get_json::<ConsulAutopilot>(http, &via, "/v1/operator/autopilot/health", Some(h), &[429]).await),
+                Some(h) => Some(
+                    get_json::<ConsulAutopilot>(
+                        http,
+                        &via,
+                        "/v1/operator/autopilot/health",
+                        Some(h),
+                        &[429],
+                    )
+                    .await,
+                ),
                 None => None,
             }
         },
         async {
             match h {
-                Some(h) => Some(get_json::<Vec<ConsulMember>>(http, &via, "/v1/agent/members", Some(h), &[]).await),
+                Some(h) => Some(
+                    get_json::<Vec<ConsulMember>>(http, &via, "/v1/agent/members", Some(h), &[])
+                        .await,
+                ),
                 None => None,
             }
         },
         async {
             match h {
-                Some(h) => Some(get_json::<ConsulTokenSelf>(http, &via, "/v1/acl/token/self", Some(h), &[]).await),
+                Some(h) => Some(
+                    get_json::<ConsulTokenSelf>(http, &via, "/v1/acl/token/self", Some(h), &[])
+                        .await,
+                ),
                 None => None,
             }
         },
@@ -544,7 +635,13 @@ async fn collect_consul(
         r.map(|c| {
             c.servers
                 .into_iter()
-                .map(|s| RaftServer { id: s.id, node: s.node, address: s.address, leader: s.leader, voter: s.voter })
+                .map(|s| RaftServer {
+                    id: s.id,
+                    node: s.node,
+                    address: s.address,
+                    leader: s.leader,
+                    voter: s.voter,
+                })
                 .collect()
         })
     });
@@ -593,7 +690,16 @@ async fn collect_consul(
         .raft
         .as_ref()
         .and_then(|r| r.as_ref().ok())
-        .map(|r| r.iter().map(|s| (crate::status::assess::host(&s.address).to_string(), s.node.clone())).collect())
+        .map(|r| {
+            r.iter()
+                .map(|s| {
+                    (
+                        crate::status::assess::host(&s.address).to_string(),
+                        s.node.clone(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     if let Ok(peers) = &peers {
         for a in peers {
@@ -603,7 +709,12 @@ async fn collect_consul(
                     .iter()
                     .find(|(h, _)| *h == ip)
                     .map(|(_, n)| n.clone())
-                    .or_else(|| records.iter().find(|r| r.ip.as_deref() == Some(ip.as_str())).map(|r| r.boot.node.clone()))
+                    .or_else(|| {
+                        records
+                            .iter()
+                            .find(|r| r.ip.as_deref() == Some(ip.as_str()))
+                            .map(|r| r.boot.node.clone())
+                    })
                     .unwrap_or_else(|| ip.clone());
                 extra.push((name, format!("{ip}:{CONSUL_PORT}")));
             }
@@ -698,13 +809,28 @@ async fn collect_vault(
             matches!(&p.answer, Some(Ok(h)) if h.initialized && !h.sealed && (!active || !h.standby))
         })
     };
-    let Some(via) = usable(true).or_else(|| usable(false)).map(|p| format!("{}:{VAULT_PORT}", p.address)) else {
+    let Some(via) = usable(true)
+        .or_else(|| usable(false))
+        .map(|p| format!("{}:{VAULT_PORT}", p.address))
+    else {
         return o;
     };
     let h = Some(("X-Vault-Token", token));
     let (raft, autopilot, _) = tokio::join!(
-        get_json::<VaultData<VaultRaftConfig>>(http, &via, "/v1/sys/storage/raft/configuration", h, &[]),
-        get_json::<VaultData<VaultAutopilot>>(http, &via, "/v1/sys/storage/raft/autopilot/state", h, &[]),
+        get_json::<VaultData<VaultRaftConfig>>(
+            http,
+            &via,
+            "/v1/sys/storage/raft/configuration",
+            h,
+            &[]
+        ),
+        get_json::<VaultData<VaultAutopilot>>(
+            http,
+            &via,
+            "/v1/sys/storage/raft/autopilot/state",
+            h,
+            &[]
+        ),
         async {
             if renew {
                 let r = http
@@ -725,27 +851,35 @@ async fn collect_vault(
             .config
             .servers
             .into_iter()
-            .map(|s| RaftServer { id: s.node_id.clone(), node: s.node_id, address: s.address, leader: s.leader, voter: s.voter })
+            .map(|s| RaftServer {
+                id: s.node_id.clone(),
+                node: s.node_id,
+                address: s.address,
+                leader: s.leader,
+                voter: s.voter,
+            })
             .collect()
     }));
-    o.autopilot = Some(autopilot.map(|d| Autopilot {
-        healthy: d.data.healthy,
-        failure_tolerance: d.data.failure_tolerance,
-        servers: d
-            .data
-            .servers
-            .into_values()
-            .map(|s| AutopilotServer {
-                voter: s.status == "voter" || s.status == "leader",
-                leader: s.status == "leader",
-                id: s.id,
-                name: s.name,
-                address: s.address,
-                healthy: s.healthy,
-                status: s.node_status,
-                version: s.version,
-            })
-            .collect(),
+    o.autopilot = Some(autopilot.map(|d| {
+        Autopilot {
+            healthy: d.data.healthy,
+            failure_tolerance: d.data.failure_tolerance,
+            servers: d
+                .data
+                .servers
+                .into_values()
+                .map(|s| AutopilotServer {
+                    voter: s.status == "voter" || s.status == "leader",
+                    leader: s.status == "leader",
+                    id: s.id,
+                    name: s.name,
+                    address: s.address,
+                    healthy: s.healthy,
+                    status: s.node_status,
+                    version: s.version,
+                })
+                .collect(),
+        }
     }));
     o
 }
@@ -761,7 +895,11 @@ struct NomadNodeBody {
     scheduling_eligibility: String,
 }
 
-async fn collect_nomad(http: &reqwest::Client, servers: &[(String, String)], token: Option<&str>) -> NomadObs {
+async fn collect_nomad(
+    http: &reqwest::Client,
+    servers: &[(String, String)],
+    token: Option<&str>,
+) -> NomadObs {
     let mut o = NomadObs::default();
     if servers.is_empty() {
         return o;
@@ -780,7 +918,9 @@ async fn collect_nomad(http: &reqwest::Client, servers: &[(String, String)], tok
         get_json::<Vec<String>>(http, &via, "/v1/status/peers", None, &[]),
         async {
             match h {
-                Some(h) => Some(get_json::<Vec<NomadNodeBody>>(http, &via, "/v1/nodes", Some(h), &[]).await),
+                Some(h) => Some(
+                    get_json::<Vec<NomadNodeBody>>(http, &via, "/v1/nodes", Some(h), &[]).await,
+                ),
                 None => None,
             }
         }
@@ -808,7 +948,10 @@ mod tests {
     #[test]
     fn xml_names_and_markers() {
         let xml = "<EnumerationResults><Blobs><Blob><Name>lab/nodes/a.json</Name></Blob><Blob><Name>lab/nodes/b&amp;c.json</Name></Blob></Blobs><NextMarker /></EnumerationResults>";
-        assert_eq!(xml_values(xml, "Name"), vec!["lab/nodes/a.json", "lab/nodes/b&c.json"]);
+        assert_eq!(
+            xml_values(xml, "Name"),
+            vec!["lab/nodes/a.json", "lab/nodes/b&c.json"]
+        );
         assert!(xml_values(xml, "NextMarker").is_empty());
     }
 }

@@ -54,7 +54,11 @@ impl Table {
             let last = cells.len().saturating_sub(1);
             let mut s = String::new();
             for (i, (t, tone)) in cells.into_iter().enumerate() {
-                let pad = if i == last { 0 } else { w[i] - t.chars().count() + 2 };
+                let pad = if i == last {
+                    0
+                } else {
+                    w[i] - t.chars().count() + 2
+                };
                 s.push_str(&paint(&t, tone, color));
                 s.push_str(&" ".repeat(pad));
             }
@@ -114,8 +118,17 @@ fn bootstrap_cell(b: &Option<Bootstrap>, now: i64) -> (String, Tone) {
     match b {
         None => ("none".into(), Tone::Bad),
         Some(b) => (
-            format!("{} by {}, {} ago", b.phase, b.leader_node, age(now, b.updated_unix)),
-            if b.phase == "done" { Tone::Good } else { Tone::Bad },
+            format!(
+                "{} by {}, {} ago",
+                b.phase,
+                b.leader_node,
+                age(now, b.updated_unix)
+            ),
+            if b.phase == "done" {
+                Tone::Good
+            } else {
+                Tone::Bad
+            },
         ),
     }
 }
@@ -143,8 +156,13 @@ fn escrow_cell(b: &Option<Bootstrap>) -> (String, Tone) {
 }
 
 fn servers_cell(t: &TierReport) -> (String, Tone) {
-    let want = t.expected_servers.map(|e| e.to_string()).unwrap_or_else(|| "?".into());
-    let good = t.expected_servers.is_some_and(|e| t.healthy_servers >= e as usize);
+    let want = t
+        .expected_servers
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "?".into());
+    let good = t
+        .expected_servers
+        .is_some_and(|e| t.healthy_servers >= e as usize);
     (
         format!("{}/{want}", t.healthy_servers),
         if good { Tone::Good } else { Tone::Bad },
@@ -168,7 +186,8 @@ fn tier_state_cell(t: &TierReport) -> (String, Tone) {
             if let Some(a) = &t.active_node {
                 parts.push(format!("active {a}"));
             }
-            let bad = t.initialized == Some(false) || t.sealed == Some(true) || t.active_node.is_none();
+            let bad =
+                t.initialized == Some(false) || t.sealed == Some(true) || t.active_node.is_none();
             if parts.is_empty() {
                 dash()
             } else {
@@ -177,8 +196,17 @@ fn tier_state_cell(t: &TierReport) -> (String, Tone) {
         }
         _ => match t.clients {
             Some(c) => (
-                format!("clients {}/{} {}", c.ready, c.total, if t.tier == "nomad" { "ready" } else { "alive" }),
-                if c.ready == c.total { Tone::Good } else { Tone::Bad },
+                format!(
+                    "clients {}/{} {}",
+                    c.ready,
+                    c.total,
+                    if t.tier == "nomad" { "ready" } else { "alive" }
+                ),
+                if c.ready == c.total {
+                    Tone::Good
+                } else {
+                    Tone::Bad
+                },
             ),
             None => dash(),
         },
@@ -200,7 +228,10 @@ fn server_state(s: &ServerReport, tier: &str) -> (String, Tone) {
     }
     match s.member.as_deref() {
         Some("alive") | None if s.reachable == Some(true) => ("alive".into(), Tone::Good),
-        Some(m) => (m.to_uppercase(), if m == "alive" { Tone::Good } else { Tone::Bad }),
+        Some(m) => (
+            m.to_uppercase(),
+            if m == "alive" { Tone::Good } else { Tone::Bad },
+        ),
         None => dash(),
     }
 }
@@ -220,10 +251,26 @@ pub fn table(r: &Report, color: bool) -> String {
     ));
     out.push_str("\n\n");
 
-    let mut t = Table::new(&["TIER", "SERVERS", "LEADER", "TOLERANCE", "STATE", "ACL", "TOKEN", "BOOTSTRAP", "ESCROW"]);
+    let mut t = Table::new(&[
+        "TIER",
+        "SERVERS",
+        "LEADER",
+        "TOLERANCE",
+        "STATE",
+        "ACL",
+        "TOKEN",
+        "BOOTSTRAP",
+        "ESCROW",
+    ]);
     for tier in &r.tiers {
         if !tier.deployed {
-            t.row(vec![plain(tier.tier.clone()), ("not deployed".into(), Tone::Dim)]);
+            t.row(vec![
+                plain(tier.tier.clone()),
+                dash(),
+                dash(),
+                dash(),
+                ("not deployed".into(), Tone::Dim),
+            ]);
             continue;
         }
         t.row(vec![
@@ -239,11 +286,19 @@ pub fn table(r: &Report, color: bool) -> String {
             tier_state_cell(tier),
             (
                 tier.acl.clone(),
-                if tier.acl == "bootstrapped" { Tone::Good } else { Tone::Warn },
+                if tier.acl == "bootstrapped" {
+                    Tone::Good
+                } else {
+                    Tone::Warn
+                },
             ),
             (
                 tier.status_token.clone(),
-                if tier.status_token == "present" { Tone::Plain } else { Tone::Warn },
+                if tier.status_token == "present" {
+                    Tone::Plain
+                } else {
+                    Tone::Warn
+                },
             ),
             bootstrap_cell(&tier.bootstrap, r.observed_unix),
             escrow_cell(&tier.bootstrap),
@@ -252,7 +307,16 @@ pub fn table(r: &Report, color: bool) -> String {
     t.render(color, &mut out);
     out.push('\n');
 
-    let mut t = Table::new(&["SERVER", "TIER", "ADDRESS", "STATE", "RAFT", "AUTOPILOT", "VERSION", "NOTE"]);
+    let mut t = Table::new(&[
+        "SERVER",
+        "TIER",
+        "ADDRESS",
+        "STATE",
+        "RAFT",
+        "AUTOPILOT",
+        "VERSION",
+        "NOTE",
+    ]);
     for tier in r.tiers.iter().filter(|t| t.deployed) {
         for s in &tier.servers {
             t.row(vec![
@@ -271,7 +335,10 @@ pub fn table(r: &Report, color: bool) -> String {
                     None => dash(),
                 },
                 opt(&s.version),
-                s.note.clone().map(|n| (n, Tone::Warn)).unwrap_or_else(|| plain("")),
+                s.note
+                    .clone()
+                    .map(|n| (n, Tone::Warn))
+                    .unwrap_or_else(|| plain("")),
             ]);
         }
     }

@@ -72,13 +72,23 @@ async fn send_json(
         Ok(bytes)
     } else {
         let already = String::from_utf8_lossy(&bytes).contains("already exists");
-        Err((Some(status), format!("{what}: HTTP {status}{}", if already { " (already exists)" } else { "" })))
+        Err((
+            Some(status),
+            format!(
+                "{what}: HTTP {status}{}",
+                if already { " (already exists)" } else { "" }
+            ),
+        ))
     }
 }
 
 /// Creates the Consul `operator-read` policy and a token for it with the management token; returns the token.
 /// Retried for up to a minute while the servers settle after the ACL bootstrap.
-pub async fn create_consul(api: &str, ca_file: &Path, management: &str) -> Result<Zeroizing<String>, String> {
+pub async fn create_consul(
+    api: &str,
+    ca_file: &Path,
+    management: &str,
+) -> Result<Zeroizing<String>, String> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))?;
     let start = std::time::Instant::now();
     loop {
@@ -111,13 +121,17 @@ pub async fn create_consul(api: &str, ca_file: &Path, management: &str) -> Resul
         #[serde(rename = "SecretID")]
         secret_id: String,
     }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| "status token: response did not parse".to_string())?;
+    let mut t: Created = serde_json::from_slice(&body)
+        .map_err(|_| "status token: response did not parse".to_string())?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
 
 /// Creates the Vault `status-read` policy and an orphan periodic token for it with the root token.
-pub async fn create_vault(api: &str, ca_file: &Path, root: &str) -> Result<Zeroizing<String>, String> {
+pub async fn create_vault(
+    api: &str,
+    ca_file: &Path,
+    root: &str,
+) -> Result<Zeroizing<String>, String> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))?;
     let req = c
         .put(format!("{api}/v1/sys/policies/acl/{VAULT_POLICY}"))
@@ -144,7 +158,7 @@ pub async fn create_vault(api: &str, ca_file: &Path, root: &str) -> Result<Zeroi
     struct Created {
         auth: Auth,
     }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| "status token: response did not parse".to_string())?;
+    let mut t: Created = serde_json::from_slice(&body)
+        .map_err(|_| "status token: response did not parse".to_string())?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
 }
