@@ -549,6 +549,9 @@ EXPECTED_ACCESS |= {
     ("jumpbox", "resourceGroup", "Reader"),
     ("jumpbox", "vault:shared", "Key Vault Secrets User"),
     ("jumpbox", "container:coordination", "Storage Blob Data Reader"),
+    # node boot records for `hashistack-agent status` (server tiers publish through coordinationWriter)
+    ("workers", "container:coordination", custom(f"{BLOB}/write", f"{BLOB}/add/action")),
+    ("jumpbox", "container:coordination", custom(f"{BLOB}/write", f"{BLOB}/add/action")),
     ("operator", "container:escrow", "Storage Blob Data Reader"),
     ("operator", "container:coordination", "Storage Blob Data Reader"),
     ("operator", "vault:escrow", "Key Vault Secrets User"),
@@ -623,6 +626,35 @@ def check_unseal_key(t: dict, ev: Evaluator) -> list[str]:
                                                  any("/keys/" in d for d in a["data_actions"]))
         if on_key and a["principal"] != "vault":
             problems.append(f"unseal key usable by {a['principal']} ({a['role']} on {a['scope']})")
+    return problems
+
+
+NODE_RECORD_WRITERS = ("workers", "jumpbox")
+
+
+def check_node_record_writers(t: dict, ev: Evaluator) -> list[str]:
+    """Workers and the jumpbox publish their boot records: on the coordination container they may create and
+    overwrite blobs (exactly write + add/action, no read/list/lease/delete), and an ABAC condition keeps those
+    writes under `<clusterName>/nodes/` so they cannot touch tier state or leader leases."""
+    problems = []
+    want = {f"{BLOB}/write", f"{BLOB}/add/action"}
+    path_rule = f"@Resource[{BLOB}:path] StringLike '{ev.param('clusterName')}/nodes/*'"
+    for who in NODE_RECORD_WRITERS:
+        held = [a for a in role_assignments(t, ev) if a["principal"] == who and a["scope"] == "container:coordination"
+                and any(d.startswith(BLOB) and not d.endswith("/read") for d in a["data_actions"])]
+        if len(held) != 1:
+            problems.append(f"{who}: {len(held)} write assignments on the coordination container, want 1")
+            continue
+        a = held[0]
+        if a["data_actions"] != want:
+            problems.append(f"{who}: coordination write role holds {sorted(a['data_actions'])}, want exactly {sorted(want)}")
+        props = a["resource"].get("properties", {})
+        cond = ev.value(props["condition"]) if "condition" in props else ""
+        if props.get("conditionVersion") != "2.0" or path_rule not in cond:
+            problems.append(f"{who}: coordination write assignment lacks the condition {path_rule!r}")
+        for action in sorted(want):
+            if f"ActionMatches{{'{action}'}}" not in cond:
+                problems.append(f"{who}: the condition does not cover {action}")
     return problems
 
 

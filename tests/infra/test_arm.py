@@ -136,6 +136,11 @@ def test_access_matrix_is_least_privilege(template, ev):
     no_problems(checks.check_access_matrix(template, ev))
 
 
+def test_node_record_writers_write_only_under_nodes(template, ev):
+    """Workers and the jumpbox publish boot records for `hashistack-agent status`, and nothing else."""
+    no_problems(checks.check_node_record_writers(template, ev))
+
+
 def test_role_assignments_and_custom_roles_hygiene(template, ev):
     no_problems(checks.check_assignment_hygiene(template, ev))
 

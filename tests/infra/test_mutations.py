@@ -257,6 +257,20 @@ CASES = [
          "hashistack-vault-join", vmss(c["t"], "vault-server")["tags"]["hashistack-vault-join"].replace(
              "vmssNames').vault", "vmssNames').consul")),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("node record writers may write anywhere in the coordination container",
+     lambda c: assignment(c["t"], "coordinationRecordWriter", "workers")["properties"].pop("condition"),
+     lambda c, s: checks.check_node_record_writers(c["t"], _ev(c))),
+    ("node record condition covers another path",
+     lambda c: c["t"]["variables"].__setitem__("nodeRecordsCondition", c["t"]["variables"]["nodeRecordsCondition"]
+                                               .replace("/nodes/*", "/*")),
+     lambda c, s: checks.check_node_record_writers(c["t"], _ev(c))),
+    ("node record role can delete",
+     lambda c: role_def(c["t"], "coordinationRecordWriter")["properties"]["permissions"][0]["dataActions"].append(
+         "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"),
+     lambda c, s: checks.check_node_record_writers(c["t"], _ev(c))),
+    ("workers lack the blob endpoint",
+     lambda c: vmss(c["t"], "worker")["tags"].pop("hashistack-blob-endpoint"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
     ("jumpbox lacks the blob endpoint",
      lambda c: res(c["t"], "Microsoft.Compute/virtualMachines")[0]["tags"].pop("hashistack-blob-endpoint"),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
