@@ -51,9 +51,8 @@ async fn assert_done_once(lab: &Lab) -> hashistack_agent::coordination::TierStat
 
 /// `escrow open --tier nomad` as the operator: the secret, which must authenticate as a management token on
 /// every Nomad server.
-async fn recovered_secret_works(lab: &mut Lab) -> String {
-    let operator = lab.operator_imds().await.unwrap();
-    let o = escrow_cmd(lab, &operator, &["open", "--tier", "nomad"]);
+async fn recovered_secret_works(lab: &Lab, operator: &str) -> String {
+    let o = escrow_cmd(lab, operator, &["open", "--tier", "nomad"]);
     assert!(
         o.status.success(),
         "escrow open nomad: {}",
@@ -123,10 +122,10 @@ async fn nomad_lab_bootstraps_once(name: &str, net: u8, nomad_bin: Option<PathBu
         .expect("bootstrap logged");
     assert!(before < done);
 
-    let secret = recovered_secret_works(&mut lab).await;
+    let operator = lab.operator_imds().await.unwrap();
+    let secret = recovered_secret_works(&lab, &operator).await;
 
     // Every receipt of every tier matches its object.
-    let operator = lab.operator_imds().await.unwrap();
     let o = escrow_cmd(&lab, &operator, &["verify"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "verify: {out}");
@@ -178,8 +177,9 @@ async fn leader_killed_after_the_call_is_recovered_from_the_escrow_made_before_u
     let nomad: Vec<usize> = (0..lab.nodes.len())
         .filter(|&i| lab.nodes[i].def.role == Role::NomadServer)
         .collect();
+    // Every other node boots normally.
     for i in 0..lab.nodes.len() {
-        if lab.nodes[i].def.role == Role::ConsulServer {
+        if lab.nodes[i].def.role != Role::NomadServer {
             lab.start_agent(i).unwrap();
         }
     }
@@ -222,6 +222,7 @@ async fn leader_killed_after_the_call_is_recovered_from_the_escrow_made_before_u
     );
     assert_eq!(count_outcome(&lab, Role::NomadServer, "recovered"), 1);
     assert_eq!(count_outcome(&lab, Role::NomadServer, "bootstrapped"), 0);
-    recovered_secret_works(&mut lab).await;
+    let operator = lab.operator_imds().await.unwrap();
+    recovered_secret_works(&lab, &operator).await;
     lab.down().await;
 }
