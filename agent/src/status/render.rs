@@ -114,8 +114,10 @@ fn verdict_tone(v: Verdict) -> Tone {
     }
 }
 
-fn bootstrap_cell(b: &Option<Bootstrap>, now: i64) -> (String, Tone) {
-    match b {
+fn bootstrap_cell(t: &TierReport, now: i64) -> (String, Tone) {
+    match &t.bootstrap {
+        // No state at all, or it could not be read.
+        None if t.acl == "unknown" => ("?".into(), Tone::Warn),
         None => ("none".into(), Tone::Bad),
         Some(b) => (
             format!(
@@ -179,7 +181,7 @@ fn tier_state_cell(t: &TierReport) -> (String, Tone) {
                 None => {}
             }
             match t.sealed {
-                Some(true) => parts.push("sealed node(s)".into()),
+                Some(true) => parts.push("SOME SEALED".into()),
                 Some(false) => parts.push("unsealed".into()),
                 None => {}
             }
@@ -300,7 +302,7 @@ pub fn table(r: &Report, color: bool) -> String {
                     Tone::Warn
                 },
             ),
-            bootstrap_cell(&tier.bootstrap, r.observed_unix),
+            bootstrap_cell(tier, r.observed_unix),
             escrow_cell(&tier.bootstrap),
         ]);
     }

@@ -1,0 +1,554 @@
+//! Snapshot tests of `hashistack-agent status`: fixed observations → the table (plain and coloured) and the JSON
+//! report, compared with the goldens under tests/golden/status/<case>/. Assessment and rendering are pure, so
+//! these pin every line an operator reads and the documented JSON schema (docs/status.md).
+//!
+//! Regenerate after an intended change with `UPDATE_GOLDEN=1 cargo test -p hashistack-agent --test status_snapshots`
+//! and review the diff.
+
+use hashistack_agent::boot::{BootRecord, Phase};
+use hashistack_agent::coordination::{TierPhase, TierState};
+use hashistack_agent::escrow::Receipt;
+use hashistack_agent::publish::NodeRecord;
+use hashistack_agent::status::model::*;
+use hashistack_agent::status::{assess, render};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+const NOW: i64 = 1_780_000_000;
+
+fn record(name: &str, role: &str, ip: &str, expects: &[(&str, u8)]) -> NodeRecord {
+    let mut versions = BTreeMap::new();
+    match role {
+        "consul-server" | "jumpbox" => {
+            versions.insert("consul".into(), "consul 1.20.0".into());
+        }
+        "vault-server" => {
+            versions.insert("consul".into(), "consul 1.20.0".into());
+            versions.insert("vault".into(), "vault 1.18.1".into());
+        }
+        _ => {
+            versions.insert("consul".into(), "consul 1.20.0".into());
+            versions.insert("nomad".into(), "nomad 1.9.5".into());
+        }
+    }
+    NodeRecord {
+        format: 1,
+        boot: BootRecord {
+            agent_version: "0.1.0".into(),
+            pid: 4242,
+            node: name.into(),
+            role: Some(role.into()),
+            cluster: Some("prod".into()),
+            phase: Phase::Done,
+            ok: true,
+            last_error: None,
+            finished_unix: NOW - 3600,
+            critical_path_ms: Some(850),
+            phases_us: BTreeMap::new(),
+            versions,
+            files_changed: vec![],
+            services: BTreeMap::new(),
+            bootstrap: role
+                .ends_with("-server")
+                .then(|| "already-done".to_string()),
+        },
+        ip: Some(ip.into()),
+        role_tag: Some(role.into()),
+        expects: expects.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        published_unix: NOW - 3600,
+    }
+}
+
+fn done_state(tier: &str, leader: &str) -> TierState {
+    let mut s = TierState::new("prod", tier, leader);
+    s.phase = TierPhase::Done;
+    s.updated_unix = NOW - 86_400 * 3;
+    s.escrow_id = Some("1779740800-0011223344556677".into());
+    for (target, object) in [
+        (
+            "blob",
+            format!("escrow/prod/{tier}/1779740800-0011223344556677.json"),
+        ),
+        (
+            "keyvault",
+            format!("prod-{tier}-1779740800-0011223344556677"),
+        ),
+    ] {
+        s.receipts.push(Receipt {
+            target: target.into(),
+            object,
+            version: "v1".into(),
+            ciphertext_sha256: "ab".repeat(32),
+            written_unix: NOW - 86_400 * 3,
+        });
+    }
+    s
+}
+
+fn ok<T>(v: T) -> Got<T> {
+    Some(Ok(v))
+}
+
+fn err<T>(e: &str) -> Got<T> {
+    Some(Err(e.to_string()))
+}
+
+fn consul_ip(i: usize) -> String {
+    format!("10.0.1.{}", 4 + i)
+}
+fn vault_ip(i: usize) -> String {
+    format!("10.0.2.{}", 4 + i)
+}
+fn nomad_ip(i: usize) -> String {
+    format!("10.0.3.{}", 4 + i)
+}
+
+/// A healthy production-shaped cluster: 3 Consul, 3 Vault, 3 Nomad servers, 2 workers, the jumpbox.
+fn healthy() -> Observations {
+    let mut records = vec![];
+    for i in 0..3 {
+        records.push(record(
+            &format!("consul-00000{i}"),
+            "consul-server",
+            &consul_ip(i),
+            &[("consul-servers", 3)],
+        ));
+        records.push(record(
+            &format!("vault-00000{i}"),
+            "vault-server",
+            &vault_ip(i),
+            &[("vault-servers", 3)],
+        ));
+        records.push(record(
+            &format!("nomad-00000{i}"),
+            "nomad-server",
+            &nomad_ip(i),
+            &[("nomad-servers", 3)],
+        ));
+    }
+    for i in 0..2 {
+        records.push(record(
+            &format!("workers-00000{i}"),
+            "worker",
+            &format!("10.0.4.{}", 4 + i),
+            &[],
+        ));
+    }
+    records.push(record("prod-jumpbox", "jumpbox", "10.0.5.4", &[]));
+    records.sort_by(|a, b| a.boot.node.cmp(&b.boot.node));
+
+    let consul_servers: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("consul-00000{i}"), consul_ip(i)))
+        .collect();
+    let mut members: Vec<Member> = consul_servers
+        .iter()
+        .map(|(n, ip)| Member {
+            name: n.clone(),
+            addr: ip.clone(),
+            role: "consul".into(),
+            status: "alive".into(),
+            version: "1.20.0".into(),
+        })
+        .collect();
+    for r in records
+        .iter()
+        .filter(|r| r.boot.role.as_deref() != Some("consul-server"))
+    {
+        members.push(Member {
+            name: r.boot.node.clone(),
+            addr: r.ip.clone().unwrap(),
+            role: "node".into(),
+            status: "alive".into(),
+            version: "1.20.0".into(),
+        });
+    }
+    let consul = ConsulObs {
+        state: ok(Some(done_state("consul", "consul-000000"))),
+        token: TokenState::Present,
+        via: Some("10.0.5.4:8501".into()),
+        leader: ok(format!("{}:8300", consul_ip(1))),
+        peers: ok((0..3).map(|i| format!("{}:8300", consul_ip(i))).collect()),
+        raft: ok(consul_servers
+            .iter()
+            .enumerate()
+            .map(|(i, (n, ip))| RaftServer {
+                id: format!("id-{n}"),
+                node: n.clone(),
+                address: format!("{ip}:8300"),
+                leader: i == 1,
+                voter: true,
+            })
+            .collect()),
+        autopilot: ok(Autopilot {
+            healthy: true,
+            failure_tolerance: 1,
+            servers: consul_servers
+                .iter()
+                .enumerate()
+                .map(|(i, (n, ip))| AutopilotServer {
+                    id: format!("id-{n}"),
+                    name: n.clone(),
+                    address: format!("{ip}:8300"),
+                    healthy: true,
+                    status: "alive".into(),
+                    leader: i == 1,
+                    voter: true,
+                    version: "1.20.0".into(),
+                })
+                .collect(),
+        }),
+        members: ok(members),
+        acl: ok("hashistack-agent status (read-only)".into()),
+        probes: consul_servers
+            .iter()
+            .map(|(n, ip)| Probed {
+                name: n.clone(),
+                address: ip.clone(),
+                answer: ok(format!("{}:8300", consul_ip(1))),
+            })
+            .collect(),
+    };
+    let vault_servers: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("vault-00000{i}"), vault_ip(i)))
+        .collect();
+    let vault = VaultObs {
+        state: ok(Some(done_state("vault", "vault-000002"))),
+        token: TokenState::Present,
+        health: vault_servers
+            .iter()
+            .enumerate()
+            .map(|(i, (n, ip))| Probed {
+                name: n.clone(),
+                address: ip.clone(),
+                answer: ok(VaultHealth {
+                    initialized: true,
+                    sealed: false,
+                    standby: i != 2,
+                    version: "1.18.1".into(),
+                }),
+            })
+            .collect(),
+        via: Some(format!("{}:8200", vault_ip(2))),
+        raft: ok(vault_servers
+            .iter()
+            .enumerate()
+            .map(|(i, (n, ip))| RaftServer {
+                id: n.clone(),
+                node: n.clone(),
+                address: format!("{ip}:8201"),
+                leader: i == 2,
+                voter: true,
+            })
+            .collect()),
+        autopilot: ok(Autopilot {
+            healthy: true,
+            failure_tolerance: 1,
+            servers: vault_servers
+                .iter()
+                .enumerate()
+                .map(|(i, (n, ip))| AutopilotServer {
+                    id: n.clone(),
+                    name: n.clone(),
+                    address: format!("{ip}:8201"),
+                    healthy: true,
+                    status: "alive".into(),
+                    leader: i == 2,
+                    voter: true,
+                    version: "1.18.1".into(),
+                })
+                .collect(),
+        }),
+    };
+    let nomad = NomadObs {
+        state: ok(Some(done_state("nomad", "nomad-000001"))),
+        token: TokenState::Present,
+        probes: (0..3)
+            .map(|i| Probed {
+                name: format!("nomad-00000{i}"),
+                address: nomad_ip(i),
+                answer: ok(format!("{}:4647", nomad_ip(0))),
+            })
+            .collect(),
+        peers: ok((0..3).map(|i| format!("{}:4647", nomad_ip(i))).collect()),
+        nodes: ok((0..2)
+            .map(|i| NomadNode {
+                name: format!("workers-00000{i}"),
+                address: format!("10.0.4.{}", 4 + i),
+                status: "ready".into(),
+                eligible: true,
+            })
+            .collect()),
+    };
+    Observations {
+        cluster: "prod".into(),
+        observer: "prod-jumpbox".into(),
+        observed_unix: NOW,
+        records_error: None,
+        records,
+        consul,
+        vault,
+        nomad,
+    }
+}
+
+fn consul_server_down() -> Observations {
+    let mut o = healthy();
+    let dead = "consul-000002";
+    o.consul.probes[2].answer = err("cannot connect: Connection refused");
+    if let Some(Ok(ms)) = &mut o.consul.members {
+        ms.iter_mut().find(|m| m.name == dead).unwrap().status = "failed".into();
+    }
+    if let Some(Ok(ap)) = &mut o.consul.autopilot {
+        ap.healthy = false;
+        ap.failure_tolerance = 0;
+        let s = ap.servers.iter_mut().find(|s| s.name == dead).unwrap();
+        s.healthy = false;
+        s.status = "failed".into();
+    }
+    o
+}
+
+fn vault_sealed_and_down() -> Observations {
+    let mut o = healthy();
+    o.vault.health[0].answer = ok(VaultHealth {
+        initialized: true,
+        sealed: true,
+        standby: true,
+        version: "1.18.1".into(),
+    });
+    o.vault.health[1].answer = err("no answer within 3s");
+    if let Some(Ok(ap)) = &mut o.vault.autopilot {
+        ap.healthy = false;
+        ap.failure_tolerance = 0;
+        for s in ap.servers.iter_mut().take(2) {
+            s.healthy = false;
+        }
+    }
+    o
+}
+
+fn bootstrapping() -> Observations {
+    let mut o = healthy();
+    let mut st = TierState::new("prod", "consul", "consul-000000");
+    st.set(TierPhase::Initializing, "consul-000000", None);
+    st.updated_unix = NOW - 12;
+    st.history.clear();
+    o.consul.state = ok(Some(st));
+    o.consul.token = TokenState::Missing;
+    o.consul.raft = None;
+    o.consul.autopilot = None;
+    o.consul.members = None;
+    o.consul.acl = None;
+    o.vault.state = ok(None);
+    o.vault.token = TokenState::Missing;
+    o.vault.raft = None;
+    o.vault.autopilot = None;
+    o.vault.via = None;
+    for h in &mut o.vault.health {
+        h.answer = ok(VaultHealth {
+            initialized: false,
+            sealed: true,
+            standby: true,
+            version: "1.18.1".into(),
+        });
+    }
+    o.nomad = NomadObs::default();
+    o.records
+        .retain(|r| !matches!(r.boot.role.as_deref(), Some("nomad-server" | "worker")));
+    for r in &mut o.records {
+        r.boot.bootstrap = None;
+        r.boot.finished_unix = NOW - 40;
+        r.published_unix = NOW - 40;
+    }
+    o
+}
+
+fn bad_tag_and_missing_receipt() -> Observations {
+    let mut o = healthy();
+    let mut stray = record(
+        "stray-0",
+        "consul-server",
+        "10.0.1.99",
+        &[("consul-servers", 3)],
+    );
+    stray.boot.role = None;
+    stray.role_tag = Some("consul-sever".into());
+    stray.boot.ok = false;
+    stray.boot.phase = Phase::NodeSpec;
+    stray.boot.bootstrap = None;
+    stray.boot.versions.clear();
+    stray.boot.finished_unix = NOW - 95;
+    stray.boot.last_error = Some(
+        "tag hashistack-role: unknown role \"consul-sever\" (consul-server, vault-server, nomad-server, worker, jumpbox)"
+            .into(),
+    );
+    o.records.push(stray);
+    if let Some(Ok(Some(st))) = &mut o.vault.state {
+        st.receipts.clear();
+    }
+    o
+}
+
+fn cannot_tell() -> Observations {
+    let mut o = healthy();
+    o.records.clear();
+    o.records_error = Some("list node records: cannot connect: Connection refused".into());
+    for s in [&mut o.consul.state, &mut o.vault.state, &mut o.nomad.state] {
+        *s = err("coordination read: cannot connect (gave up after 4 attempts in 5.0s)");
+    }
+    o.consul = ConsulObs {
+        state: o.consul.state.clone(),
+        token: TokenState::Error("cannot connect".into()),
+        via: Some("10.0.5.4:8501 and 0 servers".into()),
+        leader: err("cannot connect: Connection refused"),
+        ..Default::default()
+    };
+    o.vault = VaultObs {
+        state: o.vault.state.clone(),
+        token: TokenState::Error("cannot connect".into()),
+        ..Default::default()
+    };
+    o.nomad = NomadObs {
+        state: o.nomad.state.clone(),
+        token: TokenState::Error("cannot connect".into()),
+        ..Default::default()
+    };
+    o
+}
+
+fn golden_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/status")
+        .join(case)
+}
+
+fn update() -> bool {
+    std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1")
+}
+
+fn check(case: &str, file: &str, actual: &str, failures: &mut Vec<String>) {
+    let path = golden_dir(case).join(file);
+    if update() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(want) if want == actual => {}
+        Ok(want) => failures.push(format!(
+            "{case}/{file} differs.\n--- golden\n{want}\n--- actual\n{actual}"
+        )),
+        Err(_) => failures.push(format!(
+            "{case}/{file}: no golden (run with UPDATE_GOLDEN=1 to create it)"
+        )),
+    }
+}
+
+fn cases() -> Vec<(&'static str, Observations, Verdict)> {
+    vec![
+        ("healthy", healthy(), Verdict::Healthy),
+        (
+            "consul-server-down",
+            consul_server_down(),
+            Verdict::Degraded,
+        ),
+        (
+            "vault-sealed-and-down",
+            vault_sealed_and_down(),
+            Verdict::Degraded,
+        ),
+        ("bootstrapping", bootstrapping(), Verdict::Degraded),
+        (
+            "bad-tag-and-missing-receipt",
+            bad_tag_and_missing_receipt(),
+            Verdict::Degraded,
+        ),
+        ("cannot-tell", cannot_tell(), Verdict::Unknown),
+    ]
+}
+
+#[test]
+fn tables_and_json_match_the_goldens() {
+    let mut failures = vec![];
+    for (case, obs, verdict) in cases() {
+        let report = assess(&obs);
+        assert_eq!(report.verdict, verdict, "{case}: {}", report.summary);
+        assert_eq!(report.exit_code, verdict.exit_code(), "{case}");
+        check(
+            case,
+            "table.txt",
+            &render::table(&report, false),
+            &mut failures,
+        );
+        check(
+            case,
+            "report.json",
+            &(render::json(&report, true) + "\n"),
+            &mut failures,
+        );
+        if case == "consul-server-down" {
+            check(
+                case,
+                "table.ansi",
+                &render::table(&report, true),
+                &mut failures,
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} golden mismatch(es) (UPDATE_GOLDEN=1 regenerates; review the diff):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn the_verdict_line_comes_first_and_the_plain_table_has_no_escape_codes() {
+    for (case, obs, verdict) in cases() {
+        let r = assess(&obs);
+        let plain = render::table(&r, false);
+        assert!(plain.starts_with(verdict.word()), "{case}: {plain}");
+        assert!(!plain.contains('\x1b'), "{case}");
+        let color = render::table(&r, true);
+        assert!(color.contains('\x1b'), "{case}: colour when asked");
+        assert_eq!(plain.lines().count(), color.lines().count(), "{case}");
+    }
+}
+
+#[test]
+fn the_report_round_trips_and_keeps_its_schema() {
+    let r = assess(&consul_server_down());
+    let text = render::json(&r, true);
+    let back: Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, r);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["schema"], SCHEMA);
+    // The documented top-level fields (docs/status.md), no more, no fewer.
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "cluster",
+            "exit_code",
+            "nodes",
+            "observed_unix",
+            "observer",
+            "problems",
+            "schema",
+            "summary",
+            "tiers",
+            "verdict"
+        ]
+    );
+}
+
+#[test]
+fn observations_round_trip_through_json() {
+    // Observations are the input format of these snapshots (and what `--json` would be built from).
+    let o = bad_tag_and_missing_receipt();
+    let text = serde_json::to_string(&o).unwrap();
+    let back: Observations = serde_json::from_str(&text).unwrap();
+    assert_eq!(assess(&back), assess(&o));
+}
