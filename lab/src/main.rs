@@ -135,6 +135,28 @@ async fn main() -> ExitCode {
                         "clusters healthy {:.1}s after start",
                         started.elapsed().as_secs_f64()
                     );
+                    // What an operator sees on the jumpbox, once raft autopilot has promoted the new voters.
+                    if let Some(j) = lab.node_index("jumpbox") {
+                        let status = || {
+                            std::process::Command::new(&lab.tools.agent)
+                                .args(["status", "--config"])
+                                .arg(&lab.nodes[j].config_path)
+                                .env("NO_COLOR", "1")
+                                .output()
+                        };
+                        let waited = Instant::now();
+                        let mut out = status();
+                        while out.as_ref().is_ok_and(|o| !o.status.success())
+                            && waited.elapsed() < Duration::from_secs(60)
+                        {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            out = status();
+                        }
+                        println!("\n$ hashistack-agent status   (on the jumpbox)");
+                        if let Ok(o) = out {
+                            print!("{}", String::from_utf8_lossy(&o.stdout));
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err((e, h)) => {
