@@ -39,7 +39,9 @@ pub struct LabOptions {
     /// The `nomad` the agents run; `None`: the Nomad contract double (`<state_dir>/bin/nomad`).
     pub nomad_bin: Option<PathBuf>,
     /// Add the jumpbox (127.<net>.0.5, role `jumpbox`, its own identity), where `hashistack-agent status` runs.
-    pub jumpbox: bool,
+    /// `None`: when `up` boots the agents itself (`start_agents`); suites that stage boots node by node start
+    /// only the nodes they name, so they get no jumpbox unless they ask for one.
+    pub jumpbox: Option<bool>,
     pub keep: bool,
     /// Run (and wait for) the one-time tier bootstrap: Vault init, Consul ACL bootstrap, escrow.
     pub bootstrap: bool,
@@ -59,7 +61,7 @@ impl LabOptions {
             vault_servers: 3,
             nomad_servers: 0,
             nomad_bin: None,
-            jumpbox: true,
+            jumpbox: None,
             keep: false,
             bootstrap: true,
             start_agents: true,
@@ -226,7 +228,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
         });
     }
     // The operators' jumpbox (a VM, not a scale set): a Consul client, and where `hashistack-agent status` runs.
-    if o.jumpbox {
+    if o.jumpbox.unwrap_or(o.start_agents) {
         defs.push(NodeDef {
             name: "jumpbox".into(),
             role: Role::Jumpbox,
