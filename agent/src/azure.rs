@@ -44,8 +44,8 @@ impl AzureError {
             _ => (None, None),
         };
         let detail = match (status, &code) {
-            (Some(s), Some(c)) => format!("HTTP {s} {c}"),
-            (Some(s), None) => format!("HTTP {s}"),
+            (Some(s), Some(c)) if *c != s.to_string() => format!("HTTP {s} {c}"),
+            (Some(s), _) => format!("HTTP {s}"),
             _ => match e.kind() {
                 ErrorKind::Connection => "cannot connect".to_string(),
                 ErrorKind::Io => "I/O error".to_string(),

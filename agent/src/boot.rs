@@ -375,7 +375,7 @@ pub fn write_plan(plan: &Plan) -> Result<Vec<PathBuf>, BootError> {
 pub async fn boot(
     cfg: &AgentConfig,
     started: Instant,
-) -> Result<Booted, (BootError, Option<BootRecord>)> {
+) -> Result<Booted, (BootError, Option<BootRecord>, Option<InstanceMetadata>)> {
     let layout = Layout::new(&cfg.paths.root);
     let mut record = BootRecord {
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -394,7 +394,8 @@ pub async fn boot(
         services: BTreeMap::new(),
         bootstrap: None,
     };
-    let result = boot_inner(cfg, &layout, started, &mut record).await;
+    let mut metadata = None;
+    let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
     match result {
         Ok((spec, plan, manager)) => {
@@ -412,7 +413,7 @@ pub async fn boot(
             record.phase = e.phase();
             record.last_error = Some(e.to_string());
             write_record(&layout, &record);
-            Err((e, Some(record)))
+            Err((e, Some(record), metadata))
         }
     }
 }
@@ -422,6 +423,7 @@ async fn boot_inner(
     layout: &Layout,
     started: Instant,
     rec: &mut BootRecord,
+    md_out: &mut Option<InstanceMetadata>,
 ) -> Result<(NodeSpec, Plan, Box<dyn BootManager>), BootError> {
     let mut lap = started;
     let mut timed = |rec: &mut BootRecord, step: &str| {
@@ -433,6 +435,7 @@ async fn boot_inner(
     timed(rec, "start");
     rec.phase = Phase::Metadata;
     let md = fetch_metadata(cfg).await?;
+    *md_out = Some(md.clone());
     timed(rec, "metadata");
     rec.node = md.compute.name.clone();
     rec.phase = Phase::NodeSpec;
@@ -583,7 +586,8 @@ pub async fn bootstrap_phase(
                 recovery_shares: cfg.bootstrap.recovery_shares,
                 recovery_threshold: cfg.bootstrap.recovery_threshold,
                 servers: v.servers,
-                audit_file: layout.log_dir().join("vault-audit.log"),
+                // vault.service may write only under /var/log/vault (ReadWritePaths in systemd/vault.service).
+                audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
             };
             bootstrap::run(&ctx, &tier).await

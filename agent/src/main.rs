@@ -201,9 +201,10 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     };
     let mut booted = match boot::boot(&cfg, started).await {
         Ok(b) => b,
-        Err((e, record)) => {
-            if let Some(r) = &record {
-                publish::publish(&cfg, r, None).await;
+        Err((e, record, metadata)) => {
+            // Without metadata (IMDS unreachable) there is nowhere to publish to.
+            if let (Some(r), Some(md)) = (&record, &metadata) {
+                publish::publish_failure(&cfg, r, md).await;
             }
             return fail(e.exit_code() as u8, e);
         }

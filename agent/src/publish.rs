@@ -183,18 +183,15 @@ async fn publish_inner(
     cfg: &AgentConfig,
     record: &BootRecord,
     spec: Option<&NodeSpec>,
+    metadata: Option<&crate::imds::InstanceMetadata>,
 ) -> Result<String, String> {
     let quick = RetryPolicy::imds(Duration::from_secs(4));
-    let t = match spec {
-        Some(s) => target_from_spec(s, s.role.as_str())
+    let t = match (spec, metadata) {
+        (Some(s), _) => target_from_spec(s, s.role.as_str())
             .ok_or("tag hashistack-blob-endpoint is missing: the boot record stays local")?,
-        None => {
-            let md = ImdsClient::new(&cfg.imds.endpoint, quick)
-                .instance()
-                .await
-                .map_err(|e| format!("metadata: {e}"))?;
-            target(&md)?
-        }
+        // A boot that failed after reading its metadata (e.g. a bad tag): publish from what it read.
+        (None, Some(md)) => target(md)?,
+        (None, None) => return Err("no metadata: the boot record stays local".into()),
     };
     let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
         ImdsClient::new(&cfg.imds.endpoint, quick),
@@ -232,8 +229,21 @@ async fn publish_inner(
 
 /// Publishes `record` (best effort, bounded by [`DEADLINE`]); logs the outcome, never fails.
 pub async fn publish(cfg: &AgentConfig, record: &BootRecord, spec: Option<&NodeSpec>) {
-    match tokio::time::timeout(DEADLINE, publish_inner(cfg, record, spec)).await {
+    publish_with(cfg, record, spec, None).await
+}
+
+/// Publishes the record of a boot that failed before its NodeSpec existed, from the metadata it read.
+pub async fn publish_failure(cfg: &AgentConfig, record: &BootRecord, metadata: &crate::imds::InstanceMetadata) {
+    publish_with(cfg, record, None, Some(metadata)).await
+}
+
+async fn publish_with(cfg: &AgentConfig, record: &BootRecord, spec: Option<&NodeSpec>, metadata: Option<&crate::imds::InstanceMetadata>) {
+    match tokio::time::timeout(DEADLINE, publish_inner(cfg, record, spec, metadata)).await {
         Ok(Ok(name)) => tracing::info!(blob = %name, "boot record published"),
+        // After a failed boot the failure itself is the one line an operator must see on stderr; the
+        // record stays on local disk either way.
+        Ok(Err(e)) if !record.ok => tracing::debug!(error = %e, "boot record not published"),
+        Err(_) if !record.ok => tracing::debug!(after = ?DEADLINE, "boot record not published: deadline"),
         Ok(Err(e)) => tracing::warn!(error = %e, "boot record not published"),
         Err(_) => tracing::warn!(after = ?DEADLINE, "boot record not published: deadline"),
     }

@@ -156,6 +156,11 @@ async fn deliver(
     Ok(())
 }
 
+/// How often a node that found the bootstrap lease taken looks again (state read + lease attempt): it is
+/// done, and can hand over to what follows its bootstrap (e.g. the Consul agent token), within this of the
+/// leader finishing. Two small blob requests per follower per poll, only while a bootstrap runs.
+const FOLLOWER_POLL: Duration = Duration::from_millis(500);
+
 /// Runs the tier's bootstrap protocol on this node.
 pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     let name = tier.name();
@@ -258,7 +263,7 @@ pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> 
                         phase,
                     });
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(FOLLOWER_POLL).await;
             }
         }
     }
@@ -335,7 +340,14 @@ async fn lead_bootstrap(
         });
     }
 
-    // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
+    // 3. Another node started a bootstrap that may have initialized the product (this node's own server may
+    //    simply not have joined it yet): never initialize beside it while it may still come back.
+    if peer_may_finish(ctx, &state) {
+        tracing::info!(tier = name, leader = %state.leader, "another node's bootstrap is unfinished; waiting for it");
+        return Ok(None);
+    }
+
+    // 4. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
     let state_before = state.clone();
     let prepared = escrow::prepare(&ctx.az, &ctx.targets, ctx.policy).await?;
     preflight(ctx, name, &prepared.escrow_id).await?;

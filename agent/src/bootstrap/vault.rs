@@ -164,6 +164,11 @@ impl Tier for VaultTier {
             .map_err(|_| "escrow payload did not parse".to_string())?;
         let token = Zeroizing::new(s.root_token.clone());
         drop(s);
+        if self.pgp.root_token.is_some() {
+            return Err("post-bootstrap configuration skipped: the root token is PGP-encrypted to an operator; \
+                        see docs/bootstrap.md#finish-configuration"
+                .into());
+        }
         // Auto-unseal follows init within seconds; the active node then takes writes.
         let start = std::time::Instant::now();
         loop {
@@ -196,8 +201,17 @@ impl Tier for VaultTier {
                     break;
                 }
                 Ok(r) if r.status().as_u16() == 400 => {
-                    // "path already in use": enabled by an earlier run.
-                    last.clear();
+                    let body = r.text().await.unwrap_or_default();
+                    if body.contains("already in use") {
+                        // Enabled by an earlier run.
+                        last.clear();
+                    } else {
+                        // OpenBao refuses audit devices through the API (they are declared in its config
+                        // file); say so instead of claiming success.
+                        last = "audit device not enabled: the server refuses API-enabled audit devices (HTTP 400); \
+                                see docs/bootstrap.md#finish-configuration"
+                            .to_string();
+                    }
                     break;
                 }
                 Ok(r) => last = format!("audit device: HTTP {}", r.status().as_u16()),
@@ -205,26 +219,48 @@ impl Tier for VaultTier {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        if !last.is_empty() {
-            return Err(last);
-        }
+        let audit_problem = last;
         let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers.max(1));
-        let r = send(
-            reqwest::Method::POST,
-            "/v1/sys/storage/raft/autopilot/configuration",
-            serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
-        )
-        .await
-        .map_err(|e| format!("autopilot: {}", e.without_url()))?;
-        if !r.status().is_success() {
-            return Err(format!("autopilot: HTTP {}", r.status().as_u16()));
+        // Right after the unseal, raft may still answer 500 for a moment: retry briefly.
+        let mut autopilot = Err(String::new());
+        for _ in 0..40 {
+            autopilot = match send(
+                reqwest::Method::POST,
+                "/v1/sys/storage/raft/autopilot/configuration",
+                serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
+            )
+            .await
+            {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("autopilot: HTTP {}", r.status().as_u16())),
+                Err(e) => Err(format!("autopilot: {}", e.without_url())),
+            };
+            if autopilot.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens): orphan, periodic.
-        if let Some(shared) = &self.shared {
-            let status = crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await?;
-            crate::status::tokens::hand_over(shared, crate::status::tokens::VAULT_SECRET, &status).await?;
+        // Created whatever became of the autopilot configuration.
+        let status_token = match &self.shared {
+            Some(shared) => {
+                match crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await {
+                    Ok(t) => {
+                        crate::status::tokens::hand_over(shared, crate::status::tokens::VAULT_SECRET, &t)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None => Ok(()),
+        };
+        autopilot?;
+        status_token?;
+        if audit_problem.is_empty() {
+            Ok(())
+        } else {
+            Err(audit_problem)
         }
-        Ok(())
     }
 }
 

@@ -141,6 +141,17 @@ pub async fn verify(
         else {
             continue;
         };
+        for target in ["blob", "keyvault"] {
+            if !state.receipts.is_empty() && !state.receipts.iter().any(|r| r.target == target) {
+                out.push(VerifyLine {
+                    tier: tier.into(),
+                    target: target.into(),
+                    object: "-".into(),
+                    ok: false,
+                    detail: format!("phase {:?} with no {target} receipt", state.phase),
+                });
+            }
+        }
         if state.receipts.is_empty() {
             out.push(VerifyLine {
                 tier: tier.into(),

@@ -220,6 +220,10 @@ pub fn render(
             mode: 0o750,
             owner: owner.clone(),
         });
+        if p == Product::Vault {
+            // The audit device's directory (the only log path vault.service may write).
+            plan.dirs.push(DirSpec { path: layout.root.join("var/log/vault"), mode: 0o750, owner: owner.clone() });
+        }
         match p {
             Product::Consul => {
                 consul::render(spec, layout, opts, installed, material, owner, &mut plan)

@@ -133,11 +133,20 @@ pub async fn create_vault(
     root: &str,
 ) -> Result<Zeroizing<String>, String> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))?;
-    let req = c
-        .put(format!("{api}/v1/sys/policies/acl/{VAULT_POLICY}"))
-        .header("X-Vault-Token", root)
-        .json(&serde_json::json!({"policy": VAULT_RULES}));
-    send_json(req, "status policy").await.map_err(|(_, e)| e)?;
+    // Right after the unseal a standby or a settling raft may answer 5xx: retry those briefly.
+    let start = std::time::Instant::now();
+    loop {
+        let req = c
+            .put(format!("{api}/v1/sys/policies/acl/{VAULT_POLICY}"))
+            .header("X-Vault-Token", root)
+            .json(&serde_json::json!({"policy": VAULT_RULES}));
+        match send_json(req, "status policy").await {
+            Ok(_) => break,
+            Err((Some(s), e)) if s < 500 => return Err(e),
+            Err((_, e)) if start.elapsed() > Duration::from_secs(30) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
     let req = c
         .post(format!("{api}/v1/auth/token/create-orphan"))
         .header("X-Vault-Token", root)
