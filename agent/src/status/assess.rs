@@ -715,7 +715,7 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
                     p.unknown(
                         tier,
                         None,
-                        format!("cannot read the {name}: {}", err_short(&e)),
+                        format!("cannot read the {name}: {}", err_short(e)),
                     );
                 }
             }

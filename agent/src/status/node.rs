@@ -142,7 +142,7 @@ pub fn print_table(s: &NodeStatus) {
         ),
         None => println!("last boot: none recorded"),
     }
-    println!("{:<14} {:<8} {}", "SERVICE", "RUNNING", "API");
+    println!("{:<14} {:<8} API", "SERVICE", "RUNNING");
     for svc in &s.services {
         let api = match &svc.api {
             Probe::Leader { leader } => format!("leader {leader}"),
@@ -160,7 +160,7 @@ pub fn print_table(s: &NodeStatus) {
             api
         );
     }
-    println!("{:<60} {}", "FILE", "MODE");
+    println!("{:<60} MODE", "FILE");
     for f in &s.files {
         println!("{:<60} {}", f.path, f.mode.as_deref().unwrap_or("missing"));
     }
