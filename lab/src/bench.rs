@@ -15,16 +15,27 @@
 //! - the time from calling `Lab::up` to `wait_healthy` returning OK.
 //!
 //! Once per bench: the size of the stripped release agent binary (`--agent-release`, or built with
-//! `cargo build --release -p hashistack-agent`). This is a measurement, not a test: nothing here asserts a time.
+//! `cargo build --release -p hashistack-agent`).
+//!
+//! Then **time to bootstrapped, per tier** ([`tier_run`]): per run, one lab whose agents run the tier
+//! bootstrap (leader election, init / ACL bootstrap, post-bootstrap configuration, escrow) and one *floor*
+//! lab with the same binaries and configs whose agents only render and start the servers
+//! (`LabOptions.bootstrap = false`), bootstrapped by the bench itself with the minimal API calls (no
+//! election, no escrow). Both are timed from the agents' spawn; see docs/PERFORMANCE.md for the exact
+//! definitions. This is a measurement, not a test: nothing here asserts a time.
 
 use crate::lab::{Lab, LabOptions};
 use crate::tools::{repo_root, Tools};
 use hashistack_agent::boot::BootRecord;
+use hashistack_agent::coordination::{TierPhase, TierState};
+use hashistack_agent::node::Role;
 use hashistack_agent::render::Layout;
 use hashistack_agent::version::Product;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The agent's steps in boot order (`BootRecord::phases_us`).
@@ -51,6 +62,20 @@ pub struct BenchOptions {
     /// The agent the labs run [default: $HASHISTACK_AGENT, else the release agent].
     pub lab_agent: Option<PathBuf>,
     pub verbose: bool,
+    /// Run the agent boot measurements (critical path, RSS, size, lab time-to-healthy).
+    pub boot: bool,
+    /// Run the time-to-bootstrapped measurements (agent-driven vs floor, per tier).
+    pub bootstrap: bool,
+    /// Pairs of labs (agent-driven + floor) for the tier bootstrap.
+    pub bootstrap_runs: u32,
+    /// State directories of the tier-bootstrap labs: `<this>-agent` and `<this>-floor`.
+    pub bootstrap_state_dir: PathBuf,
+    /// Loopback nets of the agent-driven and the floor lab.
+    pub bootstrap_nets: (u8, u8),
+    /// Nomad servers in the tier-bootstrap labs (the lab's Nomad contract double; 0: no Nomad tier).
+    pub nomad_servers: u8,
+    /// Keep the tier-bootstrap labs' state directories (logs, boot records) after each run.
+    pub keep: bool,
 }
 
 impl BenchOptions {
@@ -65,6 +90,13 @@ impl BenchOptions {
             agent_release: None,
             lab_agent: None,
             verbose: true,
+            boot: true,
+            bootstrap: true,
+            bootstrap_runs: 3,
+            bootstrap_state_dir: repo_root().join(".lab/bench-bootstrap"),
+            bootstrap_nets: (97, 98),
+            nomad_servers: 0,
+            keep: false,
         }
     }
 }
@@ -120,14 +152,18 @@ pub struct BenchReport {
     pub load_avg: (f64, f64),
     pub lab_agent: PathBuf,
     pub lab_agent_profile: &'static str,
-    pub agent_release: PathBuf,
-    pub binary_bytes: u64,
+    pub agent_release: Option<PathBuf>,
+    pub binary_bytes: Option<u64>,
     pub binary_stripped: Option<bool>,
     pub consul: String,
     pub bao: String,
     pub lines: Vec<Line>,
     pub boots: Vec<BootSample>,
     pub labs: Vec<RunSample>,
+    /// Time to bootstrapped: one line per tier (agent-driven vs floor).
+    pub tier_lines: Vec<TierLine>,
+    /// Every tier-bootstrap lab with its observed milestones.
+    pub tier_runs: Vec<TierRun>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -468,7 +504,7 @@ fn line(metric: impl Into<String>, unit: &'static str, mut v: Vec<f64>, goal: Op
 pub fn summarise(
     boots: &[BootSample],
     labs: &[RunSample],
-    binary_bytes: u64,
+    binary_bytes: Option<u64>,
     n_nodes: usize,
 ) -> Vec<Line> {
     let mut lines = Vec::new();
@@ -522,12 +558,14 @@ pub fn summarise(
             .collect(),
         Some(GOAL_RSS_BYTES as f64 / 1e6),
     ));
-    lines.push(line(
-        "release agent binary, stripped",
-        "MB",
-        vec![binary_bytes as f64 / 1e6],
-        Some(GOAL_BINARY_BYTES as f64 / 1e6),
-    ));
+    if let Some(bytes) = binary_bytes {
+        lines.push(line(
+            "release agent binary, stripped",
+            "MB",
+            vec![bytes as f64 / 1e6],
+            Some(GOAL_BINARY_BYTES as f64 / 1e6),
+        ));
+    }
     lines.push(line(
         "Lab::up returned (emulators up, agents spawned)",
         "s",
@@ -563,10 +601,12 @@ impl BenchReport {
             "s" => format!("{v:.1} s"),
             _ => format!("{v:.1} {unit}"),
         };
-        s.push_str(&format!(
-            "{:<53} {:>4} {:>10} {:>10} {:>10}  {}\n",
-            "METRIC", "N", "MEDIAN", "MAX", "GOAL", "RESULT"
-        ));
+        if !self.lines.is_empty() {
+            s.push_str(&format!(
+                "{:<53} {:>4} {:>10} {:>10} {:>10}  {}\n",
+                "METRIC", "N", "MEDIAN", "MAX", "GOAL", "RESULT"
+            ));
+        }
         for l in &self.lines {
             s.push_str(&format!(
                 "{:<53} {:>4} {:>10} {:>10} {:>10}  {}\n",
@@ -595,9 +635,11 @@ impl BenchReport {
         for b in &self.boots {
             groups.entry((b.kind, &b.role)).or_default().push(b);
         }
-        s.push_str(
-            "\ncritical path by boot and role, then by step (agent clock), median/max ms:\n",
-        );
+        if !self.boots.is_empty() {
+            s.push_str(
+                "\ncritical path by boot and role, then by step (agent clock), median/max ms:\n",
+            );
+        }
         for ((kind, role), bs) in groups {
             let mut total: Vec<f64> = bs.iter().map(|b| b.critical_path_ms as f64).collect();
             let max = total.iter().cloned().fold(0.0, f64::max);
@@ -617,73 +659,945 @@ impl BenchReport {
             }
             s.push('\n');
         }
-        s.push_str(&format!(
-            "\nbinary: {} ({} bytes, {})\n",
-            self.agent_release.display(),
-            self.binary_bytes,
-            match self.binary_stripped {
-                Some(true) => "no .symtab/.debug_* sections",
-                Some(false) => "NOT stripped",
-                None => "not an ELF64 file",
-            }
-        ));
+        if let (Some(release), Some(bytes)) = (&self.agent_release, self.binary_bytes) {
+            s.push_str(&format!(
+                "\nbinary: {} ({} bytes, {})\n",
+                release.display(),
+                bytes,
+                match self.binary_stripped {
+                    Some(true) => "no .symtab/.debug_* sections",
+                    Some(false) => "NOT stripped",
+                    None => "not an ELF64 file",
+                }
+            ));
+        }
+        if !self.tier_runs.is_empty() {
+            s.push('\n');
+            s.push_str(&tier_table(&self.tier_lines, &self.tier_runs));
+        }
         s
     }
 }
 
-/// Runs the whole bench: `o.runs` labs, each torn down afterwards.
+/// Runs the whole bench: `o.runs` labs for the boot measurements, then `o.bootstrap_runs` pairs of labs for
+/// the tier bootstrap, each torn down afterwards.
 pub async fn run(o: &BenchOptions, mut tools: Tools) -> Result<BenchReport, BenchError> {
-    let release = match &o.agent_release {
-        Some(p) => p.clone(),
-        None => build_release_agent(o)?,
+    let env_agent = std::env::var_os("HASHISTACK_AGENT").map(PathBuf::from);
+    let need_release = o.boot || (o.lab_agent.is_none() && env_agent.is_none());
+    let release = match (&o.agent_release, need_release) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(build_release_agent(o)?),
+        (None, false) => None,
     };
-    let binary_bytes = std::fs::metadata(&release)
-        .map_err(|e| BenchError::Failed(format!("{}: {e}", release.display())))?
-        .len();
+    let binary_bytes = match &release {
+        Some(r) if o.boot => Some(
+            std::fs::metadata(r)
+                .map_err(|e| BenchError::Failed(format!("{}: {e}", r.display())))?
+                .len(),
+        ),
+        _ => None,
+    };
     tools.agent = o
         .lab_agent
         .clone()
-        .or_else(|| std::env::var_os("HASHISTACK_AGENT").map(PathBuf::from))
-        .unwrap_or_else(|| release.clone());
+        .or(env_agent)
+        .or_else(|| release.clone())
+        .ok_or_else(|| BenchError::Failed("no agent for the labs".into()))?;
     say(
         o,
         format!(
-            "{} runs; labs on 127.{}.0.x, state in {}; lab agent {}",
-            o.runs,
+            "lab agent {}; boot: {} runs on 127.{}.0.x in {}; tier bootstrap: {} pairs on 127.{}.0.x / 127.{}.0.x in {}-agent / -floor",
+            tools.agent.display(),
+            if o.boot { o.runs } else { 0 },
             o.net,
             o.state_dir.display(),
-            tools.agent.display()
+            if o.bootstrap { o.bootstrap_runs } else { 0 },
+            o.bootstrap_nets.0,
+            o.bootstrap_nets.1,
+            o.bootstrap_state_dir.display(),
         ),
     );
     let load_start = load_avg();
     let mut boots = Vec::new();
     let mut labs = Vec::new();
-    for run in 1..=o.runs {
-        say(o, format!("run {run}/{}: Lab::up", o.runs));
-        labs.push(one_run(o, &tools, run, &mut boots).await?);
+    if o.boot {
+        for run in 1..=o.runs {
+            say(o, format!("run {run}/{}: Lab::up", o.runs));
+            labs.push(one_run(o, &tools, run, &mut boots).await?);
+        }
+    }
+    let mut tier_runs = Vec::new();
+    if o.bootstrap {
+        for run in 1..=o.bootstrap_runs {
+            // Alternate which lab goes first, so a drift in the machine's load favours neither.
+            let order = if run % 2 == 1 {
+                [Mode::Agent, Mode::Floor]
+            } else {
+                [Mode::Floor, Mode::Agent]
+            };
+            for mode in order {
+                say(
+                    o,
+                    format!(
+                        "tier bootstrap run {run}/{}: {mode:?} lab",
+                        o.bootstrap_runs
+                    ),
+                );
+                let r = tier_run(o, &tools, run, mode).await?;
+                say(o, format!("  {}", r.summary()));
+                tier_runs.push(r);
+            }
+        }
     }
     let n_nodes = (o.consul_servers + o.vault_servers) as usize;
-    let lines = summarise(&boots, &labs, binary_bytes, n_nodes);
+    let lines = if o.boot {
+        summarise(&boots, &labs, binary_bytes, n_nodes)
+    } else {
+        Vec::new()
+    };
+    let tier_lines = summarise_tiers(&tier_runs, o.nomad_servers > 0);
     Ok(BenchReport {
         date_utc: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
-        runs: o.runs,
+        runs: if o.boot { o.runs } else { 0 },
         nodes: format!(
-            "{} consul-server + {} vault-server",
-            o.consul_servers, o.vault_servers
+            "{} consul-server + {} vault-server{}",
+            o.consul_servers,
+            o.vault_servers,
+            if o.bootstrap && o.nomad_servers > 0 {
+                format!(
+                    " (+ {} nomad-server in the tier-bootstrap labs)",
+                    o.nomad_servers
+                )
+            } else {
+                String::new()
+            }
         ),
         machine: machine(),
         load_avg: (load_start, load_avg()),
         lab_agent_profile: profile_of(&tools.agent),
         lab_agent: tools.agent.clone(),
-        binary_stripped: elf_stripped(&release),
-        agent_release: release,
+        binary_stripped: release.as_deref().filter(|_| o.boot).and_then(elf_stripped),
+        agent_release: release.filter(|_| o.boot),
         binary_bytes,
         consul: tool_version(&tools.consul),
         bao: tool_version(&tools.bao),
         lines,
         boots,
         labs,
+        tier_lines,
+        tier_runs,
     })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Time to bootstrapped, per tier: agent-driven next to a floor measured in the same run.
+
+/// Goal: agent-driven time to bootstrapped ≤ 1.25 × the floor.
+pub const GOAL_BOOTSTRAP_RATIO: f64 = 1.25;
+/// How often the bench looks at a tier-bootstrap lab (and how often the floor retries its calls).
+const OBSERVE_EVERY: Duration = Duration::from_millis(100);
+/// Per-request timeout of the bench's observations.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a tier-bootstrap lab gets bootstrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The agents do it (`LabOptions.bootstrap = true`): election, init, configuration, escrow.
+    Agent,
+    /// The agents only render and start the servers; the bench makes the minimal API calls.
+    Floor,
+}
+
+/// One tier-bootstrap lab.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierRun {
+    pub run: u32,
+    pub mode: Mode,
+    /// `Lab::up` called → returned (emulators up, agents spawned), seconds; not part of any measured time.
+    pub up_s: f64,
+    /// 1-minute load average just before `Lab::up`.
+    pub load_avg: f64,
+    /// Seconds after the agents were spawned at which the bench first saw each `tier:milestone`.
+    pub milestones: BTreeMap<String, f64>,
+    /// Agent-driven: which node led each tier's bootstrap (coordination state).
+    pub leaders: BTreeMap<String, String>,
+}
+
+impl TierRun {
+    fn summary(&self) -> String {
+        let mut s = format!("{:?}: up {:.1} s;", self.mode, self.up_s);
+        for k in [
+            "vault:bootstrapped",
+            "consul:bootstrapped",
+            "consul:with-agent-tokens",
+            "nomad:bootstrapped",
+        ] {
+            if let Some(v) = self.milestones.get(k) {
+                s.push_str(&format!(" {k} {v:.2} s;"));
+            }
+        }
+        s
+    }
+}
+
+/// One line of the time-to-bootstrapped table.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierLine {
+    pub tier: String,
+    /// What "bootstrapped" means on this line, for each mode.
+    pub agent_definition: String,
+    pub floor_definition: String,
+    /// Seconds from the agents' spawn, one per run.
+    pub agent_s: Vec<f64>,
+    pub floor_s: Vec<f64>,
+    pub agent_median: Option<f64>,
+    pub agent_max: Option<f64>,
+    pub floor_median: Option<f64>,
+    pub floor_max: Option<f64>,
+    /// median(agent) / median(floor) and max(agent) / max(floor).
+    pub ratio_median: Option<f64>,
+    pub ratio_max: Option<f64>,
+    /// Both ratios within [`GOAL_BOOTSTRAP_RATIO`].
+    pub pass: Option<bool>,
+}
+
+/// First-seen times of milestones, on the bench's clock relative to the agents' spawn.
+struct Marks {
+    t0: Instant,
+    seen: std::sync::Mutex<BTreeMap<String, f64>>,
+}
+
+impl Marks {
+    fn new(t0: Instant) -> Self {
+        Marks {
+            t0,
+            seen: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+    fn mark(&self, key: &str) {
+        let t = self.t0.elapsed().as_secs_f64();
+        self.seen
+            .lock()
+            .expect("marks")
+            .entry(key.to_string())
+            .or_insert(t);
+    }
+    /// Records `key` at a time taken earlier (e.g. when a request that succeeded was sent).
+    fn mark_at(&self, key: &str, at: Instant) {
+        let t = at.saturating_duration_since(self.t0).as_secs_f64();
+        self.seen
+            .lock()
+            .expect("marks")
+            .entry(key.to_string())
+            .or_insert(t);
+    }
+    fn has(&self, key: &str) -> bool {
+        self.seen.lock().expect("marks").contains_key(key)
+    }
+    fn take(&self) -> BTreeMap<String, f64> {
+        self.seen.lock().expect("marks").clone()
+    }
+}
+
+/// An HTTPS client for the servers' APIs: trusts the lab CA and the cluster CA, which exists only once the
+/// first server-tier agent created the cluster material in Key Vault (`None` until then).
+fn api_client(lab: &Lab) -> Option<reqwest::Client> {
+    lab.cluster_ca()?;
+    Some(lab.https())
+}
+
+fn nodes_of(lab: &Lab, role: Role) -> Vec<Ipv4Addr> {
+    lab.nodes
+        .iter()
+        .filter(|n| n.def.role == role)
+        .map(|n| n.def.ip)
+        .collect()
+}
+
+async fn get_json(c: &reqwest::Client, url: String) -> Option<serde_json::Value> {
+    let r = c.get(url).timeout(PROBE_TIMEOUT).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json().await.ok()
+}
+
+/// `GET /v1/status/leader` answers a non-empty address (Consul and Nomad).
+async fn knows_leader(c: &reqwest::Client, ip: Ipv4Addr, port: u16) -> bool {
+    get_json(c, format!("https://{ip}:{port}/v1/status/leader"))
+        .await
+        .and_then(|v| v.as_str().map(|s| !s.is_empty()))
+        .unwrap_or(false)
+}
+
+/// Vault seal status: `Some((initialized, sealed))` when it answers.
+async fn seal_status(c: &reqwest::Client, ip: Ipv4Addr) -> Option<(bool, bool)> {
+    let v = get_json(c, format!("https://{ip}:8200/v1/sys/seal-status")).await?;
+    Some((v["initialized"].as_bool()?, v["sealed"].as_bool()?))
+}
+
+/// A tier's coordination state blob, read as the lab (as `Lab::tier_state`, with a reused client).
+async fn tier_state(c: &reqwest::Client, lab: &Lab, token: &str, tier: &str) -> Option<TierState> {
+    let name = hashistack_agent::coordination::state_blob_name(&lab.opts.cluster, tier);
+    let r = c
+        .get(format!("{}coordination/{name}", lab.blob_endpoint()))
+        .bearer_auth(token)
+        .header("x-ms-version", "2021-12-02")
+        .timeout(PROBE_TIMEOUT)
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    serde_json::from_slice(&r.bytes().await.ok()?).ok()
+}
+
+fn phase_rank(p: &TierPhase) -> Option<usize> {
+    match p {
+        TierPhase::Initializing => Some(0),
+        TierPhase::Initialized => Some(1),
+        TierPhase::Escrowed => Some(2),
+        TierPhase::Done => Some(3),
+        TierPhase::NeedsOperator => None,
+    }
+}
+const PHASE_MARKS: [&str; 4] = [
+    "state-initializing",
+    "state-initialized",
+    "state-escrowed",
+    "state-done",
+];
+
+/// The tiers of a lab: (tier, role).
+fn tiers(lab: &Lab) -> Vec<(&'static str, Role)> {
+    let mut t = vec![("vault", Role::VaultServer), ("consul", Role::ConsulServer)];
+    if !nodes_of(lab, Role::NomadServer).is_empty() {
+        t.push(("nomad", Role::NomadServer));
+    }
+    t
+}
+
+/// What marks a run as finished, per mode.
+fn finished(lab: &Lab, mode: Mode, m: &Marks) -> bool {
+    tiers(lab).iter().all(|(tier, _)| {
+        let need: &[&str] = match (mode, *tier) {
+            (Mode::Agent, "vault") => &[
+                "vault:state-done",
+                "vault:unsealed",
+                "vault:every-node-done",
+            ],
+            (Mode::Agent, "consul") => &[
+                "consul:state-done",
+                "consul:agent-tokens",
+                "consul:every-node-done",
+            ],
+            (Mode::Agent, _) => &["nomad:state-done", "nomad:every-node-done"],
+            (Mode::Floor, "vault") => &["vault:unsealed"],
+            (Mode::Floor, "consul") => &["consul:acl-bootstrapped"],
+            (Mode::Floor, _) => &["nomad:acl-bootstrapped"],
+        };
+        need.iter().all(|k| m.has(k))
+    })
+}
+
+/// Sleeps one [`OBSERVE_EVERY`], or fails once the run's deadline has passed.
+async fn next_tick(
+    start: Instant,
+    deadline: Duration,
+    m: &Marks,
+    what: &str,
+) -> Result<(), BenchError> {
+    if start.elapsed() > deadline {
+        return Err(BenchError::Failed(format!(
+            "{what} not seen within {deadline:?}; seen: {:?}",
+            m.take()
+        )));
+    }
+    tokio::time::sleep(OBSERVE_EVERY).await;
+    Ok(())
+}
+
+/// `vault:answering` every Vault server has answered seal-status; `vault:initialized` one says
+/// initialized; `vault:unsealed` every one is initialized and unsealed. One loop per server, so a server
+/// busy with `sys/init` (its seal-status waits for the init to finish) delays no other observation.
+async fn watch_vault(
+    lab: &Lab,
+    m: &Arc<Marks>,
+    start: Instant,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    let vaults = nodes_of(lab, Role::VaultServer);
+    let client = loop {
+        if let Some(c) = api_client(lab) {
+            break c;
+        }
+        next_tick(start, deadline, m, "the cluster CA").await?;
+    };
+    let latest = Arc::new(std::sync::Mutex::new(vec![None; vaults.len()]));
+    let mut loops = tokio::task::JoinSet::new();
+    for (i, ip) in vaults.iter().enumerate() {
+        let (c, ip, m, latest) = (client.clone(), *ip, m.clone(), latest.clone());
+        loops.spawn(async move {
+            loop {
+                if let Some((init, sealed)) = seal_status(&c, ip).await {
+                    let mut st = latest.lock().expect("seal status");
+                    st[i] = Some((init, sealed));
+                    if init {
+                        m.mark("vault:initialized");
+                    }
+                    if st.iter().all(Option::is_some) {
+                        m.mark("vault:answering");
+                    }
+                    if st.iter().all(|s| *s == Some((true, false))) {
+                        m.mark("vault:unsealed");
+                    }
+                    if init && !sealed {
+                        return;
+                    }
+                }
+                tokio::time::sleep(OBSERVE_EVERY).await;
+            }
+        });
+    }
+    // The loops are aborted when `loops` is dropped (done or past the deadline).
+    loop {
+        if m.has("vault:unsealed") {
+            return Ok(());
+        }
+        next_tick(start, deadline, m, "every Vault server unsealed").await?;
+    }
+}
+
+/// `<tier>:leader`: the tier's first server knows a leader (Consul, Nomad).
+async fn watch_leader(
+    lab: &Lab,
+    m: &Marks,
+    tier: &str,
+    role: Role,
+    port: u16,
+    start: Instant,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    let Some(ip) = nodes_of(lab, role).first().copied() else {
+        return Ok(());
+    };
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = api_client(lab);
+        }
+        if let Some(c) = &client {
+            if knows_leader(c, ip, port).await {
+                m.mark(&format!("{tier}:leader"));
+                return Ok(());
+            }
+        }
+        next_tick(start, deadline, m, &format!("{tier} leader")).await?;
+    }
+}
+
+/// `consul:agent-tokens`: every node's Consul has its agent token (`etc/consul.d/acl-tokens.json`, what
+/// `LabHealth` checks).
+async fn watch_tokens(
+    lab: &Lab,
+    m: &Marks,
+    start: Instant,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    loop {
+        if lab
+            .nodes
+            .iter()
+            .all(|n| n.root.join("etc/consul.d/acl-tokens.json").is_file())
+        {
+            m.mark("consul:agent-tokens");
+            return Ok(());
+        }
+        next_tick(start, deadline, m, "every Consul agent token").await?;
+    }
+}
+
+/// `<tier>:state-<phase>`: the tier's coordination state reached that phase (or a later one).
+async fn watch_state(
+    lab: &Lab,
+    m: &Marks,
+    tier: &str,
+    start: Instant,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let storage = crate::imds::lab_token("https://storage.azure.com", now, 3600);
+    let https = lab.https();
+    loop {
+        if let Some(st) = tier_state(&https, lab, &storage, tier).await {
+            let Some(rank) = phase_rank(&st.phase) else {
+                return Err(BenchError::Failed(format!(
+                    "{tier}: needs an operator: {}",
+                    st.message.unwrap_or_default()
+                )));
+            };
+            for p in &PHASE_MARKS[..=rank] {
+                m.mark(&format!("{tier}:{p}"));
+            }
+            if st.phase == TierPhase::Done {
+                return Ok(());
+            }
+        }
+        next_tick(start, deadline, m, &format!("{tier} tier state done")).await?;
+    }
+}
+
+/// Fails the run as soon as an agent records a failed boot or bootstrap; ends when the run is finished.
+/// Agent-driven: `<tier>:every-node-done` once every server of the tier recorded its bootstrap outcome in its
+/// boot record (the leader "bootstrapped", the others "already-done" when they saw the tier done), as
+/// `LabHealth::bootstrapped` requires.
+async fn watch_agents(
+    lab: &Lab,
+    mode: Mode,
+    m: &Marks,
+    start: Instant,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    loop {
+        if mode == Mode::Agent {
+            let records: Vec<_> = (0..lab.nodes.len()).map(|i| lab.boot_record(i)).collect();
+            for (i, r) in records.iter().enumerate() {
+                if let Some(r) = r.as_ref().filter(|r| !r.ok) {
+                    return Err(BenchError::Failed(format!(
+                        "agent on {} failed: {}",
+                        lab.nodes[i].def.name,
+                        r.last_error.clone().unwrap_or_default()
+                    )));
+                }
+            }
+            for (tier, role) in tiers(lab) {
+                let done = lab
+                    .nodes
+                    .iter()
+                    .zip(&records)
+                    .filter(|(n, _)| n.def.role == role)
+                    .all(|(_, r)| {
+                        matches!(
+                            r.as_ref().and_then(|r| r.bootstrap.as_deref()),
+                            Some("bootstrapped" | "already-done" | "recovered")
+                        )
+                    });
+                if done {
+                    m.mark(&format!("{tier}:every-node-done"));
+                }
+            }
+        }
+        if finished(lab, mode, m) {
+            return Ok(());
+        }
+        next_tick(start, deadline, m, "every tier bootstrapped").await?;
+    }
+}
+
+/// Watches a tier-bootstrap lab and records when each milestone is first seen, every [`OBSERVE_EVERY`]
+/// with one concurrent loop per kind of milestone (so a slow answer delays no other milestone): Vault seal
+/// status, Consul and Nomad leaders, and for agent-driven labs each tier's coordination state and the
+/// Consul agent tokens. Returns when the run is finished (see [`finished`]); fails on a failed agent, a
+/// tier that needs an operator, or the deadline.
+async fn observe(
+    lab: &Lab,
+    mode: Mode,
+    m: &Arc<Marks>,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    let start = Instant::now();
+    let agent = mode == Mode::Agent;
+    let nomad = !nodes_of(lab, Role::NomadServer).is_empty();
+    let skip = || async { Ok::<(), BenchError>(()) };
+    tokio::try_join!(
+        watch_vault(lab, m, start, deadline),
+        watch_leader(lab, m, "consul", Role::ConsulServer, 8501, start, deadline),
+        watch_leader(lab, m, "nomad", Role::NomadServer, 4646, start, deadline),
+        async {
+            if agent {
+                watch_tokens(lab, m, start, deadline).await
+            } else {
+                skip().await
+            }
+        },
+        async {
+            if agent {
+                watch_state(lab, m, "vault", start, deadline).await
+            } else {
+                skip().await
+            }
+        },
+        async {
+            if agent {
+                watch_state(lab, m, "consul", start, deadline).await
+            } else {
+                skip().await
+            }
+        },
+        async {
+            if agent && nomad {
+                watch_state(lab, m, "nomad", start, deadline).await
+            } else {
+                skip().await
+            }
+        },
+        watch_agents(lab, mode, m, start, deadline),
+    )
+    .map(|_| ())
+}
+
+/// The floor's Vault: `PUT /v1/sys/init` (recovery shares 5, threshold 3; auto-unseal) on the tier's first
+/// server, retried every [`OBSERVE_EVERY`] until it answers 200 (`vault:init-returned`; `vault:init-sent`: when that request was sent). The secrets it returns
+/// are dropped. The observer then sees every server unsealed (`vault:unsealed`).
+async fn floor_vault(lab: &Lab, m: &Marks, deadline: Duration) -> Result<(), BenchError> {
+    let ip = *nodes_of(lab, Role::VaultServer)
+        .first()
+        .ok_or_else(|| BenchError::Failed("no vault-server".into()))?;
+    let body = serde_json::json!({"recovery_shares": 5, "recovery_threshold": 3});
+    let start = Instant::now();
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = api_client(lab);
+        }
+        if let Some(c) = &client {
+            let sent = Instant::now();
+            let r = c
+                .put(format!("https://{ip}:8200/v1/sys/init"))
+                .json(&body)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                if status == 200 {
+                    m.mark_at("vault:init-sent", sent);
+                    m.mark("vault:init-returned");
+                    return Ok(());
+                }
+                if text.contains("already initialized") {
+                    return Err(BenchError::Failed(
+                        "floor: Vault already initialized".into(),
+                    ));
+                }
+            }
+        }
+        if start.elapsed() > deadline {
+            return Err(BenchError::Failed(format!(
+                "floor: Vault init did not succeed within {deadline:?}"
+            )));
+        }
+        tokio::time::sleep(OBSERVE_EVERY).await;
+    }
+}
+
+/// The floor's ACL bootstrap (Consul, Nomad): `PUT /v1/acl/bootstrap` on the tier's first server, retried
+/// every [`OBSERVE_EVERY`] while it cannot answer or answers "legacy mode" / "No cluster leader" / 5xx, until
+/// 200 (`<tier>:acl-bootstrapped`; `<tier>:acl-sent`: when that request was sent). The management token it
+/// returns is dropped.
+async fn floor_acl(
+    lab: &Lab,
+    m: &Marks,
+    tier: &str,
+    role: Role,
+    port: u16,
+    deadline: Duration,
+) -> Result<(), BenchError> {
+    let Some(ip) = nodes_of(lab, role).first().copied() else {
+        return Ok(());
+    };
+    let start = Instant::now();
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = api_client(lab);
+        }
+        if let Some(c) = &client {
+            let sent = Instant::now();
+            if let Ok(r) = c
+                .put(format!("https://{ip}:{port}/v1/acl/bootstrap"))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+            {
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                if status == 200 {
+                    m.mark_at(&format!("{tier}:acl-sent"), sent);
+                    m.mark(&format!("{tier}:acl-bootstrapped"));
+                    return Ok(());
+                }
+                if text.contains("no longer allowed") || text.contains("already done") {
+                    return Err(BenchError::Failed(format!(
+                        "floor: {tier} ACLs already bootstrapped: {}",
+                        text.trim()
+                    )));
+                }
+            }
+        }
+        if start.elapsed() > deadline {
+            return Err(BenchError::Failed(format!(
+                "floor: {tier} ACL bootstrap did not succeed within {deadline:?}"
+            )));
+        }
+        tokio::time::sleep(OBSERVE_EVERY).await;
+    }
+}
+
+/// One tier-bootstrap lab: `Lab::up` (agent-driven or floor), observed until every tier is bootstrapped;
+/// `t0` is `Lab::up` returning, i.e. right after it spawned the last agent.
+pub async fn tier_run(
+    o: &BenchOptions,
+    tools: &Tools,
+    run: u32,
+    mode: Mode,
+) -> Result<TierRun, BenchError> {
+    let (suffix, net) = match mode {
+        Mode::Agent => ("agent", o.bootstrap_nets.0),
+        Mode::Floor => ("floor", o.bootstrap_nets.1),
+    };
+    let dir = PathBuf::from(format!("{}-{suffix}", o.bootstrap_state_dir.display()));
+    let mut lo = LabOptions::new(dir, net);
+    lo.consul_servers = o.consul_servers;
+    lo.vault_servers = o.vault_servers;
+    lo.nomad_servers = o.nomad_servers;
+    lo.bootstrap = mode == Mode::Agent;
+    lo.keep = o.keep;
+    let load = load_avg();
+    let called = Instant::now();
+    let lab = Lab::up(lo, tools.clone()).await?;
+    let t0 = Instant::now();
+    let marks = Arc::new(Marks::new(t0));
+    let deadline = o.timeout;
+    let result = match mode {
+        Mode::Agent => observe(&lab, mode, &marks, deadline).await,
+        Mode::Floor => tokio::try_join!(
+            observe(&lab, mode, &marks, deadline),
+            floor_vault(&lab, &marks, deadline),
+            floor_acl(&lab, &marks, "consul", Role::ConsulServer, 8501, deadline),
+            floor_acl(&lab, &marks, "nomad", Role::NomadServer, 4646, deadline),
+        )
+        .map(|_| ()),
+    };
+    let mut leaders = BTreeMap::new();
+    if mode == Mode::Agent {
+        for (tier, _) in tiers(&lab) {
+            if let Some(st) = lab.tier_state(tier).await {
+                leaders.insert(tier.to_string(), st.leader);
+            }
+        }
+    }
+    if let Err(e) = &result {
+        say(
+            o,
+            format!("{mode:?} lab failed: {e}\n{}", lab.health().await.table()),
+        );
+        say(
+            o,
+            format!("logs: {}", lab.opts.state_dir.join("logs").display()),
+        );
+    }
+    lab.down().await;
+    result?;
+    let mut ms = marks.take();
+    // The definitions of "bootstrapped" (docs/PERFORMANCE.md).
+    let both = |a: &str, b: &str| Some(ms.get(a)?.max(*ms.get(b)?));
+    let derived: Vec<(&str, Option<f64>)> = match mode {
+        Mode::Agent => vec![
+            (
+                "vault:bootstrapped",
+                both("vault:state-done", "vault:unsealed"),
+            ),
+            ("consul:bootstrapped", ms.get("consul:state-done").copied()),
+            (
+                "consul:with-agent-tokens",
+                both("consul:state-done", "consul:agent-tokens"),
+            ),
+            ("nomad:bootstrapped", ms.get("nomad:state-done").copied()),
+        ],
+        Mode::Floor => vec![
+            ("vault:bootstrapped", ms.get("vault:unsealed").copied()),
+            (
+                "consul:bootstrapped",
+                ms.get("consul:acl-bootstrapped").copied(),
+            ),
+            (
+                "nomad:bootstrapped",
+                ms.get("nomad:acl-bootstrapped").copied(),
+            ),
+        ],
+    };
+    for (k, v) in derived {
+        if let Some(v) = v {
+            ms.insert(k.to_string(), v);
+        }
+    }
+    Ok(TierRun {
+        run,
+        mode,
+        up_s: (t0 - called).as_secs_f64(),
+        load_avg: load,
+        milestones: ms,
+        leaders,
+    })
+}
+
+/// The time-to-bootstrapped lines: vault, consul, consul with every agent's token, nomad (when present).
+pub fn summarise_tiers(runs: &[TierRun], nomad: bool) -> Vec<TierLine> {
+    let mut out = Vec::new();
+    let mut specs = vec![
+        (
+            "vault",
+            "vault:bootstrapped",
+            "tier state done + every Vault server initialized and unsealed",
+            "PUT /v1/sys/init on one server; every server initialized and unsealed",
+        ),
+        (
+            "consul",
+            "consul:bootstrapped",
+            "tier state done (ACL bootstrap, agent/status tokens, escrow)",
+            "PUT /v1/acl/bootstrap answered 200",
+        ),
+        (
+            "consul + agent tokens",
+            "consul:with-agent-tokens",
+            "tier state done + every node's Consul has its agent token",
+            "PUT /v1/acl/bootstrap answered 200",
+        ),
+    ];
+    if nomad {
+        specs.push((
+            "nomad",
+            "nomad:bootstrapped",
+            "tier state done (secret escrowed before use, ACL bootstrap, escrow)",
+            "PUT /v1/acl/bootstrap answered 200",
+        ));
+    }
+    for (tier, key, agent_def, floor_def) in specs {
+        let floor_key = if key == "consul:with-agent-tokens" {
+            "consul:bootstrapped"
+        } else {
+            key
+        };
+        let of = |mode: Mode, k: &str| -> Vec<f64> {
+            runs.iter()
+                .filter(|r| r.mode == mode)
+                .filter_map(|r| r.milestones.get(k).copied())
+                .collect()
+        };
+        let (agent_s, floor_s) = (of(Mode::Agent, key), of(Mode::Floor, floor_key));
+        let max = |v: &[f64]| v.iter().cloned().reduce(f64::max);
+        let (agent_median, floor_median) =
+            (median(&mut agent_s.clone()), median(&mut floor_s.clone()));
+        let (agent_max, floor_max) = (max(&agent_s), max(&floor_s));
+        let ratio = |a: Option<f64>, f: Option<f64>| Some(a? / f?);
+        let (ratio_median, ratio_max) = (
+            ratio(agent_median, floor_median),
+            ratio(agent_max, floor_max),
+        );
+        let pass = match (ratio_median, ratio_max) {
+            (Some(a), Some(b)) => Some(a <= GOAL_BOOTSTRAP_RATIO && b <= GOAL_BOOTSTRAP_RATIO),
+            _ => None,
+        };
+        out.push(TierLine {
+            tier: tier.into(),
+            agent_definition: agent_def.into(),
+            floor_definition: floor_def.into(),
+            agent_s,
+            floor_s,
+            agent_median,
+            agent_max,
+            floor_median,
+            floor_max,
+            ratio_median,
+            ratio_max,
+            pass,
+        });
+    }
+    out
+}
+
+/// The time-to-bootstrapped table and the milestones behind it.
+pub fn tier_table(lines: &[TierLine], runs: &[TierRun]) -> String {
+    let pairs = runs.iter().filter(|r| r.mode == Mode::Agent).count();
+    let loads: Vec<String> = runs.iter().map(|r| format!("{:.1}", r.load_avg)).collect();
+    let mut s = format!(
+        "time to bootstrapped, seconds from the agents' spawn, {pairs} agent-driven + {} floor labs (load average before each: {}):\n",
+        runs.len() - pairs,
+        loads.join(" ")
+    );
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    s.push_str(&format!(
+        "{:<22} {:>15} {:>15} {:>13} {:>7}  {}\n",
+        "TIER", "AGENT med/max", "FLOOR med/max", "RATIO med/max", "GOAL", "RESULT"
+    ));
+    for l in lines {
+        s.push_str(&format!(
+            "{:<22} {:>15} {:>15} {:>13} {:>7}  {}\n",
+            l.tier,
+            format!("{} / {}", f(l.agent_median), f(l.agent_max)),
+            format!("{} / {}", f(l.floor_median), f(l.floor_max)),
+            format!("{} / {}", f(l.ratio_median), f(l.ratio_max)),
+            format!("<= {GOAL_BOOTSTRAP_RATIO}"),
+            match l.pass {
+                Some(true) => "PASS",
+                Some(false) => "MISS",
+                None => "-",
+            }
+        ));
+    }
+    s.push_str("definitions (agent | floor):\n");
+    for l in lines {
+        s.push_str(&format!(
+            "  {}: {} | {}\n",
+            l.tier, l.agent_definition, l.floor_definition
+        ));
+    }
+    s.push_str("milestones, seconds from the agents' spawn, median/max (first seen by the bench, 100 ms polling):\n");
+    for mode in [Mode::Agent, Mode::Floor] {
+        let mut keys: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in runs.iter().filter(|r| r.mode == mode) {
+            for (k, v) in &r.milestones {
+                keys.entry(k.clone()).or_default().push(*v);
+            }
+        }
+        let mut by_tier: BTreeMap<String, Vec<(String, f64, f64)>> = BTreeMap::new();
+        for (k, mut v) in keys {
+            let max = v.iter().cloned().fold(0.0, f64::max);
+            let med = median(&mut v).unwrap_or(0.0);
+            let (tier, what) = k.split_once(':').unwrap_or(("", &k));
+            by_tier
+                .entry(tier.to_string())
+                .or_default()
+                .push((what.to_string(), med, max));
+        }
+        s.push_str(&format!("  {mode:?}:\n"));
+        for (tier, mut v) in by_tier {
+            v.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let parts: Vec<String> = v
+                .iter()
+                .map(|(k, med, max)| format!("{k} {med:.2}/{max:.2}"))
+                .collect();
+            s.push_str(&format!("    {tier}: {}\n", parts.join(", ")));
+        }
+    }
+    let mut leaders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| r.mode == Mode::Agent) {
+        for (t, n) in &r.leaders {
+            leaders.entry(t.clone()).or_default().push(n.clone());
+        }
+    }
+    if !leaders.is_empty() {
+        s.push_str("  leaders (agent-driven):");
+        for (t, ns) in leaders {
+            s.push_str(&format!(" {t} {};", ns.join(",")));
+        }
+        s.push('\n');
+    }
+    s
 }

@@ -53,8 +53,9 @@ enum Command {
         #[arg(long, default_value_t = 180)]
         timeout: u64,
     },
-    /// Measure agent boot critical path, agent peak RSS, release binary size and lab time-to-healthy
-    /// (docs/PERFORMANCE.md). Uses its own loopback net and state directory.
+    /// Measure agent boot critical path, agent peak RSS, release binary size, lab time-to-healthy, and time to
+    /// bootstrapped per tier next to a floor (docs/PERFORMANCE.md). Uses its own loopback nets and state
+    /// directories.
     Bench {
         /// Lab state directory [default: <repo>/.lab/bench].
         #[arg(long)]
@@ -73,6 +74,29 @@ enum Command {
         /// Print the report as JSON on stdout (the table goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Run only one part: `boot` (critical path, RSS, size) or `bootstrap` (time to bootstrapped per
+        /// tier, agent-driven vs floor).
+        #[arg(long, value_parser = ["boot", "bootstrap"])]
+        only: Option<String>,
+        /// Pairs of tier-bootstrap labs (one agent-driven, one floor each).
+        #[arg(long, default_value_t = 3)]
+        bootstrap_runs: u32,
+        /// State directories of the tier-bootstrap labs: <this>-agent and <this>-floor
+        /// [default: <repo>/.lab/bench-bootstrap].
+        #[arg(long)]
+        bootstrap_state_dir: Option<PathBuf>,
+        /// Loopback net of the agent-driven tier-bootstrap lab.
+        #[arg(long, default_value_t = 97)]
+        agent_net: u8,
+        /// Loopback net of the floor tier-bootstrap lab.
+        #[arg(long, default_value_t = 98)]
+        floor_net: u8,
+        /// Nomad servers in the tier-bootstrap labs (the Nomad contract double); 0 leaves the tier out.
+        #[arg(long, default_value_t = 3)]
+        nomad_servers: u8,
+        /// Keep the tier-bootstrap labs' state directories (logs, boot records) after each run.
+        #[arg(long)]
+        keep: bool,
     },
     /// Stop a lab started from another shell and remove its state unless --keep.
     Down {
@@ -187,6 +211,13 @@ async fn main() -> ExitCode {
             agent_release,
             lab_agent,
             json,
+            only,
+            bootstrap_runs,
+            bootstrap_state_dir,
+            agent_net,
+            floor_net,
+            nomad_servers,
+            keep,
         } => {
             use hashistack_lab::bench;
             let tools = match Tools::discover() {
@@ -199,6 +230,14 @@ async fn main() -> ExitCode {
             let dir = state_dir.unwrap_or_else(|| repo_root().join(".lab/bench"));
             let mut o = bench::BenchOptions::new(dir, net);
             (o.runs, o.agent_release, o.lab_agent) = (runs, agent_release, lab_agent);
+            o.boot = only.as_deref() != Some("bootstrap");
+            o.bootstrap = only.as_deref() != Some("boot");
+            o.bootstrap_runs = bootstrap_runs;
+            if let Some(d) = bootstrap_state_dir {
+                o.bootstrap_state_dir = d;
+            }
+            (o.bootstrap_nets, o.nomad_servers, o.keep) =
+                ((agent_net, floor_net), nomad_servers, keep);
             match bench::run(&o, tools).await {
                 Ok(r) if json => {
                     eprint!("{}", r.table());
