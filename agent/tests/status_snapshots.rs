@@ -1,5 +1,5 @@
 //! Snapshot tests of `hashistack-agent status`: fixed observations → the table (plain and coloured) and the JSON
-//! report, compared with the goldens under tests/golden/status/<case>/. Assessment and rendering are pure, so
+//! report, compared with the goldens under tests/status_golden/<case>/. Assessment and rendering are pure, so
 //! these pin every line an operator reads and the documented JSON schema (docs/status.md).
 //!
 //! Regenerate after an intended change with `UPDATE_GOLDEN=1 cargo test -p hashistack-agent --test status_snapshots`
@@ -418,7 +418,7 @@ fn cannot_tell() -> Observations {
 
 fn golden_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/status")
+        .join("tests/status_golden")
         .join(case)
 }
 
