@@ -76,6 +76,9 @@ pub struct BenchOptions {
     pub nomad_servers: u8,
     /// Keep the tier-bootstrap labs' state directories (logs, boot records) after each run.
     pub keep: bool,
+    /// Before each tier-bootstrap lab, wait (up to 10 minutes) until the 1-minute load average is at most this
+    /// (a shared machine: other engineers' builds and test labs).
+    pub max_load: Option<f64>,
 }
 
 impl BenchOptions {
@@ -97,6 +100,7 @@ impl BenchOptions {
             bootstrap_nets: (97, 98),
             nomad_servers: 0,
             keep: false,
+            max_load: None,
         }
     }
 }
@@ -749,7 +753,11 @@ pub async fn run(o: &BenchOptions, mut tools: Tools) -> Result<BenchReport, Benc
             }
         }
     }
-    let n_nodes = (o.consul_servers + o.vault_servers) as usize;
+    // Every node of the lab (the jumpbox included), as the first run booted them.
+    let n_nodes = boots
+        .iter()
+        .filter(|b| b.run == 1 && b.kind == "cold-concurrent")
+        .count();
     let lines = if o.boot {
         summarise(&boots, &labs, binary_bytes, n_nodes)
     } else {
@@ -1368,6 +1376,22 @@ pub async fn tier_run(
     lo.nomad_servers = o.nomad_servers;
     lo.bootstrap = mode == Mode::Agent;
     lo.keep = o.keep;
+    if let Some(max) = o.max_load {
+        let waiting = Instant::now();
+        while load_avg() > max && waiting.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        if waiting.elapsed() > Duration::from_secs(1) {
+            say(
+                o,
+                format!(
+                    "  waited {:.0} s for load average <= {max} (now {:.1})",
+                    waiting.elapsed().as_secs_f64(),
+                    load_avg()
+                ),
+            );
+        }
+    }
     let load = load_avg();
     let called = Instant::now();
     let lab = Lab::up(lo, tools.clone()).await?;

@@ -97,6 +97,10 @@ enum Command {
         /// Keep the tier-bootstrap labs' state directories (logs, boot records) after each run.
         #[arg(long)]
         keep: bool,
+        /// Before each tier-bootstrap lab, wait (up to 10 minutes) until the 1-minute load average is at most
+        /// this (on a machine shared with other builds and labs).
+        #[arg(long)]
+        max_load: Option<f64>,
     },
     /// Stop a lab started from another shell and remove its state unless --keep.
     Down {
@@ -218,6 +222,7 @@ async fn main() -> ExitCode {
             floor_net,
             nomad_servers,
             keep,
+            max_load,
         } => {
             use hashistack_lab::bench;
             let tools = match Tools::discover() {
@@ -236,8 +241,8 @@ async fn main() -> ExitCode {
             if let Some(d) = bootstrap_state_dir {
                 o.bootstrap_state_dir = d;
             }
-            (o.bootstrap_nets, o.nomad_servers, o.keep) =
-                ((agent_net, floor_net), nomad_servers, keep);
+            (o.bootstrap_nets, o.nomad_servers, o.keep, o.max_load) =
+                ((agent_net, floor_net), nomad_servers, keep, max_load);
             match bench::run(&o, tools).await {
                 Ok(r) if json => {
                     eprint!("{}", r.table());
