@@ -680,7 +680,7 @@ pub async fn converge_consul_token(
                 "Consul agent token not in Key Vault within {deadline:?}"
             )));
         }
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let shared = crate::material::fetch_or_create(
         &az,

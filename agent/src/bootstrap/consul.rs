@@ -74,7 +74,7 @@ impl Tier for ConsulTier {
             if start.elapsed() > deadline {
                 return Err(format!("local Consul has no leader within {deadline:?}"));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -123,7 +123,7 @@ impl Tier for ConsulTier {
                     "ACL bootstrap: still HTTP {status} after 120s"
                 )));
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

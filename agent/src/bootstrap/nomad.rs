@@ -148,7 +148,7 @@ impl Tier for NomadTier {
             if start.elapsed() > deadline {
                 return Err(format!("local Nomad has no leader within {deadline:?}"));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
