@@ -340,7 +340,9 @@ impl AgentConfig {
             ));
         }
         let b = &self.bootstrap;
-        if !b.recovery_pgp_keys.is_empty() && b.recovery_pgp_keys.len() != b.recovery_shares as usize {
+        if !b.recovery_pgp_keys.is_empty()
+            && b.recovery_pgp_keys.len() != b.recovery_shares as usize
+        {
             return Err(format!(
                 "bootstrap.recovery_pgp_keys has {} keys; it needs one per recovery share ({})",
                 b.recovery_pgp_keys.len(),

@@ -353,7 +353,10 @@ async fn run_image_verify(root: &std::path::Path) -> ExitCode {
                     eprintln!("hashistack-agent: version cache not written: {e}");
                     return ExitCode::from(1);
                 }
-                println!("version cache written to {}", layout.state_dir().join("versions.json").display());
+                println!(
+                    "version cache written to {}",
+                    layout.state_dir().join("versions.json").display()
+                );
             }
             ExitCode::SUCCESS
         }

@@ -233,17 +233,28 @@ pub async fn publish(cfg: &AgentConfig, record: &BootRecord, spec: Option<&NodeS
 }
 
 /// Publishes the record of a boot that failed before its NodeSpec existed, from the metadata it read.
-pub async fn publish_failure(cfg: &AgentConfig, record: &BootRecord, metadata: &crate::imds::InstanceMetadata) {
+pub async fn publish_failure(
+    cfg: &AgentConfig,
+    record: &BootRecord,
+    metadata: &crate::imds::InstanceMetadata,
+) {
     publish_with(cfg, record, None, Some(metadata)).await
 }
 
-async fn publish_with(cfg: &AgentConfig, record: &BootRecord, spec: Option<&NodeSpec>, metadata: Option<&crate::imds::InstanceMetadata>) {
+async fn publish_with(
+    cfg: &AgentConfig,
+    record: &BootRecord,
+    spec: Option<&NodeSpec>,
+    metadata: Option<&crate::imds::InstanceMetadata>,
+) {
     match tokio::time::timeout(DEADLINE, publish_inner(cfg, record, spec, metadata)).await {
         Ok(Ok(name)) => tracing::info!(blob = %name, "boot record published"),
         // After a failed boot the failure itself is the one line an operator must see on stderr; the
         // record stays on local disk either way.
         Ok(Err(e)) if !record.ok => tracing::debug!(error = %e, "boot record not published"),
-        Err(_) if !record.ok => tracing::debug!(after = ?DEADLINE, "boot record not published: deadline"),
+        Err(_) if !record.ok => {
+            tracing::debug!(after = ?DEADLINE, "boot record not published: deadline")
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "boot record not published"),
         Err(_) => tracing::warn!(after = ?DEADLINE, "boot record not published: deadline"),
     }

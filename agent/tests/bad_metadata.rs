@@ -458,8 +458,16 @@ async fn boot_rejects_bad_metadata_with_one_line_and_writes_only_its_record() {
         let line = check_stderr(&case, "boot", &o.stderr);
         // One instance-metadata request (bad input is final). A failed boot still tries to publish its
         // record (docs/status.md), which may ask IMDS for a storage token: that is not a retry.
-        let instance = script.seen().iter().filter(|s| s.path() == "/metadata/instance").count();
-        assert_eq!(instance, 1, "boot [{}]: one instance-metadata request", case.name);
+        let instance = script
+            .seen()
+            .iter()
+            .filter(|s| s.path() == "/metadata/instance")
+            .count();
+        assert_eq!(
+            instance, 1,
+            "boot [{}]: one instance-metadata request",
+            case.name
+        );
 
         // Only the failure record; no /etc, /opt, certificates or keys.
         let entries: Vec<String> = walk(root.path())

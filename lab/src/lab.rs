@@ -608,7 +608,12 @@ impl Lab {
     }
 
     /// Writes (overwrites) a blob as the lab (for tests: e.g. a tier state without its escrow receipts).
-    pub async fn write_blob(&self, container: &str, name: &str, body: Vec<u8>) -> Result<(), LabError> {
+    pub async fn write_blob(
+        &self,
+        container: &str,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<(), LabError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let token = imds::lab_token("https://storage.azure.com", now, 3600);
         let r = self
@@ -1107,7 +1112,12 @@ impl LabHealth {
     pub fn bootstrapped(&self) -> bool {
         self.nodes
             .iter()
-            .filter(|n| matches!(n.role.as_str(), "consul-server" | "vault-server" | "nomad-server"))
+            .filter(|n| {
+                matches!(
+                    n.role.as_str(),
+                    "consul-server" | "vault-server" | "nomad-server"
+                )
+            })
             .all(|n| {
                 matches!(
                     n.bootstrap.as_deref(),

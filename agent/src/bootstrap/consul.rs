@@ -145,9 +145,15 @@ impl Tier for ConsulTier {
             .await
             .map_err(|e| e.to_string())?;
             // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
-            let status = crate::status::tokens::create_consul(&self.api, &self.ca_file, &management).await?;
+            let status =
+                crate::status::tokens::create_consul(&self.api, &self.ca_file, &management).await?;
             let shared = (az.clone(), vault.clone());
-            crate::status::tokens::hand_over(&shared, crate::status::tokens::CONSUL_SECRET, &status).await?;
+            crate::status::tokens::hand_over(
+                &shared,
+                crate::status::tokens::CONSUL_SECRET,
+                &status,
+            )
+            .await?;
         }
         Ok(())
     }

@@ -377,7 +377,10 @@ async fn lead_bootstrap(
             );
             done.set(TierPhase::Done, &ctx.node, Some(msg));
             save(ctx, &done).await?;
-            tracing::info!(tier = name, "bootstrapped earlier with a secret escrowed before use");
+            tracing::info!(
+                tier = name,
+                "bootstrapped earlier with a secret escrowed before use"
+            );
             return Ok(Some(Outcome::Recovered));
         }
         Err(TierFailure::AlreadyDone(_)) if peer_may_finish(ctx, &state_before) => {

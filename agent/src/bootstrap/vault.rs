@@ -246,8 +246,12 @@ impl Tier for VaultTier {
             Some(shared) => {
                 match crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await {
                     Ok(t) => {
-                        crate::status::tokens::hand_over(shared, crate::status::tokens::VAULT_SECRET, &t)
-                            .await
+                        crate::status::tokens::hand_over(
+                            shared,
+                            crate::status::tokens::VAULT_SECRET,
+                            &t,
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 }
@@ -271,8 +275,14 @@ mod tests {
     #[test]
     fn init_request_without_and_with_pgp_keys() {
         let plain = serde_json::to_value(init_request(5, 3, &PgpKeys::default())).unwrap();
-        assert_eq!(plain, serde_json::json!({"recovery_shares": 5, "recovery_threshold": 3}));
-        let pgp = PgpKeys { recovery: vec!["a".into(), "b".into(), "c".into()], root_token: Some("r".into()) };
+        assert_eq!(
+            plain,
+            serde_json::json!({"recovery_shares": 5, "recovery_threshold": 3})
+        );
+        let pgp = PgpKeys {
+            recovery: vec!["a".into(), "b".into(), "c".into()],
+            root_token: Some("r".into()),
+        };
         let with = serde_json::to_value(init_request(3, 2, &pgp)).unwrap();
         assert_eq!(
             with,

@@ -222,7 +222,11 @@ pub fn render(
         });
         if p == Product::Vault {
             // The audit device's directory (the only log path vault.service may write).
-            plan.dirs.push(DirSpec { path: layout.root.join("var/log/vault"), mode: 0o750, owner: owner.clone() });
+            plan.dirs.push(DirSpec {
+                path: layout.root.join("var/log/vault"),
+                mode: 0o750,
+                owner: owner.clone(),
+            });
         }
         match p {
             Product::Consul => {
