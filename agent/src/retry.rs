@@ -66,6 +66,9 @@ pub trait TimeoutError {
     fn timeout(after: Duration) -> Self;
 }
 
+/// An attempt gets at least this long; with less left before the deadline the loop stops.
+const MIN_ATTEMPT: Duration = Duration::from_millis(5);
+
 /// Runs `op` until it is done, fails finally, or the deadline passes.
 pub async fn retry<T, E, F, Fut>(policy: RetryPolicy, mut op: F) -> Result<T, RetryError<E>>
 where
@@ -99,6 +102,15 @@ where
                 tracing::debug!(attempt, error = %e, backoff_ms = backoff.as_millis() as u64, "retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(policy.max_backoff);
+                // Too little time left for a real attempt: report the error we have, not a zero-length timeout.
+                let elapsed = start.elapsed();
+                if policy.deadline.saturating_sub(elapsed) < MIN_ATTEMPT {
+                    return Err(RetryError::Deadline {
+                        attempts: attempt,
+                        elapsed,
+                        last: e,
+                    });
+                }
             }
         }
     }
