@@ -3,7 +3,9 @@
 //! Syntax follows the installed version: Consul 1.12 moved TLS settings into a `tls` block and 1.14 added
 //! `ports.grpc_tls`; older releases (the lab's 1.8.7) take the flat `verify_*`/`*_file` keys.
 
-use super::{env_file, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use super::{
+    env_file, identity_env, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions,
+};
 use crate::files::Owner;
 use crate::node::{NodeSpec, Role};
 use crate::services::ServiceSpec;
@@ -278,10 +280,7 @@ pub fn render(
         }
         // Cloud auto-join (go-discover's azure provider) authenticates with the managed identity; a
         // user-assigned one is selected by AZURE_CLIENT_ID. consul.service reads this file.
-        let mut vars: Vec<(&str, &str)> = Vec::new();
-        if let Some(id) = spec.identity_client_id.as_deref() {
-            vars.push(("AZURE_CLIENT_ID", id));
-        }
+        let vars = identity_env(spec);
         plan.files
             .push(env_file(env_path.clone(), &vars, opts.owner("root")));
     }

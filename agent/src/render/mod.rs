@@ -291,6 +291,15 @@ fn tls_files(layout: &Layout, p: Product, m: &Material, owner: Owner, plan: &mut
     ));
 }
 
+/// Environment every service gets: the user-assigned identity, when there is one (Azure SDKs and go-discover
+/// select it by `AZURE_CLIENT_ID`).
+pub(crate) fn identity_env(spec: &NodeSpec) -> Vec<(&'static str, &str)> {
+    spec.identity_client_id
+        .as_deref()
+        .map(|id| vec![("AZURE_CLIENT_ID", id)])
+        .unwrap_or_default()
+}
+
 /// An `EnvironmentFile=` for a unit: `KEY=value` lines. Values are single-line by construction.
 pub(crate) fn env_file(path: PathBuf, vars: &[(&str, &str)], owner: Owner) -> FileSpec {
     let mut s = String::new();

@@ -1,6 +1,8 @@
 //! Nomad agent configuration: server on the nomad-server tier, client with the Docker driver on workers.
 
-use super::{env_file, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use super::{
+    env_file, identity_env, join_list, json_file, path_str, Layout, Material, Plan, RenderOptions,
+};
 use crate::files::Owner;
 use crate::node::{NodeSpec, Role};
 use crate::services::ServiceSpec;
@@ -224,10 +226,7 @@ pub fn render(
             plan.files
                 .push(json_file(layout.gossip_file(p), &g, 0o640, owner, true));
         }
-        let mut vars: Vec<(&str, &str)> = Vec::new();
-        if let Some(id) = spec.identity_client_id.as_deref() {
-            vars.push(("AZURE_CLIENT_ID", id));
-        }
+        let vars = identity_env(spec);
         plan.files
             .push(env_file(env_path.clone(), &vars, opts.owner("root")));
     }

@@ -2,7 +2,7 @@
 //! Azure: `seal "azurekeyvault"` with the managed identity. Lab: `seal "transit"` against a second server.
 //! Both come from the node's `hashistack-vault-seal` tag through the same code path.
 
-use super::{env_file, json_file, path_str, Layout, Material, Plan, RenderOptions};
+use super::{env_file, identity_env, json_file, path_str, Layout, Material, Plan, RenderOptions};
 use crate::files::Owner;
 use crate::node::{Join, NodeSpec, Seal};
 use crate::services::ServiceSpec;
@@ -189,10 +189,7 @@ pub fn render(
         .push(json_file(layout.config_file(p), &cfg, 0o640, owner, false));
     let env_path = layout.env_file("vault");
     if let Some(m) = material {
-        let mut vars: Vec<(&str, &str)> = Vec::new();
-        if let Some(id) = spec.identity_client_id.as_deref() {
-            vars.push(("AZURE_CLIENT_ID", id));
-        }
+        let mut vars = identity_env(spec);
         if let (Seal::Transit { .. }, Some(tok)) = (
             &spec.vault.as_ref().expect("vault settings").seal,
             m.seal_token.as_deref(),
