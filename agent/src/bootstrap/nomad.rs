@@ -4,21 +4,233 @@
 //! "ACL bootstrap already done" checks `GET /v1/acl/token/self` with our secret, and success means our own
 //! earlier attempt landed. "No cluster leader" and other 5xx answers are retried; "already done" with
 //! someone else's token is final (the protocol's needs-operator path, or the previous leader's escrow).
+//!
+//! After the bootstrap, with the management token still in memory ([`Tier::configure`]), the tier creates
+//! the read-only token of `hashistack-agent status`: the ACL policy `status-read` (node, agent and operator
+//! read; [`crate::status::tokens::NOMAD_RULES`]) and a client token with it, handed over through the status
+//! vault like the Consul and Vault status tokens (docs/status.md#status-tokens). Every call has a deadline
+//! and a verdict per answer ([`classify_acl`]): no leader, 429 and 5xx are retried, other answers are final.
+//! A rerun finds its earlier token by name and hands the same one over again instead of making another.
 
 use super::{Tier, TierFailure};
+use crate::retry::{retry, Attempt, RetryPolicy, TimeoutError};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// How long the bootstrap call keeps retrying retryable answers.
 const BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(120);
 
+/// Deadlines of the status-token calls: right after the ACL bootstrap the servers may still settle (a
+/// leader election answers "No cluster leader"), so up to a minute in all, 10 s per attempt.
+pub fn status_token_policy() -> RetryPolicy {
+    RetryPolicy {
+        deadline: Duration::from_secs(60),
+        attempt_timeout: Duration::from_secs(10),
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(2),
+    }
+}
+
 pub struct NomadTier {
     pub api: String,
     pub ca_file: PathBuf,
     /// The `BootstrapSecret` (a UUID), generated once per run and escrowed before use.
     secret: Zeroizing<String>,
+    /// The shared cluster-material Key Vault (client, URI).
+    pub shared: Option<(crate::azure::Azure, String)>,
+    /// The status vault (URI; same client as `shared`): the read-only status token goes there, where only
+    /// the jumpbox may read it. `None`: no status token is created.
+    pub status_vault: Option<String>,
+}
+
+/// A failed ACL call of the status-token step. Carries the status and Nomad's error text or the transport
+/// error — never a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError(pub String);
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TimeoutError for CallError {
+    fn timeout(after: Duration) -> Self {
+        CallError(format!("no answer within {after:?}"))
+    }
+}
+
+/// Why an ACL call did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failed {
+    /// Worth another attempt while the deadline allows.
+    Retry(CallError),
+    /// Retrying cannot help.
+    Final(CallError),
+}
+
+impl<T> From<Failed> for Attempt<T, CallError> {
+    fn from(f: Failed) -> Self {
+        match f {
+            Failed::Retry(e) => Attempt::Retry(e),
+            Failed::Final(e) => Attempt::Fail(e),
+        }
+    }
+}
+
+/// The verdict on an answer to an ACL call (`what` names the call in the error): 2xx is done; "No cluster
+/// leader", 429 and 5xx are retried (an election, a busy or settling server); any other answer is final
+/// (403 `Permission denied`, 400 with Nomad's validation text, 404).
+pub fn classify_acl(what: &str, status: u16, body: &str) -> Result<(), Failed> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let short: String = body.trim().chars().take(200).collect();
+    let e = CallError(format!("{what}: HTTP {status}: {short}"));
+    if body.contains("No cluster leader") || status >= 500 || status == 429 {
+        Err(Failed::Retry(e))
+    } else {
+        Err(Failed::Final(e))
+    }
+}
+
+/// `GET /v1/acl/tokens` entry (no secret in it).
+#[derive(Deserialize)]
+struct TokenStub {
+    #[serde(rename = "AccessorID")]
+    accessor_id: String,
+    #[serde(rename = "Name", default)]
+    name: String,
+    #[serde(rename = "Type", default)]
+    kind: String,
+    #[serde(rename = "Policies", default)]
+    policies: Option<Vec<String>>,
+}
+
+/// One ACL call with the management token: the answer's body (zeroized on drop: it may hold a token), or
+/// the verdict on a failure.
+async fn acl_call(req: reqwest::RequestBuilder, what: &str) -> Result<Zeroizing<Vec<u8>>, Failed> {
+    let r = match req.send().await {
+        Ok(r) => r,
+        // Never reached the server, or the answer was lost: every call here is safe to repeat (the policy
+        // is an upsert; the token is looked up by name before one is created).
+        Err(e) => {
+            return Err(Failed::Retry(CallError(format!(
+                "{what}: {}",
+                e.without_url()
+            ))))
+        }
+    };
+    let status = r.status().as_u16();
+    let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
+    classify_acl(what, status, &String::from_utf8_lossy(&body))?;
+    Ok(body)
+}
+
+/// Creates (or finds) the status policy and token with the management token: returns the token's secret
+/// and whether an earlier run's token was reused. Each step is retried within `policy`.
+pub async fn create_status_token(
+    api: &str,
+    ca_file: &Path,
+    management: &str,
+    policy: RetryPolicy,
+) -> Result<(Zeroizing<String>, bool), String> {
+    use crate::status::tokens::{NOMAD_POLICY, NOMAD_RULES, NOMAD_TOKEN_NAME};
+    let c = crate::services::health::client_for(ca_file, policy.attempt_timeout)?;
+    // 1. The policy: an upsert, so one that exists (an earlier run) is simply written again.
+    let body = serde_json::json!({
+        "Name": NOMAD_POLICY,
+        "Description": "hashistack-agent status: read nodes, agent and raft (read-only)",
+        "Rules": NOMAD_RULES,
+    });
+    retry(policy, |_| {
+        let req = c
+            .put(format!("{api}/v1/acl/policy/{NOMAD_POLICY}"))
+            .header("X-Nomad-Token", management)
+            .json(&body);
+        async move {
+            match acl_call(req, "status policy").await {
+                Ok(_) => Attempt::Done(()),
+                Err(f) => f.into(),
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+
+    // 2. The token: the one an earlier run made (found by name, its secret read back), else a new one.
+    //    Looking first on every attempt also makes a create whose answer was lost harmless.
+    let found = retry(policy, |_| {
+        let (c, api) = (c.clone(), api.to_string());
+        async move {
+            let list = match acl_call(
+                c.get(format!("{api}/v1/acl/tokens"))
+                    .header("X-Nomad-Token", management),
+                "status token list",
+            )
+            .await
+            {
+                Ok(b) => b,
+                Err(f) => return f.into(),
+            };
+            let Ok(stubs) = serde_json::from_slice::<Vec<TokenStub>>(&list) else {
+                return Attempt::Fail(CallError(
+                    "status token list: response did not parse".into(),
+                ));
+            };
+            let earlier = stubs.into_iter().find(|t| {
+                t.name == NOMAD_TOKEN_NAME
+                    && t.kind == "client"
+                    && t.policies
+                        .as_ref()
+                        .is_some_and(|p| p.iter().any(|p| p == NOMAD_POLICY))
+            });
+            let (req, reused, what) = match &earlier {
+                Some(t) => (
+                    c.get(format!("{api}/v1/acl/token/{}", t.accessor_id))
+                        .header("X-Nomad-Token", management),
+                    true,
+                    "status token read",
+                ),
+                None => (
+                    c.put(format!("{api}/v1/acl/token"))
+                        .header("X-Nomad-Token", management)
+                        .json(&serde_json::json!({
+                            "Name": NOMAD_TOKEN_NAME,
+                            "Type": "client",
+                            "Policies": [NOMAD_POLICY],
+                            "Global": true,
+                        })),
+                    false,
+                    "status token",
+                ),
+            };
+            let body = match acl_call(req, what).await {
+                Ok(b) => b,
+                Err(f) => return f.into(),
+            };
+            match serde_json::from_slice::<TokenResponse>(&body) {
+                Ok(mut t) if !t.secret_id.is_empty() => Attempt::Done((
+                    Zeroizing::new(std::mem::take(&mut t.secret_id)),
+                    std::mem::take(&mut t.accessor_id),
+                    reused,
+                )),
+                _ => Attempt::Fail(CallError(format!("{what}: response did not parse"))),
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (secret, accessor, reused) = found;
+    tracing::info!(
+        accessor = %accessor,
+        reused,
+        "Nomad status token {}",
+        if reused { "found (an earlier run made it)" } else { "created" }
+    );
+    Ok((secret, reused))
 }
 
 /// What is escrowed for the Nomad tier. Before the call `accessor_id` is empty (the server chooses it).
@@ -90,6 +302,8 @@ impl NomadTier {
             api,
             ca_file,
             secret: new_uuid(),
+            shared: None,
+            status_vault: None,
         }
     }
 
@@ -230,8 +444,27 @@ impl Tier for NomadTier {
         )))
     }
 
-    async fn configure(&self, _secrets: &[u8]) -> Result<(), String> {
-        Ok(())
+    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
+        let (Some((az, _)), Some(status_vault)) = (&self.shared, &self.status_vault) else {
+            tracing::warn!(
+                "no hashistack-status-vault-uri tag: the Nomad status token was not created"
+            );
+            return Ok(());
+        };
+        let s: NomadSecrets = serde_json::from_slice(secrets)
+            .map_err(|_| "escrow payload did not parse".to_string())?;
+        let management = Zeroizing::new(s.secret_id.clone());
+        drop(s);
+        // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
+        let (token, _) =
+            create_status_token(&self.api, &self.ca_file, &management, status_token_policy())
+                .await?;
+        crate::status::tokens::hand_over(
+            &(az.clone(), status_vault.clone()),
+            crate::status::tokens::NOMAD_SECRET,
+            &token,
+        )
+        .await
     }
 }
 
@@ -284,5 +517,277 @@ mod tests {
         assert_eq!(v["kind"], "nomad-acl-bootstrap");
         assert_eq!(v["secret_id"].as_str().unwrap(), t.secret.as_str());
         assert_eq!(v["accessor_id"], "");
+    }
+
+    #[test]
+    fn acl_answers_are_retryable_or_final() {
+        assert_eq!(classify_acl("x", 200, ""), Ok(()));
+        for (status, body) in [
+            (500, "No cluster leader"),
+            (500, "rpc error: No cluster leader"),
+            (503, ""),
+            (429, "too many requests"),
+            (502, "bad gateway"),
+        ] {
+            assert!(
+                matches!(classify_acl("x", status, body), Err(Failed::Retry(_))),
+                "{status} {body}"
+            );
+        }
+        for (status, body) in [
+            (403, "Permission denied"),
+            (403, "ACL token not found"),
+            (400, "policy 0 invalid: 1 error occurred:"),
+            (404, "ACL token not found"),
+        ] {
+            match classify_acl("status token", status, body) {
+                Err(Failed::Final(CallError(m))) => {
+                    assert!(
+                        m.starts_with(&format!("status token: HTTP {status}")),
+                        "{m}"
+                    )
+                }
+                other => panic!("{status} {body}: {other:?}"),
+            }
+        }
+    }
+
+    /// A scripted stand-in for Nomad's ACL routes (shapes as the API documents them): answers the first
+    /// `busy` requests with 500 `No cluster leader`, or every request with `refuse`.
+    mod acl_fake {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{get, put};
+        use axum::{Json, Router};
+        use serde_json::{json, Value};
+        use std::sync::{Arc, Mutex};
+
+        pub const MANAGEMENT: &str = "9b1c0d2e-1111-4222-8333-444455556666";
+
+        #[derive(Default)]
+        pub struct Server {
+            pub busy: u32,
+            pub refuse: Option<(u16, String)>,
+            pub policies: Vec<Value>,
+            pub tokens: Vec<Value>,
+            pub requests: u32,
+        }
+
+        pub type Shared = Arc<Mutex<Server>>;
+
+        fn gate(s: &mut Server, h: &HeaderMap) -> Option<(StatusCode, String)> {
+            s.requests += 1;
+            if let Some((code, body)) = &s.refuse {
+                return Some((StatusCode::from_u16(*code).unwrap(), body.clone()));
+            }
+            if s.busy > 0 {
+                s.busy -= 1;
+                return Some((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "No cluster leader".into(),
+                ));
+            }
+            if h.get("X-Nomad-Token").and_then(|v| v.to_str().ok()) != Some(MANAGEMENT) {
+                return Some((StatusCode::FORBIDDEN, "Permission denied".into()));
+            }
+            None
+        }
+
+        async fn policy(
+            State(s): State<Shared>,
+            UrlPath(name): UrlPath<String>,
+            h: HeaderMap,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, String) {
+            let mut s = s.lock().unwrap();
+            if let Some(r) = gate(&mut s, &h) {
+                return r;
+            }
+            assert_eq!(body["Name"], name.as_str());
+            s.policies.retain(|p| p["Name"] != name.as_str());
+            s.policies.push(body);
+            (StatusCode::OK, String::new())
+        }
+
+        async fn list(State(s): State<Shared>, h: HeaderMap) -> (StatusCode, String) {
+            let mut s = s.lock().unwrap();
+            if let Some(r) = gate(&mut s, &h) {
+                return r;
+            }
+            let stubs: Vec<Value> = s
+                .tokens
+                .iter()
+                .map(|t| {
+                    let mut t = t.clone();
+                    t.as_object_mut().unwrap().remove("SecretID");
+                    t
+                })
+                .collect();
+            (StatusCode::OK, serde_json::to_string(&stubs).unwrap())
+        }
+
+        async fn read(
+            State(s): State<Shared>,
+            UrlPath(accessor): UrlPath<String>,
+            h: HeaderMap,
+        ) -> (StatusCode, String) {
+            let mut s = s.lock().unwrap();
+            if let Some(r) = gate(&mut s, &h) {
+                return r;
+            }
+            match s
+                .tokens
+                .iter()
+                .find(|t| t["AccessorID"] == accessor.as_str())
+            {
+                Some(t) => (StatusCode::OK, t.to_string()),
+                None => (StatusCode::NOT_FOUND, "ACL token not found".into()),
+            }
+        }
+
+        async fn create(
+            State(s): State<Shared>,
+            h: HeaderMap,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, String) {
+            let mut s = s.lock().unwrap();
+            if let Some(r) = gate(&mut s, &h) {
+                return r;
+            }
+            let n = s.tokens.len();
+            let t = json!({
+                "AccessorID": format!("acc-{n}"), "SecretID": format!("secret-{n}"),
+                "Name": body["Name"], "Type": body["Type"], "Policies": body["Policies"],
+                "Global": body["Global"], "CreateIndex": 10 + n, "ModifyIndex": 10 + n,
+            });
+            s.tokens.push(t.clone());
+            (StatusCode::OK, t.to_string())
+        }
+
+        pub async fn serve(state: Shared) -> String {
+            let app = Router::new()
+                .route("/v1/acl/policy/{name}", put(policy))
+                .route("/v1/acl/tokens", get(list))
+                .route("/v1/acl/token", put(create))
+                .route("/v1/acl/token/{accessor}", get(read))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}")
+        }
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            deadline: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(1),
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        }
+    }
+
+    async fn status_token(
+        server: acl_fake::Server,
+        management: &str,
+    ) -> (Result<(Zeroizing<String>, bool), String>, acl_fake::Shared) {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(server));
+        let api = acl_fake::serve(state.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let r = create_status_token(&api, &ca_file, management, quick()).await;
+        (r, state)
+    }
+
+    #[tokio::test]
+    async fn status_token_retries_no_leader_then_creates_policy_and_client_token() {
+        let (r, state) = status_token(
+            acl_fake::Server {
+                busy: 3,
+                ..Default::default()
+            },
+            acl_fake::MANAGEMENT,
+        )
+        .await;
+        let (secret, reused) = r.unwrap();
+        assert_eq!((secret.as_str(), reused), ("secret-0", false));
+        let s = state.lock().unwrap();
+        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies[0]["Name"], crate::status::tokens::NOMAD_POLICY);
+        assert_eq!(s.policies[0]["Rules"], crate::status::tokens::NOMAD_RULES);
+        assert_eq!(s.tokens.len(), 1);
+        assert_eq!(s.tokens[0]["Type"], "client");
+        assert_eq!(
+            s.tokens[0]["Policies"],
+            serde_json::json!([crate::status::tokens::NOMAD_POLICY])
+        );
+    }
+
+    #[tokio::test]
+    async fn status_token_of_an_earlier_run_is_reused_not_recreated() {
+        let earlier = serde_json::json!({
+            "AccessorID": "acc-earlier", "SecretID": "secret-earlier",
+            "Name": crate::status::tokens::NOMAD_TOKEN_NAME, "Type": "client",
+            "Policies": [crate::status::tokens::NOMAD_POLICY], "Global": true,
+        });
+        let other = serde_json::json!({
+            "AccessorID": "acc-other", "SecretID": "secret-other", "Name": "someone else's",
+            "Type": "client", "Policies": ["readonly"], "Global": true,
+        });
+        let (r, state) = status_token(
+            acl_fake::Server {
+                tokens: vec![other, earlier],
+                ..Default::default()
+            },
+            acl_fake::MANAGEMENT,
+        )
+        .await;
+        let (secret, reused) = r.unwrap();
+        assert_eq!((secret.as_str(), reused), ("secret-earlier", true));
+        assert_eq!(state.lock().unwrap().tokens.len(), 2, "no new token");
+    }
+
+    #[tokio::test]
+    async fn status_token_refusals_are_final_and_carry_no_secret() {
+        // A token Nomad refuses: one request, no retries, and the management secret in no error.
+        let wrong = "00000000-1111-4222-8333-999999999999";
+        let (r, state) = status_token(acl_fake::Server::default(), wrong).await;
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("status policy: HTTP 403: Permission denied"),
+            "{e}"
+        );
+        assert!(!e.contains(wrong));
+        assert_eq!(state.lock().unwrap().requests, 1);
+        // Nomad's validation error (400) is final too.
+        let (r, state) = status_token(
+            acl_fake::Server {
+                refuse: Some((400, "policy 0 invalid: 1 error occurred:".into())),
+                ..Default::default()
+            },
+            acl_fake::MANAGEMENT,
+        )
+        .await;
+        assert!(r.unwrap_err().contains("HTTP 400"));
+        assert_eq!(state.lock().unwrap().requests, 1);
+        // A server that never settles: retried until the deadline, then the last error.
+        let start = std::time::Instant::now();
+        let (r, state) = status_token(
+            acl_fake::Server {
+                busy: u32::MAX,
+                ..Default::default()
+            },
+            acl_fake::MANAGEMENT,
+        )
+        .await;
+        let e = r.unwrap_err();
+        assert!(
+            e.starts_with("gave up after") && e.contains("No cluster leader"),
+            "{e}"
+        );
+        assert!(state.lock().unwrap().requests > 3);
+        assert!(start.elapsed() < Duration::from_secs(6));
     }
 }

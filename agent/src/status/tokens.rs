@@ -36,6 +36,16 @@ path "auth/token/renew-self" { capabilities = ["update"] }
 /// Period of the Vault status token (Vault caps it at the system max TTL, 768h by default).
 pub const VAULT_TOKEN_PERIOD: &str = "768h";
 
+pub const NOMAD_POLICY: &str = "status-read";
+/// Nomad ACL rules of the `status-read` policy: the node list (client nodes ready or down, and the server
+/// members), the agent API and the raft configuration — all read-only.
+pub const NOMAD_RULES: &str = r#"node { policy = "read" }
+agent { policy = "read" }
+operator { policy = "read" }
+"#;
+/// The Nomad status token's name: a rerun of the tier's configuration finds its earlier token by it.
+pub const NOMAD_TOKEN_NAME: &str = "hashistack-agent status (read-only)";
+
 /// Stores a status token in the shared Key Vault (at bootstrap; 403 is retried while role assignments apply).
 pub async fn hand_over(shared: &(Azure, String), name: &str, value: &str) -> Result<(), String> {
     let (az, vault) = shared;
