@@ -416,6 +416,31 @@ fn cannot_tell() -> Observations {
     o
 }
 
+/// A Nomad client stopped heartbeating: its node is `down`.
+fn nomad_client_down() -> Observations {
+    let mut o = healthy();
+    if let Some(Ok(nodes)) = &mut o.nomad.nodes {
+        nodes[1].status = "down".into();
+    }
+    o
+}
+
+/// A worker booted (its record says ok) but Nomad does not list a client node for it.
+fn nomad_worker_unregistered() -> Observations {
+    let mut o = healthy();
+    o.records
+        .push(record("workers-000002", "worker", "10.0.4.6", &[]));
+    o.records.sort_by(|a, b| a.boot.node.cmp(&b.boot.node));
+    o
+}
+
+/// The Nomad status token is refused (deleted, or its policy changed).
+fn nomad_token_refused() -> Observations {
+    let mut o = healthy();
+    o.nomad.nodes = err("HTTP 403: Permission denied");
+    o
+}
+
 fn golden_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/status_golden")
@@ -464,6 +489,17 @@ fn cases() -> Vec<(&'static str, Observations, Verdict)> {
             Verdict::Degraded,
         ),
         ("cannot-tell", cannot_tell(), Verdict::Unknown),
+        ("nomad-client-down", nomad_client_down(), Verdict::Degraded),
+        (
+            "nomad-worker-unregistered",
+            nomad_worker_unregistered(),
+            Verdict::Degraded,
+        ),
+        (
+            "nomad-token-refused",
+            nomad_token_refused(),
+            Verdict::Unknown,
+        ),
     ]
 }
 

@@ -796,6 +796,7 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
         return report;
     }
     let (bootstrap, done) = assess_bootstrap(tier, &n.state, now, p);
+    assess_token(tier, super::tokens::NOMAD_SECRET, &n.token, done, p);
     report.bootstrap = bootstrap;
     report.acl = if done {
         "bootstrapped"
@@ -891,8 +892,12 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
             );
         }
     }
+    // Client nodes (with the status token): every node Nomad lists must be ready, and every worker that
+    // booted (its published record says ok) is expected among them.
     match &n.nodes {
         Some(Ok(nodes)) => {
+            // The status token was accepted: the ACL system is up.
+            report.acl = "bootstrapped".into();
             for x in nodes.iter().filter(|x| x.status != "ready") {
                 p.bad(
                     tier,
@@ -900,16 +905,37 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
                     format!("{}: client node {}", x.name, x.status),
                 );
             }
+            let missing: Vec<&str> = records_of(o, "worker")
+                .filter(|r| r.boot.ok)
+                .map(|r| r.boot.node.as_str())
+                .filter(|w| !nodes.iter().any(|x| x.name == *w))
+                .collect();
+            for w in &missing {
+                p.bad(
+                    tier,
+                    Some(w),
+                    format!(
+                        "{w}: no Nomad client node (the worker booted, Nomad does not list it)"
+                    ),
+                );
+            }
             report.clients = Some(Clients {
                 ready: nodes.iter().filter(|x| x.status == "ready").count(),
-                total: nodes.len(),
+                total: nodes.len() + missing.len(),
             });
         }
-        Some(Err(e)) if done => p.unknown(
-            tier,
-            None,
-            format!("cannot list client nodes: {}", err_short(e)),
-        ),
+        Some(Err(e)) if done => {
+            let refused = e.starts_with("HTTP 401") || e.starts_with("HTTP 403");
+            p.unknown(
+                tier,
+                None,
+                if refused {
+                    format!("status token refused: {}", err_short(e))
+                } else {
+                    format!("cannot list client nodes: {}", err_short(e))
+                },
+            )
+        }
         _ => {}
     }
     report.servers = s.0.into_values().collect();
