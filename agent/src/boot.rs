@@ -241,52 +241,103 @@ fn gossip_key(what: &str, path: &Path) -> Result<String, BootError> {
     }
 }
 
-/// Loads the CA, gossip keys and seal token, and issues (or keeps) the node's certificates.
 /// Loads the CA, gossip keys and seal token — from Key Vault (`shared`) or from files — and issues (or
 /// keeps) the node's certificates.
+///
+/// Only server tiers load the CA key. Workers and the jumpbox get the CA certificate alone: their Consul
+/// agent obtains its certificate from the servers (`auto_encrypt`), and a worker's Nomad client uses the
+/// shared client certificate issued when the cluster material was created.
 pub fn load_material(
     cfg: &AgentConfig,
     spec: &NodeSpec,
     layout: &Layout,
     shared: Option<&crate::material::ClusterMaterial>,
 ) -> Result<Material, BootError> {
-    let needs_nomad_key = spec.role == crate::node::Role::NomadServer;
-    let (ca, consul_gossip_key, nomad_gossip_key) = match shared {
+    use crate::node::Role;
+    let server = spec.role.is_server_tier();
+    let needs_nomad_key = spec.role == Role::NomadServer;
+    let needs_client_cert = spec.role == Role::Worker;
+    let check_key = |what: &str, k: &str| match base64::engine::general_purpose::STANDARD.decode(k)
+    {
+        Ok(b) if b.len() == 32 => Ok(k.to_string()),
+        _ => Err(BootError::Material(format!(
+            "{what} from Key Vault: not a base64-encoded 32-byte key"
+        ))),
+    };
+    let (ca_pem, ca, consul_gossip_key, nomad_gossip_key, nomad_client) = match shared {
         Some(m) => {
-            let ca = ClusterCa::from_pem(&m.ca_cert, &m.ca_key)
-                .map_err(|e| BootError::Material(format!("cluster CA from Key Vault: {e}")))?;
-            let check =
-                |what: &str, k: &str| match base64::engine::general_purpose::STANDARD.decode(k) {
-                    Ok(b) if b.len() == 32 => Ok(k.to_string()),
-                    _ => Err(BootError::Material(format!(
-                        "{what} from Key Vault: not a base64-encoded 32-byte key"
-                    ))),
+            let ca =
+                if server {
+                    let key = m.ca_key.as_ref().ok_or_else(|| {
+                        BootError::Material("cluster CA key: not in the servers vault".into())
+                    })?;
+                    Some(ClusterCa::from_pem(&m.ca_cert, key).map_err(|e| {
+                        BootError::Material(format!("cluster CA from Key Vault: {e}"))
+                    })?)
+                } else {
+                    None
                 };
-            let consul = check("consul gossip key", &m.consul_gossip_key)?;
-            let nomad = if needs_nomad_key {
-                check("nomad gossip key", &m.nomad_gossip_key)?
-            } else {
-                String::new()
+            let consul = check_key("consul gossip key", &m.consul_gossip_key)?;
+            let nomad = match (needs_nomad_key, &m.nomad_gossip_key) {
+                (false, _) => String::new(),
+                (true, Some(k)) => check_key("nomad gossip key", k)?,
+                (true, None) => {
+                    return Err(BootError::Material(
+                        "nomad gossip key: not in the servers vault".into(),
+                    ))
+                }
             };
-            (ca, consul, nomad)
+            let client = match (needs_client_cert, &m.nomad_client) {
+                (false, _) => None,
+                (true, Some((cert, key))) => {
+                    Some(tls::adopt(&m.ca_cert, cert, key).map_err(|e| {
+                        BootError::Material(format!("nomad client certificate from Key Vault: {e}"))
+                    })?)
+                }
+                (true, None) => {
+                    return Err(BootError::Material(
+                        "nomad client certificate: not in the shared vault".into(),
+                    ))
+                }
+            };
+            (m.ca_cert.clone(), ca, consul, nomad, client)
         }
         None => {
             let ca_pem = read_secret_file("tls.ca_cert", &cfg.tls.ca_cert)?;
-            let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
-            let ca = ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
-                BootError::Material(format!(
-                    "{} / {}: {e}",
-                    cfg.tls.ca_cert.display(),
-                    cfg.tls.ca_key.display()
-                ))
-            })?;
+            let ca = if server {
+                let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
+                Some(ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
+                    BootError::Material(format!(
+                        "{} / {}: {e}",
+                        cfg.tls.ca_cert.display(),
+                        cfg.tls.ca_key.display()
+                    ))
+                })?)
+            } else {
+                None
+            };
             let consul = gossip_key("gossip.consul_key_file", &cfg.gossip.consul_key_file)?;
             let nomad = if needs_nomad_key {
                 gossip_key("gossip.nomad_key_file", &cfg.gossip.nomad_key_file)?
             } else {
                 String::new()
             };
-            (ca, consul, nomad)
+            let client = if needs_client_cert {
+                let cert = read_secret_file("tls.nomad_client_cert", &cfg.tls.nomad_client_cert)?;
+                let key = read_secret_file("tls.nomad_client_key", &cfg.tls.nomad_client_key)?;
+                Some(
+                    tls::adopt(&ca_pem, &(cert + "\n"), &(key + "\n")).map_err(|e| {
+                        BootError::Material(format!(
+                            "{} / {}: {e}",
+                            cfg.tls.nomad_client_cert.display(),
+                            cfg.tls.nomad_client_key.display()
+                        ))
+                    })?,
+                )
+            } else {
+                None
+            };
+            (ca_pem, ca, consul, nomad, client)
         }
     };
     let seal_token = match spec.vault.as_ref().map(|v| &v.seal) {
@@ -300,29 +351,38 @@ pub fn load_material(
     };
     let now = time::OffsetDateTime::now_utc();
     let mut certs = BTreeMap::new();
-    for p in spec.products() {
-        let sans = render::cert_sans(spec, p);
-        certs.insert(
-            p,
-            existing_or_new_cert(
-                layout,
+    if let Some(ca) = &ca {
+        for p in spec.products() {
+            let sans = render::cert_sans(spec, p);
+            certs.insert(
                 p,
-                &ca,
-                &sans,
-                cfg.tls.node_cert_days,
-                now,
-                &spec.node_name,
-            )?,
-        );
+                existing_or_new_cert(
+                    layout,
+                    p,
+                    ca,
+                    &sans,
+                    cfg.tls.node_cert_days,
+                    now,
+                    &spec.node_name,
+                )?,
+            );
+        }
+    }
+    if let Some(client) = nomad_client {
+        certs.insert(Product::Nomad, client);
     }
     Ok(Material {
-        ca_pem: ca.cert_pem().to_string() + "\n",
+        ca_pem: ca_pem.trim_end().to_string() + "\n",
         certs,
         consul_gossip_key,
         nomad_gossip_key,
         seal_token,
         consul_agent_token: shared
             .and_then(|m| m.consul_agent_token.as_ref().map(|t| t.to_string())),
+        consul_connect_ca_key: match (spec.role, &ca) {
+            (Role::ConsulServer, Some(ca)) => Some(ca.key_pem()),
+            _ => None,
+        },
     })
 }
 
@@ -355,6 +415,34 @@ fn existing_or_new_cert(
             .issue(cn, sans, days, now)
             .map_err(|e| BootError::Material(format!("{p} certificate: {e}"))),
     }
+}
+
+/// The vaults this node reads its material from: the shared one always, the servers one on server tiers.
+fn material_vaults(spec: &NodeSpec) -> Result<crate::material::Vaults, BootError> {
+    let missing = |tag: &str, why: &str| {
+        BootError::Spec(SpecError {
+            source_name: "tag",
+            name: tag.into(),
+            problem: format!("missing ({why}; or set material.source = \"files\")"),
+        })
+    };
+    let shared = spec.keyvault_uri.clone().ok_or_else(|| {
+        missing(
+            crate::node::TAG_KEYVAULT_URI,
+            "cluster material comes from Key Vault",
+        )
+    })?;
+    let servers = if spec.role.is_server_tier() {
+        Some(spec.servers_vault_uri.clone().ok_or_else(|| {
+            missing(
+                crate::node::TAG_SERVERS_VAULT_URI,
+                "server tiers keep the CA key in the servers vault",
+            )
+        })?)
+    } else {
+        None
+    };
+    Ok(crate::material::Vaults { shared, servers })
 }
 
 /// Writes the plan; returns the paths that changed (never their content).
@@ -454,23 +542,19 @@ async fn boot_inner(
     let shared = match cfg.material.source {
         crate::config::MaterialSource::Files => None,
         crate::config::MaterialSource::Keyvault => {
-            let vault = spec.keyvault_uri.clone().ok_or_else(|| {
-                BootError::Spec(SpecError {
-                    source_name: "tag",
-                    name: crate::node::TAG_KEYVAULT_URI.into(),
-                    problem: "missing (cluster material comes from Key Vault; or set material.source = \"files\")".into(),
-                })
-            })?;
+            let vaults = material_vaults(&spec)?;
             let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
             let mut policy = crate::escrow::policy();
             policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
             let started = Instant::now();
             let m = crate::material::fetch_or_create(
                 &az,
-                &vault,
+                &vaults,
                 spec.blob_endpoint.as_deref(),
                 &spec.cluster,
                 spec.role.is_server_tier(),
+                // Consul's auto_encrypt asks the servers for a certificate with the agent token at start.
+                render::consul::uses_auto_encrypt(spec.role),
                 cfg.bootstrap.lease_secs as i32,
                 policy,
                 std::time::Duration::from_secs(cfg.material.deadline_secs),
@@ -568,10 +652,12 @@ pub async fn bootstrap_phase(
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {
         crate::node::Role::NomadServer => {
-            let tier = crate::bootstrap::nomad::NomadTier::new(
+            let mut tier = crate::bootstrap::nomad::NomadTier::new(
                 format!("https://{}:{}", spec.ip, render::nomad::HTTP_PORT),
                 layout.ca_file(Product::Nomad),
             );
+            tier.shared = spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri));
+            tier.status_vault = spec.status_vault_uri.clone();
             bootstrap::run(&ctx, &tier).await
         }
         crate::node::Role::VaultServer => {
@@ -589,15 +675,27 @@ pub async fn bootstrap_phase(
                 // vault.service may write only under /var/log/vault (ReadWritePaths in systemd/vault.service).
                 audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
+                status_vault: spec.status_vault_uri.clone(),
             };
             bootstrap::run(&ctx, &tier).await
         }
         _ => {
+            // The installed Consul's version (detected at this boot; cached) decides whether the management
+            // token is escrowed before use (Consul >= 1.15 takes a BootstrapSecret) or right after the call.
+            let consul_version = match detect_versions(cfg, &layout, &[Product::Consul]).await {
+                Ok(v) => v.get(&Product::Consul).map(|i| i.version),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Consul version unknown: its management token is escrowed right after the ACL bootstrap");
+                    None
+                }
+            };
             let tier = ConsulTier {
                 api: format!("https://{}:{}", spec.ip, render::consul::HTTPS_PORT),
                 ca_file: layout.ca_file(Product::Consul),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
+                status_vault: spec.status_vault_uri.clone(),
                 cluster: spec.cluster.clone(),
+                path: crate::bootstrap::consul::BootstrapPath::for_version(consul_version),
             };
             bootstrap::run(&ctx, &tier).await
         }
@@ -657,37 +755,21 @@ pub async fn converge_consul_token(
     {
         return Ok(false);
     }
-    let Some(vault) = spec.keyvault_uri.clone() else {
+    if spec.keyvault_uri.is_none() {
         return Ok(false);
-    };
+    }
     let layout = Layout::new(&cfg.paths.root);
     let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
-    let name = crate::bootstrap::consul_tokens::agent_token_secret(&spec.cluster);
     let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
-    let start = Instant::now();
-    loop {
-        if crate::material::get_secret(&az, &vault, &name, policy)
-            .await
-            .map_err(|e| BootError::Material(e.to_string()))?
-            .is_some()
-        {
-            break;
-        }
-        if start.elapsed() > deadline {
-            return Err(BootError::Material(format!(
-                "Consul agent token not in Key Vault within {deadline:?}"
-            )));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
     let shared = crate::material::fetch_or_create(
         &az,
-        &vault,
+        &material_vaults(&spec)?,
         None,
         &spec.cluster,
         false,
+        true,
         cfg.bootstrap.lease_secs as i32,
         policy,
         deadline,

@@ -171,9 +171,14 @@ pub struct ListenConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// Cluster CA certificate and key (PEM) from which the agent issues this node's certificates.
+    /// Cluster CA certificate and key (PEM) from which the agent issues this node's certificates. Only
+    /// server tiers read `ca_key`; workers and the jumpbox read `ca_cert` alone.
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
+    /// Workers: the Nomad client certificate and key (PEM) shared by all clients, issued from the CA by
+    /// whoever holds its key (with `material.source = "keyvault"` they come from the shared vault instead).
+    pub nomad_client_cert: PathBuf,
+    pub nomad_client_key: PathBuf,
     /// Validity of issued node certificates; they are re-issued when less than a third remains.
     pub node_cert_days: u32,
 }
@@ -231,6 +236,8 @@ impl Default for TlsConfig {
         TlsConfig {
             ca_cert: "/etc/hashistack/tls/ca.pem".into(),
             ca_key: "/etc/hashistack/tls/ca-key.pem".into(),
+            nomad_client_cert: "/etc/hashistack/tls/nomad-client.pem".into(),
+            nomad_client_key: "/etc/hashistack/tls/nomad-client-key.pem".into(),
             node_cert_days: 365,
         }
     }

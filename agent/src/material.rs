@@ -12,12 +12,26 @@ use std::time::Duration;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-/// The shared secrets a node renders from. Zeroized on drop.
+/// Where the cluster material lives. Secrets are split by who may read them (docs/trust-model.md):
+/// - `shared`: every cluster identity reads it — the CA certificate, the Consul gossip key, the Consul agent
+///   token and the Nomad client certificate with its key;
+/// - `servers`: only the server tiers read it — the CA key and the Nomad gossip key (Nomad gossip is
+///   server-to-server). Workers and the jumpbox are never given this vault, so they never hold the CA key.
+#[derive(Debug, Clone)]
+pub struct Vaults {
+    pub shared: String,
+    /// `Some` on server tiers only.
+    pub servers: Option<String>,
+}
+
+/// The secrets a node renders from. Zeroized on drop. Server-only parts are `None` on workers and the jumpbox.
 pub struct ClusterMaterial {
     pub ca_cert: String,
-    pub ca_key: Zeroizing<String>,
+    pub ca_key: Option<Zeroizing<String>>,
     pub consul_gossip_key: Zeroizing<String>,
-    pub nomad_gossip_key: Zeroizing<String>,
+    pub nomad_gossip_key: Option<Zeroizing<String>>,
+    /// The Nomad client certificate and key (one for all clients, issued when the material was created).
+    pub nomad_client: Option<(String, Zeroizing<String>)>,
     /// The Consul agent token, once the Consul tier's bootstrap has created it.
     pub consul_agent_token: Option<Zeroizing<String>>,
 }
@@ -29,14 +43,46 @@ impl std::fmt::Debug for ClusterMaterial {
 }
 
 /// Key Vault secret names (alphanumerics and dashes), per cluster.
-pub fn names(cluster: &str) -> [String; 4] {
-    [
-        format!("{cluster}-cluster-ca-cert"),
-        format!("{cluster}-cluster-ca-key"),
-        format!("{cluster}-consul-gossip-key"),
-        format!("{cluster}-nomad-gossip-key"),
-    ]
+pub struct Names {
+    /// In the shared vault. Written last: a reader that sees it sees everything else.
+    pub ca_cert: String,
+    pub consul_gossip_key: String,
+    pub nomad_client_cert: String,
+    pub nomad_client_key: String,
+    /// In the servers vault.
+    pub ca_key: String,
+    pub nomad_gossip_key: String,
 }
+
+impl Names {
+    /// The secrets of the shared vault (every cluster identity reads them).
+    pub fn shared(&self) -> [&str; 4] {
+        [
+            &self.ca_cert,
+            &self.consul_gossip_key,
+            &self.nomad_client_cert,
+            &self.nomad_client_key,
+        ]
+    }
+    /// The secrets of the servers vault (server tiers only).
+    pub fn servers(&self) -> [&str; 2] {
+        [&self.ca_key, &self.nomad_gossip_key]
+    }
+}
+
+pub fn names(cluster: &str) -> Names {
+    Names {
+        ca_cert: format!("{cluster}-cluster-ca-cert"),
+        consul_gossip_key: format!("{cluster}-consul-gossip-key"),
+        nomad_client_cert: format!("{cluster}-nomad-client-cert"),
+        nomad_client_key: format!("{cluster}-nomad-client-key"),
+        ca_key: format!("{cluster}-cluster-ca-key"),
+        nomad_gossip_key: format!("{cluster}-nomad-gossip-key"),
+    }
+}
+
+/// SANs of the shared Nomad client certificate (Nomad checks `client.<region>.nomad` with `verify_server_hostname`).
+pub const NOMAD_CLIENT_SANS: &[&str] = &["client.global.nomad", "localhost", "127.0.0.1"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaterialError {
@@ -46,6 +92,10 @@ pub enum MaterialError {
         "cluster material not in Key Vault within {0:?} (the first server-tier node creates it)"
     )]
     Timeout(Duration),
+    #[error(
+        "Consul agent token not in Key Vault within {0:?} (the Consul tier's bootstrap creates it)"
+    )]
+    NoAgentToken(Duration),
     #[error("cluster material in Key Vault is unusable: {0}")]
     Invalid(String),
 }
@@ -93,34 +143,51 @@ async fn set(
 
 async fn read_all(
     az: &Azure,
-    vault: &str,
+    vaults: &Vaults,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<Option<ClusterMaterial>, AzureError> {
-    let [cert, key, consul, nomad] = names(cluster);
-    // The CA key is written first and the Nomad key last: a reader that sees the last one sees them all.
-    let Some(nomad) = get(az, vault, &nomad, policy).await? else {
+    let n = names(cluster);
+    let shared = vaults.shared.as_str();
+    // The CA certificate is written last: a reader that sees it sees them all.
+    let Some(cert) = get(az, shared, &n.ca_cert, policy).await? else {
         return Ok(None);
     };
-    let (Some(cert), Some(key), Some(consul)) = (
-        get(az, vault, &cert, policy).await?,
-        get(az, vault, &key, policy).await?,
-        get(az, vault, &consul, policy).await?,
-    ) else {
+    let Some(consul) = get(az, shared, &n.consul_gossip_key, policy).await? else {
         return Ok(None);
+    };
+    let nomad_client = match (
+        get(az, shared, &n.nomad_client_cert, policy).await?,
+        get(az, shared, &n.nomad_client_key, policy).await?,
+    ) {
+        (Some(c), Some(k)) => Some((c.to_string(), k)),
+        _ => None,
+    };
+    let (ca_key, nomad_gossip_key) = match &vaults.servers {
+        Some(servers) => {
+            let (Some(key), Some(nomad)) = (
+                get(az, servers, &n.ca_key, policy).await?,
+                get(az, servers, &n.nomad_gossip_key, policy).await?,
+            ) else {
+                return Ok(None);
+            };
+            (Some(key), Some(nomad))
+        }
+        None => (None, None),
     };
     let token = get(
         az,
-        vault,
+        shared,
         &crate::bootstrap::consul_tokens::agent_token_secret(cluster),
         policy,
     )
     .await?;
     Ok(Some(ClusterMaterial {
         ca_cert: cert.to_string(),
-        ca_key: key,
+        ca_key,
         consul_gossip_key: consul,
-        nomad_gossip_key: nomad,
+        nomad_gossip_key,
+        nomad_client,
         consul_agent_token: token,
     }))
 }
@@ -135,28 +202,70 @@ fn gossip_key() -> Zeroizing<String> {
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_or_create(
     az: &Azure,
-    vault: &str,
+    vaults: &Vaults,
+    blob_endpoint: Option<&str>,
+    cluster: &str,
+    may_create: bool,
+    need_agent_token: bool,
+    lease_secs: i32,
+    policy: RetryPolicy,
+    deadline: Duration,
+) -> Result<ClusterMaterial, MaterialError> {
+    let start = Instant::now();
+    let mut m = fetch_or_create_inner(
+        az,
+        vaults,
+        blob_endpoint,
+        cluster,
+        may_create,
+        lease_secs,
+        policy,
+        deadline,
+        start,
+    )
+    .await?;
+    if need_agent_token && m.consul_agent_token.is_none() {
+        let name = crate::bootstrap::consul_tokens::agent_token_secret(cluster);
+        tracing::info!(cluster, "waiting for the Consul agent token in Key Vault");
+        loop {
+            if let Some(t) = get(az, &vaults.shared, &name, policy).await? {
+                m.consul_agent_token = Some(t);
+                break;
+            }
+            if start.elapsed() > deadline {
+                return Err(MaterialError::NoAgentToken(deadline));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    Ok(m)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_or_create_inner(
+    az: &Azure,
+    vaults: &Vaults,
     blob_endpoint: Option<&str>,
     cluster: &str,
     may_create: bool,
     lease_secs: i32,
     policy: RetryPolicy,
     deadline: Duration,
+    start: Instant,
 ) -> Result<ClusterMaterial, MaterialError> {
-    let start = Instant::now();
     let mut announced = false;
     loop {
-        if let Some(m) = read_all(az, vault, cluster, policy).await? {
+        if let Some(m) = read_all(az, vaults, cluster, policy).await? {
             return Ok(m);
         }
-        if let (true, Some(blob)) = (may_create, blob_endpoint) {
+        if let (true, Some(blob), Some(servers)) = (may_create, blob_endpoint, &vaults.servers) {
             if let Some(lead) =
                 election::try_acquire(az, blob, cluster, "material", policy, lease_secs).await?
             {
                 // Re-check under the lease: the previous holder may have just finished.
-                let r = match read_all(az, vault, cluster, policy).await {
+                let r = match read_all(az, vaults, cluster, policy).await {
                     Ok(Some(m)) => Ok(m),
-                    Ok(None) => create(az, vault, cluster, policy).await,
+                    Ok(None) => create(az, &vaults.shared, servers, cluster, policy).await,
                     Err(e) => Err(e.into()),
                 };
                 lead.release().await;
@@ -176,7 +285,8 @@ pub async fn fetch_or_create(
 
 async fn create(
     az: &Azure,
-    vault: &str,
+    shared: &str,
+    servers: &str,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<ClusterMaterial, MaterialError> {
@@ -184,24 +294,50 @@ async fn create(
     let (ca_cert, ca_key) =
         crate::tls::generate_ca(&format!("hashistack {cluster} cluster CA"), 3650, now)
             .map_err(|e| MaterialError::Invalid(e.to_string()))?;
+    let ca = crate::tls::ClusterCa::from_pem(&ca_cert, &ca_key)
+        .map_err(|e| MaterialError::Invalid(e.to_string()))?;
+    let sans: Vec<String> = NOMAD_CLIENT_SANS.iter().map(|s| s.to_string()).collect();
+    let client = ca
+        .issue("client.global.nomad", &sans, NOMAD_CLIENT_CERT_DAYS, now)
+        .map_err(|e| MaterialError::Invalid(e.to_string()))?;
     let m = ClusterMaterial {
         ca_cert,
-        ca_key: Zeroizing::new(ca_key),
+        ca_key: Some(Zeroizing::new(ca_key)),
         consul_gossip_key: gossip_key(),
-        nomad_gossip_key: gossip_key(),
+        nomad_gossip_key: Some(gossip_key()),
+        nomad_client: Some((client.cert_pem, Zeroizing::new(client.key_pem))),
         consul_agent_token: None,
     };
-    let [cert, key, consul, nomad] = names(cluster);
-    set(az, vault, &key, &m.ca_key, policy).await?;
-    set(az, vault, &cert, &m.ca_cert, policy).await?;
-    set(az, vault, &consul, &m.consul_gossip_key, policy).await?;
-    set(az, vault, &nomad, &m.nomad_gossip_key, policy).await?;
+    let n = names(cluster);
+    let (Some(ca_key), Some(nomad), Some((client_cert, client_key))) =
+        (&m.ca_key, &m.nomad_gossip_key, &m.nomad_client)
+    else {
+        unreachable!("just built");
+    };
+    // Server-only secrets first, the shared CA certificate last (the readers' sentinel).
+    set(az, servers, &n.ca_key, ca_key, policy).await?;
+    set(az, servers, &n.nomad_gossip_key, nomad, policy).await?;
+    set(az, shared, &n.nomad_client_key, client_key, policy).await?;
+    set(az, shared, &n.nomad_client_cert, client_cert, policy).await?;
+    set(
+        az,
+        shared,
+        &n.consul_gossip_key,
+        &m.consul_gossip_key,
+        policy,
+    )
+    .await?;
+    set(az, shared, &n.ca_cert, &m.ca_cert, policy).await?;
     tracing::info!(
         cluster,
-        "created the cluster CA and gossip keys in Key Vault"
+        "created the cluster CA, the gossip keys and the Nomad client certificate in Key Vault"
     );
     Ok(m)
 }
+
+/// Lifetime of the shared Nomad client certificate (re-issued by rotating the cluster material; see
+/// docs/runbooks.md).
+pub const NOMAD_CLIENT_CERT_DAYS: u32 = 825;
 
 /// Writes one secret to the shared vault (tokens handed from the bootstrap leader to other nodes).
 pub async fn put_secret(

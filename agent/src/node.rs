@@ -22,6 +22,8 @@ pub const TAG_IDENTITY_CLIENT_ID: &str = "hashistack-identity-client-id";
 pub const TAG_BLOB_ENDPOINT: &str = "hashistack-blob-endpoint";
 pub const TAG_KEYVAULT_URI: &str = "hashistack-keyvault-uri";
 pub const TAG_ESCROW_VAULT_URI: &str = "hashistack-escrow-vault-uri";
+pub const TAG_SERVERS_VAULT_URI: &str = "hashistack-servers-vault-uri";
+pub const TAG_STATUS_VAULT_URI: &str = "hashistack-status-vault-uri";
 
 const KNOWN_TAGS: &[&str] = &[
     TAG_ROLE,
@@ -39,6 +41,8 @@ const KNOWN_TAGS: &[&str] = &[
     TAG_BLOB_ENDPOINT,
     TAG_KEYVAULT_URI,
     TAG_ESCROW_VAULT_URI,
+    TAG_SERVERS_VAULT_URI,
+    TAG_STATUS_VAULT_URI,
 ];
 
 #[derive(
@@ -150,8 +154,14 @@ pub struct NodeSpec {
     pub nomad: Option<NomadSettings>,
     pub identity_client_id: Option<String>,
     pub blob_endpoint: Option<String>,
+    /// The shared vault every cluster identity reads: CA certificate, Consul gossip key and agent token,
+    /// the Nomad client certificate.
     pub keyvault_uri: Option<String>,
     pub escrow_vault_uri: Option<String>,
+    /// Server tiers only: the vault with the CA key and the Nomad gossip key (no worker or jumpbox reads it).
+    pub servers_vault_uri: Option<String>,
+    /// Server tiers (write) and the jumpbox (read): the read-only status tokens.
+    pub status_vault_uri: Option<String>,
 }
 
 /// One problem with the node's metadata, naming the tag or field.
@@ -481,6 +491,14 @@ impl NodeSpec {
             parse_guid(TAG_TENANT_ID, t)?;
         }
         let url = |t: &str| tags.optional(t).map(|v| parse_https_url(t, v)).transpose();
+        // Secrets are split by who may read them (docs/trust-model.md): a tag naming a vault this role has no
+        // business with is a mis-tagged tier, refused before anything is read.
+        if !role.is_server_tier() {
+            tags.forbid(TAG_SERVERS_VAULT_URI, role)?;
+        }
+        if role == Role::Worker {
+            tags.forbid(TAG_STATUS_VAULT_URI, role)?;
+        }
 
         Ok(NodeSpec {
             role,
@@ -502,6 +520,8 @@ impl NodeSpec {
             blob_endpoint: url(TAG_BLOB_ENDPOINT)?,
             keyvault_uri: url(TAG_KEYVAULT_URI)?,
             escrow_vault_uri: url(TAG_ESCROW_VAULT_URI)?,
+            servers_vault_uri: url(TAG_SERVERS_VAULT_URI)?,
+            status_vault_uri: url(TAG_STATUS_VAULT_URI)?,
         })
     }
 

@@ -33,6 +33,10 @@ pub enum TlsError {
     BadCaKey,
     #[error("cannot issue certificate: {0}")]
     Issue(String),
+    #[error("certificate is not a usable PEM certificate")]
+    BadCert,
+    #[error("certificate key is not a usable PEM private key")]
+    BadKey,
 }
 
 /// What a node certificate was issued for (stored beside it; contains nothing secret).
@@ -71,6 +75,11 @@ impl ClusterCa {
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The CA key in PEM, for the one consumer that must hold it: Consul's built-in CA on Consul servers.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     pub fn fingerprint(&self) -> String {
@@ -121,6 +130,50 @@ impl ClusterCa {
             },
         })
     }
+}
+
+/// A certificate this node did not issue (the shared Nomad client certificate, handed over with the cluster
+/// material): checks that both PEMs parse and records what the certificate says it is for.
+pub fn adopt(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<NodeCert, TlsError> {
+    KeyPair::from_pem(key_pem).map_err(|_| TlsError::BadKey)?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|_| TlsError::BadCert)?;
+    let cert = pem.parse_x509().map_err(|_| TlsError::BadCert)?;
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => sans.push(
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).expect("4 bytes"))
+                            .to_string(),
+                    ),
+                    16 => sans.push(
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).expect("16 bytes"))
+                            .to_string(),
+                    ),
+                    _ => return Err(TlsError::BadCert),
+                },
+                _ => {}
+            }
+        }
+    }
+    let validity = cert.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    Ok(NodeCert {
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        issued_for: IssuedFor {
+            ca_sha256: hex::encode(Sha256::digest(ca_pem.as_bytes())),
+            sans,
+            not_before,
+            not_after,
+        },
+    })
 }
 
 /// Whether an existing certificate may be kept: same CA, same names, and over a third of its life left.

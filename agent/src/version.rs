@@ -74,6 +74,14 @@ pub struct Installed {
     pub version: Version,
 }
 
+impl Installed {
+    /// OpenBao (a fork of HashiCorp Vault) speaks Vault's API but differs in configuration: the distribution
+    /// word `bao version` prints ("OpenBao v2.7.2 …") tells them apart; `vault version` prints "Vault".
+    pub fn is_openbao(&self) -> bool {
+        self.distribution == "OpenBao"
+    }
+}
+
 /// Newest releases this agent knows the syntax of; used when rendering offline without a binary.
 pub fn assumed_current(p: Product) -> Installed {
     let (distribution, version) = match p {
@@ -175,12 +183,14 @@ mod tests {
             (b.distribution.as_str(), b.version),
             ("OpenBao", Version::new(2, 7, 2))
         );
+        assert!(b.is_openbao());
         let v = parse_version_output(
             Product::Vault,
             "Vault v1.18.3 (7ae4eca5403bf574f142cd8f987b8d83bafcd1de), built 2024-12-16T14:00:53Z",
         )
         .unwrap();
         assert_eq!(v.version, Version::new(1, 18, 3));
+        assert!(!v.is_openbao());
         let n = parse_version_output(
             Product::Nomad,
             "Nomad v1.9.5\nBuildDate 2025-01-14T18:35:12Z\n",

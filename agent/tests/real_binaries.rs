@@ -9,7 +9,7 @@ use common::{
     agent_config, imds_fixture, render_with_material, require_tool, run_agent, set_ip, set_tag,
     text, versions, ROLE_FIXTURES,
 };
-use hashistack_agent::render::Layout;
+use hashistack_agent::render::{vault, Layout};
 use hashistack_agent::services::health::{client_for, probe, Probe};
 use hashistack_agent::services::{read_env_file, Health};
 use hashistack_agent::version::{self, Installed, Product, Version};
@@ -103,7 +103,23 @@ fn consul_validate_accepts_every_render_with_material() {
         );
         let cdir = root.path().join("etc/consul.d");
         assert!(cdir.join("gossip.json").is_file(), "{fixture}");
-        assert!(cdir.join("tls/consul-key.pem").is_file(), "{fixture}");
+        // Workers and the jumpbox get their certificate from the servers (auto_encrypt): no key on disk.
+        let auto = hashistack_agent::render::consul::uses_auto_encrypt(
+            hashistack_agent::node::NodeSpec::from_metadata(
+                &hashistack_agent::imds::InstanceMetadata::from_json(
+                    &serde_json::to_vec(&imds_fixture(fixture)).unwrap(),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+            .role,
+        );
+        assert_eq!(
+            cdir.join("tls/consul-key.pem").is_file(),
+            !auto,
+            "{fixture}"
+        );
+        assert!(cdir.join("tls/ca.pem").is_file(), "{fixture}");
         let (ok, said) = consul_validate(&bin, &cdir);
         assert!(
             ok,
@@ -378,6 +394,102 @@ async fn bao_serves_from_the_rendered_transit_config() {
         installed.distribution,
         installed.version
     );
+
+    // The declared audit device (OpenBao >= 2.4): mounted by the server itself once it is initialized and
+    // unsealed, writing where vault.service may write, with no API call.
+    if vault::declares_audit_devices(&installed) {
+        let api = format!("https://{}:8200", spec.ip);
+        let http = client_for(&ca, Duration::from_secs(120)).unwrap();
+        let init: Value = http
+            .put(format!("{api}/v1/sys/init"))
+            .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let root_token = init["root_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("init answered without a root token; log:\n{}", server.log()))
+            .to_string();
+        wait_until("auto-unseal after init", &mut server, || {
+            let h = health.clone();
+            async move {
+                match probe(&h, Duration::from_secs(2)).await {
+                    Probe::Vault {
+                        initialized: true,
+                        sealed: false,
+                    } => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        let list: Value = http
+            .get(format!("{api}/v1/sys/audit"))
+            .header("X-Vault-Token", &root_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let file = vault::audit_file(&layout);
+        assert_eq!(list["data"]["file/"]["type"], "file", "{list}");
+        assert_eq!(
+            list["data"]["file/"]["options"]["file_path"],
+            file.display().to_string(),
+            "{list}"
+        );
+        let lines = |f: &Path| -> Vec<Value> {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))
+                })
+                .collect()
+        };
+        let before = lines(&file);
+        assert!(
+            !before.is_empty(),
+            "{} has audit lines after the listing",
+            file.display()
+        );
+        let r = http
+            .get(format!("{api}/v1/auth/token/lookup-self"))
+            .header("X-Vault-Token", &root_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let after = lines(&file);
+        assert!(
+            after.len() >= before.len() + 2,
+            "a request and its response are logged: {} -> {} lines",
+            before.len(),
+            after.len()
+        );
+        assert!(after
+            .iter()
+            .any(|l| l["type"] == "response" && l["request"]["path"] == "auth/token/lookup-self"));
+        let raw = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !raw.contains(&root_token),
+            "the root token is HMAC'd in the audit log"
+        );
+        eprintln!(
+            "declared audit device file/ active: {} lines in {}",
+            after.len(),
+            file.display()
+        );
+    } else {
+        eprintln!(
+            "{} {} declares no audit devices: audit checks skipped",
+            installed.distribution, installed.version
+        );
+    }
     drop(server);
     drop(transit);
 }

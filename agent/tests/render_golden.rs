@@ -186,19 +186,30 @@ fn role_products_and_version_syntax() {
         .unwrap();
         let server = fixture == "consul-server";
         assert_eq!(c["server"], server, "{case}");
+        // Nodes that never hold the CA key take their Consul certificate over auto_encrypt.
+        let auto = matches!(fixture, "worker" | "jumpbox");
+        assert_eq!(c["auto_encrypt"]["tls"] == true, auto, "{case}");
+        assert_eq!(c["auto_encrypt"]["allow_tls"] == true, server, "{case}");
+        assert_eq!(c["connect"]["enabled"] == true, server, "{case}");
+        let has_cert =
+            c.get("cert_file").is_some() || c["tls"]["defaults"].get("cert_file").is_some();
+        assert_eq!(
+            has_cert, !auto,
+            "{case}: certificate files only where the CA issues them"
+        );
         assert_eq!(c["acl"]["default_policy"], "deny", "{case}");
         assert_eq!(c["ports"]["http"], -1, "{case}: plain HTTP off");
         assert_eq!(c["performance"]["raft_multiplier"], 1, "{case}");
         assert_eq!(c["encrypt_verify_incoming"], true, "{case}");
         if consul == "1.8.7" {
             assert!(c.get("tls").is_none(), "{case}: no tls block before 1.12");
-            assert_eq!(c["verify_incoming_rpc"], true, "{case}");
+            assert_eq!(c["verify_incoming_rpc"], !auto, "{case}");
             assert_eq!(c["verify_server_hostname"], true, "{case}");
             assert!(c["ports"].get("grpc_tls").is_none(), "{case}");
             assert!(c.get("ui_config").is_none(), "{case}");
         } else {
             assert!(c.get("verify_incoming_rpc").is_none(), "{case}");
-            assert_eq!(c["tls"]["defaults"]["verify_incoming"], true, "{case}");
+            assert_eq!(c["tls"]["defaults"]["verify_incoming"], !auto, "{case}");
             assert_eq!(
                 c["tls"]["internal_rpc"]["verify_server_hostname"], true,
                 "{case}"
@@ -333,9 +344,26 @@ fn rerender_with_material_keeps_certificates_and_touches_nothing() {
         let vs = common::versions(None, None);
         let (spec, first) = common::render_with_material(&common::imds_fixture(fixture), &cfg, &vs);
         let before = files(root.path());
-        assert!(
+        // The jumpbox holds no private key at all: its Consul certificate comes over auto_encrypt.
+        assert_eq!(
             before.keys().any(|k| k.ends_with("-key.pem")),
+            fixture != "jumpbox",
             "{fixture}: keys written"
+        );
+        // The CA key reaches the disk of Consul servers only (their built-in Connect CA signs auto-encrypt
+        // certificates with it); no other role writes it anywhere.
+        let ca_key = std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap();
+        let body: String = ca_key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let holders: Vec<&String> = before
+            .iter()
+            // PEM lines joined, whether written raw or as a JSON string (`\n` escapes).
+            .filter(|(_, c)| text(c).replace("\\n", "").replace('\n', "").contains(&body))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            !holders.is_empty(),
+            fixture == "consul-server",
+            "{fixture}: CA key in {holders:?}"
         );
         for f in &first.files {
             if f.secret {

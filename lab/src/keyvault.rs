@@ -71,6 +71,10 @@ pub const API_VERSIONS: &[&str] = &[
 /// Lab vault names (cf. the ARM template's `kvs-…` and `kve-…` vaults).
 pub const SHARED_VAULT: &str = "shared";
 pub const ESCROW_VAULT: &str = "escrow";
+/// Server tiers only: the CA key and the Nomad gossip key (ARM `kvc-…`).
+pub const SERVERS_VAULT: &str = "servers";
+/// Status tokens: server tiers write, only the jumpbox reads (ARM `kvj-…`).
+pub const STATUS_VAULT: &str = "status";
 /// The escrow key-encryption key, created by ARM (`escrowKeyName`) and here by [`KeyVaultDouble::model_arm`].
 pub const ESCROW_KEY: &str = "escrow-wrap";
 
@@ -96,6 +100,8 @@ pub mod roles {
     pub const ADMINISTRATOR: &[&str] = &["Microsoft.KeyVault/vaults/*"];
     /// Custom roles of arm-templates/azuredeploy.json.
     pub const ESCROW_SECRET_WRITER: &[&str] = &[SECRETS_SET];
+    /// The same write-only data action, assigned on the status vault (ARM: the escrow writer role).
+    pub const SECRET_WRITER: &[&str] = &[SECRETS_SET];
     pub const ESCROW_KEY_WRAPPER: &[&str] = &[KEYS_WRAP];
     pub const ESCROW_KEY_UNWRAPPER: &[&str] = &[KEYS_UNWRAP];
     pub const CLUSTER_MATERIAL_WRITER: &[&str] = &[SECRETS_GET, SECRETS_SET];
@@ -385,14 +391,14 @@ impl KeyVaultDouble {
         Ok(KeyVaultDouble { vaults })
     }
 
-    /// The lab's two vaults on `host`: `shared` (cluster material) on `shared_port` and `escrow` on
-    /// `escrow_port`, persisted under `persist_dir` when given.
+    /// The lab's four vaults on `host`: `shared` (cluster material every node reads) on `base_port`, `escrow`
+    /// on the next port, `servers` (CA key, Nomad gossip key) on the one after, and `status` (status tokens)
+    /// after that; persisted under `persist_dir` when given.
     pub async fn start_lab(
         cert_chain_pem: &str,
         key_pem: &str,
         host: std::net::Ipv4Addr,
-        shared_port: u16,
-        escrow_port: u16,
+        base_port: u16,
         persist_dir: Option<&Path>,
     ) -> Result<KeyVaultDouble, KeyVaultError> {
         if let Some(d) = persist_dir {
@@ -407,8 +413,10 @@ impl KeyVaultDouble {
             cert_chain_pem,
             key_pem,
             &[
-                spec(SHARED_VAULT, shared_port),
-                spec(ESCROW_VAULT, escrow_port),
+                spec(SHARED_VAULT, base_port),
+                spec(ESCROW_VAULT, base_port + 1),
+                spec(SERVERS_VAULT, base_port + 2),
+                spec(STATUS_VAULT, base_port + 3),
             ],
         )
         .await
@@ -429,16 +437,21 @@ impl KeyVaultDouble {
             .grant(principal, actions, scope);
     }
 
-    /// The ARM template's Key Vault role assignments and escrow key, for the lab's `shared` and `escrow`
-    /// vaults: server identities (Consul, Vault, Nomad) read and write cluster material, write escrow
-    /// secrets and wrap with the escrow key; workers and the jumpbox read cluster material; the operator
-    /// reads escrow secrets and unwraps. (The unseal vault is not modelled: the lab unseals with transit.)
+    /// The ARM template's Key Vault role assignments and escrow key, for the lab's vaults: server
+    /// identities (Consul, Vault, Nomad) read and write cluster material (`shared` and `servers`), write
+    /// status tokens (`status`) and escrow secrets, and wrap with the escrow key; workers and the jumpbox read
+    /// the `shared` vault only; the jumpbox alone reads `status`; the operator reads escrow secrets and
+    /// unwraps. (The unseal vault is not modelled: the lab unseals with transit.)
     pub fn model_arm(&self) -> Result<(), KeyVaultError> {
         use principals::*;
-        let (Some(shared), Some(escrow)) = (self.vault(SHARED_VAULT), self.vault(ESCROW_VAULT))
-        else {
+        let (Some(shared), Some(escrow), Some(servers), Some(status)) = (
+            self.vault(SHARED_VAULT),
+            self.vault(ESCROW_VAULT),
+            self.vault(SERVERS_VAULT),
+            self.vault(STATUS_VAULT),
+        ) else {
             return Err(KeyVaultError::Bad(
-                "model_arm needs the shared and escrow vaults".into(),
+                "model_arm needs the shared, escrow, servers and status vaults".into(),
             ));
         };
         if escrow.key_versions(ESCROW_KEY).is_empty() {
@@ -446,12 +459,15 @@ impl KeyVaultDouble {
         }
         for p in [CONSUL, VAULT, NOMAD] {
             shared.grant(p, roles::CLUSTER_MATERIAL_WRITER, Scope::Vault);
+            servers.grant(p, roles::CLUSTER_MATERIAL_WRITER, Scope::Vault);
+            status.grant(p, roles::SECRET_WRITER, Scope::Vault);
             escrow.grant(p, roles::ESCROW_SECRET_WRITER, Scope::Vault);
             escrow.grant(p, roles::ESCROW_KEY_WRAPPER, Scope::Key(ESCROW_KEY.into()));
         }
         for p in [WORKERS, JUMPBOX] {
             shared.grant(p, roles::SECRETS_USER, Scope::Vault);
         }
+        status.grant(JUMPBOX, roles::SECRETS_USER, Scope::Vault);
         escrow.grant(OPERATOR, roles::SECRETS_USER, Scope::Vault);
         escrow.grant(
             OPERATOR,

@@ -19,9 +19,12 @@ use std::time::{Duration, Instant};
 
 pub const IMDS_PORT: u16 = 16925;
 pub const AZURITE_PORT: u16 = 10000;
-/// The Key Vault double's `shared` vault (cluster material); the `escrow` vault listens on the next port.
+/// The Key Vault double's `shared` vault (cluster material every node reads); `escrow`, `servers` (CA key,
+/// Nomad gossip key) and `status` (status tokens) listen on the next ports.
 pub const KEYVAULT_PORT: u16 = 8443;
 pub const KEYVAULT_ESCROW_PORT: u16 = 8444;
+pub const KEYVAULT_SERVERS_PORT: u16 = 8445;
+pub const KEYVAULT_STATUS_PORT: u16 = 8446;
 pub const TRANSIT_PORT: u16 = 8200;
 
 #[derive(Debug, Clone)]
@@ -36,6 +39,9 @@ pub struct LabOptions {
     /// Nomad servers (scale set `hs-nomad`, 127.<net>.0.31+). `hashistack-lab up` starts 3; the default
     /// here is 0 so suites that predate the Nomad tier keep their node set.
     pub nomad_servers: u8,
+    /// Workers (scale set `hs-workers`, 127.<net>.0.41+): a Consul client (auto-encrypt) and a Nomad client.
+    /// Default 0; `hashistack-lab up` starts 2.
+    pub workers: u8,
     /// The `nomad` the agents run; `None`: the Nomad contract double (`<state_dir>/bin/nomad`).
     pub nomad_bin: Option<PathBuf>,
     /// Add the jumpbox (127.<net>.0.5, role `jumpbox`, its own identity), where `hashistack-agent status` runs.
@@ -60,6 +66,7 @@ impl LabOptions {
             consul_servers: 3,
             vault_servers: 3,
             nomad_servers: 0,
+            workers: 0,
             nomad_bin: None,
             jumpbox: None,
             keep: false,
@@ -168,6 +175,20 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
             ),
         ]
     };
+    let server_vaults = |t: &mut Vec<(String, String)>| {
+        t.push((
+            tags::TAG_ESCROW_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
+        ));
+        t.push((
+            tags::TAG_SERVERS_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_SERVERS_PORT}/", o.ip(1)),
+        ));
+        t.push((
+            tags::TAG_STATUS_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_STATUS_PORT}/", o.ip(1)),
+        ));
+    };
     let mut defs = Vec::new();
     for (i, ip) in consul_ips.iter().enumerate() {
         let mut t = common(Role::ConsulServer);
@@ -175,10 +196,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
             tags::TAG_CONSUL_SERVERS.into(),
             o.consul_servers.to_string(),
         ));
-        t.push((
-            tags::TAG_ESCROW_VAULT_URI.into(),
-            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
-        ));
+        server_vaults(&mut t);
         defs.push(NodeDef {
             name: format!("consul-{i}"),
             role: Role::ConsulServer,
@@ -198,10 +216,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
                 o.ip(2)
             ),
         ));
-        t.push((
-            tags::TAG_ESCROW_VAULT_URI.into(),
-            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
-        ));
+        server_vaults(&mut t);
         defs.push(NodeDef {
             name: format!("vault-{i}"),
             role: Role::VaultServer,
@@ -215,10 +230,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
         let mut t = common(Role::NomadServer);
         t.push((tags::TAG_NOMAD_JOIN.into(), list(&nomad_ips)));
         t.push((tags::TAG_NOMAD_SERVERS.into(), o.nomad_servers.to_string()));
-        t.push((
-            tags::TAG_ESCROW_VAULT_URI.into(),
-            format!("https://{}:{KEYVAULT_ESCROW_PORT}/", o.ip(1)),
-        ));
+        server_vaults(&mut t);
         defs.push(NodeDef {
             name: format!("nomad-{i}"),
             role: Role::NomadServer,
@@ -227,14 +239,31 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
             tags: t,
         });
     }
+    // Workers: no servers vault, no status vault, no escrow vault (cf. the ARM template's hs-workers tags).
+    for i in 0..o.workers {
+        let mut t = common(Role::Worker);
+        t.push((tags::TAG_NOMAD_JOIN.into(), list(&nomad_ips)));
+        defs.push(NodeDef {
+            name: format!("worker-{i}"),
+            role: Role::Worker,
+            ip: o.ip(41 + i),
+            scale_set: "hs-workers".into(),
+            tags: t,
+        });
+    }
     // The operators' jumpbox (a VM, not a scale set): a Consul client, and where `hashistack-agent status` runs.
     if o.jumpbox.unwrap_or(o.start_agents) {
+        let mut t = common(Role::Jumpbox);
+        t.push((
+            tags::TAG_STATUS_VAULT_URI.into(),
+            format!("https://{}:{KEYVAULT_STATUS_PORT}/", o.ip(1)),
+        ));
         defs.push(NodeDef {
             name: "jumpbox".into(),
             role: Role::Jumpbox,
             ip: o.ip(5),
             scale_set: String::new(),
-            tags: common(Role::Jumpbox),
+            tags: t,
         });
     }
     defs
@@ -379,7 +408,7 @@ impl Lab {
         say(
             &o,
             format!(
-                "starting the Key Vault contract double on {host}:{KEYVAULT_PORT} (shared) and {host}:{KEYVAULT_ESCROW_PORT} (escrow)"
+                "starting the Key Vault contract double on {host}:{KEYVAULT_PORT} (shared), {KEYVAULT_ESCROW_PORT} (escrow), {KEYVAULT_SERVERS_PORT} (servers) and {KEYVAULT_STATUS_PORT} (status)"
             ),
         );
         let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(io(p.display().to_string()));
@@ -388,7 +417,6 @@ impl Lab {
             &read(o.state_dir.join("secrets/emulator-key.pem"))?,
             host,
             KEYVAULT_PORT,
-            KEYVAULT_ESCROW_PORT,
             Some(&o.state_dir.join("secrets/keyvault")),
         )
         .await
@@ -552,7 +580,7 @@ impl Lab {
     /// The cluster CA certificate (PEM) as stored in the shared Key Vault, once created.
     pub fn cluster_ca(&self) -> Option<String> {
         let kv = self.keyvault.as_ref()?;
-        let name = hashistack_agent::material::names(&self.opts.cluster)[0].clone();
+        let name = hashistack_agent::material::names(&self.opts.cluster).ca_cert;
         kv.vault(crate::keyvault::SHARED_VAULT)?.secret_value(&name)
     }
 
@@ -889,12 +917,14 @@ impl Lab {
             } else {
                 None
             };
-            let nomad = if n.def.role == Role::NomadServer {
+            let nomad = if matches!(n.def.role, Role::NomadServer | Role::Worker) {
                 Some(
                     health::probe(
                         &hashistack_agent::services::Health::NomadHttps {
                             addr: format!("{}:4646", n.def.ip),
                             ca_file: n.root.join("etc/nomad.d/tls/ca.pem"),
+                            tls_name: (n.def.role == Role::Worker)
+                                .then(|| "client.global.nomad".into()),
                         },
                         t,
                     )

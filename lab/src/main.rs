@@ -43,6 +43,9 @@ enum Command {
         nomad_servers: u8,
         #[arg(long)]
         nomad_bin: Option<PathBuf>,
+        /// Workers (scale set hs-workers): a Consul client and a Nomad client each; they never hold the CA key.
+        #[arg(long, default_value_t = 2)]
+        workers: u8,
         /// Keep the state directory after shutdown.
         #[arg(long)]
         keep: bool,
@@ -131,6 +134,7 @@ async fn main() -> ExitCode {
             vault_servers,
             nomad_servers,
             nomad_bin,
+            workers,
             keep,
             exit_when_healthy,
             timeout,
@@ -146,6 +150,7 @@ async fn main() -> ExitCode {
             opts.consul_servers = consul_servers;
             opts.vault_servers = vault_servers;
             (opts.nomad_servers, opts.nomad_bin) = (nomad_servers, nomad_bin);
+            opts.workers = workers;
             opts.keep = keep;
             opts.verbose = true;
             let started = Instant::now();

@@ -1,19 +1,92 @@
-//! Consul ACL bootstrap. Consul 1.8 (the lab) has no caller-chosen `BootstrapSecret`, so the token is
-//! escrowed right after `PUT /v1/acl/bootstrap` returns it; "legacy mode" and "no leader" answers are
-//! retried, "ACL bootstrap no longer allowed (reset index: N)" is final.
+//! Consul ACL bootstrap (`PUT /v1/acl/bootstrap`), on one of two paths decided by the Consul version
+//! ([`BootstrapPath::for_version`]):
+//!
+//! - **Consul ≥ 1.15.0** takes a caller-chosen `BootstrapSecret`: the agent generates it (a random UUID, kept
+//!   zeroizing), the protocol escrows it to both targets ([`Tier::pre_secret`]) and only then is it sent.
+//!   With the secret known, the call is idempotent: "ACL bootstrap no longer allowed" is checked with
+//!   `GET /v1/acl/token/self` and our secret, and success means our own earlier attempt landed.
+//! - **Older Consul** (the lab's 1.8.7) generates the token itself: bootstrap and escrow at once (the token
+//!   is spooled and escrowed right after the call returns it).
+//!
+//! "The ACL system is currently in legacy mode." (a few seconds after a 1.x leader election), "No cluster
+//! leader", 429 and 5xx are retried; "ACL bootstrap no longer allowed (reset index: N)" is final unless the
+//! token is ours; "Invalid bootstrap reset index", "ACL support disabled", a rejected secret and other 4xx
+//! are final.
 
 use super::{Tier, TierFailure};
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
+use crate::version::Version;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// First Consul release whose `PUT /v1/acl/bootstrap` takes a caller-chosen `BootstrapSecret`: 1.15.0.
+/// Source: hashicorp/consul CHANGELOG.md, "## 1.15.0 (February 23, 2023)", IMPROVEMENTS: "acl: Added option
+/// to allow for an operator-generated bootstrap token to be passed to the `acl bootstrap` command.
+/// [GH-14437]" (hashicorp/consul#14437, which added `BootstrapSecret` to the request body of the HTTP API).
+pub const BOOTSTRAP_SECRET_SINCE: Version = Version::new(1, 15, 0);
+
+/// How long the bootstrap call keeps retrying retryable answers.
+const BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(120);
+/// How long `token/self` (is the token ours?) may take through retryable answers.
+const CHECK_DEADLINE: Duration = Duration::from_secs(30);
+/// Between retryable answers: Consul leaves legacy mode within seconds of its leader election.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// How the management token comes to be.
+pub enum BootstrapPath {
+    /// Consul ≥ 1.15.0: this `BootstrapSecret` (a UUID generated for this run) is escrowed before use.
+    CallerSecret(Zeroizing<String>),
+    /// Older Consul: the server generates the token; it is escrowed right after the call.
+    ServerGenerated,
+}
+
+impl BootstrapPath {
+    /// Whether a Consul of this version takes a caller-chosen `BootstrapSecret`. Unknown: no (the
+    /// server-generated path works on every version).
+    pub fn takes_caller_secret(version: Option<Version>) -> bool {
+        version.is_some_and(|v| v >= BOOTSTRAP_SECRET_SINCE)
+    }
+
+    /// The path for the Consul version the running server or the installed binary reports; on the
+    /// caller-secret path a fresh secret from the system RNG.
+    pub fn for_version(version: Option<Version>) -> Self {
+        if Self::takes_caller_secret(version) {
+            BootstrapPath::CallerSecret(super::nomad::new_uuid())
+        } else {
+            BootstrapPath::ServerGenerated
+        }
+    }
+
+    fn secret(&self) -> Option<&str> {
+        match self {
+            BootstrapPath::CallerSecret(s) => Some(s.as_str()),
+            BootstrapPath::ServerGenerated => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BootstrapPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootstrapPath::CallerSecret(_) => "CallerSecret(<redacted>)",
+            BootstrapPath::ServerGenerated => "ServerGenerated",
+        })
+    }
+}
 
 pub struct ConsulTier {
     pub api: String,
     pub ca_file: PathBuf,
     /// The shared cluster-material Key Vault (client, URI), where tokens for other nodes are handed over.
     pub shared: Option<(crate::azure::Azure, String)>,
+    /// The status vault (URI; same client as `shared`): the read-only status token goes there, where only
+    /// the jumpbox may read it. `None`: no status token is created.
+    pub status_vault: Option<String>,
     pub cluster: String,
+    /// Escrow before use (Consul ≥ 1.15.0) or at once: [`BootstrapPath::for_version`].
+    pub path: BootstrapPath,
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -24,6 +97,14 @@ struct BootstrapResponse {
     secret_id: String,
 }
 
+/// The `PUT /v1/acl/bootstrap` body on the caller-secret path.
+#[derive(Serialize)]
+struct BootstrapRequest<'a> {
+    #[serde(rename = "BootstrapSecret")]
+    bootstrap_secret: &'a str,
+}
+
+/// What is escrowed for the Consul tier. Escrowed before use, `accessor_id` is empty (the server chooses it).
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 pub struct ConsulSecrets {
     pub kind: String,
@@ -31,22 +112,231 @@ pub struct ConsulSecrets {
     pub secret_id: String,
 }
 
-/// Classifies an ACL bootstrap answer that is not 200.
-pub fn classify(status: u16, body: &str) -> Result<(), TierFailure> {
-    if body.contains("no longer allowed") {
-        return Err(TierFailure::AlreadyDone(
-            body.trim().chars().take(200).collect(),
-        ));
+/// What a non-200 ACL bootstrap answer means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Legacy mode, no leader yet, 429, 5xx: try again.
+    Retry,
+    /// "ACL bootstrap no longer allowed (reset index: N)": final unless the token is ours.
+    AlreadyDone(String),
+    /// Anything else (ACLs disabled, a bad reset index, a rejected secret, other 4xx): final.
+    Final(String),
+}
+
+/// Classifies an ACL bootstrap answer that is not 200. The text decides before the status: Consul answers
+/// "no longer allowed" with 403, and most RPC errors (legacy mode among them) with 500.
+pub fn classify(status: u16, body: &str) -> Answer {
+    let short: String = body.trim().chars().take(200).collect();
+    if body.contains("ACL bootstrap no longer allowed") {
+        return Answer::AlreadyDone(short);
     }
-    if body.contains("legacy mode") || body.contains("No cluster leader") || status >= 500 {
-        return Ok(()); // retryable
+    if body.contains("Invalid bootstrap reset index")
+        || body.contains("ACL support disabled")
+        || body.to_ascii_lowercase().contains("uuid")
+    {
+        return Answer::Final(format!("ACL bootstrap: HTTP {status}: {short}"));
     }
-    Err(TierFailure::Other(format!("ACL bootstrap: HTTP {status}")))
+    if body.contains("legacy mode")
+        || body.contains("No cluster leader")
+        || status >= 500
+        || status == 429
+    {
+        return Answer::Retry;
+    }
+    Answer::Final(format!("ACL bootstrap: HTTP {status}: {short}"))
+}
+
+/// `text` with every occurrence of `secret` replaced, before any of it reaches an error or a log.
+fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if !s.is_empty() => text.replace(s, "<secret>"),
+        _ => text.to_string(),
+    }
+}
+
+/// An error of one `token/self` check (statuses and transport errors only, never the token).
+#[derive(Debug)]
+struct CheckError(String);
+
+impl std::fmt::Display for CheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TimeoutError for CheckError {
+    fn timeout(after: Duration) -> Self {
+        CheckError(format!("token/self: no answer within {after:?}"))
+    }
 }
 
 impl ConsulTier {
     fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
         crate::services::health::client_for(&self.ca_file, timeout)
+    }
+
+    fn payload(accessor_id: String, secret_id: String) -> Zeroizing<Vec<u8>> {
+        crate::escrow::payload(&ConsulSecrets {
+            kind: "consul-acl-bootstrap".into(),
+            accessor_id,
+            secret_id,
+        })
+    }
+
+    /// Whether `secret` is a valid token (an earlier attempt with it landed): its accessor ID if so.
+    /// `Ok(None)`: Consul does not know it (403 "ACL not found" before 1.15, 404 "Supplied token does not
+    /// exist" from 1.15). Retryable answers are retried until `deadline`; then the question stays open (`Err`).
+    async fn own_token(
+        &self,
+        c: &reqwest::Client,
+        secret: &str,
+        deadline: Duration,
+    ) -> Result<Option<String>, String> {
+        let url = format!("{}/v1/acl/token/self", self.api);
+        let policy = RetryPolicy {
+            deadline,
+            attempt_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(2),
+        };
+        retry(policy, |_| {
+            let req = c.get(&url).header("X-Consul-Token", secret).send();
+            async move {
+                let r = match req.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Attempt::Retry(CheckError(format!(
+                            "token/self: {}",
+                            e.without_url()
+                        )))
+                    }
+                };
+                let status = r.status().as_u16();
+                if status == 200 {
+                    return match r.json::<BootstrapResponse>().await {
+                        Ok(t) => {
+                            Attempt::Done((t.secret_id == secret).then(|| t.accessor_id.clone()))
+                        }
+                        Err(_) => {
+                            Attempt::Fail(CheckError("token/self: the answer did not parse".into()))
+                        }
+                    };
+                }
+                let text = r.text().await.unwrap_or_default();
+                if text.contains("ACL not found") || text.contains("does not exist") {
+                    return Attempt::Done(None);
+                }
+                match status {
+                    403 | 404 => Attempt::Done(None),
+                    429 | 500..=599 => {
+                        Attempt::Retry(CheckError(format!("token/self: HTTP {status}")))
+                    }
+                    _ => Attempt::Fail(CheckError(format!("token/self: HTTP {status}"))),
+                }
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            RetryError::Final(e) => e.0,
+            e @ RetryError::Deadline { .. } => e.to_string(),
+        })
+    }
+
+    /// The bootstrap call, retrying retryable answers until `deadline`; `check` bounds the `token/self`
+    /// question after "no longer allowed" on the caller-secret path.
+    async fn bootstrap_within(
+        &self,
+        deadline: Duration,
+        check: Duration,
+    ) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
+        // Generous timeout: on the server-generated path an answer lost after the server made the token
+        // would leave the token nowhere.
+        let c = self.client(deadline).map_err(TierFailure::Other)?;
+        let secret = self.path.secret();
+        let body = secret.map(|s| {
+            Zeroizing::new(
+                serde_json::to_vec(&BootstrapRequest {
+                    bootstrap_secret: s,
+                })
+                .expect("json"),
+            )
+        });
+        let url = format!("{}/v1/acl/bootstrap", self.api);
+        let start = std::time::Instant::now();
+        let mut last = String::from("ACL bootstrap: no answer");
+        while start.elapsed() < deadline {
+            let mut req = c.put(&url);
+            if let Some(b) = &body {
+                req = req
+                    .header("Content-Type", "application/json")
+                    .body(b.to_vec());
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                // With our own secret a lost answer is harmless (the retry finds our token); on the
+                // server-generated path only a request that never reached the server may be sent again.
+                Err(e) if secret.is_some() || e.is_connect() => {
+                    last = format!("ACL bootstrap: {}", e.without_url());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(TierFailure::Other(format!(
+                        "ACL bootstrap: {}",
+                        e.without_url()
+                    )))
+                }
+            };
+            let status = resp.status().as_u16();
+            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            if status == 200 {
+                let parsed: Result<BootstrapResponse, _> = serde_json::from_slice(&bytes);
+                bytes.zeroize();
+                let mut r = parsed.map_err(|_| {
+                    TierFailure::Other("ACL bootstrap response did not parse".into())
+                })?;
+                if secret.is_some_and(|s| r.secret_id != s) {
+                    // A server that ignores BootstrapSecret (an older leader): its own token is escrowed
+                    // right after this call, as on the server-generated path.
+                    tracing::warn!(
+                        "Consul did not use the escrowed BootstrapSecret; escrowing the token it generated"
+                    );
+                }
+                return Ok(Self::payload(
+                    std::mem::take(&mut r.accessor_id),
+                    std::mem::take(&mut r.secret_id),
+                ));
+            }
+            let text = redact(&String::from_utf8_lossy(&bytes), secret);
+            bytes.zeroize();
+            match classify(status, &text) {
+                Answer::Retry => last = format!("ACL bootstrap: HTTP {status}"),
+                Answer::AlreadyDone(detail) => {
+                    let Some(s) = secret else {
+                        return Err(TierFailure::AlreadyDone(detail));
+                    };
+                    return match self.own_token(&c, s, check).await {
+                        Ok(Some(accessor)) => {
+                            tracing::info!(
+                                "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
+                            );
+                            Ok(Self::payload(accessor, s.to_string()))
+                        }
+                        Ok(None) => Err(TierFailure::AlreadyDone(detail)),
+                        // Unknown whether our secret was used: not "already done by someone else" (that would
+                        // drop the pointer to our escrow); the next boot asks again.
+                        Err(e) => Err(TierFailure::Other(format!(
+                            "ACL bootstrap already done ({detail}); whether with our escrowed secret is not known yet: {e}"
+                        ))),
+                    };
+                }
+                Answer::Final(message) => return Err(TierFailure::Other(message)),
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+        Err(TierFailure::Other(format!(
+            "{last} (still failing after {deadline:?})"
+        )))
     }
 }
 
@@ -82,49 +372,15 @@ impl Tier for ConsulTier {
         Ok(None)
     }
 
+    fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
+        self.path
+            .secret()
+            .map(|s| Self::payload(String::new(), s.to_string()))
+    }
+
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
-        let c = self
-            .client(Duration::from_secs(120))
-            .map_err(TierFailure::Other)?;
-        let start = std::time::Instant::now();
-        loop {
-            let resp = match c.put(format!("{}/v1/acl/bootstrap", self.api)).send().await {
-                Ok(r) => r,
-                Err(e) if e.is_connect() && start.elapsed() < Duration::from_secs(120) => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(TierFailure::Other(format!(
-                        "ACL bootstrap: {}",
-                        e.without_url()
-                    )))
-                }
-            };
-            let status = resp.status().as_u16();
-            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            if status == 200 {
-                let parsed: Result<BootstrapResponse, _> = serde_json::from_slice(&bytes);
-                bytes.zeroize();
-                let mut r = parsed.map_err(|_| {
-                    TierFailure::Other("ACL bootstrap response did not parse".into())
-                })?;
-                let secrets = ConsulSecrets {
-                    kind: "consul-acl-bootstrap".into(),
-                    accessor_id: std::mem::take(&mut r.accessor_id),
-                    secret_id: std::mem::take(&mut r.secret_id),
-                };
-                return Ok(crate::escrow::payload(&secrets));
-            }
-            let text = String::from_utf8_lossy(&bytes).to_string();
-            classify(status, &text)?;
-            if start.elapsed() > Duration::from_secs(120) {
-                return Err(TierFailure::Other(format!(
-                    "ACL bootstrap: still HTTP {status} after 120s"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.bootstrap_within(BOOTSTRAP_DEADLINE, CHECK_DEADLINE)
+            .await
     }
 
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
@@ -147,13 +403,17 @@ impl Tier for ConsulTier {
             // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
             let status =
                 crate::status::tokens::create_consul(&self.api, &self.ca_file, &management).await?;
-            let shared = (az.clone(), vault.clone());
-            crate::status::tokens::hand_over(
-                &shared,
-                crate::status::tokens::CONSUL_SECRET,
-                &status,
-            )
-            .await?;
+            match &self.status_vault {
+                Some(sv) => {
+                    crate::status::tokens::hand_over(
+                        &(az.clone(), sv.clone()),
+                        crate::status::tokens::CONSUL_SECRET,
+                        &status,
+                    )
+                    .await?
+                }
+                None => tracing::warn!("no hashistack-status-vault-uri tag: the Consul status token was not handed over"),
+            }
         }
         Ok(())
     }
@@ -165,13 +425,479 @@ mod tests {
 
     #[test]
     fn bootstrap_answers_are_classified() {
-        assert!(classify(500, "The ACL system is currently in legacy mode.").is_ok());
-        assert!(classify(500, "No cluster leader").is_ok());
-        assert!(classify(503, "").is_ok());
+        assert_eq!(
+            classify(500, "The ACL system is currently in legacy mode."),
+            Answer::Retry
+        );
+        assert_eq!(classify(500, "No cluster leader"), Answer::Retry);
+        assert_eq!(classify(503, ""), Answer::Retry);
+        assert_eq!(classify(429, ""), Answer::Retry);
         assert!(matches!(
             classify(403, "Permission denied: rpc error making call: ACL bootstrap no longer allowed (reset index: 11)"),
-            Err(TierFailure::AlreadyDone(m)) if m.contains("reset index: 11")
+            Answer::AlreadyDone(m) if m.contains("reset index: 11")
         ));
-        assert!(matches!(classify(400, "bad"), Err(TierFailure::Other(_))));
+        for final_ in [
+            (500, "rpc error making call: Invalid bootstrap reset index (specified 3, reset index: 7)"),
+            (401, "ACL support disabled"),
+            (500, "rpc error making call: uuid string is wrong length"),
+            (400, "bad"),
+            (403, "Permission denied"),
+        ] {
+            assert!(
+                matches!(classify(final_.0, final_.1), Answer::Final(_)),
+                "{final_:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_consul_version_decides_the_path() {
+        let v = |s: &str| Version::parse(s);
+        assert!(
+            !BootstrapPath::takes_caller_secret(None),
+            "unknown: escrow after the call"
+        );
+        assert!(!BootstrapPath::takes_caller_secret(v("1.8.7")), "the lab");
+        assert!(!BootstrapPath::takes_caller_secret(v("1.14.11")));
+        assert!(BootstrapPath::takes_caller_secret(v("1.15.0")));
+        assert!(BootstrapPath::takes_caller_secret(v("1.20.0")));
+        assert!(matches!(
+            BootstrapPath::for_version(v("1.8.7")),
+            BootstrapPath::ServerGenerated
+        ));
+        let path = BootstrapPath::for_version(v("1.20.0"));
+        let secret = path.secret().expect("a caller secret").to_string();
+        assert_eq!(secret.len(), 36);
+        assert_eq!(secret.as_bytes()[14], b'4', "a v4 UUID");
+        assert_eq!(format!("{path:?}"), "CallerSecret(<redacted>)");
+        assert_ne!(
+            BootstrapPath::for_version(v("1.20.0")).secret(),
+            Some(secret.as_str()),
+            "fresh per run"
+        );
+    }
+
+    /// A contract double of Consul's `PUT /v1/acl/bootstrap` and `GET /v1/acl/token/self`, following the
+    /// documented request and response shapes (developer.hashicorp.com/consul/api-docs/acl: optional body
+    /// `{"BootstrapSecret": "<uuid>"}` from 1.15.0; `AccessorID`/`SecretID` in the answer; a second
+    /// bootstrap gets 403 "Permission denied: rpc error making call: ACL bootstrap no longer allowed
+    /// (reset index: N)"; a 1.x leader answers 500 "The ACL system is currently in legacy mode." for a few
+    /// seconds; `token/self` with an unknown token: 403 "ACL not found", 404 from 1.15).
+    mod consul_contract_double {
+        use axum::body::Bytes;
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{get, put};
+        use axum::Router;
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Debug, Clone)]
+        pub struct Token {
+            pub accessor: String,
+            pub secret: String,
+        }
+
+        /// One `PUT /v1/acl/bootstrap` as the double saw it.
+        #[derive(Debug, Clone)]
+        pub struct Call {
+            pub body: String,
+            /// The `BootstrapSecret` it carried, if any.
+            pub secret: Option<String>,
+            /// Whether that secret was already in escrow when the request arrived.
+            pub escrowed_before: bool,
+        }
+
+        #[derive(Default)]
+        pub struct Consul {
+            /// Consul ≥ 1.15.0: honours `BootstrapSecret`; older versions ignore the body.
+            pub takes_secret: bool,
+            /// Answer "legacy mode" (500) to this many bootstrap calls first.
+            pub legacy_mode: u32,
+            /// Then this many plain 500s.
+            pub errors_500: u32,
+            /// Bootstrap, then answer 500 anyway (the answer is lost) this many times.
+            pub lose_answers: u32,
+            /// A final answer to every bootstrap call, e.g. (400, "…").
+            pub final_answer: Option<(u16, String)>,
+            /// `token/self` answers 500 to everything.
+            pub token_self_down: bool,
+            pub reset_index: u64,
+            pub bootstrapped: Option<Token>,
+            /// What the test's stand-in for the escrow protocol has escrowed, in order.
+            pub escrow: Vec<String>,
+            pub calls: Vec<Call>,
+            /// The tokens presented to `token/self`.
+            pub self_checks: Vec<String>,
+        }
+
+        pub type Shared = Arc<Mutex<Consul>>;
+
+        fn uuid_like(n: u64) -> String {
+            format!("00000000-0000-4000-8000-{n:012}")
+        }
+
+        async fn bootstrap(State(s): State<Shared>, body: Bytes) -> (StatusCode, String) {
+            let mut c = s.lock().unwrap();
+            let body = String::from_utf8_lossy(&body).to_string();
+            let secret = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["BootstrapSecret"].as_str().map(String::from));
+            let escrowed_before = secret.as_ref().is_some_and(|x| c.escrow.contains(x));
+            c.calls.push(Call {
+                body,
+                secret: secret.clone(),
+                escrowed_before,
+            });
+            if let Some((status, text)) = &c.final_answer {
+                return (StatusCode::from_u16(*status).unwrap(), text.clone());
+            }
+            if c.legacy_mode > 0 {
+                c.legacy_mode -= 1;
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The ACL system is currently in legacy mode.".into(),
+                );
+            }
+            if c.errors_500 > 0 {
+                c.errors_500 -= 1;
+                return (StatusCode::INTERNAL_SERVER_ERROR, "rpc error: EOF".into());
+            }
+            if c.bootstrapped.is_some() {
+                return (
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Permission denied: rpc error making call: ACL bootstrap no longer allowed (reset index: {})",
+                        c.reset_index
+                    ),
+                );
+            }
+            let n = c.calls.len() as u64;
+            let token = Token {
+                accessor: uuid_like(1000 + n),
+                secret: match (&secret, c.takes_secret) {
+                    (Some(x), true) => x.clone(),
+                    _ => uuid_like(2000 + n),
+                },
+            };
+            c.bootstrapped = Some(token.clone());
+            c.reset_index = 7;
+            if c.lose_answers > 0 {
+                c.lose_answers -= 1;
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "rpc error: connection reset".into(),
+                );
+            }
+            (
+                StatusCode::OK,
+                serde_json::json!({
+                    "AccessorID": token.accessor,
+                    "SecretID": token.secret,
+                    "Description": "Bootstrap Token (Global Management)",
+                    "Policies": [{"ID": "00000000-0000-0000-0000-000000000001", "Name": "global-management"}],
+                    "Local": false,
+                    "CreateIndex": 12,
+                    "ModifyIndex": 12
+                })
+                .to_string(),
+            )
+        }
+
+        async fn token_self(State(s): State<Shared>, h: HeaderMap) -> (StatusCode, String) {
+            let mut c = s.lock().unwrap();
+            let presented = h
+                .get("X-Consul-Token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            c.self_checks.push(presented.clone());
+            if c.token_self_down {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "No cluster leader".into(),
+                );
+            }
+            match &c.bootstrapped {
+                Some(t) if t.secret == presented => (
+                    StatusCode::OK,
+                    serde_json::json!({"AccessorID": t.accessor, "SecretID": t.secret, "Description": "Bootstrap Token (Global Management)"})
+                        .to_string(),
+                ),
+                _ if c.takes_secret => (StatusCode::NOT_FOUND, "Supplied token does not exist".into()),
+                _ => (StatusCode::FORBIDDEN, "ACL not found".into()),
+            }
+        }
+
+        /// Serves the double on 127.0.0.1; returns its base URL.
+        pub async fn serve(state: Shared) -> String {
+            let app = Router::new()
+                .route("/v1/acl/bootstrap", put(bootstrap))
+                .route("/v1/acl/token/self", get(token_self))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}")
+        }
+    }
+
+    use consul_contract_double::{Consul, Shared, Token};
+
+    struct Run {
+        result: Result<ConsulSecrets, TierFailure>,
+        /// The secret escrowed before the call, if any.
+        escrowed: Option<String>,
+        consul: Consul,
+    }
+
+    /// Drives the tier as the protocol does (bootstrap::lead_bootstrap): escrow the `pre_secret` payload
+    /// (here: into the double's escrow record, standing in for both targets), then call `bootstrap`.
+    async fn run(consul: Consul, path: BootstrapPath, deadline: Duration) -> Run {
+        let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(consul));
+        let api = consul_contract_double::serve(state.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let tier = ConsulTier {
+            api,
+            ca_file,
+            shared: None,
+            status_vault: None,
+            cluster: "test".into(),
+            path,
+        };
+        let escrowed = tier.pre_secret().map(|p| {
+            let s: ConsulSecrets = serde_json::from_slice(&p).unwrap();
+            assert_eq!(s.kind, "consul-acl-bootstrap");
+            assert_eq!(s.accessor_id, "", "the server chooses the accessor");
+            state.lock().unwrap().escrow.push(s.secret_id.clone());
+            s.secret_id.clone()
+        });
+        let result = tier
+            .bootstrap_within(deadline, Duration::from_secs(1))
+            .await
+            .map(|p| serde_json::from_slice::<ConsulSecrets>(&p).unwrap());
+        let consul = std::mem::take(&mut *state.lock().unwrap());
+        Run {
+            result,
+            escrowed,
+            consul,
+        }
+    }
+
+    fn caller_secret() -> BootstrapPath {
+        BootstrapPath::for_version(Version::parse("1.20.0"))
+    }
+
+    #[tokio::test]
+    async fn caller_secret_is_escrowed_before_the_call_that_uses_it() {
+        let r = run(
+            Consul {
+                takes_secret: true,
+                legacy_mode: 2,
+                errors_500: 1,
+                ..Default::default()
+            },
+            caller_secret(),
+            Duration::from_secs(20),
+        )
+        .await;
+        let escrowed = r.escrowed.expect("escrowed before use");
+        let got = r.result.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(got.secret_id, escrowed, "the token is the escrowed secret");
+        assert!(!got.accessor_id.is_empty());
+        assert_eq!(
+            r.consul.calls.len(),
+            4,
+            "legacy mode twice and a 500 were retried"
+        );
+        for call in &r.consul.calls {
+            assert_eq!(call.secret.as_deref(), Some(escrowed.as_str()));
+            assert!(
+                call.escrowed_before,
+                "escrow happened before the call: {call:?}"
+            );
+            let body: serde_json::Value = serde_json::from_str(&call.body).unwrap();
+            assert_eq!(body, serde_json::json!({"BootstrapSecret": escrowed}));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_recovered_with_the_escrowed_secret() {
+        // The first call bootstraps with our secret but its answer is lost (500); the retry finds the
+        // ACL system bootstrapped, and token/self with our secret proves it was our call.
+        let r = run(
+            Consul {
+                takes_secret: true,
+                lose_answers: 1,
+                ..Default::default()
+            },
+            caller_secret(),
+            Duration::from_secs(20),
+        )
+        .await;
+        let escrowed = r.escrowed.unwrap();
+        let got = r.result.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(got.secret_id, escrowed);
+        assert_eq!(got.accessor_id, r.consul.bootstrapped.unwrap().accessor);
+        assert_eq!(r.consul.calls.len(), 2);
+        assert_eq!(r.consul.self_checks, vec![escrowed]);
+    }
+
+    #[tokio::test]
+    async fn bootstrapped_by_someone_else_is_already_done_for_the_operator() {
+        let other = Token {
+            accessor: "11111111-1111-4111-8111-111111111111".into(),
+            secret: "22222222-2222-4222-8222-222222222222".into(),
+        };
+        for takes_secret in [true, false] {
+            let r = run(
+                Consul {
+                    takes_secret,
+                    bootstrapped: Some(other.clone()),
+                    reset_index: 11,
+                    ..Default::default()
+                },
+                caller_secret(),
+                Duration::from_secs(20),
+            )
+            .await;
+            let escrowed = r.escrowed.unwrap();
+            match r.result {
+                Err(TierFailure::AlreadyDone(detail)) => {
+                    assert!(detail.contains("reset index: 11"), "{detail}");
+                    assert!(!detail.contains(&escrowed));
+                }
+                Err(e) => panic!("{e:?}"),
+                Ok(_) => panic!("someone else's bootstrap taken as ours"),
+            }
+            assert_eq!(r.consul.calls.len(), 1, "already done is final");
+            assert_eq!(
+                r.consul.self_checks,
+                vec![escrowed],
+                "our secret was checked"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_ownership_check_is_not_taken_as_already_done() {
+        let r = run(
+            Consul {
+                takes_secret: true,
+                lose_answers: 1,
+                token_self_down: true,
+                ..Default::default()
+            },
+            caller_secret(),
+            Duration::from_secs(20),
+        )
+        .await;
+        match r.result {
+            Err(TierFailure::Other(m)) => {
+                assert!(m.contains("not known yet"), "{m}");
+                assert!(!m.contains(&r.escrowed.unwrap()));
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("success without an answer"),
+        }
+        assert!(r.consul.self_checks.len() > 1, "token/self was retried");
+    }
+
+    #[tokio::test]
+    async fn final_answers_stop_at_once() {
+        for (status, text) in [
+            (400, "Request decode failed: invalid character"),
+            (
+                500,
+                "rpc error making call: Invalid bootstrap reset index (specified 3, reset index: 7)",
+            ),
+            (401, "ACL support disabled"),
+        ] {
+            let r = run(
+                Consul {
+                    takes_secret: true,
+                    final_answer: Some((status, text.into())),
+                    ..Default::default()
+                },
+                caller_secret(),
+                Duration::from_secs(20),
+            )
+            .await;
+            assert!(
+                matches!(&r.result, Err(TierFailure::Other(m)) if m.contains(&format!("HTTP {status}"))),
+                "{text}"
+            );
+            assert_eq!(r.consul.calls.len(), 1, "{text}: not retried");
+        }
+    }
+
+    #[tokio::test]
+    async fn retryable_answers_are_retried_until_the_deadline() {
+        let start = std::time::Instant::now();
+        let r = run(
+            Consul {
+                takes_secret: true,
+                legacy_mode: u32::MAX,
+                ..Default::default()
+            },
+            caller_secret(),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(
+            matches!(&r.result, Err(TierFailure::Other(m)) if m.contains("HTTP 500") && m.contains("still failing after")),
+            "{:?}",
+            r.result.as_ref().err()
+        );
+        assert!(r.consul.calls.len() > 2);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn older_consul_bootstraps_without_a_secret_and_escrows_after() {
+        // Consul 1.8: no BootstrapSecret, nothing escrowed before the call; legacy mode retried.
+        let r = run(
+            Consul {
+                legacy_mode: 2,
+                ..Default::default()
+            },
+            BootstrapPath::for_version(Version::parse("1.8.7")),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(r.escrowed.is_none(), "no pre-secret on this path");
+        let got = r.result.unwrap_or_else(|e| panic!("{e:?}"));
+        let t = r.consul.bootstrapped.unwrap();
+        assert_eq!(
+            (got.accessor_id.as_str(), got.secret_id.as_str()),
+            (t.accessor.as_str(), t.secret.as_str())
+        );
+        assert!(r.consul.calls.iter().all(|c| c.body.is_empty()), "no body");
+        // Already done: final, and nothing to check the ownership of.
+        let r = run(
+            Consul {
+                bootstrapped: Some(t),
+                reset_index: 19,
+                ..Default::default()
+            },
+            BootstrapPath::ServerGenerated,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(
+            matches!(r.result, Err(TierFailure::AlreadyDone(d)) if d.contains("reset index: 19"))
+        );
+        assert!(r.consul.self_checks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_server_that_ignores_the_secret_gets_its_own_token_escrowed_after() {
+        // A ≥ 1.15 agent whose leader is older: the answer carries a token the server generated.
+        let r = run(Consul::default(), caller_secret(), Duration::from_secs(20)).await;
+        let got = r.result.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_ne!(Some(got.secret_id.clone()), r.escrowed);
+        assert_eq!(got.secret_id, r.consul.bootstrapped.unwrap().secret);
     }
 }

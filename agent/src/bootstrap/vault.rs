@@ -1,9 +1,16 @@
-//! Vault/OpenBao bootstrap: `PUT /v1/sys/init` with recovery shares (auto-unseal), then an audit device
-//! and raft autopilot with dead-server cleanup (scale sets replace VMs).
+//! Vault/OpenBao bootstrap: `PUT /v1/sys/init` with recovery shares (auto-unseal), then the file audit
+//! device and raft autopilot with dead-server cleanup (scale sets replace VMs).
+//!
+//! The audit device: OpenBao ≥ 2.4 declares it in its configuration (rendered by agent/src/render/vault.rs)
+//! and refuses API-created devices; HashiCorp Vault has no such configuration and takes
+//! `PUT /v1/sys/audit/file`. Either way the result is verified with `GET /v1/sys/audit` and reported as it is.
 
 use super::{Tier, TierFailure};
+use crate::render::vault::{AUDIT_DESCRIPTION, AUDIT_DEVICE_PATH};
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -45,6 +52,8 @@ pub struct VaultTier {
     pub audit_file: PathBuf,
     /// The shared cluster-material Key Vault (client, URI), where tokens for other nodes are handed over.
     pub shared: Option<(crate::azure::Azure, String)>,
+    /// The status vault (URI; same client as `shared`), where only the jumpbox may read the status token.
+    pub status_vault: Option<String>,
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -69,6 +78,121 @@ struct SealStatus {
     sealed: bool,
 }
 
+/// One audit device as `GET /v1/sys/audit` lists it (keyed by mount path, e.g. `file/`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct AuditMount {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct AuditList {
+    #[serde(default)]
+    data: BTreeMap<String, AuditMount>,
+}
+
+/// Our device in a `sys/audit` listing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuditDeviceState {
+    /// `file/` is a file device writing to the expected path.
+    Active,
+    /// Nothing is mounted at `file/`.
+    Missing,
+    /// Something else is mounted at `file/`: reported, never replaced.
+    Different(String),
+}
+
+/// Looks for the `file/` device writing to `expected` among the listed devices.
+pub fn audit_device_state(
+    devices: &BTreeMap<String, AuditMount>,
+    expected: &Path,
+) -> AuditDeviceState {
+    let Some(m) = devices.get(&format!("{AUDIT_DEVICE_PATH}/")) else {
+        return AuditDeviceState::Missing;
+    };
+    let path = m.options.get("file_path").map(String::as_str);
+    if m.kind == "file" && path == Some(expected.to_string_lossy().as_ref()) {
+        AuditDeviceState::Active
+    } else {
+        AuditDeviceState::Different(format!(
+            "type {}, file_path {}",
+            m.kind,
+            path.unwrap_or("(none)")
+        ))
+    }
+}
+
+/// What an answer to `PUT /v1/sys/audit/file` means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EnableAnswer {
+    Enabled,
+    /// "path already in use": enabled before (an earlier run); the listing decides whether it is ours.
+    InUse,
+    /// OpenBao ≥ 2.3.2: "cannot enable audit device via API; use declarative, config-based audit device
+    /// management instead". The device must come from the configuration.
+    DeclarativeOnly,
+    /// A standby, an unsealing node, a 5xx: try again.
+    Retry(String),
+    Final(String),
+}
+
+pub fn classify_enable(status: u16, body: &str) -> EnableAnswer {
+    match status {
+        200..=299 => EnableAnswer::Enabled,
+        400 if body.contains("already in use") => EnableAnswer::InUse,
+        400 if body.contains("cannot enable audit device via API") => EnableAnswer::DeclarativeOnly,
+        429 | 500..=599 => EnableAnswer::Retry(format!("audit device: HTTP {status}")),
+        _ => EnableAnswer::Final(format!("audit device: HTTP {status}")),
+    }
+}
+
+/// How the audit device came to be active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditVia {
+    /// Listed by the server without an API call: declared in its configuration (OpenBao).
+    Configuration,
+    /// Enabled through `PUT /v1/sys/audit/file` (HashiCorp Vault), then listed.
+    Api,
+}
+
+/// An error of one call to the local Vault API (no secret in it: statuses and transport errors only).
+#[derive(Debug)]
+struct ApiError(String);
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TimeoutError for ApiError {
+    fn timeout(after: Duration) -> Self {
+        ApiError(format!("no answer within {after:?}"))
+    }
+}
+
+fn gave_up(e: RetryError<ApiError>) -> String {
+    match e {
+        RetryError::Final(e) => e.0,
+        e @ RetryError::Deadline { .. } => e.to_string(),
+    }
+}
+
+/// How long a device the server must have from its configuration (it refused the API) may take to be listed.
+const DECLARED_AUDIT_GRACE: Duration = Duration::from_secs(15);
+
+/// Retries for the audit calls right after the unseal (the active node may answer 5xx for a moment).
+fn audit_policy(deadline: Duration) -> RetryPolicy {
+    RetryPolicy {
+        deadline,
+        attempt_timeout: Duration::from_secs(10),
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(2),
+    }
+}
+
 impl VaultTier {
     fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
         crate::services::health::client_for(&self.ca_file, timeout)
@@ -84,6 +208,142 @@ impl VaultTier {
         r.json::<SealStatus>()
             .await
             .map_err(|_| "seal-status did not parse".to_string())
+    }
+
+    /// `GET /v1/sys/audit` with the root token: the devices the server has mounted. The request is itself
+    /// audited, and a server whose every device fails to log refuses it: a listing proves the listed device
+    /// writes.
+    async fn audit_devices(
+        &self,
+        c: &reqwest::Client,
+        token: &str,
+    ) -> Result<BTreeMap<String, AuditMount>, String> {
+        let url = format!("{}/v1/sys/audit", self.api);
+        retry(audit_policy(Duration::from_secs(30)), |_| {
+            let req = c.get(&url).header("X-Vault-Token", token).send();
+            async move {
+                let r = match req.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Attempt::Retry(ApiError(format!("sys/audit: {}", e.without_url())))
+                    }
+                };
+                let status = r.status().as_u16();
+                match status {
+                    200 => match r.json::<AuditList>().await {
+                        Ok(l) => Attempt::Done(l.data),
+                        Err(_) => {
+                            Attempt::Fail(ApiError("sys/audit: the listing did not parse".into()))
+                        }
+                    },
+                    429 | 500..=599 => {
+                        Attempt::Retry(ApiError(format!("sys/audit: HTTP {status}")))
+                    }
+                    _ => Attempt::Fail(ApiError(format!("sys/audit: HTTP {status}"))),
+                }
+            }
+        })
+        .await
+        .map_err(gave_up)
+    }
+
+    /// Makes sure the file audit device is active and says how; an error says why not, for the tier state.
+    /// A device the configuration declares (OpenBao) is listed as soon as the server is unsealed and no API
+    /// call is made; otherwise (HashiCorp Vault) it is enabled through the API. Either way the listing is
+    /// the proof.
+    pub async fn ensure_audit(&self, c: &reqwest::Client, token: &str) -> Result<AuditVia, String> {
+        self.ensure_audit_within(c, token, DECLARED_AUDIT_GRACE)
+            .await
+    }
+
+    /// [`Self::ensure_audit`], giving a declared device `grace` to appear after an API refusal.
+    async fn ensure_audit_within(
+        &self,
+        c: &reqwest::Client,
+        token: &str,
+        grace: Duration,
+    ) -> Result<AuditVia, String> {
+        let expected = self.audit_file.as_path();
+        let different = |d: String| {
+            format!(
+                "audit device not active as configured: {AUDIT_DEVICE_PATH}/ is {d}, expected a file device writing to {}; \
+                 see docs/bootstrap.md#finish-configuration",
+                expected.display()
+            )
+        };
+        match audit_device_state(&self.audit_devices(c, token).await?, expected) {
+            AuditDeviceState::Active => return Ok(AuditVia::Configuration),
+            AuditDeviceState::Different(d) => return Err(different(d)),
+            AuditDeviceState::Missing => {}
+        }
+        // Not declared: enable it through the API (HashiCorp Vault).
+        let url = format!("{}/v1/sys/audit/{AUDIT_DEVICE_PATH}", self.api);
+        let body = serde_json::json!({
+            "type": "file",
+            "description": AUDIT_DESCRIPTION,
+            "options": {"file_path": expected.display().to_string()},
+        });
+        let answer = retry(audit_policy(Duration::from_secs(20)), |_| {
+            let req = c
+                .put(&url)
+                .header("X-Vault-Token", token)
+                .json(&body)
+                .send();
+            async move {
+                let r = match req.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Attempt::Retry(ApiError(format!(
+                            "audit device: {}",
+                            e.without_url()
+                        )))
+                    }
+                };
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                match classify_enable(status, &text) {
+                    EnableAnswer::Retry(e) => Attempt::Retry(ApiError(e)),
+                    EnableAnswer::Final(e) => Attempt::Fail(ApiError(e)),
+                    a => Attempt::Done(a),
+                }
+            }
+        })
+        .await
+        .map_err(gave_up)?;
+        match answer {
+            EnableAnswer::Enabled | EnableAnswer::InUse => {
+                match audit_device_state(&self.audit_devices(c, token).await?, expected) {
+                    AuditDeviceState::Active => Ok(AuditVia::Api),
+                    AuditDeviceState::Different(d) => Err(different(d)),
+                    AuditDeviceState::Missing => Err(format!(
+                        "audit device: enabled through the API but sys/audit does not list {AUDIT_DEVICE_PATH}/; \
+                         see docs/bootstrap.md#finish-configuration"
+                    )),
+                }
+            }
+            _ => {
+                // OpenBao: only a declared device can exist. It is mounted at the unseal; give a slow active
+                // node a moment before saying it is not there.
+                let start = std::time::Instant::now();
+                loop {
+                    match audit_device_state(&self.audit_devices(c, token).await?, expected) {
+                        AuditDeviceState::Active => return Ok(AuditVia::Configuration),
+                        AuditDeviceState::Different(d) => return Err(different(d)),
+                        AuditDeviceState::Missing if start.elapsed() > grace => {
+                            return Err(format!(
+                                "audit device not active: the server refuses API-enabled audit devices and sys/audit \
+                                 lists no declared {AUDIT_DEVICE_PATH}/ device (the agent declares it for OpenBao >= {}); \
+                                 see docs/bootstrap.md#finish-configuration",
+                                crate::render::vault::OPENBAO_DECLARATIVE_AUDIT
+                            ))
+                        }
+                        AuditDeviceState::Missing => {
+                            tokio::time::sleep(Duration::from_millis(500)).await
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -187,39 +447,13 @@ impl Tier for VaultTier {
                 .json(&body)
                 .send()
         };
-        let mut last = String::new();
-        for _ in 0..40 {
-            let audit = send(
-                reqwest::Method::PUT,
-                "/v1/sys/audit/file",
-                serde_json::json!({"type": "file", "options": {"file_path": self.audit_file.display().to_string()}}),
-            )
-            .await;
-            match audit {
-                Ok(r) if r.status().is_success() => {
-                    last.clear();
-                    break;
-                }
-                Ok(r) if r.status().as_u16() == 400 => {
-                    let body = r.text().await.unwrap_or_default();
-                    if body.contains("already in use") {
-                        // Enabled by an earlier run.
-                        last.clear();
-                    } else {
-                        // OpenBao refuses audit devices through the API (they are declared in its config
-                        // file); say so instead of claiming success.
-                        last = "audit device not enabled: the server refuses API-enabled audit devices (HTTP 400); \
-                                see docs/bootstrap.md#finish-configuration"
-                            .to_string();
-                    }
-                    break;
-                }
-                Ok(r) => last = format!("audit device: HTTP {}", r.status().as_u16()),
-                Err(e) => last = format!("audit device: {}", e.without_url()),
+        let audit_problem = match self.ensure_audit(&c, &token).await {
+            Ok(via) => {
+                tracing::info!(device = %format!("{AUDIT_DEVICE_PATH}/"), file = %self.audit_file.display(), ?via, "audit device active");
+                String::new()
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let audit_problem = last;
+            Err(e) => e,
+        };
         let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers.max(1));
         // Right after the unseal, raft may still answer 500 for a moment: retry briefly.
         let mut autopilot = Err(String::new());
@@ -242,8 +476,9 @@ impl Tier for VaultTier {
         }
         // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens): orphan, periodic.
         // Created whatever became of the autopilot configuration.
-        let status_token = match &self.shared {
-            Some(shared) => {
+        let status_token = match (&self.shared, &self.status_vault) {
+            (Some((az, _)), Some(sv)) => {
+                let shared = &(az.clone(), sv.clone());
                 match crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await {
                     Ok(t) => {
                         crate::status::tokens::hand_over(
@@ -256,7 +491,7 @@ impl Tier for VaultTier {
                     Err(e) => Err(e),
                 }
             }
-            None => Ok(()),
+            _ => Ok(()),
         };
         autopilot?;
         status_token?;
@@ -288,5 +523,274 @@ mod tests {
             with,
             serde_json::json!({"recovery_shares": 3, "recovery_threshold": 2, "recovery_pgp_keys": ["a", "b", "c"], "root_token_pgp_key": "r"})
         );
+    }
+
+    fn list(devices: &[(&str, &str, &str)]) -> BTreeMap<String, AuditMount> {
+        devices
+            .iter()
+            .map(|(path, kind, file)| {
+                (
+                    path.to_string(),
+                    AuditMount {
+                        kind: kind.to_string(),
+                        options: BTreeMap::from([("file_path".to_string(), file.to_string())]),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_listing_decides_whether_the_device_is_ours() {
+        let want = Path::new("/var/log/vault/audit.log");
+        assert_eq!(
+            audit_device_state(&list(&[]), want),
+            AuditDeviceState::Missing
+        );
+        assert_eq!(
+            audit_device_state(
+                &list(&[("file/", "file", "/var/log/vault/audit.log")]),
+                want
+            ),
+            AuditDeviceState::Active
+        );
+        assert_eq!(
+            audit_device_state(
+                &list(&[("other/", "file", "/var/log/vault/audit.log")]),
+                want
+            ),
+            AuditDeviceState::Missing
+        );
+        assert!(matches!(
+            audit_device_state(&list(&[("file/", "file", "/tmp/x.log")]), want),
+            AuditDeviceState::Different(d) if d.contains("/tmp/x.log")
+        ));
+        assert!(matches!(
+            audit_device_state(&list(&[("file/", "socket", "")]), want),
+            AuditDeviceState::Different(d) if d.contains("socket")
+        ));
+    }
+
+    #[test]
+    fn audit_enable_answers_are_classified() {
+        assert_eq!(classify_enable(204, ""), EnableAnswer::Enabled);
+        assert_eq!(
+            classify_enable(400, r#"{"errors":["path already in use at file/"]}"#),
+            EnableAnswer::InUse
+        );
+        // What OpenBao 2.7.2 answers (seen against the real binary).
+        assert_eq!(
+            classify_enable(
+                400,
+                r#"{"errors":["cannot enable audit device via API; use declarative, config-based audit device management instead"]}"#
+            ),
+            EnableAnswer::DeclarativeOnly
+        );
+        assert!(matches!(classify_enable(503, ""), EnableAnswer::Retry(_)));
+        assert!(matches!(
+            classify_enable(500, "local node not active"),
+            EnableAnswer::Retry(_)
+        ));
+        assert!(matches!(
+            classify_enable(403, "permission denied"),
+            EnableAnswer::Final(_)
+        ));
+        assert!(matches!(
+            classify_enable(400, "bad"),
+            EnableAnswer::Final(_)
+        ));
+    }
+
+    /// A contract double of `GET /v1/sys/audit` and `PUT /v1/sys/audit/file` (request and answer shapes as
+    /// Vault's API documents them and OpenBao 2.7.2 answers), behaving as OpenBao or as HashiCorp Vault.
+    mod audit_double {
+        use super::*;
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::get;
+        use axum::{Json, Router};
+        use std::sync::{Arc, Mutex};
+
+        pub const TOKEN: &str = "s.root-token-of-the-test";
+
+        #[derive(Default)]
+        pub struct Server {
+            /// OpenBao: API-enabled devices are refused.
+            pub declarative_only: bool,
+            /// The mounted devices: `file/` → file_path.
+            pub devices: BTreeMap<String, String>,
+            /// `GET sys/audit` answers 500 this many times first (a node that just unsealed).
+            pub busy: u32,
+            pub puts: Vec<serde_json::Value>,
+            pub gets: u32,
+        }
+
+        type Shared = Arc<Mutex<Server>>;
+
+        fn authorized(h: &HeaderMap) -> bool {
+            h.get("X-Vault-Token").and_then(|v| v.to_str().ok()) == Some(TOKEN)
+        }
+
+        async fn list(
+            State(s): State<Shared>,
+            h: HeaderMap,
+        ) -> (StatusCode, Json<serde_json::Value>) {
+            if !authorized(&h) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    Json(serde_json::json!({"errors": ["permission denied"]})),
+                );
+            }
+            let mut s = s.lock().unwrap();
+            s.gets += 1;
+            if s.busy > 0 {
+                s.busy -= 1;
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(
+                        serde_json::json!({"errors": ["local node not active but active cluster node not found"]}),
+                    ),
+                );
+            }
+            let devices: serde_json::Map<String, serde_json::Value> = s
+                .devices
+                .iter()
+                .map(|(p, f)| (p.clone(), serde_json::json!({"type": "file", "path": p, "description": "", "local": false, "options": {"file_path": f}})))
+                .collect();
+            let mut body = serde_json::Value::Object(devices.clone());
+            body["data"] = serde_json::Value::Object(devices);
+            (StatusCode::OK, Json(body))
+        }
+
+        async fn enable(
+            State(s): State<Shared>,
+            h: HeaderMap,
+            Json(body): Json<serde_json::Value>,
+        ) -> (StatusCode, String) {
+            if !authorized(&h) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    r#"{"errors":["permission denied"]}"#.into(),
+                );
+            }
+            let mut s = s.lock().unwrap();
+            s.puts.push(body.clone());
+            if s.declarative_only {
+                return (StatusCode::BAD_REQUEST, r#"{"errors":["cannot enable audit device via API; use declarative, config-based audit device management instead"]}"#.into());
+            }
+            if s.devices.contains_key("file/") {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    r#"{"errors":["path already in use at file/"]}"#.into(),
+                );
+            }
+            let file = body["options"]["file_path"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            s.devices.insert("file/".into(), file);
+            (StatusCode::NO_CONTENT, String::new())
+        }
+
+        /// Serves the double on 127.0.0.1; returns its base URL.
+        pub async fn serve(state: Shared) -> String {
+            let app = Router::new()
+                .route("/v1/sys/audit", get(list))
+                .route("/v1/sys/audit/file", axum::routing::put(enable))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}")
+        }
+    }
+
+    /// A tier pointed at the double (plain HTTP; the client still loads a CA file, as on a node).
+    fn tier(api: String, dir: &Path) -> VaultTier {
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        VaultTier {
+            pgp: PgpKeys::default(),
+            api,
+            ca_file,
+            recovery_shares: 5,
+            recovery_threshold: 3,
+            servers: 3,
+            audit_file: PathBuf::from("/var/log/vault/audit.log"),
+            shared: None,
+            status_vault: None,
+        }
+    }
+
+    async fn ensure(
+        server: audit_double::Server,
+    ) -> (Result<AuditVia, String>, audit_double::Server) {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(server));
+        let api = audit_double::serve(state.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let t = tier(api, dir.path());
+        let c = t.client(Duration::from_secs(5)).unwrap();
+        let r = t
+            .ensure_audit_within(&c, audit_double::TOKEN, Duration::from_secs(1))
+            .await;
+        let s = std::mem::take(&mut *state.lock().unwrap());
+        (r, s)
+    }
+
+    #[tokio::test]
+    async fn openbao_declared_device_is_verified_without_an_api_call() {
+        let (r, s) = ensure(audit_double::Server {
+            declarative_only: true,
+            devices: BTreeMap::from([("file/".into(), "/var/log/vault/audit.log".into())]),
+            busy: 2,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r, Ok(AuditVia::Configuration));
+        assert!(s.puts.is_empty(), "no API call for a declared device");
+        assert_eq!(s.gets, 3, "two busy answers were retried");
+    }
+
+    #[tokio::test]
+    async fn vault_gets_the_device_through_the_api_and_it_is_listed_after() {
+        let (r, s) = ensure(audit_double::Server::default()).await;
+        assert_eq!(r, Ok(AuditVia::Api));
+        assert_eq!(s.puts.len(), 1);
+        assert_eq!(s.puts[0]["type"], "file");
+        assert_eq!(
+            s.puts[0]["options"]["file_path"],
+            "/var/log/vault/audit.log"
+        );
+        assert_eq!(s.gets, 2, "listed before and after the call");
+    }
+
+    #[tokio::test]
+    async fn openbao_without_a_declared_device_is_reported_not_taken_as_success() {
+        let (r, s) = ensure(audit_double::Server {
+            declarative_only: true,
+            ..Default::default()
+        })
+        .await;
+        let e = r.unwrap_err();
+        assert!(e.contains("refuses API-enabled audit devices"), "{e}");
+        assert!(e.contains("docs/bootstrap.md#finish-configuration"), "{e}");
+        assert!(!e.contains(audit_double::TOKEN));
+        assert_eq!(s.puts.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_foreign_device_at_the_path_is_reported() {
+        let (r, s) = ensure(audit_double::Server {
+            devices: BTreeMap::from([("file/".into(), "/tmp/elsewhere.log".into())]),
+            ..Default::default()
+        })
+        .await;
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("/tmp/elsewhere.log") && e.contains("/var/log/vault/audit.log"),
+            "{e}"
+        );
+        assert!(s.puts.is_empty(), "never replaced");
     }
 }

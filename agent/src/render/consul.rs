@@ -42,6 +42,8 @@ pub struct ConsulConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_encrypt: Option<AutoEncrypt>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<Connect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub autopilot: Option<Autopilot>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ui: Option<bool>,
@@ -78,8 +80,10 @@ pub struct Acl {
 #[derive(Serialize)]
 pub struct LegacyTls {
     pub ca_file: String,
-    pub cert_file: String,
-    pub key_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
     pub verify_incoming_rpc: bool,
     pub verify_incoming_https: bool,
     pub verify_outgoing: bool,
@@ -98,8 +102,10 @@ pub struct Tls {
 #[derive(Serialize)]
 pub struct TlsDefaults {
     pub ca_file: String,
-    pub cert_file: String,
-    pub key_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
     pub verify_incoming: bool,
     pub verify_outgoing: bool,
     pub tls_min_version: String,
@@ -116,9 +122,44 @@ pub struct TlsHttps {
     pub verify_incoming: bool,
 }
 
+/// Servers: `allow_tls` (sign client certificates). Workers and the jumpbox: `tls` (ask the servers for a
+/// certificate at start, authorised by the agent token), so they never hold the CA key.
 #[derive(Serialize)]
 pub struct AutoEncrypt {
-    pub allow_tls: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_tls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_san: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_san: Vec<String>,
+}
+
+/// Servers: Connect on, which runs the built-in CA that signs auto-encrypt client certificates.
+#[derive(Serialize)]
+pub struct Connect {
+    pub enabled: bool,
+}
+
+/// `connect-ca.json` (servers, 0640, secret): the built-in CA provider uses the cluster CA, so auto-encrypt
+/// client certificates chain to the same root every other certificate does (reading this configuration back
+/// through the API needs `operator:write` since Consul 1.8.6).
+#[derive(Serialize)]
+pub struct ConnectCaFile<'a> {
+    pub connect: ConnectCa<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ConnectCa<'a> {
+    pub ca_provider: &'static str,
+    pub ca_config: ConnectCaConfig<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ConnectCaConfig<'a> {
+    pub private_key: &'a str,
+    pub root_cert: &'a str,
 }
 
 #[derive(Serialize)]
@@ -153,6 +194,11 @@ pub struct GossipConfig<'a> {
     pub encrypt: &'a str,
 }
 
+/// Whether this role's Consul agent gets its certificate from the servers (`auto_encrypt`) instead of the CA.
+pub fn uses_auto_encrypt(role: Role) -> bool {
+    !role.is_server_tier()
+}
+
 pub fn config(
     spec: &NodeSpec,
     layout: &Layout,
@@ -173,6 +219,14 @@ pub fn config(
         spec.ip.to_string()
     };
     let modern = v >= TLS_BLOCK_SINCE;
+    // Nodes that never hold the CA key (workers, the jumpbox) take their certificate over auto_encrypt; the
+    // Consul clients on server-tier nodes are issued theirs from the CA like the servers.
+    let auto_client = uses_auto_encrypt(spec.role);
+    let (cert, key) = if auto_client {
+        (None, None)
+    } else {
+        (Some(cert), Some(key))
+    };
     ConsulConfig {
         datacenter: spec.datacenter.clone(),
         primary_datacenter: spec.datacenter.clone(),
@@ -202,7 +256,7 @@ pub fn config(
             ca_file: ca.clone(),
             cert_file: cert.clone(),
             key_file: key.clone(),
-            verify_incoming_rpc: true,
+            verify_incoming_rpc: !auto_client,
             verify_incoming_https: false,
             verify_outgoing: true,
             verify_server_hostname: true,
@@ -213,7 +267,7 @@ pub fn config(
                 ca_file: ca.clone(),
                 cert_file: cert.clone(),
                 key_file: key.clone(),
-                verify_incoming: true,
+                verify_incoming: !auto_client,
                 verify_outgoing: true,
                 tls_min_version: "TLSv1_2".into(),
             },
@@ -224,7 +278,25 @@ pub fn config(
                 verify_incoming: false,
             },
         }),
-        auto_encrypt: server.then_some(AutoEncrypt { allow_tls: true }),
+        auto_encrypt: if server {
+            Some(AutoEncrypt {
+                allow_tls: Some(true),
+                tls: None,
+                ip_san: vec![],
+                dns_san: vec![],
+            })
+        } else if auto_client {
+            Some(AutoEncrypt {
+                allow_tls: None,
+                tls: Some(true),
+                // Consul adds localhost, 127.0.0.1 and ::1; the health check and peers dial the node's address.
+                ip_san: vec![spec.ip.to_string()],
+                dns_san: vec![spec.node_name.clone()],
+            })
+        } else {
+            None
+        },
+        connect: server.then_some(Connect { enabled: true }),
         autopilot: server.then_some(Autopilot {
             cleanup_dead_servers: true,
         }),
@@ -265,6 +337,23 @@ pub fn render(
             owner.clone(),
             true,
         ));
+        if let Some(key) = m.consul_connect_ca_key.as_deref() {
+            plan.files.push(json_file(
+                layout.config_dir(p).join("connect-ca.json"),
+                &ConnectCaFile {
+                    connect: ConnectCa {
+                        ca_provider: "consul",
+                        ca_config: ConnectCaConfig {
+                            private_key: key,
+                            root_cert: &m.ca_pem,
+                        },
+                    },
+                },
+                0o640,
+                owner.clone(),
+                true,
+            ));
+        }
         if let Some(token) = m.consul_agent_token.as_deref() {
             plan.files.push(json_file(
                 layout.config_dir(p).join("acl-tokens.json"),

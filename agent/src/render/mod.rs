@@ -77,6 +77,9 @@ pub struct Material {
     pub seal_token: Option<String>,
     /// `acl.tokens.agent` for Consul, once the Consul tier's bootstrap handed it over.
     pub consul_agent_token: Option<String>,
+    /// Consul servers only: the cluster CA key, given to Consul's built-in CA so that the certificates it
+    /// signs for auto-encrypt clients chain to the cluster CA (`connect-ca.json`, 0640).
+    pub consul_connect_ca_key: Option<String>,
 }
 
 impl std::fmt::Debug for Material {
@@ -267,8 +270,9 @@ pub fn render(
     Ok(plan)
 }
 
+/// The CA certificate always; the node's certificate and key when it has one for `p` (a Consul client gets
+/// its certificate from the servers over `auto_encrypt` and holds none on disk).
 fn tls_files(layout: &Layout, p: Product, m: &Material, owner: Owner, plan: &mut Plan) {
-    let Some(cert) = m.certs.get(&p) else { return };
     let f = |path, content: &str, mode, secret| FileSpec {
         path,
         content: content.as_bytes().to_vec(),
@@ -278,6 +282,7 @@ fn tls_files(layout: &Layout, p: Product, m: &Material, owner: Owner, plan: &mut
     };
     plan.files
         .push(f(layout.ca_file(p), &m.ca_pem, 0o644, false));
+    let Some(cert) = m.certs.get(&p) else { return };
     plan.files
         .push(f(layout.cert_file(p), &cert.cert_pem, 0o644, false));
     plan.files

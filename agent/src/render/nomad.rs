@@ -243,6 +243,7 @@ pub fn render(
         health: crate::services::Health::NomadHttps {
             addr: format!("{}:{HTTP_PORT}", spec.ip),
             ca_file: layout.ca_file(p),
+            tls_name: (spec.role == Role::Worker).then(|| "client.global.nomad".into()),
         },
     });
 }

@@ -1,13 +1,19 @@
 //! Vault (or OpenBao) server configuration: integrated raft storage, TLS listeners, auto-unseal.
 //! Azure: `seal "azurekeyvault"` with the managed identity. Lab: `seal "transit"` against a second server.
 //! Both come from the node's `hashistack-vault-seal` tag through the same code path.
+//!
+//! The file audit device: OpenBao ≥ 2.4 gets it declared here (`audit` stanza), because OpenBao refuses
+//! audit devices created through the API; HashiCorp Vault has no such stanza and gets it from the tier
+//! bootstrap (`PUT /v1/sys/audit/file`, agent/src/bootstrap/vault.rs).
 
 use super::{env_file, identity_env, json_file, path_str, Layout, Material, Plan, RenderOptions};
 use crate::files::Owner;
 use crate::node::{Join, NodeSpec, Seal};
 use crate::services::ServiceSpec;
-use crate::version::{Installed, Product};
+use crate::version::{Installed, Product, Version};
 use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 pub const API_PORT: u16 = 8200;
 pub const CLUSTER_PORT: u16 = 8201;
@@ -25,8 +31,57 @@ pub struct VaultConfig {
     pub listener: Vec<Listener>,
     pub storage: Storage,
     pub seal: SealBlock,
+    /// Declared audit devices (OpenBao ≥ 2.4 only; see [`declares_audit_devices`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<AuditStanza>,
     pub log_level: String,
     pub log_format: String,
+}
+
+/// The audit device's mount path, the same whether declared (OpenBao) or enabled through the API (Vault):
+/// `sys/audit` lists it as `file/`.
+pub const AUDIT_DEVICE_PATH: &str = "file";
+
+/// The device's description, declared or enabled.
+pub const AUDIT_DESCRIPTION: &str = "hashistack: every request";
+
+/// First OpenBao release that reads `audit` stanzas from the server configuration: 2.4.0 (openbao.org
+/// docs/release-notes/2-3-0: from 2.3.2 "audit subsystem will no longer allow creation of new devices via the
+/// API except by setting unsafe_allow_api_audit_creation. In the v2.4.0 release, support for
+/// configuration-based audit device definition will be added"; docs/configuration/audit for the syntax).
+pub const OPENBAO_DECLARATIVE_AUDIT: Version = Version::new(2, 4, 0);
+
+/// Whether the installed server takes its audit devices from the configuration file. HashiCorp Vault
+/// (1.x, through 1.21) has no `audit` stanza — its devices are enabled through `sys/audit` — and would only
+/// warn about an unknown key, so the stanza is rendered for OpenBao ≥ 2.4.0 alone.
+pub fn declares_audit_devices(installed: &Installed) -> bool {
+    installed.is_openbao() && installed.version >= OPENBAO_DECLARATIVE_AUDIT
+}
+
+/// Where the file audit device writes: `/var/log/vault/audit.log` under the layout root, the only log path
+/// vault.service may write (`LogsDirectory=vault`, systemd/vault.service).
+pub fn audit_file(layout: &Layout) -> PathBuf {
+    layout.root.join("var/log/vault/audit.log")
+}
+
+/// One `audit "<type>" "<path>" { … }` block in OpenBao's JSON form:
+/// `{"audit": [{"file": {"<path>": {"description": …, "options": {…}}}}]}`.
+#[derive(Serialize)]
+pub struct AuditStanza {
+    /// Devices of type `file`, by mount path.
+    pub file: BTreeMap<String, AuditDevice>,
+}
+
+#[derive(Serialize)]
+pub struct AuditDevice {
+    pub description: String,
+    pub options: FileAuditOptions,
+}
+
+/// Options of a `file` device (a string→string map in OpenBao's configuration, as in the API).
+#[derive(Serialize)]
+pub struct FileAuditOptions {
+    pub file_path: String,
 }
 
 #[derive(Serialize)]
@@ -153,12 +208,27 @@ pub fn config(
             tls_ca_cert: address.starts_with("https://").then(|| ca.clone()),
         },
     };
+    let audit = if declares_audit_devices(installed) {
+        vec![AuditStanza {
+            file: BTreeMap::from([(
+                AUDIT_DEVICE_PATH.to_string(),
+                AuditDevice {
+                    description: AUDIT_DESCRIPTION.into(),
+                    options: FileAuditOptions {
+                        file_path: path_str(&audit_file(layout)),
+                    },
+                },
+            )]),
+        }]
+    } else {
+        Vec::new()
+    };
     VaultConfig {
         ui: true,
         cluster_name: spec.cluster.clone(),
         api_addr: format!("https://{}:{API_PORT}", spec.ip),
         cluster_addr: format!("https://{}:{CLUSTER_PORT}", spec.ip),
-        disable_mlock: (installed.distribution != "OpenBao").then_some(true),
+        disable_mlock: (!installed.is_openbao()).then_some(true),
         listener,
         storage: Storage {
             raft: Raft {
@@ -169,6 +239,7 @@ pub fn config(
             },
         },
         seal,
+        audit,
         log_level: "info".into(),
         log_format: "json".into(),
     }
@@ -255,6 +326,36 @@ mod tests {
         assert!(rendered("OpenBao", Version::new(2, 7, 2))
             .get("disable_mlock")
             .is_none());
+    }
+
+    #[test]
+    fn audit_device_declared_only_where_the_server_reads_it() {
+        let bao = rendered("OpenBao", Version::new(2, 7, 2));
+        assert_eq!(
+            bao["audit"],
+            serde_json::json!([{"file": {"file": {
+                "description": "hashistack: every request",
+                "options": {"file_path": "/var/log/vault/audit.log"}
+            }}}])
+        );
+        assert!(rendered("OpenBao", Version::new(2, 4, 0))
+            .get("audit")
+            .is_some());
+        // OpenBao 2.3.x refuses API-created devices but cannot declare them yet; HashiCorp Vault has no stanza.
+        assert!(rendered("OpenBao", Version::new(2, 3, 2))
+            .get("audit")
+            .is_none());
+        assert!(rendered("Vault", Version::new(1, 21, 0))
+            .get("audit")
+            .is_none());
+    }
+
+    #[test]
+    fn audit_file_is_under_the_layout_root() {
+        assert_eq!(
+            audit_file(&Layout::new(std::path::Path::new("/srv/node-1"))),
+            std::path::Path::new("/srv/node-1/var/log/vault/audit.log")
+        );
     }
 
     #[test]

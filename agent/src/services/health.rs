@@ -29,28 +29,48 @@ struct SealStatus {
 }
 
 pub fn client_for(ca_file: &std::path::Path, timeout: Duration) -> Result<reqwest::Client, String> {
+    client_for_name(ca_file, timeout, None)
+}
+
+/// As [`client_for`]; with `Some((name, addr))`, requests to `name` go to `addr` and the certificate is
+/// checked for `name`.
+pub fn client_for_name(
+    ca_file: &std::path::Path,
+    timeout: Duration,
+    resolve: Option<(&str, std::net::SocketAddr)>,
+) -> Result<reqwest::Client, String> {
     let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
     let cert = reqwest::Certificate::from_pem(&pem)
         .map_err(|_| format!("{}: not a PEM certificate", ca_file.display()))?;
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .no_proxy()
         .tls_certs_only([cert])
-        .timeout(timeout)
-        .build()
-        .map_err(|e| e.to_string())
+        .timeout(timeout);
+    if let Some((name, addr)) = resolve {
+        b = b.resolve(name, addr);
+    }
+    b.build().map_err(|e| e.to_string())
 }
 
 pub async fn probe(h: &Health, timeout: Duration) -> Probe {
-    let (addr, ca, path) = match h {
-        Health::ConsulHttps { addr, ca_file } => (addr, ca_file, "/v1/status/leader"),
-        Health::NomadHttps { addr, ca_file } => (addr, ca_file, "/v1/status/leader"),
-        Health::VaultHttps { addr, ca_file } => (addr, ca_file, "/v1/sys/seal-status"),
+    let (addr, ca, path, tls_name) = match h {
+        Health::ConsulHttps { addr, ca_file } => (addr, ca_file, "/v1/status/leader", None),
+        Health::NomadHttps {
+            addr,
+            ca_file,
+            tls_name,
+        } => (addr, ca_file, "/v1/status/leader", tls_name.as_deref()),
+        Health::VaultHttps { addr, ca_file } => (addr, ca_file, "/v1/sys/seal-status", None),
     };
-    let client = match client_for(ca, timeout) {
+    let client = match client_for_name(ca, timeout, tls_name.zip(addr.parse().ok())) {
         Ok(c) => c,
         Err(error) => return Probe::Unreachable { error },
     };
-    let resp = match client.get(format!("https://{addr}{path}")).send().await {
+    let url = match tls_name.zip(addr.rsplit_once(':')) {
+        Some((name, (_, port))) => format!("https://{name}:{port}{path}"),
+        None => format!("https://{addr}{path}"),
+    };
+    let resp = match client.get(url).send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             return Probe::Unreachable {

@@ -27,9 +27,21 @@ pub struct ServiceSpec {
 /// How to probe a service's API (TLS, trusting the cluster CA).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
-    ConsulHttps { addr: String, ca_file: PathBuf },
-    VaultHttps { addr: String, ca_file: PathBuf },
-    NomadHttps { addr: String, ca_file: PathBuf },
+    ConsulHttps {
+        addr: String,
+        ca_file: PathBuf,
+    },
+    VaultHttps {
+        addr: String,
+        ca_file: PathBuf,
+    },
+    /// `tls_name`: the name to verify instead of the address (a worker's Nomad client serves the shared
+    /// client certificate, whose name is `client.global.nomad`, not the node's address).
+    NomadHttps {
+        addr: String,
+        ca_file: PathBuf,
+        tls_name: Option<String>,
+    },
 }
 
 /// What applying a service did.

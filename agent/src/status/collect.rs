@@ -1,5 +1,5 @@
 //! Collection: reads the coordination container (tier states, published node records) with the node's managed
-//! identity, the status tokens from the shared Key Vault, and the products' HTTPS APIs trusting the cluster CA.
+//! identity, the status tokens from the status Key Vault (jumpbox-readable only), and the products' HTTPS APIs trusting the cluster CA.
 //! Every call has a deadline ([`HTTP_TIMEOUT`], [`azure_policy`]) and independent calls run concurrently, so a
 //! dead server costs at most a few seconds and never hangs the command.
 
@@ -366,8 +366,8 @@ impl Collector {
 
     /// Fetches the status tokens not yet held (each run until one exists: a bootstrap may finish meanwhile).
     async fn tokens(&self) -> [(TokenState, Option<Zeroizing<String>>); 3] {
-        let Some(vault) = self.spec.keyvault_uri.clone() else {
-            let e = TokenState::Error("this node has no hashistack-keyvault-uri tag".into());
+        let Some(vault) = self.spec.status_vault_uri.clone() else {
+            let e = TokenState::Error("this node has no hashistack-status-vault-uri tag".into());
             return [(e.clone(), None), (e.clone(), None), (e, None)];
         };
         let get = |held: bool, name: &'static str| {

@@ -1,5 +1,6 @@
 //! The read-only status tokens: created once by each tier's bootstrap (with the fresh root credential),
-//! handed over through the shared cluster-material Key Vault, fetched by `hashistack-agent status`.
+//! handed over through the status Key Vault (tag `hashistack-status-vault-uri`: server tiers write it, only the
+//! jumpbox identity reads it), fetched by `hashistack-agent status`.
 //! See docs/status.md#status-tokens for who can read them.
 
 use super::model::TokenState;
@@ -9,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// Key Vault secret names in the shared vault.
+/// Key Vault secret names in the status vault.
 pub const CONSUL_SECRET: &str = "status-consul-token";
 pub const VAULT_SECRET: &str = "status-vault-token";
 pub const NOMAD_SECRET: &str = "status-nomad-token";
@@ -46,9 +47,9 @@ operator { policy = "read" }
 /// The Nomad status token's name: a rerun of the tier's configuration finds its earlier token by it.
 pub const NOMAD_TOKEN_NAME: &str = "hashistack-agent status (read-only)";
 
-/// Stores a status token in the shared Key Vault (at bootstrap; 403 is retried while role assignments apply).
-pub async fn hand_over(shared: &(Azure, String), name: &str, value: &str) -> Result<(), String> {
-    let (az, vault) = shared;
+/// Stores a status token in the status Key Vault (`vault`: client and URI; at bootstrap; 403 is retried while role assignments apply).
+pub async fn hand_over(vault: &(Azure, String), name: &str, value: &str) -> Result<(), String> {
+    let (az, vault) = vault;
     crate::material::put_secret(az, vault, name, value)
         .await
         .map_err(|e| format!("status token hand-over: {e}"))

@@ -370,6 +370,18 @@ pub fn agent_config(dir: &Path, root: &Path, loopback: bool, seal_token: &str) -
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
+    // The shared Nomad client certificate a worker uses (workers never read the CA key).
+    let client = hashistack_agent::tls::ClusterCa::from_pem(&ca, &key)
+        .unwrap()
+        .issue(
+            "client.global.nomad",
+            &["client.global.nomad".into(), "localhost".into()],
+            30,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    std::fs::write(dir.join("nomad-client.pem"), &client.cert_pem).unwrap();
+    std::fs::write(dir.join("nomad-client-key.pem"), &client.key_pem).unwrap();
     std::fs::write(dir.join("ca.pem"), ca).unwrap();
     std::fs::write(dir.join("ca-key.pem"), key).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -382,6 +394,8 @@ pub fn agent_config(dir: &Path, root: &Path, loopback: bool, seal_token: &str) -
     cfg.listen.loopback = loopback;
     cfg.tls.ca_cert = dir.join("ca.pem");
     cfg.tls.ca_key = dir.join("ca-key.pem");
+    cfg.tls.nomad_client_cert = dir.join("nomad-client.pem");
+    cfg.tls.nomad_client_key = dir.join("nomad-client-key.pem");
     cfg.gossip.consul_key_file = dir.join("consul.key");
     cfg.gossip.nomad_key_file = dir.join("nomad.key");
     cfg.vault.seal_token_file = Some(dir.join("transit.token"));
