@@ -3,6 +3,7 @@ test_mutations.py feeds them broken copies to prove that every one of them can f
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import ipaddress
 import re
 from typing import Any
@@ -299,8 +300,8 @@ def check_storage_and_key_vaults(t: dict) -> list[str]:
         if r.get("properties", {}).get("publicAccess", "None") != "None":
             problems.append(f"container {r['name']}: public access")
     vaults = resources_of(t, "Microsoft.KeyVault/vaults")
-    if len(vaults) < 2:
-        problems.append("escrow and shared cluster material need separate Key Vaults")
+    if len(vaults) < len(VAULT_SUBNETS):
+        problems.append(f"{len(vaults)} Key Vaults: secrets are split by readership into {sorted(VAULT_SUBNETS)}")
     for r in vaults:
         p = r.get("properties", {})
         for k in ("enableRbacAuthorization", "enableSoftDelete", "enablePurgeProtection"):
@@ -482,7 +483,7 @@ def _scope_labels(t: dict, ev: Evaluator) -> dict[str, str]:
     for c in ("escrow", "coordination"):
         labels[ev.fn_resourceid("Microsoft.Storage/storageAccounts/blobServices/containers", sa, "default",
                                 ev.variable(f"{c}ContainerName")).lower()] = f"container:{c}"
-    for k in ("unseal", "shared", "escrow"):
+    for k in VAULT_SUBNETS:
         labels[ev.fn_resourceid("Microsoft.KeyVault/vaults", ev.variable(f"{k}VaultName")).lower()] = f"vault:{k}"
     for k in ("unseal", "escrow"):
         labels[ev.fn_resourceid("Microsoft.KeyVault/vaults/keys", ev.variable(f"{k}VaultName"),
@@ -540,6 +541,8 @@ for _t in SERVER_TIERS:
         (_t, "vault:escrow", custom(*ESCROW_SECRET_WRITE_ONLY)),
         (_t, "key:escrow", custom(*ESCROW_KEY_WRAP_ONLY)),
         (_t, "vault:shared", custom(f"{KV}/secrets/getSecret/action", f"{KV}/secrets/setSecret/action")),
+        (_t, "vault:servers", custom(f"{KV}/secrets/getSecret/action", f"{KV}/secrets/setSecret/action")),
+        (_t, "vault:status", custom(*ESCROW_SECRET_WRITE_ONLY)),
         (_t, "container:coordination", custom(f"{BLOB}/read", f"{BLOB}/write", f"{BLOB}/add/action")),
     }
 EXPECTED_ACCESS |= {
@@ -548,6 +551,7 @@ EXPECTED_ACCESS |= {
     ("workers", "vault:shared", "Key Vault Secrets User"),
     ("jumpbox", "resourceGroup", "Reader"),
     ("jumpbox", "vault:shared", "Key Vault Secrets User"),
+    ("jumpbox", "vault:status", "Key Vault Secrets User"),
     ("jumpbox", "container:coordination", "Storage Blob Data Reader"),
     # node boot records for `hashistack-agent status` (server tiers publish through coordinationWriter)
     ("workers", "container:coordination", custom(f"{BLOB}/write", f"{BLOB}/add/action")),
@@ -626,6 +630,153 @@ def check_unseal_key(t: dict, ev: Evaluator) -> list[str]:
                                                  any("/keys/" in d for d in a["data_actions"]))
         if on_key and a["principal"] != "vault":
             problems.append(f"unseal key usable by {a['principal']} ({a['role']} on {a['scope']})")
+    return problems
+
+
+# Secrets are split across Key Vaults by who may read them (Azure RBAC is additive: a vault is the boundary).
+# Who may get and who may set secrets in each vault, counting assignments on the vault and above it. Mirrors
+# KeyVaultDouble::model_arm in lab/src/keyvault.rs and agent/src/material.rs `Vaults`.
+SECRET_GET = f"{KV}/secrets/getSecret/action"
+SECRET_SET = f"{KV}/secrets/setSecret/action"
+VAULT_SECRET_ACCESS = {
+    # CA certificate, Consul gossip key, Consul agent token, the shared Nomad client certificate and key
+    "vault:shared": {"get": set(TIERS), "set": set(SERVER_TIERS)},
+    # the CA key and the Nomad gossip key: server tiers only
+    "vault:servers": {"get": set(SERVER_TIERS), "set": set(SERVER_TIERS)},
+    # the read-only status tokens: servers hand them over (set only), only the jumpbox reads them
+    "vault:status": {"get": {"jumpbox"}, "set": set(SERVER_TIERS)},
+}
+VAULT_PARENTS = {"resourceGroup", "subscription"}
+
+
+def _grants(action: str, data_actions: set[str]) -> bool:
+    """Does a role with these data actions (wildcards allowed) permit `action`?"""
+    return any(fnmatch.fnmatchcase(action.lower(), d.lower()) for d in data_actions)
+
+
+def check_vault_readership(t: dict, ev: Evaluator) -> list[str]:
+    """Who can get and set secrets in the shared, servers and status vaults — through an assignment on the
+    vault or on anything above it — is exactly VAULT_SECRET_ACCESS; nobody else holds any Key Vault data
+    action there (not even `readMetadata`, which lists secret names)."""
+    problems = []
+    assignments = role_assignments(t, ev)
+    for vault, want in VAULT_SECRET_ACCESS.items():
+        covering = [a for a in assignments if a["scope"] == vault or a["scope"] in VAULT_PARENTS]
+        got = {"get": set(), "set": set()}
+        for a in covering:
+            for op, action in (("get", SECRET_GET), ("set", SECRET_SET)):
+                if _grants(action, a["data_actions"]):
+                    got[op].add(a["principal"])
+            kv_actions = {d for d in a["data_actions"] if d == "*" or d.lower().startswith(f"{KV}/".lower())
+                          or fnmatch.fnmatchcase(f"{KV}/x".lower(), d.lower())}
+            if kv_actions and a["principal"] not in want["get"] | want["set"]:
+                problems.append(f"{vault}: {a['principal']} holds {sorted(kv_actions)} through {a['role']} on "
+                                f"{a['scope']}, but has no business with this vault")
+            if a["actions"] and a["scope"] == vault:
+                problems.append(f"{vault}: {a['principal']} holds control-plane actions {sorted(a['actions'])}")
+        for op in ("get", "set"):
+            if got[op] != want[op]:
+                problems.append(f"{vault}: {op} held by {sorted(got[op])}, want {sorted(want[op])}")
+    return problems
+
+
+# Subnets each Key Vault's firewall admits (docs/network.md): a vault admits the subnets of its readers and writers.
+VAULT_SUBNETS = {
+    "unseal": {"vault"},
+    "shared": set(TIERS),
+    "servers": set(SERVER_TIERS),
+    "status": set(SERVER_TIERS) | {"jumpbox"},
+    "escrow": set(SERVER_TIERS) | {"jumpbox"},
+}
+
+
+def check_vault_network_acls(t: dict, ev: Evaluator) -> list[str]:
+    """Every Key Vault is one of VAULT_SUBNETS; its firewall denies by default, has no IP rules and admits
+    exactly its subnets of this template's VNet."""
+    problems = []
+    by_name = {ev.value(r["name"]): r for r in resources_of(t, "Microsoft.KeyVault/vaults")}
+    vnet = ev.fn_resourceid("Microsoft.Network/virtualNetworks", ev.variable("vnetName"))
+    for k, want in VAULT_SUBNETS.items():
+        name = ev.variable(f"{k}VaultName")
+        r = by_name.pop(name, None)
+        if r is None:
+            problems.append(f"the {k} Key Vault ({name}) is missing")
+            continue
+        acls = r.get("properties", {}).get("networkAcls", {})
+        if acls.get("defaultAction") != "Deny":
+            problems.append(f"{k} vault: firewall default action is {acls.get('defaultAction')!r}, want Deny")
+        if acls.get("ipRules"):
+            problems.append(f"{k} vault: IP rules {acls['ipRules']} (only the cluster's subnets)")
+        got = set()
+        for rule in acls.get("virtualNetworkRules", []):
+            sid = ev.value(rule["id"])
+            parent, _, subnet = sid.rpartition("/subnets/")
+            if parent != vnet:
+                problems.append(f"{k} vault: admits {sid}, a subnet outside the cluster's VNet")
+            got.add(subnet)
+        if got != want:
+            problems.append(f"{k} vault: admits subnets {sorted(got)}, want {sorted(want)}")
+    for name in sorted(by_name):
+        problems.append(f"Key Vault {name} is not one of {sorted(VAULT_SUBNETS)}")
+    return problems
+
+
+def _assignment_id(ev: Evaluator, r: dict) -> str:
+    name = ev.value(r["name"])
+    if "scope" not in r:
+        return ev.fn_resourceid("Microsoft.Authorization/roleAssignments", name)
+    scope = ev.value(r["scope"])
+    if not scope.startswith("/"):
+        scope = f"{ev.fn_resourcegroup()['id']}/providers/{scope}"
+    return ev.fn_extensionresourceid(scope, "Microsoft.Authorization/roleAssignments", name)
+
+
+def check_boot_dependencies(t: dict, ev: Evaluator) -> list[str]:
+    """The first boot already has what it needs: each scale set and the jumpbox depend on every Key Vault whose
+    URI they carry in a tag and on every role assignment of their identity; each role assignment depends on its
+    identity, its custom role and the vault or key it is scoped to."""
+    problems = []
+    vault_ids = {ev.fn_reference(ev.fn_resourceid("Microsoft.KeyVault/vaults", ev.value(r["name"])))["vaultUri"]:
+                 ev.fn_resourceid("Microsoft.KeyVault/vaults", ev.value(r["name"]))
+                 for r in resources_of(t, "Microsoft.KeyVault/vaults")}
+    ident_ids = {tier: ev.fn_resourceid("Microsoft.ManagedIdentity/userAssignedIdentities",
+                                        ev.variable("identityNames")[tier]) for tier in TIERS}
+    assignments = role_assignments(t, ev)
+    carriers = resources_of(t, "Microsoft.Compute/virtualMachineScaleSets") + \
+        resources_of(t, "Microsoft.Compute/virtualMachines")
+    for r in carriers:
+        label = f"{r['type'].split('/')[-1]} {r['name']}"
+        deps = {ev.value(d) for d in r.get("dependsOn", [])}
+        try:
+            tags = ev.value(r.get("tags", {}))
+        except ArmExprError:
+            tags = {}
+        for tag, value in tags.items():
+            if value in vault_ids and vault_ids[value] not in deps:
+                problems.append(f"{label}: carries {tag} but does not depend on that Key Vault")
+        ids = {ev.value(i) for i in r.get("identity", {}).get("userAssignedIdentities", {})}
+        tier = next((k for k, v in ident_ids.items() if v in ids), None)
+        for a in assignments:
+            if a["principal"] == tier and _assignment_id(ev, a["resource"]) not in deps:
+                problems.append(f"{label}: does not depend on its identity's role assignment "
+                                f"({a['role']} on {a['scope']}): the first boot could miss it")
+    customs = {ev.value(r["name"]) for r in resources_of(t, "Microsoft.Authorization/roleDefinitions")}
+    scoped = {resource_id(ev, r).lower(): resource_id(ev, r) for r in t.get("resources", [])
+              if r.get("type") in ("Microsoft.KeyVault/vaults", "Microsoft.KeyVault/vaults/keys",
+                                   "Microsoft.Storage/storageAccounts/blobServices/containers")}
+    for a in assignments:
+        r = a["resource"]
+        deps = {ev.value(d) for d in r.get("dependsOn", [])}
+        if a["principal"] in ident_ids and ident_ids[a["principal"]] not in deps:
+            problems.append(f"role assignment {r['name']}: does not depend on its identity")
+        if a["role_id"] in customs and \
+                ev.fn_resourceid("Microsoft.Authorization/roleDefinitions", a["role_id"]) not in deps:
+            problems.append(f"role assignment {r['name']}: does not depend on its custom role")
+        if "scope" in r:
+            scope = ev.value(r["scope"])
+            full = scope if scope.startswith("/") else f"{ev.fn_resourcegroup()['id']}/providers/{scope}"
+            if full.lower() in scoped and scoped[full.lower()] not in deps:
+                problems.append(f"role assignment {r['name']}: does not depend on {a['scope']}, its scope")
     return problems
 
 
@@ -818,9 +969,19 @@ TAG_VALUE_RULES = {
     "hashistack-blob-endpoint": r"https://[a-z0-9]+\.blob\.[a-z0-9.]+/",
     "hashistack-keyvault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-escrow-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
+    "hashistack-servers-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
+    "hashistack-status-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-vault-seal": r"azurekeyvault vault_name=[A-Za-z0-9-]+ key_name=[A-Za-z0-9-]+",
 }
 JOIN_TAG_TIER = {"hashistack-consul-join": "consul", "hashistack-vault-join": "vault", "hashistack-nomad-join": "nomad"}
+# Which vault each Key Vault URI tag must name (a worker given the servers vault's URI as its shared vault would
+# try to read the CA key's vault).
+VAULT_OF_TAG = {"hashistack-keyvault-uri": "sharedVaultName", "hashistack-servers-vault-uri": "serversVaultName",
+                "hashistack-status-vault-uri": "statusVaultName", "hashistack-escrow-vault-uri": "escrowVaultName"}
+# Tags the agent refuses on a role (agent/src/node.rs `forbid`): a vault URI on a node with no business with
+# that vault is a mis-tagged tier.
+TAG_FORBIDDEN_FOR = {"hashistack-servers-vault-uri": {"worker", "jumpbox"},
+                     "hashistack-status-vault-uri": {"worker"}}
 
 
 def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
@@ -845,6 +1006,8 @@ def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
         for tag in tags:
             if tag.startswith("hashistack-") and tag not in known:
                 problems.append(f"{label}: tag {tag} is not in docs/tags.md (the agent rejects it)")
+            if role in TAG_FORBIDDEN_FOR.get(tag, ()):
+                problems.append(f"{label}: carries {tag}, which role {role} must not have (the agent refuses it)")
         try:
             values = ev.value(tags)
         except ArmExprError as exc:
@@ -859,6 +1022,11 @@ def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
             rule = TAG_VALUE_RULES.get(tag)
             if rule and not re.fullmatch(rule, value):
                 problems.append(f"{label}: {tag}={value!r} does not match {rule}")
+            if tag in VAULT_OF_TAG:
+                want_uri = ev.fn_reference(ev.fn_resourceid("Microsoft.KeyVault/vaults",
+                                                            ev.variable(VAULT_OF_TAG[tag])))["vaultUri"]
+                if value != want_uri:
+                    problems.append(f"{label}: {tag}={value!r} is not the {VAULT_OF_TAG[tag]} vault ({want_uri})")
             if tag in JOIN_TAG_TIER:
                 kv = dict(x.split("=", 1) for x in value.split())
                 want_vmss = ev.variable("vmssNames")[JOIN_TAG_TIER[tag]]

@@ -136,6 +136,22 @@ def test_access_matrix_is_least_privilege(template, ev):
     no_problems(checks.check_access_matrix(template, ev))
 
 
+def test_key_vaults_split_by_readership(template, ev):
+    """The CA key's vault (servers) is the server tiers' alone; the status tokens' vault is read by the jumpbox
+    only and written (set, never get) by the server tiers; every cluster identity reads the shared vault."""
+    no_problems(checks.check_vault_readership(template, ev))
+
+
+def test_key_vault_firewalls_admit_only_their_readers_subnets(template, ev):
+    no_problems(checks.check_vault_network_acls(template, ev))
+
+
+def test_first_boot_has_its_vaults_and_role_assignments(template, ev):
+    """Scale sets and the jumpbox depend on the vaults they are tagged with and on their identity's role
+    assignments; each assignment on its identity, custom role and scope."""
+    no_problems(checks.check_boot_dependencies(template, ev))
+
+
 def test_node_record_writers_write_only_under_nodes(template, ev):
     """Workers and the jumpbox publish boot records for `hashistack-agent status`, and nothing else."""
     no_problems(checks.check_node_record_writers(template, ev))

@@ -46,6 +46,52 @@ def set_rule(t, tier, name, **props):
     raise AssertionError(name)
 
 
+IDENTITY = "resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', variables('identityNames').{})"
+SECRETS_USER = "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', variables('builtInRoles').keyVaultSecretsUser)]"
+
+
+def custom_role(key):
+    return f"[resourceId('Microsoft.Authorization/roleDefinitions', variables('customRoles').{key})]"
+
+
+def grant(t, who, vault_var, role=SECRETS_USER):
+    """Adds a role assignment on a Key Vault, built like the template's own (who: a tier or 'operator')."""
+    if who == "operator":
+        principal, ptype = "[parameters('operatorObjectId')]", "[parameters('operatorPrincipalType')]"
+    else:
+        principal = f"[reference({IDENTITY.format(who)}, '2024-11-30').principalId]"
+        ptype = "ServicePrincipal"
+    t["resources"].append({
+        "type": "Microsoft.Authorization/roleAssignments", "apiVersion": "2022-04-01",
+        "name": f"[guid(resourceId('Microsoft.KeyVault/vaults', variables('{vault_var}')), '{who}', 'mutation')]",
+        "scope": f"[format('Microsoft.KeyVault/vaults/{{0}}', variables('{vault_var}'))]",
+        "properties": {"roleDefinitionId": role, "principalId": principal, "principalType": ptype}})
+
+
+def key_vault(t, var):
+    return res(t, "Microsoft.KeyVault/vaults", lambda r: r["name"] == f"[variables('{var}')]")[0]
+
+
+def vault_rules(t, var):
+    return key_vault(t, var)["properties"]["networkAcls"]["virtualNetworkRules"]
+
+
+def subnet_rule(subnet):
+    return {"id": f"[resourceId('Microsoft.Network/virtualNetworks/subnets', variables('vnetName'), '{subnet}')]",
+            "ignoreMissingVnetServiceEndpoint": False}
+
+
+def jumpbox(t):
+    return res(t, "Microsoft.Compute/virtualMachines")[0]
+
+
+def drop_dep(r, *needles):
+    """Removes the dependsOn entries that contain every needle (at least one must)."""
+    before = list(r["dependsOn"])
+    r["dependsOn"] = [d for d in before if not all(n in d for n in needles)]
+    assert len(r["dependsOn"]) < len(before), needles
+
+
 # Each case: (id, mutate(ctx), run(ctx, schemas) -> problems). ctx holds deep copies of every input.
 def _schema(ctx, s):
     return checks.check_template_schema(ctx["t"], s)
@@ -277,6 +323,109 @@ CASES = [
     ("server count tag not 1/3/5/7",
      lambda c: c["t"]["parameters"]["consulServerCount"].__setitem__("defaultValue", 4),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    # --- Key Vaults split by readership
+    ("workers get Secrets User on the servers vault (the CA key)",
+     lambda c: grant(c["t"], "workers", "serversVaultName"),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("jumpbox gets Secrets User on the servers vault",
+     lambda c: grant(c["t"], "jumpbox", "serversVaultName"),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("operators get Secrets User on the servers vault",
+     lambda c: grant(c["t"], "operator", "serversVaultName"),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("workers get the cluster material role on the servers vault",
+     lambda c: grant(c["t"], "workers", "serversVaultName", custom_role("clusterMaterialWriter")),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("workers read the status vault",
+     lambda c: grant(c["t"], "workers", "statusVaultName"),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("a server tier can get on the status vault (read-write role instead of set-only)",
+     lambda c: assignment(c["t"], "statusSecretWriter", "vault")["properties"].__setitem__(
+         "roleDefinitionId", custom_role("clusterMaterialWriter")),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("the reused escrow secret writer role gains get (reaches the status vault)",
+     lambda c: role_def(c["t"], "escrowSecretWriter")["properties"]["permissions"][0]["dataActions"].append(
+         "Microsoft.KeyVault/vaults/secrets/getSecret/action"),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("the jumpbox loses its read of the status vault",
+     lambda c: c["t"]["resources"].remove(assignment(c["t"], "statusSecretsUser", "jumpbox")),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("nomad loses its servers vault role",
+     lambda c: c["t"]["resources"].remove(assignment(c["t"], "serversMaterialWriter", "nomad")),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("workers hold Secrets User on the resource group (every vault)",
+     lambda c: assignment(c["t"], "reader", "workers")["properties"].__setitem__("roleDefinitionId", SECRETS_USER),
+     lambda c, s: checks.check_vault_readership(c["t"], _ev(c))),
+    ("servers vault firewall admits the workers subnet",
+     lambda c: vault_rules(c["t"], "serversVaultName").append(subnet_rule("workers")),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("servers vault firewall admits the jumpbox subnet",
+     lambda c: vault_rules(c["t"], "serversVaultName").append(subnet_rule("jumpbox")),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("status vault firewall lacks the jumpbox subnet",
+     lambda c: vault_rules(c["t"], "statusVaultName").pop(),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("status vault firewall admits the workers subnet",
+     lambda c: vault_rules(c["t"], "statusVaultName").append(subnet_rule("workers")),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("servers vault firewall admits an IP range",
+     lambda c: key_vault(c["t"], "serversVaultName")["properties"]["networkAcls"].__setitem__(
+         "ipRules", [{"value": "203.0.113.0/24"}]),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("servers vault removed (CA key back in the shared vault)",
+     lambda c: c["t"]["resources"].remove(key_vault(c["t"], "serversVaultName")),
+     lambda c, s: checks.check_vault_network_acls(c["t"], _ev(c))),
+    ("workers tagged with the servers vault",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-servers-vault-uri", vmss(c["t"], "nomad-server")["tags"]["hashistack-servers-vault-uri"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("jumpbox tagged with the servers vault",
+     lambda c: jumpbox(c["t"])["tags"].__setitem__(
+         "hashistack-servers-vault-uri", vmss(c["t"], "nomad-server")["tags"]["hashistack-servers-vault-uri"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers tagged with the status vault",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-status-vault-uri", jumpbox(c["t"])["tags"]["hashistack-status-vault-uri"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("nomad servers' servers vault tag names the shared vault",
+     lambda c: vmss(c["t"], "nomad-server")["tags"].__setitem__(
+         "hashistack-servers-vault-uri", vmss(c["t"], "nomad-server")["tags"]["hashistack-keyvault-uri"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers' shared vault tag names the servers vault",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-keyvault-uri", vmss(c["t"], "consul-server")["tags"]["hashistack-servers-vault-uri"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("status vault tag is not an https URL",
+     lambda c: jumpbox(c["t"])["tags"].__setitem__(
+         "hashistack-status-vault-uri", "[format('http://{0}.vault.azure.net/', variables('statusVaultName'))]"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("vault servers lack the servers vault tag",
+     lambda c: vmss(c["t"], "vault-server")["tags"].pop("hashistack-servers-vault-uri"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("consul servers lack the status vault tag",
+     lambda c: vmss(c["t"], "consul-server")["tags"].pop("hashistack-status-vault-uri"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("jumpbox lacks the status vault tag",
+     lambda c: jumpbox(c["t"])["tags"].pop("hashistack-status-vault-uri"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers lack the shared vault tag",
+     lambda c: vmss(c["t"], "worker")["tags"].pop("hashistack-keyvault-uri"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("consul scale set does not wait for its servers vault assignment",
+     lambda c: drop_dep(vmss(c["t"], "consul-server"), "extensionResourceId", "serversVaultName"),
+     lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    ("jumpbox does not wait for its status vault assignment",
+     lambda c: drop_dep(jumpbox(c["t"]), "extensionResourceId", "statusVaultName"),
+     lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    ("nomad scale set does not wait for the status vault",
+     lambda c: drop_dep(vmss(c["t"], "nomad-server"), "[resourceId('Microsoft.KeyVault/vaults', variables('statusVaultName'))]"),
+     lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    ("status vault assignment does not wait for the status vault",
+     lambda c: drop_dep(assignment(c["t"], "statusSecretsUser", "jumpbox"), "variables('statusVaultName'))]"),
+     lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    ("servers vault assignment does not wait for its custom role",
+     lambda c: drop_dep(assignment(c["t"], "serversMaterialWriter", "vault"), "roleDefinitions"),
+     lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
     # --- checkov config
     ("checkov skip without a reason",
      lambda c: c.__setitem__("checkov_yaml", c["checkov_yaml"] + "  - CKV_AZURE_1\n"),
