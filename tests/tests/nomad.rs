@@ -1,15 +1,18 @@
 //! End-to-end Nomad tier: ACL bootstrap with a `BootstrapSecret` escrowed before use, exactly once among
 //! the Nomad servers, recoverable by operators; a leader killed right after the bootstrap call leaves the
-//! tier recoverable from the escrow made before the call. Nomad ≥ 1.7 cannot be installed here, so the lab
-//! runs the Nomad contract double (lab/src/nomad_double.rs) through `<state_dir>/bin/nomad`; a real `nomad`
-//! on PATH is exercised as well when there is one.
+//! tier recoverable from the escrow made before the call; the read-only status token the bootstrap creates
+//! (a client token: node, agent and operator read, no ACL writes), and `hashistack-agent status` counting
+//! the workers' Nomad clients ready, then down when one stops heartbeating. Nomad ≥ 1.7 cannot be
+//! installed here, so the lab runs the Nomad contract double (lab/src/nomad_double.rs) through
+//! `<state_dir>/bin/nomad`; a real `nomad` on PATH is exercised as well when there is one.
 
 use hashistack_agent::bootstrap::CrashPoint;
 use hashistack_agent::coordination::TierPhase;
 use hashistack_agent::node::Role;
-use hashistack_e2e::{escrow_cmd, files_containing, healthy_lab, options, tools};
+use hashistack_agent::status::tokens::{NOMAD_POLICY, NOMAD_SECRET, NOMAD_TOKEN_NAME};
+use hashistack_e2e::{agent, escrow_cmd, files_containing, healthy_lab, options, tools};
 use hashistack_lab::Lab;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -224,5 +227,275 @@ async fn leader_killed_after_the_call_is_recovered_from_the_escrow_made_before_u
     assert_eq!(count_outcome(&lab, Role::NomadServer, "bootstrapped"), 0);
     let operator = lab.operator_imds().await.unwrap();
     recovered_secret_works(&lab, &operator).await;
+    lab.down().await;
+}
+
+/// The Nomad status token and the Key Vault double's vault that holds it (exactly one may).
+fn status_token(lab: &Lab) -> (String, String) {
+    let kv = lab
+        .keyvault
+        .as_ref()
+        .expect("the lab runs the Key Vault double");
+    let held: Vec<(String, String)> = kv
+        .vaults()
+        .iter()
+        .filter_map(|v| Some((v.name().to_string(), v.secret_value(NOMAD_SECRET)?)))
+        .collect();
+    assert_eq!(
+        held.len(),
+        1,
+        "{NOMAD_SECRET} in exactly one vault: {held:?}"
+    );
+    held.into_iter().next().unwrap()
+}
+
+/// `hashistack-agent status --json` on the jumpbox: (exit code, report).
+async fn jumpbox_status(lab: &Lab) -> (i32, Value) {
+    let j = lab.jumpbox().expect("the lab has a jumpbox");
+    let o = tokio::process::Command::new(agent(lab))
+        .arg("status")
+        .arg("--config")
+        .arg(&lab.nodes[j].config_path)
+        .arg("--json")
+        .output()
+        .await
+        .expect("run hashistack-agent status");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("--- status --json (exit {:?}):\n{out}", o.status.code());
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (o.status.code().unwrap_or(-1), v)
+}
+
+fn nomad_tier(report: &Value) -> Value {
+    report["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tier"] == "nomad")
+        .cloned()
+        .expect("a nomad tier")
+}
+
+fn nomad_problems(report: &Value) -> Vec<String> {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["area"] == "nomad")
+        .map(|p| p["message"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Runs status until `done` holds, at most `deadline`.
+async fn status_until(
+    lab: &Lab,
+    deadline: Duration,
+    done: impl Fn(i32, &Value) -> bool,
+) -> (i32, Value) {
+    let start = Instant::now();
+    loop {
+        let (code, r) = jumpbox_status(lab).await;
+        if done(code, &r) {
+            return (code, r);
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "status never got there within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The Nomad tier's bootstrap creates the status token and hands it over: a client token with the
+/// `status-read` policy, which can list nodes and read the agent and raft, and cannot write ACLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nomad_bootstrap_creates_a_read_only_status_token() {
+    let mut o = options("nomad-status-token", 104);
+    o.nomad_servers = 3;
+    o.vault_servers = 0;
+    let mut lab = healthy_lab(o).await;
+    let (vault, token) = status_token(&lab);
+    if lab
+        .keyvault
+        .as_ref()
+        .unwrap()
+        .vaults()
+        .iter()
+        .any(|v| v.name() == "status")
+    {
+        assert_eq!(vault, "status", "the status token goes to the status vault");
+    }
+    let http = lab.https();
+    let call =
+        |method: reqwest::Method, ip: std::net::Ipv4Addr, path: &str, body: Option<Value>| {
+            let mut rb = http
+                .request(method, format!("https://{ip}:4646{path}"))
+                .header("X-Nomad-Token", &token);
+            if let Some(b) = body {
+                rb = rb.json(&b);
+            }
+            async move {
+                let r = rb.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        };
+    for ip in nomad_ips(&lab) {
+        let (st, body) = call(reqwest::Method::GET, ip, "/v1/acl/token/self", None).await;
+        assert_eq!(st, 200, "{ip}: {body}");
+        let t: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(t["Type"], "client", "{t}");
+        assert_eq!(t["Name"], NOMAD_TOKEN_NAME);
+        assert_eq!(t["Policies"], json!([NOMAD_POLICY]));
+        // What status asks: the nodes, the agent, the raft configuration.
+        let (st, body) = call(reqwest::Method::GET, ip, "/v1/nodes", None).await;
+        assert_eq!(st, 200, "{ip} /v1/nodes: {body}");
+        assert!(body.trim_start().starts_with('['), "{body}");
+        assert_eq!(
+            call(reqwest::Method::GET, ip, "/v1/agent/self", None)
+                .await
+                .0,
+            200
+        );
+        let (st, body) = call(
+            reqwest::Method::GET,
+            ip,
+            "/v1/operator/raft/configuration",
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+        let raft: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(raft["Servers"].as_array().unwrap().len(), 3, "{raft}");
+        // Nothing it may change: no ACL writes, not even a look at other tokens.
+        for (method, path, body) in [
+            (
+                reqwest::Method::PUT,
+                "/v1/acl/policy/escalate",
+                Some(json!({"Name": "escalate", "Rules": "node { policy = \"write\" }"})),
+            ),
+            (
+                reqwest::Method::PUT,
+                "/v1/acl/token",
+                Some(json!({"Name": "escalate", "Type": "management"})),
+            ),
+            (reqwest::Method::GET, "/v1/acl/tokens", None),
+        ] {
+            assert_eq!(
+                call(method, ip, path, body).await,
+                (403, "Permission denied".to_string()),
+                "{ip} {path}"
+            );
+        }
+    }
+    // Exactly one status token exists (the operator's management token lists them).
+    let operator = lab.operator_imds().await.unwrap();
+    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "nomad"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let management = serde_json::from_slice::<Value>(&o.stdout).unwrap()["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ip = nomad_ips(&lab)[0];
+    let tokens: Vec<Value> = http
+        .get(format!("https://{ip}:4646/v1/acl/tokens"))
+        .header("X-Nomad-Token", &management)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tokens
+            .iter()
+            .filter(|t| t["Name"] == NOMAD_TOKEN_NAME)
+            .count(),
+        1,
+        "{tokens:?}"
+    );
+    // status on the jumpbox: the token is present and accepted, no Nomad problem.
+    let (_, report) = status_until(&lab, Duration::from_secs(60), |_, r| {
+        nomad_tier(r)["status_token"] == "present"
+    })
+    .await;
+    let t = nomad_tier(&report);
+    assert_eq!(t["acl"], "bootstrapped", "{t}");
+    assert_eq!(t["clients"], json!({"ready": 0, "total": 0}), "{t}");
+    assert!(nomad_problems(&report).is_empty(), "{report}");
+    // The token is in no log or record: only in the vault it was handed to and the servers' state.
+    let leaks = files_containing(
+        &lab.opts.state_dir,
+        &[token],
+        &["/opt/nomad/data", "secrets/keyvault"],
+    );
+    assert!(leaks.is_empty(), "status token found in {leaks:?}");
+    lab.down().await;
+}
+
+/// Two workers run Nomad clients of the double: status counts 2 ready. One worker's Nomad stops (its agent
+/// frozen so that nothing restarts it, then the nomad process killed): the node goes down and status is
+/// degraded with a line naming it; once the agent runs again it restarts Nomad and the node is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_nomad_clients_ready_and_a_dead_one_down() {
+    let mut o = options("nomad-workers", 105);
+    o.nomad_servers = 3;
+    o.vault_servers = 0;
+    o.workers = 2;
+    let lab = healthy_lab(o).await;
+    let (_, report) = status_until(&lab, Duration::from_secs(90), |_, r| {
+        nomad_tier(r)["clients"] == json!({"ready": 2, "total": 2})
+    })
+    .await;
+    assert!(nomad_problems(&report).is_empty(), "{report}");
+    let workers: Vec<usize> = (0..lab.nodes.len())
+        .filter(|&i| lab.nodes[i].def.role == Role::Worker)
+        .collect();
+    assert_eq!(workers.len(), 2);
+    let victim = workers[1];
+    let name = lab.nodes[victim].def.name.clone();
+    let agent_pid = lab.nodes[victim]
+        .agent
+        .as_ref()
+        .and_then(|a| a.pid())
+        .expect("the worker's agent runs");
+    let pid_file = lab.nodes[victim]
+        .root
+        .join("var/lib/hashistack/pids/nomad-client.pid");
+    let nomad_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    let kill = |signal: &str, pid: u32| {
+        let st = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {signal} {pid}");
+    };
+    kill("-STOP", agent_pid);
+    kill("-KILL", nomad_pid);
+    let killed = Instant::now();
+    let (code, report) = status_until(&lab, Duration::from_secs(60), |_, r| {
+        nomad_tier(r)["clients"] == json!({"ready": 1, "total": 2})
+    })
+    .await;
+    eprintln!("node down after {:?}", killed.elapsed());
+    assert_eq!(code, 1, "degraded");
+    assert_eq!(report["verdict"], "degraded");
+    let problems = nomad_problems(&report);
+    assert!(
+        problems
+            .iter()
+            .any(|m| m == &format!("{name}: client node down")),
+        "{problems:?}"
+    );
+    // The agent runs again, restarts Nomad: ready.
+    kill("-CONT", agent_pid);
+    let (_, report) = status_until(&lab, Duration::from_secs(60), |_, r| {
+        nomad_tier(r)["clients"] == json!({"ready": 2, "total": 2})
+    })
+    .await;
+    assert!(nomad_problems(&report).is_empty(), "{report}");
     lab.down().await;
 }
