@@ -1,0 +1,224 @@
+//! End-to-end: workers and the jumpbox never hold the cluster CA key, yet their Consul and Nomad agents run
+//! with TLS certificates that chain to the cluster CA; and only the jumpbox identity can read the status tokens.
+//!
+//! Lab: 3 Consul servers, 1 Vault server, 1 Nomad server, 2 workers and the jumpbox, all booted at once.
+
+use hashistack_agent::material;
+use hashistack_agent::services::health::{self, Probe};
+use hashistack_agent::services::Health;
+use hashistack_e2e::{agent, files_containing, healthy_lab, options};
+use hashistack_lab::imds::lab_token_for;
+use hashistack_lab::keyvault::{principals, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT};
+use hashistack_lab::Lab;
+use std::time::Duration;
+
+/// GET one secret from vault `vault` of the Key Vault double as principal `oid`; returns the HTTP status.
+async fn get_secret_as(lab: &Lab, vault: &str, name: &str, oid: &str) -> u16 {
+    let kv = lab.keyvault.as_ref().expect("Key Vault double");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = lab_token_for("https://vault.azure.net", oid, now, 600);
+    let url = format!(
+        "{}secrets/{name}?api-version=7.5",
+        kv.vault(vault).expect("vault").url()
+    );
+    lab.https()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("Key Vault double answers")
+        .status()
+        .as_u16()
+}
+
+/// A distinctive line of a PEM body (what any copy of the key on disk would contain, raw or JSON-escaped).
+fn pem_needle(pem: &str) -> String {
+    pem.lines()
+        .find(|l| !l.starts_with("-----") && l.len() >= 40)
+        .expect("a PEM body line")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
+    let mut o = options("workers", 70);
+    o.vault_servers = 1;
+    o.nomad_servers = 1;
+    o.workers = 2;
+    o.jumpbox = Some(true);
+    let lab = healthy_lab(o).await;
+    let kv = lab.keyvault.as_ref().unwrap();
+    let names = material::names(&lab.opts.cluster);
+
+    // The CA key exists only in the servers vault.
+    let ca_key = kv
+        .vault(SERVERS_VAULT)
+        .unwrap()
+        .secret_value(&names.ca_key)
+        .expect("the CA key in the servers vault");
+    for n in names.shared() {
+        assert!(
+            kv.vault(SHARED_VAULT).unwrap().secret_value(n).is_some(),
+            "{n} in the shared vault"
+        );
+    }
+    assert!(kv
+        .vault(SHARED_VAULT)
+        .unwrap()
+        .secret_value(&names.ca_key)
+        .is_none());
+
+    // No worker or jumpbox identity ever asked the servers vault for anything.
+    let strays: Vec<_> = kv
+        .vault(SERVERS_VAULT)
+        .unwrap()
+        .served()
+        .into_iter()
+        .filter(|s| {
+            matches!(
+                s.principal.as_deref(),
+                Some(principals::WORKERS | principals::JUMPBOX)
+            )
+        })
+        .collect();
+    assert!(strays.is_empty(), "servers vault served {strays:?}");
+
+    // …and could not if they tried (the role assignments of the ARM template, modelled by the double).
+    for oid in [principals::WORKERS, principals::JUMPBOX] {
+        assert_eq!(
+            get_secret_as(&lab, SERVERS_VAULT, &names.ca_key, oid).await,
+            403,
+            "{oid} reading the CA key"
+        );
+    }
+    assert_eq!(
+        get_secret_as(&lab, SERVERS_VAULT, &names.ca_key, principals::CONSUL).await,
+        200
+    );
+
+    // Status tokens: the jumpbox reads them, workers cannot, servers may only write them.
+    use hashistack_agent::status::tokens::{CONSUL_SECRET, NOMAD_SECRET, VAULT_SECRET};
+    for secret in [CONSUL_SECRET, VAULT_SECRET, NOMAD_SECRET] {
+        assert_eq!(
+            get_secret_as(&lab, STATUS_VAULT, secret, principals::JUMPBOX).await,
+            200,
+            "jumpbox reads {secret}"
+        );
+        for oid in [principals::WORKERS, principals::CONSUL, principals::NOMAD] {
+            assert_eq!(
+                get_secret_as(&lab, STATUS_VAULT, secret, oid).await,
+                403,
+                "{oid} reading {secret}"
+            );
+        }
+        assert!(
+            kv.vault(SHARED_VAULT)
+                .unwrap()
+                .secret_value(secret)
+                .is_none(),
+            "{secret} is not in the shared vault every node reads"
+        );
+    }
+
+    // Nothing on a worker's or the jumpbox's disk holds the CA key; a Consul server's does (its built-in
+    // Connect CA signs the auto-encrypt certificates with it), which shows the search would find it.
+    let needle = vec![pem_needle(&ca_key)];
+    for n in &lab.nodes {
+        let found = files_containing(&n.root, &needle, &[]);
+        match n.def.role.to_string().as_str() {
+            "worker" | "jumpbox" => {
+                assert!(found.is_empty(), "{}: CA key in {found:?}", n.def.name)
+            }
+            // Its config file, and Consul's own raft state (the CA configuration is replicated there).
+            "consul-server" => {
+                assert!(
+                    found.contains(&n.root.join("etc/consul.d/connect-ca.json")),
+                    "{}: {found:?}",
+                    n.def.name
+                );
+                assert!(
+                    found
+                        .iter()
+                        .all(|p| p.starts_with(n.root.join("etc/consul.d"))
+                            || p.starts_with(n.root.join("opt/consul/data"))),
+                    "{}: {found:?}",
+                    n.def.name
+                );
+            }
+            _ => assert!(found.is_empty(), "{}: CA key in {found:?}", n.def.name),
+        }
+    }
+
+    let cluster_ca = lab.cluster_ca().expect("cluster CA");
+    let client_cert = kv
+        .vault(SHARED_VAULT)
+        .unwrap()
+        .secret_value(&names.nomad_client_cert)
+        .unwrap();
+    for n in lab
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.def.role.to_string().as_str(), "worker" | "jumpbox"))
+    {
+        let consul_tls = n.root.join("etc/consul.d/tls");
+        // Consul: no certificate or key on disk — auto-encrypt — yet its HTTPS API verifies against the
+        // cluster CA for the node's address.
+        assert!(
+            !consul_tls.join("consul-key.pem").exists(),
+            "{}",
+            n.def.name
+        );
+        assert!(!consul_tls.join("consul.pem").exists(), "{}", n.def.name);
+        assert_eq!(
+            std::fs::read_to_string(consul_tls.join("ca.pem"))
+                .unwrap()
+                .trim(),
+            cluster_ca.trim()
+        );
+        let probe = health::probe(
+            &Health::ConsulHttps {
+                addr: format!("{}:8501", n.def.ip),
+                ca_file: consul_tls.join("ca.pem"),
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            matches!(probe, Probe::Leader { .. }),
+            "{}: {probe:?}",
+            n.def.name
+        );
+        // Nomad (workers): the one shared client certificate from the shared vault.
+        if n.def.role.to_string() == "worker" {
+            assert_eq!(
+                std::fs::read_to_string(n.root.join("etc/nomad.d/tls/nomad.pem"))
+                    .unwrap()
+                    .trim(),
+                client_cert.trim(),
+                "{}",
+                n.def.name
+            );
+        }
+    }
+
+    // The operator's view on the jumpbox: both workers are Consul members and ready Nomad clients.
+    let out = tokio::process::Command::new(agent(&lab))
+        .arg("status")
+        .arg("--json")
+        .arg("--config")
+        .arg(&lab.nodes[lab.jumpbox().unwrap()].config_path)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = v.to_string();
+    for w in ["worker-0", "worker-1"] {
+        assert!(s.contains(w), "{w} in status: {text}");
+    }
+    lab.down().await;
+}
