@@ -99,7 +99,11 @@ async fn three_consul_and_three_vault_servers_come_up_from_tags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reboots_are_idempotent() {
-    let mut lab = healthy_lab(options("reboot", 82)).await;
+    // Every role: Consul, Vault and Nomad servers, a worker and the jumpbox.
+    let mut o = options("reboot", 82);
+    o.nomad_servers = 1;
+    o.workers = 1;
+    let mut lab = healthy_lab(o).await;
     let etc: Vec<_> = lab
         .nodes
         .iter()
@@ -140,7 +144,7 @@ async fn reboots_are_idempotent() {
             );
         }
     }
-    for tier in ["consul", "vault"] {
+    for tier in ["consul", "vault", "nomad"] {
         let st = lab.tier_state(tier).await.unwrap();
         let inits = st
             .history
