@@ -442,7 +442,11 @@ fn material_vaults(spec: &NodeSpec) -> Result<crate::material::Vaults, BootError
     } else {
         None
     };
-    Ok(crate::material::Vaults { shared, servers })
+    Ok(crate::material::Vaults {
+        shared,
+        servers,
+        nomad_client: spec.role == crate::node::Role::Worker,
+    })
 }
 
 /// Writes the plan; returns the paths that changed (never their content).

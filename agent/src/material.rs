@@ -22,6 +22,8 @@ pub struct Vaults {
     pub shared: String,
     /// `Some` on server tiers only.
     pub servers: Option<String>,
+    /// Read the shared Nomad client certificate and key (workers only: nobody else needs the key in memory).
+    pub nomad_client: bool,
 }
 
 /// The secrets a node renders from. Zeroized on drop. Server-only parts are `None` on workers and the jumpbox.
@@ -156,12 +158,16 @@ async fn read_all(
     let Some(consul) = get(az, shared, &n.consul_gossip_key, policy).await? else {
         return Ok(None);
     };
-    let nomad_client = match (
-        get(az, shared, &n.nomad_client_cert, policy).await?,
-        get(az, shared, &n.nomad_client_key, policy).await?,
-    ) {
-        (Some(c), Some(k)) => Some((c.to_string(), k)),
-        _ => None,
+    let nomad_client = if vaults.nomad_client {
+        match (
+            get(az, shared, &n.nomad_client_cert, policy).await?,
+            get(az, shared, &n.nomad_client_key, policy).await?,
+        ) {
+            (Some(c), Some(k)) => Some((c.to_string(), k)),
+            _ => None,
+        }
+    } else {
+        None
     };
     let (ca_key, nomad_gossip_key) = match &vaults.servers {
         Some(servers) => {

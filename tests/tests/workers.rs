@@ -86,6 +86,22 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
         .collect();
     assert!(strays.is_empty(), "servers vault served {strays:?}");
 
+    // Only workers read the Nomad client key (the jumpbox runs no Nomad, servers have their own certificates).
+    let key_readers: Vec<_> = kv
+        .vault(SHARED_VAULT)
+        .unwrap()
+        .served()
+        .into_iter()
+        .filter(|s| {
+            s.method == "GET" && s.path.contains(&names.nomad_client_key) && s.status == 200
+        })
+        .filter_map(|s| s.principal)
+        .collect();
+    assert!(
+        !key_readers.is_empty() && key_readers.iter().all(|p| p == principals::WORKERS),
+        "Nomad client key read by {key_readers:?}"
+    );
+
     // …and could not if they tried (the role assignments of the ARM template, modelled by the double).
     for oid in [principals::WORKERS, principals::JUMPBOX] {
         assert_eq!(
