@@ -441,6 +441,97 @@ fn nomad_token_refused() -> Observations {
     o
 }
 
+/// Adds a Consul gossip member (a client: role `node`).
+fn add_member(o: &mut Observations, name: &str, addr: &str, status: &str) {
+    if let Some(Ok(ms)) = &mut o.consul.members {
+        ms.push(Member {
+            name: name.into(),
+            addr: addr.into(),
+            role: "node".into(),
+            status: status.into(),
+            version: "1.20.0".into(),
+        });
+    }
+}
+
+fn set_member(o: &mut Observations, name: &str, status: &str) {
+    if let Some(Ok(ms)) = &mut o.consul.members {
+        ms.iter_mut()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+            .status = status.into();
+    }
+}
+
+fn nomad_node(name: &str, address: &str, status: &str) -> NomadNode {
+    NomadNode {
+        name: name.into(),
+        address: address.into(),
+        status: status.into(),
+        eligible: status == "ready",
+    }
+}
+
+fn aged(mut r: NodeRecord, secs: i64) -> NodeRecord {
+    r.boot.finished_unix = NOW - secs;
+    r.published_unix = NOW - secs;
+    r
+}
+
+/// After scale-ins: workers and a Nomad server that have left the cluster, their boot records still there.
+/// * workers-000002 stopped gracefully 2 days after its boot: Consul `left`, its Nomad node `down`;
+/// * workers-000003 left 5 days ago: Consul has reaped it, Nomad has garbage-collected its node;
+/// * workers-000009's record was deleted by hand, its Nomad node is still listed `down`, Consul says `left`;
+/// * nomad-000003 (the tier went from 4 servers to 3): Consul `left`, no raft peer, unreachable.
+///
+/// Healthy: none of them is counted or a problem; they are listed on one line.
+fn departed_nodes() -> Observations {
+    let mut o = healthy();
+    o.records.push(aged(
+        record("workers-000002", "worker", "10.0.4.6", &[]),
+        2 * 86_400,
+    ));
+    o.records.push(aged(
+        record("workers-000003", "worker", "10.0.4.7", &[]),
+        5 * 86_400,
+    ));
+    o.records.push(aged(
+        record(
+            "nomad-000003",
+            "nomad-server",
+            "10.0.3.7",
+            &[("nomad-servers", 3)],
+        ),
+        9 * 86_400,
+    ));
+    o.records.sort_by(|a, b| a.boot.node.cmp(&b.boot.node));
+    add_member(&mut o, "workers-000002", "10.0.4.6", "left");
+    add_member(&mut o, "workers-000009", "10.0.4.13", "left");
+    add_member(&mut o, "nomad-000003", "10.0.3.7", "left");
+    if let Some(Ok(nodes)) = &mut o.nomad.nodes {
+        nodes.push(nomad_node("workers-000002", "10.0.4.6", "down"));
+        nodes.push(nomad_node("workers-000009", "10.0.4.13", "down"));
+    }
+    o.nomad.probes.push(Probed {
+        name: "nomad-000003".into(),
+        address: "10.0.3.7".into(),
+        answer: err("cannot connect: Connection refused"),
+    });
+    o
+}
+
+/// A worker went without leaving (power loss, a VM deleted without a clean shutdown): Consul marks it
+/// `failed`, Nomad `down`. Degraded, naming it twice; not departed until Consul reaps it (72 h) or an
+/// operator runs `consul force-leave`.
+fn worker_failed() -> Observations {
+    let mut o = healthy();
+    set_member(&mut o, "workers-000001", "failed");
+    if let Some(Ok(nodes)) = &mut o.nomad.nodes {
+        nodes[1].status = "down".into();
+    }
+    o
+}
+
 fn golden_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/status_golden")
@@ -500,6 +591,8 @@ fn cases() -> Vec<(&'static str, Observations, Verdict)> {
             nomad_token_refused(),
             Verdict::Unknown,
         ),
+        ("departed-nodes", departed_nodes(), Verdict::Healthy),
+        ("worker-failed", worker_failed(), Verdict::Degraded),
     ]
 }
 
@@ -587,4 +680,255 @@ fn observations_round_trip_through_json() {
     let text = serde_json::to_string(&o).unwrap();
     let back: Observations = serde_json::from_str(&text).unwrap();
     assert_eq!(assess(&back), assess(&o));
+}
+
+fn node<'a>(r: &'a Report, name: &str) -> &'a NodeReport {
+    r.nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+fn subjects(r: &Report) -> Vec<(Severity, String, String)> {
+    r.problems
+        .iter()
+        .map(|p| {
+            (
+                p.severity,
+                p.subject.clone().unwrap_or_default(),
+                p.message.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn departed_nodes_are_listed_not_counted_and_not_problems() {
+    let r = assess(&departed_nodes());
+    assert_eq!(r.verdict, Verdict::Healthy, "{:?}", subjects(&r));
+    for name in ["workers-000002", "workers-000003", "nomad-000003"] {
+        assert!(node(&r, name).departed, "{name}");
+    }
+    assert_eq!(node(&r, "workers-000002").member.as_deref(), Some("left"));
+    assert_eq!(node(&r, "workers-000003").member.as_deref(), Some("absent"));
+    assert!(r.nodes.iter().filter(|n| n.departed).all(|n| n.ok));
+    assert_eq!(
+        r.nodes.iter().filter(|n| n.departed).count(),
+        3,
+        "exactly the three"
+    );
+    let nomad = &r.tiers[2];
+    assert_eq!(nomad.clients, Some(Clients { ready: 2, total: 2 }));
+    assert_eq!(nomad.departed_clients, ["workers-000002", "workers-000009"]);
+    assert_eq!(nomad.servers.len(), 3, "the removed Nomad server is no row");
+    assert_eq!(r.tiers[0].clients, Some(Clients { ready: 9, total: 9 }));
+    assert!(
+        r.summary.ends_with("12 agents ok, 4 departed"),
+        "{}",
+        r.summary
+    );
+    let table = render::table(&r, false);
+    assert!(
+        table.contains("agents: 15 published, 12 ok, 0 failed, 3 departed\n"),
+        "{table}"
+    );
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("departed (left the cluster, not counted): "))
+        .expect("one departed line");
+    // Most recent boot first; the node without a record last.
+    let order: Vec<usize> = [
+        "workers-000002 (left; last boot 2d ago)",
+        "workers-000003 (no longer a member; last boot 5d ago)",
+        "nomad-000003 (left; last boot 9d ago)",
+        "workers-000009 (Nomad node down; no boot record)",
+    ]
+    .iter()
+    .map(|w| line.find(w).unwrap_or_else(|| panic!("{w} in {line}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{line}");
+}
+
+#[test]
+fn a_failed_member_is_a_problem_and_not_departed() {
+    let r = assess(&worker_failed());
+    assert_eq!(r.verdict, Verdict::Degraded);
+    let s = subjects(&r);
+    assert!(s.contains(&(
+        Severity::Degraded,
+        "workers-000001".into(),
+        "workers-000001: client agent failed (gossip)".into()
+    )));
+    assert!(s.contains(&(
+        Severity::Degraded,
+        "workers-000001".into(),
+        "workers-000001: client node down".into()
+    )));
+    assert!(!node(&r, "workers-000001").departed);
+    assert_eq!(node(&r, "workers-000001").member.as_deref(), Some("failed"));
+    assert!(!render::table(&r, false).contains("departed"));
+    // `consul force-leave` turns it into `left`: departed, healthy again.
+    let mut o = worker_failed();
+    set_member(&mut o, "workers-000001", "left");
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Healthy, "{:?}", subjects(&r));
+    assert!(node(&r, "workers-000001").departed);
+    assert_eq!(r.tiers[2].clients, Some(Clients { ready: 1, total: 1 }));
+}
+
+#[test]
+fn a_failed_boot_stays_a_problem_even_when_its_node_left() {
+    let mut o = bad_tag_and_missing_receipt();
+    add_member(&mut o, "stray-0", "10.0.1.99", "left");
+    if let Some(r) = o.records.iter_mut().find(|r| r.boot.node == "stray-0") {
+        r.published_unix = NOW - 30 * 86_400;
+        r.boot.finished_unix = NOW - 30 * 86_400;
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Degraded);
+    assert!(!node(&r, "stray-0").departed);
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.subject.as_deref() == Some("stray-0")
+            && p.message.contains("agent failed in phase node-spec")));
+    // And without any member entry at all (a node that never joined): the same.
+    let r = assess(&bad_tag_and_missing_receipt());
+    assert!(!node(&r, "stray-0").departed);
+    assert_eq!(node(&r, "stray-0").member.as_deref(), Some("absent"));
+}
+
+#[test]
+fn without_the_member_list_nobody_departs() {
+    let mut o = departed_nodes();
+    o.consul.members = err("HTTP 403: Permission denied");
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Degraded);
+    assert!(r.nodes.iter().all(|n| !n.departed && n.member.is_none()));
+    assert!(r.tiers[2].departed_clients.is_empty());
+    let s = subjects(&r);
+    for (who, what) in [
+        ("workers-000002", "workers-000002: client node down"),
+        ("workers-000009", "workers-000009: client node down"),
+        (
+            "workers-000003",
+            "workers-000003: no Nomad client node (the worker booted, Nomad does not list it)",
+        ),
+    ] {
+        assert!(
+            s.contains(&(Severity::Degraded, who.into(), what.into())),
+            "{s:?}"
+        );
+    }
+}
+
+#[test]
+fn a_recent_record_that_consul_does_not_list_is_not_departed() {
+    // Consul forgets a member 24 h after it left at the earliest: a younger record is a node that has not
+    // joined (yet), and its problems stay visible.
+    let r = assess(&nomad_worker_unregistered());
+    assert_eq!(r.verdict, Verdict::Degraded);
+    let w = node(&r, "workers-000002");
+    assert_eq!(w.member.as_deref(), Some("absent"));
+    assert!(!w.departed);
+    // The same record a day older: reaped, departed.
+    let mut o = nomad_worker_unregistered();
+    for rec in o
+        .records
+        .iter_mut()
+        .filter(|r| r.boot.node == "workers-000002")
+    {
+        rec.published_unix = NOW - 86_400;
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Healthy, "{:?}", subjects(&r));
+    assert!(node(&r, "workers-000002").departed);
+}
+
+#[test]
+fn a_node_a_tier_still_counts_is_not_departed() {
+    // A Vault server stopped gracefully: its Consul client left, but raft still lists it.
+    let mut o = healthy();
+    add_member(&mut o, "vault-000001", "10.0.2.5", "left");
+    if let Some(Ok(ms)) = &mut o.consul.members {
+        ms.retain(|m| !(m.name == "vault-000001" && m.status == "alive"));
+    }
+    o.vault.health[1].answer = err("cannot connect: Connection refused");
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Degraded);
+    assert!(!node(&r, "vault-000001").departed);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.subject.as_deref() == Some("vault-000001")
+                && p.message.contains("unreachable"))
+    );
+    // A worker that left Consul while Nomad still calls its node ready (before the heartbeat TTL runs out).
+    let mut o = healthy();
+    set_member(&mut o, "workers-000001", "left");
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Healthy);
+    assert!(!node(&r, "workers-000001").departed);
+    assert_eq!(r.tiers[2].clients, Some(Clients { ready: 2, total: 2 }));
+    // A Nomad node that is not `down` (initializing) is not departed, whatever Consul says.
+    let mut o = healthy();
+    set_member(&mut o, "workers-000001", "left");
+    if let Some(Ok(nodes)) = &mut o.nomad.nodes {
+        nodes[1].status = "initializing".into();
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Degraded);
+    assert!(!node(&r, "workers-000001").departed);
+}
+
+#[test]
+fn the_departed_line_names_at_most_five() {
+    let mut o = healthy();
+    for i in 0..8 {
+        let name = format!("workers-00010{i}");
+        let ip = format!("10.0.4.{}", 100 + i);
+        o.records.push(aged(
+            record(&name, "worker", &ip, &[]),
+            86_400 * (2 + i as i64),
+        ));
+        add_member(&mut o, &name, &ip, "left");
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Healthy);
+    let table = render::table(&r, false);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("departed"))
+        .expect("departed line");
+    assert_eq!(line.matches("; last boot").count(), 5, "{line}");
+    assert!(line.ends_with(", +3 more (--json lists them)"), "{line}");
+    assert!(
+        line.contains("workers-000100 (left; last boot 2d ago)"),
+        "{line}"
+    );
+    assert!(!line.contains("workers-000107"), "oldest left out: {line}");
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("departed")).count(),
+        1
+    );
+}
+
+#[test]
+fn reports_without_the_departed_fields_still_parse() {
+    // hashistack-status/1 grew `nodes[].member`, `nodes[].departed` and `tiers[].departed_clients`; a report
+    // written before them reads with their defaults.
+    let r = assess(&departed_nodes());
+    let mut v: serde_json::Value = serde_json::from_str(&render::json(&r, false)).unwrap();
+    for n in v["nodes"].as_array_mut().unwrap() {
+        let n = n.as_object_mut().unwrap();
+        n.remove("member");
+        n.remove("departed");
+    }
+    for t in v["tiers"].as_array_mut().unwrap() {
+        t.as_object_mut().unwrap().remove("departed_clients");
+    }
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert!(back.nodes.iter().all(|n| !n.departed && n.member.is_none()));
+    assert!(back.tiers.iter().all(|t| t.departed_clients.is_empty()));
+    assert_eq!(back.schema, SCHEMA);
 }

@@ -6,11 +6,59 @@
 //!   node, no leader, no active Vault node, a bootstrap that is not done, a missing escrow receipt, an agent that
 //!   reported a failed boot: **degraded** (exit 1);
 //! * a question that could not be asked (coordination unreadable, no status token, no API of a tier answered
-//!   while nothing else did either): **unknown** (exit 2) — unless something is known to be wrong.
+//!   while nothing else did either): **unknown** (exit 2) — unless something is known to be wrong;
+//! * a node that has left the cluster (its last boot succeeded, Consul says `left` or no longer lists it, and
+//!   no tier still counts it): **departed** — listed, never counted as expected or failed, no problem.
 
 use super::model::*;
 use crate::coordination::{TierPhase, TierState};
+use crate::publish::NodeRecord;
 use std::collections::BTreeMap;
+
+/// The note of a server that raft no longer lists and that is gone (a replaced or removed VM).
+const LEFTOVER: &str = "not in raft (replaced or removed)";
+
+/// Consul forgets a member no sooner than this after it left (serf's tombstone timeout, 24 h; a failed member
+/// is reaped after `reconnect_timeout`, 72 h by default). A node that Consul does not list and whose boot record
+/// is younger cannot have been reaped: it has not joined yet (agents publish their record as soon as their
+/// services start), or never did — not departed.
+pub const REAPED_AFTER_SECS: i64 = 24 * 3600;
+
+/// Consul's gossip members, name → status (`None`: the member list is unknown).
+fn members_by_name(o: &Observations) -> Option<BTreeMap<&str, &str>> {
+    match &o.consul.members {
+        Some(Ok(ms)) => Some(
+            ms.iter()
+                .map(|m| (m.name.as_str(), m.status.as_str()))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Nodes whose last boot succeeded and whose Consul agent has gone since: name → `left` (a graceful leave or
+/// `consul force-leave`) or `absent` (no longer a member: reaped; only when the record is older than
+/// [`REAPED_AFTER_SECS`]). Empty when the member list is unknown: nobody is assumed gone. A `failed` member
+/// is not gone (the VM may only be down) until Consul reaps it. Whether such a node counts as departed also
+/// depends on the tiers (a server raft still lists, a Nomad node not `down`): see [`assess`].
+fn gone_from_consul(o: &Observations) -> BTreeMap<String, &'static str> {
+    let Some(members) = members_by_name(o) else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for r in o.records.iter().filter(|r| r.boot.ok) {
+        match members.get(r.boot.node.as_str()) {
+            Some(&"left") => {
+                out.insert(r.boot.node.clone(), "left");
+            }
+            None if o.observed_unix - r.published_unix >= REAPED_AFTER_SECS => {
+                out.insert(r.boot.node.clone(), "absent");
+            }
+            _ => {}
+        }
+    }
+    out
+}
 
 /// `ip:port` → `ip`.
 pub fn host(addr: &str) -> &str {
@@ -192,10 +240,7 @@ fn expected(o: &Observations, key: &str) -> Option<u8> {
         .map(|(n, _)| n)
 }
 
-fn records_of<'a>(
-    o: &'a Observations,
-    role: &'a str,
-) -> impl Iterator<Item = &'a crate::publish::NodeRecord> {
+fn records_of<'a>(o: &'a Observations, role: &'a str) -> impl Iterator<Item = &'a NodeRecord> {
     o.records
         .iter()
         .filter(move |r| r.boot.role.as_deref() == Some(role))
@@ -393,7 +438,7 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
                 && (e.reachable == Some(false)
                     || matches!(e.member.as_deref(), Some("failed" | "left")));
             if leftover {
-                e.note = Some("not in raft (replaced or removed)".into());
+                e.note = Some(LEFTOVER.into());
                 continue;
             }
             if e.reachable == Some(false) {
@@ -421,7 +466,7 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         }
         let counted =
             s.0.values()
-                .filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)"))
+                .filter(|e| e.note.as_deref() != Some(LEFTOVER))
                 .count();
         if let Some(want) = expected_servers {
             if counted < want as usize {
@@ -529,6 +574,7 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         bootstrap,
         status_token: token_word(&c.token),
         servers,
+        departed_clients: vec![],
     }
 }
 
@@ -640,7 +686,7 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
             let leftover =
                 raft_known && e.raft.as_deref() == Some("absent") && e.reachable == Some(false);
             if leftover {
-                e.note = Some("not in raft (replaced or removed)".into());
+                e.note = Some(LEFTOVER.into());
                 continue;
             }
             let mut why = vec![];
@@ -674,7 +720,7 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         }
         let counted =
             s.0.values()
-                .filter(|e| e.note.as_deref() != Some("not in raft (replaced or removed)"))
+                .filter(|e| e.note.as_deref() != Some(LEFTOVER))
                 .count();
         if let Some(want) = expected_servers {
             if counted < want as usize {
@@ -762,10 +808,12 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         bootstrap,
         status_token: token_word(&v.token),
         servers,
+        departed_clients: vec![],
     }
 }
 
-fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
+/// The Nomad tier. `gone`: [`gone_from_consul`].
+fn nomad(o: &Observations, gone: &BTreeMap<String, &'static str>, p: &mut Problems) -> TierReport {
     let n = &o.nomad;
     let now = o.observed_unix;
     let tier = "nomad";
@@ -790,6 +838,7 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
         bootstrap: None,
         status_token: token_word(&n.token),
         servers: vec![],
+        departed_clients: vec![],
     };
     if !deployed {
         report.acl = "-".into();
@@ -808,7 +857,18 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
     .into();
     let mut s = Servers(BTreeMap::new());
     let mut leaders: BTreeMap<String, usize> = BTreeMap::new();
+    let peers_known = match &n.peers {
+        Some(Ok(peers)) => Some(peers),
+        _ => None,
+    };
     for pr in &n.probes {
+        // A server that has left Consul, does not answer and is no raft peer: a removed VM (scale-in).
+        let removed = gone.contains_key(&pr.name)
+            && !matches!(pr.answer, Some(Ok(_)))
+            && peers_known.is_some_and(|peers| !peers.iter().any(|a| host(a) == pr.address));
+        if removed {
+            continue;
+        }
         let e = s.entry(&pr.name);
         e.address = Some(pr.address.clone());
         match &pr.answer {
@@ -893,12 +953,34 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
         }
     }
     // Client nodes (with the status token): every node Nomad lists must be ready, and every worker that
-    // booted (its published record says ok) is expected among them.
+    // booted (its published record says ok) is expected among them — except nodes that have departed: a
+    // `down` node whose worker has left Consul, a booted worker that left and that Nomad no longer lists.
     match &n.nodes {
         Some(Ok(nodes)) => {
             // The status token was accepted: the ACL system is up.
             report.acl = "bootstrapped".into();
-            for x in nodes.iter().filter(|x| x.status != "ready") {
+            let members = members_by_name(o);
+            let mut counted = 0;
+            for x in nodes {
+                if x.status == "ready" {
+                    counted += 1;
+                    continue;
+                }
+                let record = o.records.iter().find(|r| r.boot.node == x.name);
+                let gone_as = match record {
+                    Some(_) => gone.get(&x.name).copied(),
+                    // No boot record (deleted by hand, or never published): Consul alone tells.
+                    None => match members.as_ref().map(|m| m.get(x.name.as_str())) {
+                        Some(Some(&"left")) => Some("left"),
+                        Some(None) => Some("absent"),
+                        _ => None,
+                    },
+                };
+                if gone_as.is_some() && x.status == "down" {
+                    report.departed_clients.push(x.name.clone());
+                    continue;
+                }
+                counted += 1;
                 p.bad(
                     tier,
                     Some(&x.name),
@@ -908,6 +990,7 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
             let missing: Vec<&str> = records_of(o, "worker")
                 .filter(|r| r.boot.ok)
                 .map(|r| r.boot.node.as_str())
+                .filter(|w| !gone.contains_key(*w))
                 .filter(|w| !nodes.iter().any(|x| x.name == *w))
                 .collect();
             for w in &missing {
@@ -921,7 +1004,7 @@ fn nomad(o: &Observations, p: &mut Problems) -> TierReport {
             }
             report.clients = Some(Clients {
                 ready: nodes.iter().filter(|x| x.status == "ready").count(),
-                total: nodes.len() + missing.len(),
+                total: counted + missing.len(),
             });
         }
         Some(Err(e)) if done => {
@@ -965,6 +1048,8 @@ fn nodes(o: &Observations, p: &mut Problems) -> Vec<NodeReport> {
                 versions: b.versions.clone(),
                 finished_unix: b.finished_unix,
                 published_unix: r.published_unix,
+                member: None,
+                departed: false,
             }
         })
         .collect();
@@ -1007,12 +1092,38 @@ pub fn assess(o: &Observations) -> Report {
             .health
             .iter()
             .any(|x| matches!(x.answer, Some(Ok(_))));
+    let gone = gone_from_consul(o);
     let tiers = vec![
         consul(o, anything_answered, &mut p),
         vault(o, anything_answered, &mut p),
-        nomad(o, &mut p),
+        nomad(o, &gone, &mut p),
     ];
-    let nodes = nodes(o, &mut p);
+    let mut nodes = nodes(o, &mut p);
+    let members = members_by_name(o);
+    // Gone from Consul and counted by no tier: departed. A server that a raft configuration still lists (a
+    // stopped Vault server's Consul client leaves too) and a Nomad node that is not `down` (still `ready`
+    // until its heartbeat TTL runs out) stay where they are.
+    let counted_by_a_tier = |name: &str| {
+        tiers.iter().any(|t| {
+            t.servers
+                .iter()
+                .any(|s| s.name == name && s.note.as_deref() != Some(LEFTOVER))
+        }) || matches!(&o.nomad.nodes, Some(Ok(ns)) if ns.iter().any(|x| x.name == name && x.status != "down"))
+    };
+    for n in nodes.iter_mut() {
+        n.member = members.as_ref().map(|m| {
+            m.get(n.name.as_str())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "absent".into())
+        });
+        n.departed = n.ok && gone.contains_key(&n.name) && !counted_by_a_tier(&n.name);
+    }
+    let departed = nodes.iter().filter(|n| n.departed).count()
+        + tiers
+            .iter()
+            .flat_map(|t| &t.departed_clients)
+            .filter(|c| !nodes.iter().any(|n| n.name == **c))
+            .count();
     let mut problems = p.0;
     problems.sort_by_key(|x| match x.severity {
         Severity::Degraded => 0,
@@ -1041,7 +1152,13 @@ pub fn assess(o: &Observations) -> Report {
             if tiers[2].deployed {
                 parts.push(t(&tiers[2], "servers"));
             }
-            parts.push(format!("{} agents ok", nodes.len()));
+            parts.push(format!(
+                "{} agents ok",
+                nodes.iter().filter(|n| !n.departed).count()
+            ));
+            if departed > 0 {
+                parts.push(format!("{departed} departed"));
+            }
             format!("cluster {}: {}", o.cluster, parts.join(", "))
         }
         Some(first) => {

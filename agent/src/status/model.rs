@@ -269,6 +269,10 @@ pub struct TierReport {
     /// `present`, `missing`, `error` or `not-tried`.
     pub status_token: String,
     pub servers: Vec<ServerReport>,
+    /// Nomad: client nodes it lists as `down` whose worker has departed (left Consul), by name — not counted
+    /// in `clients`. Empty for Consul and Vault. Added to `hashistack-status/1` compatibly.
+    #[serde(default)]
+    pub departed_clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +290,17 @@ pub struct NodeReport {
     pub versions: BTreeMap<String, String>,
     pub finished_unix: i64,
     pub published_unix: i64,
+    /// Consul's gossip status of the node: `alive`, `leaving`, `left`, `failed`, or `absent` (not a member at
+    /// all); `null` when the member list is unknown. Added to `hashistack-status/1` compatibly.
+    #[serde(default)]
+    pub member: Option<String>,
+    /// The node has left the cluster: its last boot succeeded, Consul says it `left` (or no longer lists it,
+    /// once the record is older than [`crate::status::assess::REAPED_AFTER_SECS`]), and no tier still counts
+    /// it (no raft configuration lists it as a server, Nomad lists no node of that name that is not `down`). A scale-in or a
+    /// deleted VM: listed on one informational line, never counted as expected or failed. Added to
+    /// `hashistack-status/1` compatibly (absent in older reports: false).
+    #[serde(default)]
+    pub departed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

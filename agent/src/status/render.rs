@@ -238,6 +238,65 @@ fn server_state(s: &ServerReport, tier: &str) -> (String, Tone) {
     }
 }
 
+/// At most this many departed nodes are named on their line (the JSON report lists them all).
+const DEPARTED_NAMED: usize = 5;
+
+/// One informational line: the departed nodes, most recent boot first (a Nomad client node without a boot
+/// record last).
+fn departed_line(r: &Report) -> Option<String> {
+    let mut d: Vec<(&str, &str, Option<i64>)> = r
+        .nodes
+        .iter()
+        .filter(|n| n.departed)
+        .map(|n| {
+            (
+                n.name.as_str(),
+                n.member.as_deref().unwrap_or("left"),
+                Some(n.finished_unix),
+            )
+        })
+        .collect();
+    for t in &r.tiers {
+        for c in &t.departed_clients {
+            if !r.nodes.iter().any(|n| n.name == *c) {
+                d.push((c.as_str(), "left", None));
+            }
+        }
+    }
+    if d.is_empty() {
+        return None;
+    }
+    d.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
+    let mut items: Vec<String> = d
+        .iter()
+        .take(DEPARTED_NAMED)
+        .map(|(name, member, boot)| {
+            let member = if *member == "absent" {
+                "no longer a member"
+            } else {
+                "left"
+            };
+            match boot {
+                Some(t) => format!(
+                    "{name} ({member}; last boot {} ago)",
+                    age(r.observed_unix, *t)
+                ),
+                None => format!("{name} (Nomad node down; no boot record)"),
+            }
+        })
+        .collect();
+    if d.len() > DEPARTED_NAMED {
+        items.push(format!(
+            "+{} more (--json lists them)",
+            d.len() - DEPARTED_NAMED
+        ));
+    }
+    Some(format!(
+        "departed (left the cluster, not counted): {}",
+        items.join(", ")
+    ))
+}
+
 /// The human-readable report.
 pub fn table(r: &Report, color: bool) -> String {
     let mut out = String::new();
@@ -351,13 +410,23 @@ pub fn table(r: &Report, color: bool) -> String {
     }
 
     let failed: Vec<&NodeReport> = r.nodes.iter().filter(|n| !n.ok).collect();
+    let departed_records = r.nodes.iter().filter(|n| n.departed).count();
     out.push('\n');
     out.push_str(&format!(
-        "agents: {} published, {} ok, {} failed\n",
+        "agents: {} published, {} ok, {} failed{}\n",
         r.nodes.len(),
-        r.nodes.len() - failed.len(),
-        failed.len()
+        r.nodes.len() - failed.len() - departed_records,
+        failed.len(),
+        if departed_records > 0 {
+            format!(", {departed_records} departed")
+        } else {
+            String::new()
+        }
     ));
+    if let Some(line) = departed_line(r) {
+        out.push_str(&paint(&line, Tone::Dim, color));
+        out.push('\n');
+    }
     if !failed.is_empty() {
         let mut t = Table::new(&["NODE", "ROLE", "IP", "PHASE", "WHEN", "ERROR"]);
         for n in failed {
