@@ -426,15 +426,23 @@ async fn bao_serves_from_the_rendered_transit_config() {
             }
         })
         .await;
-        let list: Value = http
-            .get(format!("{api}/v1/sys/audit"))
-            .header("X-Vault-Token", &root_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        // Unsealed is not yet active: until the node has taken over, it answers 5xx (the agent retries
+        // these too).
+        let list: Value = wait_until("sys/audit listing", &mut server, || {
+            let req = http
+                .get(format!("{api}/v1/sys/audit"))
+                .header("X-Vault-Token", &root_token)
+                .send();
+            async move {
+                match req.await {
+                    Ok(r) if r.status().is_success() => r.json().await.ok(),
+                    Ok(r) if r.status().is_server_error() => None,
+                    Ok(r) => panic!("sys/audit: HTTP {}", r.status()),
+                    Err(_) => None,
+                }
+            }
+        })
+        .await;
         let file = vault::audit_file(&layout);
         assert_eq!(list["data"]["file/"]["type"], "file", "{list}");
         assert_eq!(

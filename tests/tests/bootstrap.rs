@@ -49,15 +49,27 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
     assert_done_and_escrowed(&lab, "vault").await;
     assert_done_and_escrowed(&lab, "consul").await;
 
-    // Cluster material was created once, in the shared Key Vault, and every node renders from it.
-    let shared = lab
-        .keyvault
-        .as_ref()
-        .unwrap()
-        .vault(hashistack_lab::keyvault::SHARED_VAULT)
-        .unwrap();
-    for name in hashistack_agent::material::names("lab") {
-        assert_eq!(shared.secret_version_count(&name), 1, "{name} written once");
+    // Cluster material was created once, in the shared and servers Key Vaults, and every node renders from it.
+    let kv = lab.keyvault.as_ref().unwrap();
+    let names = hashistack_agent::material::names("lab");
+    for (vault, names) in [
+        (
+            hashistack_lab::keyvault::SHARED_VAULT,
+            names.shared().to_vec(),
+        ),
+        (
+            hashistack_lab::keyvault::SERVERS_VAULT,
+            names.servers().to_vec(),
+        ),
+    ] {
+        let v = kv.vault(vault).unwrap();
+        for name in names {
+            assert_eq!(
+                v.secret_version_count(name),
+                1,
+                "{vault}: {name} written once"
+            );
+        }
     }
     let ca = lab.cluster_ca().unwrap();
     for n in &lab.nodes {
@@ -129,6 +141,69 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
         .unwrap()
         .iter()
         .any(|p| p == "root"));
+
+    // The file audit device: declared in OpenBao's rendered configuration, verified by the bootstrap (no
+    // note about it in the tier state), listed by sys/audit, and every request to the active node adds lines
+    // to the file under that node's /var/log/vault.
+    let st = lab.tier_state("vault").await.unwrap();
+    assert!(
+        !st.message.as_deref().unwrap_or_default().contains("audit"),
+        "no audit problem recorded: {st:?}"
+    );
+    let leader: Value = http
+        .get(format!("https://{vault_ip}:8200/v1/sys/leader"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let active = lab
+        .nodes
+        .iter()
+        .find(|n| {
+            n.def.role == Role::VaultServer
+                && leader["leader_address"] == format!("https://{}:8200", n.def.ip)
+        })
+        .unwrap_or_else(|| panic!("no vault node is the active one: {leader}"));
+    let audit_file = active.root.join("var/log/vault/audit.log");
+    let list: Value = http
+        .get(format!("https://{}:8200/v1/sys/audit", active.def.ip))
+        .header("X-Vault-Token", &root)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"]["file/"]["type"], "file", "{list}");
+    assert_eq!(
+        list["data"]["file/"]["options"]["file_path"],
+        audit_file.display().to_string(),
+        "{list}"
+    );
+    let audit_lines = || {
+        std::fs::read_to_string(&audit_file)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let before = audit_lines();
+    assert!(before > 0, "{} has lines", audit_file.display());
+    let r = http
+        .get(format!(
+            "https://{}:8200/v1/auth/token/lookup-self",
+            active.def.ip
+        ))
+        .header("X-Vault-Token", &root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let after = audit_lines();
+    assert!(
+        after >= before + 2,
+        "request and response audited: {before} -> {after} lines"
+    );
 
     let o = escrow_cmd(&lab, &operator, &["open", "--tier", "consul"]);
     assert!(
