@@ -53,6 +53,7 @@ enum Command {
         /// Render for this Consul version instead of detecting the installed binary.
         #[arg(long)]
         consul_version: Option<String>,
+        /// Render for this Vault version (`1.18.0`), or OpenBao's (`openbao-2.7.2`).
         #[arg(long)]
         vault_version: Option<String>,
         #[arg(long)]
@@ -287,9 +288,19 @@ async fn run_render(
             continue;
         }
         let installed = match over {
-            Some(v) => match Version::parse(&v) {
-                Some(version) => Installed {
-                    distribution: version::assumed_current(p).distribution,
+            // `1.18.0`, or `openbao-2.7.2` for OpenBao (which differs from HashiCorp Vault in configuration).
+            Some(v) => match v
+                .strip_prefix("openbao-")
+                .filter(|_| p == Product::Vault)
+                .map_or_else(
+                    || {
+                        Version::parse(&v)
+                            .map(|ver| (version::assumed_current(p).distribution, ver))
+                    },
+                    |rest| Version::parse(rest).map(|ver| ("OpenBao".into(), ver)),
+                ) {
+                Some((distribution, version)) => Installed {
+                    distribution,
                     version,
                 },
                 None => return fail(2, format!("--{p}-version {v:?} is not a version")),

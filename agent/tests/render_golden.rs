@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 const CONSUL_VERSIONS: [&str; 2] = ["1.8.7", "1.20.0"];
 const VAULT_VERSION: &str = "1.18.0";
+const OPENBAO_VERSION: &str = "openbao-2.7.2";
 const NOMAD_VERSION: &str = "1.9.0";
 
 fn golden_root() -> PathBuf {
@@ -25,7 +26,7 @@ fn updating() -> bool {
 }
 
 /// `render` for one fixture and Consul version into `out`; returns stdout lines.
-fn render(fixture: &str, consul: &str, out: &Path) -> Vec<String> {
+fn render(fixture: &str, consul: &str, vault: &str, out: &Path) -> Vec<String> {
     let o = run_agent([
         "render".as_ref(),
         "--metadata".as_ref(),
@@ -35,7 +36,7 @@ fn render(fixture: &str, consul: &str, out: &Path) -> Vec<String> {
         "--consul-version".as_ref(),
         consul.as_ref(),
         "--vault-version".as_ref(),
-        VAULT_VERSION.as_ref(),
+        vault.as_ref(),
         "--nomad-version".as_ref(),
         NOMAD_VERSION.as_ref(),
     ]);
@@ -66,13 +67,21 @@ fn manifest(root: &Path) -> String {
         .collect()
 }
 
-fn cases() -> Vec<(String, &'static str, &'static str)> {
+/// `(case, fixture, consul version, vault version)`: every role × both Consul syntaxes with HashiCorp Vault, plus
+/// the lab's combination for the vault tier (Consul 1.8.7, OpenBao 2.7.2: a declarative audit device).
+fn cases() -> Vec<(String, &'static str, &'static str, &'static str)> {
     let mut v = Vec::new();
     for f in ROLE_FIXTURES {
         for c in CONSUL_VERSIONS {
-            v.push((format!("{f}-consul-{c}"), f, c));
+            v.push((format!("{f}-consul-{c}"), f, c, VAULT_VERSION));
         }
     }
+    v.push((
+        format!("vault-server-transit-consul-1.8.7-{OPENBAO_VERSION}"),
+        "vault-server-transit",
+        "1.8.7",
+        OPENBAO_VERSION,
+    ));
     v
 }
 
@@ -93,9 +102,9 @@ fn first_difference(a: &[u8], b: &[u8]) -> String {
 #[test]
 fn rendered_trees_match_the_goldens() {
     let mut failures = Vec::new();
-    for (case, fixture, consul) in cases() {
+    for (case, fixture, consul, vault) in cases() {
         let out = tempfile::tempdir().unwrap();
-        render(fixture, consul, out.path());
+        render(fixture, consul, vault, out.path());
         let rendered = files(out.path());
         let man = manifest(out.path());
         let gdir = golden_root().join(&case);
@@ -167,9 +176,9 @@ fn golden_directory_holds_exactly_the_cases() {
 /// What each role renders, and the version-dependent syntax, stated directly (not only via goldens).
 #[test]
 fn role_products_and_version_syntax() {
-    for (case, fixture, consul) in cases() {
+    for (case, fixture, consul, vault) in cases() {
         let out = tempfile::tempdir().unwrap();
-        render(fixture, consul, out.path());
+        render(fixture, consul, vault, out.path());
         let names: Vec<String> = files(out.path()).into_keys().collect();
         let expected: &[&str] = match fixture {
             "consul-server" | "jumpbox" => &["etc/consul.d/consul.json"],
@@ -179,6 +188,20 @@ fn role_products_and_version_syntax() {
             _ => &["etc/consul.d/consul.json", "etc/nomad.d/nomad.json"],
         };
         assert_eq!(names, expected, "{case}");
+        if let Ok(raw) = std::fs::read(out.path().join("etc/vault.d/vault.json")) {
+            // OpenBao ≥ 2.4 takes its audit device from the configuration only; HashiCorp Vault from the API.
+            let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+            assert_eq!(
+                v["audit"][0]["file"]["file"]["options"]["file_path"] == "/var/log/vault/audit.log",
+                vault.starts_with("openbao-"),
+                "{case}"
+            );
+            assert_eq!(
+                v.get("audit").is_some(),
+                vault.starts_with("openbao-"),
+                "{case}"
+            );
+        }
 
         let c: serde_json::Value = serde_json::from_slice(
             &std::fs::read(out.path().join("etc/consul.d/consul.json")).unwrap(),
@@ -225,9 +248,9 @@ fn role_products_and_version_syntax() {
 
 #[test]
 fn rerender_is_byte_identical_and_touches_nothing() {
-    for (case, fixture, consul) in cases() {
+    for (case, fixture, consul, vault) in cases() {
         let out = tempfile::tempdir().unwrap();
-        let first = render(fixture, consul, out.path());
+        let first = render(fixture, consul, vault, out.path());
         let tree: Vec<String> = files(out.path()).into_keys().collect();
         assert_eq!(first.len(), tree.len(), "{case}: one line per file");
         for line in &first {
@@ -256,7 +279,7 @@ fn rerender_is_byte_identical_and_touches_nothing() {
         let content_before = files(out.path());
         std::thread::sleep(std::time::Duration::from_millis(20));
 
-        let second = render(fixture, consul, out.path());
+        let second = render(fixture, consul, vault, out.path());
         assert_eq!(second.len(), first.len(), "{case}");
         for (a, b) in first.iter().zip(&second) {
             assert_eq!(&format!("{a} (unchanged)"), b, "{case}");
@@ -273,10 +296,10 @@ fn rerender_is_byte_identical_and_touches_nothing() {
 #[test]
 fn a_changed_input_rewrites_only_the_changed_file() {
     let out = tempfile::tempdir().unwrap();
-    render("nomad-server", "1.8.7", out.path());
+    render("nomad-server", "1.8.7", VAULT_VERSION, out.path());
     let nomad = out.path().join("etc/nomad.d/nomad.json");
     let ino = std::fs::metadata(&nomad).unwrap().ino();
-    let lines = render("nomad-server", "1.20.0", out.path());
+    let lines = render("nomad-server", "1.20.0", VAULT_VERSION, out.path());
     let consul = out.path().join("etc/consul.d/consul.json");
     assert!(
         lines.contains(&consul.display().to_string()),
@@ -295,9 +318,9 @@ fn a_changed_input_rewrites_only_the_changed_file() {
 
 #[test]
 fn offline_render_holds_no_key_material() {
-    for (case, fixture, consul) in cases() {
+    for (case, fixture, consul, vault) in cases() {
         let out = tempfile::tempdir().unwrap();
-        render(fixture, consul, out.path());
+        render(fixture, consul, vault, out.path());
         for e in walk(out.path()) {
             let name = Path::new(&e.rel).file_name().unwrap().to_string_lossy();
             assert!(name != "gossip.json", "{case}: {}", e.rel);
