@@ -109,6 +109,8 @@ pub struct Raft {
     pub path: String,
     pub node_id: String,
     pub performance_multiplier: u8,
+    /// Empty on a single-server tier, and then left out: OpenBao rejects `retry_join: []`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub retry_join: Vec<RetryJoin>,
 }
 
