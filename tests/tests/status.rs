@@ -419,3 +419,54 @@ async fn a_missing_escrow_receipt_is_degraded() {
     assert_eq!(v["problems"].as_array().unwrap().len(), 1, "{v}");
     lab.down().await;
 }
+
+/// A server stopped in an orderly way leaves Consul (its Consul client leaves on terminate), like a VM a scale
+/// set removed — but raft still lists it, so it is a problem, not a departed node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_that_left_consul_is_a_problem_not_departed() {
+    let mut lab = healthy_lab(options("status-left-server", 111)).await;
+    healthy_status(&lab).await;
+    let i = index_of(&lab, "vault-2");
+    lab.stop_agent(i).await;
+    let start = Instant::now();
+    let v = loop {
+        let v = status(&lab, &["--json"]).await.json();
+        let member = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "vault-2")
+            .map(|n| n["member"].clone());
+        if member == Some(Value::from("left")) {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "vault-2's Consul agent never showed as left: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(v["verdict"], "degraded", "{v:#}");
+    let n = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "vault-2")
+        .unwrap();
+    assert_eq!(n["departed"], false, "raft still lists vault-2: {n}");
+    assert!(
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["subject"] == "vault-2"
+                && p["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("vault-2: unreachable"))),
+        "{v:#}"
+    );
+    let r = status(&lab, &[]).await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.line(&["departed"]).is_none(), "{}", r.out);
+    lab.down().await;
+}
