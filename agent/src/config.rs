@@ -7,7 +7,7 @@ use std::time::Duration;
 
 pub const DEFAULT_PATH: &str = "/etc/hashistack/agent.toml";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub imds: ImdsConfig,
@@ -191,7 +191,7 @@ pub struct GossipConfig {
     pub nomad_key_file: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VaultConfig {
     /// File holding the token for a `transit` seal (the lab's stand-in for Key Vault). Unused with
@@ -247,30 +247,6 @@ impl Default for GossipConfig {
         GossipConfig {
             consul_key_file: "/etc/hashistack/gossip/consul.key".into(),
             nomad_key_file: "/etc/hashistack/gossip/nomad.key".into(),
-        }
-    }
-}
-impl Default for VaultConfig {
-    fn default() -> Self {
-        VaultConfig {
-            seal_token_file: None,
-        }
-    }
-}
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            imds: ImdsConfig::default(),
-            paths: PathsConfig::default(),
-            services: ServicesConfig::default(),
-            listen: ListenConfig::default(),
-            tls: TlsConfig::default(),
-            gossip: GossipConfig::default(),
-            vault: VaultConfig::default(),
-            azure: AzureConfig::default(),
-            bootstrap: BootstrapConfig::default(),
-            faults: FaultsConfig::default(),
-            material: MaterialConfig::default(),
         }
     }
 }

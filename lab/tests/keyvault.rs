@@ -165,10 +165,11 @@ fn set_params(value: &str) -> SetSecretParameters {
 }
 
 fn oaep256(value: Vec<u8>) -> KeyOperationParameters {
-    let mut p = KeyOperationParameters::default();
-    p.algorithm = Some(EncryptionAlgorithm::RsaOaep256);
-    p.value = Some(value);
-    p
+    KeyOperationParameters {
+        algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+        value: Some(value),
+        ..Default::default()
+    }
 }
 
 /// (status, error code, raw body) of an SDK error; status 0 when there was no HTTP answer.
@@ -278,9 +279,11 @@ async fn create_key_then_wrap_and_unwrap_through_the_sdk() {
         Scope::Vault,
     );
     let c = key_client(&f, ESCROW_VAULT, LabCredential::new(READER));
-    let mut params = CreateKeyParameters::default();
-    params.kty = Some(KeyType::RsaHsm);
-    params.key_size = Some(2048);
+    let params = CreateKeyParameters {
+        kty: Some(KeyType::RsaHsm),
+        key_size: Some(2048),
+        ..Default::default()
+    };
     let key = c
         .create_key("escrow-wrap", params.try_into().unwrap(), None)
         .await
