@@ -639,20 +639,10 @@ impl Store {
             }
             (Some(t.clone()), t.policies.clone().unwrap_or_default())
         };
-        let mut rules = Rules::default();
-        for n in &names {
-            if let Some(p) = self.policy(n) {
-                // Stored policies were validated on write; evaluation is lenient, as in Nomad.
-                if let Ok(r) = parse_rules(&p.rules) {
-                    rules.merge(&r);
-                }
-            }
-        }
-        Ok(Authz {
-            management: false,
-            rules,
+        Ok(Authz::client(
             token,
-        })
+            names.iter().filter_map(|n| self.policy(n)),
+        ))
     }
 
     /// `ACL.UpsertPolicies` at the leader (the caller checked for a management token).
@@ -1074,6 +1064,21 @@ impl Authz {
         Authz {
             management: true,
             rules: Rules::default(),
+            token,
+        }
+    }
+    /// A client token (None: anonymous) with these policies: their rules merged. Stored policies were
+    /// validated on write; evaluation is lenient, as in Nomad.
+    fn client<'a>(token: Option<Token>, policies: impl IntoIterator<Item = &'a Policy>) -> Authz {
+        let mut rules = Rules::default();
+        for p in policies {
+            if let Ok(r) = parse_rules(&p.rules) {
+                rules.merge(&r);
+            }
+        }
+        Authz {
+            management: false,
+            rules,
             token,
         }
     }
@@ -1665,22 +1670,40 @@ struct PeerView {
 
 type Resp = Response<Full<Bytes>>;
 
-fn text(status: u16, body: impl Into<String>) -> Resp {
+/// A handler's answer; `Err`: answered early (refused, no leader, or relayed from the leader).
+type Answer = Result<Resp, Resp>;
+
+fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body.into())))
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
         .expect("response")
 }
 
+fn text(status: u16, body: impl Into<String>) -> Resp {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
 fn json_resp(v: &impl Serialize) -> Resp {
-    Response::builder()
-        .status(200)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(v).expect("serialises"),
-        )))
-        .expect("response")
+    respond(
+        200,
+        "application/json",
+        serde_json::to_vec(v).expect("serialises"),
+    )
+}
+
+/// Another agent's answer, as it came: status, content type (`default_type` if it names none), body.
+async fn relay(r: reqwest::Response, default_type: &str) -> Resp {
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(default_type)
+        .to_string();
+    let body = r.bytes().await.unwrap_or_default();
+    respond(status, &ct, body)
 }
 
 fn no_leader() -> Resp {
@@ -1693,6 +1716,14 @@ fn denied() -> Resp {
 
 fn api_error(e: ApiError) -> Resp {
     text(e.0, e.1)
+}
+
+fn acl_disabled() -> Resp {
+    text(400, "ACL support disabled")
+}
+
+fn not_found() -> Resp {
+    text(404, "404 page not found")
 }
 
 fn token_of(req: &Request<Incoming>) -> String {
@@ -1723,6 +1754,27 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> 
         .await
         .map(|b| b.to_bytes())
         .map_err(|_| text(400, "Request body too large"))
+}
+
+/// A write's request, as read before it is applied here or forwarded.
+struct Write {
+    /// Sent on by a server to its leader.
+    forwarded: bool,
+    token: String,
+    body: Bytes,
+}
+
+impl Write {
+    async fn read(req: Request<Incoming>, limit: usize) -> Result<Write, Resp> {
+        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+        let token = token_of(&req);
+        let body = read_body(req, limit).await?;
+        Ok(Write {
+            forwarded,
+            token,
+            body,
+        })
+    }
 }
 
 /// Where a write goes.
@@ -1953,21 +2005,21 @@ impl Agent {
                     .body(body.clone());
             }
             let Ok(r) = rb.send().await else { continue };
-            let status = r.status().as_u16();
-            let ct = r
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("text/plain")
-                .to_string();
-            let bytes = r.bytes().await.unwrap_or_default();
-            return Response::builder()
-                .status(status)
-                .header("content-type", ct)
-                .body(Full::new(bytes))
-                .expect("response");
+            return relay(r, "text/plain").await;
         }
         no_leader()
+    }
+
+    /// `Ok` where `w` is applied here (the leader); else the answer: no leader, or the leader's (the
+    /// servers') answer to `w` forwarded as a PUT to `path`, with `token` (`""`: none).
+    async fn at_leader(&self, w: &Write, path: &str, token: &str) -> Result<(), Resp> {
+        match self.write_target(w.forwarded) {
+            WriteTarget::Here => Ok(()),
+            WriteTarget::NoLeader => Err(no_leader()),
+            WriteTarget::Forward(t, mark) => Err(self
+                .forward(&t, mark, &Method::PUT, path, token, w.body.clone())
+                .await),
+        }
     }
 
     /// Where a write (ACL changes, registrations) is applied: at the leader.
@@ -2025,34 +2077,50 @@ impl Agent {
             }
             (t.policies.clone().unwrap_or_default(), Some(t))
         };
-        let mut rules = Rules::default();
+        let mut policies = Vec::new();
         for n in names {
             let (status, body) = get(format!("/v1/acl/policy/{n}")).await?;
             if status == 200 {
-                if let Ok(p) = serde_json::from_str::<Policy>(&body) {
-                    if let Ok(r) = parse_rules(&p.rules) {
-                        rules.merge(&r);
-                    }
-                }
+                policies.extend(serde_json::from_str::<Policy>(&body).ok());
             }
         }
-        Ok(Authz {
-            management: false,
-            rules,
-            token,
-        })
+        Ok(Authz::client(token, &policies))
     }
 
     /// `Err(answer)` unless the request's token has `cap`.
     async fn require(&self, req: &Request<Incoming>, cap: Cap) -> Result<Authz, Resp> {
-        match self.authz(&token_of(req)).await {
-            Ok(a) if a.allows(cap) => Ok(a),
-            Ok(_) => Err(denied()),
-            Err(e) => Err(api_error(e)),
+        let a = self.authz(&token_of(req)).await.map_err(api_error)?;
+        if a.allows(cap) {
+            Ok(a)
+        } else {
+            Err(denied())
+        }
+    }
+
+    /// The capabilities of the request's token, for the ACL endpoints (refused when ACLs are disabled).
+    async fn acl_authz(&self, req: &Request<Incoming>) -> Result<Authz, Resp> {
+        if !self.cfg.acl_enabled {
+            return Err(acl_disabled());
+        }
+        self.authz(&token_of(req)).await.map_err(api_error)
+    }
+
+    /// The management check of every ACL write and of the token list.
+    async fn require_management(&self, req: &Request<Incoming>) -> Result<(), Resp> {
+        if self.acl_authz(req).await?.management {
+            Ok(())
+        } else {
+            Err(denied())
         }
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, client_cert: bool) -> Resp {
+        self.route(req, client_cert)
+            .await
+            .unwrap_or_else(|early| early)
+    }
+
+    async fn route(&self, req: Request<Incoming>, client_cert: bool) -> Answer {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         let is_write = method == Method::PUT || method == Method::POST;
@@ -2074,26 +2142,23 @@ impl Agent {
                 .map(|p| p.to_string())
                 .unwrap_or(path.clone());
             let token = token_of(&req);
-            let body = match read_body(req, 1 << 20).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
-            return self
+            let body = read_body(req, 1 << 20).await?;
+            return Ok(self
                 .forward(&self.servers_of_client(), false, &method, &pq, &token, body)
-                .await;
+                .await);
         }
         match (&method, path.as_str()) {
-            (&Method::GET, "/v1/status/leader") => self.status(true).await,
-            (&Method::GET, "/v1/status/peers") => self.status(false).await,
-            (&Method::GET, PEER_PATH) => self.peer_view(&req),
+            (&Method::GET, "/v1/status/leader") => Ok(self.status(true).await),
+            (&Method::GET, "/v1/status/peers") => Ok(self.status(false).await),
+            (&Method::GET, PEER_PATH) => Ok(self.peer_view(&req)),
             (&Method::PUT, PEER_PATH) => self.peer_apply(req).await,
             (&Method::PUT, NODE_PATH) => self.node_register(req, client_cert).await,
-            (_, NODE_PATH) => text(405, "Invalid method"),
+            (_, NODE_PATH) => Ok(text(405, "Invalid method")),
             (m, "/v1/acl/bootstrap") if m == Method::PUT || m == Method::POST => {
                 self.acl_bootstrap(req).await
             }
-            (_, "/v1/acl/bootstrap") => text(405, "Invalid method"),
-            (&Method::GET, "/v1/acl/token/self") => self.token_self(&req),
+            (_, "/v1/acl/bootstrap") => Ok(text(405, "Invalid method")),
+            (&Method::GET, "/v1/acl/token/self") => Ok(self.token_self(&req)),
             (&Method::GET, "/v1/acl/tokens") => self.token_list(&req).await,
             (_, "/v1/acl/token") if is_write => self.token_create(req).await,
             (&Method::GET, p) if p.starts_with("/v1/acl/token/") => {
@@ -2119,7 +2184,7 @@ impl Agent {
             }
             (&Method::GET, "/v1/agent/self") => self.agent_self(&req).await,
             (&Method::GET, "/v1/agent/members") => self.agent_members(&req).await,
-            _ => text(404, "404 page not found"),
+            _ => Ok(not_found()),
         }
     }
 
@@ -2160,22 +2225,9 @@ impl Agent {
             else {
                 continue;
             };
-            let status = r.status().as_u16();
-            let ct = r
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/json")
-                .to_string();
-            let body = r.bytes().await.unwrap_or_default();
-            if status == 200 {
-                return Some(
-                    Response::builder()
-                        .status(200)
-                        .header("content-type", ct)
-                        .body(Full::new(body))
-                        .expect("response"),
-                );
+            let answer = relay(r, "application/json").await;
+            if answer.status() == 200 {
+                return Some(answer);
             }
         }
         None
@@ -2193,12 +2245,20 @@ impl Agent {
         given == server.encrypt.as_deref().unwrap_or("")
     }
 
-    fn peer_view(&self, req: &Request<Incoming>) -> Resp {
+    /// The refusal of a peer request: not a server, or not the servers' key.
+    fn peer_refusal(&self, req: &Request<Incoming>) -> Option<Resp> {
         if self.cfg.server.is_none() {
-            return text(404, "404 page not found");
+            Some(not_found())
+        } else if !self.peer_key_ok(req) {
+            Some(denied())
+        } else {
+            None
         }
-        if !self.peer_key_ok(req) {
-            return denied();
+    }
+
+    fn peer_view(&self, req: &Request<Incoming>) -> Resp {
+        if let Some(refused) = self.peer_refusal(req) {
+            return refused;
         }
         let rt = self.rt.lock().expect("runtime");
         json_resp(&PeerView {
@@ -2209,57 +2269,37 @@ impl Agent {
         })
     }
 
-    async fn peer_apply(&self, req: Request<Incoming>) -> Resp {
-        if self.cfg.server.is_none() {
-            return text(404, "404 page not found");
+    async fn peer_apply(&self, req: Request<Incoming>) -> Answer {
+        if let Some(refused) = self.peer_refusal(&req) {
+            return Err(refused);
         }
-        if !self.peer_key_ok(&req) {
-            return denied();
-        }
-        let body = match read_body(req, 8 << 20).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
+        let body = read_body(req, 8 << 20).await?;
         let Ok(store) = serde_json::from_slice::<Store>(&body) else {
-            return text(400, "bad state");
+            return Err(text(400, "bad state"));
         };
         let mut rt = self.rt.lock().expect("runtime");
         if store.index > rt.store.index {
             rt.store = store;
             self.persist(&rt.store);
         }
-        text(200, "")
+        Ok(text(200, ""))
     }
 
-    async fn acl_bootstrap(&self, req: Request<Incoming>) -> Resp {
+    async fn acl_bootstrap(&self, req: Request<Incoming>) -> Answer {
         if !self.cfg.acl_enabled {
-            return text(400, "ACL support disabled");
+            return Err(acl_disabled());
         }
-        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
-        let body = match read_body(req, 64 * 1024).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let secret: Option<String> = if body.iter().all(u8::is_ascii_whitespace) {
+        let w = Write::read(req, 64 * 1024).await?;
+        let secret: Option<String> = if w.body.iter().all(u8::is_ascii_whitespace) {
             None
         } else {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(v) => v
-                    .get("BootstrapSecret")
-                    .and_then(Value::as_str)
-                    .map(String::from),
-                Err(e) => return text(400, format!("failed to decode request body: {e}")),
-            }
+            serde_json::from_slice::<Value>(&w.body)
+                .map_err(|e| text(400, format!("failed to decode request body: {e}")))?
+                .get("BootstrapSecret")
+                .and_then(Value::as_str)
+                .map(String::from)
         };
-        match self.write_target(forwarded) {
-            WriteTarget::NoLeader => return no_leader(),
-            WriteTarget::Forward(t, mark) => {
-                return self
-                    .forward(&t, mark, &Method::PUT, "/v1/acl/bootstrap", "", body)
-                    .await
-            }
-            WriteTarget::Here => {}
-        }
+        self.at_leader(&w, "/v1/acl/bootstrap", "").await?;
         let reset = self.reset_file();
         let (result, store) = {
             let mut rt = self.rt.lock().expect("runtime");
@@ -2283,11 +2323,11 @@ impl Agent {
                         "generated secret"
                     }
                 ));
-                json_resp(&t)
+                Ok(json_resp(&t))
             }
             Err(ApiError(status, msg)) => {
                 log(format!("ACL bootstrap refused: {msg}"));
-                text(status, msg)
+                Err(text(status, msg))
             }
         }
     }
@@ -2344,7 +2384,7 @@ impl Agent {
 
     fn token_self(&self, req: &Request<Incoming>) -> Resp {
         if !self.cfg.acl_enabled {
-            return text(400, "ACL support disabled");
+            return acl_disabled();
         }
         let secret = token_of(req);
         let rt = self.rt.lock().expect("runtime");
@@ -2354,59 +2394,27 @@ impl Agent {
         }
     }
 
-    /// The management check of every ACL write and of the token list.
-    async fn require_management(&self, req: &Request<Incoming>) -> Result<(), Resp> {
-        if !self.cfg.acl_enabled {
-            return Err(text(400, "ACL support disabled"));
-        }
-        match self.authz(&token_of(req)).await {
-            Ok(a) if a.management => Ok(()),
-            Ok(_) => Err(denied()),
-            Err(e) => Err(api_error(e)),
-        }
+    async fn token_create(&self, req: Request<Incoming>) -> Answer {
+        self.require_management(&req).await?;
+        let w = Write::read(req, 1 << 20).await?;
+        self.at_leader(&w, "/v1/acl/token", &w.token).await?;
+        let tw: TokenWrite =
+            serde_json::from_slice(&w.body).map_err(|e| text(400, e.to_string()))?;
+        let t = self
+            .commit(|s| s.create_token(tw))
+            .await
+            .map_err(api_error)?;
+        log(format!(
+            "ACL token created: accessor {}, type {}, policies {:?}",
+            t.accessor_id,
+            t.kind,
+            t.policies.clone().unwrap_or_default()
+        ));
+        Ok(json_resp(&t))
     }
 
-    async fn token_create(&self, req: Request<Incoming>) -> Resp {
-        if let Err(r) = self.require_management(&req).await {
-            return r;
-        }
-        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
-        let token = token_of(&req);
-        let body = match read_body(req, 1 << 20).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        match self.write_target(forwarded) {
-            WriteTarget::NoLeader => return no_leader(),
-            WriteTarget::Forward(t, mark) => {
-                return self
-                    .forward(&t, mark, &Method::PUT, "/v1/acl/token", &token, body)
-                    .await
-            }
-            WriteTarget::Here => {}
-        }
-        let w: TokenWrite = match serde_json::from_slice(&body) {
-            Ok(w) => w,
-            Err(e) => return text(400, e.to_string()),
-        };
-        match self.commit(|s| s.create_token(w)).await {
-            Ok(t) => {
-                log(format!(
-                    "ACL token created: accessor {}, type {}, policies {:?}",
-                    t.accessor_id,
-                    t.kind,
-                    t.policies.clone().unwrap_or_default()
-                ));
-                json_resp(&t)
-            }
-            Err(e) => api_error(e),
-        }
-    }
-
-    async fn token_list(&self, req: &Request<Incoming>) -> Resp {
-        if let Err(r) = self.require_management(req).await {
-            return r;
-        }
+    async fn token_list(&self, req: &Request<Incoming>) -> Answer {
+        self.require_management(req).await?;
         let rt = self.rt.lock().expect("runtime");
         let stubs: Vec<Value> = rt
             .store
@@ -2418,60 +2426,36 @@ impl Agent {
                 v
             })
             .collect();
-        json_resp(&stubs)
+        Ok(json_resp(&stubs))
     }
 
-    async fn token_get(&self, req: &Request<Incoming>, accessor: &str) -> Resp {
-        if !self.cfg.acl_enabled {
-            return text(400, "ACL support disabled");
-        }
-        let a = match self.authz(&token_of(req)).await {
-            Ok(a) => a,
-            Err(e) => return api_error(e),
-        };
+    async fn token_get(&self, req: &Request<Incoming>, accessor: &str) -> Answer {
+        let a = self.acl_authz(req).await?;
         let rt = self.rt.lock().expect("runtime");
         match rt.store.tokens.iter().find(|t| t.accessor_id == accessor) {
-            Some(t) if a.management || a.token.as_ref() == Some(t) => json_resp(t),
-            Some(_) => denied(),
-            None if a.management => text(404, "ACL token not found"),
-            None => denied(),
+            Some(t) if a.management || a.token.as_ref() == Some(t) => Ok(json_resp(t)),
+            Some(_) => Err(denied()),
+            None if a.management => Err(text(404, "ACL token not found")),
+            None => Err(denied()),
         }
     }
 
-    async fn policy_write(&self, req: Request<Incoming>, name: &str) -> Resp {
-        if let Err(r) = self.require_management(&req).await {
-            return r;
-        }
-        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
-        let token = token_of(&req);
-        let body = match read_body(req, 1 << 20).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let p: PolicyWrite = match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(e) => return text(400, e.to_string()),
-        };
+    async fn policy_write(&self, req: Request<Incoming>, name: &str) -> Answer {
+        self.require_management(&req).await?;
+        let w = Write::read(req, 1 << 20).await?;
+        let p: PolicyWrite =
+            serde_json::from_slice(&w.body).map_err(|e| text(400, e.to_string()))?;
         if p.name != name {
-            return text(400, "ACL policy name does not match request path");
+            return Err(text(400, "ACL policy name does not match request path"));
         }
-        match self.write_target(forwarded) {
-            WriteTarget::NoLeader => return no_leader(),
-            WriteTarget::Forward(t, mark) => {
-                let path = format!("/v1/acl/policy/{name}");
-                return self
-                    .forward(&t, mark, &Method::PUT, &path, &token, body)
-                    .await;
-            }
-            WriteTarget::Here => {}
-        }
-        match self.commit(|s| s.upsert_policy(p)).await {
-            Ok(index) => {
-                log(format!("ACL policy {name} written (index {index})"));
-                text(200, "")
-            }
-            Err(e) => api_error(e),
-        }
+        self.at_leader(&w, &format!("/v1/acl/policy/{name}"), &w.token)
+            .await?;
+        let index = self
+            .commit(|s| s.upsert_policy(p))
+            .await
+            .map_err(api_error)?;
+        log(format!("ACL policy {name} written (index {index})"));
+        Ok(text(200, ""))
     }
 
     /// The policy names a non-management token may read (its own).
@@ -2482,14 +2466,8 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    async fn policy_list(&self, req: &Request<Incoming>) -> Resp {
-        if !self.cfg.acl_enabled {
-            return text(400, "ACL support disabled");
-        }
-        let a = match self.authz(&token_of(req)).await {
-            Ok(a) => a,
-            Err(e) => return api_error(e),
-        };
+    async fn policy_list(&self, req: &Request<Incoming>) -> Answer {
+        let a = self.acl_authz(req).await?;
         let own = Self::own_policies(&a);
         let rt = self.rt.lock().expect("runtime");
         let stubs: Vec<Value> = rt
@@ -2502,20 +2480,14 @@ impl Agent {
                        "CreateIndex": p.create_index, "ModifyIndex": p.modify_index})
             })
             .collect();
-        json_resp(&stubs)
+        Ok(json_resp(&stubs))
     }
 
-    async fn policy_get(&self, req: &Request<Incoming>, name: &str) -> Resp {
-        if !self.cfg.acl_enabled {
-            return text(400, "ACL support disabled");
-        }
-        let a = match self.authz(&token_of(req)).await {
-            Ok(a) => a,
-            Err(e) => return api_error(e),
-        };
+    async fn policy_get(&self, req: &Request<Incoming>, name: &str) -> Answer {
+        let a = self.acl_authz(req).await?;
         if !a.management && name != "anonymous" && !Self::own_policies(&a).iter().any(|p| p == name)
         {
-            return denied();
+            return Err(denied());
         }
         let rt = self.rt.lock().expect("runtime");
         match rt.store.policy(name) {
@@ -2524,16 +2496,14 @@ impl Agent {
                 let rules = parse_rules(&p.rules).unwrap_or_default();
                 v["RulesJSON"] = rules.to_json();
                 v["JobACL"] = Value::Null;
-                json_resp(&v)
+                Ok(json_resp(&v))
             }
-            None => text(404, "ACL policy not found"),
+            None => Err(text(404, "ACL policy not found")),
         }
     }
 
-    async fn node_list(&self, req: &Request<Incoming>) -> Resp {
-        if let Err(r) = self.require(req, Cap::NodeRead).await {
-            return r;
-        }
+    async fn node_list(&self, req: &Request<Incoming>) -> Answer {
+        self.require(req, Cap::NodeRead).await?;
         let prefix = query_param(req, "prefix").unwrap_or_default();
         let rt = self.rt.lock().expect("runtime");
         let mut nodes: Vec<&Node> = rt
@@ -2543,50 +2513,36 @@ impl Agent {
             .filter(|n| n.id.starts_with(&prefix))
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        json_resp(&nodes.iter().map(|n| n.stub()).collect::<Vec<_>>())
+        Ok(json_resp(
+            &nodes.iter().map(|n| n.stub()).collect::<Vec<_>>(),
+        ))
     }
 
-    async fn node_get(&self, req: &Request<Incoming>, id: &str) -> Resp {
-        if let Err(r) = self.require(req, Cap::NodeRead).await {
-            return r;
-        }
+    async fn node_get(&self, req: &Request<Incoming>, id: &str) -> Answer {
+        self.require(req, Cap::NodeRead).await?;
         let rt = self.rt.lock().expect("runtime");
         match rt.store.nodes.iter().find(|n| n.id == id) {
-            Some(n) => json_resp(&n.public()),
-            None => text(404, "node not found"),
+            Some(n) => Ok(json_resp(&n.public())),
+            None => Err(text(404, "node not found")),
         }
     }
 
     /// A client's registration or heartbeat (the stand-in for `Node.Register`/`Node.UpdateStatus`): only
     /// over a TLS connection whose client certificate `tls.ca_file` signed; applied at the leader.
-    async fn node_register(&self, req: Request<Incoming>, client_cert: bool) -> Resp {
+    async fn node_register(&self, req: Request<Incoming>, client_cert: bool) -> Answer {
         let Some(server) = &self.cfg.server else {
-            return text(404, "404 page not found");
+            return Err(not_found());
         };
         if !client_cert {
-            return text(
+            return Err(text(
                 403,
                 "Permission denied: node registration needs a client certificate signed by tls.ca_file (mTLS)",
-            );
+            ));
         }
-        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
-        let body = match read_body(req, 1 << 20).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let reg: NodeRegistration = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return text(400, format!("failed to decode request body: {e}")),
-        };
-        match self.write_target(forwarded) {
-            WriteTarget::NoLeader => return no_leader(),
-            WriteTarget::Forward(t, mark) => {
-                return self
-                    .forward(&t, mark, &Method::PUT, NODE_PATH, "", body)
-                    .await
-            }
-            WriteTarget::Here => {}
-        }
+        let w = Write::read(req, 1 << 20).await?;
+        let reg: NodeRegistration = serde_json::from_slice(&w.body)
+            .map_err(|e| text(400, format!("failed to decode request body: {e}")))?;
+        self.at_leader(&w, NODE_PATH, "").await?;
         let (name, id) = (reg.name.clone(), reg.id.clone());
         let now = time::OffsetDateTime::now_utc();
         let (changed, store, status, count) = {
@@ -2597,10 +2553,7 @@ impl Agent {
                 .iter()
                 .find(|n| n.id == id)
                 .map(|n| n.status.clone());
-            let changed = match rt.store.register_node(reg, now) {
-                Ok(c) => c,
-                Err(e) => return api_error(e),
-            };
+            let changed = rt.store.register_node(reg, now).map_err(api_error)?;
             rt.heartbeats.insert(id.clone(), Instant::now());
             if changed {
                 self.persist(&rt.store);
@@ -2615,21 +2568,19 @@ impl Agent {
                 _ => format!("node {name} ({id}) updated"),
             });
         }
-        json_resp(&json!({
+        Ok(json_resp(&json!({
             "HeartbeatTTL": server.min_heartbeat_ttl.as_nanos() as u64,
             "LeaderRPCAddr": Self::rpc_addr(self.cfg.bind),
             "NumNodes": count,
             "Index": store.index,
-        }))
+        })))
     }
 
-    async fn raft_configuration(&self, req: &Request<Incoming>) -> Resp {
-        if let Err(r) = self.require(req, Cap::OperatorRead).await {
-            return r;
-        }
+    async fn raft_configuration(&self, req: &Request<Incoming>) -> Answer {
+        self.require(req, Cap::OperatorRead).await?;
         let rt = self.rt.lock().expect("runtime");
         if rt.leader.is_none() {
-            return no_leader();
+            return Err(no_leader());
         }
         let servers: Vec<Value> = rt
             .alive
@@ -2645,16 +2596,16 @@ impl Agent {
                 })
             })
             .collect();
-        json_resp(&json!({"Index": rt.store.index, "Servers": servers}))
+        Ok(json_resp(
+            &json!({"Index": rt.store.index, "Servers": servers}),
+        ))
     }
 
-    async fn agent_self(&self, req: &Request<Incoming>) -> Resp {
-        if let Err(r) = self.require(req, Cap::AgentRead).await {
-            return r;
-        }
+    async fn agent_self(&self, req: &Request<Incoming>) -> Answer {
+        self.require(req, Cap::AgentRead).await?;
         let rt = self.rt.lock().expect("runtime");
         let server = self.cfg.server.as_ref();
-        json_resp(&json!({
+        Ok(json_resp(&json!({
             "config": {
                 "Region": self.cfg.region,
                 "Datacenter": self.cfg.datacenter,
@@ -2677,7 +2628,7 @@ impl Agent {
                 },
                 "raft": {"applied_index": rt.store.index.to_string()},
             },
-        }))
+        })))
     }
 
     fn member(&self, ip: IpAddr, name: &str) -> Value {
@@ -2698,22 +2649,20 @@ impl Agent {
     }
 
     /// Nomad's `Status.Members` checks node read (not agent read).
-    async fn agent_members(&self, req: &Request<Incoming>) -> Resp {
-        if let Err(r) = self.require(req, Cap::NodeRead).await {
-            return r;
-        }
+    async fn agent_members(&self, req: &Request<Incoming>) -> Answer {
+        self.require(req, Cap::NodeRead).await?;
         let rt = self.rt.lock().expect("runtime");
         let members: Vec<Value> = rt
             .alive
             .iter()
             .map(|(ip, (name, _))| self.member(*ip, name))
             .collect();
-        json_resp(&json!({
+        Ok(json_resp(&json!({
             "ServerName": format!("{}.{}", self.cfg.name, self.cfg.region),
             "ServerRegion": self.cfg.region,
             "ServerDC": self.cfg.datacenter,
             "Members": members,
-        }))
+        })))
     }
 
     /// A client's node document (sent with every heartbeat).
