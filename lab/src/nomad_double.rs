@@ -3109,211 +3109,6 @@ mod tests {
         assert!(Config::from_value(&bad).unwrap_err().contains("auto-join"));
     }
 
-    /// Three in-process servers over HTTPS: one leader everywhere, bootstrap forwarded from followers,
-    /// state replicated and kept over a restart.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn three_servers_agree_forward_and_persist() {
-        let dir = tempfile::tempdir().unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let (ca_pem, ca_key) =
-            hashistack_agent::tls::generate_ca("double test CA", 1, now).unwrap();
-        let ca = hashistack_agent::tls::ClusterCa::from_pem(&ca_pem, &ca_key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
-        let ips: Vec<IpAddr> = (31..34)
-            .map(|h| format!("127.63.0.{h}").parse().unwrap())
-            .collect();
-        let port = 24646;
-        let cfg_for = |i: usize| {
-            let ip = ips[i];
-            let c = ca.issue("n", &[ip.to_string()], 1, now).unwrap();
-            let cert = dir.path().join(format!("n{i}.pem"));
-            let key = dir.path().join(format!("n{i}-key.pem"));
-            std::fs::write(&cert, &c.cert_pem).unwrap();
-            std::fs::write(&key, &c.key_pem).unwrap();
-            Config::from_value(&json!({
-                "name": format!("n{i}"), "bind_addr": ip.to_string(), "ports": {"http": port},
-                "data_dir": dir.path().join(format!("data{i}")).display().to_string(),
-                "acl": {"enabled": true},
-                "server": {"enabled": true, "bootstrap_expect": 3, "encrypt": "k",
-                           "server_join": {"retry_join": ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()}},
-                "tls": {"http": true, "cert_file": cert, "key_file": key, "ca_file": dir.path().join("ca.pem")},
-            }))
-            .unwrap()
-        };
-        let start = |i: usize| {
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let h = tokio::spawn(run(cfg_for(i), async move {
-                let _ = rx.await;
-            }));
-            (tx, h)
-        };
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-            .build()
-            .unwrap();
-        let url = |i: usize, p: &str| format!("https://{}:{port}{p}", ips[i]);
-        let mut nodes = vec![start(0), start(1)];
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        // Two of three expected: no leader, and a bootstrap is refused as retryable.
-        let r = http.get(url(0, "/v1/status/leader")).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), 500);
-        assert_eq!(r.text().await.unwrap(), "No cluster leader");
-        nodes.push(start(2));
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let leader = loop {
-            assert!(std::time::Instant::now() < deadline, "no common leader");
-            let mut seen = Vec::new();
-            for i in 0..3 {
-                if let Ok(r) = http.get(url(i, "/v1/status/leader")).send().await {
-                    if r.status().is_success() {
-                        seen.push(r.json::<String>().await.unwrap());
-                    }
-                }
-            }
-            if seen.len() == 3 && seen.iter().all(|l| *l == seen[0]) {
-                break seen[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        assert_eq!(leader, "127.63.0.31:4647");
-        let peers: Vec<String> = http
-            .get(url(2, "/v1/status/peers"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(peers.len(), 3);
-        // Bootstrap through a follower: forwarded to the leader.
-        let secret = uuid();
-        let r = http
-            .post(url(2, "/v1/acl/bootstrap"))
-            .json(&json!({ "BootstrapSecret": secret }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        let t: Value = r.json().await.unwrap();
-        assert_eq!(t["SecretID"], secret.as_str());
-        assert_eq!(t["Type"], "management");
-        for i in 0..3 {
-            let r = http.put(url(i, "/v1/acl/bootstrap")).send().await.unwrap();
-            assert_eq!(r.status().as_u16(), 400);
-            assert!(r
-                .text()
-                .await
-                .unwrap()
-                .starts_with("ACL bootstrap already done (reset index: "));
-        }
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        for i in 0..3 {
-            let r = http
-                .get(url(i, "/v1/acl/token/self"))
-                .header("X-Nomad-Token", &secret)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200, "token/self on n{i}");
-            let r = http.get(url(i, "/v1/agent/self")).send().await.unwrap();
-            assert_eq!(r.status().as_u16(), 403);
-        }
-        let r = http
-            .get(url(1, "/v1/acl/token/self"))
-            .header("X-Nomad-Token", uuid())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 403);
-        // A client that knows only a follower registers through it (forwarded to the leader, with the
-        // follower's own client certificate); every server lists the node.
-        let client_ip: IpAddr = "127.63.0.41".parse().unwrap();
-        let c = ca.issue("w", &[client_ip.to_string()], 1, now).unwrap();
-        std::fs::write(dir.path().join("w.pem"), &c.cert_pem).unwrap();
-        std::fs::write(dir.path().join("w-key.pem"), &c.key_pem).unwrap();
-        let client_cfg = Config::from_value(&json!({
-            "name": "worker-0", "bind_addr": client_ip.to_string(), "ports": {"http": port},
-            "data_dir": dir.path().join("client").display().to_string(), "acl": {"enabled": true},
-            "client": {"enabled": true, "server_join": {"retry_join": [ips[2].to_string()]}},
-            "tls": {"http": true, "cert_file": dir.path().join("w.pem"), "key_file": dir.path().join("w-key.pem"),
-                    "ca_file": dir.path().join("ca.pem")},
-        }))
-        .unwrap();
-        let (ctx, crx) = tokio::sync::oneshot::channel::<()>();
-        let client = tokio::spawn(run(client_cfg, async move {
-            let _ = crx.await;
-        }));
-        loop {
-            assert!(
-                std::time::Instant::now() < deadline + Duration::from_secs(10),
-                "node not replicated"
-            );
-            let mut ready = 0;
-            for i in 0..3 {
-                let r = http
-                    .get(url(i, "/v1/nodes"))
-                    .header("X-Nomad-Token", &secret)
-                    .send()
-                    .await
-                    .unwrap();
-                let v: Vec<Value> = r.json().await.unwrap();
-                if v.len() == 1 && v[0]["Status"] == "ready" && v[0]["Name"] == "worker-0" {
-                    ready += 1;
-                }
-            }
-            if ready == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let _ = ctx.send(());
-        client.await.unwrap().unwrap();
-        // Stop everything, start again: the ACL state survived.
-        for (tx, h) in nodes.drain(..) {
-            let _ = tx.send(());
-            h.await.unwrap().unwrap();
-        }
-        let mut nodes = vec![start(0), start(1), start(2)];
-        let ok = loop {
-            assert!(
-                std::time::Instant::now() < deadline + Duration::from_secs(20),
-                "no leader after restart"
-            );
-            let r = http.put(url(1, "/v1/acl/bootstrap")).send().await.unwrap();
-            if r.status().as_u16() != 500 {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        assert_eq!(
-            ok.status().as_u16(),
-            400,
-            "still bootstrapped after restart"
-        );
-        let r = http
-            .get(url(0, "/v1/agent/members"))
-            .header("X-Nomad-Token", &secret)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        let m: Value = r.json().await.unwrap();
-        assert_eq!(m["Members"].as_array().unwrap().len(), 3);
-        let r = http
-            .get(url(1, "/v1/nodes"))
-            .header("X-Nomad-Token", &secret)
-            .send()
-            .await
-            .unwrap();
-        let v: Vec<Value> = r.json().await.unwrap();
-        assert_eq!(v.len(), 1, "the node survived the restart: {v:?}");
-        for (tx, h) in nodes.drain(..) {
-            let _ = tx.send(());
-            h.await.unwrap().unwrap();
-        }
-    }
-
     // ----------------------------------------------------------------------------------------------
     // ACL policies and tokens
 
@@ -3611,6 +3406,13 @@ operator { policy = "read" } // raft
             std::fs::write(&key, &c.key_pem).unwrap();
             (cert, key)
         }
+        /// A node certificate and key for `ip`, as one PEM client identity.
+        fn identity(&self, name: &str, ip: IpAddr) -> Vec<u8> {
+            let (cert, key) = self.issue(name, ip);
+            let mut pem = std::fs::read(cert).unwrap();
+            pem.extend(std::fs::read(key).unwrap());
+            pem
+        }
         fn tls(&self, name: &str, ip: IpAddr) -> Value {
             let (cert, key) = self.issue(name, ip);
             json!({"http": true, "cert_file": cert, "key_file": key,
@@ -3629,17 +3431,26 @@ operator { policy = "read" } // raft
         }
     }
 
-    fn start(
-        cfg: Config,
-    ) -> (
+    /// An agent running in-process: its stop signal and its task.
+    type Running = (
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<Result<(), String>>,
-    ) {
+    );
+
+    fn start(cfg: Config) -> Running {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let h = tokio::spawn(run(cfg, async move {
             let _ = rx.await;
         }));
         (tx, h)
+    }
+
+    /// Stops the agents, each cleanly.
+    async fn stop(agents: impl IntoIterator<Item = Running>) {
+        for (tx, h) in agents {
+            let _ = tx.send(());
+            h.await.unwrap().unwrap();
+        }
     }
 
     async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
@@ -3683,6 +3494,127 @@ operator { policy = "read" } // raft
         }
         let r = rb.send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Three in-process servers over HTTPS: one leader everywhere, bootstrap forwarded from followers,
+    /// state replicated and kept over a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_servers_agree_forward_and_persist() {
+        let pki = Pki::new();
+        let ips: Vec<IpAddr> = (31..34)
+            .map(|h| format!("127.63.0.{h}").parse().unwrap())
+            .collect();
+        let port = 24646;
+        let cfg_for = |i: usize| {
+            Config::from_value(&json!({
+                "name": format!("n{i}"), "bind_addr": ips[i].to_string(), "ports": {"http": port},
+                "data_dir": pki.dir.path().join(format!("data{i}")).display().to_string(),
+                "acl": {"enabled": true},
+                "server": {"enabled": true, "bootstrap_expect": 3, "encrypt": "k",
+                           "server_join": {"retry_join": ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()}},
+                "tls": pki.tls(&format!("n{i}"), ips[i]),
+            }))
+            .unwrap()
+        };
+        let http = pki.http(None);
+        let url = |i: usize, p: &str| format!("https://{}:{port}{p}", ips[i]);
+        let mut nodes = vec![start(cfg_for(0)), start(cfg_for(1))];
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Two of three expected: no leader, and a bootstrap is refused as retryable.
+        assert_eq!(
+            get(&http, &url(0, "/v1/status/leader"), None).await,
+            (500, "No cluster leader".into())
+        );
+        nodes.push(start(cfg_for(2)));
+        let leader = eventually("a common leader", Duration::from_secs(20), || async {
+            let mut seen = Vec::new();
+            for i in 0..3 {
+                if let (200, body) = get(&http, &url(i, "/v1/status/leader"), None).await {
+                    seen.push(serde_json::from_str::<String>(&body).unwrap());
+                }
+            }
+            (seen.len() == 3 && seen.iter().all(|l| *l == seen[0])).then(|| seen[0].clone())
+        })
+        .await;
+        assert_eq!(leader, "127.63.0.31:4647");
+        let (_, body) = get(&http, &url(2, "/v1/status/peers"), None).await;
+        assert_eq!(serde_json::from_str::<Vec<String>>(&body).unwrap().len(), 3);
+        // Bootstrap through a follower: forwarded to the leader.
+        let secret = uuid();
+        let r = http
+            .post(url(2, "/v1/acl/bootstrap"))
+            .json(&json!({ "BootstrapSecret": secret }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let t: Value = r.json().await.unwrap();
+        assert_eq!(t["SecretID"], secret.as_str());
+        assert_eq!(t["Type"], "management");
+        for i in 0..3 {
+            let r = http.put(url(i, "/v1/acl/bootstrap")).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 400);
+            assert!(r
+                .text()
+                .await
+                .unwrap()
+                .starts_with("ACL bootstrap already done (reset index: "));
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        for i in 0..3 {
+            let (st, _) = get(&http, &url(i, "/v1/acl/token/self"), Some(&secret)).await;
+            assert_eq!(st, 200, "token/self on n{i}");
+            assert_eq!(get(&http, &url(i, "/v1/agent/self"), None).await.0, 403);
+        }
+        let (st, _) = get(&http, &url(1, "/v1/acl/token/self"), Some(&uuid())).await;
+        assert_eq!(st, 403);
+        // A client that knows only a follower registers through it (forwarded to the leader, with the
+        // follower's own client certificate); every server lists the node.
+        let client_ip: IpAddr = "127.63.0.41".parse().unwrap();
+        let client = start(
+            Config::from_value(&json!({
+                "name": "worker-0", "bind_addr": client_ip.to_string(), "ports": {"http": port},
+                "data_dir": pki.dir.path().join("client").display().to_string(), "acl": {"enabled": true},
+                "client": {"enabled": true, "server_join": {"retry_join": [ips[2].to_string()]}},
+                "tls": pki.tls("w", client_ip),
+            }))
+            .unwrap(),
+        );
+        eventually("the node replicated", Duration::from_secs(30), || async {
+            let mut ready = 0;
+            for i in 0..3 {
+                let (_, body) = get(&http, &url(i, "/v1/nodes"), Some(&secret)).await;
+                let v: Vec<Value> = serde_json::from_str(&body).unwrap();
+                if v.len() == 1 && v[0]["Status"] == "ready" && v[0]["Name"] == "worker-0" {
+                    ready += 1;
+                }
+            }
+            (ready == 3).then_some(())
+        })
+        .await;
+        stop([client]).await;
+        // Stop everything, start again: the ACL state survived.
+        stop(nodes).await;
+        let nodes = [start(cfg_for(0)), start(cfg_for(1)), start(cfg_for(2))];
+        let (st, _) = eventually(
+            "a leader after restart",
+            Duration::from_secs(40),
+            || async {
+                let r = http.put(url(1, "/v1/acl/bootstrap")).send().await.unwrap();
+                let st = r.status().as_u16();
+                (st != 500).then_some((st, r.text().await.unwrap()))
+            },
+        )
+        .await;
+        assert_eq!(st, 400, "still bootstrapped after restart");
+        let (st, body) = get(&http, &url(0, "/v1/agent/members"), Some(&secret)).await;
+        assert_eq!(st, 200);
+        let m: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(m["Members"].as_array().unwrap().len(), 3);
+        let (_, body) = get(&http, &url(1, "/v1/nodes"), Some(&secret)).await;
+        let v: Vec<Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(v.len(), 1, "the node survived the restart: {v:?}");
+        stop(nodes).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3795,20 +3727,18 @@ operator { policy = "read" } // raft
         assert_eq!(st, 403, "{body}");
         assert!(body.contains("client certificate"), "{body}");
         let other = Pki::new();
-        let (oc, ok) = other.issue("rogue", "127.64.0.99".parse().unwrap());
-        let mut id_pem = std::fs::read(&oc).unwrap();
-        id_pem.extend(std::fs::read(&ok).unwrap());
-        let rogue = pki.http(Some(id_pem));
+        let rogue = pki.http(Some(
+            other.identity("rogue", "127.64.0.99".parse().unwrap()),
+        ));
         let r = rogue.put(s(NODE_PATH)).json(&reg).send().await;
         assert!(
             r.is_err(),
             "a certificate from another CA fails the handshake: {r:?}"
         );
         // A CA-signed certificate cannot take over a registered node ID without its secret.
-        let (wc, wk) = pki.issue("worker-x", "127.64.0.98".parse().unwrap());
-        let mut id_pem = std::fs::read(&wc).unwrap();
-        id_pem.extend(std::fs::read(&wk).unwrap());
-        let signed = pki.http(Some(id_pem));
+        let signed = pki.http(Some(
+            pki.identity("worker-x", "127.64.0.98".parse().unwrap()),
+        ));
         let mut hijack = reg.clone();
         hijack["ID"] = json!(id);
         let (st, body) = put(&signed, &s(NODE_PATH), None, hijack).await;
@@ -3975,9 +3905,7 @@ operator { policy = "read" } // raft
         assert_eq!(get(&http, &c("/v1/agent/self"), Some(stt)).await.0, 200);
 
         // Heartbeats stop: the node goes down after TTL + grace (600 ms here), not before.
-        let (tx, h) = client;
-        tx.send(()).unwrap();
-        h.await.unwrap().unwrap();
+        stop([client]).await;
         let stopped = std::time::Instant::now();
         let node_status = || async {
             let (_, body) = get(&http, &s(&format!("/v1/node/{id}")), Some(&mgmt)).await;
@@ -4021,9 +3949,6 @@ operator { policy = "read" } // raft
             (st, serde_json::from_str::<Vec<Value>>(&body).unwrap().len()),
             (200, 1)
         );
-        for (tx, h) in [client, server] {
-            let _ = tx.send(());
-            h.await.unwrap().unwrap();
-        }
+        stop([client, server]).await;
     }
 }
