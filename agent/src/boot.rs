@@ -557,8 +557,9 @@ async fn boot_inner(
                 spec.blob_endpoint.as_deref(),
                 &spec.cluster,
                 spec.role.is_server_tier(),
-                // Consul's auto_encrypt asks the servers for a certificate with the agent token at start.
-                render::consul::uses_auto_encrypt(spec.role),
+                // Never wait for the agent token here: a node without it renders and starts everything but
+                // an auto-encrypt Consul (below), so the jumpbox can show a bootstrap in progress.
+                false,
                 cfg.bootstrap.lease_secs as i32,
                 policy,
                 std::time::Duration::from_secs(cfg.material.deadline_secs),
@@ -596,6 +597,13 @@ async fn boot_inner(
         )),
     };
     for svc in &plan.services {
+        if consul_waits_for_token(&spec, &plan, svc) {
+            tracing::info!(
+                service = %svc.name,
+                "not started yet: its auto-encrypt certificate request needs the Consul agent token, which the Consul tier's bootstrap hands over"
+            );
+            continue;
+        }
         // A service restarts when a file it reads changed.
         let touched = changed
             .iter()
@@ -607,6 +615,22 @@ async fn boot_inner(
     timed(rec, "services");
     rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
     Ok((spec, plan, manager))
+}
+
+/// Whether `svc` is an auto-encrypt Consul (workers, the jumpbox) rendered without the agent token: Consul
+/// 1.8 would retry its certificate request forever inside its start-up and never take the token on a
+/// reload, so it starts only once `converge_consul_token` has rendered the token.
+fn consul_waits_for_token(
+    spec: &NodeSpec,
+    plan: &Plan,
+    svc: &crate::services::ServiceSpec,
+) -> bool {
+    svc.name == "consul"
+        && render::consul::uses_auto_encrypt(spec.role)
+        && !plan
+            .files
+            .iter()
+            .any(|f| f.path.ends_with("acl-tokens.json"))
 }
 
 /// The one-time tier bootstrap (server tiers only), after the services run. Updates and rewrites the boot record.
@@ -792,7 +816,12 @@ pub async fn converge_consul_token(
     drop(material);
     let changed = write_plan(&plan)?;
     if let Some(consul) = plan.services.iter().find(|s| s.name == "consul") {
-        if changed
+        if !booted.manager.is_running(consul).await? {
+            // An auto-encrypt Consul waited for the token (see `consul_waits_for_token`): start it now.
+            let action = booted.manager.apply(consul, true).await?;
+            booted.record.services.insert(consul.name.clone(), action);
+            tracing::info!(?action, "consul agent token rendered; consul started");
+        } else if changed
             .iter()
             .any(|c| consul.watch.iter().any(|w| c.starts_with(w)))
         {

@@ -1079,9 +1079,20 @@ pub struct LabHealth {
 }
 
 impl LabHealth {
+    /// Whether a node's Consul agent is expected to run. Workers and the jumpbox start Consul only once the
+    /// Consul tier's bootstrap handed out the agent token (their auto-encrypt certificate request needs it):
+    /// in a lab without the bootstrap they wait, and are not counted.
+    fn consul_expected(&self, n: &NodeHealth) -> bool {
+        self.bootstrap_expected || !matches!(n.role.as_str(), "worker" | "jumpbox")
+    }
+
     pub fn consul_leader(&self) -> Option<String> {
-        let leaders: Vec<&str> = self
+        let expected: Vec<&NodeHealth> = self
             .nodes
+            .iter()
+            .filter(|n| self.consul_expected(n))
+            .collect();
+        let leaders: Vec<&str> = expected
             .iter()
             .filter_map(|n| match &n.consul {
                 Probe::Leader { leader } => Some(leader.as_str()),
@@ -1089,7 +1100,7 @@ impl LabHealth {
             })
             .collect();
         let first = leaders.first()?;
-        (leaders.len() == self.nodes.len() && leaders.iter().all(|l| l == first))
+        (leaders.len() == expected.len() && leaders.iter().all(|l| l == first))
             .then(|| first.to_string())
     }
 
@@ -1101,7 +1112,11 @@ impl LabHealth {
             .all(|n| n.raft_peers == Some(self.consul_servers as usize));
         servers_ok
             && self.consul_leader().is_some()
-            && self.nodes.iter().all(|n| n.gossip_encrypted)
+            && self
+                .nodes
+                .iter()
+                .filter(|n| self.consul_expected(n))
+                .all(|n| n.gossip_encrypted)
     }
 
     /// Healthy: Consul formed; without bootstrap every Vault answers; with it every Vault is initialized and
