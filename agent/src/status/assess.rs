@@ -215,7 +215,7 @@ fn assess_token(tier: &str, secret: &str, t: &TokenState, done: bool, p: &mut Pr
         TokenState::Missing if done => p.unknown(
             tier,
             None,
-            format!("status token `{secret}` is not in the shared Key Vault: raft and membership details unknown (docs/status.md#status-tokens)"),
+            format!("status token `{secret}` is not in the status Key Vault: raft and membership details unknown (docs/status.md#status-tokens)"),
         ),
         TokenState::Error(e) => p.unknown(
             tier,

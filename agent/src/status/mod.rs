@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Collection reads the coordination container (tier states, published boot records) with the node's managed
-//! identity, the read-only status tokens from the shared Key Vault, and the products' HTTPS APIs trusting the
+//! identity, the read-only status tokens from the status Key Vault, and the products' HTTPS APIs trusting the
 //! cluster CA. Assessment and rendering are pure, so snapshot tests start from fixed observations.
 //! The JSON schema and every verdict rule: docs/status.md.
 

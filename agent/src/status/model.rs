@@ -16,7 +16,7 @@ pub const SCHEMA: &str = "hashistack-status/1";
 /// The answer to one question: not asked (`None`), an answer, or why there is none.
 pub type Got<T> = Option<Result<T, String>>;
 
-/// Whether the status token of a tier could be had from the shared Key Vault.
+/// Whether the status token of a tier could be had from the status Key Vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum TokenState {
@@ -24,7 +24,7 @@ pub enum TokenState {
     Present,
     /// The secret does not exist (the tier's bootstrap has not created it).
     Missing,
-    /// The shared Key Vault did not answer, or refused.
+    /// The status Key Vault did not answer, or refused.
     Error(String),
     /// Not looked for.
     #[default]
