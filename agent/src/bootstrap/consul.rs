@@ -13,13 +13,14 @@
 //! token is ours; "Invalid bootstrap reset index", "ACL support disabled", a rejected secret and other 4xx
 //! are final.
 
+pub use super::http::Answer;
+use super::http::{AclBootstrap, AclSecrets, TokenResponse};
 use super::{Tier, TierFailure};
-use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
+use crate::retry::{retry, Attempt, RetryPolicy, TimeoutError};
 use crate::version::Version;
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::Zeroizing;
 
 /// First Consul release whose `PUT /v1/acl/bootstrap` takes a caller-chosen `BootstrapSecret`: 1.15.0.
 /// Source: hashicorp/consul CHANGELOG.md, "## 1.15.0 (February 23, 2023)", IMPROVEMENTS: "acl: Added option
@@ -89,42 +90,12 @@ pub struct ConsulTier {
     pub path: BootstrapPath,
 }
 
-#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
-struct BootstrapResponse {
-    #[serde(rename = "AccessorID")]
-    accessor_id: String,
-    #[serde(rename = "SecretID")]
-    secret_id: String,
-}
+/// The escrow payload's kind for the Consul tier.
+const KIND: &str = "consul-acl-bootstrap";
 
-/// The `PUT /v1/acl/bootstrap` body on the caller-secret path.
-#[derive(Serialize)]
-struct BootstrapRequest<'a> {
-    #[serde(rename = "BootstrapSecret")]
-    bootstrap_secret: &'a str,
-}
-
-/// What is escrowed for the Consul tier. Escrowed before use, `accessor_id` is empty (the server chooses it).
-#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
-pub struct ConsulSecrets {
-    pub kind: String,
-    pub accessor_id: String,
-    pub secret_id: String,
-}
-
-/// What a non-200 ACL bootstrap answer means.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// Legacy mode, no leader yet, 429, 5xx: try again.
-    Retry,
-    /// "ACL bootstrap no longer allowed (reset index: N)": final unless the token is ours.
-    AlreadyDone(String),
-    /// Anything else (ACLs disabled, a bad reset index, a rejected secret, other 4xx): final.
-    Final(String),
-}
-
-/// Classifies an ACL bootstrap answer that is not 200. The text decides before the status: Consul answers
-/// "no longer allowed" with 403, and most RPC errors (legacy mode among them) with 500.
+/// Classifies an ACL bootstrap answer that is not 200 ("ACL bootstrap no longer allowed (reset index: N)"
+/// is [`Answer::AlreadyDone`]). The text decides before the status: Consul answers "no longer allowed"
+/// with 403, and most RPC errors (legacy mode among them) with 500.
 pub fn classify(status: u16, body: &str) -> Answer {
     let short: String = body.trim().chars().take(200).collect();
     if body.contains("ACL bootstrap no longer allowed") {
@@ -146,14 +117,6 @@ pub fn classify(status: u16, body: &str) -> Answer {
     Answer::Final(format!("ACL bootstrap: HTTP {status}: {short}"))
 }
 
-/// `text` with every occurrence of `secret` replaced, before any of it reaches an error or a log.
-fn redact(text: &str, secret: Option<&str>) -> String {
-    match secret {
-        Some(s) if !s.is_empty() => text.replace(s, "<secret>"),
-        _ => text.to_string(),
-    }
-}
-
 /// An error of one `token/self` check (statuses and transport errors only, never the token).
 #[derive(Debug)]
 struct CheckError(String);
@@ -173,14 +136,6 @@ impl TimeoutError for CheckError {
 impl ConsulTier {
     fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
         crate::services::health::client_for(&self.ca_file, timeout)
-    }
-
-    fn payload(accessor_id: String, secret_id: String) -> Zeroizing<Vec<u8>> {
-        crate::escrow::payload(&ConsulSecrets {
-            kind: "consul-acl-bootstrap".into(),
-            accessor_id,
-            secret_id,
-        })
     }
 
     /// Whether `secret` is a valid token (an earlier attempt with it landed): its accessor ID if so.
@@ -213,7 +168,7 @@ impl ConsulTier {
                 };
                 let status = r.status().as_u16();
                 if status == 200 {
-                    return match r.json::<BootstrapResponse>().await {
+                    return match r.json::<TokenResponse>().await {
                         Ok(t) => {
                             Attempt::Done((t.secret_id == secret).then(|| t.accessor_id.clone()))
                         }
@@ -236,10 +191,7 @@ impl ConsulTier {
             }
         })
         .await
-        .map_err(|e| match e {
-            RetryError::Final(e) => e.0,
-            e @ RetryError::Deadline { .. } => e.to_string(),
-        })
+        .map_err(|e| e.to_string())
     }
 
     /// The bootstrap call, retrying retryable answers until `deadline`; `check` bounds the `token/self`
@@ -252,91 +204,18 @@ impl ConsulTier {
         // Generous timeout: on the server-generated path an answer lost after the server made the token
         // would leave the token nowhere.
         let c = self.client(deadline).map_err(TierFailure::Other)?;
-        let secret = self.path.secret();
-        let body = secret.map(|s| {
-            Zeroizing::new(
-                serde_json::to_vec(&BootstrapRequest {
-                    bootstrap_secret: s,
-                })
-                .expect("json"),
-            )
-        });
-        let url = format!("{}/v1/acl/bootstrap", self.api);
-        let start = std::time::Instant::now();
-        let mut last = String::from("ACL bootstrap: no answer");
-        while start.elapsed() < deadline {
-            let mut req = c.put(&url);
-            if let Some(b) = &body {
-                req = req
-                    .header("Content-Type", "application/json")
-                    .body(b.to_vec());
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                // With our own secret a lost answer is harmless (the retry finds our token); on the
-                // server-generated path only a request that never reached the server may be sent again.
-                Err(e) if secret.is_some() || e.is_connect() => {
-                    last = format!("ACL bootstrap: {}", e.without_url());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(TierFailure::Other(format!(
-                        "ACL bootstrap: {}",
-                        e.without_url()
-                    )))
-                }
-            };
-            let status = resp.status().as_u16();
-            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            if status == 200 {
-                let parsed: Result<BootstrapResponse, _> = serde_json::from_slice(&bytes);
-                bytes.zeroize();
-                let mut r = parsed.map_err(|_| {
-                    TierFailure::Other("ACL bootstrap response did not parse".into())
-                })?;
-                if secret.is_some_and(|s| r.secret_id != s) {
-                    // A server that ignores BootstrapSecret (an older leader): its own token is escrowed
-                    // right after this call, as on the server-generated path.
-                    tracing::warn!(
-                        "Consul did not use the escrowed BootstrapSecret; escrowing the token it generated"
-                    );
-                }
-                return Ok(Self::payload(
-                    std::mem::take(&mut r.accessor_id),
-                    std::mem::take(&mut r.secret_id),
-                ));
-            }
-            let text = redact(&String::from_utf8_lossy(&bytes), secret);
-            bytes.zeroize();
-            match classify(status, &text) {
-                Answer::Retry => last = format!("ACL bootstrap: HTTP {status}"),
-                Answer::AlreadyDone(detail) => {
-                    let Some(s) = secret else {
-                        return Err(TierFailure::AlreadyDone(detail));
-                    };
-                    return match self.own_token(&c, s, check).await {
-                        Ok(Some(accessor)) => {
-                            tracing::info!(
-                                "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
-                            );
-                            Ok(Self::payload(accessor, s.to_string()))
-                        }
-                        Ok(None) => Err(TierFailure::AlreadyDone(detail)),
-                        // Unknown whether our secret was used: not "already done by someone else" (that would
-                        // drop the pointer to our escrow); the next boot asks again.
-                        Err(e) => Err(TierFailure::Other(format!(
-                            "ACL bootstrap already done ({detail}); whether with our escrowed secret is not known yet: {e}"
-                        ))),
-                    };
-                }
-                Answer::Final(message) => return Err(TierFailure::Other(message)),
-            }
-            tokio::time::sleep(RETRY_EVERY).await;
+        AclBootstrap {
+            product: "Consul",
+            kind: KIND,
+            method: reqwest::Method::PUT,
+            url: format!("{}/v1/acl/bootstrap", self.api),
+            secret: self.path.secret(),
+            deadline,
+            retry_every: RETRY_EVERY,
+            classify,
         }
-        Err(TierFailure::Other(format!(
-            "{last} (still failing after {deadline:?})"
-        )))
+        .call(&c, |s| self.own_token(&c, s, check))
+        .await
     }
 }
 
@@ -348,24 +227,7 @@ impl Tier for ConsulTier {
 
     async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
         let c = self.client(Duration::from_secs(5))?;
-        let start = std::time::Instant::now();
-        loop {
-            let leader = async {
-                let r = c
-                    .get(format!("{}/v1/status/leader", self.api))
-                    .send()
-                    .await
-                    .ok()?;
-                r.json::<String>().await.ok().filter(|l| !l.is_empty())
-            };
-            if leader.await.is_some() {
-                return Ok(());
-            }
-            if start.elapsed() > deadline {
-                return Err(format!("local Consul has no leader within {deadline:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        super::http::wait_for_leader(&c, &self.api, "Consul", deadline).await
     }
 
     async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
@@ -375,7 +237,7 @@ impl Tier for ConsulTier {
     fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
         self.path
             .secret()
-            .map(|s| Self::payload(String::new(), s.to_string()))
+            .map(|s| AclSecrets::payload(KIND, String::new(), s.to_string()))
     }
 
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
@@ -384,7 +246,7 @@ impl Tier for ConsulTier {
     }
 
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
-        let s: ConsulSecrets = serde_json::from_slice(secrets)
+        let s: AclSecrets = serde_json::from_slice(secrets)
             .map_err(|_| "escrow payload did not parse".to_string())?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
@@ -644,7 +506,7 @@ mod tests {
     use consul_contract_double::{Consul, Shared, Token};
 
     struct Run {
-        result: Result<ConsulSecrets, TierFailure>,
+        result: Result<AclSecrets, TierFailure>,
         /// The secret escrowed before the call, if any.
         escrowed: Option<String>,
         consul: Consul,
@@ -668,7 +530,7 @@ mod tests {
             path,
         };
         let escrowed = tier.pre_secret().map(|p| {
-            let s: ConsulSecrets = serde_json::from_slice(&p).unwrap();
+            let s: AclSecrets = serde_json::from_slice(&p).unwrap();
             assert_eq!(s.kind, "consul-acl-bootstrap");
             assert_eq!(s.accessor_id, "", "the server chooses the accessor");
             state.lock().unwrap().escrow.push(s.secret_id.clone());
@@ -677,7 +539,7 @@ mod tests {
         let result = tier
             .bootstrap_within(deadline, Duration::from_secs(1))
             .await
-            .map(|p| serde_json::from_slice::<ConsulSecrets>(&p).unwrap());
+            .map(|p| serde_json::from_slice::<AclSecrets>(&p).unwrap());
         let consul = std::mem::take(&mut *state.lock().unwrap());
         Run {
             result,

@@ -16,6 +16,7 @@
 
 pub mod consul;
 pub mod consul_tokens;
+mod http;
 pub mod nomad;
 pub mod vault;
 

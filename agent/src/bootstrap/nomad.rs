@@ -12,12 +12,14 @@
 //! and a verdict per answer ([`classify_acl`]): no leader, 429 and 5xx are retried, other answers are final.
 //! A rerun finds its earlier token by name and hands the same one over again instead of making another.
 
+use super::http::{AclBootstrap, AclSecrets, TokenResponse};
+pub use super::http::{Answer, CallError};
 use super::{Tier, TierFailure};
-use crate::retry::{retry, Attempt, RetryPolicy, TimeoutError};
-use serde::{Deserialize, Serialize};
+use crate::retry::{retry, Attempt, RetryPolicy};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::Zeroizing;
 
 /// How long the bootstrap call keeps retrying retryable answers.
 const BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(120);
@@ -45,24 +47,8 @@ pub struct NomadTier {
     pub status_vault: Option<String>,
 }
 
-/// A failed ACL call of the status-token step. Carries the status and Nomad's error text or the transport
-/// error — never a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallError(pub String);
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TimeoutError for CallError {
-    fn timeout(after: Duration) -> Self {
-        CallError(format!("no answer within {after:?}"))
-    }
-}
-
-/// Why an ACL call did not succeed.
+/// Why an ACL call of the status-token step did not succeed (the error carries the status and Nomad's
+/// error text or the transport error — never a token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failed {
     /// Worth another attempt while the deadline allows.
@@ -233,35 +219,12 @@ pub async fn create_status_token(
     Ok((secret, reused))
 }
 
-/// What is escrowed for the Nomad tier. Before the call `accessor_id` is empty (the server chooses it).
-#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
-pub struct NomadSecrets {
-    pub kind: String,
-    pub accessor_id: String,
-    pub secret_id: String,
-}
+/// The escrow payload's kind for the Nomad tier.
+const KIND: &str = "nomad-acl-bootstrap";
 
-#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
-struct TokenResponse {
-    #[serde(rename = "AccessorID")]
-    accessor_id: String,
-    #[serde(rename = "SecretID")]
-    secret_id: String,
-}
-
-/// What a non-200 ACL bootstrap answer means.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// No leader yet, an election, a 5xx: try again.
-    Retry,
-    /// "ACL bootstrap already done (reset index: N)": final unless the token is ours.
-    AlreadyDone(String),
-    /// Anything else (ACLs disabled, a bad reset index, a rejected secret): final.
-    Final(String),
-}
-
-/// Classifies an ACL bootstrap answer that is not 200. Nomad ≥ 1.4 answers "already done" with 400,
-/// older versions with 500 and an "rpc error:" prefix: the text decides, not the status.
+/// Classifies an ACL bootstrap answer that is not 200 ("ACL bootstrap already done (reset index: N)" is
+/// [`Answer::AlreadyDone`]). Nomad ≥ 1.4 answers "already done" with 400, older versions with 500 and an
+/// "rpc error:" prefix: the text decides, not the status.
 pub fn classify(status: u16, body: &str) -> Answer {
     let short: String = body.trim().chars().take(200).collect();
     if body.contains("ACL bootstrap already done") {
@@ -311,14 +274,6 @@ impl NomadTier {
         crate::services::health::client_for(&self.ca_file, timeout)
     }
 
-    fn payload(&self, accessor_id: String, secret_id: String) -> Zeroizing<Vec<u8>> {
-        crate::escrow::payload(&NomadSecrets {
-            kind: "nomad-acl-bootstrap".into(),
-            accessor_id,
-            secret_id,
-        })
-    }
-
     /// Whether our secret is a valid token (our own earlier attempt landed): its accessor ID if so.
     async fn own_token(&self, c: &reqwest::Client) -> Option<String> {
         let r = c
@@ -343,27 +298,7 @@ impl Tier for NomadTier {
 
     async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
         let c = self.client(Duration::from_secs(5))?;
-        let start = std::time::Instant::now();
-        loop {
-            let leader = async {
-                let r = c
-                    .get(format!("{}/v1/status/leader", self.api))
-                    .send()
-                    .await
-                    .ok()?;
-                if !r.status().is_success() {
-                    return None;
-                }
-                r.json::<String>().await.ok().filter(|l| !l.is_empty())
-            };
-            if leader.await.is_some() {
-                return Ok(());
-            }
-            if start.elapsed() > deadline {
-                return Err(format!("local Nomad has no leader within {deadline:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        super::http::wait_for_leader(&c, &self.api, "Nomad", deadline).await
     }
 
     async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
@@ -371,7 +306,11 @@ impl Tier for NomadTier {
     }
 
     fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
-        Some(self.payload(String::new(), self.secret.to_string()))
+        Some(AclSecrets::payload(
+            KIND,
+            String::new(),
+            self.secret.to_string(),
+        ))
     }
 
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
@@ -379,69 +318,18 @@ impl Tier for NomadTier {
         let c = self
             .client(Duration::from_secs(60))
             .map_err(TierFailure::Other)?;
-        let body = Zeroizing::new(
-            serde_json::to_vec(&serde_json::json!({ "BootstrapSecret": self.secret.as_str() }))
-                .expect("json"),
-        );
-        let start = std::time::Instant::now();
-        let mut last = String::new();
-        while start.elapsed() < BOOTSTRAP_DEADLINE {
-            let sent = c
-                .post(format!("{}/v1/acl/bootstrap", self.api))
-                .header("Content-Type", "application/json")
-                .body(body.to_vec())
-                .send()
-                .await;
-            let resp = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    // Never reached the server, or its answer was lost: both are safe to retry.
-                    last = format!("ACL bootstrap: {}", e.without_url());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let status = resp.status().as_u16();
-            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            if status == 200 {
-                let parsed: Result<TokenResponse, _> = serde_json::from_slice(&bytes);
-                bytes.zeroize();
-                let mut t = parsed.map_err(|_| {
-                    TierFailure::Other("ACL bootstrap response did not parse".into())
-                })?;
-                if t.secret_id != *self.secret {
-                    // A server that ignores BootstrapSecret (Nomad < 1.3.2): its own token is escrowed
-                    // right after this call, as for tiers without a caller-chosen secret.
-                    tracing::warn!(
-                        "Nomad did not use the escrowed BootstrapSecret; escrowing the token it generated"
-                    );
-                }
-                return Ok(self.payload(
-                    std::mem::take(&mut t.accessor_id),
-                    std::mem::take(&mut t.secret_id),
-                ));
-            }
-            let text = String::from_utf8_lossy(&bytes).to_string();
-            match classify(status, &text) {
-                Answer::Retry => last = format!("ACL bootstrap: HTTP {status}"),
-                Answer::AlreadyDone(detail) => {
-                    return match self.own_token(&c).await {
-                        Some(accessor) => {
-                            tracing::info!(
-                                "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
-                            );
-                            Ok(self.payload(accessor, self.secret.to_string()))
-                        }
-                        None => Err(TierFailure::AlreadyDone(detail)),
-                    };
-                }
-                Answer::Final(message) => return Err(TierFailure::Other(message)),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        AclBootstrap {
+            product: "Nomad",
+            kind: KIND,
+            method: reqwest::Method::POST,
+            url: format!("{}/v1/acl/bootstrap", self.api),
+            secret: Some(self.secret.as_str()),
+            deadline: BOOTSTRAP_DEADLINE,
+            retry_every: Duration::from_secs(1),
+            classify,
         }
-        Err(TierFailure::Other(format!(
-            "{last} (still failing after {BOOTSTRAP_DEADLINE:?})"
-        )))
+        .call(&c, |_| async { Ok(self.own_token(&c).await) })
+        .await
     }
 
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
@@ -451,7 +339,7 @@ impl Tier for NomadTier {
             );
             return Ok(());
         };
-        let s: NomadSecrets = serde_json::from_slice(secrets)
+        let s: AclSecrets = serde_json::from_slice(secrets)
             .map_err(|_| "escrow payload did not parse".to_string())?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);

@@ -5,9 +5,10 @@
 //! and refuses API-created devices; HashiCorp Vault has no such configuration and takes
 //! `PUT /v1/sys/audit/file`. Either way the result is verified with `GET /v1/sys/audit` and reported as it is.
 
+use super::http::CallError;
 use super::{Tier, TierFailure};
 use crate::render::vault::{AUDIT_DESCRIPTION, AUDIT_DEVICE_PATH};
-use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
+use crate::retry::{retry, Attempt, RetryPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -157,29 +158,6 @@ pub enum AuditVia {
     Api,
 }
 
-/// An error of one call to the local Vault API (no secret in it: statuses and transport errors only).
-#[derive(Debug)]
-struct ApiError(String);
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TimeoutError for ApiError {
-    fn timeout(after: Duration) -> Self {
-        ApiError(format!("no answer within {after:?}"))
-    }
-}
-
-fn gave_up(e: RetryError<ApiError>) -> String {
-    match e {
-        RetryError::Final(e) => e.0,
-        e @ RetryError::Deadline { .. } => e.to_string(),
-    }
-}
-
 /// How long a device the server must have from its configuration (it refused the API) may take to be listed.
 const DECLARED_AUDIT_GRACE: Duration = Duration::from_secs(15);
 
@@ -225,7 +203,7 @@ impl VaultTier {
                 let r = match req.await {
                     Ok(r) => r,
                     Err(e) => {
-                        return Attempt::Retry(ApiError(format!("sys/audit: {}", e.without_url())))
+                        return Attempt::Retry(CallError(format!("sys/audit: {}", e.without_url())))
                     }
                 };
                 let status = r.status().as_u16();
@@ -233,18 +211,18 @@ impl VaultTier {
                     200 => match r.json::<AuditList>().await {
                         Ok(l) => Attempt::Done(l.data),
                         Err(_) => {
-                            Attempt::Fail(ApiError("sys/audit: the listing did not parse".into()))
+                            Attempt::Fail(CallError("sys/audit: the listing did not parse".into()))
                         }
                     },
                     429 | 500..=599 => {
-                        Attempt::Retry(ApiError(format!("sys/audit: HTTP {status}")))
+                        Attempt::Retry(CallError(format!("sys/audit: HTTP {status}")))
                     }
-                    _ => Attempt::Fail(ApiError(format!("sys/audit: HTTP {status}"))),
+                    _ => Attempt::Fail(CallError(format!("sys/audit: HTTP {status}"))),
                 }
             }
         })
         .await
-        .map_err(gave_up)
+        .map_err(|e| e.to_string())
     }
 
     /// Makes sure the file audit device is active and says how; an error says why not, for the tier state.
@@ -293,7 +271,7 @@ impl VaultTier {
                 let r = match req.await {
                     Ok(r) => r,
                     Err(e) => {
-                        return Attempt::Retry(ApiError(format!(
+                        return Attempt::Retry(CallError(format!(
                             "audit device: {}",
                             e.without_url()
                         )))
@@ -302,14 +280,14 @@ impl VaultTier {
                 let status = r.status().as_u16();
                 let text = r.text().await.unwrap_or_default();
                 match classify_enable(status, &text) {
-                    EnableAnswer::Retry(e) => Attempt::Retry(ApiError(e)),
-                    EnableAnswer::Final(e) => Attempt::Fail(ApiError(e)),
+                    EnableAnswer::Retry(e) => Attempt::Retry(CallError(e)),
+                    EnableAnswer::Final(e) => Attempt::Fail(CallError(e)),
                     a => Attempt::Done(a),
                 }
             }
         })
         .await
-        .map_err(gave_up)?;
+        .map_err(|e| e.to_string())?;
         match answer {
             EnableAnswer::Enabled | EnableAnswer::InUse => {
                 match audit_device_state(&self.audit_devices(c, token).await?, expected) {

@@ -1,0 +1,227 @@
+//! What the tiers share in talking to their local server's HTTP API: the wait for a leader, the ACL
+//! bootstrap call of Consul and Nomad (the same protocol: a caller-chosen `BootstrapSecret` escrowed before
+//! use makes it idempotent), what that call escrows, and the error of one call in a retry loop.
+
+use super::TierFailure;
+use crate::retry::TimeoutError;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::time::Duration;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// An error of one call to the local server's API: the call and a status or transport error, never a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError(pub String);
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TimeoutError for CallError {
+    fn timeout(after: Duration) -> Self {
+        CallError(format!("no answer within {after:?}"))
+    }
+}
+
+/// Polls `GET {api}/v1/status/leader` every 200 ms until it names a leader; an error once `deadline` has
+/// passed (`product` names the server in it).
+pub(super) async fn wait_for_leader(
+    c: &reqwest::Client,
+    api: &str,
+    product: &str,
+    deadline: Duration,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    loop {
+        let leader = async {
+            let r = c.get(format!("{api}/v1/status/leader")).send().await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            r.json::<String>().await.ok().filter(|l| !l.is_empty())
+        };
+        if leader.await.is_some() {
+            return Ok(());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!("local {product} has no leader within {deadline:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What is escrowed for a tier bootstrapped through its ACL system (Consul, Nomad). Escrowed before use,
+/// `accessor_id` is empty (the server chooses it).
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct AclSecrets {
+    pub kind: String,
+    pub accessor_id: String,
+    pub secret_id: String,
+}
+
+impl AclSecrets {
+    /// The escrow payload of a management token (`kind`: the tier's, e.g. `consul-acl-bootstrap`).
+    pub fn payload(kind: &str, accessor_id: String, secret_id: String) -> Zeroizing<Vec<u8>> {
+        crate::escrow::payload(&AclSecrets {
+            kind: kind.into(),
+            accessor_id,
+            secret_id,
+        })
+    }
+}
+
+/// A token in an ACL answer (bootstrap, `token/self`).
+#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+pub(super) struct TokenResponse {
+    #[serde(rename = "AccessorID")]
+    pub accessor_id: String,
+    #[serde(rename = "SecretID")]
+    pub secret_id: String,
+}
+
+/// The ACL bootstrap body on the caller-secret path.
+#[derive(Serialize)]
+struct BootstrapRequest<'a> {
+    #[serde(rename = "BootstrapSecret")]
+    bootstrap_secret: &'a str,
+}
+
+/// What a non-200 ACL bootstrap answer means (each product's `classify` decides).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// No leader yet, an election (Consul: legacy mode), 429, 5xx: try again.
+    Retry,
+    /// The ACL system was bootstrapped before: final unless the token is ours.
+    AlreadyDone(String),
+    /// Anything else (ACLs disabled, a bad reset index, a rejected secret, other 4xx): final.
+    Final(String),
+}
+
+/// `text` with every occurrence of `secret` replaced, before any of it reaches an error or a log.
+fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if !s.is_empty() => text.replace(s, "<secret>"),
+        _ => text.to_string(),
+    }
+}
+
+/// One tier's ACL bootstrap call, sent until it yields a token, a final answer, or `deadline` passes.
+pub(super) struct AclBootstrap<'a> {
+    /// The product, as log lines name it.
+    pub product: &'static str,
+    /// The escrow payload's kind ([`AclSecrets::payload`]).
+    pub kind: &'static str,
+    pub method: reqwest::Method,
+    pub url: String,
+    /// The caller-chosen `BootstrapSecret`, escrowed before use, if any. With it a lost answer is harmless
+    /// (the retry finds our token); without it only a request that never reached the server is sent again.
+    pub secret: Option<&'a str>,
+    /// How long retryable answers are retried.
+    pub deadline: Duration,
+    /// The pause after a retryable answer.
+    pub retry_every: Duration,
+    /// The product's verdict on an answer that is not 200.
+    pub classify: fn(u16, &str) -> Answer,
+}
+
+impl<'a> AclBootstrap<'a> {
+    /// Calls until the token comes back (its escrow payload), a final answer, or the deadline. "Already
+    /// done" with a caller secret asks `own_token` whether that secret is a valid token (an earlier attempt
+    /// of ours landed): its accessor ID if so, `None` if not, an error while that cannot be told.
+    pub async fn call<F, Fut>(
+        &self,
+        c: &reqwest::Client,
+        own_token: F,
+    ) -> Result<Zeroizing<Vec<u8>>, TierFailure>
+    where
+        F: FnOnce(&'a str) -> Fut,
+        Fut: Future<Output = Result<Option<String>, String>>,
+    {
+        let body = self.secret.map(|s| {
+            Zeroizing::new(
+                serde_json::to_vec(&BootstrapRequest {
+                    bootstrap_secret: s,
+                })
+                .expect("json"),
+            )
+        });
+        let start = std::time::Instant::now();
+        let mut last = String::from("ACL bootstrap: no answer");
+        while start.elapsed() < self.deadline {
+            let mut req = c.request(self.method.clone(), &self.url);
+            if let Some(b) = &body {
+                req = req
+                    .header("Content-Type", "application/json")
+                    .body(b.to_vec());
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if self.secret.is_some() || e.is_connect() => {
+                    last = format!("ACL bootstrap: {}", e.without_url());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(TierFailure::Other(format!(
+                        "ACL bootstrap: {}",
+                        e.without_url()
+                    )))
+                }
+            };
+            let status = resp.status().as_u16();
+            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            if status == 200 {
+                let parsed: Result<TokenResponse, _> = serde_json::from_slice(&bytes);
+                bytes.zeroize();
+                let mut t = parsed.map_err(|_| {
+                    TierFailure::Other("ACL bootstrap response did not parse".into())
+                })?;
+                if self.secret.is_some_and(|s| t.secret_id != s) {
+                    // A server that ignores BootstrapSecret (an older leader): its own token is escrowed
+                    // right after this call, as on the server-generated path.
+                    tracing::warn!(
+                        "{} did not use the escrowed BootstrapSecret; escrowing the token it generated",
+                        self.product
+                    );
+                }
+                return Ok(AclSecrets::payload(
+                    self.kind,
+                    std::mem::take(&mut t.accessor_id),
+                    std::mem::take(&mut t.secret_id),
+                ));
+            }
+            let text = redact(&String::from_utf8_lossy(&bytes), self.secret);
+            bytes.zeroize();
+            match (self.classify)(status, &text) {
+                Answer::Retry => last = format!("ACL bootstrap: HTTP {status}"),
+                Answer::AlreadyDone(detail) => {
+                    let Some(s) = self.secret else {
+                        return Err(TierFailure::AlreadyDone(detail));
+                    };
+                    return match own_token(s).await {
+                        Ok(Some(accessor)) => {
+                            tracing::info!(
+                                "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
+                            );
+                            Ok(AclSecrets::payload(self.kind, accessor, s.to_string()))
+                        }
+                        Ok(None) => Err(TierFailure::AlreadyDone(detail)),
+                        // Unknown whether our secret was used: not "already done by someone else" (that would
+                        // drop the pointer to our escrow); the next boot asks again.
+                        Err(e) => Err(TierFailure::Other(format!(
+                            "ACL bootstrap already done ({detail}); whether with our escrowed secret is not known yet: {e}"
+                        ))),
+                    };
+                }
+                Answer::Final(message) => return Err(TierFailure::Other(message)),
+            }
+            tokio::time::sleep(self.retry_every).await;
+        }
+        Err(TierFailure::Other(format!(
+            "{last} (still failing after {:?})",
+            self.deadline
+        )))
+    }
+}
