@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end suites: each test gets its own lab on its own loopback network.
 
+use hashistack_agent::coordination::{TierPhase, TierState};
+use hashistack_agent::node::Role;
 use hashistack_lab::tools::{repo_root, Tools};
 use hashistack_lab::{Lab, LabOptions};
 use sha2::{Digest, Sha256};
@@ -26,11 +28,62 @@ pub async fn healthy_lab(o: LabOptions) -> Lab {
     let lab = Lab::up(o, tools())
         .await
         .unwrap_or_else(|e| panic!("lab up: {e}"));
-    if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(120)).await {
+    wait_healthy(&lab, Duration::from_secs(120)).await;
+    lab
+}
+
+/// Waits until the lab is healthy; else panics with the health table and where the logs are.
+pub async fn wait_healthy(lab: &Lab, deadline: Duration) {
+    if let Err((e, h)) = lab.wait_healthy(deadline).await {
         let logs = lab.opts.state_dir.join("logs");
         panic!("{e}\n{}\nlogs in {}", h.table(), logs.display());
     }
-    lab
+}
+
+/// The indices of the lab's nodes of `role`.
+pub fn nodes_of(lab: &Lab, role: Role) -> Vec<usize> {
+    (0..lab.nodes.len())
+        .filter(|&i| lab.nodes[i].def.role == role)
+        .collect()
+}
+
+/// How many nodes of `role` recorded the bootstrap outcome `outcome` (`bootstrapped`, `already-done`, …).
+pub fn count_outcome(lab: &Lab, role: Role, outcome: &str) -> usize {
+    nodes_of(lab, role)
+        .into_iter()
+        .filter(|&i| lab.boot_record(i).and_then(|r| r.bootstrap).as_deref() == Some(outcome))
+        .count()
+}
+
+/// How many times the tier's state went through `initializing` (a bootstrap call was made).
+pub fn inits(st: &TierState) -> usize {
+    st.history
+        .iter()
+        .filter(|(p, _, _)| *p == TierPhase::Initializing)
+        .count()
+}
+
+/// The tier's coordination state, asserted `done`, with receipts from both escrow targets and initialized
+/// exactly once.
+pub async fn assert_done_once(lab: &Lab, tier: &str) -> TierState {
+    let st = lab
+        .tier_state(tier)
+        .await
+        .unwrap_or_else(|| panic!("{tier}: no coordination state"));
+    assert_eq!(st.phase, TierPhase::Done, "{tier}: {st:?}");
+    for target in ["blob", "keyvault"] {
+        assert!(
+            st.receipts.iter().any(|r| r.target == target),
+            "{tier}: no {target} receipt: {st:?}"
+        );
+    }
+    assert_eq!(
+        inits(&st),
+        1,
+        "{tier}: initialized more than once: {:?}",
+        st.history
+    );
+    st
 }
 
 /// SHA-256 of every file under `dir` (relative path → digest), for byte-identity checks.
@@ -78,6 +131,48 @@ pub fn escrow_cmd(lab: &Lab, imds_endpoint: &str, args: &[&str]) -> std::process
         .arg(&lab.ca_cert)
         .output()
         .expect("run hashistack-agent escrow")
+}
+
+/// `escrow open --tier <tier>` as the operator behind `operator` (its IMDS endpoint), asserted to succeed:
+/// the opened secrets (JSON).
+pub fn escrow_open(lab: &Lab, operator: &str, tier: &str) -> Vec<u8> {
+    let o = escrow_cmd(lab, operator, &["open", "--tier", tier]);
+    assert!(
+        o.status.success(),
+        "escrow open {tier}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// `GET url` through the lab's HTTPS client with the token in `header` (`X-Vault-Token`, `X-Consul-Token`,
+/// `X-Nomad-Token`): the status and the body.
+pub async fn get_as(lab: &Lab, url: &str, header: &str, token: &str) -> (u16, String) {
+    let r = lab
+        .https()
+        .get(url)
+        .header(header, token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `hashistack-agent status --json` on the jumpbox: its exit code and its output (the JSON report), which is
+/// also printed.
+pub async fn jumpbox_status(lab: &Lab) -> (i32, String) {
+    let j = lab.jumpbox().expect("the lab has a jumpbox");
+    let o = tokio::process::Command::new(agent(lab))
+        .arg("status")
+        .arg("--config")
+        .arg(&lab.nodes[j].config_path)
+        .arg("--json")
+        .output()
+        .await
+        .expect("run hashistack-agent status");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("--- status --json (exit {:?}):\n{out}", o.status.code());
+    (o.status.code().unwrap_or(-1), out)
 }
 
 /// Every file under `dir` whose content contains any of `needles`, skipping the given subpaths.

@@ -5,49 +5,21 @@
 use hashistack_agent::bootstrap::CrashPoint;
 use hashistack_agent::coordination::TierPhase;
 use hashistack_agent::node::Role;
-use hashistack_e2e::{escrow_cmd, files_containing, healthy_lab, options, tools};
+use hashistack_e2e::{
+    assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as,
+    healthy_lab, inits, nodes_of, options, tools,
+};
 use hashistack_lab::Lab;
 use serde_json::Value;
 use std::time::Duration;
-
-fn count_outcome(lab: &Lab, role: Role, outcome: &str) -> usize {
-    (0..lab.nodes.len())
-        .filter(|&i| lab.nodes[i].def.role == role)
-        .filter(|&i| lab.boot_record(i).and_then(|r| r.bootstrap).as_deref() == Some(outcome))
-        .count()
-}
-
-async fn assert_done_and_escrowed(lab: &Lab, tier: &str) {
-    let st = lab
-        .tier_state(tier)
-        .await
-        .unwrap_or_else(|| panic!("{tier}: no coordination state"));
-    assert_eq!(st.phase, TierPhase::Done, "{tier}: {st:?}");
-    for target in ["blob", "keyvault"] {
-        assert!(
-            st.receipts.iter().any(|r| r.target == target),
-            "{tier}: no {target} receipt: {st:?}"
-        );
-    }
-    let inits = st
-        .history
-        .iter()
-        .filter(|(p, _, _)| *p == TierPhase::Initializing)
-        .count();
-    assert_eq!(
-        inits, 1,
-        "{tier}: initialized more than once: {:?}",
-        st.history
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
     let mut lab = healthy_lab(options("escrow", 84)).await;
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
     assert_eq!(count_outcome(&lab, Role::ConsulServer, "bootstrapped"), 1);
-    assert_done_and_escrowed(&lab, "vault").await;
-    assert_done_and_escrowed(&lab, "consul").await;
+    assert_done_once(&lab, "vault").await;
+    assert_done_once(&lab, "consul").await;
 
     // Cluster material was created once, in the shared and servers Key Vaults, and every node renders from it.
     let kv = lab.keyvault.as_ref().unwrap();
@@ -109,33 +81,19 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
     );
     let vault: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
     let root = vault["root_token"].as_str().unwrap().to_string();
-    let keys: Vec<String> = vault["recovery_keys_base64"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap().to_string())
-        .collect();
+    let keys: Vec<String> = serde_json::from_value(vault["recovery_keys_base64"].clone()).unwrap();
     assert_eq!(keys.len(), 5);
     let http = lab.https();
-    let vault_ip = lab
-        .nodes
-        .iter()
-        .find(|n| n.def.role == Role::VaultServer)
-        .unwrap()
-        .def
-        .ip;
-    let r = http
-        .get(format!("https://{vault_ip}:8200/v1/auth/token/lookup-self"))
-        .header("X-Vault-Token", &root)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "recovered root token authenticates"
-    );
-    let body: Value = r.json().await.unwrap();
+    let vault_ip = lab.nodes[nodes_of(&lab, Role::VaultServer)[0]].def.ip;
+    let (status, body) = get_as(
+        &lab,
+        &format!("https://{vault_ip}:8200/v1/auth/token/lookup-self"),
+        "X-Vault-Token",
+        &root,
+    )
+    .await;
+    assert_eq!(status, 200, "recovered root token authenticates");
+    let body: Value = serde_json::from_str(&body).unwrap();
     assert!(body["data"]["policies"]
         .as_array()
         .unwrap()
@@ -167,15 +125,14 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
         })
         .unwrap_or_else(|| panic!("no vault node is the active one: {leader}"));
     let audit_file = active.root.join("var/log/vault/audit.log");
-    let list: Value = http
-        .get(format!("https://{}:8200/v1/sys/audit", active.def.ip))
-        .header("X-Vault-Token", &root)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = get_as(
+        &lab,
+        &format!("https://{}:8200/v1/sys/audit", active.def.ip),
+        "X-Vault-Token",
+        &root,
+    )
+    .await;
+    let list: Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list["data"]["file/"]["type"], "file", "{list}");
     assert_eq!(
         list["data"]["file/"]["options"]["file_path"],
@@ -189,39 +146,32 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
     };
     let before = audit_lines();
     assert!(before > 0, "{} has lines", audit_file.display());
-    let r = http
-        .get(format!(
-            "https://{}:8200/v1/auth/token/lookup-self",
-            active.def.ip
-        ))
-        .header("X-Vault-Token", &root)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let (status, _) = get_as(
+        &lab,
+        &format!("https://{}:8200/v1/auth/token/lookup-self", active.def.ip),
+        "X-Vault-Token",
+        &root,
+    )
+    .await;
+    assert_eq!(status, 200);
     let after = audit_lines();
     assert!(
         after >= before + 2,
         "request and response audited: {before} -> {after} lines"
     );
 
-    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "consul"]);
-    assert!(
-        o.status.success(),
-        "escrow open consul: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let consul: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let consul: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "consul")).unwrap();
     let secret_id = consul["secret_id"].as_str().unwrap().to_string();
     let consul_ip = lab.nodes[0].def.ip;
-    let r = http
-        .get(format!("https://{consul_ip}:8501/v1/acl/token/self"))
-        .header("X-Consul-Token", &secret_id)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let tok: Value = r.json().await.unwrap();
+    let (status, tok) = get_as(
+        &lab,
+        &format!("https://{consul_ip}:8501/v1/acl/token/self"),
+        "X-Consul-Token",
+        &secret_id,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let tok: Value = serde_json::from_str(&tok).unwrap();
     assert!(
         tok["Policies"]
             .as_array()
@@ -291,8 +241,8 @@ async fn sized(net: u8, n: u8) {
         count_outcome(&lab, Role::VaultServer, "already-done"),
         n as usize - 1
     );
-    assert_done_and_escrowed(&lab, "vault").await;
-    assert_done_and_escrowed(&lab, "consul").await;
+    assert_done_once(&lab, "vault").await;
+    assert_done_once(&lab, "consul").await;
     lab.down().await;
 }
 
@@ -325,8 +275,8 @@ async fn repeated_concurrent_boots_bootstrap_exactly_once() {
             1,
             "run {run}"
         );
-        assert_done_and_escrowed(&lab, "vault").await;
-        assert_done_and_escrowed(&lab, "consul").await;
+        assert_done_once(&lab, "vault").await;
+        assert_done_once(&lab, "consul").await;
         lab.down().await;
     }
 }
@@ -336,16 +286,10 @@ async fn crash_vault_leader(net: u8, point: CrashPoint) -> Lab {
     let mut o = options(&format!("crash-{point:?}").to_lowercase(), net);
     o.start_agents = false;
     let mut lab = Lab::up(o, tools()).await.unwrap();
-    let v0 = lab
-        .nodes
-        .iter()
-        .position(|n| n.def.role == Role::VaultServer)
-        .unwrap();
+    let v0 = nodes_of(&lab, Role::VaultServer)[0];
     // Consul servers boot normally; vault-0 boots alone with the fault, so it is the leader that dies.
-    for i in 0..lab.nodes.len() {
-        if lab.nodes[i].def.role == Role::ConsulServer {
-            lab.start_agent(i).unwrap();
-        }
+    for i in nodes_of(&lab, Role::ConsulServer) {
+        lab.start_agent(i).unwrap();
     }
     let mut cfg = lab.node_config(v0);
     cfg.faults.crash_at = Some(point);
@@ -363,10 +307,8 @@ async fn crash_vault_leader(net: u8, point: CrashPoint) -> Lab {
     // Power back on, healthy this time, and the rest of the tier with it.
     cfg.faults.crash_at = None;
     lab.write_node_config(v0, &cfg).unwrap();
-    for i in 0..lab.nodes.len() {
-        if lab.nodes[i].def.role == Role::VaultServer {
-            lab.start_agent(i).unwrap();
-        }
+    for i in nodes_of(&lab, Role::VaultServer) {
+        lab.start_agent(i).unwrap();
     }
     lab
 }
@@ -376,7 +318,7 @@ async fn crash_recovers(net: u8, point: CrashPoint) {
     if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(150)).await {
         panic!("{point:?}: {e}\n{}", h.table());
     }
-    assert_done_and_escrowed(&lab, "vault").await;
+    assert_done_once(&lab, "vault").await;
     let recovered_or_fresh = count_outcome(&lab, Role::VaultServer, "recovered")
         + count_outcome(&lab, Role::VaultServer, "bootstrapped");
     assert_eq!(
@@ -427,19 +369,12 @@ async fn crash_after_init_is_reported_for_the_operator_never_reinitialized() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let msg = st.message.unwrap();
+    let msg = st.message.clone().unwrap();
     assert!(
         msg.contains("docs/bootstrap.md#bootstrapped-but-nothing-escrowed"),
         "{msg}"
     );
-    assert_eq!(
-        st.history
-            .iter()
-            .filter(|(p, _, _)| *p == TierPhase::Initializing)
-            .count(),
-        1,
-        "never a second init"
-    );
+    assert_eq!(inits(&st), 1, "never a second init");
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 0);
     lab.down().await;
 }

@@ -8,7 +8,10 @@ use hashistack_agent::boot::{BootRecord, Phase};
 use hashistack_agent::coordination::TierPhase;
 use hashistack_agent::escrow::envelope::Envelope;
 use hashistack_agent::node::Role;
-use hashistack_e2e::{escrow_cmd, files_containing, options, tools};
+use hashistack_e2e::{
+    assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as, nodes_of,
+    options, tools, wait_healthy,
+};
 use hashistack_lab::keyvault::{principals, Fault, Op, Vault, ESCROW_VAULT};
 use hashistack_lab::lab::AZURITE_PORT;
 use hashistack_lab::Lab;
@@ -21,19 +24,6 @@ fn escrow_vault(lab: &Lab) -> Vault {
         .and_then(|kv| kv.vault(ESCROW_VAULT))
         .expect("the lab's escrow vault")
         .clone()
-}
-
-fn nodes_of(lab: &Lab, role: Role) -> Vec<usize> {
-    (0..lab.nodes.len())
-        .filter(|&i| lab.nodes[i].def.role == role)
-        .collect()
-}
-
-fn count_outcome(lab: &Lab, role: Role, outcome: &str) -> usize {
-    nodes_of(lab, role)
-        .into_iter()
-        .filter(|&i| lab.boot_record(i).and_then(|r| r.bootstrap).as_deref() == Some(outcome))
-        .count()
 }
 
 /// Lowers the node's Azure deadline (every Blob and Key Vault call of its bootstrap gives up after this long).
@@ -105,39 +95,6 @@ async fn wait_tier_done(lab: &Lab, tier: &str, deadline: Duration) {
     }
 }
 
-async fn wait_healthy(lab: &Lab, deadline: Duration) {
-    if let Err((e, h)) = lab.wait_healthy(deadline).await {
-        panic!(
-            "{e}\n{}\nlogs in {}",
-            h.table(),
-            lab.opts.state_dir.join("logs").display()
-        );
-    }
-}
-
-async fn assert_done_and_escrowed(lab: &Lab, tier: &str) {
-    let st = lab
-        .tier_state(tier)
-        .await
-        .unwrap_or_else(|| panic!("{tier}: no coordination state"));
-    assert_eq!(st.phase, TierPhase::Done, "{tier}: {st:?}");
-    for target in ["blob", "keyvault"] {
-        assert!(
-            st.receipts.iter().any(|r| r.target == target),
-            "{tier}: no {target} receipt: {st:?}"
-        );
-    }
-    assert_eq!(
-        st.history
-            .iter()
-            .filter(|(p, _, _)| *p == TierPhase::Initializing)
-            .count(),
-        1,
-        "{tier}: initialized more than once: {:?}",
-        st.history
-    );
-}
-
 /// A failed bootstrap as status shows it: not ok, one line naming what failed.
 fn assert_clear_failure(lab: &Lab, i: usize, rec: &BootRecord, names: &[&str]) -> String {
     let node = &lab.nodes[i].def.name;
@@ -150,6 +107,15 @@ fn assert_clear_failure(lab: &Lab, i: usize, rec: &BootRecord, names: &[&str]) -
         assert!(err.contains(n), "{node}: {err:?} does not say {n:?}");
     }
     err
+}
+
+/// The status of `auth/token/lookup-self` with `token` on node `i`'s Vault (200: the token authenticates).
+async fn vault_token_status(lab: &Lab, i: usize, token: &str) -> u16 {
+    let url = format!(
+        "https://{}:8200/v1/auth/token/lookup-self",
+        lab.nodes[i].def.ip
+    );
+    get_as(lab, &url, "X-Vault-Token", token).await.0
 }
 
 async fn vault_initialized(lab: &Lab, i: usize) -> bool {
@@ -236,57 +202,32 @@ async fn escrow_vault_errors_within_the_deadline_are_retried() {
             assert!(r.ok && r.last_error.is_none(), "{r:?}");
         }
     }
-    assert_done_and_escrowed(&lab, "vault").await;
-    assert_done_and_escrowed(&lab, "consul").await;
+    assert_done_once(&lab, "vault").await;
+    assert_done_once(&lab, "consul").await;
 
     // What was escrowed through the faults opens and works.
     let operator = lab.operator_imds().await.unwrap();
-    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "vault"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let vault: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vault: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
     let root = vault["root_token"].as_str().unwrap().to_string();
-    let mut needles: Vec<String> = vault["recovery_keys_base64"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap().to_string())
-        .collect();
+    let mut needles: Vec<String> =
+        serde_json::from_value(vault["recovery_keys_base64"].clone()).unwrap();
     assert_eq!(needles.len(), 5);
     let v0 = nodes_of(&lab, Role::VaultServer)[0];
-    let r = lab
-        .https()
-        .get(format!(
-            "https://{}:8200/v1/auth/token/lookup-self",
-            lab.nodes[v0].def.ip
-        ))
-        .header("X-Vault-Token", &root)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        r.status().as_u16(),
+        vault_token_status(&lab, v0, &root).await,
         200,
         "recovered root token authenticates"
     );
-    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "consul"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let consul: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let consul: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "consul")).unwrap();
     let secret_id = consul["secret_id"].as_str().unwrap().to_string();
-    let r = lab
-        .https()
-        .get(format!(
-            "https://{}:8501/v1/acl/token/self",
-            lab.nodes[0].def.ip
-        ))
-        .header("X-Consul-Token", &secret_id)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "recovered Consul token authenticates"
-    );
+    let (status, _) = get_as(
+        &lab,
+        &format!("https://{}:8501/v1/acl/token/self", lab.nodes[0].def.ip),
+        "X-Consul-Token",
+        &secret_id,
+    )
+    .await;
+    assert_eq!(status, 200, "recovered Consul token authenticates");
     let o = escrow_cmd(&lab, &operator, &["verify"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{out}");
@@ -358,13 +299,13 @@ async fn storage_down_during_bootstrap_is_retried_within_the_deadline_and_report
         assert!(r.ok, "{}: {r:?}", lab.nodes[i].def.name);
     }
     // Storage kept its data through the restart.
-    assert_done_and_escrowed(&lab, "consul").await;
+    assert_done_once(&lab, "consul").await;
     set_azure_deadline(&lab, short, 60);
     lab.reboot(short).await.unwrap();
     let rec = wait_bootstrap_result(&lab, short, Duration::from_secs(90)).await;
     assert!(rec.ok, "{rec:?}");
     wait_healthy(&lab, Duration::from_secs(120)).await;
-    assert_done_and_escrowed(&lab, "vault").await;
+    assert_done_once(&lab, "vault").await;
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
     assert_eq!(
         lab.boot_record(short).unwrap().bootstrap.as_deref(),
@@ -460,7 +401,7 @@ async fn escrow_outage_after_init_keeps_the_envelope_spooled_until_a_later_boot(
         "spool emptied once escrowed"
     );
     wait_healthy(&lab, Duration::from_secs(120)).await;
-    assert_done_and_escrowed(&lab, "vault").await;
+    assert_done_once(&lab, "vault").await;
     let st = lab.tier_state("vault").await.unwrap();
     assert_eq!(st.escrow_id.as_deref(), Some(escrow_id.as_str()));
     assert!(
@@ -475,29 +416,13 @@ async fn escrow_outage_after_init_keeps_the_envelope_spooled_until_a_later_boot(
 
     // The envelope that waited in the spool holds the working root token.
     let operator = lab.operator_imds().await.unwrap();
-    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "vault"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let vault: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vault: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
     let root = vault["root_token"].as_str().unwrap().to_string();
-    let r = lab
-        .https()
-        .get(format!(
-            "https://{}:8200/v1/auth/token/lookup-self",
-            lab.nodes[leader].def.ip
-        ))
-        .header("X-Vault-Token", &root)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(vault_token_status(&lab, leader, &root).await, 200);
     let o = escrow_cmd(&lab, &operator, &["verify"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
-    let mut needles: Vec<String> = vault["recovery_keys_base64"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap().to_string())
-        .collect();
+    let mut needles: Vec<String> =
+        serde_json::from_value(vault["recovery_keys_base64"].clone()).unwrap();
     needles.push(root);
     let leaks = files_containing(
         &lab.opts.state_dir,
@@ -558,7 +483,7 @@ async fn escrow_key_refused_past_the_deadline_initializes_nothing_until_a_later_
     }
     wait_healthy(&lab, Duration::from_secs(150)).await;
     for (tier, role) in [("consul", Role::ConsulServer), ("vault", Role::VaultServer)] {
-        assert_done_and_escrowed(&lab, tier).await;
+        assert_done_once(&lab, tier).await;
         assert_eq!(count_outcome(&lab, role, "bootstrapped"), 1, "{tier}");
     }
     lab.down().await;

@@ -2,7 +2,7 @@
 
 use hashistack_agent::node::TAG_ROLE;
 use hashistack_agent::services::health::Probe;
-use hashistack_e2e::{healthy_lab, options, tree_digest};
+use hashistack_e2e::{healthy_lab, inits, options, tree_digest};
 use hashistack_lab::lab::{NodeDef, IMDS_PORT};
 use std::time::Duration;
 
@@ -146,12 +146,11 @@ async fn reboots_are_idempotent() {
     }
     for tier in ["consul", "vault", "nomad"] {
         let st = lab.tier_state(tier).await.unwrap();
-        let inits = st
-            .history
-            .iter()
-            .filter(|(p, _, _)| *p == hashistack_agent::coordination::TierPhase::Initializing)
-            .count();
-        assert_eq!(inits, 1, "{tier} bootstrapped once across {rounds} reboots");
+        assert_eq!(
+            inits(&st),
+            1,
+            "{tier} bootstrapped once across {rounds} reboots"
+        );
     }
     lab.down().await;
 }

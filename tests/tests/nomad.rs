@@ -7,74 +7,42 @@
 //! `<state_dir>/bin/nomad`; a real `nomad` on PATH is exercised as well when there is one.
 
 use hashistack_agent::bootstrap::CrashPoint;
-use hashistack_agent::coordination::TierPhase;
 use hashistack_agent::node::Role;
 use hashistack_agent::status::tokens::{NOMAD_POLICY, NOMAD_SECRET, NOMAD_TOKEN_NAME};
-use hashistack_e2e::{agent, escrow_cmd, files_containing, healthy_lab, options, tools};
+use hashistack_e2e::{
+    assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as,
+    healthy_lab, jumpbox_status, nodes_of, options, tools, wait_healthy,
+};
 use hashistack_lab::Lab;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-fn count_outcome(lab: &Lab, role: Role, outcome: &str) -> usize {
-    (0..lab.nodes.len())
-        .filter(|&i| lab.nodes[i].def.role == role)
-        .filter(|&i| lab.boot_record(i).and_then(|r| r.bootstrap).as_deref() == Some(outcome))
-        .count()
-}
-
 fn nomad_ips(lab: &Lab) -> Vec<std::net::Ipv4Addr> {
-    lab.nodes
-        .iter()
-        .filter(|n| n.def.role == Role::NomadServer)
-        .map(|n| n.def.ip)
+    nodes_of(lab, Role::NomadServer)
+        .into_iter()
+        .map(|i| lab.nodes[i].def.ip)
         .collect()
-}
-
-async fn assert_done_once(lab: &Lab) -> hashistack_agent::coordination::TierState {
-    let st = lab
-        .tier_state("nomad")
-        .await
-        .expect("nomad coordination state");
-    assert_eq!(st.phase, TierPhase::Done, "{st:?}");
-    for target in ["blob", "keyvault"] {
-        assert!(
-            st.receipts.iter().any(|r| r.target == target),
-            "no {target} receipt: {st:?}"
-        );
-    }
-    let inits = st
-        .history
-        .iter()
-        .filter(|(p, _, _)| *p == TierPhase::Initializing)
-        .count();
-    assert_eq!(inits, 1, "bootstrapped more than once: {:?}", st.history);
-    st
 }
 
 /// `escrow open --tier nomad` as the operator: the secret, which must authenticate as a management token on
 /// every Nomad server.
 async fn recovered_secret_works(lab: &Lab, operator: &str) -> String {
-    let o = escrow_cmd(lab, operator, &["open", "--tier", "nomad"]);
-    assert!(
-        o.status.success(),
-        "escrow open nomad: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v: Value = serde_json::from_slice(&escrow_open(lab, operator, "nomad")).unwrap();
     assert_eq!(v["kind"], "nomad-acl-bootstrap");
     let secret = v["secret_id"].as_str().unwrap().to_string();
     assert_eq!(secret.len(), 36, "a UUID");
     let http = lab.https();
     for ip in nomad_ips(lab) {
-        let r = http
-            .get(format!("https://{ip}:4646/v1/acl/token/self"))
-            .header("X-Nomad-Token", &secret)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "recovered token on {ip}");
-        let t: Value = r.json().await.unwrap();
+        let (status, t) = get_as(
+            lab,
+            &format!("https://{ip}:4646/v1/acl/token/self"),
+            "X-Nomad-Token",
+            &secret,
+        )
+        .await;
+        assert_eq!(status, 200, "recovered token on {ip}");
+        let t: Value = serde_json::from_str(&t).unwrap();
         assert_eq!(t["Type"], "management");
         assert_eq!(t["SecretID"], secret.as_str());
         // And nobody can bootstrap again.
@@ -99,7 +67,7 @@ async fn nomad_lab_bootstraps_once(name: &str, net: u8, nomad_bin: Option<PathBu
     let mut lab = healthy_lab(o).await;
     assert_eq!(count_outcome(&lab, Role::NomadServer, "bootstrapped"), 1);
     assert_eq!(count_outcome(&lab, Role::NomadServer, "already-done"), 2);
-    assert_done_once(&lab).await;
+    assert_done_once(&lab, "nomad").await;
     // The other tiers are unaffected.
     assert_eq!(count_outcome(&lab, Role::ConsulServer, "bootstrapped"), 1);
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
@@ -177,9 +145,7 @@ async fn leader_killed_after_the_call_is_recovered_from_the_escrow_made_before_u
     o.vault_servers = 0;
     o.start_agents = false;
     let mut lab = Lab::up(o, tools()).await.unwrap();
-    let nomad: Vec<usize> = (0..lab.nodes.len())
-        .filter(|&i| lab.nodes[i].def.role == Role::NomadServer)
-        .collect();
+    let nomad = nodes_of(&lab, Role::NomadServer);
     // Every other node boots normally.
     for i in 0..lab.nodes.len() {
         if lab.nodes[i].def.role != Role::NomadServer {
@@ -212,10 +178,8 @@ async fn leader_killed_after_the_call_is_recovered_from_the_escrow_made_before_u
     cfg.faults.crash_at = None;
     lab.write_node_config(dead, &cfg).unwrap();
     lab.start_agent(dead).unwrap();
-    if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(180)).await {
-        panic!("{e}\n{}", h.table());
-    }
-    let st = assert_done_once(&lab).await;
+    wait_healthy(&lab, Duration::from_secs(180)).await;
+    let st = assert_done_once(&lab, "nomad").await;
     assert!(
         st.message
             .as_deref()
@@ -249,21 +213,25 @@ fn status_token(lab: &Lab) -> (String, String) {
     held.into_iter().next().unwrap()
 }
 
-/// `hashistack-agent status --json` on the jumpbox: (exit code, report).
-async fn jumpbox_status(lab: &Lab) -> (i32, Value) {
-    let j = lab.jumpbox().expect("the lab has a jumpbox");
-    let o = tokio::process::Command::new(agent(lab))
-        .arg("status")
-        .arg("--config")
-        .arg(&lab.nodes[j].config_path)
-        .arg("--json")
-        .output()
-        .await
-        .expect("run hashistack-agent status");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    eprintln!("--- status --json (exit {:?}):\n{out}", o.status.code());
-    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    (o.status.code().unwrap_or(-1), v)
+/// Runs status on the jumpbox every second until `done` holds (exit code, report), at most `deadline`.
+async fn status_until(
+    lab: &Lab,
+    deadline: Duration,
+    done: impl Fn(i32, &Value) -> bool,
+) -> (i32, Value) {
+    let start = Instant::now();
+    loop {
+        let (code, out) = jumpbox_status(lab).await;
+        let r = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        if done(code, &r) {
+            return (code, r);
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "status never got there within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn nomad_tier(report: &Value) -> Value {
@@ -284,26 +252,6 @@ fn nomad_problems(report: &Value) -> Vec<String> {
         .filter(|p| p["area"] == "nomad")
         .map(|p| p["message"].as_str().unwrap_or("").to_string())
         .collect()
-}
-
-/// Runs status until `done` holds, at most `deadline`.
-async fn status_until(
-    lab: &Lab,
-    deadline: Duration,
-    done: impl Fn(i32, &Value) -> bool,
-) -> (i32, Value) {
-    let start = Instant::now();
-    loop {
-        let (code, r) = jumpbox_status(lab).await;
-        if done(code, &r) {
-            return (code, r);
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "status never got there within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// The Nomad tier's bootstrap creates the status token and hands it over: a client token with the
@@ -389,22 +337,17 @@ async fn nomad_bootstrap_creates_a_read_only_status_token() {
     }
     // Exactly one status token exists (the operator's management token lists them).
     let operator = lab.operator_imds().await.unwrap();
-    let o = escrow_cmd(&lab, &operator, &["open", "--tier", "nomad"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let management = serde_json::from_slice::<Value>(&o.stdout).unwrap()["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let opened: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "nomad")).unwrap();
+    let management = opened["secret_id"].as_str().unwrap().to_string();
     let ip = nomad_ips(&lab)[0];
-    let tokens: Vec<Value> = http
-        .get(format!("https://{ip}:4646/v1/acl/tokens"))
-        .header("X-Nomad-Token", &management)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, tokens) = get_as(
+        &lab,
+        &format!("https://{ip}:4646/v1/acl/tokens"),
+        "X-Nomad-Token",
+        &management,
+    )
+    .await;
+    let tokens: Vec<Value> = serde_json::from_str(&tokens).unwrap();
     assert_eq!(
         tokens
             .iter()
@@ -447,9 +390,7 @@ async fn status_counts_nomad_clients_ready_and_a_dead_one_down() {
     })
     .await;
     assert!(nomad_problems(&report).is_empty(), "{report}");
-    let workers: Vec<usize> = (0..lab.nodes.len())
-        .filter(|&i| lab.nodes[i].def.role == Role::Worker)
-        .collect();
+    let workers = nodes_of(&lab, Role::Worker);
     assert_eq!(workers.len(), 2);
     let victim = workers[1];
     let name = lab.nodes[victim].def.name.clone();

@@ -6,7 +6,7 @@
 use hashistack_agent::material;
 use hashistack_agent::services::health::{self, Probe};
 use hashistack_agent::services::Health;
-use hashistack_e2e::{agent, files_containing, healthy_lab, options};
+use hashistack_e2e::{files_containing, healthy_lab, jumpbox_status, options};
 use hashistack_lab::imds::lab_token_for;
 use hashistack_lab::keyvault::{principals, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT};
 use hashistack_lab::Lab;
@@ -221,16 +221,8 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
     }
 
     // The operator's view on the jumpbox: both workers are Consul members and ready Nomad clients.
-    let out = tokio::process::Command::new(agent(&lab))
-        .arg("status")
-        .arg("--json")
-        .arg("--config")
-        .arg(&lab.nodes[lab.jumpbox().unwrap()].config_path)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = jumpbox_status(&lab).await;
+    assert_eq!(code, 0, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let s = v.to_string();
     for w in ["worker-0", "worker-1"] {
