@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    agent_config, imds_fixture, render_with_material, require_tool, run_agent, set_ip, set_tag,
-    text, versions, ROLE_FIXTURES,
+    agent_config, imds_fixture, imds_fixture_path, render_with_material, require_tool, run_render,
+    set_ip, set_tag, text, versions, ROLE_FIXTURES,
 };
 use hashistack_agent::render::{vault, Layout};
 use hashistack_agent::services::health::{client_for, probe, Probe};
@@ -18,25 +18,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn consul() -> Option<(PathBuf, Installed)> {
-    let bin = require_tool("HASHISTACK_CONSUL", "consul", "consul binary")?;
+/// The lab's binary for `product` (`require_tool`) and what its `version` says.
+fn installed(
+    env_var: &str,
+    path_name: &str,
+    what: &str,
+    product: Product,
+) -> Option<(PathBuf, Installed)> {
+    let bin = require_tool(env_var, path_name, what)?;
     let out = Command::new(&bin)
         .arg("version")
         .output()
-        .expect("consul version");
-    let installed = version::parse_version_output(Product::Consul, &text(&out.stdout))
-        .unwrap_or_else(|| panic!("{} version: {}", bin.display(), text(&out.stdout)));
-    eprintln!("using {} ({})", bin.display(), installed.version);
-    Some((bin, installed))
-}
-
-fn bao() -> Option<(PathBuf, Installed)> {
-    let bin = require_tool("HASHISTACK_BAO", "bao", "OpenBao binary (bao)")?;
-    let out = Command::new(&bin)
-        .arg("version")
-        .output()
-        .expect("bao version");
-    let installed = version::parse_version_output(Product::Vault, &text(&out.stdout))
+        .unwrap_or_else(|e| panic!("{path_name} version: {e}"));
+    let installed = version::parse_version_output(product, &text(&out.stdout))
         .unwrap_or_else(|| panic!("{} version: {}", bin.display(), text(&out.stdout)));
     eprintln!(
         "using {} ({} {})",
@@ -45,6 +39,24 @@ fn bao() -> Option<(PathBuf, Installed)> {
         installed.version
     );
     Some((bin, installed))
+}
+
+fn consul() -> Option<(PathBuf, Installed)> {
+    installed(
+        "HASHISTACK_CONSUL",
+        "consul",
+        "consul binary",
+        Product::Consul,
+    )
+}
+
+fn bao() -> Option<(PathBuf, Installed)> {
+    installed(
+        "HASHISTACK_BAO",
+        "bao",
+        "OpenBao binary (bao)",
+        Product::Vault,
+    )
 }
 
 fn consul_validate(bin: &Path, dir: &Path) -> (bool, String) {
@@ -67,15 +79,11 @@ fn consul_validate_accepts_every_offline_render() {
     };
     for fixture in ROLE_FIXTURES {
         let out = tempfile::tempdir().unwrap();
-        let o = run_agent([
-            "render".as_ref(),
-            "--metadata".as_ref(),
-            common::imds_fixture_path(fixture).as_os_str(),
-            "--out".as_ref(),
-            out.path().as_os_str(),
-            "--consul-version".as_ref(),
-            installed.version.to_string().as_ref(),
-        ]);
+        let o = run_render(
+            &imds_fixture_path(fixture),
+            out.path(),
+            &[("consul", &installed.version.to_string())],
+        );
         assert!(o.status.success(), "{fixture}: {}", text(&o.stderr));
         let (ok, said) = consul_validate(&bin, &out.path().join("etc/consul.d"));
         assert!(
@@ -135,15 +143,12 @@ fn consul_validate_rejects_broken_configs() {
         return;
     };
     let out = tempfile::tempdir().unwrap();
-    let o = run_agent([
-        "render".as_ref(),
-        "--metadata".as_ref(),
-        common::imds_fixture_path("consul-server").as_os_str(),
-        "--out".as_ref(),
-        out.path().as_os_str(),
-        "--consul-version".as_ref(),
-        installed.version.to_string().as_ref(),
-    ]);
+    let server = imds_fixture_path("consul-server");
+    let o = run_render(
+        &server,
+        out.path(),
+        &[("consul", &installed.version.to_string())],
+    );
     assert!(o.status.success());
     let cdir = out.path().join("etc/consul.d");
     let file = cdir.join("consul.json");
@@ -167,15 +172,7 @@ fn consul_validate_rejects_broken_configs() {
     );
 
     if installed.version < Version::new(1, 12, 0) {
-        let o = run_agent([
-            "render".as_ref(),
-            "--metadata".as_ref(),
-            common::imds_fixture_path("consul-server").as_os_str(),
-            "--out".as_ref(),
-            out.path().as_os_str(),
-            "--consul-version".as_ref(),
-            "1.20.0".as_ref(),
-        ]);
+        let o = run_render(&server, out.path(), &[("consul", "1.20.0")]);
         assert!(o.status.success());
         let (ok, said) = consul_validate(&bin, &cdir);
         assert!(
@@ -260,6 +257,11 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Sends the request; the answer's body as JSON.
+async fn json_answer(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// A dev-mode OpenBao with a transit key, standing in for the lab's auto-unseal provider.
@@ -373,15 +375,12 @@ async fn bao_serves_from_the_rendered_transit_config() {
         server.log()
     );
     // The raw answer, over HTTPS verified against the cluster CA only.
-    let status: Value = client_for(&ca, Duration::from_secs(5))
-        .unwrap()
-        .get(format!("https://{}:8200/v1/sys/seal-status", spec.ip))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_answer(
+        client_for(&ca, Duration::from_secs(5))
+            .unwrap()
+            .get(format!("https://{}:8200/v1/sys/seal-status", spec.ip)),
+    )
+    .await;
     assert_eq!(status["initialized"], false, "{status}");
     assert_eq!(
         status["type"], "transit",
@@ -400,15 +399,11 @@ async fn bao_serves_from_the_rendered_transit_config() {
     if vault::declares_audit_devices(&installed) {
         let api = format!("https://{}:8200", spec.ip);
         let http = client_for(&ca, Duration::from_secs(120)).unwrap();
-        let init: Value = http
-            .put(format!("{api}/v1/sys/init"))
-            .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let init = json_answer(
+            http.put(format!("{api}/v1/sys/init"))
+                .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1})),
+        )
+        .await;
         let root_token = init["root_token"]
             .as_str()
             .unwrap_or_else(|| panic!("init answered without a root token; log:\n{}", server.log()))

@@ -127,6 +127,23 @@ where
     agent_command(args).output().expect("run hashistack-agent")
 }
 
+/// `hashistack-agent render --metadata <metadata> --out <out>`, with `--<product>-version <version>` for each
+/// of `versions` (e.g. `("consul", "1.8.7")`).
+pub fn run_render(metadata: &Path, out: &Path, versions: &[(&str, &str)]) -> Output {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "render".into(),
+        "--metadata".into(),
+        metadata.into(),
+        "--out".into(),
+        out.into(),
+    ];
+    for (product, version) in versions {
+        args.push(format!("--{product}-version").into());
+        args.push(version.into());
+    }
+    run_agent(args)
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
