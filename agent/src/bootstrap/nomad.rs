@@ -448,7 +448,7 @@ mod tests {
         use axum::routing::{get, put};
         use axum::{Json, Router};
         use serde_json::{json, Value};
-        use std::sync::{Arc, Mutex};
+        use std::sync::{Arc, Mutex, MutexGuard};
 
         pub const MANAGEMENT: &str = "9b1c0d2e-1111-4222-8333-444455556666";
 
@@ -463,22 +463,30 @@ mod tests {
 
         pub type Shared = Arc<Mutex<Server>>;
 
-        fn gate(s: &mut Server, h: &HeaderMap) -> Option<(StatusCode, String)> {
+        /// An answer; `Err`: the request refused or not served (busy).
+        type Reply = Result<(StatusCode, String), (StatusCode, String)>;
+
+        /// Counts the request and locks the server for it, unless it is refused or not served.
+        fn gate<'a>(
+            s: &'a Shared,
+            h: &HeaderMap,
+        ) -> Result<MutexGuard<'a, Server>, (StatusCode, String)> {
+            let mut s = s.lock().unwrap();
             s.requests += 1;
             if let Some((code, body)) = &s.refuse {
-                return Some((StatusCode::from_u16(*code).unwrap(), body.clone()));
+                return Err((StatusCode::from_u16(*code).unwrap(), body.clone()));
             }
             if s.busy > 0 {
                 s.busy -= 1;
-                return Some((
+                return Err((
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "No cluster leader".into(),
                 ));
             }
             if h.get("X-Nomad-Token").and_then(|v| v.to_str().ok()) != Some(MANAGEMENT) {
-                return Some((StatusCode::FORBIDDEN, "Permission denied".into()));
+                return Err((StatusCode::FORBIDDEN, "Permission denied".into()));
             }
-            None
+            Ok(s)
         }
 
         async fn policy(
@@ -486,22 +494,16 @@ mod tests {
             UrlPath(name): UrlPath<String>,
             h: HeaderMap,
             Json(body): Json<Value>,
-        ) -> (StatusCode, String) {
-            let mut s = s.lock().unwrap();
-            if let Some(r) = gate(&mut s, &h) {
-                return r;
-            }
+        ) -> Reply {
+            let mut s = gate(&s, &h)?;
             assert_eq!(body["Name"], name.as_str());
             s.policies.retain(|p| p["Name"] != name.as_str());
             s.policies.push(body);
-            (StatusCode::OK, String::new())
+            Ok((StatusCode::OK, String::new()))
         }
 
-        async fn list(State(s): State<Shared>, h: HeaderMap) -> (StatusCode, String) {
-            let mut s = s.lock().unwrap();
-            if let Some(r) = gate(&mut s, &h) {
-                return r;
-            }
+        async fn list(State(s): State<Shared>, h: HeaderMap) -> Reply {
+            let s = gate(&s, &h)?;
             let stubs: Vec<Value> = s
                 .tokens
                 .iter()
@@ -511,37 +513,27 @@ mod tests {
                     t
                 })
                 .collect();
-            (StatusCode::OK, serde_json::to_string(&stubs).unwrap())
+            Ok((StatusCode::OK, serde_json::to_string(&stubs).unwrap()))
         }
 
         async fn read(
             State(s): State<Shared>,
             UrlPath(accessor): UrlPath<String>,
             h: HeaderMap,
-        ) -> (StatusCode, String) {
-            let mut s = s.lock().unwrap();
-            if let Some(r) = gate(&mut s, &h) {
-                return r;
-            }
+        ) -> Reply {
+            let s = gate(&s, &h)?;
             match s
                 .tokens
                 .iter()
                 .find(|t| t["AccessorID"] == accessor.as_str())
             {
-                Some(t) => (StatusCode::OK, t.to_string()),
-                None => (StatusCode::NOT_FOUND, "ACL token not found".into()),
+                Some(t) => Ok((StatusCode::OK, t.to_string())),
+                None => Err((StatusCode::NOT_FOUND, "ACL token not found".into())),
             }
         }
 
-        async fn create(
-            State(s): State<Shared>,
-            h: HeaderMap,
-            Json(body): Json<Value>,
-        ) -> (StatusCode, String) {
-            let mut s = s.lock().unwrap();
-            if let Some(r) = gate(&mut s, &h) {
-                return r;
-            }
+        async fn create(State(s): State<Shared>, h: HeaderMap, Json(body): Json<Value>) -> Reply {
+            let mut s = gate(&s, &h)?;
             let n = s.tokens.len();
             let t = json!({
                 "AccessorID": format!("acc-{n}"), "SecretID": format!("secret-{n}"),
@@ -549,7 +541,7 @@ mod tests {
                 "Global": body["Global"], "CreateIndex": 10 + n, "ModifyIndex": 10 + n,
             });
             s.tokens.push(t.clone());
-            (StatusCode::OK, t.to_string())
+            Ok((StatusCode::OK, t.to_string()))
         }
 
         pub async fn serve(state: Shared) -> String {
