@@ -16,7 +16,7 @@ use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use hashistack_lab::imds::{self, lab_token_for, ImdsState, LAB_TENANT};
 use hashistack_lab::keyvault::{
     actions, principals, roles, wrap_locally, Fault, KeyVaultDouble, Op, Scope, VaultSpec,
-    ESCROW_KEY, ESCROW_VAULT, SHARED_VAULT,
+    ESCROW_KEY, ESCROW_VAULT, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,7 +60,12 @@ async fn fixture() -> Fixture {
     let kv = KeyVaultDouble::start(
         &cert_pem,
         &key_pem,
-        &[spec(SHARED_VAULT, None), spec(ESCROW_VAULT, None)],
+        &[
+            spec(SHARED_VAULT, None),
+            spec(ESCROW_VAULT, None),
+            spec(SERVERS_VAULT, None),
+            spec(STATUS_VAULT, None),
+        ],
     )
     .await
     .expect("start double");
@@ -898,6 +903,58 @@ async fn arm_model_matches_the_templates_assignments() {
         .unwrap_err();
     assert_eq!(err_parts(&e).0, 403);
     let e = sdk_get(&escrow_secrets(principals::WORKERS), "root-c002")
+        .await
+        .unwrap_err();
+    assert_eq!(err_parts(&e).0, 403);
+
+    // The servers vault (CA key, Nomad gossip key): server identities only.
+    let servers = |oid: &str| {
+        secret_client(
+            &f,
+            SERVERS_VAULT,
+            LabCredential::new(oid),
+            RetryOptions::none(),
+        )
+    };
+    for server in [principals::CONSUL, principals::VAULT, principals::NOMAD] {
+        sdk_set(&servers(server), "ca-key", "key")
+            .await
+            .expect("servers write the servers vault");
+        assert_eq!(sdk_get(&servers(server), "ca-key").await.unwrap(), "key");
+    }
+    for other in [
+        principals::WORKERS,
+        principals::JUMPBOX,
+        principals::OPERATOR,
+    ] {
+        let e = sdk_get(&servers(other), "ca-key").await.unwrap_err();
+        assert_eq!(err_parts(&e).0, 403, "{other} reads the CA key");
+    }
+    // The status vault (status tokens): servers set but cannot read back; only the jumpbox reads.
+    let status = |oid: &str| {
+        secret_client(
+            &f,
+            STATUS_VAULT,
+            LabCredential::new(oid),
+            RetryOptions::none(),
+        )
+    };
+    for server in [principals::CONSUL, principals::VAULT, principals::NOMAD] {
+        sdk_set(&status(server), "status-consul-token", "t")
+            .await
+            .expect("servers hand status tokens over");
+        let e = sdk_get(&status(server), "status-consul-token")
+            .await
+            .unwrap_err();
+        assert_eq!(err_parts(&e).0, 403, "{server} reads a status token back");
+    }
+    assert_eq!(
+        sdk_get(&status(principals::JUMPBOX), "status-consul-token")
+            .await
+            .unwrap(),
+        "t"
+    );
+    let e = sdk_get(&status(principals::WORKERS), "status-consul-token")
         .await
         .unwrap_err();
     assert_eq!(err_parts(&e).0, 403);
