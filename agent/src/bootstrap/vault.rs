@@ -432,25 +432,47 @@ impl Tier for VaultTier {
             }
             Err(e) => e,
         };
-        let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers.max(1));
-        // Right after the unseal, raft may still answer 500 for a moment: retry briefly.
-        let mut autopilot = Err(String::new());
-        for _ in 0..40 {
-            autopilot = match send(
-                reqwest::Method::POST,
-                "/v1/sys/storage/raft/autopilot/configuration",
-                serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
-            )
-            .await
-            {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("autopilot: HTTP {}", r.status().as_u16())),
-                Err(e) => Err(format!("autopilot: {}", e.without_url())),
-            };
-            if autopilot.is_ok() {
-                break;
+        // Dead-server cleanup needs a quorum of at least 3 (OpenBao and Vault refuse a smaller `min_quorum`
+        // with 400): a 1-server tier has nothing to prune.
+        let mut autopilot = Ok(());
+        if self.servers >= 3 {
+            let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers);
+            // Right after the unseal, raft may still answer 5xx for a moment: those (and 429, and connection
+            // errors) are retried briefly; any other answer is final.
+            autopilot = Err(String::new());
+            for _ in 0..40 {
+                autopilot = match send(
+                    reqwest::Method::POST,
+                    "/v1/sys/storage/raft/autopilot/configuration",
+                    serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
+                )
+                .await
+                {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
+                        Err(format!("autopilot: HTTP {}", r.status().as_u16()))
+                    }
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = r.text().await.unwrap_or_default();
+                        autopilot = Err(format!(
+                            "autopilot: HTTP {status}: {}",
+                            body.chars().take(200).collect::<String>()
+                        ));
+                        break;
+                    }
+                    Err(e) => Err(format!("autopilot: {}", e.without_url())),
+                };
+                if autopilot.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        } else {
+            tracing::info!(
+                servers = self.servers,
+                "raft autopilot dead-server cleanup not configured: it needs at least 3 servers"
+            );
         }
         // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens): orphan, periodic.
         // Created whatever became of the autopilot configuration.
