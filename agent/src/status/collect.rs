@@ -500,7 +500,17 @@ struct ConsulRaftServer {
 struct ConsulAutopilot {
     healthy: bool,
     failure_tolerance: i64,
+    /// `null` while the servers are still stabilising after the cluster formed (seen with Consul 1.8.7).
+    #[serde(default, deserialize_with = "null_as_empty")]
     servers: Vec<ConsulAutopilotServer>,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -943,6 +953,21 @@ async fn collect_nomad(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn consul_autopilot_health_with_null_servers_parses() {
+        // Consul 1.8.7's answer (HTTP 429) right after the cluster formed.
+        let a: ConsulAutopilot =
+            serde_json::from_str(r#"{"Healthy":false,"FailureTolerance":0,"Servers":null}"#)
+                .unwrap();
+        assert!(!a.healthy);
+        assert!(a.servers.is_empty());
+        assert!(serde_json::from_str::<ConsulAutopilot>(
+            r#"{"Healthy":true,"FailureTolerance":1,"Servers":7}"#
+        )
+        .is_err());
+    }
+
     use super::*;
 
     #[test]
