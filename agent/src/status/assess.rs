@@ -269,6 +269,16 @@ fn distinct_versions(servers: &[ServerReport]) -> Vec<String> {
     v
 }
 
+/// The problem line for a call made with a status token that failed: a refusal (401/403) blames the token,
+/// anything else says what could not be done.
+fn token_call_failed(e: &str, doing: &str) -> String {
+    if e.starts_with("HTTP 401") || e.starts_with("HTTP 403") {
+        format!("status token refused: {}", err_short(e))
+    } else {
+        format!("{doing}: {}", err_short(e))
+    }
+}
+
 fn err_short(e: &str) -> String {
     let e = e.trim();
     if e.chars().count() > 160 {
@@ -541,15 +551,10 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
     };
     if let Some(Err(e)) = &c.acl {
         if done && c.token == TokenState::Present {
-            let refused = e.starts_with("HTTP 401") || e.starts_with("HTTP 403");
             p.unknown(
                 tier,
                 None,
-                if refused {
-                    format!("status token refused: {}", err_short(e))
-                } else {
-                    format!("cannot check the status token: {}", err_short(e))
-                },
+                token_call_failed(e, "cannot check the status token"),
             );
         }
     }
@@ -1008,16 +1013,7 @@ fn nomad(o: &Observations, gone: &BTreeMap<String, &'static str>, p: &mut Proble
             });
         }
         Some(Err(e)) if done => {
-            let refused = e.starts_with("HTTP 401") || e.starts_with("HTTP 403");
-            p.unknown(
-                tier,
-                None,
-                if refused {
-                    format!("status token refused: {}", err_short(e))
-                } else {
-                    format!("cannot list client nodes: {}", err_short(e))
-                },
-            )
+            p.unknown(tier, None, token_call_failed(e, "cannot list client nodes"))
         }
         _ => {}
     }
