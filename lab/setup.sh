@@ -4,7 +4,13 @@
 # that already has everything only checks versions and exits in a second or two.
 #
 # Usage: bash lab/setup.sh          (as root, or with sudo available)
+#        bash lab/setup.sh --debian-only   (only the Debian packages; what tests/infra/test_setup.py runs)
 # Then:  . .tools/env.sh
+#
+# Order rule for apt: every `apt-get install` runs after an `apt-get update` that saw every source this script
+# added (adding a source marks the package lists stale). The sources are added before anything is installed, so a
+# fresh machine needs one update. tests/infra/test_setup.py runs the Debian part against a fake apt-get for every
+# subset of tools already present.
 #
 # What it installs (see lab/components.md for how each one is run):
 #   consul 1.8.7      Debian package from the bullseye suite (pinned low)
@@ -23,8 +29,17 @@ JSONSCHEMA_VERSION=4.26.0
 CHECKOV_VERSION=3.3.30
 PYTEST_VERSION=8.4.2  # 9.x needs packaging>=24; checkov 3.3.30 pins packaging<24
 
+DEBIAN_ONLY=0
+case "${1:-}" in
+  "") ;;
+  --debian-only) DEBIAN_ONLY=1 ;;
+  *) printf 'setup: ERROR: unknown argument %s (usage: setup.sh [--debian-only])\n' "$1" >&2; exit 2 ;;
+esac
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS="$ROOT/.tools"
+TOOLS="${HASHISTACK_TOOLS_DIR:-$ROOT/.tools}"
+# Where apt's configuration lives. Only tests/infra/test_setup.py changes it (to a scratch directory).
+APT_ETC="${HASHISTACK_APT_ETC:-/etc/apt}"
 VENV="$TOOLS/venv"
 AZ_DIR="$TOOLS/azurite"
 ENV_FILE="$TOOLS/env.sh"
@@ -52,10 +67,12 @@ fi
 
 mkdir -p "$TOOLS"
 # Serialise concurrent runs (lab and test commands may start together).
+# flock is in util-linux, which Debian marks essential; without it the run goes on unserialised.
 exec 9>"$TOOLS/.setup.lock"
-flock 9
+if command -v flock >/dev/null 2>&1; then flock 9; fi
 
 # ---------------------------------------------------------------- Debian ----
+# 1 once `apt-get update` has run after the last change to apt's sources; a source change sets it back to 0.
 APT_UPDATED=0
 apt_update() {
   if [ "$APT_UPDATED" -eq 0 ]; then
@@ -71,17 +88,10 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "$@"
 }
 
-missing=()
-command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
-command -v jq >/dev/null 2>&1 || missing+=(jq)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v flock >/dev/null 2>&1 || missing+=(util-linux)
-if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
-
 # Print a deb822 stanza for the bullseye suite, copied from the machine's own
 # first Debian source (its URIs, Components and Signed-By), Suites changed.
 bullseye_stanza() {
-  local src=/etc/apt/sources.list.d/debian.sources
+  local src="$APT_ETC/sources.list.d/debian.sources"
   if [ -r "$src" ]; then
     awk '
       BEGIN { RS = ""; FS = "\n" }
@@ -109,21 +119,23 @@ bullseye_stanza() {
   fi
   # Fallback: one-line format, first "deb" line of /etc/apt/sources.list.
   local line opts="" uri keyring=""
-  line="$(grep -E '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list 2>/dev/null | head -n1)" ||
-    die "no Debian source found (neither $src nor /etc/apt/sources.list)"
+  line="$(grep -E '^[[:space:]]*deb[[:space:]]' "$APT_ETC/sources.list" 2>/dev/null | head -n1)" ||
+    die "no Debian source found (neither $src nor $APT_ETC/sources.list)"
   if [[ "$line" =~ \[([^]]*)\] ]]; then opts="${BASH_REMATCH[1]}"; fi
   uri="$(printf '%s\n' "${line#*]}" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }')"
-  [ -n "$uri" ] || die "cannot read the Debian source URI from /etc/apt/sources.list"
+  [ -n "$uri" ] || die "cannot read the Debian source URI from $APT_ETC/sources.list"
   if [[ "$opts" =~ signed-by=([^[:space:]]+) ]]; then keyring="${BASH_REMATCH[1]}"; fi
   printf 'Types: deb\nURIs: %s\nSuites: bullseye\nComponents: main\n' "$uri"
   if [ -n "$keyring" ]; then printf 'Signed-By: %s\n' "$keyring"; fi
 }
 
-# Write a root-owned file only when its content changes; returns 0 if written.
-write_if_changed() {
+# Write a root-owned apt configuration file only when its content changes; returns 0 if written. A written file
+# makes the package lists stale: the next install runs `apt-get update` first.
+write_apt_file() {
   local dst="$1" content="$2"
   if [ -f "$dst" ] && [ "$(cat "$dst")" = "$content" ]; then return 1; fi
   printf '%s\n' "$content" | "${SUDO[@]}" tee "$dst" >/dev/null
+  APT_UPDATED=0
   return 0
 }
 
@@ -132,25 +144,37 @@ consul_ok() {
     [ "$(consul version 2>/dev/null | head -n1)" = "Consul v$CONSUL_VERSION" ]
 }
 
+# What Debian must provide; sources first, then one update, then one install.
+debs=()
+command -v shellcheck >/dev/null 2>&1 || debs+=(shellcheck)
+command -v jq >/dev/null 2>&1 || debs+=(jq)
+command -v curl >/dev/null 2>&1 || debs+=(curl)
+command -v flock >/dev/null 2>&1 || debs+=(util-linux)
 if consul_ok; then
   log "consul v$CONSUL_VERSION present"
 else
   stanza="$(bullseye_stanza)" || die "could not derive the bullseye source stanza"
-  changed=0
-  if write_if_changed /etc/apt/sources.list.d/hashistack-bullseye.sources \
+  added=0
+  if write_apt_file "$APT_ETC/sources.list.d/hashistack-bullseye.sources" \
     "# Added by hashistack-azure lab/setup.sh: consul $CONSUL_VERSION comes from bullseye.
-$stanza"; then changed=1; fi
-  if write_if_changed /etc/apt/preferences.d/hashistack-bullseye \
+$stanza"; then added=1; fi
+  if write_apt_file "$APT_ETC/preferences.d/hashistack-bullseye" \
     "Explanation: hashistack-azure: take from bullseye only what bookworm lacks (consul)
 Package: *
 Pin: release n=bullseye
-Pin-Priority: 100"; then changed=1; fi
-  if [ "$changed" -eq 1 ]; then log "added the bullseye suite (pinned at priority 100)"; fi
-  apt_install "consul/bullseye"
-  consul_ok || die "consul installed but 'consul version' is not v$CONSUL_VERSION: $(consul version 2>&1 | head -n1)"
-  log "consul v$CONSUL_VERSION installed"
+Pin-Priority: 100"; then added=1; fi
+  if [ "$added" -eq 1 ]; then log "added the bullseye suite (pinned at priority 100)"; fi
+  debs+=("consul/bullseye")
+fi
+if [ "${#debs[@]}" -gt 0 ]; then apt_install "${debs[@]}"; fi
+if ! consul_ok; then
+  die "consul is not v$CONSUL_VERSION after the install: $(consul version 2>&1 | head -n1)"
 fi
 CONSUL_BIN="$(command -v consul)"
+if [ "$DEBIAN_ONLY" -eq 1 ]; then
+  log "done (Debian packages only)"
+  exit 0
+fi
 
 # ---------------------------------------------------------------- Python ----
 base_python() {
