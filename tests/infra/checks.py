@@ -522,7 +522,7 @@ def role_assignments(t: dict, ev: Evaluator) -> list[dict]:
             role_name = "custom[" + ", ".join(sorted(a.split("/", 1)[1] for a in data_actions)) + "]"
         else:
             role_name, data_actions, actions = f"unknown role {role_id}", {"*"}, {"*"}
-        out.append(dict(resource=r, principal=principal, scope=labels.get(scope.lower(), scope),
+        out.append(dict(resource=r, principal=principal, scope=labels.get(scope.lower(), scope), scope_id=scope,
                         role=role_name, role_id=role_id, data_actions=data_actions, actions=actions,
                         principal_type=p.get("principalType")))
     return out
@@ -718,6 +718,117 @@ def check_vault_network_acls(t: dict, ev: Evaluator) -> list[str]:
             problems.append(f"{k} vault: admits subnets {sorted(got)}, want {sorted(want)}")
     for name in sorted(by_name):
         problems.append(f"Key Vault {name} is not one of {sorted(VAULT_SUBNETS)}")
+    return problems
+
+
+# Resources with a data-plane firewall, and the service (endpoint name, data action namespace) behind it.
+FIREWALLED = {"Microsoft.Storage/storageAccounts": "Microsoft.Storage",
+              "Microsoft.KeyVault/vaults": "Microsoft.KeyVault"}
+# Where each principal's data-plane requests come from: a tier from its own subnet; operators sit outside the VNet
+# and reach the data plane from the jumpbox (docs/deploy.md, docs/runbooks.md).
+SUBNET_OF_PRINCIPAL = {**{tier: tier for tier in TIERS}, "operator": "jumpbox"}
+
+
+def firewall_admissions(t: dict, ev: Evaluator) -> tuple[dict[str, dict], list[str]]:
+    """For every storage account and Key Vault: {resource id: {"label", "admitted": subnets, "needed": {subnet:
+    [why]}}}: the subnets its firewall admits, and the subnets it must admit because a principal there holds a
+    data-plane role on it (on the resource itself, on something inside it, or on a scope above it)."""
+    problems = []
+    vnet = ev.fn_resourceid("Microsoft.Network/virtualNetworks", ev.variable("vnetName"))
+    assignments = role_assignments(t, ev)
+    labels = _scope_labels(t, ev)
+    out = {}
+    for rtype, service in FIREWALLED.items():
+        for r in resources_of(t, rtype):
+            rid = resource_id(ev, r)
+            label = labels.get(rid.lower(), f"{rtype} {ev.value(r['name'])}")
+            acls = r.get("properties", {}).get("networkAcls")
+            if not acls:
+                problems.append(f"{label}: no firewall (networkAcls)")
+                continue
+            if acls.get("defaultAction") != "Deny":
+                problems.append(f"{label}: firewall default action is {acls.get('defaultAction')!r}, want Deny")
+            if acls.get("ipRules"):
+                problems.append(f"{label}: IP rules {acls['ipRules']} (only the cluster's subnets)")
+            admitted = set()
+            for rule in acls.get("virtualNetworkRules", []):
+                sid = ev.value(rule["id"])
+                parent, _, subnet = sid.rpartition("/subnets/")
+                if parent != vnet:
+                    problems.append(f"{label}: admits {sid}, a subnet outside the cluster's VNet")
+                if rule.get("action", "Allow") != "Allow":
+                    problems.append(f"{label}: rule for {subnet} has action {rule.get('action')!r}")
+                admitted.add(subnet)
+            needed: dict[str, list[str]] = {}
+            for a in assignments:
+                sid = a["scope_id"].lower()
+                inside_or_on = sid == rid.lower() or sid.startswith(rid.lower() + "/")
+                above = rid.lower().startswith(sid.rstrip("/") + "/")
+                data = {d for d in a["data_actions"]
+                        if d == "*" or d.lower().startswith(service.lower() + "/")
+                        or fnmatch.fnmatchcase(f"{service}/x".lower(), d.lower())}
+                if not data or not (inside_or_on or above):
+                    continue
+                subnet = SUBNET_OF_PRINCIPAL.get(a["principal"])
+                if subnet is None:
+                    problems.append(f"{label}: {a['principal']} holds {a['role']} on {a['scope']}, from no known subnet")
+                    continue
+                needed.setdefault(subnet, []).append(f"{a['principal']}: {a['role']} on {a['scope']}")
+            out[rid] = {"label": label, "service": service, "admitted": admitted, "needed": needed}
+    return out, problems
+
+
+def check_firewalls_admit_data_plane_principals(t: dict, ev: Evaluator) -> list[str]:
+    """Every firewall (the storage account and every Key Vault) admits exactly the subnets of the principals that
+    hold a data-plane role on it: a principal whose subnet is missing has its requests refused by the network
+    rules however right its role (workers' boot records were never published that way), and a subnet nobody
+    there needs is an opening for nothing. Every admitted subnet has the service endpoint the rule relies on."""
+    fws, problems = firewall_admissions(t, ev)
+    vnets = resources_of(t, "Microsoft.Network/virtualNetworks")
+    endpoints = {s["name"]: {e.get("service") for e in s.get("properties", {}).get("serviceEndpoints", [])}
+                 for v in vnets for s in v["properties"]["subnets"]}
+    if not fws:
+        problems.append("no storage account or Key Vault with a firewall")
+    for fw in fws.values():
+        for subnet, why in sorted(fw["needed"].items()):
+            if subnet not in fw["admitted"]:
+                problems.append(f"{fw['label']}: the firewall does not admit subnet {subnet}, but "
+                                f"{'; '.join(why)}: those requests are refused")
+        for subnet in sorted(fw["admitted"] - set(fw["needed"])):
+            problems.append(f"{fw['label']}: admits subnet {subnet}, where nobody holds a data-plane role on it")
+        for subnet in sorted(fw["admitted"]):
+            if fw["service"] not in endpoints.get(subnet, set()):
+                problems.append(f"{fw['label']}: admits subnet {subnet}, which has no {fw['service']} service "
+                                f"endpoint (the rule cannot match its traffic)")
+    return problems
+
+
+# docs/network.md names each firewalled resource by its name prefix.
+DOC_TARGET_PREFIX = {"kvu": "vault:unseal", "kvs": "vault:shared", "kvc": "vault:servers", "kvj": "vault:status",
+                     "kve": "vault:escrow", "hs": "storageAccount"}
+
+
+def check_firewall_table_matches_doc(t: dict, ev: Evaluator, network_md: str) -> list[str]:
+    """docs/network.md's 'target | admitted subnets' table is the template's firewalls, row for row."""
+    fws, problems = firewall_admissions(t, ev)
+    actual = {fw["label"]: fw["admitted"] for fw in fws.values()}
+    documented: dict[str, set[str]] = {}
+    for table in markdown_tables(network_md):
+        if not table or "admitted subnets" not in table[0]:
+            continue
+        for row in table:
+            m = re.search(r"`([a-z]+)(?:-)?…", row["target"])
+            label = DOC_TARGET_PREFIX.get(m.group(1)) if m else None
+            if label is None:
+                problems.append(f"docs/network.md: cannot tell which resource {row['target']!r} is")
+                continue
+            documented[label] = {strip_md(s) for s in row["admitted subnets"].split(",")}
+    if not documented:
+        return problems + ["docs/network.md has no 'admitted subnets' table"]
+    for label in sorted(set(actual) | set(documented)):
+        if actual.get(label) != documented.get(label):
+            problems.append(f"{label}: the template admits {sorted(actual.get(label, []))}, docs/network.md says "
+                            f"{sorted(documented.get(label, []))}")
     return problems
 
 

@@ -146,6 +146,16 @@ def test_key_vault_firewalls_admit_only_their_readers_subnets(template, ev):
     no_problems(checks.check_vault_network_acls(template, ev))
 
 
+def test_every_firewall_admits_every_data_plane_principal(template, ev):
+    """The storage account and every Key Vault: each principal with a data-plane role on it (or inside it, or
+    above it) can reach it through its network rules, and nothing else is admitted (issue 13, item 1)."""
+    no_problems(checks.check_firewalls_admit_data_plane_principals(template, ev))
+
+
+def test_firewall_table_matches_docs_network_md(template, ev, network_md):
+    no_problems(checks.check_firewall_table_matches_doc(template, ev, network_md))
+
+
 def test_first_boot_has_its_vaults_and_role_assignments(template, ev):
     """Scale sets and the jumpbox depend on the vaults they are tagged with and on their identity's role
     assignments; each assignment on its identity, custom role and scope."""

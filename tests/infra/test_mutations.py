@@ -81,6 +81,20 @@ def subnet_rule(subnet):
             "ignoreMissingVnetServiceEndpoint": False}
 
 
+def storage_rules(t):
+    return res(t, "Microsoft.Storage/storageAccounts")[0]["properties"]["networkAcls"]["virtualNetworkRules"]
+
+
+def drop_subnet(rules, subnet):
+    before = len(rules)
+    rules[:] = [r for r in rules if not r["id"].endswith(f"'{subnet}')]")]
+    assert len(rules) == before - 1, subnet
+
+
+def subnet_def(t, name):
+    return [s for s in res(t, "Microsoft.Network/virtualNetworks")[0]["properties"]["subnets"] if s["name"] == name][0]
+
+
 def jumpbox(t):
     return res(t, "Microsoft.Compute/virtualMachines")[0]
 
@@ -426,6 +440,46 @@ CASES = [
     ("servers vault assignment does not wait for its custom role",
      lambda c: drop_dep(assignment(c["t"], "serversMaterialWriter", "vault"), "roleDefinitions"),
      lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    # --- every firewall against the data-plane roles (issue 13, item 1)
+    ("storage firewall shuts out the workers (their boot records are refused)",
+     lambda c: drop_subnet(storage_rules(c["t"]), "workers"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("storage firewall shuts out the jumpbox (status and operators)",
+     lambda c: drop_subnet(storage_rules(c["t"]), "jumpbox"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("unseal vault firewall shuts out the vault servers",
+     lambda c: drop_subnet(vault_rules(c["t"], "unsealVaultName"), "vault"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("shared vault firewall shuts out the workers",
+     lambda c: drop_subnet(vault_rules(c["t"], "sharedVaultName"), "workers"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("escrow vault firewall shuts out the jumpbox (where operators read the escrow)",
+     lambda c: drop_subnet(vault_rules(c["t"], "escrowVaultName"), "jumpbox"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("workers lose their record writer role, the storage firewall still admits them",
+     lambda c: c["t"]["resources"].remove(assignment(c["t"], "coordinationRecordWriter", "workers")),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("unseal vault admits the consul subnet, where nobody holds a role on it",
+     lambda c: vault_rules(c["t"], "unsealVaultName").append(subnet_rule("consul")),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("operators get a role on the servers vault (from the jumpbox, which it does not admit)",
+     lambda c: grant(c["t"], "operator", "serversVaultName"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("storage firewall admits an IP range",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts")[0]["properties"]["networkAcls"].__setitem__(
+         "ipRules", [{"value": "203.0.113.0/24", "action": "Allow"}]),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("workers subnet loses its Storage service endpoint",
+     lambda c: subnet_def(c["t"], "workers")["properties"].__setitem__(
+         "serviceEndpoints", [{"service": "Microsoft.KeyVault"}]),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("docs/network.md's firewall table lacks workers on the storage account",
+     lambda c: c.__setitem__("network_md", c["network_md"].replace(
+         "containers) | consul, vault, nomad, workers, jumpbox |", "containers) | consul, vault, nomad, jumpbox |")),
+     lambda c, s: checks.check_firewall_table_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("firewall admits a subnet that docs/network.md does not list",
+     lambda c: vault_rules(c["t"], "serversVaultName").append(subnet_rule("workers")),
+     lambda c, s: checks.check_firewall_table_matches_doc(c["t"], _ev(c), c["network_md"])),
     # --- checkov config
     ("checkov skip without a reason",
      lambda c: c.__setitem__("checkov_yaml", c["checkov_yaml"] + "  - CKV_AZURE_1\n"),
