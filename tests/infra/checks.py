@@ -86,6 +86,28 @@ def check_uidef_schema(ui: dict, schemas: SchemaSet) -> list[str]:
 
 # ============================================================================================ structure
 
+# arm-ttk "Template Should Not Contain Blanks": an empty string, array or object as a property value means
+# something in a declarative model (clear it), so it must not be written by accident. These properties may be
+# empty (arm-ttk's own list), and so may the value under an expression or resource-id key (userAssignedIdentities).
+BLANK_OK_PROPERTIES = {"resources", "outputs", "variables", "parameters", "functions", "properties", "defaultValue",
+                       "accessPolicies", "value", "promotionCode", "inputs", "notEquals", "clientId",
+                       "allowedCallerIpAddresses"}
+
+
+def check_no_blanks(template_text: str) -> list[str]:
+    """The arm-ttk rule, on the template's text: no property value is "", [], {} or null."""
+    problems = []
+    colon = r"(?<=:)\s*"
+    for m in re.finditer(colon + r"(\{\s*\}|\[\s*\]|\"\s*\"|null\b)", template_text):
+        names = list(re.finditer(r'"([^"]+)"\s*:', template_text[:m.start()]))
+        name = names[-1].group(1) if names else ""
+        if name in BLANK_OK_PROPERTIES or re.match(r"\s*\[", name) or re.match(r"\s*/subscriptions/", name):
+            continue
+        line = template_text.count("\n", 0, m.start()) + 1
+        problems.append(f"line {line}: {name!r} is blank ({m.group(1)})")
+    return problems
+
+
 def check_parameters_used(t: dict) -> list[str]:
     problems = []
     declared = set(t.get("parameters", {}))

@@ -48,6 +48,12 @@ def test_files_are_canonical_json():
 
 # --------------------------------------------------------------------------------------------- structure
 
+def test_template_contains_no_blanks():
+    """arm-ttk's "Template Should Not Contain Blanks": no property is an empty string, array or object, except the
+    ones that rule allows (issue 13, item 9)."""
+    no_problems(checks.check_no_blanks((armlib.ARM_DIR / "azuredeploy.json").read_text(encoding="utf-8")))
+
+
 def test_every_parameter_used_and_declared(template):
     no_problems(checks.check_parameters_used(template))
 
