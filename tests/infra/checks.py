@@ -979,6 +979,39 @@ def check_assignment_hygiene(t: dict, ev: Evaluator) -> list[str]:
     return problems
 
 
+ROLE_DEF_PREFIX = f"/subscriptions/{CTX['subscriptionId']}/providers/Microsoft.Authorization/roleDefinitions/"
+
+
+def check_role_definition_ids(t: dict, ev: Evaluator, other_cluster: Evaluator) -> list[str]:
+    """Role assignments name their role in the form the service reports (subscriptionResourceId(): the resource
+    group form of resourceId() is normalised away by the service, so what-if would show every assignment as
+    changed on every run), and the custom role definitions of two clusters in one resource group (`other_cluster`:
+    the same template with another clusterName) neither share nor rename each other's roles."""
+    problems = []
+    for r in resources_of(t, "Microsoft.Authorization/roleAssignments"):
+        raw = r.get("properties", {}).get("roleDefinitionId", "")
+        if not raw.startswith("[subscriptionResourceId('Microsoft.Authorization/roleDefinitions',"):
+            problems.append(f"role assignment {r['name']}: roleDefinitionId {raw!r} is not built with "
+                            "subscriptionResourceId() (the service reports the subscription form)")
+            continue
+        rid = ev.value(raw)
+        if not rid.startswith(ROLE_DEF_PREFIX):
+            problems.append(f"role assignment {r['name']}: roleDefinitionId evaluates to {rid!r}")
+    ours = {ev.value(r["name"]): r for r in resources_of(t, "Microsoft.Authorization/roleDefinitions")}
+    theirs = {other_cluster.value(r["name"]) for r in resources_of(t, "Microsoft.Authorization/roleDefinitions")}
+    for guid in sorted(set(ours) & theirs):
+        problems.append(f"role definition {_follow_variable(t, ours[guid]['name'])}: the same GUID for another "
+                        f"cluster in the resource group (the name must include clusterName)")
+    names = {ev.value(r["properties"]["roleName"]) for r in ours.values()}
+    other_names = {other_cluster.value(r["properties"]["roleName"]) for r in ours.values()}
+    for n in sorted(names & other_names):
+        problems.append(f"role name {n!r} is the same for another cluster in the resource group")
+    for r in resources_of(t, "Microsoft.Authorization/roleAssignments"):
+        if ev.value(r["name"]) == other_cluster.value(r["name"]):
+            problems.append(f"role assignment {r['name']}: the same name for another cluster in the resource group")
+    return problems
+
+
 # ============================================================================================ NSG vs docs
 
 def nsg_rules_from_template(t: dict, ev: Evaluator) -> tuple[set[tuple], list[str]]:

@@ -177,6 +177,12 @@ def test_role_assignments_and_custom_roles_hygiene(template, ev):
     no_problems(checks.check_assignment_hygiene(template, ev))
 
 
+def test_role_ids_are_stable_and_per_cluster(template, ev, ev_other_cluster):
+    """roleDefinitionId in the subscription form (no what-if noise); custom role GUIDs and names, and assignment
+    names, differ between two clusters in one resource group (issue 13, item 3)."""
+    no_problems(checks.check_role_definition_ids(template, ev, ev_other_cluster))
+
+
 def test_storage_and_key_vaults_hardened(template):
     no_problems(checks.check_storage_and_key_vaults(template))
 

@@ -51,7 +51,7 @@ SECRETS_USER = "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions
 
 
 def custom_role(key):
-    return f"[resourceId('Microsoft.Authorization/roleDefinitions', variables('customRoles').{key})]"
+    return f"[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', variables('customRoles').{key})]"
 
 
 def grant(t, who, vault_var, role=SECRETS_USER):
@@ -113,6 +113,10 @@ def _schema(ctx, s):
 
 def _ev(ctx):
     return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
+
+
+def _ev_other_cluster(ctx):
+    return armlib.Evaluator(ctx["t"], dict(armlib.default_values(ctx["t"], ctx["pf"]), clusterName="hs2"))
 
 
 CASES = [
@@ -221,7 +225,7 @@ CASES = [
      lambda c: assignment(c["t"], "sharedSecretsUser", "workers").update({
          "scope": "[format('Microsoft.KeyVault/vaults/{0}', variables('escrowVaultName'))]",
          "properties": dict(assignment(c["t"], "sharedSecretsUser", "workers")["properties"],
-                            roleDefinitionId="[resourceId('Microsoft.Authorization/roleDefinitions', "
+                            roleDefinitionId="[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
                                              "variables('customRoles').escrowSecretWriter)]")}),
      lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
     ("unseal key usable by consul servers",
@@ -480,6 +484,24 @@ CASES = [
     ("firewall admits a subnet that docs/network.md does not list",
      lambda c: vault_rules(c["t"], "serversVaultName").append(subnet_rule("workers")),
      lambda c, s: checks.check_firewall_table_matches_doc(c["t"], _ev(c), c["network_md"])),
+    # --- role ids (issue 13, item 3)
+    ("a custom role's id in the resource group form (what-if noise on every run)",
+     lambda c: assignment(c["t"], "escrowKeyWrapper", "vault")["properties"].__setitem__(
+         "roleDefinitionId", "[resourceId('Microsoft.Authorization/roleDefinitions', "
+                             "variables('customRoles').escrowKeyWrapper)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("a built-in role's id in the resource group form",
+     lambda c: assignment(c["t"], "reader", "workers")["properties"].__setitem__(
+         "roleDefinitionId", "[resourceId('Microsoft.Authorization/roleDefinitions', variables('builtInRoles').reader)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("custom role GUID without the cluster name (two clusters rename each other's roles)",
+     lambda c: c["t"]["variables"]["customRoles"].__setitem__(
+         "coordinationWriter", "[guid(resourceGroup().id, 'hashistack', 'coordinationWriter')]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("custom role name without the per-cluster suffix",
+     lambda c: role_def(c["t"], "escrowBlobWriter")["properties"].__setitem__(
+         "roleName", "[format('hashistack escrow blob writer ({0})', resourceGroup().name)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
