@@ -8,8 +8,8 @@ import ipaddress
 import re
 from typing import Any
 
-from armlib import (CTX, ArmExprError, Evaluator, SchemaSet, calls_in, is_expr, literal_names, markdown_tables,
-                    parse_expr, strings_in, strip_md, walk_ast)
+from armlib import (CTX, ArmExprError, Evaluator, SchemaSet, calls_in, is_expr, iso_duration, literal_names,
+                    markdown_tables, parse_expr, strings_in, strip_md, walk_ast)
 
 ROLE_OF_TIER = {"consul": "consul-server", "vault": "vault-server", "nomad": "nomad-server",
                 "workers": "worker", "jumpbox": "jumpbox"}
@@ -338,6 +338,59 @@ def check_storage_and_key_vaults(t: dict) -> list[str]:
         if r.get("type") in ("Microsoft.Storage/storageAccounts", "Microsoft.KeyVault/vaults"):
             if "uniqueString" not in n and "variables(" not in n:
                 problems.append(f"{r['type']} {n}: name not derived with uniqueString()")
+    return problems
+
+
+def check_key_expiry(t: dict, ev: Evaluator) -> list[str]:
+    """Every Key Vault key expires, and consistently with its rotation policy: the policy's expiryTime applies
+    only to the versions it creates, so the first version carries attributes.exp = creation + the same lifetime;
+    the policy rotates before its notify window opens (so 'notify' fires only when rotation did not happen), and
+    both fit inside the lifetime. Without an expiry, 'notify N days before expiry' never fires."""
+    problems = []
+    keys = resources_of(t, "Microsoft.KeyVault/vaults/keys")
+    if not keys:
+        return ["no Key Vault keys"]
+    for r in keys:
+        label = f"key {r['name']}"
+        p = r.get("properties", {})
+        policy = p.get("rotationPolicy", {})
+        lifetime_text = policy.get("attributes", {}).get("expiryTime")
+        try:
+            lifetime = iso_duration(lifetime_text)
+        except ArmExprError as exc:
+            problems.append(f"{label}: rotation policy expiryTime: {exc}")
+            continue
+        if lifetime < dt.timedelta(days=28):
+            problems.append(f"{label}: rotation policy expiryTime {lifetime_text} is under Key Vault's 28 days")
+        raw_exp = p.get("attributes", {}).get("exp")
+        if raw_exp is None:
+            problems.append(f"{label}: no attributes.exp: the first version never expires (expiryTime "
+                            f"{lifetime_text} applies only to rotated versions), so 'notify' never fires")
+        else:
+            try:
+                exp = ev.value(raw_exp)
+            except ArmExprError as exc:
+                problems.append(f"{label}: attributes.exp does not evaluate: {exc}")
+                exp = None
+            if exp is not None:
+                want = int((ev.now + lifetime).timestamp())
+                if not isinstance(exp, int) or abs(exp - want) > 86400:
+                    problems.append(f"{label}: attributes.exp is {exp!r}, want the deployment time + {lifetime_text} "
+                                    f"({want}), the rotation policy's lifetime")
+        rotate = [a["trigger"] for a in policy.get("lifetimeActions", []) if a["action"]["type"].lower() == "rotate"]
+        notify = [a["trigger"] for a in policy.get("lifetimeActions", []) if a["action"]["type"].lower() == "notify"]
+        if not rotate or not notify:
+            problems.append(f"{label}: the rotation policy must both rotate and notify")
+            continue
+        window = max(iso_duration(n["timeBeforeExpiry"]) for n in notify if "timeBeforeExpiry" in n)
+        for trig in rotate:
+            at = iso_duration(trig["timeAfterCreate"]) if "timeAfterCreate" in trig else \
+                lifetime - iso_duration(trig["timeBeforeExpiry"])
+            if at >= lifetime - window:
+                problems.append(f"{label}: rotates at {at.days} days, not before the notify window opens "
+                                f"({(lifetime - window).days} days)")
+        if window >= lifetime:
+            problems.append(f"{label}: notify window {window.days} days is not inside the lifetime {lifetime_text}")
     return problems
 
 

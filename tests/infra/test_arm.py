@@ -183,6 +183,11 @@ def test_role_ids_are_stable_and_per_cluster(template, ev, ev_other_cluster):
     no_problems(checks.check_role_definition_ids(template, ev, ev_other_cluster))
 
 
+def test_keys_expire_consistently_with_their_rotation_policy(template, ev):
+    """attributes.exp on the first version, rotation before the notify window (issue 13, item 7)."""
+    no_problems(checks.check_key_expiry(template, ev))
+
+
 def test_storage_and_key_vaults_hardened(template):
     no_problems(checks.check_storage_and_key_vaults(template))
 

@@ -502,6 +502,22 @@ CASES = [
      lambda c: role_def(c["t"], "escrowBlobWriter")["properties"].__setitem__(
          "roleName", "[format('hashistack escrow blob writer ({0})', resourceGroup().name)]"),
      lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    # --- key expiry (issue 13, item 7)
+    ("unseal key without an expiry",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[0]["properties"]["attributes"].pop("exp"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("escrow key expires a year before its rotated versions would",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[1]["properties"]["attributes"].__setitem__(
+         "exp", "[dateTimeToEpoch(dateTimeAdd(parameters('keyValidFrom'), 'P1Y'))]"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("rotation only after the notify window opened",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[0]["properties"]["rotationPolicy"]["lifetimeActions"][0][
+         "trigger"].__setitem__("timeAfterCreate", "P710D"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("rotation policy lifetime changed, the first version's expiry not",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[1]["properties"]["rotationPolicy"]["attributes"].__setitem__(
+         "expiryTime", "P3Y"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
