@@ -1000,9 +1000,30 @@ impl Lab {
     }
 
     /// Stops everything this lab started, and removes its state unless `keep`.
+    /// Stops everything at once: every agent is asked to stop (SIGTERM) together and given `DOWN_GRACE`, then what
+    /// is left and every service the agents started are killed (the lab's data is thrown away or kept as is with
+    /// `--keep`; nothing needs an orderly leave). Says what it waits for when that takes more than a second.
     pub async fn down(mut self) {
-        for i in (0..self.nodes.len()).rev() {
-            self.stop_agent(i).await;
+        const DOWN_GRACE: Duration = Duration::from_secs(5);
+        let verbose = self.opts.verbose;
+        let say = |what: &'static str| {
+            move |names: &[String]| {
+                if verbose {
+                    eprintln!(
+                        "lab: stopping: waiting for {what} {} to exit (killed after {}s)",
+                        names.join(", "),
+                        DOWN_GRACE.as_secs()
+                    );
+                }
+            }
+        };
+        let agents: Vec<Proc> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.agent.take())
+            .collect();
+        procs::stop_all(agents, DOWN_GRACE, say("agents")).await;
+        for i in 0..self.nodes.len() {
             self.kill_node_services(i);
             self.nodes[i].imds_task.abort();
         }
@@ -1012,13 +1033,11 @@ impl Lab {
         if let Some(kv) = self.keyvault.take() {
             kv.stop();
         }
-        for p in [self.transit.take(), self.azurite.take()]
+        let emulators: Vec<Proc> = [self.transit.take(), self.azurite.take()]
             .into_iter()
             .flatten()
-        {
-            let mut p = p;
-            p.stop(Duration::from_secs(10)).await;
-        }
+            .collect();
+        procs::stop_all(emulators, DOWN_GRACE, say("emulators")).await;
         let _ = std::fs::remove_file(self.opts.state_dir.join("lab.pid"));
         if !self.opts.keep {
             let _ = std::fs::remove_dir_all(&self.opts.state_dir);
