@@ -513,6 +513,59 @@ def _vm_profile_problems(label: str, vmp: dict, data_disk: bool) -> list[str]:
     return problems
 
 
+SERVER_ROLES = {"consul-server", "vault-server", "nomad-server"}
+
+
+def check_zone_resilience(t: dict, evaluators: dict[str, Evaluator]) -> list[str]:
+    """With availability zones chosen, nothing zonal is left in one zone: the scale sets span the zones with one
+    fault domain per zone (platformFaultDomainCount 1, Azure's advice for zone-spanning scale sets), the fixed-size
+    raft tiers are kept strictly balanced across zones (zoneBalance; a raft majority must survive a zone), the
+    internal load balancer's frontend is zone-redundant and the NAT gateway is (StandardV2, with a StandardV2
+    public IP). Regional deployments (no zones) set none of it, and one zone gets no zoneBalance (the API refuses
+    it with fewer than two zones). `evaluators`: 'regional', 'one-zone' and 'zones' parameter values."""
+    problems = []
+    for case, ev in evaluators.items():
+        zones = ev.param("availabilityZones")
+        spanning = len(zones) > 1
+        for r in resources_of(t, "Microsoft.Compute/virtualMachineScaleSets"):
+            role = r.get("tags", {}).get("hashistack-role")
+            label = f"{case}: scale set {role}"
+            p = r.get("properties", {})
+            got_zones = ev.value(r.get("zones")) or []
+            if got_zones != zones:
+                problems.append(f"{label}: zones {got_zones}, want {zones}")
+            fd = ev.value(p.get("platformFaultDomainCount"))
+            if zones and fd != 1:
+                problems.append(f"{label}: platformFaultDomainCount {fd!r}, want 1 with zones")
+            if not zones and fd is not None:
+                problems.append(f"{label}: platformFaultDomainCount {fd!r} without zones (leave it to the default)")
+            zb = ev.value(p.get("zoneBalance"))
+            if role in SERVER_ROLES and spanning and zb is not True:
+                problems.append(f"{label}: zoneBalance {zb!r}: a fixed-size raft tier must spread evenly over the zones")
+            if not spanning and zb is not None:
+                problems.append(f"{label}: zoneBalance {zb!r} with {len(zones)} zone(s) (the API refuses it)")
+        for lb in resources_of(t, "Microsoft.Network/loadBalancers"):
+            for fe in lb["properties"].get("frontendIPConfigurations", []):
+                fz = ev.value(fe.get("zones")) or []
+                if fz != zones:
+                    problems.append(f"{case}: load balancer frontend {fe['name']}: zones {fz}, want {zones} "
+                                    f"(zone-redundant with several zones)")
+        pips = {resource_id(ev, r): r for r in resources_of(t, "Microsoft.Network/publicIPAddresses")}
+        for nat in resources_of(t, "Microsoft.Network/natGateways"):
+            sku = ev.value(nat.get("sku", {}).get("name"))
+            if zones and sku != "StandardV2":
+                problems.append(f"{case}: NAT gateway SKU {sku!r}: a Standard NAT gateway lives in one zone; "
+                                "StandardV2 is zone-redundant")
+            if ev.value(nat.get("zones")):
+                problems.append(f"{case}: NAT gateway pinned to zones {ev.value(nat.get('zones'))}")
+            for ref in nat["properties"].get("publicIpAddresses", []):
+                pip = pips.get(ev.value(ref["id"]))
+                pip_sku = ev.value(pip["sku"]["name"]) if pip else None
+                if pip_sku != sku:
+                    problems.append(f"{case}: NAT gateway {sku} with a {pip_sku} public IP (the SKUs must match)")
+    return problems
+
+
 def check_vault_load_balancer(t: dict, ev: Evaluator) -> list[str]:
     problems = []
     lbs = resources_of(t, "Microsoft.Network/loadBalancers")

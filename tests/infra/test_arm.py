@@ -206,6 +206,12 @@ def test_scale_sets_and_jumpbox(template, ev):
     no_problems(checks.check_scale_sets(template, ev))
 
 
+def test_zones_make_everything_zone_resilient(template, ev_zone_cases):
+    """Under the zones condition: LB frontend and NAT gateway zone-redundant, zoneBalance on the raft tiers,
+    platformFaultDomainCount 1 (issue 13, item 8)."""
+    no_problems(checks.check_zone_resilience(template, ev_zone_cases))
+
+
 def test_vault_internal_load_balancer(template, ev):
     no_problems(checks.check_vault_load_balancer(template, ev))
 

@@ -115,6 +115,12 @@ def _ev(ctx):
     return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
 
 
+def _zone_evs(ctx):
+    values = armlib.default_values(ctx["t"], ctx["pf"])
+    return {case: armlib.Evaluator(ctx["t"], dict(values, availabilityZones=zones))
+            for case, zones in (("regional", []), ("one-zone", ["2"]), ("zones", ["1", "2", "3"]))}
+
+
 def _ev_other_cluster(ctx):
     return armlib.Evaluator(ctx["t"], dict(armlib.default_values(ctx["t"], ctx["pf"]), clusterName="hs2"))
 
@@ -518,6 +524,30 @@ CASES = [
      lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[1]["properties"]["rotationPolicy"]["attributes"].__setitem__(
          "expiryTime", "P3Y"),
      lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    # --- zones (issue 13, item 8)
+    ("vault raft tier without zoneBalance",
+     lambda c: vmss(c["t"], "vault-server")["properties"].pop("zoneBalance"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("zoneBalance even with one zone (refused by the API)",
+     lambda c: vmss(c["t"], "consul-server")["properties"].__setitem__(
+         "zoneBalance", "[if(variables('zoned'), true(), null())]"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("workers keep five fault domains over zones",
+     lambda c: vmss(c["t"], "worker")["properties"].pop("platformFaultDomainCount"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("fault domain count forced without zones",
+     lambda c: vmss(c["t"], "nomad-server")["properties"].__setitem__("platformFaultDomainCount", 1),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("internal load balancer frontend in no zone",
+     lambda c: res(c["t"], "Microsoft.Network/loadBalancers")[0]["properties"]["frontendIPConfigurations"][0].pop("zones"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("Standard NAT gateway with zones",
+     lambda c: res(c["t"], "Microsoft.Network/natGateways")[0]["sku"].__setitem__("name", "Standard"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("StandardV2 NAT gateway with a Standard public IP",
+     lambda c: res(c["t"], "Microsoft.Network/publicIPAddresses",
+                   lambda r: r["name"] == "[variables('natPublicIpName')]")[0]["sku"].__setitem__("name", "Standard"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
