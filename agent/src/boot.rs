@@ -554,7 +554,7 @@ async fn boot_inner(
             let m = crate::material::fetch_or_create(
                 &az,
                 &vaults,
-                spec.blob_endpoint.as_deref(),
+                Some(spec.blob_endpoint.as_str()),
                 &spec.cluster,
                 spec.role.is_server_tier(),
                 // Never wait for the agent token here: a node without it renders and starts everything but
@@ -641,8 +641,8 @@ pub async fn bootstrap_phase(
     use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
     let spec = &booted.spec;
     let layout = Layout::new(&cfg.paths.root);
-    let (Some(blob), Some(escrow_vault)) =
-        (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
+    // Server tiers always have an escrow vault (a required tag there); other roles have no tier bootstrap.
+    let (blob, Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
     else {
         return Ok(None);
     };

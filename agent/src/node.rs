@@ -153,14 +153,16 @@ pub struct NodeSpec {
     pub vault: Option<VaultSettings>,
     pub nomad: Option<NomadSettings>,
     pub identity_client_id: Option<String>,
-    pub blob_endpoint: Option<String>,
+    /// Every role: boot records are published there (and server tiers coordinate and escrow there).
+    pub blob_endpoint: String,
     /// The shared vault every cluster identity reads: CA certificate, Consul gossip key and agent token,
     /// the Nomad client certificate.
     pub keyvault_uri: Option<String>,
+    /// Server tiers only (required there): the write-only escrow vault.
     pub escrow_vault_uri: Option<String>,
     /// Server tiers only: the vault with the CA key and the Nomad gossip key (no worker or jumpbox reads it).
     pub servers_vault_uri: Option<String>,
-    /// Server tiers (write) and the jumpbox (read): the read-only status tokens.
+    /// Server tiers (write) and the jumpbox (read), required on both: the read-only status tokens.
     pub status_vault_uri: Option<String>,
 }
 
@@ -491,6 +493,20 @@ impl NodeSpec {
             parse_guid(TAG_TENANT_ID, t)?;
         }
         let url = |t: &str| tags.optional(t).map(|v| parse_https_url(t, v)).transpose();
+        // What each role cannot work without (docs/tags.md, "required for"): a missing one is a bad tag like any
+        // other, never a step silently skipped.
+        let required_url = |t: &str| parse_https_url(t, tags.required(t)?);
+        let blob_endpoint = required_url(TAG_BLOB_ENDPOINT)?;
+        let escrow_vault_uri = if role.is_server_tier() {
+            Some(required_url(TAG_ESCROW_VAULT_URI)?)
+        } else {
+            url(TAG_ESCROW_VAULT_URI)?
+        };
+        let status_vault_uri = if role.is_server_tier() || role == Role::Jumpbox {
+            Some(required_url(TAG_STATUS_VAULT_URI)?)
+        } else {
+            url(TAG_STATUS_VAULT_URI)?
+        };
         // Secrets are split by who may read them (docs/trust-model.md): a tag naming a vault this role has no
         // business with is a mis-tagged tier, refused before anything is read.
         if !role.is_server_tier() {
@@ -517,11 +533,11 @@ impl NodeSpec {
             vault,
             nomad,
             identity_client_id,
-            blob_endpoint: url(TAG_BLOB_ENDPOINT)?,
+            blob_endpoint,
             keyvault_uri: url(TAG_KEYVAULT_URI)?,
-            escrow_vault_uri: url(TAG_ESCROW_VAULT_URI)?,
+            escrow_vault_uri,
             servers_vault_uri: url(TAG_SERVERS_VAULT_URI)?,
-            status_vault_uri: url(TAG_STATUS_VAULT_URI)?,
+            status_vault_uri,
         })
     }
 

@@ -170,7 +170,7 @@ fn target_from_spec(spec: &NodeSpec, role_tag: &str) -> Option<Target> {
     }
     Some(Target {
         cluster: spec.cluster.clone(),
-        blob_endpoint: spec.blob_endpoint.clone()?,
+        blob_endpoint: spec.blob_endpoint.clone(),
         node: spec.node_name.clone(),
         identity_client_id: spec.identity_client_id.clone(),
         ip: Some(spec.ip.to_string()),

@@ -220,6 +220,39 @@ fn cases() -> Vec<Case> {
             }),
             names: &["hashistack-identity-client-id", "GUID"],
         },
+        // Required tags that were once silently optional: a server tier without them skipped its whole
+        // bootstrap and exited 0.
+        Case {
+            name: "server tier without blob endpoint",
+            doc: Edit("consul-server", |d| {
+                remove_tag(d, "hashistack-blob-endpoint")
+            }),
+            names: &["hashistack-blob-endpoint", "missing"],
+        },
+        Case {
+            name: "server tier without escrow vault",
+            doc: Edit("vault-server-transit", |d| {
+                remove_tag(d, "hashistack-escrow-vault-uri")
+            }),
+            names: &["hashistack-escrow-vault-uri", "missing"],
+        },
+        Case {
+            name: "server tier without status vault",
+            doc: Edit("nomad-server", |d| {
+                remove_tag(d, "hashistack-status-vault-uri")
+            }),
+            names: &["hashistack-status-vault-uri", "missing"],
+        },
+        Case {
+            name: "jumpbox without status vault",
+            doc: Edit("jumpbox", |d| remove_tag(d, "hashistack-status-vault-uri")),
+            names: &["hashistack-status-vault-uri", "missing"],
+        },
+        Case {
+            name: "worker without blob endpoint",
+            doc: Edit("worker", |d| remove_tag(d, "hashistack-blob-endpoint")),
+            names: &["hashistack-blob-endpoint", "missing"],
+        },
         Case {
             name: "http blob endpoint",
             doc: Edit("consul-server", |d| {

@@ -249,11 +249,7 @@ impl Collector {
         Got<Option<coordination::TierState>>,
         Got<Option<coordination::TierState>>,
     ) {
-        let Some(blob) = self.spec.blob_endpoint.as_deref() else {
-            let e: Got<Option<coordination::TierState>> =
-                Some(Err("this node has no hashistack-blob-endpoint tag".into()));
-            return (e.clone(), e.clone(), e);
-        };
+        let blob = self.spec.blob_endpoint.as_str();
         let read = |tier: &'static str| async move {
             coordination::read(&self.az, blob, &self.spec.cluster, tier, azure_policy())
                 .await
@@ -277,11 +273,7 @@ impl Collector {
 
     /// Lists and reads `<cluster>/nodes/*.json`. Returns the records and the names that did not parse.
     async fn records(&self) -> Result<(Vec<NodeRecord>, Vec<String>), String> {
-        let blob = self
-            .spec
-            .blob_endpoint
-            .as_deref()
-            .ok_or("this node has no hashistack-blob-endpoint tag")?;
+        let blob = self.spec.blob_endpoint.as_str();
         let token = Zeroizing::new(self.storage_token().await?);
         let container = format!("{blob}{COORDINATION_CONTAINER}");
         let prefix = publish::records_prefix(&self.spec.cluster);
