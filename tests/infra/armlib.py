@@ -403,6 +403,9 @@ class Evaluator:
     def fn_string(self, v):
         return json.dumps(v) if isinstance(v, (dict, list)) else (str(v).lower() if isinstance(v, bool) else str(v))
 
+    def fn_replace(self, v, old, new):
+        return v.replace(old, new)
+
     def fn_tolower(self, v):
         return v.lower()
 

@@ -1351,3 +1351,208 @@ def checkov_failures(report: Any) -> list[str]:
         for f in rep.get("results", {}).get("failed_checks", []):
             out.append(f"{f.get('check_id')} {f.get('check_name')} — {f.get('resource')}")
     return out
+
+
+# ============================================================================================ createUiDefinition
+
+# arm-ttk: every Microsoft.* control has a tooltip, except these.
+NO_TOOLTIP_CONTROLS = {"Microsoft.Common.InfoBox", "Microsoft.Common.Section", "Microsoft.Common.TextBlock"}
+
+
+def ui_elements(ui: dict) -> list[tuple[str, dict]]:
+    """(step name or 'basics', element) for every element, nested ones (sections) included."""
+    out = []
+
+    def walk(where, elements):
+        for el in elements:
+            out.append((where, el))
+            walk(where, el.get("elements", []))
+    walk("basics", ui.get("parameters", {}).get("basics", []))
+    for step in ui.get("parameters", {}).get("steps", []):
+        walk(step["name"], step.get("elements", []))
+    return out
+
+
+def ui_output_elements(ui: dict) -> dict[str, tuple[str, dict]]:
+    """template parameter -> (expression, element) for outputs that read one element."""
+    by_ref = {}
+    for where, el in ui_elements(ui):
+        by_ref[(where, el["name"])] = el
+    out = {}
+    for param, value in ui.get("parameters", {}).get("outputs", {}).items():
+        m = re.search(r"basics\('([^']+)'\)", value) or re.search(r"steps\('([^']+)'\)\.([A-Za-z0-9_]+)", value)
+        if not m:
+            continue
+        key = ("basics", m.group(1)) if m.group(0).startswith("basics") else (m.group(1), m.group(2))
+        if key in by_ref:
+            out[param] = (value, by_ref[key])
+    return out
+
+
+def textbox_regexes(el: dict) -> list[str]:
+    c = el.get("constraints", {})
+    regexes = [c["regex"]] if c.get("regex") else []
+    regexes += [v["regex"] for v in c.get("validations", []) if "regex" in v]
+    return regexes
+
+
+def ui_accepts(el: dict, text: str) -> bool:
+    """Would the portal accept `text` in this TextBox? (Its regexes are plain ECMAScript patterns that Python's re
+    reads the same way: classes, groups, alternation, quantifiers and lookahead.)"""
+    return all(re.search(rx, text) for rx in textbox_regexes(el))
+
+
+def check_uidef_refuses_what_the_template_refuses(t: dict, ui: dict) -> list[str]:
+    """The portal refuses what the deployment would reject, and explains every control:
+    - every control has a tooltip (arm-ttk: Tooltips Should Be Present);
+    - the administrator name has no default (arm-ttk: Usernames Should Not Have A Default) and the template's
+      length limit; the SSH key confirmation is shown (arm-ttk: Credential Confirmation Should Not Be Hidden);
+    - every TextBox has a regex and a message (arm-ttk: Textboxes Are Well Formed);
+    - a number typed into a TextBox is accepted exactly from the template parameter's minValue to its maxValue;
+    - every DropDown value and default is one the template parameter allows;
+    - every size selector offers exactly the template parameter's allowed sizes (the template hard-codes
+      accelerated networking, Premium SSD disks and encryption at host, which not every size supports), with
+      recommended sizes and the template's default among them."""
+    problems = []
+    params = t.get("parameters", {})
+    for where, el in ui_elements(ui):
+        typ, name = el.get("type", ""), el.get("name")
+        if typ.startswith("Microsoft.") and typ not in NO_TOOLTIP_CONTROLS:
+            tip = el.get("toolTip")
+            texts = list(tip.values()) if isinstance(tip, dict) else [tip]
+            if not tip or not all(isinstance(x, str) and x.strip() for x in texts):
+                problems.append(f"{where}.{name}: no tooltip")
+        if typ == "Microsoft.Compute.UserNameTextBox" and el.get("defaultValue"):
+            problems.append(f"{where}.{name}: the user name has a default ({el['defaultValue']!r})")
+        if typ == "Microsoft.Compute.CredentialsCombo" and el.get("options", {}).get("hideConfirmation") is True:
+            problems.append(f"{where}.{name}: the credential confirmation is hidden")
+        if typ == "Microsoft.Common.TextBox":
+            c = el.get("constraints", {})
+            if not textbox_regexes(el):
+                problems.append(f"{where}.{name}: no regex")
+            if c.get("regex") and not c.get("validationMessage"):
+                problems.append(f"{where}.{name}: regex without a validationMessage")
+            for v in c.get("validations", []):
+                if not v.get("message"):
+                    problems.append(f"{where}.{name}: a validation without a message")
+    for param, (expr, el) in ui_output_elements(ui).items():
+        decl = params.get(param)
+        if decl is None:
+            continue
+        typ = el.get("type")
+        label = f"{param} ({el['name']})"
+        if typ == "Microsoft.Common.TextBox" and decl.get("type") == "int":
+            lo, hi = decl.get("minValue"), decl.get("maxValue")
+            if lo is None or hi is None:
+                problems.append(f"{label}: the template parameter has no minValue/maxValue")
+                continue
+            accepted = {n for n in range(-10, 3 * hi + 1000) if ui_accepts(el, str(n))}
+            wanted = set(range(lo, hi + 1))
+            if accepted != wanted:
+                extra, missing = sorted(accepted - wanted), sorted(wanted - accepted)
+                problems.append(f"{label}: the portal accepts {len(extra)} numbers the template refuses "
+                                f"{extra[:3]}{'…' if len(extra) > 3 else ''} and refuses {len(missing)} it allows "
+                                f"{missing[:3]}{'…' if len(missing) > 3 else ''} (template: {lo}-{hi})")
+            for junk in ("", " ", "1e3", "0x10", "+5", "-1"):
+                if ui_accepts(el, junk) and junk.strip():
+                    problems.append(f"{label}: the portal accepts {junk!r}")
+        if typ == "Microsoft.Compute.UserNameTextBox" and decl.get("maxLength"):
+            too_long = "a" * (decl["maxLength"] + 1)
+            if ui_accepts(el, too_long):
+                problems.append(f"{label}: the portal accepts {len(too_long)} characters, the template at most "
+                                f"{decl['maxLength']}")
+        if typ == "Microsoft.Common.DropDown" and "allowedValues" in decl:
+            for v in el.get("constraints", {}).get("allowedValues", []):
+                if v["value"] not in decl["allowedValues"]:
+                    problems.append(f"{label}: offers {v['value']!r}, which the template refuses")
+        if typ == "Microsoft.Common.DropDown" and "defaultValue" in el:
+            labels = {v["label"]: v["value"] for v in el.get("constraints", {}).get("allowedValues", [])}
+            if el["defaultValue"] not in labels:
+                problems.append(f"{label}: default {el['defaultValue']!r} is not one of its labels")
+            elif "defaultValue" in decl and not is_expr(decl["defaultValue"]) and \
+                    labels[el["defaultValue"]] != decl["defaultValue"]:
+                problems.append(f"{label}: the portal's default {labels[el['defaultValue']]!r} is not the "
+                                f"template's {decl['defaultValue']!r}")
+        if typ == "Microsoft.Compute.SizeSelector":
+            allowed = el.get("constraints", {}).get("allowedSizes")
+            if not decl.get("allowedValues"):
+                problems.append(f"{label}: the template parameter allows any size, but the template hard-codes "
+                                "accelerated networking, Premium SSD and encryption at host")
+            if allowed is None:
+                problems.append(f"{label}: the size selector offers every size (no constraints.allowedSizes)")
+            elif sorted(allowed) != sorted(decl.get("allowedValues", [])):
+                problems.append(f"{label}: the size selector's allowedSizes differ from the template's allowedValues")
+            for size in el.get("recommendedSizes", []):
+                if allowed is not None and size not in allowed:
+                    problems.append(f"{label}: recommends {size}, which it does not allow")
+            if allowed is not None and decl.get("defaultValue") not in allowed:
+                problems.append(f"{label}: the template's default {decl.get('defaultValue')} is not allowed")
+    return problems
+
+
+# What must never open SSH to the jumpbox: the whole internet, spelt any way the NSG would accept.
+SSH_REFUSED = [["0.0.0.0/0"], ["*"], ["Internet"], ["internet"], ["Any"], ["ANY"], ["10.1.2.3/0"],
+               ["203.0.113.0/24", "0.0.0.0/0"]]
+SSH_ACCEPTED = [["203.0.113.0/24"], ["203.0.113.7/32", "198.51.100.0/24"], ["100.64.0.0/10"]]
+
+
+def check_ssh_source_refusal(t: dict, ui: dict, values: dict) -> list[str]:
+    """allowedSshSourcePrefixes: the portal and the template both refuse SSH from the whole internet
+    (0.0.0.0/0 or any /0, '*', 'Internet', 'Any'), and both accept ordinary prefixes; the portal also refuses
+    what the NSG would (octets over 255, prefixes over /32)."""
+    problems = []
+    el = ui_output_elements(ui).get("allowedSshSourcePrefixes", (None, None))[1]
+    if el is None:
+        return ["createUiDefinition has no element for allowedSshSourcePrefixes"]
+    for prefixes in SSH_REFUSED + [["300.1.2.3/24"], ["203.0.113.0/33"]]:
+        for text in (", ".join(prefixes), ",".join(prefixes)):
+            if ui_accepts(el, text):
+                problems.append(f"the portal accepts SSH from {text!r}")
+    for prefixes in SSH_ACCEPTED:
+        if not ui_accepts(el, ", ".join(prefixes)):
+            problems.append(f"the portal refuses SSH from {', '.join(prefixes)!r}")
+    nsg = next((r for r in resources_of(t, "Microsoft.Network/networkSecurityGroups")
+                for rule in r["properties"]["securityRules"] if rule["name"] == "SshFromAllowedPrefixes"), None)
+    if nsg is None:
+        return problems + ["no SshFromAllowedPrefixes rule in the template"]
+    # The whole rule is evaluated: the refusal may sit in any of its properties (checkov reads the source prefixes
+    # only when they are the parameter itself).
+    rule = next(x for x in nsg["properties"]["securityRules"] if x["name"] == "SshFromAllowedPrefixes")
+    for prefixes in SSH_REFUSED:
+        try:
+            got = Evaluator(t, dict(values, allowedSshSourcePrefixes=prefixes)).value(rule)["properties"]
+            problems.append(f"the template opens SSH from {prefixes} (rule sources "
+                            f"{got.get('sourceAddressPrefixes', got.get('sourceAddressPrefix'))})")
+        except ArmExprError:
+            pass
+    for prefixes in SSH_ACCEPTED:
+        try:
+            got = Evaluator(t, dict(values, allowedSshSourcePrefixes=prefixes)).value(rule)["properties"]
+            got = got.get("sourceAddressPrefixes", got.get("sourceAddressPrefix"))
+            if got != prefixes:
+                problems.append(f"the template turns {prefixes} into {got}")
+        except ArmExprError as exc:
+            problems.append(f"the template refuses SSH from {prefixes}: {exc}")
+    return problems
+
+
+def check_encryption_at_host_choice(t: dict, ui: dict) -> list[str]:
+    """encryptionAtHost is off by default (it fails on subscriptions without the EncryptionAtHost feature), and
+    the portal says so where the choice is made: a tooltip and an info box naming the feature."""
+    problems = []
+    decl = t.get("parameters", {}).get("encryptionAtHost", {})
+    if decl.get("defaultValue") is not False:
+        problems.append(f"encryptionAtHost defaults to {decl.get('defaultValue')!r}: deployments to a subscription "
+                        "without the EncryptionAtHost feature fail")
+    el = ui_output_elements(ui).get("encryptionAtHost", (None, {}))[1] or {}
+    values = {v["label"]: v["value"] for v in el.get("constraints", {}).get("allowedValues", [])}
+    if values.get(el.get("defaultValue")) is not False:
+        problems.append(f"the portal's encryption at host default is {el.get('defaultValue')!r}, not off")
+    if "EncryptionAtHost" not in (el.get("toolTip") or ""):
+        problems.append("the encryption at host tooltip does not name the EncryptionAtHost feature")
+    boxes = [e for _, e in ui_elements(ui) if e.get("type") == "Microsoft.Common.InfoBox"
+             and "EncryptionAtHost" in e.get("options", {}).get("text", "")
+             and "az feature register" in e.get("options", {}).get("text", "")]
+    if not boxes:
+        problems.append("no info box explains the EncryptionAtHost feature and how to register it")
+    return problems

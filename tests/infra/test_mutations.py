@@ -115,6 +115,13 @@ def _ev(ctx):
     return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
 
 
+def _ui_el(ctx, where, name):
+    params = ctx["ui"]["parameters"]
+    elements = params["basics"] if where == "basics" else \
+        [s for s in params["steps"] if s["name"] == where][0]["elements"]
+    return [e for e in elements if e["name"] == name][0]
+
+
 def _zone_evs(ctx):
     values = armlib.default_values(ctx["t"], ctx["pf"])
     return {case: armlib.Evaluator(ctx["t"], dict(values, availabilityZones=zones))
@@ -548,6 +555,67 @@ CASES = [
      lambda c: res(c["t"], "Microsoft.Network/publicIPAddresses",
                    lambda r: r["name"] == "[variables('natPublicIpName')]")[0]["sku"].__setitem__("name", "Standard"),
      lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    # --- createUiDefinition against the template (issue 13, items 5 and 6)
+    ("a control loses its tooltip",
+     lambda c: _ui_el(c, "cluster", "workerCount").pop("toolTip"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("administrator name gets a default",
+     lambda c: _ui_el(c, "basics", "adminUsername").__setitem__("defaultValue", "azureuser"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("administrator name longer than the template allows",
+     lambda c: _ui_el(c, "basics", "adminUsername")["constraints"].__setitem__("regex", "^[a-z_][a-z0-9_-]{0,63}$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("SSH key confirmation hidden",
+     lambda c: _ui_el(c, "basics", "sshCredentials")["options"].__setitem__("hideConfirmation", True),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("data disk regex accepts 4096-9999 (the old one)",
+     lambda c: _ui_el(c, "cluster", "serverDataDiskSizeGB")["constraints"].__setitem__(
+         "regex", "^([1-9][6-9]|[2-9][0-9]|[1-9][0-9]{2,3})$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("template raises the data disk maximum, the portal does not follow",
+     lambda c: c["t"]["parameters"]["serverDataDiskSizeGB"].__setitem__("maxValue", 8191),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("worker count accepts 0",
+     lambda c: _ui_el(c, "cluster", "workerCount")["constraints"].__setitem__("regex", "^([0-9][0-9]?|100)$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("server size selector unconstrained",
+     lambda c: _ui_el(c, "cluster", "serverVmSize").pop("constraints"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("worker size selector offers a size without accelerated networking",
+     lambda c: _ui_el(c, "cluster", "workerVmSize")["constraints"]["allowedSizes"].append("Standard_B2s"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("template allows any jumpbox size",
+     lambda c: c["t"]["parameters"]["jumpboxVmSize"].pop("allowedValues"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("a dropdown offers a server count the template refuses",
+     lambda c: _ui_el(c, "cluster", "nomadServerCount")["constraints"]["allowedValues"].append({"label": "2", "value": 2}),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("a textbox validation without a message",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"][1].__setitem__("message", ""),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("portal accepts SSH from 0.0.0.0/0 (the refusal dropped)",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"].pop(1),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("portal accepts octets over 255",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"][0].__setitem__(
+         "regex", "^\\s*\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}\\s*(,\\s*\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}\\s*)*$"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("template opens SSH to whatever it is given",
+     lambda c: c["t"]["variables"].__setitem__("sshFromTheInternet", "[false()]"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("template lets 'Any' through (case)",
+     lambda c: c["t"]["variables"].__setitem__("sshPrefixesText", "[replace(string(parameters('allowedSshSourcePrefixes')), ' ', '')]"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("encryption at host back on by default",
+     lambda c: c["t"]["parameters"]["encryptionAtHost"].__setitem__("defaultValue", True),
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    ("portal defaults encryption at host to Enabled",
+     lambda c: _ui_el(c, "security", "encryptionAtHost").__setitem__("defaultValue", "Enabled"),
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    ("no info box explains encryption at host",
+     lambda c: [s["elements"].remove(_ui_el(c, "security", "encryptionAtHostInfo")) for s in c["ui"]["parameters"]["steps"]
+                if s["name"] == "security"],
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
