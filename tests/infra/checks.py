@@ -1196,6 +1196,40 @@ def check_nsg_matches_doc(t: dict, ev: Evaluator, network_md: str) -> list[str]:
     return problems
 
 
+def _port_ranges(spec: str) -> list[tuple[int, int]]:
+    if spec == "*":
+        return [(0, 65535)]
+    lo, _, hi = str(spec).partition("-")
+    return [(int(lo), int(hi or lo))]
+
+
+CONSUL_WAN_PORT = 8302
+
+
+def check_consul_wan_decision(t: dict, ev: Evaluator, network_md: str) -> list[str]:
+    """Consul WAN gossip (8302): this is a single-datacenter design. No NSG allows 8302 (from anywhere), and
+    docs/network.md says so and says that the rendered Consul config turns the WAN listener off
+    (ports.serf_wan = -1), so that servers neither listen on nor gossip over a port the network drops."""
+    problems = []
+    for nsg in resources_of(t, "Microsoft.Network/networkSecurityGroups"):
+        for rule in nsg["properties"].get("securityRules", []):
+            p = rule["properties"]
+            if p.get("access") != "Allow":
+                continue
+            specs = p.get("destinationPortRanges") or [p.get("destinationPortRange")]
+            for spec in specs:
+                if any(lo <= CONSUL_WAN_PORT <= hi for lo, hi in _port_ranges(ev.value(spec))):
+                    problems.append(f"{ev.value(nsg['name'])} rule {rule['name']} allows {spec}, which includes "
+                                    f"Consul WAN gossip {CONSUL_WAN_PORT}: a single datacenter has no WAN pool")
+    text = " ".join(network_md.split())
+    if "single datacenter" not in text.lower():
+        problems.append("docs/network.md does not say that the cluster is a single datacenter")
+    if not re.search(r"serf_wan\W+(=|:)\s*-1", text):
+        problems.append("docs/network.md does not say that the rendered Consul config sets ports.serf_wan = -1 "
+                        "(the WAN listener off)")
+    return problems
+
+
 # ============================================================================================ tags vs docs
 
 def required_tags_from_doc(text: str) -> tuple[dict[str, set[str]], set[str]]:

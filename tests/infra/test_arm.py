@@ -202,6 +202,12 @@ def test_nsg_rules_match_docs_network_md(template, ev, network_md):
     no_problems(checks.check_nsg_matches_doc(template, ev, network_md))
 
 
+def test_consul_wan_is_neither_opened_nor_needed(template, ev, network_md):
+    """Single datacenter: no NSG opens 8302, and docs/network.md records that the agent turns the WAN listener
+    off (issue 13, item 4)."""
+    no_problems(checks.check_consul_wan_decision(template, ev, network_md))
+
+
 def test_scale_sets_and_jumpbox(template, ev):
     no_problems(checks.check_scale_sets(template, ev))
 

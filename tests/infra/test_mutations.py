@@ -616,6 +616,13 @@ CASES = [
      lambda c: [s["elements"].remove(_ui_el(c, "security", "encryptionAtHostInfo")) for s in c["ui"]["parameters"]["steps"]
                 if s["name"] == "security"],
      lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    # --- Consul WAN (issue 13, item 4)
+    ("consul NSG opens WAN gossip",
+     lambda c: set_rule(c["t"], "consul", "ConsulServerRpc", destinationPortRange="8300-8302"),
+     lambda c, s: checks.check_consul_wan_decision(c["t"], _ev(c), c["network_md"])),
+    ("docs/network.md no longer records that the WAN listener is off",
+     lambda c: c.__setitem__("network_md", c["network_md"].replace("`ports.serf_wan = -1`", "nothing")),
+     lambda c, s: checks.check_consul_wan_decision(c["t"], _ev(c), c["network_md"])),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
