@@ -107,7 +107,12 @@ impl Collector {
             b = b.add_root_certificate(cert);
         }
         let azure_http = b.build().map_err(|e| e.to_string())?;
-        let ca = Layout::new(&cfg.paths.root).ca_file(Product::Consul);
+        // The jumpbox's world-readable copy (operators run status without sudo); elsewhere, as root, Consul's.
+        let layout = Layout::new(&cfg.paths.root);
+        let ca = [layout.operator_ca_file(), layout.ca_file(Product::Consul)]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| layout.operator_ca_file());
         let http = crate::services::health::client_for(&ca, HTTP_TIMEOUT)
             .map_err(|e| format!("cluster CA: {e} (status runs on a booted node: the jumpbox)"));
         Ok(Collector {
