@@ -223,7 +223,14 @@ fn parse_name(tag: &str, v: &str, allow_underscore: bool) -> Result<String, Spec
     if !v.starts_with(|c: char| c.is_ascii_lowercase()) || !v.chars().all(ok_char) {
         return Err(tag_err(
             tag,
-            format!("{v:?} must start with a lowercase letter and hold only [a-z0-9-]"),
+            format!(
+                "{v:?} must start with a lowercase letter and hold only {}",
+                if allow_underscore {
+                    "[a-z0-9-_]"
+                } else {
+                    "[a-z0-9-]"
+                }
+            ),
         ));
     }
     Ok(v.to_string())

@@ -74,7 +74,7 @@ fn cases() -> Vec<Case> {
             doc: Edit("jumpbox", |d| {
                 set_tag(d, "hashistack-datacenter", "East US")
             }),
-            names: &["hashistack-datacenter"],
+            names: &["hashistack-datacenter", "[a-z0-9-_]"],
         },
         Case {
             name: "unknown hashistack tag (typo)",
