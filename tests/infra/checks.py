@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import ipaddress
+import json
 import re
 from typing import Any
 
@@ -1589,4 +1590,227 @@ def check_encryption_at_host_choice(t: dict, ui: dict) -> list[str]:
              and "az feature register" in e.get("options", {}).get("text", "")]
     if not boxes:
         problems.append("no info box explains the EncryptionAtHost feature and how to register it")
+    return problems
+
+
+# ============================================================================================ docs/deploy.md
+
+def _section(md: str, heading_prefix: str) -> str:
+    """The text of the '## <heading_prefix>…' section, up to the next '## '."""
+    m = re.search(r"^## " + re.escape(heading_prefix) + r".*?$(.*?)(?=^## |\Z)", md, re.M | re.S)
+    return m.group(1) if m else ""
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+
+
+def check_deploy_doc_roles(md: str) -> list[str]:
+    """The roles deploy.md asks for can create the template's custom role definitions: Owner, or Contributor plus
+    User Access Administrator. Role Based Access Control Administrator only writes role assignments."""
+    problems = []
+    text = " ".join(md.split())
+    if "Owner" not in text or "User Access Administrator" not in text:
+        problems.append("docs/deploy.md does not ask for Owner or Contributor + User Access Administrator")
+    for sentence in re.split(r"(?<=[.:;])\s", text):
+        if "Role Based Access Control Administrator" in sentence and not re.search(r"\bnot\b|cannot", sentence):
+            problems.append(f"docs/deploy.md offers Role Based Access Control Administrator, which cannot create "
+                            f"role definitions: {sentence.strip()!r}")
+    return problems
+
+
+def check_packer_commands_build_the_directory(texts: dict[str, str]) -> list[str]:
+    """Every `packer init|validate|build` in the docs works on the directory packer/ (a single .pkr.hcl file
+    leaves out variables.pkr.hcl: every variable would be undeclared)."""
+    problems = []
+    for where, text in texts.items():
+        for line in text.splitlines():
+            m = re.search(r"\bpacker (init|validate|build)\b(.*)", line)
+            if not m:
+                continue
+            cmd = m.group(2).split("#")[0].split("`")[0].split()
+            if not cmd:
+                continue  # the command named in prose, without arguments
+            target = cmd[-1]
+            if target != "packer/":
+                problems.append(f"{where}: `packer {m.group(1)}` on {target!r}, not the directory packer/: {line.strip()}")
+            if ".pkr.hcl" in line and "packer build" in line:
+                problems.append(f"{where}: builds a single file: {line.strip()}")
+    return problems
+
+
+def check_no_issue_numbers(where: str, md: str) -> list[str]:
+    """A document speaks for itself: no 'the subject of issue 5'."""
+    return [f"{where}: refers to an issue by number: {m.group(0)!r}"
+            for m in re.finditer(r"\bissues? #?\d+", md, re.I)]
+
+
+# Stand-ins for what the operator's shell substitutes in deploy.md's parameters file.
+SHELL_STAND_INS = {
+    "$IMAGE_ID": "/subscriptions/00000000-0000-4000-8000-000000000001/resourceGroups/rg-hashistack-images/providers/"
+                 "Microsoft.Compute/images/hashistack-1.21.4-1.20.4-1.10.5-20261201120000",
+    "$(cat ~/.ssh/id_ed25519.pub)": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHashistackDocsExampleKeyOnly op@laptop",
+    "$(az ad group show -g hashistack-operators --query id -o tsv)": "00000000-0000-4000-8000-0000000000f0",
+}
+
+
+def deploy_doc_parameters(md: str) -> tuple[dict | None, list[str]]:
+    """The parameters file deploy.md writes (its heredoc), with the shell's substitutions stood in for."""
+    m = re.search(r"cat > (\S+) <<EOF\n(.*?)^EOF$", md, re.M | re.S)
+    if not m:
+        return None, ["docs/deploy.md writes no parameters file (cat > FILE <<EOF … EOF)"]
+    body = m.group(2).replace("\\$", "\0")  # an escaped $ is a literal one
+    for k, v in SHELL_STAND_INS.items():
+        body = body.replace(k, v)
+    left = re.findall(r"\$\(?[A-Za-z_][^\"]*", body)
+    if left:
+        return None, [f"docs/deploy.md's parameters file uses shell values the check cannot stand in for: {left}"]
+    body = body.replace("\0", "$")
+    try:
+        return json.loads(body), []
+    except json.JSONDecodeError as exc:
+        return None, [f"docs/deploy.md's parameters file is not JSON: {exc}"]
+
+
+def _param_problems(name: str, decl: dict, value: Any) -> list[str]:
+    typ = decl.get("type", "").lower()
+    types = {"string": str, "securestring": str, "int": int, "bool": bool, "array": list, "object": dict,
+             "secureobject": dict}
+    if typ in types and (not isinstance(value, types[typ]) or (typ == "int" and isinstance(value, bool))):
+        return [f"{name}: {value!r} is not of type {typ}"]
+    out = []
+    if "allowedValues" in decl and value not in decl["allowedValues"]:
+        out.append(f"{name}: {value!r} is not one of the allowed values")
+    if "minValue" in decl and value < decl["minValue"] or "maxValue" in decl and value > decl["maxValue"]:
+        out.append(f"{name}: {value!r} is outside {decl.get('minValue')}-{decl.get('maxValue')}")
+    if isinstance(value, (str, list)):
+        if len(value) < decl.get("minLength", 0) or len(value) > decl.get("maxLength", 10 ** 9):
+            out.append(f"{name}: length {len(value)} is outside {decl.get('minLength')}-{decl.get('maxLength')}")
+    return out
+
+
+def check_deploy_doc_cli_walk(t: dict, md: str) -> list[str]:
+    """deploy.md's CLI walk takes no step the template refuses: its parameters file names only declared
+    parameters, gives every required one, each of the right type within the template's constraints, opens SSH to
+    no more than the template allows, and the template's expressions evaluate with it; what-if and create deploy
+    this template with that file."""
+    pf, problems = deploy_doc_parameters(md)
+    if pf is None:
+        return problems
+    declared = t.get("parameters", {})
+    values = {k: v.get("value") for k, v in pf.get("parameters", {}).items()}
+    for name, value in values.items():
+        if name not in declared:
+            problems.append(f"the parameters file sets {name!r}, which the template does not declare")
+        else:
+            problems += _param_problems(name, declared[name], value)
+    for name, decl in declared.items():
+        if "defaultValue" not in decl and name not in values:
+            problems.append(f"the parameters file lacks required parameter {name!r}")
+    ev = Evaluator(t, values)
+    try:
+        for name in t.get("variables", {}):
+            ev.variable(name)
+        for r in t.get("resources", []):
+            ev.value(r.get("name"))
+            if r.get("type") == "Microsoft.Network/networkSecurityGroups":
+                ev.value(r["properties"])
+    except ArmExprError as exc:
+        problems.append(f"the template refuses deploy.md's parameters: {exc}")
+    fname = re.search(r"cat > (\S+) <<EOF", md).group(1)
+    for verb in ("what-if", "create"):
+        if not re.search(rf"az deployment group {verb} -g \$RG .*-f arm-templates/azuredeploy\.json -p @{re.escape(fname)}",
+                         md):
+            problems.append(f"docs/deploy.md has no `az deployment group {verb}` of arm-templates/azuredeploy.json "
+                            f"with -p @{fname}")
+    return problems
+
+
+def _doc_default(cell: str) -> Any:
+    cell = strip_md(cell)
+    if cell in ("—", "-"):
+        return "(required)"
+    if cell == "empty":
+        return ""
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+
+
+def check_deploy_doc_parameter_table(t: dict, md: str) -> list[str]:
+    """The 'parameter | default | meaning' table of deploy.md names every parameter once, with the template's
+    default (or — for a required one)."""
+    problems, seen = [], []
+    declared = t.get("parameters", {})
+    tables = [tb for tb in markdown_tables(md) if tb and "parameter" in tb[0] and "default" in tb[0]]
+    if not tables:
+        return ["docs/deploy.md has no parameter table"]
+    for row in tables[0]:
+        names = re.findall(r"`([A-Za-z]+)`", row["parameter"])
+        defaults = [d.strip() for d in row["default"].split(",")] if len(names) > 1 else [row["default"]]
+        if len(defaults) != len(names):
+            defaults = [row["default"]] * len(names)
+        for name, cell in zip(names, defaults):
+            seen.append(name)
+            decl = declared.get(name)
+            if decl is None:
+                problems.append(f"deploy.md lists {name!r}, which the template does not declare")
+                continue
+            want = decl.get("defaultValue", "(required)")
+            got = _doc_default(cell)
+            if is_expr(want):
+                continue  # an expression's default is described in words (the resource group's, the deployment time)
+            if got != want:
+                problems.append(f"deploy.md: {name} defaults to {got!r}, the template to {want!r}")
+    for name in sorted(set(declared) - set(seen)):
+        problems.append(f"deploy.md's parameter table lacks {name!r}")
+    return problems
+
+
+def check_deploy_doc_portal_walk(ui: dict, md: str) -> list[str]:
+    """The portal walk names every field the operator must fill in (required, no default)."""
+    problems = []
+    portal = _section(md, "2a.")
+    if not portal:
+        return ["docs/deploy.md has no '## 2a.' portal section"]
+    for where, el in ui_elements(ui):
+        c = el.get("constraints", {})
+        if c.get("required") is not True or "defaultValue" in el:
+            continue
+        labels = list(el["label"].values()) if isinstance(el.get("label"), dict) else [el.get("label", "")]
+        if el.get("type") == "Microsoft.Compute.CredentialsCombo":
+            labels = [el["label"]["sshPublicKey"]]
+        for label in labels:
+            if label.lower() not in " ".join(portal.split()).lower():
+                problems.append(f"the portal walk does not say what to enter in {label!r} ({where}.{el['name']})")
+    return problems
+
+
+def check_deploy_doc_first_command(md: str) -> list[str]:
+    """After the deployment, the first thing an operator runs on the jumpbox is `hashistack-agent status`."""
+    problems = []
+    blocks = _code_blocks(_section(md, "3."))
+    if not blocks:
+        return ["docs/deploy.md's '## 3.' section has no commands"]
+    lines = [ln.split("#")[0].strip() for ln in blocks[0].splitlines() if ln.split("#")[0].strip()]
+    ssh_at = next((i for i, ln in enumerate(lines) if ln.startswith("ssh ") or ln == "$SSH"), None)
+    if ssh_at is None:
+        problems.append("the first commands of '## 3.' do not reach the jumpbox over SSH")
+    elif ssh_at + 1 >= len(lines) or lines[ssh_at + 1] != "hashistack-agent status":
+        problems.append(f"the first command on the jumpbox is {lines[ssh_at + 1:ssh_at + 2]}, not hashistack-agent status")
+    if "hashistack-agent smoke" in md:
+        problems.append("docs/deploy.md documents `hashistack-agent smoke`, which does not exist yet")
+    return problems
+
+
+def check_deploy_doc_role_replication(md: str) -> list[str]:
+    """deploy.md explains the role-definition replication race and what to do about it."""
+    text = " ".join(md.split())
+    problems = []
+    if "RoleDefinitionDoesNotExist" not in text:
+        problems.append("docs/deploy.md does not name RoleDefinitionDoesNotExist (definitions created and used in "
+                        "one deployment can race replication)")
+    if not re.search(r"RoleDefinitionDoesNotExist.{0,300}\bagain\b", text):
+        problems.append("docs/deploy.md does not say to run the deployment again after RoleDefinitionDoesNotExist")
     return problems

@@ -115,6 +115,11 @@ def _ev(ctx):
     return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
 
 
+def _md(ctx, old, new):
+    assert old in ctx["deploy_md"], old
+    ctx["deploy_md"] = ctx["deploy_md"].replace(old, new, 1)
+
+
 def _ui_el(ctx, where, name):
     params = ctx["ui"]["parameters"]
     elements = params["basics"] if where == "basics" else \
@@ -623,6 +628,51 @@ CASES = [
     ("docs/network.md no longer records that the WAN listener is off",
      lambda c: c.__setitem__("network_md", c["network_md"].replace("`ports.serf_wan = -1`", "nothing")),
      lambda c, s: checks.check_consul_wan_decision(c["t"], _ev(c), c["network_md"])),
+    # --- docs/deploy.md walks a first deployment the template accepts (issue 13)
+    ("deploy.md offers Contributor + RBAC Administrator again",
+     lambda c: _md(c, "Contributor** plus **User Access\n  Administrator**",
+                   "Contributor** plus **Role Based Access Control\n  Administrator**"),
+     lambda c, s: checks.check_deploy_doc_roles(c["deploy_md"])),
+    ("deploy.md builds a single .pkr.hcl file",
+     lambda c: _md(c, "packer build -var-file=my.pkrvars.hcl packer/\n",
+                   "packer build -var-file=my.pkrvars.hcl packer/hashistack.pkr.hcl\n"),
+     lambda c, s: checks.check_packer_commands_build_the_directory({"docs/deploy.md": c["deploy_md"]})),
+    ("deploy.md points to an issue for the cluster view",
+     lambda c: _md(c, "([status.md](status.md)).", "([status.md](status.md)), the subject of issue 5."),
+     lambda c, s: checks.check_no_issue_numbers("docs/deploy.md", c["deploy_md"])),
+    ("deploy.md's parameters file opens SSH to the internet",
+     lambda c: _md(c, '["203.0.113.7/32"]', '["0.0.0.0/0"]'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file sets a parameter the template does not have",
+     lambda c: _md(c, '"clusterName": { "value": "hs" },', '"clusterName": { "value": "hs" },\n    "clustername": { "value": "hs" },'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file forgets the image",
+     lambda c: _md(c, '    "imageId": { "value": "$IMAGE_ID" },\n', ""),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file picks a refused VM size",
+     lambda c: _md(c, '"adminUsername": { "value": "azureuser" },',
+                   '"adminUsername": { "value": "azureuser" },\n    "workerVmSize": { "value": "Standard_B2s" },'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md says encryption at host defaults to true",
+     lambda c: _md(c, "| `encryptionAtHost` | `false` |", "| `encryptionAtHost` | `true` |"),
+     lambda c, s: checks.check_deploy_doc_parameter_table(c["t"], c["deploy_md"])),
+    ("a template parameter missing from deploy.md's table",
+     lambda c: c["t"]["parameters"].__setitem__("newThing", {"type": "int", "defaultValue": 1,
+                                                             "metadata": {"description": "x"}}),
+     lambda c, s: checks.check_deploy_doc_parameter_table(c["t"], c["deploy_md"])),
+    ("the portal walk forgets the administrator name",
+     lambda c: _md(c, "**Administrator user name**", "**Admin**"),
+     lambda c, s: checks.check_deploy_doc_portal_walk(c["ui"], c["deploy_md"])),
+    ("something else before hashistack-agent status on the jumpbox",
+     lambda c: _md(c, "$SSH                                                  # ssh <adminUsername>@<jumpbox FQDN>\n",
+                   "$SSH                                                  # ssh <adminUsername>@<jumpbox FQDN>\nsudo -i\n"),
+     lambda c, s: checks.check_deploy_doc_first_command(c["deploy_md"])),
+    ("deploy.md documents the planned smoke command",
+     lambda c: _md(c, "until every tier is healthy.", "until every tier is healthy, then `hashistack-agent smoke`."),
+     lambda c, s: checks.check_deploy_doc_first_command(c["deploy_md"])),
+    ("deploy.md no longer explains the role replication race",
+     lambda c: _md(c, "`RoleDefinitionDoesNotExist` (or", "an error (or"),
+     lambda c, s: checks.check_deploy_doc_role_replication(c["deploy_md"])),
     # --- arm-ttk's no-blanks rule (issue 13, item 9)
     ("empty actions array in a custom role",
      lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
@@ -648,6 +698,7 @@ def ctx(template, params_file, uidef, metadata, network_md, tags_md):
     return {"t": json.loads(json.dumps(template)), "pf": json.loads(json.dumps(params_file)),
             "ui": json.loads(json.dumps(uidef)), "md": json.loads(json.dumps(metadata)),
             "network_md": network_md, "tags_md": tags_md, "today": dt.date(2026, 11, 27),
+            "deploy_md": (armlib.DOCS / "deploy.md").read_text(encoding="utf-8"),
             "checkov_yaml": (armlib.ARM_DIR / ".checkov.yaml").read_text(encoding="utf-8")}
 
 
