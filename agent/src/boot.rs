@@ -124,7 +124,7 @@ fn write_record(layout: &Layout, rec: &BootRecord) {
 pub struct Booted {
     pub spec: NodeSpec,
     pub plan: Plan,
-    pub manager: Box<dyn BootManager>,
+    pub manager: std::sync::Arc<dyn BootManager>,
     pub record: BootRecord,
 }
 
@@ -516,7 +516,7 @@ async fn boot_inner(
     started: Instant,
     rec: &mut BootRecord,
     md_out: &mut Option<InstanceMetadata>,
-) -> Result<(NodeSpec, Plan, Box<dyn BootManager>), BootError> {
+) -> Result<(NodeSpec, Plan, std::sync::Arc<dyn BootManager>), BootError> {
     let mut lap = started;
     let mut timed = |rec: &mut BootRecord, step: &str| {
         let now = Instant::now();
@@ -589,9 +589,9 @@ async fn boot_inner(
     }
 
     rec.phase = Phase::Services;
-    let manager: Box<dyn BootManager> = match cfg.services.backend {
-        Backend::Systemd => Box::new(Systemd::default()),
-        Backend::Process => Box::new(ProcessManager::new(
+    let manager: std::sync::Arc<dyn BootManager> = match cfg.services.backend {
+        Backend::Systemd => std::sync::Arc::new(Systemd::default()),
+        Backend::Process => std::sync::Arc::new(ProcessManager::new(
             layout.log_dir(),
             layout.state_dir().join("pids"),
         )),
@@ -704,6 +704,18 @@ pub async fn bootstrap_phase(
                 audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
+                local: booted
+                    .plan
+                    .services
+                    .iter()
+                    .find(|s| s.name == "vault")
+                    .map(|svc| {
+                        Box::new(crate::bootstrap::vault::ServiceStorage {
+                            manager: booted.manager.clone(),
+                            service: svc.clone(),
+                            data_dir: layout.data_dir(Product::Vault),
+                        }) as Box<dyn crate::bootstrap::vault::LocalStorage>
+                    }),
             };
             bootstrap::run(&ctx, &tier).await
         }

@@ -209,6 +209,19 @@ async fn reload_needs_an_active_unit_with_execreload() {
 }
 
 #[tokio::test]
+async fn stop_stops_a_running_unit_and_a_stopped_one_is_fine() {
+    let f = Fake::new(Duration::from_secs(10));
+    f.install("consul.service", true);
+    let svc = spec("consul");
+    f.touch("active/consul.service");
+    f.systemd.stop(&svc).await.unwrap();
+    assert!(!f.active("consul.service"));
+    f.systemd.stop(&svc).await.unwrap();
+    assert_eq!(f.jobs("consul.service"), ["stop", "stop"]);
+    assert!(!f.systemd.is_running(&svc).await.unwrap());
+}
+
+#[tokio::test]
 async fn a_systemctl_that_hangs_is_killed_at_the_deadline() {
     let f = Fake::new(Duration::from_millis(700));
     f.install("consul.service", true);

@@ -663,6 +663,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Deletes a blob as the lab (for tests that follow an operator procedure, e.g. removing a tier state).
+    pub async fn delete_blob(&self, container: &str, name: &str) -> Result<(), LabError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .delete(format!("{}{container}/{name}", self.blob_endpoint()))
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .send()
+            .await
+            .map_err(|e| LabError::Failed(format!("delete blob {container}/{name}: {e}")))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "delete blob {container}/{name}: HTTP {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
     /// The jumpbox's node index (where `hashistack-agent status` runs).
     pub fn jumpbox(&self) -> Option<usize> {
         self.nodes.iter().position(|n| n.def.role == Role::Jumpbox)

@@ -106,5 +106,9 @@ impl ServiceManager for Systemd {
         self.must(&svc.name, &["reload", &svc.unit]).await
     }
 
+    async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+        self.must(&svc.name, &["stop", &svc.unit]).await
+    }
+
     async fn stop_all(&self) {}
 }
