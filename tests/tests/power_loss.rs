@@ -56,18 +56,48 @@ async fn round(n: u32, rng: &mut Rng) -> Round {
     o.start_agents = false;
     let mut lab = Lab::up(o, tools()).await.unwrap();
     let vaults = nodes_of(&lab, Role::VaultServer);
-    let victim = vaults[rng.below(vaults.len() as u64) as usize];
-    let kill_ms = 500 + rng.below(4000);
+    // Half the rounds: a random server at a random moment. The other half aim at the dangerous window: the
+    // server that took the bootstrap lease, a random moment after it recorded `initializing` (inside or just
+    // after its init call).
+    let aimed = rng.below(2) == 1;
+    let mut kill_ms = 500 + rng.below(4000);
     let pause_ms = 200 + rng.below(2800);
-    let name = lab.nodes[victim].def.name.clone();
-    eprintln!("round {n}: {name} loses power {kill_ms} ms after the agents start, back {pause_ms} ms later");
-
+    let after_ms = rng.below(2500);
+    let started = Instant::now();
     for i in 0..lab.nodes.len() {
         lab.start_agent(i).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(kill_ms)).await;
-    let phase_at_kill = lab.tier_state("vault").await.map(|s| s.phase);
+    let victim = if aimed {
+        let leader = loop {
+            if let Some(s) = lab
+                .tier_state("vault")
+                .await
+                .filter(|s| s.phase == TierPhase::Initializing)
+            {
+                break s.leader;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "round {n}: the tier never reached initializing"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        kill_ms = started.elapsed().as_millis() as u64;
+        lab.node_index(&leader).unwrap()
+    } else {
+        let v = vaults[rng.below(vaults.len() as u64) as usize];
+        let waited = started.elapsed().as_millis() as u64;
+        tokio::time::sleep(Duration::from_millis(kill_ms.saturating_sub(waited))).await;
+        v
+    };
+    let name = lab.nodes[victim].def.name.clone();
     lab.kill_agent(victim).await;
+    eprintln!(
+        "round {n}: {name}{} lost power {kill_ms} ms after the agents started, back {pause_ms} ms later",
+        if aimed { " (the bootstrap leader)" } else { "" }
+    );
+    let phase_at_kill = lab.tier_state("vault").await.map(|s| s.phase);
     tokio::time::sleep(Duration::from_millis(pause_ms)).await;
     lab.start_agent(victim).unwrap();
     eprintln!("round {n}: tier state when the power went: {phase_at_kill:?}");
