@@ -112,7 +112,7 @@ impl Default for BootstrapConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FaultsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub crash_at: Option<crate::bootstrap::CrashPoint>,
+    pub crash_at: Option<CrashPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -249,6 +249,18 @@ impl Default for GossipConfig {
             nomad_key_file: "/etc/hashistack/gossip/nomad.key".into(),
         }
     }
+}
+
+/// Where the process may be killed on purpose (crash-injection tests set `faults.crash_at` in agent.toml;
+/// the bootstrap in bootstrap/mod.rs kills itself there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrashPoint {
+    AfterLease,
+    AfterInit,
+    AfterSpool,
+    BetweenTargets,
+    BeforeReceipt,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,11 +8,11 @@
 //! whose cluster or blob endpoint tag is missing or malformed cannot publish, and only its journal tells.
 
 use crate::azure::{call, Azure};
-use crate::boot::BootRecord;
 use crate::config::AgentConfig;
 use crate::election::COORDINATION_CONTAINER;
 use crate::imds::{ImdsClient, InstanceMetadata};
 use crate::node::{self as tags, NodeSpec};
+use crate::record::BootRecord;
 use crate::retry::RetryPolicy;
 use azure_core::http::RequestContent;
 use serde::{Deserialize, Serialize};

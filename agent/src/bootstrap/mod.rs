@@ -18,6 +18,7 @@ pub mod consul;
 pub mod consul_tokens;
 mod http;
 pub mod nomad;
+pub mod status_tokens;
 pub mod vault;
 
 use crate::azure::{Azure, AzureError};
@@ -31,16 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-/// Where the process may be killed on purpose (crash-injection tests set `faults.crash_at` in agent.toml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CrashPoint {
-    AfterLease,
-    AfterInit,
-    AfterSpool,
-    BetweenTargets,
-    BeforeReceipt,
-}
+pub use crate::config::CrashPoint;
 
 fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
     if configured == Some(here) {

@@ -554,14 +554,10 @@ impl Tier for VaultTier {
         let status_token = match (&self.shared, &self.status_vault) {
             (Some((az, _)), Some(sv)) => {
                 let shared = &(az.clone(), sv.clone());
-                match crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await {
+                match super::status_tokens::create_vault(&self.api, &self.ca_file, &token).await {
                     Ok(t) => {
-                        crate::status::tokens::hand_over(
-                            shared,
-                            crate::status::tokens::VAULT_SECRET,
-                            &t,
-                        )
-                        .await
+                        super::status_tokens::hand_over(shared, crate::names::VAULT_SECRET, &t)
+                            .await
                     }
                     Err(e) => Err(e),
                 }
