@@ -490,6 +490,7 @@ async fn boot_inner(
     rec.node = md.compute.name.clone();
     rec.phase = Phase::NodeSpec;
     let spec = NodeSpec::from_metadata(&md)?;
+    crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)?;
     rec.role = Some(spec.role.to_string());
     rec.cluster = Some(spec.cluster.clone());
     tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");

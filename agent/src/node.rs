@@ -558,3 +558,148 @@ impl NodeSpec {
         }
     }
 }
+
+/// The service domains of an Azure cloud, by IMDS `compute.azEnvironment`: (blob, Key Vault).
+fn cloud_domains(az_environment: &str) -> Option<(&'static str, &'static str)> {
+    match az_environment {
+        "AzurePublicCloud" => Some((".blob.core.windows.net", ".vault.azure.net")),
+        "AzureUSGovernmentCloud" => {
+            Some((".blob.core.usgovcloudapi.net", ".vault.usgovcloudapi.net"))
+        }
+        "AzureChinaCloud" => Some((".blob.core.chinacloudapi.cn", ".vault.azure.cn")),
+        _ => None,
+    }
+}
+
+/// The host of an https URL that `parse_https_url` accepted.
+fn url_host(url: &str) -> &str {
+    let rest = url.trim_start_matches("https://");
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// Whether a failed boot may still publish its record to this blob endpoint (read from the raw tag): the same rule
+/// as [`check_endpoints`] for `hashistack-blob-endpoint`, so a bad tag never receives a storage token.
+pub fn blob_endpoint_allowed(
+    url: &str,
+    az_environment: &str,
+    policy: crate::config::EndpointPolicy,
+) -> bool {
+    if policy == crate::config::EndpointPolicy::Any {
+        return true;
+    }
+    cloud_domains(az_environment).is_some_and(|(blob, _)| {
+        let host = url_host(url);
+        host.ends_with(blob) && host.len() > blob.len()
+    })
+}
+
+/// Tags are a control channel: with `EndpointPolicy::AzureOnly` every endpoint tag must name a host of the
+/// cloud's own storage or Key Vault domain, and a transit seal must be https. One error naming the tag.
+pub fn check_endpoints(
+    spec: &NodeSpec,
+    az_environment: &str,
+    policy: crate::config::EndpointPolicy,
+) -> Result<(), SpecError> {
+    if policy == crate::config::EndpointPolicy::Any {
+        return Ok(());
+    }
+    let Some((blob, vault)) = cloud_domains(az_environment) else {
+        return Err(field_err(
+            "compute.azEnvironment",
+            format!(
+                "{az_environment:?} is not a cloud whose service domains the agent knows (set [azure] endpoints = \"any\" in agent.toml to accept any endpoint)"
+            ),
+        ));
+    };
+    let must_end = |tag: &str, url: &Option<String>, suffix: &str| -> Result<(), SpecError> {
+        match url {
+            // On a label boundary (the suffix starts with '.') and with a name before it.
+            Some(u) if !url_host(u).ends_with(suffix) || url_host(u).len() <= suffix.len() => {
+                Err(tag_err(
+                    tag,
+                    format!("{u:?} is not on this cloud's domain *{suffix} ({az_environment})"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    };
+    must_end(TAG_BLOB_ENDPOINT, &Some(spec.blob_endpoint.clone()), blob)?;
+    must_end(TAG_KEYVAULT_URI, &spec.keyvault_uri, vault)?;
+    must_end(TAG_ESCROW_VAULT_URI, &spec.escrow_vault_uri, vault)?;
+    must_end(TAG_SERVERS_VAULT_URI, &spec.servers_vault_uri, vault)?;
+    must_end(TAG_STATUS_VAULT_URI, &spec.status_vault_uri, vault)?;
+    if let Some(VaultSettings {
+        seal: Seal::Transit { address, .. },
+        ..
+    }) = &spec.vault
+    {
+        if !address.starts_with("https://") {
+            return Err(tag_err(
+                TAG_VAULT_SEAL,
+                format!(
+                    "transit address {address:?} is not https (plain http is for the lab only)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EndpointPolicy::{Any, AzureOnly};
+
+    fn spec(name: &str) -> NodeSpec {
+        let path = format!(
+            "{}/tests/fixtures/imds/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let md = InstanceMetadata::from_json(&std::fs::read(path).unwrap()).unwrap();
+        NodeSpec::from_metadata(&md).unwrap()
+    }
+
+    #[test]
+    fn azure_endpoints_pass_on_their_own_cloud_only() {
+        let s = spec("consul-server");
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", AzureOnly), Ok(()));
+        let e = check_endpoints(&s, "AzureChinaCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_BLOB_ENDPOINT);
+        assert!(e.problem.contains("*.blob.core.chinacloudapi.cn"), "{e}");
+        let e = check_endpoints(&s, "AzureStackHub", AzureOnly).unwrap_err();
+        assert_eq!(e.name, "compute.azEnvironment");
+    }
+
+    #[test]
+    fn a_tag_pointing_elsewhere_is_refused_naming_it() {
+        let mut s = spec("nomad-server");
+        s.status_vault_uri = Some("https://collector.example.com/".into());
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_STATUS_VAULT_URI);
+        // A look-alike: the domain must be a suffix on a label boundary, with a name before it.
+        s.status_vault_uri = Some("https://evilvault.azure.net/".into());
+        assert!(check_endpoints(&s, "AzurePublicCloud", AzureOnly).is_err());
+        s.status_vault_uri = Some("https://vault.azure.net/".into());
+        assert!(check_endpoints(&s, "AzurePublicCloud", AzureOnly).is_err());
+        s.status_vault_uri = Some("https://kvj-x.vault.azure.net:443/".into());
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", AzureOnly), Ok(()));
+    }
+
+    #[test]
+    fn an_http_transit_seal_and_loopback_endpoints_are_for_the_lab_only() {
+        let s = spec("vault-server-transit");
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_BLOB_ENDPOINT, "loopback storage first: {e}");
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", Any), Ok(()));
+        let mut s = spec("vault-server-akv");
+        s.vault.as_mut().unwrap().seal = Seal::Transit {
+            address: "http://10.0.0.9:8200".into(),
+            key_name: "k".into(),
+            mount_path: "transit/".into(),
+        };
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_VAULT_SEAL);
+        assert!(e.problem.contains("not https"), "{e}");
+    }
+}

@@ -190,7 +190,17 @@ async fn publish_inner(
         (Some(s), _) => target_from_spec(s, s.role.as_str())
             .ok_or("tag hashistack-blob-endpoint is missing: the boot record stays local")?,
         // A boot that failed after reading its metadata (e.g. a bad tag): publish from what it read.
-        (None, Some(md)) => target(md)?,
+        (None, Some(md)) => {
+            let t = target(md)?;
+            if !crate::node::blob_endpoint_allowed(
+                &t.blob_endpoint,
+                &md.compute.az_environment,
+                cfg.azure.endpoints,
+            ) {
+                return Err("tag hashistack-blob-endpoint is not on this cloud's storage domain: the boot record stays local".into());
+            }
+            t
+        }
         (None, None) => return Err("no metadata: the boot record stays local".into()),
     };
     let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(

@@ -767,6 +767,8 @@ impl Lab {
         // The emulators' certificates come from the lab CA, and the Key Vault double lives on 127.x.
         c.azure.extra_ca_file = Some(o.state_dir.join("ca.pem"));
         c.azure.verify_challenge_resource = false;
+        // The lab's emulators live on loopback, and its transit seal is plain http.
+        c.azure.endpoints = hashistack_agent::config::EndpointPolicy::Any;
         c.bootstrap.enabled = o.bootstrap;
         c.bootstrap.follower_deadline_secs = 300;
         c.bootstrap.azure_deadline_secs = 60;

@@ -88,6 +88,8 @@ impl Collector {
             .await
             .map_err(|e| format!("instance metadata: {e}"))?;
         let spec = NodeSpec::from_metadata(&md).map_err(|e| e.to_string())?;
+        crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)
+            .map_err(|e| e.to_string())?;
         let credential = Arc::new(ImdsCredential::new(
             ImdsClient::new(&cfg.imds.endpoint, quick),
             spec.identity_client_id.clone(),
