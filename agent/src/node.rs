@@ -24,6 +24,9 @@ pub const TAG_KEYVAULT_URI: &str = "hashistack-keyvault-uri";
 pub const TAG_ESCROW_VAULT_URI: &str = "hashistack-escrow-vault-uri";
 pub const TAG_SERVERS_VAULT_URI: &str = "hashistack-servers-vault-uri";
 pub const TAG_STATUS_VAULT_URI: &str = "hashistack-status-vault-uri";
+/// Vault servers and the jumpbox: the address clients use for Vault (the internal load balancer's), an https
+/// URL; it goes into Vault's certificate and the jumpbox's vault.env.
+pub const TAG_VAULT_ADDRESS: &str = "hashistack-vault-address";
 
 const KNOWN_TAGS: &[&str] = &[
     TAG_ROLE,
@@ -43,6 +46,7 @@ const KNOWN_TAGS: &[&str] = &[
     TAG_ESCROW_VAULT_URI,
     TAG_SERVERS_VAULT_URI,
     TAG_STATUS_VAULT_URI,
+    TAG_VAULT_ADDRESS,
 ];
 
 #[derive(
@@ -164,6 +168,8 @@ pub struct NodeSpec {
     pub servers_vault_uri: Option<String>,
     /// Server tiers (write) and the jumpbox (read), required on both: the read-only status tokens.
     pub status_vault_uri: Option<String>,
+    /// Vault servers and the jumpbox (optional): Vault's client address (its load balancer), an https URL.
+    pub vault_address: Option<String>,
 }
 
 /// One problem with the node's metadata, naming the tag or field.
@@ -522,6 +528,10 @@ impl NodeSpec {
         if role == Role::Worker {
             tags.forbid(TAG_STATUS_VAULT_URI, role)?;
         }
+        if !matches!(role, Role::VaultServer | Role::Jumpbox) {
+            tags.forbid(TAG_VAULT_ADDRESS, role)?;
+        }
+        let vault_address = url(TAG_VAULT_ADDRESS)?;
 
         Ok(NodeSpec {
             role,
@@ -545,6 +555,7 @@ impl NodeSpec {
             escrow_vault_uri,
             servers_vault_uri: url(TAG_SERVERS_VAULT_URI)?,
             status_vault_uri,
+            vault_address,
         })
     }
 
@@ -571,8 +582,8 @@ fn cloud_domains(az_environment: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
-/// The host of an https URL that `parse_https_url` accepted.
-fn url_host(url: &str) -> &str {
+/// The host of an https URL that `parse_https_url` accepted (without brackets or port).
+pub fn url_host(url: &str) -> &str {
     let rest = url.trim_start_matches("https://");
     let authority = rest.split('/').next().unwrap_or_default();
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)

@@ -254,6 +254,13 @@ fn cases() -> Vec<Case> {
             names: &["hashistack-blob-endpoint", "missing"],
         },
         Case {
+            name: "vault address on a worker",
+            doc: Edit("worker", |d| {
+                set_tag(d, "hashistack-vault-address", "https://10.42.2.10:8200")
+            }),
+            names: &["hashistack-vault-address", "does not apply to role worker"],
+        },
+        Case {
             name: "http blob endpoint",
             doc: Edit("consul-server", |d| {
                 set_tag(

@@ -27,6 +27,9 @@ pub const KEYVAULT_SERVERS_PORT: u16 = 8445;
 pub const KEYVAULT_STATUS_PORT: u16 = 8446;
 pub const TRANSIT_PORT: u16 = 8200;
 
+/// The Vault load balancer's frontend host (127.<net>.0.20; Vault servers are .21+).
+pub const VAULT_LB_HOST: u8 = 20;
+
 #[derive(Debug, Clone)]
 pub struct LabOptions {
     /// Where the lab keeps its state (node roots, logs, keys). Removed by `down` unless `keep`.
@@ -74,6 +77,10 @@ impl LabOptions {
             start_agents: true,
             verbose: false,
         }
+    }
+    /// The Vault load balancer's frontend (lb.rs), as the template's `vaultApiAddress`.
+    pub fn vault_address(&self) -> String {
+        format!("https://{}:8200", self.ip(VAULT_LB_HOST))
     }
     pub fn ip(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(127, self.net, 0, host)
@@ -207,6 +214,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     }
     for (i, ip) in vault_ips.iter().enumerate() {
         let mut t = common(Role::VaultServer);
+        t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
         t.push((tags::TAG_VAULT_JOIN.into(), list(&vault_ips)));
         t.push((tags::TAG_VAULT_SERVERS.into(), o.vault_servers.to_string()));
         t.push((
@@ -254,6 +262,9 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     // The operators' jumpbox (a VM, not a scale set): a Consul client, and where `hashistack-agent status` runs.
     if o.jumpbox.unwrap_or(o.start_agents) {
         let mut t = common(Role::Jumpbox);
+        if o.vault_servers > 0 {
+            t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
+        }
         t.push((
             tags::TAG_STATUS_VAULT_URI.into(),
             format!("https://{}:{KEYVAULT_STATUS_PORT}/", o.ip(1)),
@@ -355,6 +366,16 @@ impl Lab {
         };
         lab.start_emulators().await?;
         lab.start_transit().await?;
+        if lab.opts.vault_servers > 0 {
+            let front = SocketAddr::from((lab.opts.ip(VAULT_LB_HOST), 8200));
+            let backends = (0..lab.opts.vault_servers)
+                .map(|i| SocketAddr::from((lab.opts.ip(21 + i), 8200)))
+                .collect();
+            let tasks = crate::lb::serve(front, backends)
+                .await
+                .map_err(io(format!("Vault load balancer on {front}")))?;
+            lab.extra_tasks.extend(tasks);
+        }
         lab.link_nomad_double()?;
         for def in node_defs(&lab.opts) {
             lab.add_node(def).await?;

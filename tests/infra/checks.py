@@ -1279,6 +1279,7 @@ TAG_VALUE_RULES = {
     "hashistack-servers-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-status-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-vault-seal": r"azurekeyvault vault_name=[A-Za-z0-9-]+ key_name=[A-Za-z0-9-]+",
+    "hashistack-vault-address": r"https://\d+\.\d+\.\d+\.\d+:8200",
 }
 JOIN_TAG_TIER = {"hashistack-consul-join": "consul", "hashistack-vault-join": "vault", "hashistack-nomad-join": "nomad"}
 # Which vault each Key Vault URI tag must name (a worker given the servers vault's URI as its shared vault would
@@ -1288,7 +1289,8 @@ VAULT_OF_TAG = {"hashistack-keyvault-uri": "sharedVaultName", "hashistack-server
 # Tags the agent refuses on a role (agent/src/node.rs `forbid`): a vault URI on a node with no business with
 # that vault is a mis-tagged tier.
 TAG_FORBIDDEN_FOR = {"hashistack-servers-vault-uri": {"worker", "jumpbox"},
-                     "hashistack-status-vault-uri": {"worker"}}
+                     "hashistack-status-vault-uri": {"worker"},
+                     "hashistack-vault-address": {"consul-server", "nomad-server", "worker"}}
 
 
 def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
@@ -1334,6 +1336,11 @@ def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
                                                             ev.variable(VAULT_OF_TAG[tag])))["vaultUri"]
                 if value != want_uri:
                     problems.append(f"{label}: {tag}={value!r} is not the {VAULT_OF_TAG[tag]} vault ({want_uri})")
+            if tag == "hashistack-vault-address":
+                # Vault's certificate names this address: it must be the load balancer's (the output operators use).
+                want = ev.value(t["outputs"]["vaultApiAddress"]["value"])
+                if value != want:
+                    problems.append(f"{label}: {tag}={value!r} is not the Vault load balancer ({want})")
             if tag in JOIN_TAG_TIER:
                 kv = dict(x.split("=", 1) for x in value.split())
                 want_vmss = ev.variable("vmssNames")[JOIN_TAG_TIER[tag]]

@@ -419,6 +419,14 @@ CASES = [
      lambda c: jumpbox(c["t"])["tags"].__setitem__(
          "hashistack-servers-vault-uri", vmss(c["t"], "nomad-server")["tags"]["hashistack-servers-vault-uri"]),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("vault address tag not the load balancer's",
+     lambda c: vmss(c["t"], "vault-server")["tags"].__setitem__(
+         "hashistack-vault-address", "[format('https://{0}:8200', cidrHost(variables('subnetPrefixes').vault, 4))]"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers tagged with the vault address",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-vault-address", jumpbox(c["t"])["tags"]["hashistack-vault-address"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
     ("workers tagged with the status vault",
      lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
          "hashistack-status-vault-uri", jumpbox(c["t"])["tags"]["hashistack-status-vault-uri"]),

@@ -275,7 +275,7 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
     for (f, vars) in [
         ("ca.pem", &[][..]),
         ("consul.env", &["CONSUL_HTTP_ADDR", "CONSUL_CACERT"][..]),
-        ("vault.env", &["VAULT_CACERT"][..]),
+        ("vault.env", &["VAULT_ADDR", "VAULT_CACERT"][..]),
         ("nomad.env", &["NOMAD_CACERT"][..]),
     ] {
         assert_eq!(mode(&operator.join(f)), 0o644, "{f}");
@@ -289,6 +289,8 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
         c.args(args);
         c.env("NO_COLOR", "1");
+        // Their own home, as an operator has (the CLIs read ~/.bao and the like).
+        c.env("HOME", std::env::temp_dir());
         c.output().expect("setpriv")
     };
     let denied = as_nobody(&[
@@ -313,6 +315,42 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
         "consul CLI with consul.env: {}",
         String::from_utf8_lossy(&cli.stderr)
     );
+    // Vault through its load balancer (the lab's stands in for the template's internal one): the address is
+    // in vault.env and in Vault's certificate, so a client that trusts only the cluster CA verifies it, and
+    // the LB forwards to the active node only (sys/health answers 200 there alone).
+    let vault_env = std::fs::read_to_string(operator.join("vault.env")).unwrap();
+    let lb = lab.opts.vault_address();
+    assert!(
+        vault_env.contains(&format!("export VAULT_ADDR='{lb}'")),
+        "{vault_env}"
+    );
+    let via_lb = health::client_for(&operator.join("ca.pem"), Duration::from_secs(5))
+        .unwrap()
+        .get(format!("{lb}/v1/sys/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{lb} with the cluster CA: {e:?}"));
+    assert_eq!(
+        via_lb.status().as_u16(),
+        200,
+        "the LB forwards to the active node"
+    );
+    let bao = std::env::var("HASHISTACK_BAO").unwrap_or_else(|_| "bao".into());
+    let sh = format!(
+        ". '{}' && exec '{bao}' status -format=json",
+        operator.join("vault.env").display()
+    );
+    let cli = as_nobody(&["sh", "-c", &sh]);
+    let status: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap_or_else(|_| {
+        panic!(
+            "bao status with vault.env: {} {}",
+            String::from_utf8_lossy(&cli.stdout),
+            String::from_utf8_lossy(&cli.stderr)
+        )
+    });
+    assert_eq!(status["initialized"], true, "{status}");
+    assert_eq!(status["sealed"], false, "{status}");
+
     let agent = lab.tools.agent.to_string_lossy().into_owned();
     let config = lab.nodes[j].config_path.to_string_lossy().into_owned();
     let start = std::time::Instant::now();

@@ -162,6 +162,10 @@ pub fn cert_sans(spec: &NodeSpec, p: Product) -> Vec<String> {
         (Product::Vault, _) => {
             sans.push("vault.service.consul".into());
             sans.push("active.vault.service.consul".into());
+            // The load balancer's address clients use (tag hashistack-vault-address).
+            if let Some(a) = &spec.vault_address {
+                sans.push(crate::node::url_host(a).to_string());
+            }
         }
         (Product::Nomad, Role::NomadServer) => sans.push("server.global.nomad".into()),
         (Product::Nomad, _) => sans.push("client.global.nomad".into()),

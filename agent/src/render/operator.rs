@@ -32,8 +32,9 @@ impl ShellEnv {
 }
 
 /// The environments, by product: every CLI gets the CA; Consul also the local agent's HTTPS address (the
-/// jumpbox runs a Consul client). Vault and Nomad have no address the jumpbox knows at boot: operators take a
-/// server's address from `hashistack-agent status`.
+/// jumpbox runs a Consul client); Vault its load balancer's address when the tag `hashistack-vault-address` gives
+/// it (it is in Vault's certificate). Nomad has no address the jumpbox knows at boot: operators take a server's
+/// address from `hashistack-agent status`.
 pub fn environments(spec: &NodeSpec, layout: &Layout) -> Vec<(Product, ShellEnv)> {
     let ca = layout.operator_ca_file().display().to_string();
     vec![
@@ -46,10 +47,13 @@ pub fn environments(spec: &NodeSpec, layout: &Layout) -> Vec<(Product, ShellEnv)
                 )
                 .set("CONSUL_CACERT", ca.clone()),
         ),
-        (
-            Product::Vault,
-            ShellEnv::default().set("VAULT_CACERT", ca.clone()),
-        ),
+        (Product::Vault, {
+            let env = match &spec.vault_address {
+                Some(a) => ShellEnv::default().set("VAULT_ADDR", a.trim_end_matches('/')),
+                None => ShellEnv::default(),
+            };
+            env.set("VAULT_CACERT", ca.clone())
+        }),
         (Product::Nomad, ShellEnv::default().set("NOMAD_CACERT", ca)),
     ]
 }
