@@ -487,7 +487,7 @@ async fn boot_inner(
     let md = fetch_metadata(cfg).await?;
     *md_out = Some(md.clone());
     timed(rec, "metadata");
-    rec.node = md.compute.name.clone();
+    rec.node = md.node_name();
     rec.phase = Phase::NodeSpec;
     let spec = NodeSpec::from_metadata(&md)?;
     crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)?;

@@ -51,7 +51,9 @@ pub struct Compute {
     /// The Azure cloud (`AzurePublicCloud`, `AzureUSGovernmentCloud`, `AzureChinaCloud`): which service domains
     /// endpoint tags may name (node::check_endpoints).
     pub az_environment: String,
+    /// The VM's resource name (`hs-worker_17` on a scale set): not a valid host name, so not the node name.
     pub name: String,
+    pub os_profile: OsProfile,
     pub vm_id: String,
     pub vm_scale_set_name: String,
     pub resource_group_name: String,
@@ -59,6 +61,24 @@ pub struct Compute {
     pub location: String,
     pub zone: String,
     pub tags_list: Vec<Tag>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OsProfile {
+    /// The guest's host name (`hs-worker000017` on a scale set: prefix + index): the node name.
+    pub computer_name: String,
+}
+
+impl InstanceMetadata {
+    /// The node's name: the computer name, lowercased (Consul and Nomad node names, DNS labels).
+    pub fn node_name(&self) -> String {
+        self.compute
+            .os_profile
+            .computer_name
+            .trim()
+            .to_ascii_lowercase()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

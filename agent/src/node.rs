@@ -421,18 +421,23 @@ impl NodeSpec {
             true,
         )?;
 
-        let node_name = md.compute.name.trim();
+        // The computer name, not compute.name (`hs-worker_17` on a scale set): Consul and Nomad node names must be
+        // DNS labels to be found as <node>.node.consul (docs/tags.md, "The node's own identity").
+        let node_name = md.node_name();
+        let node_name = node_name.as_str();
         if node_name.is_empty() {
-            return Err(field_err("compute.name", "missing"));
+            return Err(field_err("compute.osProfile.computerName", "missing"));
         }
         if node_name.len() > 63
+            || node_name.starts_with('-')
+            || node_name.ends_with('-')
             || !node_name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
             return Err(field_err(
-                "compute.name",
-                format!("{node_name:?} is not a valid host name"),
+                "compute.osProfile.computerName",
+                format!("{node_name:?} is not a DNS label (letters, digits, '-')"),
             ));
         }
         let ip_s = md.primary_private_ip();

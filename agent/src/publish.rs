@@ -98,9 +98,10 @@ pub fn target(md: &InstanceMetadata) -> Result<Target, String> {
             })
         })
         .ok_or("tag hashistack-blob-endpoint is missing or not an https URL")?;
-    let node = md.compute.name.trim();
+    let node = md.node_name();
+    let node = node.as_str();
     if !valid_node(node) {
-        return Err("IMDS compute.name is missing or not a host name".into());
+        return Err("IMDS compute.osProfile.computerName is missing or not a host name".into());
     }
     let guid = |v: &str| {
         let parts: Vec<&str> = v.split('-').collect();
@@ -300,12 +301,15 @@ impl Publishing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imds::{Compute, Tag};
+    use crate::imds::{Compute, OsProfile, Tag};
 
     fn md(tags: &[(&str, &str)]) -> InstanceMetadata {
         InstanceMetadata {
             compute: Compute {
-                name: "consul-7".into(),
+                name: "hs-consul_7".into(),
+                os_profile: OsProfile {
+                    computer_name: "consul-7".into(),
+                },
                 tags_list: tags
                     .iter()
                     .map(|(n, v)| Tag {

@@ -302,18 +302,21 @@ fn cases() -> Vec<Case> {
             names: &["privateIpAddress", "fd00:20:1::4"],
         },
         Case {
-            name: "missing compute.name",
+            name: "missing computer name",
             doc: Edit("nomad-server", |d| {
-                d["compute"].as_object_mut().unwrap().remove("name");
+                d["compute"]["osProfile"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("computerName");
             }),
-            names: &["compute.name", "missing"],
+            names: &["compute.osProfile.computerName", "missing"],
         },
         Case {
-            name: "invalid compute.name",
+            name: "invalid computer name",
             doc: Edit("nomad-server", |d| {
-                d["compute"]["name"] = Value::from("hs nomad/2");
+                d["compute"]["osProfile"]["computerName"] = Value::from("hs nomad/2");
             }),
-            names: &["compute.name", "host name"],
+            names: &["compute.osProfile.computerName", "DNS label"],
         },
         Case {
             name: "seal tag on a consul-server",

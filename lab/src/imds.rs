@@ -62,6 +62,7 @@ pub fn instance_document(
             "azEnvironment": "AzurePublicCloud",
             "location": "lab",
             "name": name,
+            "osProfile": {"adminUsername": "azureuser", "computerName": name, "disablePasswordAuthentication": "true"},
             "osType": "Linux",
             "resourceGroupName": "rg-hashistack-lab",
             "subscriptionId": "00000000-0000-4000-8000-000000000001",
