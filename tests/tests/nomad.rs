@@ -7,8 +7,8 @@
 //! `<state_dir>/bin/nomad`; a real `nomad` on PATH is exercised as well when there is one.
 
 use hashistack_agent::bootstrap::CrashPoint;
-use hashistack_agent::node::Role;
 use hashistack_agent::names::{NOMAD_POLICY, NOMAD_SECRET, NOMAD_TOKEN_NAME};
+use hashistack_agent::node::Role;
 use hashistack_e2e::{
     assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as,
     healthy_lab, jumpbox_status, nodes_of, options, tools, wait_healthy,
