@@ -223,7 +223,8 @@ pub async fn prepare(
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(2),
     };
-    let resolved = retry::retry(policy, |_| async {
+    let missing = &missing;
+    let resolved = retry::retry(policy, move |_| async move {
         match std::fs::canonicalize(device) {
             Ok(p) => Attempt::Done(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Attempt::Retry(missing()),
