@@ -21,10 +21,24 @@ fn configs(lab: &Lab, i: usize) -> BTreeMap<PathBuf, String> {
         .collect()
 }
 
-async fn reimage_and_wait(lab: &mut Lab, i: usize) {
+/// Reimages node `i` and waits until its agent booted and finished the tier bootstrap step: its outcome.
+async fn reimage_and_wait(lab: &mut Lab, i: usize) -> String {
     lab.reimage(i).await.unwrap();
     let rec = lab.wait_booted(i, Duration::from_secs(120)).await.unwrap();
     assert!(rec.ok, "{}: {:?}", lab.nodes[i].def.name, rec.last_error);
+    let start = Instant::now();
+    loop {
+        let rec = lab.boot_record(i).unwrap();
+        if let Some(outcome) = rec.bootstrap {
+            return outcome;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{}: no bootstrap outcome: {rec:?}",
+            lab.nodes[i].def.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Retries `op` for up to 60 s (a leader election after a server went away takes a few seconds).
@@ -114,6 +128,22 @@ async fn vault(lab: &Lab, method: reqwest::Method, path: &str, token: &str, body
     .await
 }
 
+/// Waits until Vault's raft configuration has exactly the three servers, all voters.
+async fn all_vault_voters(lab: &Lab, root: &str) {
+    let start = Instant::now();
+    loop {
+        let peers = vault(lab, reqwest::Method::GET, "sys/storage/raft/configuration", root, None).await;
+        let servers = peers["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
+        let ids: std::collections::BTreeSet<_> =
+            servers.iter().filter_map(|s| s["node_id"].as_str()).collect();
+        if servers.len() == 3 && ids.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "vault raft not whole: {peers}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     let mut lab = healthy_lab(options("reimage", 123)).await;
@@ -153,10 +183,9 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     for (tier, servers) in [("consul", &consul_servers), ("vault", &vault_servers)] {
         for &i in servers.iter() {
             let name = lab.nodes[i].def.name.clone();
-            reimage_and_wait(&mut lab, i).await;
-            // Its OS disk really was replaced: the agent's state starts over (this boot's record only).
-            let rec = lab.boot_record(i).unwrap();
-            assert_eq!(rec.bootstrap.as_deref(), Some("already-done"), "{name}: {rec:?}");
+            let outcome = reimage_and_wait(&mut lab, i).await;
+            // The tier is bootstrapped: the reimaged node sees that and does nothing.
+            assert_eq!(outcome, "already-done", "{name}");
             // While it rejoins, the others keep quorum: writes go through another server.
             let other = consul_servers.iter().copied().find(|&c| c != i).unwrap();
             consul_put(&lab, other, &consul_token, &format!("reimage/during-{name}"), &name).await;
@@ -171,6 +200,11 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
                 .await;
             }
             wait_healthy(&lab, Duration::from_secs(120)).await;
+            if tier == "vault" {
+                // As the runbook says: the next server only once raft is whole again. Autopilot promotes the
+                // rejoined server back to voter after its stabilization time.
+                all_vault_voters(&lab, &root).await;
+            }
             // Nothing bootstrapped again.
             assert_done_once(&lab, tier).await;
             // The same configuration, byte for byte.
@@ -204,11 +238,8 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
         let v = vault(&lab, reqwest::Method::GET, &format!("reimage/during-{name}"), &root, None).await;
         assert_eq!(v["data"]["value"], *name, "{v}");
     }
-    // Three voters in each tier, the same three.
-    let peers = vault(&lab, reqwest::Method::GET, "sys/storage/raft/configuration", &root, None).await;
-    let servers = peers["data"]["config"]["servers"].as_array().unwrap();
-    assert_eq!(servers.len(), 3, "{peers}");
-    assert!(servers.iter().all(|s| s["voter"] == true), "{peers}");
+    // Three voters, the same three.
+    all_vault_voters(&lab, &root).await;
     lab.down().await;
 }
 
@@ -242,9 +273,8 @@ async fn a_reimaged_node_finishes_an_interrupted_escrow_from_its_data_disk() {
         .expect("the agent crashes at the injected point")
         .unwrap();
     // The image roll: a fresh OS disk (and an agent.toml without the fault), the same data disk.
-    reimage_and_wait(&mut lab, v).await;
-    let rec = lab.boot_record(v).unwrap();
-    assert_eq!(rec.bootstrap.as_deref(), Some("recovered"), "{rec:?}");
+    let outcome = reimage_and_wait(&mut lab, v).await;
+    assert_eq!(outcome, "recovered");
     assert_done_once(&lab, "vault").await;
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool emptied after the upload");
     lab.down().await;
