@@ -420,7 +420,12 @@ impl BlockDevices for SystemDevices {
             .run(
                 "blkid",
                 &self.blkid,
-                &["-p".as_ref(), "-o".as_ref(), "export".as_ref(), device.as_os_str()],
+                &[
+                    "-p".as_ref(),
+                    "-o".as_ref(),
+                    "export".as_ref(),
+                    device.as_os_str(),
+                ],
             )
             .await?;
         match o.status.code() {
@@ -437,10 +442,7 @@ impl BlockDevices for SystemDevices {
             },
             // 8: ambivalent result, several signatures.
             Some(8) => Ok(Content::Unrecognised {
-                detail: format!(
-                    "several conflicting signatures ({})",
-                    first_line(&o.stderr)
-                ),
+                detail: format!("several conflicting signatures ({})", first_line(&o.stderr)),
             }),
             _ => Err(DiskError::Command {
                 what: "blkid -p",
@@ -456,7 +458,12 @@ impl BlockDevices for SystemDevices {
             .run(
                 "mkfs.ext4",
                 &self.mkfs,
-                &["-q".as_ref(), "-L".as_ref(), label.as_ref(), device.as_os_str()],
+                &[
+                    "-q".as_ref(),
+                    "-L".as_ref(),
+                    label.as_ref(),
+                    device.as_os_str(),
+                ],
             )
             .await?;
         if !o.status.success() {
@@ -705,7 +712,9 @@ mod tests {
     #[test]
     fn not_a_mount_point_is_reported_for_the_operator() {
         let dir = tempfile::tempdir().unwrap();
-        let e = check_mounted(dir.path(), "vault-server").unwrap_err().to_string();
+        let e = check_mounted(dir.path(), "vault-server")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("is not mounted") && e.contains("journalctl -b -u hashistack-data.service"),
             "{e}"

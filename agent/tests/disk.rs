@@ -69,12 +69,21 @@ async fn file_images_probe_as_blank_ours_or_foreign() {
 
     // Another label, another filesystem type, a partition table: all foreign.
     let other = image(dir.path(), "other.img", 16);
-    sh("mkfs.ext4", &["-q", "-L", "backup", other.to_str().unwrap()]);
+    sh(
+        "mkfs.ext4",
+        &["-q", "-L", "backup", other.to_str().unwrap()],
+    );
     let c = devs.probe(&other).await.unwrap();
-    assert!(matches!(&c, Content::Filesystem { label: Some(l), .. } if l == "backup"), "{c:?}");
+    assert!(
+        matches!(&c, Content::Filesystem { label: Some(l), .. } if l == "backup"),
+        "{c:?}"
+    );
     assert!(!c.is_ours());
     let ext2 = image(dir.path(), "ext2.img", 16);
-    sh("mkfs.ext2", &["-q", "-L", disk::LABEL, ext2.to_str().unwrap()]);
+    sh(
+        "mkfs.ext2",
+        &["-q", "-L", disk::LABEL, ext2.to_str().unwrap()],
+    );
     let c = devs.probe(&ext2).await.unwrap();
     assert!(!c.is_ours(), "our label on ext2 is not ours: {c:?}");
     let mbr = image(dir.path(), "mbr.img", 16);
@@ -101,7 +110,10 @@ async fn file_images_probe_as_blank_ours_or_foreign() {
         .probe(&dir.path().join("absent.img"))
         .await
         .unwrap_err();
-    assert!(matches!(e, DiskError::Io { .. } | DiskError::Command { .. }), "{e}");
+    assert!(
+        matches!(e, DiskError::Io { .. } | DiskError::Command { .. }),
+        "{e}"
+    );
 }
 
 /// A loop device over an image file, detached (and unmounted) on drop.
@@ -168,7 +180,9 @@ async fn prepare_on_loop_devices_formats_only_blank_disks_and_keeps_data() {
     // The stable path is a link to the device, as /dev/disk/azure/scsi1/lun0 is.
     let link = dir.path().join("lun0");
     std::os::unix::fs::symlink(&lo.dev, &link).unwrap();
-    let p = disk::prepare(&devs, &link, &mnt, wait, &site).await.unwrap();
+    let p = disk::prepare(&devs, &link, &mnt, wait, &site)
+        .await
+        .unwrap();
     lo.mounted = Some(mnt.clone());
     assert_eq!(p.action, Action::FormattedAndMounted);
     assert_eq!(p.resolved, lo.dev);
@@ -176,26 +190,37 @@ async fn prepare_on_loop_devices_formats_only_blank_disks_and_keeps_data() {
     std::fs::create_dir_all(mnt.join("consul/raft")).unwrap();
     std::fs::write(mnt.join("consul/raft/raft.db"), b"term 7").unwrap();
     // Run again in the same boot: nothing to do.
-    let p = disk::prepare(&devs, &link, &mnt, wait, &site).await.unwrap();
+    let p = disk::prepare(&devs, &link, &mnt, wait, &site)
+        .await
+        .unwrap();
     assert_eq!(p.action, Action::AlreadyMounted);
 
     // Ours, after a "reimage" (unmounted, OS disk replaced): mounted, not formatted, data kept.
     lo.umount();
     let uuid_before = devs.probe(&lo.dev).await.unwrap();
-    let p = disk::prepare(&devs, &link, &mnt, wait, &site).await.unwrap();
+    let p = disk::prepare(&devs, &link, &mnt, wait, &site)
+        .await
+        .unwrap();
     lo.mounted = Some(mnt.clone());
     assert_eq!(p.action, Action::Mounted);
     assert_eq!(
         std::fs::read(mnt.join("consul/raft/raft.db")).unwrap(),
         b"term 7"
     );
-    assert_eq!(devs.probe(&lo.dev).await.unwrap(), uuid_before, "same filesystem");
+    assert_eq!(
+        devs.probe(&lo.dev).await.unwrap(),
+        uuid_before,
+        "same filesystem"
+    );
     drop(lo);
 
     // Foreign disks: another filesystem with data, a partition table, unrecognised bytes. Refused, the
     // image is byte for byte unchanged and nothing is mounted.
     let foreign = image(dir.path(), "foreign.img", 64);
-    sh("mkfs.ext4", &["-q", "-L", "backup", foreign.to_str().unwrap()]);
+    sh(
+        "mkfs.ext4",
+        &["-q", "-L", "backup", foreign.to_str().unwrap()],
+    );
     let mbr = image(dir.path(), "mbr.img", 64);
     partition(&mbr);
     let junk = image(dir.path(), "junk.img", 64);
@@ -215,8 +240,14 @@ async fn prepare_on_loop_devices_formats_only_blank_disks_and_keeps_data() {
             .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, DiskError::Foreign { .. }), "{msg}");
-        assert!(msg.contains(what) && msg.contains("refusing to format"), "{msg}");
-        assert!(disk::mount_point_dev(&mnt).unwrap().is_none(), "nothing mounted");
+        assert!(
+            msg.contains(what) && msg.contains("refusing to format"),
+            "{msg}"
+        );
+        assert!(
+            disk::mount_point_dev(&mnt).unwrap().is_none(),
+            "nothing mounted"
+        );
         drop(lo);
         assert_eq!(digest(img), before, "{what}: nothing written");
     }
@@ -270,28 +301,60 @@ async fn disk_prepare_acts_on_server_tiers_only_and_names_the_next_step() {
     for role in ["worker", "jumpbox"] {
         let endpoint = start(imds_script(imds_fixture(role))).await;
         let cfg = config(dir.path(), &endpoint, root.path(), &device);
-        let o = run(&["disk".as_ref(), "prepare".as_ref(), "--config".as_ref(), cfg.as_os_str()]).await;
+        let o = run(&[
+            "disk".as_ref(),
+            "prepare".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ])
+        .await;
         assert!(o.status.success(), "{role}: {}", text(&o.stderr));
-        assert!(text(&o.stdout).contains("has no data disk: nothing to do"), "{role}");
+        assert!(
+            text(&o.stdout).contains("has no data disk: nothing to do"),
+            "{role}"
+        );
     }
     // A server tier without its disk: exit 1, one line saying exactly what to do.
     let endpoint = start(imds_script(imds_fixture("consul-server"))).await;
     let cfg = config(dir.path(), &endpoint, root.path(), &device);
-    let o = run(&["disk".as_ref(), "prepare".as_ref(), "--config".as_ref(), cfg.as_os_str()]).await;
+    let o = run(&[
+        "disk".as_ref(),
+        "prepare".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ])
+    .await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(
         err.contains(&format!("no device at {}", absent.display()))
             && err.contains("this consul-server")
-            && err.contains("az vmss update-instances -g rg-hashistack-prod -n hs-consul --instance-ids 0")
+            && err.contains(
+                "az vmss update-instances -g rg-hashistack-prod -n hs-consul --instance-ids 0"
+            )
             && err.contains("systemctl restart hashistack-data.service hashistack-agent.service"),
         "{err}"
     );
-    assert!(!root.path().join("var").exists(), "nothing created: {:?}", common::walk(root.path()));
+    assert!(
+        !root.path().join("var").exists(),
+        "nothing created: {:?}",
+        common::walk(root.path())
+    );
     // The lab's setting: the data disk is a directory, nothing to do (IMDS is not even asked).
-    let cfg = config(dir.path(), "http://127.0.0.1:9", root.path(), "mode = \"directory\"");
-    let o = run(&["disk".as_ref(), "prepare".as_ref(), "--config".as_ref(), cfg.as_os_str()]).await;
+    let cfg = config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        root.path(),
+        "mode = \"directory\"",
+    );
+    let o = run(&[
+        "disk".as_ref(),
+        "prepare".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ])
+    .await;
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
 

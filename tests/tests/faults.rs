@@ -133,7 +133,9 @@ async fn vault_initialized(lab: &Lab, i: usize) -> bool {
 }
 
 fn spooled(lab: &Lab, i: usize) -> Vec<std::path::PathBuf> {
-    let dir = lab.nodes[i].root.join("var/lib/hashistack-data/escrow-spool");
+    let dir = lab.nodes[i]
+        .root
+        .join("var/lib/hashistack-data/escrow-spool");
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

@@ -442,7 +442,11 @@ fn packer_offers_a_replicated_gallery_version_next_to_the_managed_image() {
         .find(|b| label(b, 0) == "target_region")
         .expect("replication regions (target_region)");
     let mut locals = BTreeSet::new();
-    refs_in_expr(attr(regions.body(), "for_each").unwrap(), "local", &mut locals);
+    refs_in_expr(
+        attr(regions.body(), "for_each").unwrap(),
+        "local",
+        &mut locals,
+    );
     assert_eq!(locals.into_iter().collect::<Vec<_>>(), ["gallery_regions"]);
     let body = templates()
         .into_iter()
@@ -454,7 +458,11 @@ fn packer_offers_a_replicated_gallery_version_next_to_the_managed_image() {
         .next()
         .unwrap();
     let mut vars = BTreeSet::new();
-    refs_in_expr(attr(body.body(), "gallery_regions").unwrap(), "var", &mut vars);
+    refs_in_expr(
+        attr(body.body(), "gallery_regions").unwrap(),
+        "var",
+        &mut vars,
+    );
     assert_eq!(
         vars.into_iter().collect::<Vec<_>>(),
         ["gallery_replication_regions", "location"]
@@ -485,7 +493,12 @@ fn packer_installs_the_azure_cli_pinned_from_microsofts_signed_repository() {
         .as_ref()
         .and_then(string)
         .unwrap();
-    assert!(fpr.len() == 40 && fpr.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()));
+    assert!(
+        fpr.len() == 40
+            && fpr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    );
     // The build hands them to the scripts.
     let build = build_block();
     let env: Vec<String> = blocks(build.body(), "provisioner")
@@ -508,7 +521,9 @@ fn packer_installs_the_azure_cli_pinned_from_microsofts_signed_repository() {
     assert!(script.contains(
         "install_key Microsoft \"${MICROSOFT_APT_URL}/keys/microsoft.asc\" \"${MICROSOFT_GPG_FINGERPRINT}\""
     ));
-    assert!(script.contains("signed-by=${microsoft_keyring}] ${MICROSOFT_APT_URL}/repos/azure-cli/ ${codename} main"));
+    assert!(script.contains(
+        "signed-by=${microsoft_keyring}] ${MICROSOFT_APT_URL}/repos/azure-cli/ ${codename} main"
+    ));
     // image verify's expectations are unaffected: the image manifest still names only Consul, Vault and Nomad.
     let layout = fs::read_to_string(packer_dir().join("scripts/30-layout.sh")).unwrap();
     assert!(!layout.to_lowercase().contains("azure"));
@@ -1108,7 +1123,10 @@ fn systemd_agent_unit_runs_once_at_boot_without_deadlocking_on_the_services() {
         "ReadWritePaths",
         "ReadOnlyPaths",
     ] {
-        assert!(values(&data, key).is_empty(), "hashistack-data.service: {key}=");
+        assert!(
+            values(&data, key).is_empty(),
+            "hashistack-data.service: {key}="
+        );
     }
     for (name, text) in UNITS.iter().filter(|(n, _)| services.contains(n)) {
         for key in ["After", "Before", "Requires", "Wants", "BindsTo", "PartOf"] {
@@ -1189,8 +1207,14 @@ fn systemd_service_units_start_only_from_rendered_configs() {
                     .iter()
                     .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
                     .collect();
-                for u in ["hashistack-data.service", "var-lib-hashistack\\x2ddata.mount"] {
-                    assert!(after.iter().any(|a| a == u), "{name}: After= lacks {u}: {after:?}");
+                for u in [
+                    "hashistack-data.service",
+                    "var-lib-hashistack\\x2ddata.mount",
+                ] {
+                    assert!(
+                        after.iter().any(|a| a == u),
+                        "{name}: After= lacks {u}: {after:?}"
+                    );
                 }
                 assert_eq!(one(&text, "CapabilityBoundingSet"), "", "{name}");
                 assert_eq!(one(&text, "UMask"), "0077", "{name}");

@@ -5,7 +5,9 @@
 //! byte, and a whole tier reimaged one node at a time must keep quorum and its data.
 
 use hashistack_agent::node::Role;
-use hashistack_e2e::{assert_done_once, escrow_open, healthy_lab, nodes_of, options, tree_digest, wait_healthy};
+use hashistack_e2e::{
+    assert_done_once, escrow_open, healthy_lab, nodes_of, options, tree_digest, wait_healthy,
+};
 use hashistack_lab::Lab;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -99,7 +101,13 @@ async fn consul_get(lab: &Lab, via: usize, token: &str, key: &str) -> String {
 }
 
 /// A request to Vault, through any server that is up (standbys forward to the active node).
-async fn vault(lab: &Lab, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Value {
+async fn vault(
+    lab: &Lab,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> Value {
     let servers = nodes_of(lab, Role::VaultServer);
     eventually(&format!("vault {method} {path}"), || {
         let method = method.clone();
@@ -109,7 +117,10 @@ async fn vault(lab: &Lab, method: reqwest::Method, path: &str, token: &str, body
             let mut last = String::new();
             for &i in &servers {
                 let url = format!("https://{}:8200/v1/{path}", lab.nodes[i].def.ip);
-                let mut req = lab.https().request(method.clone(), &url).header("X-Vault-Token", token);
+                let mut req = lab
+                    .https()
+                    .request(method.clone(), &url)
+                    .header("X-Vault-Token", token);
                 if let Some(b) = &body {
                     req = req.json(b);
                 }
@@ -132,14 +143,29 @@ async fn vault(lab: &Lab, method: reqwest::Method, path: &str, token: &str, body
 async fn all_vault_voters(lab: &Lab, root: &str) {
     let start = Instant::now();
     loop {
-        let peers = vault(lab, reqwest::Method::GET, "sys/storage/raft/configuration", root, None).await;
-        let servers = peers["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
-        let ids: std::collections::BTreeSet<_> =
-            servers.iter().filter_map(|s| s["node_id"].as_str()).collect();
+        let peers = vault(
+            lab,
+            reqwest::Method::GET,
+            "sys/storage/raft/configuration",
+            root,
+            None,
+        )
+        .await;
+        let servers = peers["data"]["config"]["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ids: std::collections::BTreeSet<_> = servers
+            .iter()
+            .filter_map(|s| s["node_id"].as_str())
+            .collect();
         if servers.len() == 3 && ids.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "vault raft not whole: {peers}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "vault raft not whole: {peers}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -152,13 +178,21 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     let operator = lab.operator_imds().await.unwrap();
     let consul: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "consul")).unwrap();
     let consul_token = consul["secret_id"].as_str().unwrap().to_string();
-    let vault_secrets: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
+    let vault_secrets: Value =
+        serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
     let root = vault_secrets["root_token"].as_str().unwrap().to_string();
 
     // Data written before: a Consul KV value and a Vault secret.
     let consul_servers = nodes_of(&lab, Role::ConsulServer);
     let vault_servers = nodes_of(&lab, Role::VaultServer);
-    consul_put(&lab, consul_servers[0], &consul_token, "reimage/before", "kept").await;
+    consul_put(
+        &lab,
+        consul_servers[0],
+        &consul_token,
+        "reimage/before",
+        "kept",
+    )
+    .await;
     vault(
         &lab,
         reqwest::Method::POST,
@@ -167,14 +201,23 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
         Some(json!({"type": "kv", "options": {"version": "1"}})),
     )
     .await;
-    vault(&lab, reqwest::Method::PUT, "reimage/before", &root, Some(json!({"value": "kept"}))).await;
+    vault(
+        &lab,
+        reqwest::Method::PUT,
+        "reimage/before",
+        &root,
+        Some(json!({"value": "kept"})),
+    )
+    .await;
 
     let before: Vec<_> = (0..lab.nodes.len()).map(|i| configs(&lab, i)).collect();
     let node_ids: Vec<_> = consul_servers
         .iter()
         .chain(&vault_servers)
         .map(|&i| {
-            let id = lab.nodes[i].root.join("var/lib/hashistack-data/consul/node-id");
+            let id = lab.nodes[i]
+                .root
+                .join("var/lib/hashistack-data/consul/node-id");
             std::fs::read_to_string(&id).unwrap_or_else(|e| panic!("{}: {e}", id.display()))
         })
         .collect();
@@ -188,7 +231,14 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
             assert_eq!(outcome, "already-done", "{name}");
             // While it rejoins, the others keep quorum: writes go through another server.
             let other = consul_servers.iter().copied().find(|&c| c != i).unwrap();
-            consul_put(&lab, other, &consul_token, &format!("reimage/during-{name}"), &name).await;
+            consul_put(
+                &lab,
+                other,
+                &consul_token,
+                &format!("reimage/during-{name}"),
+                &name,
+            )
+            .await;
             if tier == "vault" {
                 vault(
                     &lab,
@@ -217,12 +267,22 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     let after: Vec<_> = consul_servers
         .iter()
         .chain(&vault_servers)
-        .map(|&i| std::fs::read_to_string(lab.nodes[i].root.join("var/lib/hashistack-data/consul/node-id")).unwrap())
+        .map(|&i| {
+            std::fs::read_to_string(
+                lab.nodes[i]
+                    .root
+                    .join("var/lib/hashistack-data/consul/node-id"),
+            )
+            .unwrap()
+        })
         .collect();
     assert_eq!(after, node_ids);
     // The data is all there, read through every Consul server.
     for &c in &consul_servers {
-        assert_eq!(consul_get(&lab, c, &consul_token, "reimage/before").await, "kept");
+        assert_eq!(
+            consul_get(&lab, c, &consul_token, "reimage/before").await,
+            "kept"
+        );
         for &i in consul_servers.iter().chain(&vault_servers) {
             let name = &lab.nodes[i].def.name;
             assert_eq!(
@@ -235,7 +295,14 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     assert_eq!(v["data"]["value"], "kept", "{v}");
     for &i in &vault_servers {
         let name = &lab.nodes[i].def.name;
-        let v = vault(&lab, reqwest::Method::GET, &format!("reimage/during-{name}"), &root, None).await;
+        let v = vault(
+            &lab,
+            reqwest::Method::GET,
+            &format!("reimage/during-{name}"),
+            &root,
+            None,
+        )
+        .await;
         assert_eq!(v["data"]["value"], *name, "{v}");
     }
     // Three voters, the same three.
@@ -261,10 +328,15 @@ async fn a_reimaged_node_finishes_an_interrupted_escrow_from_its_data_disk() {
     lab.write_node_config(v, &cfg).unwrap();
     lab.start_agent(v).unwrap();
     // The agent kills itself right after the spool's fsync.
-    let spool = lab.nodes[v].root.join("var/lib/hashistack-data/escrow-spool");
+    let spool = lab.nodes[v]
+        .root
+        .join("var/lib/hashistack-data/escrow-spool");
     let start = Instant::now();
     while std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(120), "nothing spooled");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "nothing spooled"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let agent = lab.nodes[v].agent.as_mut().unwrap();
@@ -276,6 +348,10 @@ async fn a_reimaged_node_finishes_an_interrupted_escrow_from_its_data_disk() {
     let outcome = reimage_and_wait(&mut lab, v).await;
     assert_eq!(outcome, "recovered");
     assert_done_once(&lab, "vault").await;
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool emptied after the upload");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool emptied after the upload"
+    );
     lab.down().await;
 }
