@@ -36,6 +36,8 @@ pub enum BootError {
     Files(#[from] FileError),
     #[error("{0}")]
     Service(#[from] ServiceError),
+    #[error("{0}")]
+    Disk(#[from] crate::disk::DiskError),
 }
 
 impl BootError {
@@ -59,6 +61,7 @@ impl BootError {
             | BootError::ClusterMaterial(_) => Phase::Render,
             BootError::Files(_) => Phase::Write,
             BootError::Service(_) => Phase::Services,
+            BootError::Disk(_) => Phase::Disk,
         }
     }
 }
@@ -495,6 +498,14 @@ async fn boot_inner(
     rec.cluster = Some(spec.cluster.clone());
     tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");
 
+    // Server tiers keep their data on the data disk, which hashistack-data.service mounted before this unit
+    // started (this unit's mount namespace is private: it cannot mount). Without it, write nothing at all:
+    // data written to the empty mount point on the OS disk would be lost at the next image roll.
+    if spec.role.is_server_tier() && cfg.disk.mode == crate::config::DiskMode::Device {
+        rec.phase = Phase::Disk;
+        crate::disk::check_mounted(&layout.data_disk_dir(), &spec.role.to_string())?;
+    }
+
     rec.phase = Phase::Render;
     let versions = detect_versions(cfg, layout, &spec.products()).await?;
     rec.versions = versions
@@ -629,7 +640,7 @@ pub async fn bootstrap_phase(
         },
         cluster: spec.cluster.clone(),
         node: spec.node_name.clone(),
-        state_dir: layout.state_dir(),
+        spool_dir: layout.spool_dir(),
         policy,
         follower_deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs),
         crash_at: cfg.faults.crash_at,
@@ -672,7 +683,7 @@ pub async fn bootstrap_phase(
                         Box::new(crate::bootstrap::vault::ServiceStorage {
                             manager: booted.manager.clone(),
                             service: svc.clone(),
-                            data_dir: layout.data_dir(Product::Vault),
+                            data_dir: layout.data_dir(Product::Vault, spec.role),
                         }) as Box<dyn crate::bootstrap::vault::LocalStorage>
                     }),
             };

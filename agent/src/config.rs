@@ -21,6 +21,38 @@ pub struct AgentConfig {
     pub bootstrap: BootstrapConfig,
     pub faults: FaultsConfig,
     pub material: MaterialConfig,
+    pub disk: DiskConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskMode {
+    /// Server tiers keep their data on the block device `disk.device`, which `hashistack-agent disk prepare`
+    /// (hashistack-data.service) formats when blank and mounts; `boot` checks that it is mounted.
+    Device,
+    /// The data disk is a plain directory under `paths.root` (the lab, which cannot mount): nothing is
+    /// probed, formatted or mounted, and `boot` checks nothing.
+    Directory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    pub mode: DiskMode,
+    /// The server tiers' data disk: LUN 0 by Azure's stable udev link.
+    pub device: PathBuf,
+    /// How long `disk prepare` waits for the device to appear.
+    pub wait_secs: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            mode: DiskMode::Device,
+            device: "/dev/disk/azure/scsi1/lun0".into(),
+            wait_secs: 120,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -369,6 +401,17 @@ impl AgentConfig {
                     .into(),
             );
         }
+        if self.disk.mode == DiskMode::Device {
+            if !self.disk.device.is_absolute() {
+                return Err(format!(
+                    "disk.device {:?} is not an absolute path (or set disk.mode = \"directory\")",
+                    self.disk.device
+                ));
+            }
+            if self.disk.wait_secs == 0 {
+                return Err("disk.wait_secs must be at least 1".into());
+            }
+        }
         if self.tls.node_cert_days == 0 || self.tls.node_cert_days > 825 {
             return Err("tls.node_cert_days must be between 1 and 825".into());
         }
@@ -443,6 +486,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("paths.root"));
+        assert!(parse("[disk]\ndevice = \"\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("disk.device"));
+        assert!(parse("[disk]\nmode = \"tmpfs\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("tmpfs"));
+        assert_eq!(
+            parse("[disk]\nmode = \"directory\"\ndevice = \"\"\n")
+                .unwrap()
+                .disk
+                .mode,
+            DiskMode::Directory
+        );
         assert!(parse("[services]\nbackend = \"docker\"\n")
             .unwrap_err()
             .to_string()

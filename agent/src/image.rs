@@ -35,10 +35,14 @@ pub const MANIFEST_PATH: &str = "/etc/hashistack/image.json";
 pub const VERSION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The units of `systemd/`, as this agent was built with them: (file name, content).
-pub const UNITS: [(&str, &str); 5] = [
+pub const UNITS: [(&str, &str); 6] = [
     (
         "hashistack-agent.service",
         include_str!("../../systemd/hashistack-agent.service"),
+    ),
+    (
+        "hashistack-data.service",
+        include_str!("../../systemd/hashistack-data.service"),
     ),
     (
         "consul.service",
@@ -225,6 +229,9 @@ impl ImageContract {
             // Written by the agent (root), read by the Nomad server (group nomad) and the client (root).
             entry("/etc/nomad.d", "root", "nomad", 0o750),
             entry("/opt/nomad", "nomad", "nomad", 0o750),
+            // The server tiers' data disk is mounted here (hashistack-data.service); on the OS disk, and on
+            // other roles, it stays an empty directory that only root may write.
+            entry("/var/lib/hashistack-data", "root", "root", 0o755),
         ];
         let mut files: Vec<FileEntry> = UNITS
             .iter()
@@ -264,6 +271,8 @@ impl ImageContract {
             no_file_capabilities: vec![PathBuf::from("/usr/bin/vault")],
             enabled_units: vec!["hashistack-agent.service".into()],
             disabled_units: [
+                // Pulled in by hashistack-agent.service (Wants=), never enabled on its own.
+                "hashistack-data.service",
                 "consul.service",
                 "vault.service",
                 "nomad.service",
@@ -307,6 +316,7 @@ impl ImageContract {
 fn unit_source(name: &str) -> &'static str {
     match name {
         "hashistack-agent.service" => "systemd/hashistack-agent.service",
+        "hashistack-data.service" => "systemd/hashistack-data.service",
         "consul.service" => "systemd/consul.service",
         "vault.service" => "systemd/vault.service",
         "nomad.service" => "systemd/nomad.service",
@@ -1017,6 +1027,7 @@ mod tests {
             ("/opt/vault", VAULT_UID, VAULT_UID, 0o750),
             ("/etc/nomad.d", 0, NOMAD_UID, 0o750),
             ("/opt/nomad", NOMAD_UID, NOMAD_UID, 0o750),
+            ("/var/lib/hashistack-data", 0, 0, 0o755),
         ] {
             let full = under(r, Path::new(p));
             fs::create_dir_all(&full).unwrap();

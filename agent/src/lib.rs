@@ -7,6 +7,7 @@ pub mod boot;
 pub mod bootstrap;
 pub mod config;
 pub mod coordination;
+pub mod disk;
 pub mod election;
 pub mod escrow;
 pub mod files;

@@ -79,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: EscrowCommand,
     },
+    /// The server tiers' data disk (run by hashistack-data.service before the agent and the services).
+    Disk {
+        #[command(subcommand)]
+        command: DiskCommand,
+    },
     /// Checks of the VM image itself.
     Image {
         #[command(subcommand)]
@@ -138,6 +143,18 @@ enum EscrowCommand {
 }
 
 #[derive(Subcommand)]
+enum DiskCommand {
+    /// On server tiers: wait for the data disk (disk.device, LUN 0), format it only if it is blank (no
+    /// signature, zeros at both ends), and mount it at /var/lib/hashistack-data. A disk holding anything else is
+    /// refused untouched. Other roles, and disk.mode = "directory": nothing to do. Exit codes: 0 mounted or
+    /// nothing to do, 1 the disk is missing, foreign or cannot be mounted (the message says what to do), 2 bad input.
+    Prepare {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImageCommand {
     /// Check that an image root satisfies the gold-image contract (binaries, users, directories, units).
     Verify {
@@ -189,6 +206,9 @@ async fn main() -> ExitCode {
             ExitCode::from(status::cli::run(args).await)
         }
         Command::Escrow { command } => run_escrow(command).await,
+        Command::Disk {
+            command: DiskCommand::Prepare { config },
+        } => run_disk_prepare(config).await,
         Command::Image {
             command: ImageCommand::Verify { root },
         } => run_image_verify(&root).await,
@@ -251,6 +271,66 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     });
     booted.manager.run_until(shutdown).await;
     code
+}
+
+async fn run_disk_prepare(config: Option<PathBuf>) -> ExitCode {
+    use hashistack_agent::config::DiskMode;
+    use hashistack_agent::disk;
+    let cfg = match AgentConfig::load_or_default(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let layout = Layout::new(&cfg.paths.root);
+    if cfg.disk.mode == DiskMode::Directory {
+        println!(
+            "disk.mode = directory: the data directory is {}; nothing to probe, format or mount",
+            layout.data_disk_dir().display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let md = match boot::fetch_metadata(&cfg).await {
+        Ok(m) => m,
+        Err(e) => return fail(e.exit_code() as u8, e),
+    };
+    let spec = match NodeSpec::from_metadata(&md) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    if !spec.role.is_server_tier() {
+        println!("role {} has no data disk: nothing to do", spec.role);
+        return ExitCode::SUCCESS;
+    }
+    let site = disk::Site {
+        role: spec.role.to_string(),
+        resource_group: md.compute.resource_group_name.clone(),
+        scale_set: md.compute.vm_scale_set_name.clone(),
+        vm: md.compute.name.clone(),
+    };
+    match disk::prepare(
+        &disk::SystemDevices::default(),
+        &cfg.disk.device,
+        &layout.data_disk_dir(),
+        std::time::Duration::from_secs(cfg.disk.wait_secs),
+        &site,
+    )
+    .await
+    {
+        Ok(p) => {
+            let what = match p.action {
+                disk::Action::AlreadyMounted => "already mounted",
+                disk::Action::Mounted => "mounted (not formatted: it holds our filesystem)",
+                disk::Action::FormattedAndMounted => "was blank: formatted and mounted",
+            };
+            println!(
+                "data disk {} ({}) {what} at {}",
+                p.device.display(),
+                p.resolved.display(),
+                layout.data_disk_dir().display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
 }
 
 async fn run_render(

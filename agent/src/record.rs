@@ -13,6 +13,8 @@ pub enum Phase {
     Config,
     Metadata,
     NodeSpec,
+    /// Server tiers: checking that the data disk is mounted.
+    Disk,
     Render,
     Write,
     Services,

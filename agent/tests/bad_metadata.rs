@@ -463,6 +463,7 @@ fn boot_config(dir: &Path, endpoint: &str, root: &Path) -> std::path::PathBuf {
              [paths]\nroot = \"{}\"\nowners = \"current-user\"\n\
              [services]\nbackend = \"process\"\nconsul_bin = \"/nonexistent/consul\"\n\
              vault_bin = \"/nonexistent/vault\"\nnomad_bin = \"/nonexistent/nomad\"\n\
+             [disk]\nmode = \"directory\"\n\
              [tls]\nca_cert = \"{0}/ca.pem\"\nca_key = \"{0}/ca-key.pem\"\n",
             root.display()
         ),

@@ -677,7 +677,7 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
     let svc = plan.services.iter().find(|s| s.name == "vault").unwrap();
     let layout = Layout::new(root.path());
     let ca = layout.ca_file(Product::Vault);
-    let data = layout.data_dir(Product::Vault);
+    let data = layout.data_dir(Product::Vault, spec.role);
     let api = format!("https://{}:8200", spec.ip);
     let home = dir.path().join("node");
     std::fs::create_dir_all(&home).unwrap();

@@ -280,6 +280,30 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     defs
 }
 
+/// Removes everything under `dir` except `keep` (and the directories leading to it).
+fn wipe_except(dir: &Path, keep: &Path) -> Result<(), LabError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir.display().to_string())(e)),
+    };
+    for e in rd {
+        let p = e.map_err(io(dir.display().to_string()))?.path();
+        if p == keep {
+            continue;
+        }
+        let is_dir = p.symlink_metadata().map(|m| m.is_dir()).unwrap_or(false);
+        if is_dir && keep.starts_with(&p) {
+            wipe_except(&p, keep)?;
+        } else if is_dir {
+            std::fs::remove_dir_all(&p).map_err(io(format!("wipe {}", p.display())))?;
+        } else {
+            std::fs::remove_file(&p).map_err(io(format!("wipe {}", p.display())))?;
+        }
+    }
+    Ok(())
+}
+
 async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<(), LabError>
 where
     F: FnMut() -> Fut,
@@ -796,6 +820,10 @@ impl Lab {
         // Azure's shortest lease: a crashed leader's lease frees up in 15 s instead of 60.
         c.bootstrap.lease_secs = 15;
         c.bootstrap.peer_grace_secs = 90;
+        // The lab cannot mount: a server's "data disk" is the directory <root>/var/lib/hashistack-data, which
+        // `reimage` keeps (lab/components.md). The agent's disk step is off by configuration, as on any
+        // machine without a data disk device.
+        c.disk.mode = hashistack_agent::config::DiskMode::Directory;
         c
     }
 
@@ -883,6 +911,23 @@ impl Lab {
     pub fn kill_node_services(&self, i: usize) {
         let pids = self.nodes[i].root.join("var/lib/hashistack/pids");
         procs::signal_pid_files(&pids, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// What an image roll (`az vmss update-instances`) does to a VM: power off, replace the OS disk with a
+    /// fresh one from the image, power on. Everything under the node's root is removed except its data disk
+    /// (`Layout::data_disk_dir`, `<root>/var/lib/hashistack-data`): configs, certificates, the agent's state
+    /// (boot record, version cache) and logs are gone, the raft data and the escrow spool stay. The image's
+    /// agent.toml is written again and the agent boots.
+    pub async fn reimage(&mut self, i: usize) -> Result<(), LabError> {
+        self.stop_agent(i).await;
+        self.kill_node_services(i);
+        let root = self.nodes[i].root.clone();
+        let keep = hashistack_agent::render::Layout::new(&root).data_disk_dir();
+        wipe_except(&root, &keep)?;
+        let cfg = self.agent_config(&self.nodes[i].def, &root);
+        std::fs::create_dir_all(root.join("etc/hashistack")).map_err(io("node root"))?;
+        self.write_node_config(i, &cfg)?;
+        self.start_agent(i)
     }
 
     pub async fn reboot(&mut self, i: usize) -> Result<(), LabError> {

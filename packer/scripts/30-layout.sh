@@ -8,6 +8,8 @@ set -euo pipefail
 : "${NOMAD_VERSION:?NOMAD_VERSION is not set}"
 
 # path owner group mode
+# /var/lib/hashistack-data is the mount point of the server tiers' data disk (hashistack-data.service formats
+# it when blank and mounts it at boot); on the OS disk it stays empty.
 # /etc/hashistack is traversable so operators reach /etc/hashistack/operator (CA, CLI environments) without sudo;
 # what is secret below it keeps its own mode.
 layout=(
@@ -19,6 +21,7 @@ layout=(
   "/opt/vault vault vault 0750"
   "/etc/nomad.d root nomad 0750"
   "/opt/nomad nomad nomad 0750"
+  "/var/lib/hashistack-data root root 0755"
 )
 for entry in "${layout[@]}"; do
   read -r path owner group mode <<<"${entry}"

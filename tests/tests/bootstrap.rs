@@ -214,7 +214,8 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
         &needles,
         &[
             "/opt/consul/data",
-            "/opt/vault/data",
+            "/var/lib/hashistack-data/consul",
+            "/var/lib/hashistack-data/vault",
             "recovered-vault.json",
         ],
     );

@@ -133,7 +133,9 @@ async fn vault_initialized(lab: &Lab, i: usize) -> bool {
 }
 
 fn spooled(lab: &Lab, i: usize) -> Vec<std::path::PathBuf> {
-    let dir = lab.nodes[i].root.join("var/lib/hashistack/escrow-spool");
+    let dir = lab.nodes[i]
+        .root
+        .join("var/lib/hashistack-data/escrow-spool");
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -243,7 +245,11 @@ async fn escrow_vault_errors_within_the_deadline_are_retried() {
     let leaks = files_containing(
         &lab.opts.state_dir,
         &needles,
-        &["/opt/consul/data", "/opt/vault/data"],
+        &[
+            "/opt/consul/data",
+            "/var/lib/hashistack-data/consul",
+            "/var/lib/hashistack-data/vault",
+        ],
     );
     assert!(leaks.is_empty(), "secrets found in {leaks:?}");
     lab.down().await;
@@ -427,7 +433,11 @@ async fn escrow_outage_after_init_keeps_the_envelope_spooled_until_a_later_boot(
     let leaks = files_containing(
         &lab.opts.state_dir,
         &needles,
-        &["/opt/consul/data", "/opt/vault/data"],
+        &[
+            "/opt/consul/data",
+            "/var/lib/hashistack-data/consul",
+            "/var/lib/hashistack-data/vault",
+        ],
     );
     assert!(leaks.is_empty(), "secrets found in {leaks:?}");
     lab.down().await;

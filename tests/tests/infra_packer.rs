@@ -1028,6 +1028,8 @@ fn systemd_security_exposure_is_within_budget_and_documented() {
         ("nomad.service", Some(2.0)),
         // Documented exception: runs as root and must share the host's mount namespace with dockerd.
         ("nomad-client.service", None),
+        // Documented exception: it mounts the data disk, which needs the host's mount namespace.
+        ("hashistack-data.service", None),
     ];
     let mut measured = Vec::new();
     for (name, max) in budget {
@@ -1090,6 +1092,42 @@ fn systemd_agent_unit_runs_once_at_boot_without_deadlocking_on_the_services() {
     }
     // The ordering and why are explained in the unit itself.
     assert!(agent.contains("# Ordering, and why:"));
+    // The data disk is mounted before the agent starts (its own mount namespace is private): pulled in and
+    // ordered, and the disk step is a oneshot that the agent does not wait on from inside its own job.
+    for key in ["Wants", "After"] {
+        assert!(
+            values(&agent, key)
+                .iter()
+                .any(|v| v.split_whitespace().any(|u| u == "hashistack-data.service")),
+            "hashistack-agent.service: {key}= lacks hashistack-data.service"
+        );
+    }
+    assert!(values(&agent, "ReadWritePaths")[0]
+        .split_whitespace()
+        .any(|p| p == "/var/lib/hashistack-data"));
+    let data = unit_text("hashistack-data.service");
+    assert_eq!(one(&data, "Type"), "oneshot");
+    assert_eq!(one(&data, "RemainAfterExit"), "yes");
+    assert_eq!(
+        one(&data, "ExecStart"),
+        "/usr/local/bin/hashistack-agent disk prepare"
+    );
+    assert!(!data.lines().any(|l| l.trim() == "[Install]"));
+    // It mounts in the host's mount namespace: nothing that would give it a private one.
+    for key in [
+        "PrivateMounts",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+    ] {
+        assert!(
+            values(&data, key).is_empty(),
+            "hashistack-data.service: {key}="
+        );
+    }
     for (name, text) in UNITS.iter().filter(|(n, _)| services.contains(n)) {
         for key in ["After", "Before", "Requires", "Wants", "BindsTo", "PartOf"] {
             for v in values(text, key) {
@@ -1158,7 +1196,26 @@ fn systemd_service_units_start_only_from_rendered_configs() {
                 assert_eq!(one(&text, "User"), u, "{name}");
                 assert_eq!(one(&text, "Group"), u, "{name}");
                 assert_eq!(one(&text, "ProtectSystem"), "strict", "{name}");
-                assert_eq!(one(&text, "ReadWritePaths"), format!("/opt/{u}"), "{name}");
+                // The OS disk's directory on every role; the data disk's (absent off server tiers: `-`).
+                assert_eq!(
+                    one(&text, "ReadWritePaths"),
+                    format!("/opt/{u} -/var/lib/hashistack-data/{u}"),
+                    "{name}"
+                );
+                // Started only after the data disk is mounted; stopped before it is unmounted.
+                let after: Vec<String> = values(&text, "After")
+                    .iter()
+                    .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                    .collect();
+                for u in [
+                    "hashistack-data.service",
+                    "var-lib-hashistack\\x2ddata.mount",
+                ] {
+                    assert!(
+                        after.iter().any(|a| a == u),
+                        "{name}: After= lacks {u}: {after:?}"
+                    );
+                }
                 assert_eq!(one(&text, "CapabilityBoundingSet"), "", "{name}");
                 assert_eq!(one(&text, "UMask"), "0077", "{name}");
                 for (k, v) in [

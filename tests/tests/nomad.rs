@@ -109,7 +109,11 @@ async fn nomad_lab_bootstraps_once(name: &str, net: u8, nomad_bin: Option<PathBu
     );
 
     // The secret is in no log, record or spool; only in the server's own state (like Nomad's raft data).
-    let leaks = files_containing(&lab.opts.state_dir, &[secret], &["/opt/nomad/data"]);
+    let leaks = files_containing(
+        &lab.opts.state_dir,
+        &[secret],
+        &["/opt/nomad/data", "/var/lib/hashistack-data/nomad"],
+    );
     assert!(leaks.is_empty(), "secret found in {leaks:?}");
     lab.down().await;
 }
@@ -369,7 +373,11 @@ async fn nomad_bootstrap_creates_a_read_only_status_token() {
     let leaks = files_containing(
         &lab.opts.state_dir,
         &[token],
-        &["/opt/nomad/data", "secrets/keyvault"],
+        &[
+            "/opt/nomad/data",
+            "/var/lib/hashistack-data/nomad",
+            "secrets/keyvault",
+        ],
     );
     assert!(leaks.is_empty(), "status token found in {leaks:?}");
     lab.down().await;

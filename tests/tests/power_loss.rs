@@ -124,7 +124,7 @@ async fn round(n: u32, rng: &mut Rng) -> Round {
                     lab.kill_agent(i).await;
                 }
                 for &i in &vaults {
-                    let data = lab.nodes[i].root.join("opt/vault/data");
+                    let data = lab.nodes[i].root.join("var/lib/hashistack-data/vault");
                     hashistack_agent::bootstrap::vault::empty_dir(&data).unwrap();
                 }
                 lab.delete_blob("coordination", "lab/vault/state.json")

@@ -171,7 +171,7 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
                     found
                         .iter()
                         .all(|p| p.starts_with(n.root.join("etc/consul.d"))
-                            || p.starts_with(n.root.join("opt/consul/data"))),
+                            || p.starts_with(n.root.join("var/lib/hashistack-data/consul"))),
                     "{}: {found:?}",
                     n.def.name
                 );

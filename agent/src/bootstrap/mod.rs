@@ -106,7 +106,8 @@ pub struct Ctx {
     pub targets: Targets,
     pub cluster: String,
     pub node: String,
-    pub state_dir: PathBuf,
+    /// The escrow spool (`Layout::spool_dir`, on the data disk).
+    pub spool_dir: PathBuf,
     pub policy: RetryPolicy,
     /// How long followers wait for the leader's bootstrap to finish.
     pub follower_deadline: Duration,
@@ -184,7 +185,7 @@ pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> 
             ctx.policy,
         )
         .await?;
-        let pending: Vec<_> = escrow::pending(&ctx.state_dir)
+        let pending: Vec<_> = escrow::pending(&ctx.spool_dir)
             .into_iter()
             .filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster)
             .collect();
@@ -331,7 +332,7 @@ async fn lead_bootstrap(
         }
         let msg = format!(
             "{name} is already initialized (by {} at {}), but no escrow receipt exists and no spooled copy is on {}. \
-             If the node that initialized it still has /var/lib/hashistack/escrow-spool, boot it: it completes the escrow. \
+             If the node that initialized it still has its data disk (/var/lib/hashistack-data/escrow-spool), boot it: it completes the escrow. \
              Otherwise the secrets are lost: follow docs/bootstrap.md#bootstrapped-but-nothing-escrowed",
             state.leader, state.updated_unix, ctx.node
         );
@@ -483,7 +484,7 @@ async fn lead_bootstrap(
     )
     .map_err(|e| BootstrapError::Spool(e.to_string()))?;
     let spool_path =
-        escrow::spool(&ctx.state_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+        escrow::spool(&ctx.spool_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
     crash_if(ctx.crash_at, CrashPoint::AfterSpool);
     state.set(TierPhase::Initialized, &ctx.node, started_over.clone());
     if let Err(e) = save(ctx, &state).await {

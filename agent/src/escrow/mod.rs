@@ -115,15 +115,12 @@ pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Pre
     })
 }
 
-pub fn spool_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("escrow-spool")
-}
-
-/// Writes the envelope to the local spool (0600, fsynced, atomic) — before any upload.
-pub fn spool(state_dir: &Path, env: &Envelope) -> Result<PathBuf, files::FileError> {
-    let path = spool_dir(state_dir).join(format!("{}-{}.json", env.tier, env.escrow_id));
+/// Writes the envelope to the local spool `spool_dir` (`Layout::spool_dir`: on the data disk) — 0600, fsynced,
+/// atomic — before any upload.
+pub fn spool(spool_dir: &Path, env: &Envelope) -> Result<PathBuf, files::FileError> {
+    let path = spool_dir.join(format!("{}-{}.json", env.tier, env.escrow_id));
     files::ensure_dir(&files::DirSpec {
-        path: spool_dir(state_dir),
+        path: spool_dir.to_path_buf(),
         mode: 0o700,
         owner: Owner::Current,
     })?;
@@ -138,8 +135,8 @@ pub fn spool(state_dir: &Path, env: &Envelope) -> Result<PathBuf, files::FileErr
 }
 
 /// Envelopes still waiting for upload (a crash between spool and receipt).
-pub fn pending(state_dir: &Path) -> Vec<(PathBuf, Envelope)> {
-    let Ok(rd) = std::fs::read_dir(spool_dir(state_dir)) else {
+pub fn pending(spool_dir: &Path) -> Vec<(PathBuf, Envelope)> {
+    let Ok(rd) = std::fs::read_dir(spool_dir) else {
         return vec![];
     };
     let mut v: Vec<_> = rd

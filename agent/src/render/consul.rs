@@ -235,7 +235,7 @@ pub fn config(
         datacenter: spec.datacenter.clone(),
         primary_datacenter: spec.datacenter.clone(),
         node_name: spec.node_name.clone(),
-        data_dir: path_str(&layout.data_dir(p)),
+        data_dir: path_str(&layout.data_dir(p, spec.role)),
         server,
         bootstrap_expect: if server { spec.consul_servers } else { None },
         bind_addr: spec.ip.to_string(),

@@ -55,8 +55,24 @@ impl Layout {
     pub fn issued_file(&self, p: Product) -> PathBuf {
         self.tls_dir(p).join(format!("{}.issued.json", p.as_str()))
     }
-    pub fn data_dir(&self, p: Product) -> PathBuf {
-        self.at(&format!("/opt/{}/data", p.as_str()))
+    /// The server tiers' data disk (LUN 0) is mounted here; on other roles it is an unused, empty directory.
+    /// Everything a server must keep across an image roll lives under it (docs/architecture.md).
+    pub fn data_disk_dir(&self) -> PathBuf {
+        self.at("/var/lib/hashistack-data")
+    }
+    /// A product's data directory: on the data disk on server tiers (every product there, the Consul
+    /// client included, so a reimaged node keeps its node id), on the OS disk elsewhere.
+    pub fn data_dir(&self, p: Product, role: Role) -> PathBuf {
+        if role.is_server_tier() {
+            self.data_disk_dir().join(p.as_str())
+        } else {
+            self.at(&format!("/opt/{}/data", p.as_str()))
+        }
+    }
+    /// The escrow spool (server tiers only bootstrap): on the data disk, so an interrupted bootstrap's
+    /// secrets survive an image roll of the node that holds them.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_disk_dir().join("escrow-spool")
     }
     pub fn env_file(&self, service: &str) -> PathBuf {
         self.at(&format!("/etc/hashistack/env/{service}.env"))
@@ -234,7 +250,7 @@ pub fn render(
             owner: owner.clone(),
         });
         plan.dirs.push(DirSpec {
-            path: layout.data_dir(p),
+            path: layout.data_dir(p, spec.role),
             mode: 0o750,
             owner: owner.clone(),
         });

@@ -159,7 +159,7 @@ pub fn config(
         region: "global".into(),
         datacenter: spec.datacenter.clone(),
         name: spec.node_name.clone(),
-        data_dir: path_str(&layout.data_dir(p)),
+        data_dir: path_str(&layout.data_dir(p, spec.role)),
         bind_addr: ip.clone(),
         advertise: Advertise {
             http: ip.clone(),

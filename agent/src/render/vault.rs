@@ -234,7 +234,7 @@ pub fn config(
         listener,
         storage: Storage {
             raft: Raft {
-                path: path_str(&layout.data_dir(p)),
+                path: path_str(&layout.data_dir(p, spec.role)),
                 node_id: spec.node_name.clone(),
                 performance_multiplier: 1,
                 retry_join,

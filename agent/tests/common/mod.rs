@@ -416,6 +416,8 @@ pub fn agent_config(dir: &Path, root: &Path, loopback: bool, seal_token: &str) -
     cfg.gossip.consul_key_file = dir.join("consul.key");
     cfg.gossip.nomad_key_file = dir.join("nomad.key");
     cfg.vault.seal_token_file = Some(dir.join("transit.token"));
+    // No block device here: server tiers' data disk is a directory under `root` (as in the lab).
+    cfg.disk.mode = hashistack_agent::config::DiskMode::Directory;
     cfg
 }
 
