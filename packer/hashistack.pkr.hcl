@@ -120,6 +120,7 @@ build {
       "HASHICORP_APT_URL=${var.hashicorp_apt_url}",
       "HASHICORP_GPG_FINGERPRINT=${var.hashicorp_gpg_fingerprint}",
       "AZURE_CLI_VERSION=${var.azure_cli_version}",
+      "CNI_PLUGINS_VERSION=${var.cni_plugins_version}",
       "MICROSOFT_APT_URL=${var.microsoft_apt_url}",
       "MICROSOFT_GPG_FINGERPRINT=${var.microsoft_gpg_fingerprint}",
     ]

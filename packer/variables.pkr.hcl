@@ -185,6 +185,17 @@ variable "azure_cli_version" {
   }
 }
 
+variable "cni_plugins_version" {
+  type        = string
+  default     = "1.1.1"
+  description = "Upstream version of Ubuntu's containernetworking-plugins (the CNI reference plugins in /usr/lib/cni that Nomad's bridge networking and Connect sidecars run; the Nomad client's cni_path)."
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.cni_plugins_version))
+    error_message = "The cni_plugins_version must be an exact release such as 1.1.1: images pin their versions."
+  }
+}
+
 variable "microsoft_apt_url" {
   type        = string
   description = "Base URL of Microsoft's Linux package repository, as Microsoft's Azure CLI install instructions for Ubuntu name it (or an internal mirror of it): its signing key is <url>/keys/microsoft.asc and the Azure CLI is in <url>/repos/azure-cli/. No default: set it in your variables file."

@@ -165,6 +165,10 @@ fn entry(path: &str, owner: &str, group: &str, mode: u32) -> Entry {
     }
 }
 
+pub use crate::render::nomad::CNI_DIR;
+/// The plugins Nomad's `bridge` network mode and Connect need.
+pub const CNI_PLUGINS: &[&str] = &["bridge", "firewall", "host-local", "loopback", "portmap"];
+
 fn binary(path: &str, args: &[&str], expect: Expect) -> Binary {
     Binary {
         entry: entry(path, "root", "root", 0o755),
@@ -209,7 +213,15 @@ impl ImageContract {
                 Expect::Prefix("Docker version ".into()),
             ),
             binary("/usr/bin/jq", &["--version"], Expect::Prefix("jq-".into())),
-        ];
+        ]
+        .into_iter()
+        // The CNI reference plugins Nomad's bridge networking and Connect sidecars run (Ubuntu's
+        // containernetworking-plugins, pinned in packer; Nomad's client `cni_path`): present and executable.
+        .chain(CNI_PLUGINS.iter().map(|p| Binary {
+            entry: entry(&format!("{CNI_DIR}/{p}"), "root", "root", 0o755),
+            version: None,
+        }))
+        .collect();
         let users = ["consul", "vault", "nomad"]
             .iter()
             .map(|n| ServiceUser {
@@ -1018,6 +1030,15 @@ mod tests {
             0o755,
         );
         w("/usr/bin/jq", &script("jq-1.7.1"), 0, 0, 0o755);
+        for plugin in CNI_PLUGINS {
+            w(
+                &format!("{CNI_DIR}/{plugin}"),
+                &script("CNI plugin"),
+                0,
+                0,
+                0o755,
+            );
+        }
         for (p, uid, gid, mode) in [
             ("/etc/hashistack", 0, 0, 0o755),
             ("/etc/hashistack/env", 0, 0, 0o750),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Consul, Vault and Nomad at pinned versions from HashiCorp's signed apt repository; the Azure CLI at a pinned
 # version from Microsoft's signed apt repository (operators use az on the jumpbox); Docker (Ubuntu's docker.io)
-# and jq from the Ubuntu archive.
+# jq and the CNI reference plugins (containernetworking-plugins, pinned) from the Ubuntu archive.
 set -euo pipefail
 
 : "${CONSUL_VERSION:?CONSUL_VERSION is not set}"
@@ -10,6 +10,7 @@ set -euo pipefail
 : "${HASHICORP_APT_URL:?HASHICORP_APT_URL is not set}"
 : "${HASHICORP_GPG_FINGERPRINT:?HASHICORP_GPG_FINGERPRINT is not set}"
 : "${AZURE_CLI_VERSION:?AZURE_CLI_VERSION is not set}"
+: "${CNI_PLUGINS_VERSION:?CNI_PLUGINS_VERSION is not set}"
 : "${MICROSOFT_APT_URL:?MICROSOFT_APT_URL is not set}"
 : "${MICROSOFT_GPG_FINGERPRINT:?MICROSOFT_GPG_FINGERPRINT is not set}"
 
@@ -64,9 +65,10 @@ echo "deb [arch=$(dpkg --print-architecture) signed-by=${microsoft_keyring}] ${M
   "nomad=${NOMAD_VERSION}-*" \
   "azure-cli=${AZURE_CLI_VERSION}-1~${codename}" \
   docker.io \
+  "containernetworking-plugins=${CNI_PLUGINS_VERSION}*" \
   jq
 # The image is rebuilt to upgrade, never upgraded in place.
-apt-mark hold consul vault nomad azure-cli
+apt-mark hold consul vault nomad azure-cli containernetworking-plugins
 
 "${apt_get[@]}" clean
 consul version
@@ -76,3 +78,6 @@ nomad version
 AZURE_CONFIG_DIR="${workdir}/azure" AZURE_CORE_COLLECT_TELEMETRY=false az version --output json
 docker --version
 jq --version
+# The CNI reference plugins in /usr/lib/cni (Nomad's client cni_path; image verify checks them).
+dpkg-query -W containernetworking-plugins
+ls -l /usr/lib/cni/bridge /usr/lib/cni/firewall /usr/lib/cni/host-local /usr/lib/cni/loopback /usr/lib/cni/portmap

@@ -241,3 +241,19 @@ def test_checkov_passes_offline():
     passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
     assert passed > 50, f"checkov ran only {passed} checks: did it scan the template?"
     assert code == 0, stderr
+
+
+def test_workers_reach_each_others_workload_ports(template) -> None:
+    """Nomad's dynamic ports (20000-32000, with Connect's sidecar range 21000-21255 inside) between workers, TCP and
+    UDP, before the deny-all rule: otherwise one job cannot reach another on a different worker."""
+    nsg = next(r for r in template["resources"]
+               if r["type"] == "Microsoft.Network/networkSecurityGroups" and "workers" in r["name"])
+    rules = [x["properties"] for x in nsg["properties"]["securityRules"]]
+    deny = min(p["priority"] for p in rules if p["access"] == "Deny")
+    for proto in ("Tcp", "Udp"):
+        ok = [p for p in rules
+              if p["access"] == "Allow" and p["direction"] == "Inbound" and p["protocol"] == proto
+              and p["priority"] < deny
+              and p.get("sourceAddressPrefix") == "[variables('subnetPrefixes').workers]"
+              and p.get("destinationPortRange") == "20000-32000"]
+        assert ok, f"no {proto} rule opens 20000-32000 between workers"

@@ -319,6 +319,7 @@ fn packer_versions_are_pinned_to_exact_releases() {
         names,
         [
             "azure_cli_version",
+            "cni_plugins_version",
             "consul_version",
             "nomad_version",
             "vault_version"
@@ -507,6 +508,7 @@ fn packer_installs_the_azure_cli_pinned_from_microsofts_signed_repository() {
         .collect();
     for (name, var) in [
         ("AZURE_CLI_VERSION", "azure_cli_version"),
+        ("CNI_PLUGINS_VERSION", "cni_plugins_version"),
         ("MICROSOFT_APT_URL", "microsoft_apt_url"),
         ("MICROSOFT_GPG_FINGERPRINT", "microsoft_gpg_fingerprint"),
     ] {

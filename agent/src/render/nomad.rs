@@ -10,6 +10,9 @@ use crate::version::{Installed, Product};
 use serde::Serialize;
 
 pub const HTTP_PORT: u16 = 4646;
+/// Where Ubuntu's containernetworking-plugins package (pinned in packer) puts the CNI reference plugins that
+/// Nomad's bridge networking and Connect sidecars run; `image verify` checks them (image.rs).
+pub const CNI_DIR: &str = "/usr/lib/cni";
 
 #[derive(Serialize)]
 pub struct NomadConfig {
@@ -52,6 +55,8 @@ pub struct Server {
 pub struct Client {
     pub enabled: bool,
     pub server_join: ServerJoin,
+    /// The CNI plugins for bridge networking and Connect sidecars ([`CNI_DIR`]).
+    pub cni_path: String,
 }
 
 #[derive(Serialize)]
@@ -144,6 +149,7 @@ pub fn config(
             Some(Client {
                 enabled: true,
                 server_join: join,
+                cni_path: CNI_DIR.into(),
             }),
             Some(Plugins {
                 docker: DockerPlugin {
