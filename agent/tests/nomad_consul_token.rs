@@ -21,8 +21,8 @@ fn render_with_token(fixture: &str) -> (NodeSpec, Layout, Plan) {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = agent_config(tmp.path(), tmp.path(), true, "unused");
     cfg.paths.owners = Owners::ServiceUsers;
-    let md = InstanceMetadata::from_json(&serde_json::to_vec(&imds_fixture(fixture)).unwrap())
-        .unwrap();
+    let md =
+        InstanceMetadata::from_json(&serde_json::to_vec(&imds_fixture(fixture)).unwrap()).unwrap();
     let spec = NodeSpec::from_metadata(&md).unwrap();
     let layout = Layout::new(&cfg.paths.root);
     let mut material = boot::load_material(&cfg, &spec, &layout, None).unwrap();
@@ -101,11 +101,8 @@ fn nodes_without_nomad_never_render_it() {
 fn without_the_token_nothing_is_rendered_for_it() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = agent_config(tmp.path(), tmp.path(), true, "unused");
-    let (_, plan) = common::render_with_material(
-        &imds_fixture("worker"),
-        &cfg,
-        &versions(None, None),
-    );
+    let (_, plan) =
+        common::render_with_material(&imds_fixture("worker"), &cfg, &versions(None, None));
     assert!(!plan
         .files
         .iter()

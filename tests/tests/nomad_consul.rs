@@ -95,7 +95,11 @@ async fn nomad_calls_on(lab: &Lab, ip: std::net::Ipv4Addr, name: &str, token: &s
             "/v1/agent/service/register".to_string(),
             Some(reg),
         ),
-        (Method::PUT, format!("/v1/agent/check/pass/{ttl}?note=ok"), None),
+        (
+            Method::PUT,
+            format!("/v1/agent/check/pass/{ttl}?note=ok"),
+            None,
+        ),
         (
             Method::PUT,
             format!("/v1/agent/check/update/{ttl}"),
@@ -165,7 +169,11 @@ async fn nomad_calls_on(lab: &Lab, ip: std::net::Ipv4Addr, name: &str, token: &s
         (Method::GET, "/v1/kv/x", None),
         (Method::GET, "/v1/acl/tokens", None),
         (Method::GET, "/v1/acl/policies", None),
-        (Method::PUT, "/v1/acl/token", Some(json!({"Policies": [{"Name": "global-management"}]}))),
+        (
+            Method::PUT,
+            "/v1/acl/token",
+            Some(json!({"Policies": [{"Name": "global-management"}]})),
+        ),
         (
             Method::PUT,
             "/v1/catalog/register",

@@ -255,13 +255,10 @@ impl Tier for ConsulTier {
             // agent token sees this one too. Its failure does not hold the agent token back (Consul would
             // stay without one on every node); it is reported once the rest is done.
             let nomad = async {
-                let t = super::consul_tokens::ensure_nomad_token(
-                    &self.api,
-                    &self.ca_file,
-                    &management,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let t =
+                    super::consul_tokens::ensure_nomad_token(&self.api, &self.ca_file, &management)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 crate::material::put_secret(
                     az,
                     vault,

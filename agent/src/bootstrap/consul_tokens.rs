@@ -192,7 +192,13 @@ pub async fn ensure_nomad_token(
     .await?;
     let status = r.status().as_u16();
     // "Invalid Policy: A Policy with Name … already exists": an earlier run made it.
-    if status != 200 && !r.text().await.unwrap_or_default().contains("already exists") {
+    if status != 200
+        && !r
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("already exists")
+    {
         return Err(TokenError::Status {
             what: "policy",
             status,
@@ -208,7 +214,10 @@ pub async fn ensure_nomad_token(
     };
     let r = send("token", c.put(format!("{api}/v1/acl/token")).json(&token)).await?;
     if r.status().is_success() {
-        let t: TokenResp = r.json().await.map_err(|_| TokenError::Parse { what: "token" })?;
+        let t: TokenResp = r
+            .json()
+            .await
+            .map_err(|_| TokenError::Parse { what: "token" })?;
         return Ok(Zeroizing::new(t.secret_id));
     }
     // Made meanwhile by someone else with the same accessor: read it back.
@@ -246,10 +255,7 @@ async fn read_nomad_token(
             .map_err(|_| TokenError::Parse { what: WHAT }),
         // Consul answers an unknown accessor with 403 "ACL not found".
         403 if r.text().await.unwrap_or_default().contains("ACL not found") => Ok(None),
-        status => Err(TokenError::Status {
-            what: WHAT,
-            status,
-        }),
+        status => Err(TokenError::Status { what: WHAT, status }),
     }
 }
 
