@@ -340,6 +340,10 @@ pub fn load_material(
         seal_token,
         consul_agent_token: shared
             .and_then(|m| m.consul_agent_token.as_ref().map(|t| t.to_string())),
+        // Only a node that runs Nomad renders Nomad's Consul token (and only such a node reads it).
+        nomad_consul_token: shared
+            .filter(|_| spec.products().contains(&Product::Nomad))
+            .and_then(|m| m.consul_nomad_token.as_ref().map(|t| t.to_string())),
         consul_connect_ca_key: match (spec.role, &ca) {
             (Role::ConsulServer, Some(ca)) => Some(ca.key_pem()),
             _ => None,
@@ -407,6 +411,7 @@ fn material_vaults(spec: &NodeSpec) -> Result<crate::material::Vaults, BootError
         shared,
         servers,
         nomad_client: spec.role == crate::node::Role::Worker,
+        nomad_consul_token: spec.products().contains(&Product::Nomad),
     })
 }
 
@@ -809,6 +814,18 @@ pub async fn converge_consul_token(
         {
             booted.manager.reload(consul).await?;
             tracing::info!("consul agent token rendered; consul reloaded");
+        }
+    }
+    // Nomad's Consul token came with it (nodes that run Nomad): Nomad takes its `consul` block only at start,
+    // so it is restarted — only when one of its files changed.
+    if let Some(nomad) = plan.services.iter().find(|s| s.name.starts_with("nomad")) {
+        if changed
+            .iter()
+            .any(|c| nomad.watch.iter().any(|w| c.starts_with(w)))
+        {
+            let action = booted.manager.apply(nomad, true).await?;
+            booted.record.services.insert(nomad.name.clone(), action);
+            tracing::info!(?action, "nomad's consul token rendered; nomad restarted");
         }
     }
     booted

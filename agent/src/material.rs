@@ -24,6 +24,8 @@ pub struct Vaults {
     pub servers: Option<String>,
     /// Read the shared Nomad client certificate and key (workers only: nobody else needs the key in memory).
     pub nomad_client: bool,
+    /// Read Nomad's Consul token (nodes that run Nomad only: Nomad servers and workers).
+    pub nomad_consul_token: bool,
 }
 
 /// The secrets a node renders from. Zeroized on drop. Server-only parts are `None` on workers and the jumpbox.
@@ -36,6 +38,9 @@ pub struct ClusterMaterial {
     pub nomad_client: Option<(String, Zeroizing<String>)>,
     /// The Consul agent token, once the Consul tier's bootstrap has created it.
     pub consul_agent_token: Option<Zeroizing<String>>,
+    /// Nomad's Consul token (read only where `Vaults::nomad_consul_token`), once the Consul tier's bootstrap
+    /// has created it. Handed over before the agent token.
+    pub consul_nomad_token: Option<Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for ClusterMaterial {
@@ -188,6 +193,10 @@ async fn read_all(
         policy,
     )
     .await?;
+    let nomad_token = match vaults.nomad_consul_token {
+        true => get_nomad_token(az, vaults, cluster, policy).await?,
+        false => None,
+    };
     Ok(Some(ClusterMaterial {
         ca_cert: cert.to_string(),
         ca_key,
@@ -195,7 +204,23 @@ async fn read_all(
         nomad_gossip_key,
         nomad_client,
         consul_agent_token: token,
+        consul_nomad_token: nomad_token,
     }))
+}
+
+async fn get_nomad_token(
+    az: &Azure,
+    vaults: &Vaults,
+    cluster: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Zeroizing<String>>, AzureError> {
+    get(
+        az,
+        &vaults.shared,
+        &crate::names::nomad_token_secret(cluster),
+        policy,
+    )
+    .await
 }
 
 fn gossip_key() -> Zeroizing<String> {
@@ -236,6 +261,11 @@ pub async fn fetch_or_create(
         loop {
             if let Some(t) = get(az, &vaults.shared, &name, policy).await? {
                 m.consul_agent_token = Some(t);
+                // Handed over before the agent token: present now unless its creation failed (the Consul
+                // tier's state says so) or an older agent bootstrapped the cluster.
+                if vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
+                    m.consul_nomad_token = get_nomad_token(az, vaults, cluster, policy).await?;
+                }
                 break;
             }
             if start.elapsed() > deadline {
@@ -313,6 +343,7 @@ async fn create(
         nomad_gossip_key: Some(gossip_key()),
         nomad_client: Some((client.cert_pem, Zeroizing::new(client.key_pem))),
         consul_agent_token: None,
+        consul_nomad_token: None,
     };
     let n = names(cluster);
     let (Some(ca_key), Some(nomad), Some((client_cert, client_key))) =

@@ -42,3 +42,9 @@ pub const NOMAD_TOKEN_NAME: &str = "hashistack-agent status (read-only)";
 pub fn agent_token_secret(cluster: &str) -> String {
     format!("{cluster}-consul-agent-token")
 }
+
+/// Nomad's Consul token's secret in the shared Key Vault (the Consul tier's leader writes it, only nodes that run
+/// Nomad read it).
+pub fn nomad_token_secret(cluster: &str) -> String {
+    format!("{cluster}-consul-nomad-token")
+}

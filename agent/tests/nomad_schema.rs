@@ -216,3 +216,43 @@ fn schema_check_fails_on_misspelled_keys_and_wrong_types() {
         );
     }
 }
+
+/// Nomad's Consul token file (`consul-token.json`, rendered once the Consul tier handed the token over) is
+/// documented Nomad configuration too: `consul.token`.
+#[test]
+fn the_consul_token_file_matches_the_documented_schema() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for fixture in ["nomad-server", "worker"] {
+        let root = tmp.path().join(fixture);
+        std::fs::create_dir_all(&root).unwrap();
+        let cfg = agent_config(&root, &root, true, "unused");
+        let md = hashistack_agent::imds::InstanceMetadata::from_json(
+            &serde_json::to_vec(&imds_fixture(fixture)).unwrap(),
+        )
+        .unwrap();
+        let spec = hashistack_agent::node::NodeSpec::from_metadata(&md).unwrap();
+        let layout = hashistack_agent::render::Layout::new(&cfg.paths.root);
+        let mut m = hashistack_agent::boot::load_material(&cfg, &spec, &layout, None).unwrap();
+        m.nomad_consul_token = Some("6f1c2a4e-8d0b-4c59-9e7a-3b2d1f0e9c8a".into());
+        let plan = hashistack_agent::render::render(
+            &spec,
+            &layout,
+            &hashistack_agent::render::RenderOptions::from_config(&cfg),
+            &versions(None, None),
+            Some(&m),
+        )
+        .unwrap();
+        let f = plan
+            .files
+            .iter()
+            .find(|f| f.path.ends_with("consul-token.json"))
+            .expect("consul-token.json");
+        let out = tmp.path().join(format!("{fixture}-consul-token.json"));
+        std::fs::write(&out, &f.content).unwrap();
+        files.push(out);
+    }
+    let (ok, out) = validate(&py, &files);
+    assert!(ok, "consul-token.json does not match the schema:\n{out}");
+}

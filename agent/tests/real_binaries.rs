@@ -780,3 +780,117 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
     assert_eq!(status, 200, "the new root token authenticates");
     node.lock().await.off();
 }
+
+// ----- Consul: Nomad's Consul token ---------------------------------------------------------------------
+
+/// `ensure_nomad_token` against a real `consul agent -dev` with ACLs on (default deny): the policy and the
+/// token are made once, a second run (a re-bootstrap, an interrupted configuration run again) gets the same
+/// secret back and makes nothing new, and the token is what its rules say (tests/tests/nomad_consul.rs proves
+/// each of Nomad's calls in the lab).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_nomad_token_is_made_once_and_reused() {
+    use hashistack_agent::bootstrap::consul_tokens::{
+        ensure_nomad_token, NOMAD_POLICY, NOMAD_TOKEN_ACCESSOR,
+    };
+    let Some((bin, _)) = consul() else { return };
+    let home = tempfile::tempdir().unwrap();
+    let ip = format!("{}.7", test_net());
+    const MASTER: &str = "0c4b4a0e-5d0f-4f0e-9b7a-2f6d3c1e8a90";
+    let acl = format!(
+        r#"acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{MASTER}", agent = "{MASTER}" }} }}"#
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("CONSUL_HTTP_ADDR")
+        .args(["agent", "-dev", "-bind", &ip, "-client", &ip, "-hcl", &acl]);
+    let mut child = Child::spawn(cmd, home.path().join("consul.log"));
+    let api = format!("http://{ip}:8500");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Ready once the ACL system answers (a fresh leader is in "legacy mode" for a moment).
+    wait_until("consul ACLs", &mut child, || {
+        let req = http
+            .get(format!("{api}/v1/acl/policies"))
+            .header("X-Consul-Token", MASTER);
+        async move {
+            match req.send().await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    // The client trusts the cluster CA only; this agent speaks plain HTTP, so any CA will do.
+    let (ca, _) =
+        hashistack_agent::tls::generate_ca("test CA", 1, time::OffsetDateTime::now_utc()).unwrap();
+    let ca_file = home.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+
+    let first = ensure_nomad_token(&api, &ca_file, MASTER).await.unwrap();
+    let second = ensure_nomad_token(&api, &ca_file, MASTER).await.unwrap();
+    assert_eq!(*first, *second, "the second run reuses the token");
+    let listed = |path: &'static str| {
+        let req = http
+            .get(format!("{api}{path}"))
+            .header("X-Consul-Token", MASTER);
+        async move { json_answer(req).await }
+    };
+    let tokens = listed("/v1/acl/tokens").await;
+    let ours: Vec<_> = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["AccessorID"] == NOMAD_TOKEN_ACCESSOR)
+        .collect();
+    assert_eq!(ours.len(), 1, "{tokens}");
+    assert_eq!(ours[0]["Policies"][0]["Name"], NOMAD_POLICY, "{tokens}");
+    assert_eq!(
+        tokens.as_array().unwrap().len(),
+        3,
+        "master, anonymous and Nomad's token, nothing more: {tokens}"
+    );
+    let policies = listed("/v1/acl/policies").await;
+    let names: Vec<_> = policies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["Name"].as_str())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == NOMAD_POLICY).count(),
+        1,
+        "{policies}"
+    );
+
+    // What the rules allow and refuse, in a nutshell.
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut req = http
+            .request(method, format!("{api}{path}"))
+            .header("X-Consul-Token", first.as_str());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    let svc = serde_json::json!({"ID": "nomad-1", "Name": "nomad", "Port": 4646,
+        "Check": {"CheckID": "nomad-1-ttl", "TTL": "30s"}});
+    assert_eq!(call(Method::GET, "/v1/agent/self", None).await, 200);
+    assert_eq!(
+        call(Method::PUT, "/v1/agent/service/register", Some(svc)).await,
+        200
+    );
+    assert_eq!(
+        call(Method::PUT, "/v1/agent/check/pass/nomad-1-ttl", None).await,
+        200
+    );
+    assert_eq!(
+        call(Method::PUT, "/v1/agent/service/deregister/nomad-1", None).await,
+        200
+    );
+    assert_eq!(
+        call(Method::PUT, "/v1/kv/x", Some(Value::from("v"))).await,
+        403
+    );
+    assert_eq!(call(Method::GET, "/v1/acl/tokens", None).await, 403);
+    assert!(child.exited().is_none(), "{}", child.log());
+}

@@ -251,6 +251,24 @@ impl Tier for ConsulTier {
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
         if let Some((az, vault)) = &self.shared {
+            // Nomad's Consul token first: every node waits for the agent token below, so a node that sees the
+            // agent token sees this one too. Its failure does not hold the agent token back (Consul would
+            // stay without one on every node); it is reported once the rest is done.
+            let nomad = async {
+                let t =
+                    super::consul_tokens::ensure_nomad_token(&self.api, &self.ca_file, &management)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                crate::material::put_secret(
+                    az,
+                    vault,
+                    &super::consul_tokens::nomad_token_secret(&self.cluster),
+                    &t,
+                )
+                .await
+                .map_err(|e| format!("Nomad's Consul token: {e}"))
+            }
+            .await;
             let token =
                 super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
                     .await?;
@@ -276,6 +294,7 @@ impl Tier for ConsulTier {
                 }
                 None => tracing::warn!("no hashistack-status-vault-uri tag: the Consul status token was not handed over"),
             }
+            nomad?;
         }
         Ok(())
     }

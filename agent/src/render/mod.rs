@@ -104,6 +104,9 @@ pub struct Material {
     pub seal_token: Option<String>,
     /// `acl.tokens.agent` for Consul, once the Consul tier's bootstrap handed it over.
     pub consul_agent_token: Option<String>,
+    /// Nomad's own Consul token (`consul.token`, nodes that run Nomad only), once the Consul tier's bootstrap
+    /// handed it over: rendered into `consul-token.json` (0640) next to `nomad.json`.
+    pub nomad_consul_token: Option<String>,
     /// Consul servers only: the cluster CA key, given to Consul's built-in CA so that the certificates it
     /// signs for auto-encrypt clients chain to the cluster CA (`connect-ca.json`, 0640).
     pub consul_connect_ca_key: Option<String>,

@@ -108,6 +108,23 @@ pub struct DockerVolumes {
     pub enabled: bool,
 }
 
+/// `consul-token.json` (0640, secret): Nomad's Consul ACL token in a file of its own, merged by Nomad with the
+/// rest of its config directory, so `nomad.json` holds nothing secret.
+#[derive(Serialize)]
+pub struct ConsulTokenFile<'a> {
+    pub consul: ConsulToken<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ConsulToken<'a> {
+    pub token: &'a str,
+}
+
+/// Where Nomad's Consul token is rendered.
+pub fn consul_token_file(layout: &Layout) -> std::path::PathBuf {
+    layout.config_dir(Product::Nomad).join("consul-token.json")
+}
+
 #[derive(Serialize)]
 pub struct GossipConfig<'a> {
     pub server: GossipServer<'a>,
@@ -229,8 +246,24 @@ pub fn render(
                     encrypt: &m.nomad_gossip_key,
                 },
             };
-            plan.files
-                .push(json_file(layout.gossip_file(p), &g, 0o640, owner, true));
+            plan.files.push(json_file(
+                layout.gossip_file(p),
+                &g,
+                0o640,
+                owner.clone(),
+                true,
+            ));
+        }
+        if let Some(token) = m.nomad_consul_token.as_deref() {
+            plan.files.push(json_file(
+                consul_token_file(layout),
+                &ConsulTokenFile {
+                    consul: ConsulToken { token },
+                },
+                0o640,
+                owner,
+                true,
+            ));
         }
         let vars = identity_env(spec);
         plan.files
