@@ -179,6 +179,10 @@ def test_scale_sets_and_jumpbox(template, ev):
     no_problems(checks.check_scale_sets(template, ev))
 
 
+def test_operators_pgp_keys_reach_the_server_tiers_in_user_data(template, ev):
+    no_problems(checks.check_pgp_user_data(template, ev))
+
+
 def test_vault_internal_load_balancer(template, ev):
     no_problems(checks.check_vault_load_balancer(template, ev))
 
