@@ -656,7 +656,9 @@ pub async fn operator_keys(
     let user_data = crate::userdata::parse(&client.user_data().await?)?;
     let (source, list) = if !user_data.pgp_keys.is_empty() {
         if !cfg.bootstrap.recovery_pgp_keys.is_empty() {
-            tracing::info!("PGP keys in userData replace bootstrap.recovery_pgp_keys of the agent config");
+            tracing::info!(
+                "PGP keys in userData replace bootstrap.recovery_pgp_keys of the agent config"
+            );
         }
         (KeySource::UserData, user_data.pgp_keys)
     } else {

@@ -428,7 +428,10 @@ mod tests {
         let e = parse("[bootstrap]\nroot_token_pgp_key = \"x\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("bootstrap.root_token_pgp_key is no longer supported"), "{e}");
+        assert!(
+            e.contains("bootstrap.root_token_pgp_key is no longer supported"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
         assert!(parse("[services]\nbackend = \"docker\"\n")
             .unwrap_err()

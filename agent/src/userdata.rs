@@ -50,9 +50,8 @@ pub fn parse(text: &str) -> Result<HashistackUserData, UserDataError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(HashistackUserData::default());
     }
-    let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        UserDataError::NotJson(format!("line {} column {}", e.line(), e.column()))
-    })?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| UserDataError::NotJson(format!("line {} column {}", e.line(), e.column())))?;
     let serde_json::Value::Object(mut map) = doc else {
         return Err(UserDataError::NotJson("not a JSON object".into()));
     };
@@ -109,7 +108,11 @@ mod tests {
         let e = parse(&b64(r#"{"hashistack": {"pgpkeys": ["a"]}}"#)).unwrap_err();
         assert!(e.to_string().contains("pgpkeys"), "{e}");
         let e = parse(&b64(r#"{"hashistack": {"pgpKeys": "a"}}"#)).unwrap_err();
-        assert!(e.to_string().starts_with("userData hashistack: invalid type"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("userData hashistack: invalid type"),
+            "{e}"
+        );
         for e in [e] {
             assert!(!e.to_string().contains('\n'));
         }

@@ -44,7 +44,9 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let good: Vec<String> = (0..5).map(|i| public_key(&format!("operator {i}"))).collect();
+    let good: Vec<String> = (0..5)
+        .map(|i| public_key(&format!("operator {i}")))
+        .collect();
     let mut malformed = good.clone();
     malformed[2] = B64.encode(b"this is not an OpenPGP key");
     let mut armored = good.clone();
@@ -53,12 +55,19 @@ fn cases() -> Vec<Case> {
         Case {
             name: "malformed key",
             user_data: user_data(&malformed),
-            names: vec!["userData hashistack.pgpKeys[2]", "not an OpenPGP public key"],
+            names: vec![
+                "userData hashistack.pgpKeys[2]",
+                "not an OpenPGP public key",
+            ],
         },
         Case {
             name: "armored key",
             user_data: user_data(&armored),
-            names: vec!["userData hashistack.pgpKeys[4]", "ASCII-armored", "base64 -w0"],
+            names: vec![
+                "userData hashistack.pgpKeys[4]",
+                "ASCII-armored",
+                "base64 -w0",
+            ],
         },
         Case {
             name: "wrong count",
@@ -141,9 +150,17 @@ async fn bad_operator_keys_in_user_data_stop_the_boot_with_one_line_and_exit_2()
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "[{}]: one line: {stderr:?}", case.name);
         let line = lines[0];
-        assert!(line.starts_with("hashistack-agent: "), "[{}]: {line}", case.name);
+        assert!(
+            line.starts_with("hashistack-agent: "),
+            "[{}]: {line}",
+            case.name
+        );
         for n in &case.names {
-            assert!(line.contains(n), "[{}]: the line names {n:?}: {line}", case.name);
+            assert!(
+                line.contains(n),
+                "[{}]: the line names {n:?}: {line}",
+                case.name
+            );
         }
         // The keys themselves (public, but long) are never echoed.
         assert!(line.len() < 300, "[{}]: {line}", case.name);
@@ -175,7 +192,11 @@ async fn bad_operator_keys_in_user_data_stop_the_boot_with_one_line_and_exit_2()
         assert_eq!(rec["ok"], false);
         assert_eq!(rec["phase"], "node-spec", "[{}]: {rec}", case.name);
         assert!(rec["services"].as_object().unwrap().is_empty());
-        assert!(rec["bootstrap"].is_null(), "[{}]: no bootstrap: {rec}", case.name);
+        assert!(
+            rec["bootstrap"].is_null(),
+            "[{}]: no bootstrap: {rec}",
+            case.name
+        );
         let err = rec["last_error"].as_str().unwrap();
         assert!(line.ends_with(err), "[{}]: {err:?} vs {line:?}", case.name);
     }
@@ -201,10 +222,7 @@ async fn workers_do_not_read_user_data() {
     cmd.env("HASHISTACK_LOG", "off").kill_on_drop(true);
     let _ = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await;
     assert!(
-        !script
-            .seen()
-            .iter()
-            .any(|s| s.path().contains("userData")),
+        !script.seen().iter().any(|s| s.path().contains("userData")),
         "a worker asked for userData"
     );
 }

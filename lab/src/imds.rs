@@ -160,7 +160,9 @@ async fn user_data(State(s): State<Shared>, h: HeaderMap, Query(q): Query<LeafQu
     if q.format.as_deref() != Some("text") {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": "Bad request. format is invalid for a leaf node: use format=text"})),
+            Json(
+                json!({"error": "Bad request. format is invalid for a leaf node: use format=text"}),
+            ),
         )
             .into_response();
     }

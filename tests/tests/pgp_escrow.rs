@@ -32,8 +32,15 @@ struct Operators {
 impl Operators {
     fn gpg(&self) -> Command {
         let mut c = Command::new("gpg");
-        c.env("GNUPGHOME", self.home.path())
-            .args(["--batch", "--quiet", "--no-tty", "--pinentry-mode", "loopback", "--passphrase", ""]);
+        c.env("GNUPGHOME", self.home.path()).args([
+            "--batch",
+            "--quiet",
+            "--no-tty",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ]);
         c
     }
 
@@ -55,7 +62,11 @@ impl Operators {
                 .args(["--quick-gen-key", &uid, algo, "default", "never"])
                 .output()
                 .expect("run gpg (lab/setup.sh installs gnupg)");
-            assert!(o.status.success(), "gpg --quick-gen-key: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "gpg --quick-gen-key: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             let o = ops
                 .gpg()
                 .args(["--with-colons", "--list-keys", &uid])
@@ -101,7 +112,11 @@ impl Operators {
 /// `escrow open --tier <tier> --pgp-dir <dir>` as the operator: the opened payload (JSON) and the message
 /// files it wrote.
 fn open_pgp(lab: &Lab, operator: &str, tier: &str, dir: &Path) -> (Value, Vec<PathBuf>) {
-    let o = escrow_cmd(lab, operator, &["open", "--tier", tier, "--pgp-dir", dir.to_str().unwrap()]);
+    let o = escrow_cmd(
+        lab,
+        operator,
+        &["open", "--tier", tier, "--pgp-dir", dir.to_str().unwrap()],
+    );
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "escrow open {tier}: {stderr}");
     assert!(stderr.contains("gpg --decrypt"), "{stderr}");
@@ -110,12 +125,20 @@ fn open_pgp(lab: &Lab, operator: &str, tier: &str, dir: &Path) -> (Value, Vec<Pa
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{tier}-")))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{tier}-"))
+        })
         .collect();
     files.sort();
     use std::os::unix::fs::PermissionsExt;
     for f in &files {
-        assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     (v, files)
 }
@@ -132,9 +155,8 @@ fn message<'a>(v: &'a Value, name: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     let ops = Operators::generate(5);
-    let user_data = B64.encode(
-        serde_json::json!({"hashistack": {"pgpKeys": ops.exported()}}).to_string(),
-    );
+    let user_data =
+        B64.encode(serde_json::json!({"hashistack": {"pgpKeys": ops.exported()}}).to_string());
     let mut o = options("pgp-escrow", 120);
     o.nomad_servers = 3;
     for role in [Role::ConsulServer, Role::VaultServer, Role::NomadServer] {
@@ -152,7 +174,10 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     // The configuration that needs the root token ran: it was used in clear, in memory, before escrow.
     let st = lab.tier_state("vault").await.unwrap();
     assert!(
-        !st.message.as_deref().unwrap_or_default().contains("incomplete"),
+        !st.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("incomplete"),
         "{st:?}"
     );
 
@@ -163,7 +188,10 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     let (vault, files) = open_pgp(&lab, &operator, "vault", &out);
     assert_eq!(vault["kind"], "vault-init");
     assert_eq!(vault["recovery_threshold"], 3);
-    assert!(vault.get("root_token").is_none() && vault.get("recovery_keys_base64").is_none(), "{vault}");
+    assert!(
+        vault.get("root_token").is_none() && vault.get("recovery_keys_base64").is_none(),
+        "{vault}"
+    );
     let names: Vec<String> = files
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
@@ -197,7 +225,13 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     let root = ops.decrypt(&files[5]);
     let vault_ip = lab.nodes[nodes_of(&lab, Role::VaultServer)[0]].def.ip;
     let api = format!("https://{vault_ip}:8200");
-    let (status, body) = get_as(&lab, &format!("{api}/v1/auth/token/lookup-self"), "X-Vault-Token", &root).await;
+    let (status, body) = get_as(
+        &lab,
+        &format!("{api}/v1/auth/token/lookup-self"),
+        "X-Vault-Token",
+        &root,
+    )
+    .await;
     assert_eq!(status, 200, "the escrowed root token authenticates: {body}");
     assert!(body.contains("\"root\""), "{body}");
 
@@ -227,11 +261,20 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
         assert_eq!(r.status().as_u16(), 200, "share {} accepted", i + 1);
         last = r.json().await.unwrap();
         assert_eq!(last["progress"], i as u64 + 1, "{last}");
-        assert_eq!(last["complete"], i == 2, "complete only at the threshold: {last}");
+        assert_eq!(
+            last["complete"],
+            i == 2,
+            "complete only at the threshold: {last}"
+        );
     }
     // OpenBao answers base64 without padding; the token is that XOR the OTP.
     let encoded = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(last["encoded_token"].as_str().unwrap().trim_end_matches('='))
+        .decode(
+            last["encoded_token"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('='),
+        )
         .unwrap();
     assert_eq!(encoded.len(), otp.len());
     let new_root: String = encoded
@@ -239,9 +282,17 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
         .zip(otp.as_bytes())
         .map(|(a, b)| (a ^ b) as char)
         .collect();
-    let (status, body) =
-        get_as(&lab, &format!("{api}/v1/auth/token/lookup-self"), "X-Vault-Token", &new_root).await;
-    assert_eq!(status, 200, "root token generated from three recovery keys: {body}");
+    let (status, body) = get_as(
+        &lab,
+        &format!("{api}/v1/auth/token/lookup-self"),
+        "X-Vault-Token",
+        &new_root,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "root token generated from three recovery keys: {body}"
+    );
     assert!(body.contains("\"root\""), "{body}");
 
     // Consul: the accessor stays readable, the management token is the operators'.
@@ -262,7 +313,11 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     let tok: Value = serde_json::from_str(&tok).unwrap();
     assert_eq!(tok["AccessorID"], consul["accessor_id"]);
     assert!(
-        tok["Policies"].as_array().unwrap().iter().any(|p| p["Name"] == "global-management"),
+        tok["Policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["Name"] == "global-management"),
         "{tok}"
     );
 
@@ -290,11 +345,19 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     // No secret in clear anywhere: not in what the operator's Azure identity opens (above: only messages),
     // nor in any log, boot record, spool, Azurite's data or the operator's files.
     let mut needles = shares.clone();
-    needles.extend([root.clone(), new_root.clone(), consul_secret.clone(), nomad_secret.clone()]);
+    needles.extend([
+        root.clone(),
+        new_root.clone(),
+        consul_secret.clone(),
+        nomad_secret.clone(),
+    ]);
     for opened in [&vault, &consul, &nomad] {
         let text = opened.to_string();
         for n in &needles {
-            assert!(!text.contains(n.as_str()), "clear secret in an opened escrow: {text}");
+            assert!(
+                !text.contains(n.as_str()),
+                "clear secret in an opened escrow: {text}"
+            );
         }
     }
     // The products' own data hold their tokens by design (raft, the Nomad double's state).

@@ -78,7 +78,9 @@ pub enum PgpKeyError {
         index: usize,
         fingerprint: String,
     },
-    #[error("{from}[{index}]: key {fingerprint} is used twice; every recovery share needs its own key")]
+    #[error(
+        "{from}[{index}]: key {fingerprint} is used twice; every recovery share needs its own key"
+    )]
     Duplicate {
         from: KeySource,
         index: usize,
@@ -169,12 +171,14 @@ impl OperatorKeys {
 
     /// One binary OpenPGP message that any one of the keys opens.
     pub fn encrypt_to_all(&self, plain: &[u8]) -> Result<Vec<u8>, PgpError> {
-        let mut b = MessageBuilder::from_reader("", plain).seipd_v1(rng(), SymmetricKeyAlgorithm::AES256);
+        let mut b =
+            MessageBuilder::from_reader("", plain).seipd_v1(rng(), SymmetricKeyAlgorithm::AES256);
         for k in &self.keys {
             b.encrypt_to_key(rng(), &k.key.public_subkeys[k.subkey])
                 .map_err(|e| PgpError::Encrypt(e.to_string()))?;
         }
-        b.to_vec(rng()).map_err(|e| PgpError::Encrypt(e.to_string()))
+        b.to_vec(rng())
+            .map_err(|e| PgpError::Encrypt(e.to_string()))
     }
 
     /// Rewrites a tier's escrow payload (JSON, clear) into its PGP form: non-secret fields kept, Vault's
@@ -250,10 +254,12 @@ impl OperatorKeys {
 
 impl OperatorKey {
     fn encrypt(&self, plain: &[u8]) -> Result<Vec<u8>, PgpError> {
-        let mut b = MessageBuilder::from_reader("", plain).seipd_v1(rng(), SymmetricKeyAlgorithm::AES256);
+        let mut b =
+            MessageBuilder::from_reader("", plain).seipd_v1(rng(), SymmetricKeyAlgorithm::AES256);
         b.encrypt_to_key(rng(), &self.key.public_subkeys[self.subkey])
             .map_err(|e| PgpError::Encrypt(e.to_string()))?;
-        b.to_vec(rng()).map_err(|e| PgpError::Encrypt(e.to_string()))
+        b.to_vec(rng())
+            .map_err(|e| PgpError::Encrypt(e.to_string()))
     }
 
     /// Whether `message` is an OpenPGP encrypted message whose every recipient is this key's
@@ -281,13 +287,20 @@ impl OperatorKey {
 fn parse_one(source: KeySource, index: usize, entry: &str) -> Result<OperatorKey, PgpKeyError> {
     let trimmed = entry.trim();
     if trimmed.starts_with("-----BEGIN") {
-        return Err(PgpKeyError::Armored { from: source, index });
+        return Err(PgpKeyError::Armored {
+            from: source,
+            index,
+        });
     }
-    let bytes = B64
-        .decode(trimmed)
-        .map_err(|_| PgpKeyError::NotBase64 { from: source, index })?;
+    let bytes = B64.decode(trimmed).map_err(|_| PgpKeyError::NotBase64 {
+        from: source,
+        index,
+    })?;
     if bytes.starts_with(b"-----BEGIN") {
-        return Err(PgpKeyError::Armored { from: source, index });
+        return Err(PgpKeyError::Armored {
+            from: source,
+            index,
+        });
     }
     let not_a_key = |reason: String| PgpKeyError::NotAKey {
         from: source,
@@ -315,8 +328,12 @@ fn parse_one(source: KeySource, index: usize, entry: &str) -> Result<OperatorKey
             })
         }
     };
-    key.verify_bindings()
-        .map_err(|e| not_a_key(format!("self-signatures do not verify: {}", one_line(&e.to_string()))))?;
+    key.verify_bindings().map_err(|e| {
+        not_a_key(format!(
+            "self-signatures do not verify: {}",
+            one_line(&e.to_string())
+        ))
+    })?;
     let fingerprint = format!("{:X}", key.primary_key.fingerprint());
     if !key.details.revocation_signatures.is_empty() {
         return Err(PgpKeyError::Revoked {
@@ -353,9 +370,7 @@ fn parse_one(source: KeySource, index: usize, entry: &str) -> Result<OperatorKey
                 return false;
             }
             match binding.key_expiration_time().map(|d| d.as_secs()) {
-                Some(secs) if secs > 0 => {
-                    (s.key.created_at().as_secs() as i64 + secs as i64) > now
-                }
+                Some(secs) if secs > 0 => (s.key.created_at().as_secs() as i64 + secs as i64) > now,
                 _ => true,
             }
         })
@@ -429,7 +444,9 @@ mod tests {
             .primary_user_id(uid.into());
         if encryption_subkey {
             p.subkeys(vec![SubkeyParamsBuilder::default()
-                .key_type(KeyType::ECDH(pgp::crypto::ecc_curve::ECCCurve::Curve25519Legacy))
+                .key_type(KeyType::ECDH(
+                    pgp::crypto::ecc_curve::ECCCurve::Curve25519Legacy,
+                ))
                 .can_encrypt(pgp::composed::EncryptionCaps::All)
                 .build()
                 .unwrap()]);
@@ -472,7 +489,9 @@ mod tests {
         bad[1] = "not base64!".into();
         let e = OperatorKeys::parse(KeySource::AgentConfig, &bad, 3).unwrap_err();
         assert!(matches!(e, PgpKeyError::NotBase64 { index: 1, .. }), "{e}");
-        assert!(e.to_string().starts_with("agent config bootstrap.recovery_pgp_keys[1]: not base64"));
+        assert!(e
+            .to_string()
+            .starts_with("agent config bootstrap.recovery_pgp_keys[1]: not base64"));
         bad[1] = B64.encode(b"definitely not a key");
         let e = OperatorKeys::parse(KeySource::UserData, &bad, 3).unwrap_err();
         assert!(matches!(e, PgpKeyError::NotAKey { index: 1, .. }), "{e}");
@@ -488,7 +507,10 @@ mod tests {
         assert!(matches!(e, PgpKeyError::Armored { index: 1, .. }), "{e}");
         bad[1] = b64_public(&keypair("signing only", false));
         let e = OperatorKeys::parse(KeySource::UserData, &bad, 3).unwrap_err();
-        assert!(matches!(e, PgpKeyError::NoEncryptionKey { index: 1, .. }), "{e}");
+        assert!(
+            matches!(e, PgpKeyError::NoEncryptionKey { index: 1, .. }),
+            "{e}"
+        );
         bad[1] = good[0].clone();
         let e = OperatorKeys::parse(KeySource::UserData, &bad, 3).unwrap_err();
         assert!(matches!(e, PgpKeyError::Duplicate { index: 1, .. }), "{e}");
@@ -524,14 +546,33 @@ mod tests {
         assert_eq!(p.kind, "vault-init");
         assert_eq!(p.recovery_threshold, Some(2));
         let names: Vec<_> = p.pgp_messages.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["recovery-key-1", "recovery-key-2", "recovery-key-3", "root-token"]);
+        assert_eq!(
+            names,
+            [
+                "recovery-key-1",
+                "recovery-key-2",
+                "recovery-key-3",
+                "root-token"
+            ]
+        );
         let by: Vec<_> = p.pgp_messages.iter().map(|m| m.encrypted_by).collect();
-        assert_eq!(by, [EncryptedBy::Vault, EncryptedBy::Vault, EncryptedBy::Agent, EncryptedBy::Agent]);
+        assert_eq!(
+            by,
+            [
+                EncryptedBy::Vault,
+                EncryptedBy::Vault,
+                EncryptedBy::Agent,
+                EncryptedBy::Agent
+            ]
+        );
         let msg = |i: usize| B64.decode(&p.pgp_messages[i].message_base64).unwrap();
         assert_eq!(decrypt(&pairs[0], &msg(0)), b"share-one");
         assert_eq!(decrypt(&pairs[1], &msg(1)), b"share-two");
         assert_eq!(decrypt(&pairs[2], &msg(2)), b"c2hhcmUtdGhyZWUtaW4tY2xlYXI=");
-        assert_eq!(p.pgp_messages[2].recipients, vec![keys.keys[2].fingerprint.clone()]);
+        assert_eq!(
+            p.pgp_messages[2].recipients,
+            vec![keys.keys[2].fingerprint.clone()]
+        );
         // The root token opens with any one of the keys.
         for k in &pairs {
             assert_eq!(decrypt(k, &msg(3)), b"s.the-root-token");
@@ -546,7 +587,10 @@ mod tests {
         assert_eq!(p.pgp_messages.len(), 1);
         assert_eq!(p.pgp_messages[0].name, "secret-id");
         assert_eq!(
-            decrypt(&pairs[1], &B64.decode(&p.pgp_messages[0].message_base64).unwrap()),
+            decrypt(
+                &pairs[1],
+                &B64.decode(&p.pgp_messages[0].message_base64).unwrap()
+            ),
             b"sec-1"
         );
     }
