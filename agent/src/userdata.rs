@@ -113,8 +113,6 @@ mod tests {
                 .starts_with("userData hashistack: invalid type"),
             "{e}"
         );
-        for e in [e] {
-            assert!(!e.to_string().contains('\n'));
-        }
+        assert!(!e.to_string().contains('\n'));
     }
 }

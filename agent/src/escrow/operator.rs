@@ -223,6 +223,9 @@ pub async fn verify(
     Ok(out)
 }
 
+/// The files `write_pgp_messages` wrote, each with the fingerprints of the keys that open it.
+pub type PgpFiles = Vec<(std::path::PathBuf, Vec<String>)>;
+
 /// With the PGP escrow option (docs/pgp-escrow.md), writes each OpenPGP message of an opened payload as a
 /// binary file `<dir>/<tier>-<name>.gpg` (0600, in a 0700 directory), for its holder's
 /// `gpg --decrypt <file>`. Returns the files with the fingerprints that can open each; `None` when the
@@ -231,7 +234,7 @@ pub fn write_pgp_messages(
     dir: &std::path::Path,
     tier: &str,
     opened: &[u8],
-) -> Result<Option<Vec<(std::path::PathBuf, Vec<String>)>>, OpenError> {
+) -> Result<Option<PgpFiles>, OpenError> {
     use crate::files::{self, DirSpec, FileSpec, Owner};
     use base64::Engine;
     let Some(p) = super::pgp::PgpPayload::from_opened(opened) else {
