@@ -7,6 +7,10 @@ use_azure_cli_auth                = true
 location                          = "westeurope"
 managed_image_resource_group_name = "rg-hashistack-images"
 
+# REQUIRED, no default: the https base URL of Microsoft's Linux package repository, as Microsoft's Azure CLI
+# install instructions for Ubuntu name it (or your mirror of it). Left empty here, `packer validate` says so.
+microsoft_apt_url = ""
+
 # Optional gallery output (the image definition must exist: Linux, generalized, Hyper-V generation V2).
 # gallery_name                = "hashistack_gallery"
 # gallery_resource_group_name = "rg-hashistack-images"
@@ -18,3 +22,4 @@ managed_image_resource_group_name = "rg-hashistack-images"
 # consul_version = "1.21.4"
 # vault_version  = "1.20.4"
 # nomad_version  = "1.10.5"
+# azure_cli_version = "2.91.0"

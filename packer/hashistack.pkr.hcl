@@ -1,5 +1,5 @@
 # The hashistack gold image: Ubuntu 24.04 LTS (gen2) + Consul, Vault, Nomad (pinned, from HashiCorp's signed
-# apt repository), Docker and jq, the service users and directories, the hardened units of systemd/ and the
+# apt repository), the Azure CLI (pinned, from Microsoft's signed apt repository), Docker and jq, the service users and directories, the hardened units of systemd/ and the
 # hashistack-agent binary. Only hashistack-agent.service is enabled: at every boot it reads the VM's tags and
 # starts what the node's role needs.
 #
@@ -23,7 +23,8 @@ packer {
 locals {
   build_stamp = formatdate("YYYYMMDDhhmmss", timestamp())
 
-  managed_image_name = "${var.managed_image_name_prefix}-${local.build_stamp}"
+  # The versions it carries, then when it was built (a managed image name allows letters, digits, '.', '-', '_').
+  managed_image_name = "${var.managed_image_name_prefix}-${var.consul_version}-${var.vault_version}-${var.nomad_version}-${local.build_stamp}"
 
   agent_binary = var.agent_binary != "" ? var.agent_binary : "${path.root}/../target/release/hashistack-agent"
 
@@ -61,7 +62,10 @@ source "azure-arm" "hashistack" {
 
   azure_tags = local.tags
 
-  # Optional: also publish a version to an Azure Compute Gallery image definition.
+  # Also publish a version to an Azure Compute Gallery image definition (when gallery_name is set), replicated to
+  # the build region and gallery_replication_regions. A managed image lives in one region and cannot back a
+  # Trusted Launch VM; a gallery version can be replicated to every region that deploys the cluster, and its
+  # image definition can declare Trusted Launch support.
   dynamic "shared_image_gallery_destination" {
     for_each = var.gallery_name == "" ? [] : [var.gallery_name]
     content {
@@ -115,6 +119,9 @@ build {
       "NOMAD_VERSION=${var.nomad_version}",
       "HASHICORP_APT_URL=${var.hashicorp_apt_url}",
       "HASHICORP_GPG_FINGERPRINT=${var.hashicorp_gpg_fingerprint}",
+      "AZURE_CLI_VERSION=${var.azure_cli_version}",
+      "MICROSOFT_APT_URL=${var.microsoft_apt_url}",
+      "MICROSOFT_GPG_FINGERPRINT=${var.microsoft_gpg_fingerprint}",
     ]
     scripts = [
       "${path.root}/scripts/10-users.sh",

@@ -56,7 +56,7 @@ variable "managed_image_resource_group_name" {
 variable "managed_image_name_prefix" {
   type        = string
   default     = "hashistack"
-  description = "The managed image is named <prefix>-<consul>-<vault>-<nomad>-<UTC timestamp>."
+  description = "The managed image is named <prefix>-<consul>-<vault>-<nomad>-<UTC timestamp>, e.g. hashistack-1.21.4-1.20.4-1.10.5-20261201120000."
 }
 
 variable "azure_tags" {
@@ -95,7 +95,12 @@ variable "gallery_image_name" {
 variable "gallery_image_version" {
   type        = string
   default     = ""
-  description = "Version to publish, e.g. 1.0.0 (required with a gallery)."
+  description = "Version to publish, e.g. 1.0.0 (required with a gallery). Gallery versions are three integers, so the product versions travel in the version's tags (consul-version, vault-version, nomad-version)."
+
+  validation {
+    condition     = var.gallery_image_version == "" || can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.gallery_image_version))
+    error_message = "The gallery_image_version must be MAJOR.MINOR.PATCH (three integers), e.g. 1.0.0."
+  }
 }
 
 variable "gallery_replication_regions" {
@@ -167,6 +172,33 @@ variable "hashicorp_gpg_fingerprint" {
   type        = string
   default     = "798AEC654E5C15428C8E42EEAA16FCBCA621E701"
   description = "Fingerprint the repository's signing key must have, as HashiCorp publishes it."
+}
+
+variable "azure_cli_version" {
+  type        = string
+  default     = "2.91.0"
+  description = "Exact Azure CLI version from Microsoft's apt repository: the jumpbox runbooks use az (az login --use-device-code)."
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.azure_cli_version))
+    error_message = "The azure_cli_version must be an exact release such as 2.91.0: images pin their versions."
+  }
+}
+
+variable "microsoft_apt_url" {
+  type        = string
+  description = "Base URL of Microsoft's Linux package repository, as Microsoft's Azure CLI install instructions for Ubuntu name it (or an internal mirror of it): its signing key is <url>/keys/microsoft.asc and the Azure CLI is in <url>/repos/azure-cli/. No default: set it in your variables file."
+
+  validation {
+    condition     = can(regex("^https://[^ ]+[^/ ]$", var.microsoft_apt_url))
+    error_message = "Set microsoft_apt_url to the https base URL of Microsoft's Linux package repository (no trailing slash), as Microsoft's Azure CLI install instructions for Ubuntu name it."
+  }
+}
+
+variable "microsoft_gpg_fingerprint" {
+  type        = string
+  default     = "BC528686B50D79E339D3721CEB3E94ADBE1229CF"
+  description = "Fingerprint Microsoft's repository signing key (keys/microsoft.asc) must have, as Microsoft publishes it."
 }
 
 variable "agent_binary" {

@@ -7,9 +7,7 @@ use crate::imds::{ImdsClient, ImdsError, InstanceMetadata};
 use crate::node::{NodeSpec, Seal, SpecError};
 use crate::render::{self, Layout, Material, Plan, RenderOptions, Versions};
 use crate::retry::{RetryError, RetryPolicy};
-use crate::services::{
-    process::ProcessManager, systemd::Systemd, Action, ServiceError, ServiceManager,
-};
+use crate::services::{process::ProcessManager, systemd::Systemd, ServiceError, ServiceManager};
 use crate::tls::{self, ClusterCa, IssuedFor, NodeCert};
 use crate::version::{self, Installed, Product, VersionError};
 use base64::Engine;
@@ -75,47 +73,7 @@ impl BootError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Config,
-    Metadata,
-    NodeSpec,
-    Render,
-    Write,
-    Services,
-    Bootstrap,
-    Done,
-}
-
-/// The non-secret record of this node's last boot, read by `status` (and published for the cluster view).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BootRecord {
-    pub agent_version: String,
-    /// Process id of the agent that wrote this record (tells one boot from the next).
-    pub pid: u32,
-    pub node: String,
-    pub role: Option<String>,
-    pub cluster: Option<String>,
-    pub phase: Phase,
-    pub ok: bool,
-    pub last_error: Option<String>,
-    pub finished_unix: i64,
-    pub critical_path_ms: Option<u64>,
-    /// Microseconds spent in each step of the critical path ("start": process start → boot begins).
-    #[serde(default)]
-    pub phases_us: BTreeMap<String, u64>,
-    pub versions: BTreeMap<String, String>,
-    pub files_changed: Vec<String>,
-    pub services: BTreeMap<String, Action>,
-    /// The tier bootstrap's outcome on server tiers ("bootstrapped", "already-done", …) or its error.
-    #[serde(default)]
-    pub bootstrap: Option<String>,
-}
-
-pub fn record_path(layout: &Layout) -> PathBuf {
-    layout.state_dir().join("boot.json")
-}
+pub use crate::record::{record_path, BootRecord, Phase};
 
 fn write_record(layout: &Layout, rec: &BootRecord) {
     let f = render::json_file(
@@ -134,7 +92,7 @@ fn write_record(layout: &Layout, rec: &BootRecord) {
 pub struct Booted {
     pub spec: NodeSpec,
     pub plan: Plan,
-    pub manager: Box<dyn BootManager>,
+    pub manager: std::sync::Arc<dyn BootManager>,
     pub record: BootRecord,
     /// Operators' PGP keys for the escrow (server tiers with the option on; docs/pgp-escrow.md).
     pub operator_keys: Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
@@ -533,7 +491,7 @@ async fn boot_inner(
     (
         NodeSpec,
         Plan,
-        Box<dyn BootManager>,
+        std::sync::Arc<dyn BootManager>,
         Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
     ),
     BootError,
@@ -553,6 +511,7 @@ async fn boot_inner(
     rec.node = md.compute.name.clone();
     rec.phase = Phase::NodeSpec;
     let spec = NodeSpec::from_metadata(&md)?;
+    crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)?;
     rec.role = Some(spec.role.to_string());
     rec.cluster = Some(spec.cluster.clone());
     tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");
@@ -578,7 +537,7 @@ async fn boot_inner(
             let m = crate::material::fetch_or_create(
                 &az,
                 &vaults,
-                spec.blob_endpoint.as_deref(),
+                Some(spec.blob_endpoint.as_str()),
                 &spec.cluster,
                 spec.role.is_server_tier(),
                 // Never wait for the agent token here: a node without it renders and starts everything but
@@ -613,9 +572,9 @@ async fn boot_inner(
     }
 
     rec.phase = Phase::Services;
-    let manager: Box<dyn BootManager> = match cfg.services.backend {
-        Backend::Systemd => Box::new(Systemd::default()),
-        Backend::Process => Box::new(ProcessManager::new(
+    let manager: std::sync::Arc<dyn BootManager> = match cfg.services.backend {
+        Backend::Systemd => std::sync::Arc::new(Systemd::default()),
+        Backend::Process => std::sync::Arc::new(ProcessManager::new(
             layout.log_dir(),
             layout.state_dir().join("pids"),
         )),
@@ -699,8 +658,8 @@ pub async fn bootstrap_phase(
     use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
     let spec = &booted.spec;
     let layout = Layout::new(&cfg.paths.root);
-    let (Some(blob), Some(escrow_vault)) =
-        (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
+    // Server tiers always have an escrow vault (a required tag there); other roles have no tier bootstrap.
+    let (blob, Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
     else {
         return Ok(None);
     };
@@ -764,6 +723,18 @@ pub async fn bootstrap_phase(
                 audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
+                local: booted
+                    .plan
+                    .services
+                    .iter()
+                    .find(|s| s.name == "vault")
+                    .map(|svc| {
+                        Box::new(crate::bootstrap::vault::ServiceStorage {
+                            manager: booted.manager.clone(),
+                            service: svc.clone(),
+                            data_dir: layout.data_dir(Product::Vault),
+                        }) as Box<dyn crate::bootstrap::vault::LocalStorage>
+                    }),
             };
             bootstrap::run(&ctx, &tier).await
         }

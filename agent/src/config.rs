@@ -58,6 +58,19 @@ pub struct AzureConfig {
     pub extra_ca_file: Option<PathBuf>,
     /// Require Key Vault's authentication challenge to name the vault's own domain (keep on in Azure).
     pub verify_challenge_resource: bool,
+    /// Which hosts the endpoint tags may name. `azure-only` (default): the storage and Key Vault domains of the
+    /// cloud IMDS reports, and an https transit seal; `any`: whatever parses (the lab's loopback emulators, an
+    /// http transit seal). Tags are a control channel: whoever edits them could otherwise point the agent's
+    /// managed-identity tokens at their own host (docs/trust-model.md).
+    pub endpoints: EndpointPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointPolicy {
+    #[default]
+    AzureOnly,
+    Any,
 }
 
 impl Default for AzureConfig {
@@ -65,6 +78,7 @@ impl Default for AzureConfig {
         AzureConfig {
             extra_ca_file: None,
             verify_challenge_resource: true,
+            endpoints: EndpointPolicy::AzureOnly,
         }
     }
 }
@@ -114,7 +128,7 @@ impl Default for BootstrapConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FaultsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub crash_at: Option<crate::bootstrap::CrashPoint>,
+    pub crash_at: Option<CrashPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +265,18 @@ impl Default for GossipConfig {
             nomad_key_file: "/etc/hashistack/gossip/nomad.key".into(),
         }
     }
+}
+
+/// Where the process may be killed on purpose (crash-injection tests set `faults.crash_at` in agent.toml;
+/// the bootstrap in bootstrap/mod.rs kills itself there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrashPoint {
+    AfterLease,
+    AfterInit,
+    AfterSpool,
+    BetweenTargets,
+    BeforeReceipt,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -214,7 +214,9 @@ impl ImageContract {
             })
             .collect();
         let directories = vec![
-            entry("/etc/hashistack", "root", "root", 0o750),
+            // Traversable by operators: /etc/hashistack/operator (the jumpbox's CA and CLI environments) must be
+            // reachable without sudo; what is secret below it has its own mode (env/ 0750, files 0600).
+            entry("/etc/hashistack", "root", "root", 0o755),
             entry("/etc/hashistack/env", "root", "root", 0o750),
             entry("/etc/consul.d", "consul", "consul", 0o750),
             entry("/opt/consul", "consul", "consul", 0o750),
@@ -1006,20 +1008,20 @@ mod tests {
             0o755,
         );
         w("/usr/bin/jq", &script("jq-1.7.1"), 0, 0, 0o755);
-        for (p, uid, gid) in [
-            ("/etc/hashistack", 0, 0),
-            ("/etc/hashistack/env", 0, 0),
-            ("/etc/consul.d", CONSUL_UID, CONSUL_UID),
-            ("/opt/consul", CONSUL_UID, CONSUL_UID),
-            ("/etc/vault.d", VAULT_UID, VAULT_UID),
-            ("/opt/vault", VAULT_UID, VAULT_UID),
-            ("/etc/nomad.d", 0, NOMAD_UID),
-            ("/opt/nomad", NOMAD_UID, NOMAD_UID),
+        for (p, uid, gid, mode) in [
+            ("/etc/hashistack", 0, 0, 0o755),
+            ("/etc/hashistack/env", 0, 0, 0o750),
+            ("/etc/consul.d", CONSUL_UID, CONSUL_UID, 0o750),
+            ("/opt/consul", CONSUL_UID, CONSUL_UID, 0o750),
+            ("/etc/vault.d", VAULT_UID, VAULT_UID, 0o750),
+            ("/opt/vault", VAULT_UID, VAULT_UID, 0o750),
+            ("/etc/nomad.d", 0, NOMAD_UID, 0o750),
+            ("/opt/nomad", NOMAD_UID, NOMAD_UID, 0o750),
         ] {
             let full = under(r, Path::new(p));
             fs::create_dir_all(&full).unwrap();
             std::os::unix::fs::chown(&full, Some(uid), Some(gid)).unwrap();
-            fs::set_permissions(&full, fs::Permissions::from_mode(0o750)).unwrap();
+            fs::set_permissions(&full, fs::Permissions::from_mode(mode)).unwrap();
         }
         for (name, content) in UNITS {
             w(&format!("{UNIT_DIR}/{name}"), content, 0, 0, 0o644);
@@ -1150,13 +1152,13 @@ mod tests {
     fn wrong_mode() {
         let root = good_root();
         fs::set_permissions(
-            p(root.path(), "/etc/hashistack"),
+            p(root.path(), "/etc/hashistack/env"),
             fs::Permissions::from_mode(0o755),
         )
         .unwrap();
         assert_eq!(
             problems(root.path()),
-            ["/etc/hashistack: mode is 0755, expected 0750"]
+            ["/etc/hashistack/env: mode is 0755, expected 0750"]
         );
     }
 

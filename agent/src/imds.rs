@@ -50,6 +50,9 @@ pub struct InstanceMetadata {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct Compute {
+    /// The Azure cloud (`AzurePublicCloud`, `AzureUSGovernmentCloud`, `AzureChinaCloud`): which service domains
+    /// endpoint tags may name (node::check_endpoints).
+    pub az_environment: String,
     pub name: String,
     pub vm_id: String,
     pub vm_scale_set_name: String,

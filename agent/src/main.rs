@@ -94,7 +94,7 @@ struct EscrowTarget {
     /// Storage account blob endpoint (ARM output `blobEndpoint`).
     #[arg(long, env = "HASHISTACK_BLOB_ENDPOINT")]
     blob_endpoint: String,
-    /// Escrow Key Vault URI (ARM output `escrowVaultUri`).
+    /// Escrow Key Vault URI (ARM output `escrowKeyVaultUri`).
     #[arg(long, env = "HASHISTACK_ESCROW_VAULT_URI")]
     escrow_vault_uri: String,
     /// Whose identity: `azure-cli` (your `az login`) or `imds` (a managed identity, e.g. an operator VM).

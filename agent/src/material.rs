@@ -184,7 +184,7 @@ async fn read_all(
     let token = get(
         az,
         shared,
-        &crate::bootstrap::consul_tokens::agent_token_secret(cluster),
+        &crate::names::agent_token_secret(cluster),
         policy,
     )
     .await?;
@@ -231,7 +231,7 @@ pub async fn fetch_or_create(
     )
     .await?;
     if need_agent_token && m.consul_agent_token.is_none() {
-        let name = crate::bootstrap::consul_tokens::agent_token_secret(cluster);
+        let name = crate::names::agent_token_secret(cluster);
         tracing::info!(cluster, "waiting for the Consul agent token in Key Vault");
         loop {
             if let Some(t) = get(az, &vaults.shared, &name, policy).await? {

@@ -24,6 +24,9 @@ pub const TAG_KEYVAULT_URI: &str = "hashistack-keyvault-uri";
 pub const TAG_ESCROW_VAULT_URI: &str = "hashistack-escrow-vault-uri";
 pub const TAG_SERVERS_VAULT_URI: &str = "hashistack-servers-vault-uri";
 pub const TAG_STATUS_VAULT_URI: &str = "hashistack-status-vault-uri";
+/// Vault servers and the jumpbox: the address clients use for Vault (the internal load balancer's), an https
+/// URL; it goes into Vault's certificate and the jumpbox's vault.env.
+pub const TAG_VAULT_ADDRESS: &str = "hashistack-vault-address";
 
 const KNOWN_TAGS: &[&str] = &[
     TAG_ROLE,
@@ -43,6 +46,7 @@ const KNOWN_TAGS: &[&str] = &[
     TAG_ESCROW_VAULT_URI,
     TAG_SERVERS_VAULT_URI,
     TAG_STATUS_VAULT_URI,
+    TAG_VAULT_ADDRESS,
 ];
 
 #[derive(
@@ -153,15 +157,19 @@ pub struct NodeSpec {
     pub vault: Option<VaultSettings>,
     pub nomad: Option<NomadSettings>,
     pub identity_client_id: Option<String>,
-    pub blob_endpoint: Option<String>,
+    /// Every role: boot records are published there (and server tiers coordinate and escrow there).
+    pub blob_endpoint: String,
     /// The shared vault every cluster identity reads: CA certificate, Consul gossip key and agent token,
     /// the Nomad client certificate.
     pub keyvault_uri: Option<String>,
+    /// Server tiers only (required there): the write-only escrow vault.
     pub escrow_vault_uri: Option<String>,
     /// Server tiers only: the vault with the CA key and the Nomad gossip key (no worker or jumpbox reads it).
     pub servers_vault_uri: Option<String>,
-    /// Server tiers (write) and the jumpbox (read): the read-only status tokens.
+    /// Server tiers (write) and the jumpbox (read), required on both: the read-only status tokens.
     pub status_vault_uri: Option<String>,
+    /// Vault servers and the jumpbox (optional): Vault's client address (its load balancer), an https URL.
+    pub vault_address: Option<String>,
 }
 
 /// One problem with the node's metadata, naming the tag or field.
@@ -221,7 +229,14 @@ fn parse_name(tag: &str, v: &str, allow_underscore: bool) -> Result<String, Spec
     if !v.starts_with(|c: char| c.is_ascii_lowercase()) || !v.chars().all(ok_char) {
         return Err(tag_err(
             tag,
-            format!("{v:?} must start with a lowercase letter and hold only [a-z0-9-]"),
+            format!(
+                "{v:?} must start with a lowercase letter and hold only {}",
+                if allow_underscore {
+                    "[a-z0-9-_]"
+                } else {
+                    "[a-z0-9-]"
+                }
+            ),
         ));
     }
     Ok(v.to_string())
@@ -491,6 +506,20 @@ impl NodeSpec {
             parse_guid(TAG_TENANT_ID, t)?;
         }
         let url = |t: &str| tags.optional(t).map(|v| parse_https_url(t, v)).transpose();
+        // What each role cannot work without (docs/tags.md, "required for"): a missing one is a bad tag like any
+        // other, never a step silently skipped.
+        let required_url = |t: &str| parse_https_url(t, tags.required(t)?);
+        let blob_endpoint = required_url(TAG_BLOB_ENDPOINT)?;
+        let escrow_vault_uri = if role.is_server_tier() {
+            Some(required_url(TAG_ESCROW_VAULT_URI)?)
+        } else {
+            url(TAG_ESCROW_VAULT_URI)?
+        };
+        let status_vault_uri = if role.is_server_tier() || role == Role::Jumpbox {
+            Some(required_url(TAG_STATUS_VAULT_URI)?)
+        } else {
+            url(TAG_STATUS_VAULT_URI)?
+        };
         // Secrets are split by who may read them (docs/trust-model.md): a tag naming a vault this role has no
         // business with is a mis-tagged tier, refused before anything is read.
         if !role.is_server_tier() {
@@ -499,6 +528,10 @@ impl NodeSpec {
         if role == Role::Worker {
             tags.forbid(TAG_STATUS_VAULT_URI, role)?;
         }
+        if !matches!(role, Role::VaultServer | Role::Jumpbox) {
+            tags.forbid(TAG_VAULT_ADDRESS, role)?;
+        }
+        let vault_address = url(TAG_VAULT_ADDRESS)?;
 
         Ok(NodeSpec {
             role,
@@ -517,11 +550,12 @@ impl NodeSpec {
             vault,
             nomad,
             identity_client_id,
-            blob_endpoint: url(TAG_BLOB_ENDPOINT)?,
+            blob_endpoint,
             keyvault_uri: url(TAG_KEYVAULT_URI)?,
-            escrow_vault_uri: url(TAG_ESCROW_VAULT_URI)?,
+            escrow_vault_uri,
             servers_vault_uri: url(TAG_SERVERS_VAULT_URI)?,
-            status_vault_uri: url(TAG_STATUS_VAULT_URI)?,
+            status_vault_uri,
+            vault_address,
         })
     }
 
@@ -533,5 +567,150 @@ impl NodeSpec {
             Role::VaultServer => vec![Consul, Vault],
             Role::NomadServer | Role::Worker => vec![Consul, Nomad],
         }
+    }
+}
+
+/// The service domains of an Azure cloud, by IMDS `compute.azEnvironment`: (blob, Key Vault).
+fn cloud_domains(az_environment: &str) -> Option<(&'static str, &'static str)> {
+    match az_environment {
+        "AzurePublicCloud" => Some((".blob.core.windows.net", ".vault.azure.net")),
+        "AzureUSGovernmentCloud" => {
+            Some((".blob.core.usgovcloudapi.net", ".vault.usgovcloudapi.net"))
+        }
+        "AzureChinaCloud" => Some((".blob.core.chinacloudapi.cn", ".vault.azure.cn")),
+        _ => None,
+    }
+}
+
+/// The host of an https URL that `parse_https_url` accepted (without brackets or port).
+pub fn url_host(url: &str) -> &str {
+    let rest = url.trim_start_matches("https://");
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// Whether a failed boot may still publish its record to this blob endpoint (read from the raw tag): the same rule
+/// as [`check_endpoints`] for `hashistack-blob-endpoint`, so a bad tag never receives a storage token.
+pub fn blob_endpoint_allowed(
+    url: &str,
+    az_environment: &str,
+    policy: crate::config::EndpointPolicy,
+) -> bool {
+    if policy == crate::config::EndpointPolicy::Any {
+        return true;
+    }
+    cloud_domains(az_environment).is_some_and(|(blob, _)| {
+        let host = url_host(url);
+        host.ends_with(blob) && host.len() > blob.len()
+    })
+}
+
+/// Tags are a control channel: with `EndpointPolicy::AzureOnly` every endpoint tag must name a host of the
+/// cloud's own storage or Key Vault domain, and a transit seal must be https. One error naming the tag.
+pub fn check_endpoints(
+    spec: &NodeSpec,
+    az_environment: &str,
+    policy: crate::config::EndpointPolicy,
+) -> Result<(), SpecError> {
+    if policy == crate::config::EndpointPolicy::Any {
+        return Ok(());
+    }
+    let Some((blob, vault)) = cloud_domains(az_environment) else {
+        return Err(field_err(
+            "compute.azEnvironment",
+            format!(
+                "{az_environment:?} is not a cloud whose service domains the agent knows (set [azure] endpoints = \"any\" in agent.toml to accept any endpoint)"
+            ),
+        ));
+    };
+    let must_end = |tag: &str, url: &Option<String>, suffix: &str| -> Result<(), SpecError> {
+        match url {
+            // On a label boundary (the suffix starts with '.') and with a name before it.
+            Some(u) if !url_host(u).ends_with(suffix) || url_host(u).len() <= suffix.len() => {
+                Err(tag_err(
+                    tag,
+                    format!("{u:?} is not on this cloud's domain *{suffix} ({az_environment})"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    };
+    must_end(TAG_BLOB_ENDPOINT, &Some(spec.blob_endpoint.clone()), blob)?;
+    must_end(TAG_KEYVAULT_URI, &spec.keyvault_uri, vault)?;
+    must_end(TAG_ESCROW_VAULT_URI, &spec.escrow_vault_uri, vault)?;
+    must_end(TAG_SERVERS_VAULT_URI, &spec.servers_vault_uri, vault)?;
+    must_end(TAG_STATUS_VAULT_URI, &spec.status_vault_uri, vault)?;
+    if let Some(VaultSettings {
+        seal: Seal::Transit { address, .. },
+        ..
+    }) = &spec.vault
+    {
+        if !address.starts_with("https://") {
+            return Err(tag_err(
+                TAG_VAULT_SEAL,
+                format!(
+                    "transit address {address:?} is not https (plain http is for the lab only)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EndpointPolicy::{Any, AzureOnly};
+
+    fn spec(name: &str) -> NodeSpec {
+        let path = format!(
+            "{}/tests/fixtures/imds/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let md = InstanceMetadata::from_json(&std::fs::read(path).unwrap()).unwrap();
+        NodeSpec::from_metadata(&md).unwrap()
+    }
+
+    #[test]
+    fn azure_endpoints_pass_on_their_own_cloud_only() {
+        let s = spec("consul-server");
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", AzureOnly), Ok(()));
+        let e = check_endpoints(&s, "AzureChinaCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_BLOB_ENDPOINT);
+        assert!(e.problem.contains("*.blob.core.chinacloudapi.cn"), "{e}");
+        let e = check_endpoints(&s, "AzureStackHub", AzureOnly).unwrap_err();
+        assert_eq!(e.name, "compute.azEnvironment");
+    }
+
+    #[test]
+    fn a_tag_pointing_elsewhere_is_refused_naming_it() {
+        let mut s = spec("nomad-server");
+        s.status_vault_uri = Some("https://collector.example.com/".into());
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_STATUS_VAULT_URI);
+        // A look-alike: the domain must be a suffix on a label boundary, with a name before it.
+        s.status_vault_uri = Some("https://evilvault.azure.net/".into());
+        assert!(check_endpoints(&s, "AzurePublicCloud", AzureOnly).is_err());
+        s.status_vault_uri = Some("https://vault.azure.net/".into());
+        assert!(check_endpoints(&s, "AzurePublicCloud", AzureOnly).is_err());
+        s.status_vault_uri = Some("https://kvj-x.vault.azure.net:443/".into());
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", AzureOnly), Ok(()));
+    }
+
+    #[test]
+    fn an_http_transit_seal_and_loopback_endpoints_are_for_the_lab_only() {
+        let s = spec("vault-server-transit");
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_BLOB_ENDPOINT, "loopback storage first: {e}");
+        assert_eq!(check_endpoints(&s, "AzurePublicCloud", Any), Ok(()));
+        let mut s = spec("vault-server-akv");
+        s.vault.as_mut().unwrap().seal = Seal::Transit {
+            address: "http://10.0.0.9:8200".into(),
+            key_name: "k".into(),
+            mount_path: "transit/".into(),
+        };
+        let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
+        assert_eq!(e.name, TAG_VAULT_SEAL);
+        assert!(e.problem.contains("not https"), "{e}");
     }
 }

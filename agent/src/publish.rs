@@ -8,11 +8,11 @@
 //! whose cluster or blob endpoint tag is missing or malformed cannot publish, and only its journal tells.
 
 use crate::azure::{call, Azure};
-use crate::boot::BootRecord;
 use crate::config::AgentConfig;
 use crate::election::COORDINATION_CONTAINER;
 use crate::imds::{ImdsClient, InstanceMetadata};
 use crate::node::{self as tags, NodeSpec};
+use crate::record::BootRecord;
 use crate::retry::RetryPolicy;
 use azure_core::http::RequestContent;
 use serde::{Deserialize, Serialize};
@@ -170,7 +170,7 @@ fn target_from_spec(spec: &NodeSpec, role_tag: &str) -> Option<Target> {
     }
     Some(Target {
         cluster: spec.cluster.clone(),
-        blob_endpoint: spec.blob_endpoint.clone()?,
+        blob_endpoint: spec.blob_endpoint.clone(),
         node: spec.node_name.clone(),
         identity_client_id: spec.identity_client_id.clone(),
         ip: Some(spec.ip.to_string()),
@@ -190,7 +190,17 @@ async fn publish_inner(
         (Some(s), _) => target_from_spec(s, s.role.as_str())
             .ok_or("tag hashistack-blob-endpoint is missing: the boot record stays local")?,
         // A boot that failed after reading its metadata (e.g. a bad tag): publish from what it read.
-        (None, Some(md)) => target(md)?,
+        (None, Some(md)) => {
+            let t = target(md)?;
+            if !crate::node::blob_endpoint_allowed(
+                &t.blob_endpoint,
+                &md.compute.az_environment,
+                cfg.azure.endpoints,
+            ) {
+                return Err("tag hashistack-blob-endpoint is not on this cloud's storage domain: the boot record stays local".into());
+            }
+            t
+        }
         (None, None) => return Err("no metadata: the boot record stays local".into()),
     };
     let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(

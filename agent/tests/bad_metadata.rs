@@ -74,7 +74,7 @@ fn cases() -> Vec<Case> {
             doc: Edit("jumpbox", |d| {
                 set_tag(d, "hashistack-datacenter", "East US")
             }),
-            names: &["hashistack-datacenter"],
+            names: &["hashistack-datacenter", "[a-z0-9-_]"],
         },
         Case {
             name: "unknown hashistack tag (typo)",
@@ -219,6 +219,46 @@ fn cases() -> Vec<Case> {
                 )
             }),
             names: &["hashistack-identity-client-id", "GUID"],
+        },
+        // Required tags that were once silently optional: a server tier without them skipped its whole
+        // bootstrap and exited 0.
+        Case {
+            name: "server tier without blob endpoint",
+            doc: Edit("consul-server", |d| {
+                remove_tag(d, "hashistack-blob-endpoint")
+            }),
+            names: &["hashistack-blob-endpoint", "missing"],
+        },
+        Case {
+            name: "server tier without escrow vault",
+            doc: Edit("vault-server-transit", |d| {
+                remove_tag(d, "hashistack-escrow-vault-uri")
+            }),
+            names: &["hashistack-escrow-vault-uri", "missing"],
+        },
+        Case {
+            name: "server tier without status vault",
+            doc: Edit("nomad-server", |d| {
+                remove_tag(d, "hashistack-status-vault-uri")
+            }),
+            names: &["hashistack-status-vault-uri", "missing"],
+        },
+        Case {
+            name: "jumpbox without status vault",
+            doc: Edit("jumpbox", |d| remove_tag(d, "hashistack-status-vault-uri")),
+            names: &["hashistack-status-vault-uri", "missing"],
+        },
+        Case {
+            name: "worker without blob endpoint",
+            doc: Edit("worker", |d| remove_tag(d, "hashistack-blob-endpoint")),
+            names: &["hashistack-blob-endpoint", "missing"],
+        },
+        Case {
+            name: "vault address on a worker",
+            doc: Edit("worker", |d| {
+                set_tag(d, "hashistack-vault-address", "https://10.42.2.10:8200")
+            }),
+            names: &["hashistack-vault-address", "does not apply to role worker"],
         },
         Case {
             name: "http blob endpoint",
@@ -507,4 +547,69 @@ async fn boot_rejects_bad_metadata_with_one_line_and_writes_only_its_record() {
             case.name
         );
     }
+}
+
+/// Tags are a control channel: a blob endpoint or a vault tag pointing outside the cloud's own domains stops the
+/// boot with one line naming the tag, and nothing — not even the failure record's publish, which would carry a
+/// storage token — reaches that host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_tag_off_the_clouds_domains_gets_no_token() {
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = collector.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((_s, _)) = collector.accept().await {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    for (tag, doc_name) in [
+        ("hashistack-blob-endpoint", "consul-server"),
+        ("hashistack-escrow-vault-uri", "vault-server-akv"),
+        ("hashistack-keyvault-uri", "worker"),
+    ] {
+        let mut doc = imds_fixture(doc_name);
+        set_tag(&mut doc, tag, &format!("https://127.0.0.1:{port}/"));
+        let body = text(&serde_json::to_vec(&doc).unwrap());
+        let script = Script::new(move |_, _| Reply::Ok(body.clone()));
+        let endpoint = start(script.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let cfg = boot_config(dir.path(), &endpoint, root.path());
+        let mut cmd = tokio::process::Command::from(agent_command([
+            "boot".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ]));
+        cmd.kill_on_drop(true);
+        let o = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("boot finishes")
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{tag}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{tag}: one line: {err}");
+        assert!(
+            lines[0].contains(tag) && lines[0].contains("domain"),
+            "{tag}: {err}"
+        );
+        // With a bad blob endpoint the failure record is not published at all: no token is even asked for.
+        // (With a good one it is published there, to the cloud's own storage.)
+        if tag == "hashistack-blob-endpoint" {
+            let tokens = script
+                .seen()
+                .iter()
+                .filter(|s| s.path().contains("identity/oauth2/token"))
+                .count();
+            assert_eq!(tokens, 0, "{tag}: no managed-identity token was asked for");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the collector got a connection"
+    );
+    accept.abort();
 }

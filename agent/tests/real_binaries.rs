@@ -9,6 +9,7 @@ use common::{
     agent_config, imds_fixture, imds_fixture_path, render_with_material, require_tool, run_render,
     set_ip, set_tag, text, versions, ROLE_FIXTURES,
 };
+use hashistack_agent::bootstrap::vault as bvault;
 use hashistack_agent::render::{vault, Layout};
 use hashistack_agent::services::health::{client_for, probe, Probe};
 use hashistack_agent::services::{read_env_file, Health};
@@ -589,4 +590,193 @@ fn find_check<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
         .as_array()?
         .iter()
         .find_map(|c| find_check(c, name))
+}
+
+/// One rendered OpenBao node that the test can power off (SIGKILL) and on again, keeping its data directory.
+struct PowerNode {
+    bin: PathBuf,
+    home: PathBuf,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    server: Option<Child>,
+    health: Health,
+}
+
+impl PowerNode {
+    fn on(&mut self) {
+        let mut cmd = bao_command(&self.bin, &self.home);
+        cmd.args(&self.command[1..]);
+        cmd.envs(self.env.clone());
+        let n = std::fs::read_dir(&self.home)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.server = Some(Child::spawn(cmd, self.home.join(format!("vault-{n}.log"))));
+    }
+    fn off(&mut self) {
+        // Drop kills (SIGKILL) and reaps: a power loss.
+        self.server = None;
+    }
+    async fn wait_answering(&mut self) {
+        let h = self.health.clone();
+        wait_until("bao answering", self.server.as_mut().unwrap(), || {
+            let h = h.clone();
+            async move {
+                match probe(&h, Duration::from_secs(2)).await {
+                    Probe::Unreachable { .. } => None,
+                    p => Some(p),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Test seam for the tier's local repair: powers the node off, empties its data directory, powers it on.
+struct ResetPowerNode(std::sync::Arc<tokio::sync::Mutex<PowerNode>>, PathBuf);
+
+#[async_trait::async_trait]
+impl bvault::LocalStorage for ResetPowerNode {
+    async fn reset(&self) -> Result<(), String> {
+        let mut n = self.0.lock().await;
+        n.off();
+        bvault::empty_dir(&self.1).map_err(|e| e.to_string())?;
+        n.on();
+        Ok(())
+    }
+}
+
+/// Power loss in the middle of `sys/init`, on the real OpenBao: raft is bootstrapped with the node as its only
+/// voter but no seal configuration was written, so every later init answers 400 "cluster already has state".
+/// The Vault tier classifies that answer, resets the node's storage and initializes it for real. (The delay that
+/// lands inside the window is found by trying a few; a delay that lands before or after it leaves a clean or an
+/// initialized node, which the test says and tries the next.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
+    use hashistack_agent::bootstrap::{Tier, TierFailure};
+    let Some((bin, installed)) = bao() else {
+        return;
+    };
+    let net = test_net();
+    let (transit_ip, node_ip) = (format!("{net}.3"), format!("{net}.20"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let _transit = transit_provider(&bin, dir.path(), &transit_ip).await;
+    let mut doc = imds_fixture("vault-server-transit");
+    set_ip(&mut doc, &node_ip);
+    set_tag(&mut doc, "hashistack-vault-join", &node_ip);
+    set_tag(&mut doc, "hashistack-vault-servers", "1");
+    set_tag(
+        &mut doc,
+        "hashistack-vault-seal",
+        &format!(
+            "transit address=http://{transit_ip}:8200 key_name=autounseal mount_path=transit/"
+        ),
+    );
+    let cfg = agent_config(dir.path(), root.path(), false, "root");
+    let (spec, plan) = render_with_material(&doc, &cfg, &versions(None, Some(&installed)));
+    let svc = plan.services.iter().find(|s| s.name == "vault").unwrap();
+    let layout = Layout::new(root.path());
+    let ca = layout.ca_file(Product::Vault);
+    let data = layout.data_dir(Product::Vault);
+    let api = format!("https://{}:8200", spec.ip);
+    let home = dir.path().join("node");
+    std::fs::create_dir_all(&home).unwrap();
+    let node = std::sync::Arc::new(tokio::sync::Mutex::new(PowerNode {
+        bin: bin.clone(),
+        home,
+        command: svc.command.clone(),
+        env: read_env_file(svc.env_file.as_ref().unwrap()).unwrap(),
+        server: None,
+        health: Health::VaultHttps {
+            addr: format!("{}:8200", spec.ip),
+            ca_file: ca.clone(),
+        },
+    }));
+    let http = client_for(&ca, Duration::from_secs(120)).unwrap();
+    let tier = |local: Option<Box<dyn bvault::LocalStorage>>| bvault::VaultTier {
+        pgp: Default::default(),
+        api: api.clone(),
+        ca_file: ca.clone(),
+        recovery_shares: 1,
+        recovery_threshold: 1,
+        servers: 1,
+        audit_file: root.path().join("var/log/vault/audit.log"),
+        shared: None,
+        status_vault: None,
+        local,
+    };
+
+    let mut found = None;
+    for delay_ms in [150u64, 400, 800, 1500, 2500, 4000] {
+        bvault::empty_dir(&data).unwrap();
+        {
+            let mut n = node.lock().await;
+            n.on();
+            n.wait_answering().await;
+        }
+        let init = tokio::spawn(
+            http.put(format!("{api}/v1/sys/init"))
+                .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1}))
+                .send(),
+        );
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let finished = init.is_finished();
+        node.lock().await.off();
+        init.abort();
+        {
+            let mut n = node.lock().await;
+            n.on();
+            n.wait_answering().await;
+        }
+        // Without a way to reset, the tier names the state and calls nothing else.
+        match tier(None).bootstrap().await {
+            Err(TierFailure::HalfInitialized(d)) => {
+                assert!(d.contains("cluster already has state"), "{d}");
+                eprintln!("power off {delay_ms} ms into sys/init: half-initialized");
+                found = Some(delay_ms);
+                break;
+            }
+            Err(TierFailure::AlreadyDone(_)) => {
+                eprintln!("power off {delay_ms} ms into sys/init: init had finished (answered: {finished})")
+            }
+            Ok(_) => eprintln!(
+                "power off {delay_ms} ms into sys/init: nothing was written; a clean init"
+            ),
+            Err(other) => panic!("{delay_ms} ms: unexpected answer {other:?}"),
+        }
+        node.lock().await.off();
+    }
+    let delay = found.expect("no delay landed inside sys/init (see the lines above)");
+
+    // The state the tier meets after the power comes back, twice: the call is refused again, nothing changed.
+    assert!(matches!(
+        tier(None).bootstrap().await,
+        Err(TierFailure::HalfInitialized(_))
+    ));
+    let t = tier(Some(Box::new(ResetPowerNode(node.clone(), data.clone()))));
+    t.reset_local().await.unwrap();
+    t.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let secrets = t
+        .bootstrap()
+        .await
+        .unwrap_or_else(|e| panic!("init after the reset ({delay} ms): {e:?}"));
+    let v: bvault::VaultSecrets = serde_json::from_slice(&secrets).unwrap();
+    assert_eq!(v.recovery_keys_base64.len(), 1);
+    // The root token works on the node, which is initialized and unsealed now.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = http
+            .get(format!("{api}/v1/auth/token/lookup-self"))
+            .header("X-Vault-Token", &v.root_token)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200, "the new root token authenticates");
+    node.lock().await.off();
 }

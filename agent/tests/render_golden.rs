@@ -222,6 +222,12 @@ fn role_products_and_version_syntax() {
         );
         assert_eq!(c["acl"]["default_policy"], "deny", "{case}");
         assert_eq!(c["ports"]["http"], -1, "{case}: plain HTTP off");
+        // One datacenter (docs/network.md): servers turn the WAN listener off; the NSG does not open 8302.
+        if server {
+            assert_eq!(c["ports"]["serf_wan"], -1, "{case}: WAN off");
+        } else {
+            assert!(c["ports"].get("serf_wan").is_none(), "{case}");
+        }
         assert_eq!(c["performance"]["raft_multiplier"], 1, "{case}");
         assert_eq!(c["encrypt_verify_incoming"], true, "{case}");
         if consul == "1.8.7" {

@@ -28,6 +28,9 @@ pub const KEYVAULT_SERVERS_PORT: u16 = 8445;
 pub const KEYVAULT_STATUS_PORT: u16 = 8446;
 pub const TRANSIT_PORT: u16 = 8200;
 
+/// The Vault load balancer's frontend host (127.<net>.0.20; Vault servers are .21+).
+pub const VAULT_LB_HOST: u8 = 20;
+
 #[derive(Debug, Clone)]
 pub struct LabOptions {
     /// Where the lab keeps its state (node roots, logs, keys). Removed by `down` unless `keep`.
@@ -79,6 +82,10 @@ impl LabOptions {
             verbose: false,
             user_data: BTreeMap::new(),
         }
+    }
+    /// The Vault load balancer's frontend (lb.rs), as the template's `vaultApiAddress`.
+    pub fn vault_address(&self) -> String {
+        format!("https://{}:8200", self.ip(VAULT_LB_HOST))
     }
     pub fn ip(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(127, self.net, 0, host)
@@ -212,6 +219,7 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     }
     for (i, ip) in vault_ips.iter().enumerate() {
         let mut t = common(Role::VaultServer);
+        t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
         t.push((tags::TAG_VAULT_JOIN.into(), list(&vault_ips)));
         t.push((tags::TAG_VAULT_SERVERS.into(), o.vault_servers.to_string()));
         t.push((
@@ -259,6 +267,9 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     // The operators' jumpbox (a VM, not a scale set): a Consul client, and where `hashistack-agent status` runs.
     if o.jumpbox.unwrap_or(o.start_agents) {
         let mut t = common(Role::Jumpbox);
+        if o.vault_servers > 0 {
+            t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
+        }
         t.push((
             tags::TAG_STATUS_VAULT_URI.into(),
             format!("https://{}:{KEYVAULT_STATUS_PORT}/", o.ip(1)),
@@ -360,6 +371,16 @@ impl Lab {
         };
         lab.start_emulators().await?;
         lab.start_transit().await?;
+        if lab.opts.vault_servers > 0 {
+            let front = SocketAddr::from((lab.opts.ip(VAULT_LB_HOST), 8200));
+            let backends = (0..lab.opts.vault_servers)
+                .map(|i| SocketAddr::from((lab.opts.ip(21 + i), 8200)))
+                .collect();
+            let tasks = crate::lb::serve(front, backends)
+                .await
+                .map_err(io(format!("Vault load balancer on {front}")))?;
+            lab.extra_tasks.extend(tasks);
+        }
         lab.link_nomad_double()?;
         for def in node_defs(&lab.opts) {
             lab.add_node(def).await?;
@@ -668,6 +689,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Deletes a blob as the lab (for tests that follow an operator procedure, e.g. removing a tier state).
+    pub async fn delete_blob(&self, container: &str, name: &str) -> Result<(), LabError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .delete(format!("{}{container}/{name}", self.blob_endpoint()))
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .send()
+            .await
+            .map_err(|e| LabError::Failed(format!("delete blob {container}/{name}: {e}")))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "delete blob {container}/{name}: HTTP {}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
     /// The jumpbox's node index (where `hashistack-agent status` runs).
     pub fn jumpbox(&self) -> Option<usize> {
         self.nodes.iter().position(|n| n.def.role == Role::Jumpbox)
@@ -751,6 +793,8 @@ impl Lab {
         // The emulators' certificates come from the lab CA, and the Key Vault double lives on 127.x.
         c.azure.extra_ca_file = Some(o.state_dir.join("ca.pem"));
         c.azure.verify_challenge_resource = false;
+        // The lab's emulators live on loopback, and its transit seal is plain http.
+        c.azure.endpoints = hashistack_agent::config::EndpointPolicy::Any;
         c.bootstrap.enabled = o.bootstrap;
         c.bootstrap.follower_deadline_secs = 300;
         c.bootstrap.azure_deadline_secs = 60;
@@ -1011,9 +1055,30 @@ impl Lab {
     }
 
     /// Stops everything this lab started, and removes its state unless `keep`.
+    /// Stops everything at once: every agent is asked to stop (SIGTERM) together and given `DOWN_GRACE`, then what
+    /// is left and every service the agents started are killed (the lab's data is thrown away or kept as is with
+    /// `--keep`; nothing needs an orderly leave). Says what it waits for when that takes more than a second.
     pub async fn down(mut self) {
-        for i in (0..self.nodes.len()).rev() {
-            self.stop_agent(i).await;
+        const DOWN_GRACE: Duration = Duration::from_secs(5);
+        let verbose = self.opts.verbose;
+        let say = |what: &'static str| {
+            move |names: &[String]| {
+                if verbose {
+                    eprintln!(
+                        "lab: stopping: waiting for {what} {} to exit (killed after {}s)",
+                        names.join(", "),
+                        DOWN_GRACE.as_secs()
+                    );
+                }
+            }
+        };
+        let agents: Vec<Proc> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.agent.take())
+            .collect();
+        procs::stop_all(agents, DOWN_GRACE, say("agents")).await;
+        for i in 0..self.nodes.len() {
             self.kill_node_services(i);
             self.nodes[i].imds_task.abort();
         }
@@ -1023,13 +1088,11 @@ impl Lab {
         if let Some(kv) = self.keyvault.take() {
             kv.stop();
         }
-        for p in [self.transit.take(), self.azurite.take()]
+        let emulators: Vec<Proc> = [self.transit.take(), self.azurite.take()]
             .into_iter()
             .flatten()
-        {
-            let mut p = p;
-            p.stop(Duration::from_secs(10)).await;
-        }
+            .collect();
+        procs::stop_all(emulators, DOWN_GRACE, say("emulators")).await;
         let _ = std::fs::remove_file(self.opts.state_dir.join("lab.pid"));
         if !self.opts.keep {
             let _ = std::fs::remove_dir_all(&self.opts.state_dir);

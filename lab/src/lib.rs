@@ -4,6 +4,7 @@ pub mod bench;
 pub mod imds;
 pub mod keyvault;
 pub mod lab;
+pub mod lb;
 pub mod nomad_double;
 pub mod procs;
 pub mod tools;

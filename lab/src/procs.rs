@@ -94,6 +94,49 @@ impl Proc {
     }
 }
 
+/// Stops many processes at once: SIGTERM to all, then up to `grace` for them to exit, then SIGKILL to what is left.
+/// `waiting` is told, once, which processes are still running after the first second (so a person watching knows
+/// what the stop waits for). Returns the names of the processes that had to be killed.
+pub async fn stop_all(
+    mut procs: Vec<Proc>,
+    grace: Duration,
+    mut waiting: impl FnMut(&[String]),
+) -> Vec<String> {
+    for p in &procs {
+        if let Some(pid) = p.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        procs.retain_mut(|p| {
+            let running = matches!(p.child.try_wait(), Ok(None));
+            if !running {
+                let _ = std::fs::remove_file(&p.pid_file);
+            }
+            running
+        });
+        if procs.is_empty() || start.elapsed() >= grace {
+            break;
+        }
+        if !told && start.elapsed() >= Duration::from_secs(1).min(grace / 2) {
+            waiting(&procs.iter().map(|p| p.name.clone()).collect::<Vec<_>>());
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut killed = Vec::new();
+    for mut p in procs {
+        p.kill().await;
+        killed.push(p.name);
+    }
+    killed
+}
+
 /// Stops processes recorded in `pid_dir` by a lab running in another process (`hashistack-lab down`).
 pub fn kill_pid_files(pid_dir: &Path) -> usize {
     signal_pid_files(pid_dir, nix::sys::signal::Signal::SIGTERM)
@@ -117,4 +160,61 @@ pub fn signal_pid_files(pid_dir: &Path, sig: nix::sys::signal::Signal) -> usize 
         let _ = std::fs::remove_file(e.path());
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(name: &str, script: &str, dir: &Path) -> Proc {
+        spawn(
+            name,
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            &[],
+            &dir.join("logs"),
+            &dir.join("pids"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stop_all_terminates_together_and_kills_only_what_ignores_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        // `exec sleep` takes SIGTERM's default action; the trap makes the shell ignore it (sleep inherits that).
+        let polite = sh("polite", "exec sleep 30", dir.path());
+        let stubborn1 = sh("stubborn-1", "trap '' TERM; sleep 30", dir.path());
+        let stubborn2 = sh("stubborn-2", "trap '' TERM; sleep 30", dir.path());
+        let pids: Vec<i32> = [&polite, &stubborn1, &stubborn2]
+            .iter()
+            .map(|p| p.pid().unwrap() as i32)
+            .collect();
+        // Let the shells install their traps.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut told = Vec::new();
+        let mut killed = stop_all(
+            vec![polite, stubborn1, stubborn2],
+            Duration::from_millis(1500),
+            |names| told = names.to_vec(),
+        )
+        .await;
+        killed.sort();
+        assert_eq!(killed, ["stubborn-1", "stubborn-2"]);
+        assert_eq!(
+            told,
+            ["stubborn-1", "stubborn-2"],
+            "what the stop waited for"
+        );
+        for pid in pids {
+            assert!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+                "pid {pid} still exists"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("pids")).unwrap().count(),
+            0,
+            "pid files left"
+        );
+    }
 }

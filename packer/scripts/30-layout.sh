@@ -8,8 +8,10 @@ set -euo pipefail
 : "${NOMAD_VERSION:?NOMAD_VERSION is not set}"
 
 # path owner group mode
+# /etc/hashistack is traversable so operators reach /etc/hashistack/operator (CA, CLI environments) without sudo;
+# what is secret below it keeps its own mode.
 layout=(
-  "/etc/hashistack root root 0750"
+  "/etc/hashistack root root 0755"
   "/etc/hashistack/env root root 0750"
   "/etc/consul.d consul consul 0750"
   "/opt/consul consul consul 0750"

@@ -309,6 +309,8 @@ class Evaluator:
         self.rg_id = f"/subscriptions/{CTX['subscriptionId']}/resourceGroups/{CTX['resourceGroup']}"
         self._vars: dict[str, Any] = {}
         self._resolving: set[str] = set()
+        # The deployment's utcNow(); fixed so that results are reproducible.
+        self.now = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
     # -- public
     def value(self, v: Any) -> Any:
@@ -359,6 +361,11 @@ class Evaluator:
             obj, idx = self._eval(node[1]), self._eval(node[2])
             return obj[idx]
         name, args = node[1], node[2]
+        if name.lower() == "if":
+            # ARM evaluates only the branch the condition selects (a refusal in the other branch never fires).
+            if len(args) != 3:
+                raise ArmExprError(f"if() takes 3 arguments, got {len(args)}")
+            return self._eval(args[1]) if self._eval(args[0]) else self._eval(args[2])
         fn = getattr(self, "fn_" + name.lower(), None)
         if fn is None:
             raise ArmExprError(f"template function {name}() is not supported by the test evaluator")
@@ -396,6 +403,9 @@ class Evaluator:
     def fn_string(self, v):
         return json.dumps(v) if isinstance(v, (dict, list)) else (str(v).lower() if isinstance(v, bool) else str(v))
 
+    def fn_replace(self, v, old, new):
+        return v.replace(old, new)
+
     def fn_tolower(self, v):
         return v.lower()
 
@@ -411,9 +421,6 @@ class Evaluator:
     def fn_equals(self, a, b):
         return a == b
 
-    def fn_if(self, c, a, b):
-        return a if c else b
-
     def fn_createarray(self, *args):
         return list(args)
 
@@ -422,6 +429,66 @@ class Evaluator:
 
     def fn_base64(self, v):
         return base64.b64encode(str(v).encode("utf-8")).decode("ascii")
+
+    def fn_null(self):
+        return None
+
+    def fn_true(self):
+        return True
+
+    def fn_false(self):
+        return False
+
+    def fn_or(self, *args):
+        return any(args)
+
+    def fn_and(self, *args):
+        return all(args)
+
+    def fn_length(self, v):
+        return len(v)
+
+    def fn_greater(self, a, b):
+        return a > b
+
+    def fn_contains(self, container, item):
+        if isinstance(container, dict):
+            return item in container
+        if isinstance(container, str):
+            return str(item) in container
+        return item in container
+
+    def fn_json(self, text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            # What ARM does too: the deployment is refused at validation, naming the expression.
+            raise ArmExprError(f"json() of invalid JSON {text!r}: {exc}") from exc
+
+    def fn_utcnow(self, fmt=None):
+        """utcNow() (only allowed in a parameter's defaultValue): 'yyyyMMddTHHmmssZ', or 'u' (universal sortable)."""
+        if fmt is None:
+            return self.now.strftime("%Y%m%dT%H%M%SZ")
+        if fmt == "u":
+            return self.now.strftime("%Y-%m-%d %H:%M:%SZ")
+        raise ArmExprError(f"utcNow({fmt!r}) is not supported by the test evaluator")
+
+    @staticmethod
+    def _parse_time(text):
+        for f in ("%Y%m%dT%H%M%SZ", "%Y-%m-%d %H:%M:%SZ", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ"):
+            try:
+                return dt.datetime.strptime(text, f).replace(tzinfo=dt.timezone.utc)
+            except ValueError:
+                pass
+        raise ArmExprError(f"not a date-time ARM understands here: {text!r}")
+
+    def fn_datetimeadd(self, base, duration, fmt=None):
+        if fmt is not None:
+            raise ArmExprError("dateTimeAdd() with a format is not supported by the test evaluator")
+        return (self._parse_time(base) + iso_duration(duration)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def fn_datetimetoepoch(self, text):
+        return int(self._parse_time(text).timestamp())
 
     def fn_cidrsubnet(self, net, bits, index):
         return str(list(ipaddress.ip_network(net).subnets(new_prefix=bits))[index])
@@ -461,6 +528,16 @@ class Evaluator:
         if "/microsoft.network/publicipaddresses/" in low:
             return {"ipAddress": "203.0.113.10", "dnsSettings": {"fqdn": f"{name}.{CTX['location']}.cloudapp.azure.com"}}
         raise ArmExprError(f"reference() of an unsupported resource: {rid}")
+
+
+def iso_duration(text: str) -> dt.timedelta:
+    """An ISO 8601 duration as ARM and Key Vault use them (P2Y, P30D, P1Y6M, PT12H), with years of 365 days and
+    months of 30: exact enough to compare durations with each other."""
+    m = re.fullmatch(r"P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text or "")
+    if not m or text in ("P", "PT"):
+        raise ArmExprError(f"not an ISO 8601 duration: {text!r}")
+    y, mo, w, d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return dt.timedelta(days=365 * y + 30 * mo + 7 * w + d, hours=h, minutes=mi, seconds=s)
 
 
 def default_values(template: dict, params_file: dict) -> dict:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import ipaddress
+import json
 import re
 from typing import Any
 
-from armlib import (CTX, ArmExprError, Evaluator, SchemaSet, calls_in, is_expr, literal_names, markdown_tables,
-                    parse_expr, strings_in, strip_md, walk_ast)
+from armlib import (CTX, ArmExprError, Evaluator, SchemaSet, calls_in, is_expr, iso_duration, literal_names,
+                    markdown_tables, parse_expr, strings_in, strip_md, walk_ast)
 
 ROLE_OF_TIER = {"consul": "consul-server", "vault": "vault-server", "nomad": "nomad-server",
                 "workers": "worker", "jumpbox": "jumpbox"}
@@ -85,6 +86,28 @@ def check_uidef_schema(ui: dict, schemas: SchemaSet) -> list[str]:
 
 
 # ============================================================================================ structure
+
+# arm-ttk "Template Should Not Contain Blanks": an empty string, array or object as a property value means
+# something in a declarative model (clear it), so it must not be written by accident. These properties may be
+# empty (arm-ttk's own list), and so may the value under an expression or resource-id key (userAssignedIdentities).
+BLANK_OK_PROPERTIES = {"resources", "outputs", "variables", "parameters", "functions", "properties", "defaultValue",
+                       "accessPolicies", "value", "promotionCode", "inputs", "notEquals", "clientId",
+                       "allowedCallerIpAddresses"}
+
+
+def check_no_blanks(template_text: str) -> list[str]:
+    """The arm-ttk rule, on the template's text: no property value is "", [], {} or null."""
+    problems = []
+    colon = r"(?<=:)\s*"
+    for m in re.finditer(colon + r"(\{\s*\}|\[\s*\]|\"\s*\"|null\b)", template_text):
+        names = list(re.finditer(r'"([^"]+)"\s*:', template_text[:m.start()]))
+        name = names[-1].group(1) if names else ""
+        if name in BLANK_OK_PROPERTIES or re.match(r"\s*\[", name) or re.match(r"\s*/subscriptions/", name):
+            continue
+        line = template_text.count("\n", 0, m.start()) + 1
+        problems.append(f"line {line}: {name!r} is blank ({m.group(1)})")
+    return problems
+
 
 def check_parameters_used(t: dict) -> list[str]:
     problems = []
@@ -319,6 +342,59 @@ def check_storage_and_key_vaults(t: dict) -> list[str]:
     return problems
 
 
+def check_key_expiry(t: dict, ev: Evaluator) -> list[str]:
+    """Every Key Vault key expires, and consistently with its rotation policy: the policy's expiryTime applies
+    only to the versions it creates, so the first version carries attributes.exp = creation + the same lifetime;
+    the policy rotates before its notify window opens (so 'notify' fires only when rotation did not happen), and
+    both fit inside the lifetime. Without an expiry, 'notify N days before expiry' never fires."""
+    problems = []
+    keys = resources_of(t, "Microsoft.KeyVault/vaults/keys")
+    if not keys:
+        return ["no Key Vault keys"]
+    for r in keys:
+        label = f"key {r['name']}"
+        p = r.get("properties", {})
+        policy = p.get("rotationPolicy", {})
+        lifetime_text = policy.get("attributes", {}).get("expiryTime")
+        try:
+            lifetime = iso_duration(lifetime_text)
+        except ArmExprError as exc:
+            problems.append(f"{label}: rotation policy expiryTime: {exc}")
+            continue
+        if lifetime < dt.timedelta(days=28):
+            problems.append(f"{label}: rotation policy expiryTime {lifetime_text} is under Key Vault's 28 days")
+        raw_exp = p.get("attributes", {}).get("exp")
+        if raw_exp is None:
+            problems.append(f"{label}: no attributes.exp: the first version never expires (expiryTime "
+                            f"{lifetime_text} applies only to rotated versions), so 'notify' never fires")
+        else:
+            try:
+                exp = ev.value(raw_exp)
+            except ArmExprError as exc:
+                problems.append(f"{label}: attributes.exp does not evaluate: {exc}")
+                exp = None
+            if exp is not None:
+                want = int((ev.now + lifetime).timestamp())
+                if not isinstance(exp, int) or abs(exp - want) > 86400:
+                    problems.append(f"{label}: attributes.exp is {exp!r}, want the deployment time + {lifetime_text} "
+                                    f"({want}), the rotation policy's lifetime")
+        rotate = [a["trigger"] for a in policy.get("lifetimeActions", []) if a["action"]["type"].lower() == "rotate"]
+        notify = [a["trigger"] for a in policy.get("lifetimeActions", []) if a["action"]["type"].lower() == "notify"]
+        if not rotate or not notify:
+            problems.append(f"{label}: the rotation policy must both rotate and notify")
+            continue
+        window = max(iso_duration(n["timeBeforeExpiry"]) for n in notify if "timeBeforeExpiry" in n)
+        for trig in rotate:
+            at = iso_duration(trig["timeAfterCreate"]) if "timeAfterCreate" in trig else \
+                lifetime - iso_duration(trig["timeBeforeExpiry"])
+            if at >= lifetime - window:
+                problems.append(f"{label}: rotates at {at.days} days, not before the notify window opens "
+                                f"({(lifetime - window).days} days)")
+        if window >= lifetime:
+            problems.append(f"{label}: notify window {window.days} days is not inside the lifetime {lifetime_text}")
+    return problems
+
+
 def check_network(t: dict, ev: Evaluator) -> list[str]:
     problems = []
     vnets = resources_of(t, "Microsoft.Network/virtualNetworks")
@@ -438,6 +514,59 @@ def _vm_profile_problems(label: str, vmp: dict, data_disk: bool) -> list[str]:
     return problems
 
 
+SERVER_ROLES = {"consul-server", "vault-server", "nomad-server"}
+
+
+def check_zone_resilience(t: dict, evaluators: dict[str, Evaluator]) -> list[str]:
+    """With availability zones chosen, nothing zonal is left in one zone: the scale sets span the zones with one
+    fault domain per zone (platformFaultDomainCount 1, Azure's advice for zone-spanning scale sets), the fixed-size
+    raft tiers are kept strictly balanced across zones (zoneBalance; a raft majority must survive a zone), the
+    internal load balancer's frontend is zone-redundant and the NAT gateway is (StandardV2, with a StandardV2
+    public IP). Regional deployments (no zones) set none of it, and one zone gets no zoneBalance (the API refuses
+    it with fewer than two zones). `evaluators`: 'regional', 'one-zone' and 'zones' parameter values."""
+    problems = []
+    for case, ev in evaluators.items():
+        zones = ev.param("availabilityZones")
+        spanning = len(zones) > 1
+        for r in resources_of(t, "Microsoft.Compute/virtualMachineScaleSets"):
+            role = r.get("tags", {}).get("hashistack-role")
+            label = f"{case}: scale set {role}"
+            p = r.get("properties", {})
+            got_zones = ev.value(r.get("zones")) or []
+            if got_zones != zones:
+                problems.append(f"{label}: zones {got_zones}, want {zones}")
+            fd = ev.value(p.get("platformFaultDomainCount"))
+            if zones and fd != 1:
+                problems.append(f"{label}: platformFaultDomainCount {fd!r}, want 1 with zones")
+            if not zones and fd is not None:
+                problems.append(f"{label}: platformFaultDomainCount {fd!r} without zones (leave it to the default)")
+            zb = ev.value(p.get("zoneBalance"))
+            if role in SERVER_ROLES and spanning and zb is not True:
+                problems.append(f"{label}: zoneBalance {zb!r}: a fixed-size raft tier must spread evenly over the zones")
+            if not spanning and zb is not None:
+                problems.append(f"{label}: zoneBalance {zb!r} with {len(zones)} zone(s) (the API refuses it)")
+        for lb in resources_of(t, "Microsoft.Network/loadBalancers"):
+            for fe in lb["properties"].get("frontendIPConfigurations", []):
+                fz = ev.value(fe.get("zones")) or []
+                if fz != zones:
+                    problems.append(f"{case}: load balancer frontend {fe['name']}: zones {fz}, want {zones} "
+                                    f"(zone-redundant with several zones)")
+        pips = {resource_id(ev, r): r for r in resources_of(t, "Microsoft.Network/publicIPAddresses")}
+        for nat in resources_of(t, "Microsoft.Network/natGateways"):
+            sku = ev.value(nat.get("sku", {}).get("name"))
+            if zones and sku != "StandardV2":
+                problems.append(f"{case}: NAT gateway SKU {sku!r}: a Standard NAT gateway lives in one zone; "
+                                "StandardV2 is zone-redundant")
+            if ev.value(nat.get("zones")):
+                problems.append(f"{case}: NAT gateway pinned to zones {ev.value(nat.get('zones'))}")
+            for ref in nat["properties"].get("publicIpAddresses", []):
+                pip = pips.get(ev.value(ref["id"]))
+                pip_sku = ev.value(pip["sku"]["name"]) if pip else None
+                if pip_sku != sku:
+                    problems.append(f"{case}: NAT gateway {sku} with a {pip_sku} public IP (the SKUs must match)")
+    return problems
+
+
 def check_vault_load_balancer(t: dict, ev: Evaluator) -> list[str]:
     problems = []
     lbs = resources_of(t, "Microsoft.Network/loadBalancers")
@@ -522,7 +651,7 @@ def role_assignments(t: dict, ev: Evaluator) -> list[dict]:
             role_name = "custom[" + ", ".join(sorted(a.split("/", 1)[1] for a in data_actions)) + "]"
         else:
             role_name, data_actions, actions = f"unknown role {role_id}", {"*"}, {"*"}
-        out.append(dict(resource=r, principal=principal, scope=labels.get(scope.lower(), scope),
+        out.append(dict(resource=r, principal=principal, scope=labels.get(scope.lower(), scope), scope_id=scope,
                         role=role_name, role_id=role_id, data_actions=data_actions, actions=actions,
                         principal_type=p.get("principalType")))
     return out
@@ -721,6 +850,117 @@ def check_vault_network_acls(t: dict, ev: Evaluator) -> list[str]:
     return problems
 
 
+# Resources with a data-plane firewall, and the service (endpoint name, data action namespace) behind it.
+FIREWALLED = {"Microsoft.Storage/storageAccounts": "Microsoft.Storage",
+              "Microsoft.KeyVault/vaults": "Microsoft.KeyVault"}
+# Where each principal's data-plane requests come from: a tier from its own subnet; operators sit outside the VNet
+# and reach the data plane from the jumpbox (docs/deploy.md, docs/runbooks.md).
+SUBNET_OF_PRINCIPAL = {**{tier: tier for tier in TIERS}, "operator": "jumpbox"}
+
+
+def firewall_admissions(t: dict, ev: Evaluator) -> tuple[dict[str, dict], list[str]]:
+    """For every storage account and Key Vault: {resource id: {"label", "admitted": subnets, "needed": {subnet:
+    [why]}}}: the subnets its firewall admits, and the subnets it must admit because a principal there holds a
+    data-plane role on it (on the resource itself, on something inside it, or on a scope above it)."""
+    problems = []
+    vnet = ev.fn_resourceid("Microsoft.Network/virtualNetworks", ev.variable("vnetName"))
+    assignments = role_assignments(t, ev)
+    labels = _scope_labels(t, ev)
+    out = {}
+    for rtype, service in FIREWALLED.items():
+        for r in resources_of(t, rtype):
+            rid = resource_id(ev, r)
+            label = labels.get(rid.lower(), f"{rtype} {ev.value(r['name'])}")
+            acls = r.get("properties", {}).get("networkAcls")
+            if not acls:
+                problems.append(f"{label}: no firewall (networkAcls)")
+                continue
+            if acls.get("defaultAction") != "Deny":
+                problems.append(f"{label}: firewall default action is {acls.get('defaultAction')!r}, want Deny")
+            if acls.get("ipRules"):
+                problems.append(f"{label}: IP rules {acls['ipRules']} (only the cluster's subnets)")
+            admitted = set()
+            for rule in acls.get("virtualNetworkRules", []):
+                sid = ev.value(rule["id"])
+                parent, _, subnet = sid.rpartition("/subnets/")
+                if parent != vnet:
+                    problems.append(f"{label}: admits {sid}, a subnet outside the cluster's VNet")
+                if rule.get("action", "Allow") != "Allow":
+                    problems.append(f"{label}: rule for {subnet} has action {rule.get('action')!r}")
+                admitted.add(subnet)
+            needed: dict[str, list[str]] = {}
+            for a in assignments:
+                sid = a["scope_id"].lower()
+                inside_or_on = sid == rid.lower() or sid.startswith(rid.lower() + "/")
+                above = rid.lower().startswith(sid.rstrip("/") + "/")
+                data = {d for d in a["data_actions"]
+                        if d == "*" or d.lower().startswith(service.lower() + "/")
+                        or fnmatch.fnmatchcase(f"{service}/x".lower(), d.lower())}
+                if not data or not (inside_or_on or above):
+                    continue
+                subnet = SUBNET_OF_PRINCIPAL.get(a["principal"])
+                if subnet is None:
+                    problems.append(f"{label}: {a['principal']} holds {a['role']} on {a['scope']}, from no known subnet")
+                    continue
+                needed.setdefault(subnet, []).append(f"{a['principal']}: {a['role']} on {a['scope']}")
+            out[rid] = {"label": label, "service": service, "admitted": admitted, "needed": needed}
+    return out, problems
+
+
+def check_firewalls_admit_data_plane_principals(t: dict, ev: Evaluator) -> list[str]:
+    """Every firewall (the storage account and every Key Vault) admits exactly the subnets of the principals that
+    hold a data-plane role on it: a principal whose subnet is missing has its requests refused by the network
+    rules however right its role (workers' boot records were never published that way), and a subnet nobody
+    there needs is an opening for nothing. Every admitted subnet has the service endpoint the rule relies on."""
+    fws, problems = firewall_admissions(t, ev)
+    vnets = resources_of(t, "Microsoft.Network/virtualNetworks")
+    endpoints = {s["name"]: {e.get("service") for e in s.get("properties", {}).get("serviceEndpoints", [])}
+                 for v in vnets for s in v["properties"]["subnets"]}
+    if not fws:
+        problems.append("no storage account or Key Vault with a firewall")
+    for fw in fws.values():
+        for subnet, why in sorted(fw["needed"].items()):
+            if subnet not in fw["admitted"]:
+                problems.append(f"{fw['label']}: the firewall does not admit subnet {subnet}, but "
+                                f"{'; '.join(why)}: those requests are refused")
+        for subnet in sorted(fw["admitted"] - set(fw["needed"])):
+            problems.append(f"{fw['label']}: admits subnet {subnet}, where nobody holds a data-plane role on it")
+        for subnet in sorted(fw["admitted"]):
+            if fw["service"] not in endpoints.get(subnet, set()):
+                problems.append(f"{fw['label']}: admits subnet {subnet}, which has no {fw['service']} service "
+                                f"endpoint (the rule cannot match its traffic)")
+    return problems
+
+
+# docs/network.md names each firewalled resource by its name prefix.
+DOC_TARGET_PREFIX = {"kvu": "vault:unseal", "kvs": "vault:shared", "kvc": "vault:servers", "kvj": "vault:status",
+                     "kve": "vault:escrow", "hs": "storageAccount"}
+
+
+def check_firewall_table_matches_doc(t: dict, ev: Evaluator, network_md: str) -> list[str]:
+    """docs/network.md's 'target | admitted subnets' table is the template's firewalls, row for row."""
+    fws, problems = firewall_admissions(t, ev)
+    actual = {fw["label"]: fw["admitted"] for fw in fws.values()}
+    documented: dict[str, set[str]] = {}
+    for table in markdown_tables(network_md):
+        if not table or "admitted subnets" not in table[0]:
+            continue
+        for row in table:
+            m = re.search(r"`([a-z]+)(?:-)?…", row["target"])
+            label = DOC_TARGET_PREFIX.get(m.group(1)) if m else None
+            if label is None:
+                problems.append(f"docs/network.md: cannot tell which resource {row['target']!r} is")
+                continue
+            documented[label] = {strip_md(s) for s in row["admitted subnets"].split(",")}
+    if not documented:
+        return problems + ["docs/network.md has no 'admitted subnets' table"]
+    for label in sorted(set(actual) | set(documented)):
+        if actual.get(label) != documented.get(label):
+            problems.append(f"{label}: the template admits {sorted(actual.get(label, []))}, docs/network.md says "
+                            f"{sorted(documented.get(label, []))}")
+    return problems
+
+
 def _assignment_id(ev: Evaluator, r: dict) -> str:
     name = ev.value(r["name"])
     if "scope" not in r:
@@ -846,6 +1086,39 @@ def check_assignment_hygiene(t: dict, ev: Evaluator) -> list[str]:
     return problems
 
 
+ROLE_DEF_PREFIX = f"/subscriptions/{CTX['subscriptionId']}/providers/Microsoft.Authorization/roleDefinitions/"
+
+
+def check_role_definition_ids(t: dict, ev: Evaluator, other_cluster: Evaluator) -> list[str]:
+    """Role assignments name their role in the form the service reports (subscriptionResourceId(): the resource
+    group form of resourceId() is normalised away by the service, so what-if would show every assignment as
+    changed on every run), and the custom role definitions of two clusters in one resource group (`other_cluster`:
+    the same template with another clusterName) neither share nor rename each other's roles."""
+    problems = []
+    for r in resources_of(t, "Microsoft.Authorization/roleAssignments"):
+        raw = r.get("properties", {}).get("roleDefinitionId", "")
+        if not raw.startswith("[subscriptionResourceId('Microsoft.Authorization/roleDefinitions',"):
+            problems.append(f"role assignment {r['name']}: roleDefinitionId {raw!r} is not built with "
+                            "subscriptionResourceId() (the service reports the subscription form)")
+            continue
+        rid = ev.value(raw)
+        if not rid.startswith(ROLE_DEF_PREFIX):
+            problems.append(f"role assignment {r['name']}: roleDefinitionId evaluates to {rid!r}")
+    ours = {ev.value(r["name"]): r for r in resources_of(t, "Microsoft.Authorization/roleDefinitions")}
+    theirs = {other_cluster.value(r["name"]) for r in resources_of(t, "Microsoft.Authorization/roleDefinitions")}
+    for guid in sorted(set(ours) & theirs):
+        problems.append(f"role definition {_follow_variable(t, ours[guid]['name'])}: the same GUID for another "
+                        f"cluster in the resource group (the name must include clusterName)")
+    names = {ev.value(r["properties"]["roleName"]) for r in ours.values()}
+    other_names = {other_cluster.value(r["properties"]["roleName"]) for r in ours.values()}
+    for n in sorted(names & other_names):
+        problems.append(f"role name {n!r} is the same for another cluster in the resource group")
+    for r in resources_of(t, "Microsoft.Authorization/roleAssignments"):
+        if ev.value(r["name"]) == other_cluster.value(r["name"]):
+            problems.append(f"role assignment {r['name']}: the same name for another cluster in the resource group")
+    return problems
+
+
 # ============================================================================================ NSG vs docs
 
 def nsg_rules_from_template(t: dict, ev: Evaluator) -> tuple[set[tuple], list[str]]:
@@ -924,6 +1197,40 @@ def check_nsg_matches_doc(t: dict, ev: Evaluator, network_md: str) -> list[str]:
     return problems
 
 
+def _port_ranges(spec: str) -> list[tuple[int, int]]:
+    if spec == "*":
+        return [(0, 65535)]
+    lo, _, hi = str(spec).partition("-")
+    return [(int(lo), int(hi or lo))]
+
+
+CONSUL_WAN_PORT = 8302
+
+
+def check_consul_wan_decision(t: dict, ev: Evaluator, network_md: str) -> list[str]:
+    """Consul WAN gossip (8302): this is a single-datacenter design. No NSG allows 8302 (from anywhere), and
+    docs/network.md says so and says that the rendered Consul config turns the WAN listener off
+    (ports.serf_wan = -1), so that servers neither listen on nor gossip over a port the network drops."""
+    problems = []
+    for nsg in resources_of(t, "Microsoft.Network/networkSecurityGroups"):
+        for rule in nsg["properties"].get("securityRules", []):
+            p = rule["properties"]
+            if p.get("access") != "Allow":
+                continue
+            specs = p.get("destinationPortRanges") or [p.get("destinationPortRange")]
+            for spec in specs:
+                if any(lo <= CONSUL_WAN_PORT <= hi for lo, hi in _port_ranges(ev.value(spec))):
+                    problems.append(f"{ev.value(nsg['name'])} rule {rule['name']} allows {spec}, which includes "
+                                    f"Consul WAN gossip {CONSUL_WAN_PORT}: a single datacenter has no WAN pool")
+    text = " ".join(network_md.split())
+    if "single datacenter" not in text.lower():
+        problems.append("docs/network.md does not say that the cluster is a single datacenter")
+    if not re.search(r"serf_wan\W+(=|:)\s*-1", text):
+        problems.append("docs/network.md does not say that the rendered Consul config sets ports.serf_wan = -1 "
+                        "(the WAN listener off)")
+    return problems
+
+
 # ============================================================================================ tags vs docs
 
 def required_tags_from_doc(text: str) -> tuple[dict[str, set[str]], set[str]]:
@@ -972,6 +1279,7 @@ TAG_VALUE_RULES = {
     "hashistack-servers-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-status-vault-uri": r"https://[a-z0-9-]+\.vault\.[a-z0-9.]+/",
     "hashistack-vault-seal": r"azurekeyvault vault_name=[A-Za-z0-9-]+ key_name=[A-Za-z0-9-]+",
+    "hashistack-vault-address": r"https://\d+\.\d+\.\d+\.\d+:8200",
 }
 JOIN_TAG_TIER = {"hashistack-consul-join": "consul", "hashistack-vault-join": "vault", "hashistack-nomad-join": "nomad"}
 # Which vault each Key Vault URI tag must name (a worker given the servers vault's URI as its shared vault would
@@ -981,7 +1289,8 @@ VAULT_OF_TAG = {"hashistack-keyvault-uri": "sharedVaultName", "hashistack-server
 # Tags the agent refuses on a role (agent/src/node.rs `forbid`): a vault URI on a node with no business with
 # that vault is a mis-tagged tier.
 TAG_FORBIDDEN_FOR = {"hashistack-servers-vault-uri": {"worker", "jumpbox"},
-                     "hashistack-status-vault-uri": {"worker"}}
+                     "hashistack-status-vault-uri": {"worker"},
+                     "hashistack-vault-address": {"consul-server", "nomad-server", "worker"}}
 
 
 def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
@@ -1027,6 +1336,11 @@ def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:
                                                             ev.variable(VAULT_OF_TAG[tag])))["vaultUri"]
                 if value != want_uri:
                     problems.append(f"{label}: {tag}={value!r} is not the {VAULT_OF_TAG[tag]} vault ({want_uri})")
+            if tag == "hashistack-vault-address":
+                # Vault's certificate names this address: it must be the load balancer's (the output operators use).
+                want = ev.value(t["outputs"]["vaultApiAddress"]["value"])
+                if value != want:
+                    problems.append(f"{label}: {tag}={value!r} is not the Vault load balancer ({want})")
             if tag in JOIN_TAG_TIER:
                 kv = dict(x.split("=", 1) for x in value.split())
                 want_vmss = ev.variable("vmssNames")[JOIN_TAG_TIER[tag]]
@@ -1121,3 +1435,431 @@ def check_pgp_user_data(t: dict, ev: Evaluator) -> list[str]:
             if doc != {"hashistack": {"pgpKeys": keys}}:
                 problems.append(f"{label}: userData {doc} does not carry parameters('{PGP_PARAM}') as hashistack.pgpKeys")
     return sorted(set(problems))
+
+
+# ============================================================================================ createUiDefinition
+
+# arm-ttk: every Microsoft.* control has a tooltip, except these.
+NO_TOOLTIP_CONTROLS = {"Microsoft.Common.InfoBox", "Microsoft.Common.Section", "Microsoft.Common.TextBlock"}
+
+
+def ui_elements(ui: dict) -> list[tuple[str, dict]]:
+    """(step name or 'basics', element) for every element, nested ones (sections) included."""
+    out = []
+
+    def walk(where, elements):
+        for el in elements:
+            out.append((where, el))
+            walk(where, el.get("elements", []))
+    walk("basics", ui.get("parameters", {}).get("basics", []))
+    for step in ui.get("parameters", {}).get("steps", []):
+        walk(step["name"], step.get("elements", []))
+    return out
+
+
+def ui_output_elements(ui: dict) -> dict[str, tuple[str, dict]]:
+    """template parameter -> (expression, element) for outputs that read one element."""
+    by_ref = {}
+    for where, el in ui_elements(ui):
+        by_ref[(where, el["name"])] = el
+    out = {}
+    for param, value in ui.get("parameters", {}).get("outputs", {}).items():
+        m = re.search(r"basics\('([^']+)'\)", value) or re.search(r"steps\('([^']+)'\)\.([A-Za-z0-9_]+)", value)
+        if not m:
+            continue
+        key = ("basics", m.group(1)) if m.group(0).startswith("basics") else (m.group(1), m.group(2))
+        if key in by_ref:
+            out[param] = (value, by_ref[key])
+    return out
+
+
+def textbox_regexes(el: dict) -> list[str]:
+    c = el.get("constraints", {})
+    regexes = [c["regex"]] if c.get("regex") else []
+    regexes += [v["regex"] for v in c.get("validations", []) if "regex" in v]
+    return regexes
+
+
+def ui_accepts(el: dict, text: str) -> bool:
+    """Would the portal accept `text` in this TextBox? (Its regexes are plain ECMAScript patterns that Python's re
+    reads the same way: classes, groups, alternation, quantifiers and lookahead.)"""
+    return all(re.search(rx, text) for rx in textbox_regexes(el))
+
+
+def check_uidef_refuses_what_the_template_refuses(t: dict, ui: dict) -> list[str]:
+    """The portal refuses what the deployment would reject, and explains every control:
+    - every control has a tooltip (arm-ttk: Tooltips Should Be Present);
+    - the administrator name has no default (arm-ttk: Usernames Should Not Have A Default) and the template's
+      length limit; the SSH key confirmation is shown (arm-ttk: Credential Confirmation Should Not Be Hidden);
+    - every TextBox has a regex and a message (arm-ttk: Textboxes Are Well Formed);
+    - a number typed into a TextBox is accepted exactly from the template parameter's minValue to its maxValue;
+    - every DropDown value and default is one the template parameter allows;
+    - every size selector offers exactly the template parameter's allowed sizes (the template hard-codes
+      accelerated networking, Premium SSD disks and encryption at host, which not every size supports), with
+      recommended sizes and the template's default among them."""
+    problems = []
+    params = t.get("parameters", {})
+    for where, el in ui_elements(ui):
+        typ, name = el.get("type", ""), el.get("name")
+        if typ.startswith("Microsoft.") and typ not in NO_TOOLTIP_CONTROLS:
+            tip = el.get("toolTip")
+            texts = list(tip.values()) if isinstance(tip, dict) else [tip]
+            if not tip or not all(isinstance(x, str) and x.strip() for x in texts):
+                problems.append(f"{where}.{name}: no tooltip")
+        if typ == "Microsoft.Compute.UserNameTextBox" and el.get("defaultValue"):
+            problems.append(f"{where}.{name}: the user name has a default ({el['defaultValue']!r})")
+        if typ == "Microsoft.Compute.CredentialsCombo" and el.get("options", {}).get("hideConfirmation") is True:
+            problems.append(f"{where}.{name}: the credential confirmation is hidden")
+        if typ == "Microsoft.Common.TextBox":
+            c = el.get("constraints", {})
+            if not textbox_regexes(el):
+                problems.append(f"{where}.{name}: no regex")
+            if c.get("regex") and not c.get("validationMessage"):
+                problems.append(f"{where}.{name}: regex without a validationMessage")
+            for v in c.get("validations", []):
+                if not v.get("message"):
+                    problems.append(f"{where}.{name}: a validation without a message")
+    for param, (expr, el) in ui_output_elements(ui).items():
+        decl = params.get(param)
+        if decl is None:
+            continue
+        typ = el.get("type")
+        label = f"{param} ({el['name']})"
+        if typ == "Microsoft.Common.TextBox" and decl.get("type") == "int":
+            lo, hi = decl.get("minValue"), decl.get("maxValue")
+            if lo is None or hi is None:
+                problems.append(f"{label}: the template parameter has no minValue/maxValue")
+                continue
+            accepted = {n for n in range(-10, 3 * hi + 1000) if ui_accepts(el, str(n))}
+            wanted = set(range(lo, hi + 1))
+            if accepted != wanted:
+                extra, missing = sorted(accepted - wanted), sorted(wanted - accepted)
+                problems.append(f"{label}: the portal accepts {len(extra)} numbers the template refuses "
+                                f"{extra[:3]}{'…' if len(extra) > 3 else ''} and refuses {len(missing)} it allows "
+                                f"{missing[:3]}{'…' if len(missing) > 3 else ''} (template: {lo}-{hi})")
+            for junk in ("", " ", "1e3", "0x10", "+5", "-1"):
+                if ui_accepts(el, junk) and junk.strip():
+                    problems.append(f"{label}: the portal accepts {junk!r}")
+        if typ == "Microsoft.Compute.UserNameTextBox" and decl.get("maxLength"):
+            too_long = "a" * (decl["maxLength"] + 1)
+            if ui_accepts(el, too_long):
+                problems.append(f"{label}: the portal accepts {len(too_long)} characters, the template at most "
+                                f"{decl['maxLength']}")
+        if typ == "Microsoft.Common.DropDown" and "allowedValues" in decl:
+            for v in el.get("constraints", {}).get("allowedValues", []):
+                if v["value"] not in decl["allowedValues"]:
+                    problems.append(f"{label}: offers {v['value']!r}, which the template refuses")
+        if typ == "Microsoft.Common.DropDown" and "defaultValue" in el:
+            labels = {v["label"]: v["value"] for v in el.get("constraints", {}).get("allowedValues", [])}
+            if el["defaultValue"] not in labels:
+                problems.append(f"{label}: default {el['defaultValue']!r} is not one of its labels")
+            elif "defaultValue" in decl and not is_expr(decl["defaultValue"]) and \
+                    labels[el["defaultValue"]] != decl["defaultValue"]:
+                problems.append(f"{label}: the portal's default {labels[el['defaultValue']]!r} is not the "
+                                f"template's {decl['defaultValue']!r}")
+        if typ == "Microsoft.Compute.SizeSelector":
+            allowed = el.get("constraints", {}).get("allowedSizes")
+            if not decl.get("allowedValues"):
+                problems.append(f"{label}: the template parameter allows any size, but the template hard-codes "
+                                "accelerated networking, Premium SSD and encryption at host")
+            if allowed is None:
+                problems.append(f"{label}: the size selector offers every size (no constraints.allowedSizes)")
+            elif sorted(allowed) != sorted(decl.get("allowedValues", [])):
+                problems.append(f"{label}: the size selector's allowedSizes differ from the template's allowedValues")
+            for size in el.get("recommendedSizes", []):
+                if allowed is not None and size not in allowed:
+                    problems.append(f"{label}: recommends {size}, which it does not allow")
+            if allowed is not None and decl.get("defaultValue") not in allowed:
+                problems.append(f"{label}: the template's default {decl.get('defaultValue')} is not allowed")
+    return problems
+
+
+# What must never open SSH to the jumpbox: the whole internet, spelt any way the NSG would accept.
+SSH_REFUSED = [["0.0.0.0/0"], ["*"], ["Internet"], ["internet"], ["Any"], ["ANY"], ["10.1.2.3/0"],
+               ["203.0.113.0/24", "0.0.0.0/0"]]
+SSH_ACCEPTED = [["203.0.113.0/24"], ["203.0.113.7/32", "198.51.100.0/24"], ["100.64.0.0/10"]]
+
+
+def check_ssh_source_refusal(t: dict, ui: dict, values: dict) -> list[str]:
+    """allowedSshSourcePrefixes: the portal and the template both refuse SSH from the whole internet
+    (0.0.0.0/0 or any /0, '*', 'Internet', 'Any'), and both accept ordinary prefixes; the portal also refuses
+    what the NSG would (octets over 255, prefixes over /32)."""
+    problems = []
+    el = ui_output_elements(ui).get("allowedSshSourcePrefixes", (None, None))[1]
+    if el is None:
+        return ["createUiDefinition has no element for allowedSshSourcePrefixes"]
+    for prefixes in SSH_REFUSED + [["300.1.2.3/24"], ["203.0.113.0/33"]]:
+        for text in (", ".join(prefixes), ",".join(prefixes)):
+            if ui_accepts(el, text):
+                problems.append(f"the portal accepts SSH from {text!r}")
+    for prefixes in SSH_ACCEPTED:
+        if not ui_accepts(el, ", ".join(prefixes)):
+            problems.append(f"the portal refuses SSH from {', '.join(prefixes)!r}")
+    nsg = next((r for r in resources_of(t, "Microsoft.Network/networkSecurityGroups")
+                for rule in r["properties"]["securityRules"] if rule["name"] == "SshFromAllowedPrefixes"), None)
+    if nsg is None:
+        return problems + ["no SshFromAllowedPrefixes rule in the template"]
+    # The whole rule is evaluated: the refusal may sit in any of its properties (checkov reads the source prefixes
+    # only when they are the parameter itself).
+    rule = next(x for x in nsg["properties"]["securityRules"] if x["name"] == "SshFromAllowedPrefixes")
+    for prefixes in SSH_REFUSED:
+        try:
+            got = Evaluator(t, dict(values, allowedSshSourcePrefixes=prefixes)).value(rule)["properties"]
+            problems.append(f"the template opens SSH from {prefixes} (rule sources "
+                            f"{got.get('sourceAddressPrefixes', got.get('sourceAddressPrefix'))})")
+        except ArmExprError:
+            pass
+    for prefixes in SSH_ACCEPTED:
+        try:
+            got = Evaluator(t, dict(values, allowedSshSourcePrefixes=prefixes)).value(rule)["properties"]
+            got = got.get("sourceAddressPrefixes", got.get("sourceAddressPrefix"))
+            if got != prefixes:
+                problems.append(f"the template turns {prefixes} into {got}")
+        except ArmExprError as exc:
+            problems.append(f"the template refuses SSH from {prefixes}: {exc}")
+    return problems
+
+
+def check_encryption_at_host_choice(t: dict, ui: dict) -> list[str]:
+    """encryptionAtHost is off by default (it fails on subscriptions without the EncryptionAtHost feature), and
+    the portal says so where the choice is made: a tooltip and an info box naming the feature."""
+    problems = []
+    decl = t.get("parameters", {}).get("encryptionAtHost", {})
+    if decl.get("defaultValue") is not False:
+        problems.append(f"encryptionAtHost defaults to {decl.get('defaultValue')!r}: deployments to a subscription "
+                        "without the EncryptionAtHost feature fail")
+    el = ui_output_elements(ui).get("encryptionAtHost", (None, {}))[1] or {}
+    values = {v["label"]: v["value"] for v in el.get("constraints", {}).get("allowedValues", [])}
+    if values.get(el.get("defaultValue")) is not False:
+        problems.append(f"the portal's encryption at host default is {el.get('defaultValue')!r}, not off")
+    if "EncryptionAtHost" not in (el.get("toolTip") or ""):
+        problems.append("the encryption at host tooltip does not name the EncryptionAtHost feature")
+    boxes = [e for _, e in ui_elements(ui) if e.get("type") == "Microsoft.Common.InfoBox"
+             and "EncryptionAtHost" in e.get("options", {}).get("text", "")
+             and "az feature register" in e.get("options", {}).get("text", "")]
+    if not boxes:
+        problems.append("no info box explains the EncryptionAtHost feature and how to register it")
+    return problems
+
+
+# ============================================================================================ docs/deploy.md
+
+def _section(md: str, heading_prefix: str) -> str:
+    """The text of the '## <heading_prefix>…' section, up to the next '## '."""
+    m = re.search(r"^## " + re.escape(heading_prefix) + r".*?$(.*?)(?=^## |\Z)", md, re.M | re.S)
+    return m.group(1) if m else ""
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+
+
+def check_deploy_doc_roles(md: str) -> list[str]:
+    """The roles deploy.md asks for can create the template's custom role definitions: Owner, or Contributor plus
+    User Access Administrator. Role Based Access Control Administrator only writes role assignments."""
+    problems = []
+    text = " ".join(md.split())
+    if "Owner" not in text or "User Access Administrator" not in text:
+        problems.append("docs/deploy.md does not ask for Owner or Contributor + User Access Administrator")
+    for sentence in re.split(r"(?<=[.:;])\s", text):
+        if "Role Based Access Control Administrator" in sentence and not re.search(r"\bnot\b|cannot", sentence):
+            problems.append(f"docs/deploy.md offers Role Based Access Control Administrator, which cannot create "
+                            f"role definitions: {sentence.strip()!r}")
+    return problems
+
+
+def check_packer_commands_build_the_directory(texts: dict[str, str]) -> list[str]:
+    """Every `packer init|validate|build` in the docs works on the directory packer/ (a single .pkr.hcl file
+    leaves out variables.pkr.hcl: every variable would be undeclared)."""
+    problems = []
+    for where, text in texts.items():
+        for line in text.splitlines():
+            m = re.search(r"\bpacker (init|validate|build)\b(.*)", line)
+            if not m:
+                continue
+            cmd = m.group(2).split("#")[0].split("`")[0].split()
+            if not cmd:
+                continue  # the command named in prose, without arguments
+            target = cmd[-1]
+            if target != "packer/":
+                problems.append(f"{where}: `packer {m.group(1)}` on {target!r}, not the directory packer/: {line.strip()}")
+            if ".pkr.hcl" in line and "packer build" in line:
+                problems.append(f"{where}: builds a single file: {line.strip()}")
+    return problems
+
+
+def check_no_issue_numbers(where: str, md: str) -> list[str]:
+    """A document speaks for itself: no 'the subject of issue 5'."""
+    return [f"{where}: refers to an issue by number: {m.group(0)!r}"
+            for m in re.finditer(r"\bissues? #?\d+", md, re.I)]
+
+
+# Stand-ins for what the operator's shell substitutes in deploy.md's parameters file.
+SHELL_STAND_INS = {
+    "$IMAGE_ID": "/subscriptions/00000000-0000-4000-8000-000000000001/resourceGroups/rg-hashistack-images/providers/"
+                 "Microsoft.Compute/images/hashistack-1.21.4-1.20.4-1.10.5-20261201120000",
+    "$(cat ~/.ssh/id_ed25519.pub)": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHashistackDocsExampleKeyOnly op@laptop",
+    "$(az ad group show -g hashistack-operators --query id -o tsv)": "00000000-0000-4000-8000-0000000000f0",
+}
+
+
+def deploy_doc_parameters(md: str) -> tuple[dict | None, list[str]]:
+    """The parameters file deploy.md writes (its heredoc), with the shell's substitutions stood in for."""
+    m = re.search(r"cat > (\S+) <<EOF\n(.*?)^EOF$", md, re.M | re.S)
+    if not m:
+        return None, ["docs/deploy.md writes no parameters file (cat > FILE <<EOF … EOF)"]
+    body = m.group(2).replace("\\$", "\0")  # an escaped $ is a literal one
+    for k, v in SHELL_STAND_INS.items():
+        body = body.replace(k, v)
+    left = re.findall(r"\$\(?[A-Za-z_][^\"]*", body)
+    if left:
+        return None, [f"docs/deploy.md's parameters file uses shell values the check cannot stand in for: {left}"]
+    body = body.replace("\0", "$")
+    try:
+        return json.loads(body), []
+    except json.JSONDecodeError as exc:
+        return None, [f"docs/deploy.md's parameters file is not JSON: {exc}"]
+
+
+def _param_problems(name: str, decl: dict, value: Any) -> list[str]:
+    typ = decl.get("type", "").lower()
+    types = {"string": str, "securestring": str, "int": int, "bool": bool, "array": list, "object": dict,
+             "secureobject": dict}
+    if typ in types and (not isinstance(value, types[typ]) or (typ == "int" and isinstance(value, bool))):
+        return [f"{name}: {value!r} is not of type {typ}"]
+    out = []
+    if "allowedValues" in decl and value not in decl["allowedValues"]:
+        out.append(f"{name}: {value!r} is not one of the allowed values")
+    if "minValue" in decl and value < decl["minValue"] or "maxValue" in decl and value > decl["maxValue"]:
+        out.append(f"{name}: {value!r} is outside {decl.get('minValue')}-{decl.get('maxValue')}")
+    if isinstance(value, (str, list)):
+        if len(value) < decl.get("minLength", 0) or len(value) > decl.get("maxLength", 10 ** 9):
+            out.append(f"{name}: length {len(value)} is outside {decl.get('minLength')}-{decl.get('maxLength')}")
+    return out
+
+
+def check_deploy_doc_cli_walk(t: dict, md: str) -> list[str]:
+    """deploy.md's CLI walk takes no step the template refuses: its parameters file names only declared
+    parameters, gives every required one, each of the right type within the template's constraints, opens SSH to
+    no more than the template allows, and the template's expressions evaluate with it; what-if and create deploy
+    this template with that file."""
+    pf, problems = deploy_doc_parameters(md)
+    if pf is None:
+        return problems
+    declared = t.get("parameters", {})
+    values = {k: v.get("value") for k, v in pf.get("parameters", {}).items()}
+    for name, value in values.items():
+        if name not in declared:
+            problems.append(f"the parameters file sets {name!r}, which the template does not declare")
+        else:
+            problems += _param_problems(name, declared[name], value)
+    for name, decl in declared.items():
+        if "defaultValue" not in decl and name not in values:
+            problems.append(f"the parameters file lacks required parameter {name!r}")
+    ev = Evaluator(t, values)
+    try:
+        for name in t.get("variables", {}):
+            ev.variable(name)
+        for r in t.get("resources", []):
+            ev.value(r.get("name"))
+            if r.get("type") == "Microsoft.Network/networkSecurityGroups":
+                ev.value(r["properties"])
+    except ArmExprError as exc:
+        problems.append(f"the template refuses deploy.md's parameters: {exc}")
+    fname = re.search(r"cat > (\S+) <<EOF", md).group(1)
+    for verb in ("what-if", "create"):
+        if not re.search(rf"az deployment group {verb} -g \$RG .*-f arm-templates/azuredeploy\.json -p @{re.escape(fname)}",
+                         md):
+            problems.append(f"docs/deploy.md has no `az deployment group {verb}` of arm-templates/azuredeploy.json "
+                            f"with -p @{fname}")
+    return problems
+
+
+def _doc_default(cell: str) -> Any:
+    cell = strip_md(cell)
+    if cell in ("—", "-"):
+        return "(required)"
+    if cell == "empty":
+        return ""
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+
+
+def check_deploy_doc_parameter_table(t: dict, md: str) -> list[str]:
+    """The 'parameter | default | meaning' table of deploy.md names every parameter once, with the template's
+    default (or — for a required one)."""
+    problems, seen = [], []
+    declared = t.get("parameters", {})
+    tables = [tb for tb in markdown_tables(md) if tb and "parameter" in tb[0] and "default" in tb[0]]
+    if not tables:
+        return ["docs/deploy.md has no parameter table"]
+    for row in tables[0]:
+        names = re.findall(r"`([A-Za-z]+)`", row["parameter"])
+        defaults = [d.strip() for d in row["default"].split(",")] if len(names) > 1 else [row["default"]]
+        if len(defaults) != len(names):
+            defaults = [row["default"]] * len(names)
+        for name, cell in zip(names, defaults):
+            seen.append(name)
+            decl = declared.get(name)
+            if decl is None:
+                problems.append(f"deploy.md lists {name!r}, which the template does not declare")
+                continue
+            want = decl.get("defaultValue", "(required)")
+            got = _doc_default(cell)
+            if is_expr(want):
+                continue  # an expression's default is described in words (the resource group's, the deployment time)
+            if got != want:
+                problems.append(f"deploy.md: {name} defaults to {got!r}, the template to {want!r}")
+    for name in sorted(set(declared) - set(seen)):
+        problems.append(f"deploy.md's parameter table lacks {name!r}")
+    return problems
+
+
+def check_deploy_doc_portal_walk(ui: dict, md: str) -> list[str]:
+    """The portal walk names every field the operator must fill in (required, no default)."""
+    problems = []
+    portal = _section(md, "2a.")
+    if not portal:
+        return ["docs/deploy.md has no '## 2a.' portal section"]
+    for where, el in ui_elements(ui):
+        c = el.get("constraints", {})
+        if c.get("required") is not True or "defaultValue" in el:
+            continue
+        labels = list(el["label"].values()) if isinstance(el.get("label"), dict) else [el.get("label", "")]
+        if el.get("type") == "Microsoft.Compute.CredentialsCombo":
+            labels = [el["label"]["sshPublicKey"]]
+        for label in labels:
+            if label.lower() not in " ".join(portal.split()).lower():
+                problems.append(f"the portal walk does not say what to enter in {label!r} ({where}.{el['name']})")
+    return problems
+
+
+def check_deploy_doc_first_command(md: str) -> list[str]:
+    """After the deployment, the first thing an operator runs on the jumpbox is `hashistack-agent status`."""
+    problems = []
+    blocks = _code_blocks(_section(md, "3."))
+    if not blocks:
+        return ["docs/deploy.md's '## 3.' section has no commands"]
+    lines = [ln.split("#")[0].strip() for ln in blocks[0].splitlines() if ln.split("#")[0].strip()]
+    ssh_at = next((i for i, ln in enumerate(lines) if ln.startswith("ssh ") or ln == "$SSH"), None)
+    if ssh_at is None:
+        problems.append("the first commands of '## 3.' do not reach the jumpbox over SSH")
+    elif ssh_at + 1 >= len(lines) or lines[ssh_at + 1] != "hashistack-agent status":
+        problems.append(f"the first command on the jumpbox is {lines[ssh_at + 1:ssh_at + 2]}, not hashistack-agent status")
+    if "hashistack-agent smoke" in md:
+        problems.append("docs/deploy.md documents `hashistack-agent smoke`, which does not exist yet")
+    return problems
+
+
+def check_deploy_doc_role_replication(md: str) -> list[str]:
+    """deploy.md explains the role-definition replication race and what to do about it."""
+    text = " ".join(md.split())
+    problems = []
+    if "RoleDefinitionDoesNotExist" not in text:
+        problems.append("docs/deploy.md does not name RoleDefinitionDoesNotExist (definitions created and used in "
+                        "one deployment can race replication)")
+    if not re.search(r"RoleDefinitionDoesNotExist.{0,300}\bagain\b", text):
+        problems.append("docs/deploy.md does not say to run the deployment again after RoleDefinitionDoesNotExist")
+    return problems

@@ -49,6 +49,19 @@ def ev(template, param_values) -> armlib.Evaluator:
     return armlib.Evaluator(template, param_values)
 
 
+@pytest.fixture
+def ev_other_cluster(template, param_values) -> armlib.Evaluator:
+    """The same template deployed a second time into the same resource group, as another cluster."""
+    return armlib.Evaluator(template, dict(param_values, clusterName="hs2"))
+
+
+@pytest.fixture
+def ev_zone_cases(template, param_values) -> dict:
+    """The template without zones, in one zone and over three zones."""
+    return {case: armlib.Evaluator(template, dict(param_values, availabilityZones=zones))
+            for case, zones in (("regional", []), ("one-zone", ["2"]), ("zones", ["1", "2", "3"]))}
+
+
 @pytest.fixture(scope="session")
 def network_md() -> str:
     return (armlib.DOCS / "network.md").read_text(encoding="utf-8")

@@ -48,6 +48,12 @@ def test_files_are_canonical_json():
 
 # --------------------------------------------------------------------------------------------- structure
 
+def test_template_contains_no_blanks():
+    """arm-ttk's "Template Should Not Contain Blanks": no property is an empty string, array or object, except the
+    ones that rule allows (issue 13, item 9)."""
+    no_problems(checks.check_no_blanks((armlib.ARM_DIR / "azuredeploy.json").read_text(encoding="utf-8")))
+
+
 def test_every_parameter_used_and_declared(template):
     no_problems(checks.check_parameters_used(template))
 
@@ -146,6 +152,16 @@ def test_key_vault_firewalls_admit_only_their_readers_subnets(template, ev):
     no_problems(checks.check_vault_network_acls(template, ev))
 
 
+def test_every_firewall_admits_every_data_plane_principal(template, ev):
+    """The storage account and every Key Vault: each principal with a data-plane role on it (or inside it, or
+    above it) can reach it through its network rules, and nothing else is admitted (issue 13, item 1)."""
+    no_problems(checks.check_firewalls_admit_data_plane_principals(template, ev))
+
+
+def test_firewall_table_matches_docs_network_md(template, ev, network_md):
+    no_problems(checks.check_firewall_table_matches_doc(template, ev, network_md))
+
+
 def test_first_boot_has_its_vaults_and_role_assignments(template, ev):
     """Scale sets and the jumpbox depend on the vaults they are tagged with and on their identity's role
     assignments; each assignment on its identity, custom role and scope."""
@@ -159,6 +175,17 @@ def test_node_record_writers_write_only_under_nodes(template, ev):
 
 def test_role_assignments_and_custom_roles_hygiene(template, ev):
     no_problems(checks.check_assignment_hygiene(template, ev))
+
+
+def test_role_ids_are_stable_and_per_cluster(template, ev, ev_other_cluster):
+    """roleDefinitionId in the subscription form (no what-if noise); custom role GUIDs and names, and assignment
+    names, differ between two clusters in one resource group (issue 13, item 3)."""
+    no_problems(checks.check_role_definition_ids(template, ev, ev_other_cluster))
+
+
+def test_keys_expire_consistently_with_their_rotation_policy(template, ev):
+    """attributes.exp on the first version, rotation before the notify window (issue 13, item 7)."""
+    no_problems(checks.check_key_expiry(template, ev))
 
 
 def test_storage_and_key_vaults_hardened(template):
@@ -175,12 +202,24 @@ def test_nsg_rules_match_docs_network_md(template, ev, network_md):
     no_problems(checks.check_nsg_matches_doc(template, ev, network_md))
 
 
+def test_consul_wan_is_neither_opened_nor_needed(template, ev, network_md):
+    """Single datacenter: no NSG opens 8302, and docs/network.md records that the agent turns the WAN listener
+    off (issue 13, item 4)."""
+    no_problems(checks.check_consul_wan_decision(template, ev, network_md))
+
+
 def test_scale_sets_and_jumpbox(template, ev):
     no_problems(checks.check_scale_sets(template, ev))
 
 
 def test_operators_pgp_keys_reach_the_server_tiers_in_user_data(template, ev):
     no_problems(checks.check_pgp_user_data(template, ev))
+
+
+def test_zones_make_everything_zone_resilient(template, ev_zone_cases):
+    """Under the zones condition: LB frontend and NAT gateway zone-redundant, zoneBalance on the raft tiers,
+    platformFaultDomainCount 1 (issue 13, item 8)."""
+    no_problems(checks.check_zone_resilience(template, ev_zone_cases))
 
 
 def test_vault_internal_load_balancer(template, ev):

@@ -51,7 +51,7 @@ SECRETS_USER = "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions
 
 
 def custom_role(key):
-    return f"[resourceId('Microsoft.Authorization/roleDefinitions', variables('customRoles').{key})]"
+    return f"[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', variables('customRoles').{key})]"
 
 
 def grant(t, who, vault_var, role=SECRETS_USER):
@@ -81,6 +81,20 @@ def subnet_rule(subnet):
             "ignoreMissingVnetServiceEndpoint": False}
 
 
+def storage_rules(t):
+    return res(t, "Microsoft.Storage/storageAccounts")[0]["properties"]["networkAcls"]["virtualNetworkRules"]
+
+
+def drop_subnet(rules, subnet):
+    before = len(rules)
+    rules[:] = [r for r in rules if not r["id"].endswith(f"'{subnet}')]")]
+    assert len(rules) == before - 1, subnet
+
+
+def subnet_def(t, name):
+    return [s for s in res(t, "Microsoft.Network/virtualNetworks")[0]["properties"]["subnets"] if s["name"] == name][0]
+
+
 def jumpbox(t):
     return res(t, "Microsoft.Compute/virtualMachines")[0]
 
@@ -99,6 +113,28 @@ def _schema(ctx, s):
 
 def _ev(ctx):
     return armlib.Evaluator(ctx["t"], armlib.default_values(ctx["t"], ctx["pf"]))
+
+
+def _md(ctx, old, new):
+    assert old in ctx["deploy_md"], old
+    ctx["deploy_md"] = ctx["deploy_md"].replace(old, new, 1)
+
+
+def _ui_el(ctx, where, name):
+    params = ctx["ui"]["parameters"]
+    elements = params["basics"] if where == "basics" else \
+        [s for s in params["steps"] if s["name"] == where][0]["elements"]
+    return [e for e in elements if e["name"] == name][0]
+
+
+def _zone_evs(ctx):
+    values = armlib.default_values(ctx["t"], ctx["pf"])
+    return {case: armlib.Evaluator(ctx["t"], dict(values, availabilityZones=zones))
+            for case, zones in (("regional", []), ("one-zone", ["2"]), ("zones", ["1", "2", "3"]))}
+
+
+def _ev_other_cluster(ctx):
+    return armlib.Evaluator(ctx["t"], dict(armlib.default_values(ctx["t"], ctx["pf"]), clusterName="hs2"))
 
 
 CASES = [
@@ -207,7 +243,7 @@ CASES = [
      lambda c: assignment(c["t"], "sharedSecretsUser", "workers").update({
          "scope": "[format('Microsoft.KeyVault/vaults/{0}', variables('escrowVaultName'))]",
          "properties": dict(assignment(c["t"], "sharedSecretsUser", "workers")["properties"],
-                            roleDefinitionId="[resourceId('Microsoft.Authorization/roleDefinitions', "
+                            roleDefinitionId="[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
                                              "variables('customRoles').escrowSecretWriter)]")}),
      lambda c, s: checks.check_escrow_write_only(c["t"], _ev(c))),
     ("unseal key usable by consul servers",
@@ -383,6 +419,14 @@ CASES = [
      lambda c: jumpbox(c["t"])["tags"].__setitem__(
          "hashistack-servers-vault-uri", vmss(c["t"], "nomad-server")["tags"]["hashistack-servers-vault-uri"]),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("vault address tag not the load balancer's",
+     lambda c: vmss(c["t"], "vault-server")["tags"].__setitem__(
+         "hashistack-vault-address", "[format('https://{0}:8200', cidrHost(variables('subnetPrefixes').vault, 4))]"),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers tagged with the vault address",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-vault-address", jumpbox(c["t"])["tags"]["hashistack-vault-address"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
     ("workers tagged with the status vault",
      lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
          "hashistack-status-vault-uri", jumpbox(c["t"])["tags"]["hashistack-status-vault-uri"]),
@@ -441,6 +485,230 @@ CASES = [
      lambda c: c["ui"]["parameters"]["steps"][2]["elements"].pop(
          [e["name"] for e in c["ui"]["parameters"]["steps"][2]["elements"]].index("operatorPgpPublicKeys")),
      lambda c, s: checks.check_uidef_outputs(c["t"], c["ui"])),
+    # --- every firewall against the data-plane roles (issue 13, item 1)
+    ("storage firewall shuts out the workers (their boot records are refused)",
+     lambda c: drop_subnet(storage_rules(c["t"]), "workers"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("storage firewall shuts out the jumpbox (status and operators)",
+     lambda c: drop_subnet(storage_rules(c["t"]), "jumpbox"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("unseal vault firewall shuts out the vault servers",
+     lambda c: drop_subnet(vault_rules(c["t"], "unsealVaultName"), "vault"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("shared vault firewall shuts out the workers",
+     lambda c: drop_subnet(vault_rules(c["t"], "sharedVaultName"), "workers"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("escrow vault firewall shuts out the jumpbox (where operators read the escrow)",
+     lambda c: drop_subnet(vault_rules(c["t"], "escrowVaultName"), "jumpbox"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("workers lose their record writer role, the storage firewall still admits them",
+     lambda c: c["t"]["resources"].remove(assignment(c["t"], "coordinationRecordWriter", "workers")),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("unseal vault admits the consul subnet, where nobody holds a role on it",
+     lambda c: vault_rules(c["t"], "unsealVaultName").append(subnet_rule("consul")),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("operators get a role on the servers vault (from the jumpbox, which it does not admit)",
+     lambda c: grant(c["t"], "operator", "serversVaultName"),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("storage firewall admits an IP range",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts")[0]["properties"]["networkAcls"].__setitem__(
+         "ipRules", [{"value": "203.0.113.0/24", "action": "Allow"}]),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("workers subnet loses its Storage service endpoint",
+     lambda c: subnet_def(c["t"], "workers")["properties"].__setitem__(
+         "serviceEndpoints", [{"service": "Microsoft.KeyVault"}]),
+     lambda c, s: checks.check_firewalls_admit_data_plane_principals(c["t"], _ev(c))),
+    ("docs/network.md's firewall table lacks workers on the storage account",
+     lambda c: c.__setitem__("network_md", c["network_md"].replace(
+         "containers) | consul, vault, nomad, workers, jumpbox |", "containers) | consul, vault, nomad, jumpbox |")),
+     lambda c, s: checks.check_firewall_table_matches_doc(c["t"], _ev(c), c["network_md"])),
+    ("firewall admits a subnet that docs/network.md does not list",
+     lambda c: vault_rules(c["t"], "serversVaultName").append(subnet_rule("workers")),
+     lambda c, s: checks.check_firewall_table_matches_doc(c["t"], _ev(c), c["network_md"])),
+    # --- role ids (issue 13, item 3)
+    ("a custom role's id in the resource group form (what-if noise on every run)",
+     lambda c: assignment(c["t"], "escrowKeyWrapper", "vault")["properties"].__setitem__(
+         "roleDefinitionId", "[resourceId('Microsoft.Authorization/roleDefinitions', "
+                             "variables('customRoles').escrowKeyWrapper)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("a built-in role's id in the resource group form",
+     lambda c: assignment(c["t"], "reader", "workers")["properties"].__setitem__(
+         "roleDefinitionId", "[resourceId('Microsoft.Authorization/roleDefinitions', variables('builtInRoles').reader)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("custom role GUID without the cluster name (two clusters rename each other's roles)",
+     lambda c: c["t"]["variables"]["customRoles"].__setitem__(
+         "coordinationWriter", "[guid(resourceGroup().id, 'hashistack', 'coordinationWriter')]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    ("custom role name without the per-cluster suffix",
+     lambda c: role_def(c["t"], "escrowBlobWriter")["properties"].__setitem__(
+         "roleName", "[format('hashistack escrow blob writer ({0})', resourceGroup().name)]"),
+     lambda c, s: checks.check_role_definition_ids(c["t"], _ev(c), _ev_other_cluster(c))),
+    # --- key expiry (issue 13, item 7)
+    ("unseal key without an expiry",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[0]["properties"]["attributes"].pop("exp"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("escrow key expires a year before its rotated versions would",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[1]["properties"]["attributes"].__setitem__(
+         "exp", "[dateTimeToEpoch(dateTimeAdd(parameters('keyValidFrom'), 'P1Y'))]"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("rotation only after the notify window opened",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[0]["properties"]["rotationPolicy"]["lifetimeActions"][0][
+         "trigger"].__setitem__("timeAfterCreate", "P710D"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    ("rotation policy lifetime changed, the first version's expiry not",
+     lambda c: res(c["t"], "Microsoft.KeyVault/vaults/keys")[1]["properties"]["rotationPolicy"]["attributes"].__setitem__(
+         "expiryTime", "P3Y"),
+     lambda c, s: checks.check_key_expiry(c["t"], _ev(c))),
+    # --- zones (issue 13, item 8)
+    ("vault raft tier without zoneBalance",
+     lambda c: vmss(c["t"], "vault-server")["properties"].pop("zoneBalance"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("zoneBalance even with one zone (refused by the API)",
+     lambda c: vmss(c["t"], "consul-server")["properties"].__setitem__(
+         "zoneBalance", "[if(variables('zoned'), true(), null())]"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("workers keep five fault domains over zones",
+     lambda c: vmss(c["t"], "worker")["properties"].pop("platformFaultDomainCount"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("fault domain count forced without zones",
+     lambda c: vmss(c["t"], "nomad-server")["properties"].__setitem__("platformFaultDomainCount", 1),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("internal load balancer frontend in no zone",
+     lambda c: res(c["t"], "Microsoft.Network/loadBalancers")[0]["properties"]["frontendIPConfigurations"][0].pop("zones"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("Standard NAT gateway with zones",
+     lambda c: res(c["t"], "Microsoft.Network/natGateways")[0]["sku"].__setitem__("name", "Standard"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    ("StandardV2 NAT gateway with a Standard public IP",
+     lambda c: res(c["t"], "Microsoft.Network/publicIPAddresses",
+                   lambda r: r["name"] == "[variables('natPublicIpName')]")[0]["sku"].__setitem__("name", "Standard"),
+     lambda c, s: checks.check_zone_resilience(c["t"], _zone_evs(c))),
+    # --- createUiDefinition against the template (issue 13, items 5 and 6)
+    ("a control loses its tooltip",
+     lambda c: _ui_el(c, "cluster", "workerCount").pop("toolTip"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("administrator name gets a default",
+     lambda c: _ui_el(c, "basics", "adminUsername").__setitem__("defaultValue", "azureuser"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("administrator name longer than the template allows",
+     lambda c: _ui_el(c, "basics", "adminUsername")["constraints"].__setitem__("regex", "^[a-z_][a-z0-9_-]{0,63}$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("SSH key confirmation hidden",
+     lambda c: _ui_el(c, "basics", "sshCredentials")["options"].__setitem__("hideConfirmation", True),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("data disk regex accepts 4096-9999 (the old one)",
+     lambda c: _ui_el(c, "cluster", "serverDataDiskSizeGB")["constraints"].__setitem__(
+         "regex", "^([1-9][6-9]|[2-9][0-9]|[1-9][0-9]{2,3})$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("template raises the data disk maximum, the portal does not follow",
+     lambda c: c["t"]["parameters"]["serverDataDiskSizeGB"].__setitem__("maxValue", 8191),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("worker count accepts 0",
+     lambda c: _ui_el(c, "cluster", "workerCount")["constraints"].__setitem__("regex", "^([0-9][0-9]?|100)$"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("server size selector unconstrained",
+     lambda c: _ui_el(c, "cluster", "serverVmSize").pop("constraints"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("worker size selector offers a size without accelerated networking",
+     lambda c: _ui_el(c, "cluster", "workerVmSize")["constraints"]["allowedSizes"].append("Standard_B2s"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("template allows any jumpbox size",
+     lambda c: c["t"]["parameters"]["jumpboxVmSize"].pop("allowedValues"),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("a dropdown offers a server count the template refuses",
+     lambda c: _ui_el(c, "cluster", "nomadServerCount")["constraints"]["allowedValues"].append({"label": "2", "value": 2}),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("a textbox validation without a message",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"][1].__setitem__("message", ""),
+     lambda c, s: checks.check_uidef_refuses_what_the_template_refuses(c["t"], c["ui"])),
+    ("portal accepts SSH from 0.0.0.0/0 (the refusal dropped)",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"].pop(1),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("portal accepts octets over 255",
+     lambda c: _ui_el(c, "basics", "allowedSshSourcePrefixes")["constraints"]["validations"][0].__setitem__(
+         "regex", "^\\s*\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}\\s*(,\\s*\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}\\s*)*$"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("template opens SSH to whatever it is given",
+     lambda c: c["t"]["variables"].__setitem__("sshFromTheInternet", "[false()]"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("template lets 'Any' through (case)",
+     lambda c: c["t"]["variables"].__setitem__("sshPrefixesText", "[replace(string(parameters('allowedSshSourcePrefixes')), ' ', '')]"),
+     lambda c, s: checks.check_ssh_source_refusal(c["t"], c["ui"], armlib.default_values(c["t"], c["pf"]))),
+    ("encryption at host back on by default",
+     lambda c: c["t"]["parameters"]["encryptionAtHost"].__setitem__("defaultValue", True),
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    ("portal defaults encryption at host to Enabled",
+     lambda c: _ui_el(c, "security", "encryptionAtHost").__setitem__("defaultValue", "Enabled"),
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    ("no info box explains encryption at host",
+     lambda c: [s["elements"].remove(_ui_el(c, "security", "encryptionAtHostInfo")) for s in c["ui"]["parameters"]["steps"]
+                if s["name"] == "security"],
+     lambda c, s: checks.check_encryption_at_host_choice(c["t"], c["ui"])),
+    # --- Consul WAN (issue 13, item 4)
+    ("consul NSG opens WAN gossip",
+     lambda c: set_rule(c["t"], "consul", "ConsulServerRpc", destinationPortRange="8300-8302"),
+     lambda c, s: checks.check_consul_wan_decision(c["t"], _ev(c), c["network_md"])),
+    ("docs/network.md no longer records that the WAN listener is off",
+     lambda c: c.__setitem__("network_md", c["network_md"].replace("`ports.serf_wan = -1`", "nothing")),
+     lambda c, s: checks.check_consul_wan_decision(c["t"], _ev(c), c["network_md"])),
+    # --- docs/deploy.md walks a first deployment the template accepts (issue 13)
+    ("deploy.md offers Contributor + RBAC Administrator again",
+     lambda c: _md(c, "Contributor** plus **User Access\n  Administrator**",
+                   "Contributor** plus **Role Based Access Control\n  Administrator**"),
+     lambda c, s: checks.check_deploy_doc_roles(c["deploy_md"])),
+    ("deploy.md builds a single .pkr.hcl file",
+     lambda c: _md(c, "packer build -var-file=my.pkrvars.hcl packer/\n",
+                   "packer build -var-file=my.pkrvars.hcl packer/hashistack.pkr.hcl\n"),
+     lambda c, s: checks.check_packer_commands_build_the_directory({"docs/deploy.md": c["deploy_md"]})),
+    ("deploy.md points to an issue for the cluster view",
+     lambda c: _md(c, "([status.md](status.md)).", "([status.md](status.md)), the subject of issue 5."),
+     lambda c, s: checks.check_no_issue_numbers("docs/deploy.md", c["deploy_md"])),
+    ("deploy.md's parameters file opens SSH to the internet",
+     lambda c: _md(c, '["203.0.113.7/32"]', '["0.0.0.0/0"]'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file sets a parameter the template does not have",
+     lambda c: _md(c, '"clusterName": { "value": "hs" },', '"clusterName": { "value": "hs" },\n    "clustername": { "value": "hs" },'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file forgets the image",
+     lambda c: _md(c, '    "imageId": { "value": "$IMAGE_ID" },\n', ""),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md's parameters file picks a refused VM size",
+     lambda c: _md(c, '"adminUsername": { "value": "azureuser" },',
+                   '"adminUsername": { "value": "azureuser" },\n    "workerVmSize": { "value": "Standard_B2s" },'),
+     lambda c, s: checks.check_deploy_doc_cli_walk(c["t"], c["deploy_md"])),
+    ("deploy.md says encryption at host defaults to true",
+     lambda c: _md(c, "| `encryptionAtHost` | `false` |", "| `encryptionAtHost` | `true` |"),
+     lambda c, s: checks.check_deploy_doc_parameter_table(c["t"], c["deploy_md"])),
+    ("a template parameter missing from deploy.md's table",
+     lambda c: c["t"]["parameters"].__setitem__("newThing", {"type": "int", "defaultValue": 1,
+                                                             "metadata": {"description": "x"}}),
+     lambda c, s: checks.check_deploy_doc_parameter_table(c["t"], c["deploy_md"])),
+    ("the portal walk forgets the administrator name",
+     lambda c: _md(c, "**Administrator user name**", "**Admin**"),
+     lambda c, s: checks.check_deploy_doc_portal_walk(c["ui"], c["deploy_md"])),
+    ("something else before hashistack-agent status on the jumpbox",
+     lambda c: _md(c, "$SSH                                                  # ssh <adminUsername>@<jumpbox FQDN>\n",
+                   "$SSH                                                  # ssh <adminUsername>@<jumpbox FQDN>\nsudo -i\n"),
+     lambda c, s: checks.check_deploy_doc_first_command(c["deploy_md"])),
+    ("deploy.md documents the planned smoke command",
+     lambda c: _md(c, "until every tier is healthy.", "until every tier is healthy, then `hashistack-agent smoke`."),
+     lambda c, s: checks.check_deploy_doc_first_command(c["deploy_md"])),
+    ("deploy.md no longer explains the role replication race",
+     lambda c: _md(c, "`RoleDefinitionDoesNotExist` (or", "an error (or"),
+     lambda c, s: checks.check_deploy_doc_role_replication(c["deploy_md"])),
+    # --- arm-ttk's no-blanks rule (issue 13, item 9)
+    ("empty actions array in a custom role",
+     lambda c: role_def(c["t"], "escrowKeyWrapper")["properties"]["permissions"][0].__setitem__("actions", []),
+     lambda c, s: checks.check_no_blanks(json.dumps(c["t"], indent=2))),
+    ("empty ipRules in a Key Vault firewall",
+     lambda c: key_vault(c["t"], "sharedVaultName")["properties"]["networkAcls"].__setitem__("ipRules", []),
+     lambda c, s: checks.check_no_blanks(json.dumps(c["t"], indent=2))),
+    ("empty tags object",
+     lambda c: res(c["t"], "Microsoft.Network/natGateways")[0].__setitem__("tags", {}),
+     lambda c, s: checks.check_no_blanks(json.dumps(c["t"], indent=2))),
+    ("empty string description",
+     lambda c: assignment(c["t"], "reader", "vault")["properties"].__setitem__("description", ""),
+     lambda c, s: checks.check_no_blanks(json.dumps(c["t"], indent=2))),
     # --- checkov config
     ("checkov skip without a reason",
      lambda c: c.__setitem__("checkov_yaml", c["checkov_yaml"] + "  - CKV_AZURE_1\n"),
@@ -453,6 +721,7 @@ def ctx(template, params_file, uidef, metadata, network_md, tags_md):
     return {"t": json.loads(json.dumps(template)), "pf": json.loads(json.dumps(params_file)),
             "ui": json.loads(json.dumps(uidef)), "md": json.loads(json.dumps(metadata)),
             "network_md": network_md, "tags_md": tags_md, "today": dt.date(2026, 11, 27),
+            "deploy_md": (armlib.DOCS / "deploy.md").read_text(encoding="utf-8"),
             "checkov_yaml": (armlib.ARM_DIR / ".checkov.yaml").read_text(encoding="utf-8")}
 
 

@@ -315,7 +315,15 @@ fn packer_versions_are_pinned_to_exact_releases() {
         .filter(|(n, _)| n.ends_with("_version") && n.as_str() != "gallery_image_version")
         .collect();
     let names: Vec<&str> = versions.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["consul_version", "nomad_version", "vault_version"]);
+    assert_eq!(
+        names,
+        [
+            "azure_cli_version",
+            "consul_version",
+            "nomad_version",
+            "vault_version"
+        ]
+    );
     for (name, default) in versions {
         let v = default.as_ref().and_then(string).unwrap_or_else(|| {
             panic!("variable {name} has no string default: versions must be pinned")
@@ -347,6 +355,178 @@ fn packer_versions_are_pinned_to_exact_releases() {
         );
     }
     assert!(script.contains("apt-mark hold consul vault nomad"));
+    // The Azure CLI too: Microsoft versions its packages "<version>-1~<codename>".
+    assert!(
+        script.contains("\"azure-cli=${AZURE_CLI_VERSION}-1~${codename}\""),
+        "20-packages.sh does not pin azure-cli"
+    );
+    assert!(script.contains("apt-mark hold consul vault nomad azure-cli"));
+}
+
+/// The value of a `locals` attribute, as written (template strings keep their `${...}`).
+fn local_text(name: &str) -> String {
+    templates()
+        .into_iter()
+        .flat_map(|(_, body)| {
+            body.into_blocks()
+                .filter(|b| b.identifier() == "locals")
+                .collect::<Vec<_>>()
+        })
+        .find_map(|b| attr(b.body(), name).cloned())
+        .and_then(|e| string(&e))
+        .unwrap_or_else(|| panic!("no local {name}"))
+}
+
+#[test]
+fn packer_image_name_carries_the_versions() {
+    // variables.pkr.hcl: "<prefix>-<consul>-<vault>-<nomad>-<UTC timestamp>".
+    assert_eq!(
+        local_text("managed_image_name"),
+        "${var.managed_image_name_prefix}-${var.consul_version}-${var.vault_version}-${var.nomad_version}-${local.build_stamp}"
+    );
+    let vars = variables();
+    let doc = vars["managed_image_name_prefix"]
+        .as_ref()
+        .and_then(string)
+        .unwrap();
+    assert_eq!(doc, "hashistack");
+    // A managed image name: at most 80 characters of letters, digits, '.', '-' and '_'.
+    let example = format!("{doc}-1.21.4-1.20.4-1.10.5-20261201120000");
+    assert!(example.len() <= 80);
+    assert!(example
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+}
+
+#[test]
+fn packer_offers_a_replicated_gallery_version_next_to_the_managed_image() {
+    let source = templates()
+        .into_iter()
+        .flat_map(|(_, body)| {
+            body.into_blocks()
+                .filter(|b| b.identifier() == "source")
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .unwrap();
+    // Both destinations: the managed image always, the gallery version when gallery_name is set.
+    assert!(attr(source.body(), "managed_image_name").is_some());
+    let gallery = blocks(source.body(), "dynamic")
+        .find(|b| label(b, 0) == "shared_image_gallery_destination")
+        .expect("a shared_image_gallery_destination");
+    let content = blocks(gallery.body(), "content").next().unwrap();
+    for key in [
+        "subscription",
+        "resource_group",
+        "gallery_name",
+        "image_name",
+        "image_version",
+    ] {
+        assert!(
+            attr(content.body(), key).is_some(),
+            "gallery destination sets no {key}"
+        );
+    }
+    let mut refs = BTreeSet::new();
+    refs_in_expr(
+        attr(content.body(), "image_version").unwrap(),
+        "var",
+        &mut refs,
+    );
+    assert_eq!(
+        refs.into_iter().collect::<Vec<_>>(),
+        ["gallery_image_version"]
+    );
+    // Replicated to the build region and every region of gallery_replication_regions.
+    let regions = blocks(content.body(), "dynamic")
+        .find(|b| label(b, 0) == "target_region")
+        .expect("replication regions (target_region)");
+    let mut locals = BTreeSet::new();
+    refs_in_expr(
+        attr(regions.body(), "for_each").unwrap(),
+        "local",
+        &mut locals,
+    );
+    assert_eq!(locals.into_iter().collect::<Vec<_>>(), ["gallery_regions"]);
+    let body = templates()
+        .into_iter()
+        .flat_map(|(_, body)| {
+            body.into_blocks()
+                .filter(|b| b.identifier() == "locals")
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .unwrap();
+    let mut vars = BTreeSet::new();
+    refs_in_expr(
+        attr(body.body(), "gallery_regions").unwrap(),
+        "var",
+        &mut vars,
+    );
+    assert_eq!(
+        vars.into_iter().collect::<Vec<_>>(),
+        ["gallery_replication_regions", "location"]
+    );
+    // A gallery version is three integers: packer refuses anything else before building.
+    let version = templates()
+        .into_iter()
+        .flat_map(|(_, body)| {
+            body.into_blocks()
+                .filter(|b| b.identifier() == "variable" && label(b, 0) == "gallery_image_version")
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .unwrap();
+    assert!(blocks(version.body(), "validation").next().is_some());
+}
+
+#[test]
+fn packer_installs_the_azure_cli_pinned_from_microsofts_signed_repository() {
+    let vars = variables();
+    // The repository's address is the operator's input (no repository host is written in this repository); the
+    // signing key's fingerprint and the version are pinned here.
+    assert!(
+        vars["microsoft_apt_url"].is_none(),
+        "microsoft_apt_url has no default"
+    );
+    let fpr = vars["microsoft_gpg_fingerprint"]
+        .as_ref()
+        .and_then(string)
+        .unwrap();
+    assert!(
+        fpr.len() == 40
+            && fpr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    );
+    // The build hands them to the scripts.
+    let build = build_block();
+    let env: Vec<String> = blocks(build.body(), "provisioner")
+        .filter_map(|p| attr(p.body(), "environment_vars"))
+        .flat_map(strings)
+        .collect();
+    for (name, var) in [
+        ("AZURE_CLI_VERSION", "azure_cli_version"),
+        ("MICROSOFT_APT_URL", "microsoft_apt_url"),
+        ("MICROSOFT_GPG_FINGERPRINT", "microsoft_gpg_fingerprint"),
+    ] {
+        let want = format!("{name}=${{var.{var}}}");
+        assert!(
+            env.iter().any(|e| e.contains(&want)),
+            "no {want} in {env:?}"
+        );
+    }
+    let script = fs::read_to_string(packer_dir().join("scripts/20-packages.sh")).unwrap();
+    // The key is checked against the pinned fingerprint, as HashiCorp's is, and the source is signed-by it.
+    assert!(script.contains(
+        "install_key Microsoft \"${MICROSOFT_APT_URL}/keys/microsoft.asc\" \"${MICROSOFT_GPG_FINGERPRINT}\""
+    ));
+    assert!(script.contains(
+        "signed-by=${microsoft_keyring}] ${MICROSOFT_APT_URL}/repos/azure-cli/ ${codename} main"
+    ));
+    // image verify's expectations are unaffected: the image manifest still names only Consul, Vault and Nomad.
+    let layout = fs::read_to_string(packer_dir().join("scripts/30-layout.sh")).unwrap();
+    assert!(!layout.to_lowercase().contains("azure"));
 }
 
 fn build_block() -> Block {

@@ -8,7 +8,7 @@
 
 use hashistack_agent::bootstrap::CrashPoint;
 use hashistack_agent::node::Role;
-use hashistack_agent::status::tokens::{NOMAD_POLICY, NOMAD_SECRET, NOMAD_TOKEN_NAME};
+use hashistack_agent::names::{NOMAD_POLICY, NOMAD_SECRET, NOMAD_TOKEN_NAME};
 use hashistack_e2e::{
     assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as,
     healthy_lab, jumpbox_status, nodes_of, options, tools, wait_healthy,

@@ -10,6 +10,7 @@ use hashistack_e2e::{files_containing, healthy_lab, jumpbox_status, options};
 use hashistack_lab::imds::lab_token_for;
 use hashistack_lab::keyvault::{principals, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT};
 use hashistack_lab::Lab;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 /// GET one secret from vault `vault` of the Key Vault double as principal `oid`; returns the HTTP status.
@@ -252,5 +253,120 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
         assert_eq!(node["member"], "alive", "{w}: {text}");
         assert_eq!(node["ok"], true, "{w}: {text}");
     }
+
+    // The operator without sudo (azureuser on Azure; `nobody` here): the product directories are closed to
+    // them, the jumpbox's operator directory is not, and status gives the same verdict as root's.
+    let j = lab.jumpbox().unwrap();
+    let jroot = &lab.nodes[j].root;
+    let operator = jroot.join("etc/hashistack/operator");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&jroot.join("etc/consul.d/tls")),
+        0o750,
+        "the test needs a closed product directory"
+    );
+    assert_eq!(mode(&operator), 0o755);
+    assert_eq!(
+        std::fs::read_to_string(operator.join("ca.pem"))
+            .unwrap()
+            .trim(),
+        cluster_ca.trim()
+    );
+    for (f, vars) in [
+        ("ca.pem", &[][..]),
+        ("consul.env", &["CONSUL_HTTP_ADDR", "CONSUL_CACERT"][..]),
+        ("vault.env", &["VAULT_ADDR", "VAULT_CACERT"][..]),
+        ("nomad.env", &["NOMAD_CACERT"][..]),
+    ] {
+        assert_eq!(mode(&operator.join(f)), 0o644, "{f}");
+        let text = std::fs::read_to_string(operator.join(f)).unwrap();
+        for v in vars {
+            assert!(text.contains(&format!("export {v}='")), "{f}: {text}");
+        }
+    }
+    let as_nobody = |args: &[&str]| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        c.args(args);
+        c.env("NO_COLOR", "1");
+        // Their own home, as an operator has (the CLIs read ~/.bao and the like).
+        c.env("HOME", std::env::temp_dir());
+        c.output().expect("setpriv")
+    };
+    let denied = as_nobody(&[
+        "cat",
+        &jroot.join("etc/consul.d/tls/ca.pem").to_string_lossy(),
+    ]);
+    assert!(
+        !denied.status.success(),
+        "nobody can read Consul's directory: the test proves nothing"
+    );
+    // The Consul CLI, with only the operator environment, reaches the jumpbox's agent over verified HTTPS
+    // (`catalog datacenters` needs no token).
+    let consul = std::env::var("HASHISTACK_CONSUL").unwrap_or_else(|_| "consul".into());
+    let sh = format!(
+        ". '{}' && exec '{consul}' catalog datacenters",
+        operator.join("consul.env").display()
+    );
+    let cli = as_nobody(&["sh", "-c", &sh]);
+    assert_eq!(
+        String::from_utf8_lossy(&cli.stdout).trim(),
+        "dc1",
+        "consul CLI with consul.env: {}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    // Vault through its load balancer (the lab's stands in for the template's internal one): the address is
+    // in vault.env and in Vault's certificate, so a client that trusts only the cluster CA verifies it, and
+    // the LB forwards to the active node only (sys/health answers 200 there alone).
+    let vault_env = std::fs::read_to_string(operator.join("vault.env")).unwrap();
+    let lb = lab.opts.vault_address();
+    assert!(
+        vault_env.contains(&format!("export VAULT_ADDR='{lb}'")),
+        "{vault_env}"
+    );
+    let via_lb = health::client_for(&operator.join("ca.pem"), Duration::from_secs(5))
+        .unwrap()
+        .get(format!("{lb}/v1/sys/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{lb} with the cluster CA: {e:?}"));
+    assert_eq!(
+        via_lb.status().as_u16(),
+        200,
+        "the LB forwards to the active node"
+    );
+    let bao = std::env::var("HASHISTACK_BAO").unwrap_or_else(|_| "bao".into());
+    let sh = format!(
+        ". '{}' && exec '{bao}' status -format=json",
+        operator.join("vault.env").display()
+    );
+    let cli = as_nobody(&["sh", "-c", &sh]);
+    let status: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap_or_else(|_| {
+        panic!(
+            "bao status with vault.env: {} {}",
+            String::from_utf8_lossy(&cli.stdout),
+            String::from_utf8_lossy(&cli.stderr)
+        )
+    });
+    assert_eq!(status["initialized"], true, "{status}");
+    assert_eq!(status["sealed"], false, "{status}");
+
+    let agent = lab.tools.agent.to_string_lossy().into_owned();
+    let config = lab.nodes[j].config_path.to_string_lossy().into_owned();
+    let start = std::time::Instant::now();
+    let mut o = as_nobody(&[&agent, "status", "--config", &config, "--json"]);
+    while !o.status.success() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        o = as_nobody(&[&agent, "status", "--config", &config, "--json"]);
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "status as nobody: exit {:?}\n{text}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["verdict"], "healthy", "{text}");
     lab.down().await;
 }

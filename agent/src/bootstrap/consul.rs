@@ -264,12 +264,12 @@ impl Tier for ConsulTier {
             .map_err(|e| e.to_string())?;
             // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
             let status =
-                crate::status::tokens::create_consul(&self.api, &self.ca_file, &management).await?;
+                super::status_tokens::create_consul(&self.api, &self.ca_file, &management).await?;
             match &self.status_vault {
                 Some(sv) => {
-                    crate::status::tokens::hand_over(
+                    super::status_tokens::hand_over(
                         &(az.clone(), sv.clone()),
-                        crate::status::tokens::CONSUL_SECRET,
+                        crate::names::CONSUL_SECRET,
                         &status,
                     )
                     .await?

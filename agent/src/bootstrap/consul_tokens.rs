@@ -9,9 +9,7 @@ use zeroize::Zeroizing;
 
 pub const AGENT_POLICY: &str = "hashistack-agent";
 
-pub fn agent_token_secret(cluster: &str) -> String {
-    format!("{cluster}-consul-agent-token")
-}
+pub use crate::names::agent_token_secret;
 
 /// Consul ACL rules in their JSON form: register any node, read services (what an agent needs).
 pub fn agent_rules() -> serde_json::Value {

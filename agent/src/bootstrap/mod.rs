@@ -18,6 +18,7 @@ pub mod consul;
 pub mod consul_tokens;
 mod http;
 pub mod nomad;
+pub mod status_tokens;
 pub mod vault;
 
 use crate::azure::{Azure, AzureError};
@@ -31,16 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-/// Where the process may be killed on purpose (crash-injection tests set `faults.crash_at` in agent.toml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CrashPoint {
-    AfterLease,
-    AfterInit,
-    AfterSpool,
-    BetweenTargets,
-    BeforeReceipt,
-}
+pub use crate::config::CrashPoint;
 
 fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
     if configured == Some(here) {
@@ -87,6 +79,11 @@ pub trait Tier: Send + Sync {
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure>;
     /// Configuration that needs the fresh root credential (audit device, autopilot, policies).
     async fn configure(&self, secrets: &[u8]) -> Result<(), String>;
+    /// Wipes this node's own product storage and restarts the product, for [`TierFailure::HalfInitialized`]
+    /// after this node's own bootstrap call was interrupted. Default: this tier cannot.
+    async fn reset_local(&self) -> Result<(), String> {
+        Err("this tier cannot reset its local storage".into())
+    }
 }
 
 /// Why a bootstrap call failed.
@@ -94,6 +91,11 @@ pub trait Tier: Send + Sync {
 pub enum TierFailure {
     /// The product was already bootstrapped (by an earlier run whose secrets never reached the spool).
     AlreadyDone(String),
+    /// The local server holds storage state from a bootstrap call that never completed (Vault: raft bootstrapped
+    /// with itself as the only voter, no seal configuration written), so it refuses the call; no secret exists.
+    HalfInitialized(String),
+    /// A final refusal (4xx) the agent cannot repair: the server's own words.
+    Refused(String),
     Other(String),
 }
 
@@ -376,7 +378,40 @@ async fn lead_bootstrap(
     lead.check()?;
 
     // 4. The bootstrap call, then straight to local disk.
-    let secrets = match tier.bootstrap().await {
+    let mut answer = tier.bootstrap().await;
+    // A note that stays in the state's message up to `done`.
+    let mut started_over: Option<String> = None;
+    if let Err(TierFailure::HalfInitialized(detail)) = &answer {
+        // Our own call was cut off (power loss) after the server began it and before it wrote anything secret:
+        // nothing exists to lose, and no other node has used this storage (an uninitialized server admits no
+        // peer). Start it over, once.
+        if state_before.phase == TierPhase::Initializing && state_before.leader == ctx.node {
+            tracing::warn!(tier = name, %detail, "this node's interrupted bootstrap left its storage half-initialized; resetting it and calling again");
+            if let Err(message) = tier.reset_local().await {
+                let msg = half_initialized_step(
+                    name,
+                    &ctx.node,
+                    &format!("{detail}; the reset failed: {message}"),
+                );
+                state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+                save(ctx, &state).await?;
+                return Err(BootstrapError::NeedsOperator {
+                    tier: name.into(),
+                    message: msg,
+                });
+            }
+            tier.wait_ready(Duration::from_secs(300))
+                .await
+                .map_err(|message| BootstrapError::Tier {
+                    tier: name.into(),
+                    message,
+                })?;
+            lead.check()?;
+            started_over = Some("an interrupted bootstrap call was started over after resetting this node's half-initialized storage".into());
+            answer = tier.bootstrap().await;
+        }
+    }
+    let secrets = match answer {
         Ok(s) => s,
         // An earlier leader escrowed its secret before use and its call landed, but the answer (or that
         // agent) was lost: the escrow it recorded holds the bootstrap token.
@@ -420,6 +455,27 @@ async fn lead_bootstrap(
                 message: msg,
             });
         }
+        Err(TierFailure::HalfInitialized(detail)) => {
+            let msg = half_initialized_step(name, &ctx.node, &detail);
+            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+            save(ctx, &state).await?;
+            return Err(BootstrapError::NeedsOperator {
+                tier: name.into(),
+                message: msg,
+            });
+        }
+        Err(TierFailure::Refused(detail)) => {
+            let msg = format!(
+                "{name} refused its bootstrap call on {}: {detail}. Fix what the server names, then clear the tier state and reboot {}: docs/bootstrap.md#bootstrap-call-refused",
+                ctx.node, ctx.node
+            );
+            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+            save(ctx, &state).await?;
+            return Err(BootstrapError::NeedsOperator {
+                tier: name.into(),
+                message: msg,
+            });
+        }
         Err(TierFailure::Other(message)) => {
             return Err(BootstrapError::Tier {
                 tier: name.into(),
@@ -446,7 +502,7 @@ async fn lead_bootstrap(
     let spool_path =
         escrow::spool(&ctx.state_dir, &env).map_err(|e| BootstrapError::Spool(e.to_string()))?;
     crash_if(ctx.crash_at, CrashPoint::AfterSpool);
-    state.set(TierPhase::Initialized, &ctx.node, None);
+    state.set(TierPhase::Initialized, &ctx.node, started_over.clone());
     if let Err(e) = save(ctx, &state).await {
         // The secrets are safe in the spool; the escrow below records the state again.
         tracing::warn!(error = %e, "could not record the initialized state");
@@ -455,9 +511,11 @@ async fn lead_bootstrap(
     // 5. Configuration that needs the fresh root credential, while it is in memory.
     if let Err(message) = tier.configure(&secrets).await {
         tracing::error!(tier = name, %message, "post-bootstrap configuration failed");
-        state.message = Some(format!(
-            "post-bootstrap configuration incomplete: {message}"
-        ));
+        let incomplete = format!("post-bootstrap configuration incomplete: {message}");
+        state.message = Some(match &started_over {
+            Some(note) => format!("{note}; {incomplete}"),
+            None => incomplete,
+        });
     }
     drop(secrets);
 
@@ -505,6 +563,14 @@ async fn escrow_before_use(
     state.escrow_id = Some(pre.escrow_id.clone());
     tracing::info!(tier = tier.name(), escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
     Ok(true)
+}
+
+/// The one step for a half-initialized node the agent did not (or could not) reset itself.
+fn half_initialized_step(tier: &str, node: &str, detail: &str) -> String {
+    format!(
+        "{tier} on {node} holds storage from a bootstrap call that never completed ({detail}); no secret exists yet. \
+         On {node}: stop {tier}, move its data directory aside, start it, then reboot {node}: docs/bootstrap.md#half-initialized"
+    )
 }
 
 /// Whether the node that last led this tier (not us) may still come back and finish from its spool.

@@ -7,7 +7,7 @@
 //!
 //! After the bootstrap, with the management token still in memory ([`Tier::configure`]), the tier creates
 //! the read-only token of `hashistack-agent status`: the ACL policy `status-read` (node, agent and operator
-//! read; [`crate::status::tokens::NOMAD_RULES`]) and a client token with it, handed over through the status
+//! read; [`crate::names::NOMAD_RULES`]) and a client token with it, handed over through the status
 //! vault like the Consul and Vault status tokens (docs/status.md#status-tokens). Every call has a deadline
 //! and a verdict per answer ([`classify_acl`]): no leader, 429 and 5xx are retried, other answers are final.
 //! A rerun finds its earlier token by name and hands the same one over again instead of making another.
@@ -123,7 +123,7 @@ pub async fn create_status_token(
     management: &str,
     policy: RetryPolicy,
 ) -> Result<(Zeroizing<String>, bool), String> {
-    use crate::status::tokens::{NOMAD_POLICY, NOMAD_RULES, NOMAD_TOKEN_NAME};
+    use crate::names::{NOMAD_POLICY, NOMAD_RULES, NOMAD_TOKEN_NAME};
     let c = crate::services::health::client_for(ca_file, policy.attempt_timeout)?;
     // 1. The policy: an upsert, so one that exists (an earlier run) is simply written again.
     let body = serde_json::json!({
@@ -347,9 +347,9 @@ impl Tier for NomadTier {
         let (token, _) =
             create_status_token(&self.api, &self.ca_file, &management, status_token_policy())
                 .await?;
-        crate::status::tokens::hand_over(
+        super::status_tokens::hand_over(
             &(az.clone(), status_vault.clone()),
-            crate::status::tokens::NOMAD_SECRET,
+            crate::names::NOMAD_SECRET,
             &token,
         )
         .await
@@ -595,13 +595,13 @@ mod tests {
         assert_eq!((secret.as_str(), reused), ("secret-0", false));
         let s = state.lock().unwrap();
         assert_eq!(s.policies.len(), 1);
-        assert_eq!(s.policies[0]["Name"], crate::status::tokens::NOMAD_POLICY);
-        assert_eq!(s.policies[0]["Rules"], crate::status::tokens::NOMAD_RULES);
+        assert_eq!(s.policies[0]["Name"], crate::names::NOMAD_POLICY);
+        assert_eq!(s.policies[0]["Rules"], crate::names::NOMAD_RULES);
         assert_eq!(s.tokens.len(), 1);
         assert_eq!(s.tokens[0]["Type"], "client");
         assert_eq!(
             s.tokens[0]["Policies"],
-            serde_json::json!([crate::status::tokens::NOMAD_POLICY])
+            serde_json::json!([crate::names::NOMAD_POLICY])
         );
     }
 
@@ -609,8 +609,8 @@ mod tests {
     async fn status_token_of_an_earlier_run_is_reused_not_recreated() {
         let earlier = serde_json::json!({
             "AccessorID": "acc-earlier", "SecretID": "secret-earlier",
-            "Name": crate::status::tokens::NOMAD_TOKEN_NAME, "Type": "client",
-            "Policies": [crate::status::tokens::NOMAD_POLICY], "Global": true,
+            "Name": crate::names::NOMAD_TOKEN_NAME, "Type": "client",
+            "Policies": [crate::names::NOMAD_POLICY], "Global": true,
         });
         let other = serde_json::json!({
             "AccessorID": "acc-other", "SecretID": "secret-other", "Name": "someone else's",

@@ -49,6 +49,77 @@ pub struct VaultTier {
     pub shared: Option<(crate::azure::Azure, String)>,
     /// The status vault (URI; same client as `shared`), where only the jumpbox may read the status token.
     pub status_vault: Option<String>,
+    /// This node's Vault storage, for the one repair the bootstrap makes itself (a half-initialized node after
+    /// its own init call was cut off). `None`: that case needs an operator.
+    pub local: Option<Box<dyn LocalStorage>>,
+}
+
+/// The local Vault's storage: wiped and the server restarted by [`Tier::reset_local`].
+#[async_trait::async_trait]
+pub trait LocalStorage: Send + Sync {
+    async fn reset(&self) -> Result<(), String>;
+}
+
+/// On a node: stop the service, empty its data directory (raft), start it again.
+pub struct ServiceStorage {
+    pub manager: std::sync::Arc<dyn crate::services::ServiceManager>,
+    pub service: crate::services::ServiceSpec,
+    pub data_dir: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl LocalStorage for ServiceStorage {
+    async fn reset(&self) -> Result<(), String> {
+        self.manager
+            .stop(&self.service)
+            .await
+            .map_err(|e| e.to_string())?;
+        empty_dir(&self.data_dir).map_err(|e| format!("{}: {e}", self.data_dir.display()))?;
+        self.manager
+            .apply(&self.service, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Removes everything inside `dir` (the directory itself, its owner and mode stay).
+pub fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a refused `sys/init` means (status, the server's first error).
+pub fn classify_init_refusal(status: u16, body: &[u8]) -> TierFailure {
+    #[derive(Deserialize)]
+    struct Errors {
+        #[serde(default)]
+        errors: Vec<String>,
+    }
+    let first = serde_json::from_slice::<Errors>(body)
+        .ok()
+        .and_then(|e| e.errors.into_iter().next())
+        .unwrap_or_default();
+    let detail: String = first.chars().take(300).collect();
+    match status {
+        400 if detail.contains("already initialized") => {
+            TierFailure::AlreadyDone("Vault is already initialized".into())
+        }
+        // OpenBao/Vault: "could not bootstrap clustered storage: error bootstrapping cluster: cluster already
+        // has state" — raft was bootstrapped by an init that never wrote its seal configuration.
+        400 if detail.contains("cluster already has state") => {
+            TierFailure::HalfInitialized(format!("init: HTTP {status}: {detail}"))
+        }
+        400..=499 => TierFailure::Refused(format!("init: HTTP {status}: {detail}")),
+        _ => TierFailure::Other(format!("init: HTTP {status}")),
+    }
 }
 
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -373,14 +444,11 @@ impl Tier for VaultTier {
         };
         let status = resp.status().as_u16();
         let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        if status == 400 && String::from_utf8_lossy(&bytes).contains("already initialized") {
-            return Err(TierFailure::AlreadyDone(
-                "Vault is already initialized".into(),
-            ));
-        }
         if status != 200 {
+            // A refusal carries no secret; only an answer of 200 does.
+            let failure = classify_init_refusal(status, &bytes);
             bytes.zeroize();
-            return Err(TierFailure::Other(format!("init: HTTP {status}")));
+            return Err(failure);
         }
         let parsed: Result<InitResponse, _> = serde_json::from_slice(&bytes);
         bytes.zeroize();
@@ -393,6 +461,13 @@ impl Tier for VaultTier {
             root_token: std::mem::take(&mut init.root_token),
         };
         Ok(crate::escrow::payload(&secrets))
+    }
+
+    async fn reset_local(&self) -> Result<(), String> {
+        match &self.local {
+            Some(l) => l.reset().await,
+            None => Err("no local storage handle".into()),
+        }
     }
 
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
@@ -472,14 +547,10 @@ impl Tier for VaultTier {
         let status_token = match (&self.shared, &self.status_vault) {
             (Some((az, _)), Some(sv)) => {
                 let shared = &(az.clone(), sv.clone());
-                match crate::status::tokens::create_vault(&self.api, &self.ca_file, &token).await {
+                match super::status_tokens::create_vault(&self.api, &self.ca_file, &token).await {
                     Ok(t) => {
-                        crate::status::tokens::hand_over(
-                            shared,
-                            crate::status::tokens::VAULT_SECRET,
-                            &t,
-                        )
-                        .await
+                        super::status_tokens::hand_over(shared, crate::names::VAULT_SECRET, &t)
+                            .await
                     }
                     Err(e) => Err(e),
                 }
@@ -560,6 +631,41 @@ mod tests {
             audit_device_state(&list(&[("file/", "socket", "")]), want),
             AuditDeviceState::Different(d) if d.contains("socket")
         ));
+    }
+
+    #[test]
+    fn init_refusals_are_classified() {
+        let half = br#"{"errors":["could not bootstrap clustered storage: error bootstrapping cluster: cluster already has state"]}"#;
+        assert!(
+            matches!(classify_init_refusal(400, half), TierFailure::HalfInitialized(d) if d.contains("cluster already has state"))
+        );
+        assert!(matches!(
+            classify_init_refusal(400, br#"{"errors":["Vault is already initialized"]}"#),
+            TierFailure::AlreadyDone(_)
+        ));
+        assert!(matches!(
+            classify_init_refusal(400, br#"{"errors":["invalid recovery_threshold"]}"#),
+            TierFailure::Refused(d) if d == "init: HTTP 400: invalid recovery_threshold"
+        ));
+        assert!(matches!(
+            classify_init_refusal(403, b"not json"),
+            TierFailure::Refused(d) if d == "init: HTTP 403: "
+        ));
+        assert!(matches!(
+            classify_init_refusal(503, b"{}"),
+            TierFailure::Other(d) if d == "init: HTTP 503"
+        ));
+    }
+
+    #[test]
+    fn empty_dir_keeps_the_directory_and_removes_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("raft/snapshots")).unwrap();
+        std::fs::write(d.path().join("raft/raft.db"), b"x").unwrap();
+        std::fs::write(d.path().join("vault.db"), b"x").unwrap();
+        empty_dir(d.path()).unwrap();
+        assert!(d.path().is_dir());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -711,6 +817,7 @@ mod tests {
             audit_file: PathBuf::from("/var/log/vault/audit.log"),
             shared: None,
             status_vault: None,
+            local: None,
         }
     }
 

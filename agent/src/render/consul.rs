@@ -61,6 +61,10 @@ pub struct Ports {
     pub https: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_tls: Option<u16>,
+    /// Servers: -1 turns the WAN gossip listener (8302) off. One datacenter per cluster (docs/network.md); a second
+    /// one would need WAN federation, its port opened between the datacenters' servers, and this removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serf_wan: Option<i32>,
 }
 
 #[derive(Serialize)]
@@ -244,6 +248,7 @@ pub fn config(
             http: -1,
             https: HTTPS_PORT,
             grpc_tls: (v >= GRPC_TLS_SINCE).then_some(8503),
+            serf_wan: (spec.role == Role::ConsulServer).then_some(-1),
         },
         performance: Performance { raft_multiplier: 1 },
         acl: Acl {

@@ -3,6 +3,7 @@
 
 pub mod consul;
 pub mod nomad;
+pub mod operator;
 pub mod vault;
 
 use crate::config::{AgentConfig, Owners};
@@ -59,6 +60,16 @@ impl Layout {
     }
     pub fn env_file(&self, service: &str) -> PathBuf {
         self.at(&format!("/etc/hashistack/env/{service}.env"))
+    }
+    /// World-readable: what operators need without privileges (the jumpbox only; render/operator.rs).
+    pub fn operator_dir(&self) -> PathBuf {
+        self.at("/etc/hashistack/operator")
+    }
+    pub fn operator_ca_file(&self) -> PathBuf {
+        self.operator_dir().join("ca.pem")
+    }
+    pub fn operator_env_file(&self, p: Product) -> PathBuf {
+        self.operator_dir().join(format!("{}.env", p.as_str()))
     }
     pub fn state_dir(&self) -> PathBuf {
         self.at("/var/lib/hashistack")
@@ -151,6 +162,10 @@ pub fn cert_sans(spec: &NodeSpec, p: Product) -> Vec<String> {
         (Product::Vault, _) => {
             sans.push("vault.service.consul".into());
             sans.push("active.vault.service.consul".into());
+            // The load balancer's address clients use (tag hashistack-vault-address).
+            if let Some(a) = &spec.vault_address {
+                sans.push(crate::node::url_host(a).to_string());
+            }
         }
         (Product::Nomad, Role::NomadServer) => sans.push("server.global.nomad".into()),
         (Product::Nomad, _) => sans.push("client.global.nomad".into()),
@@ -251,6 +266,9 @@ pub fn render(
                 &mut plan,
             );
         }
+    }
+    if let Some(m) = material {
+        operator::render(spec, layout, opts, m, &mut plan);
     }
     if material.is_some() {
         let env_dir = layout

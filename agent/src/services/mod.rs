@@ -73,6 +73,9 @@ pub trait ServiceManager: Send + Sync {
     async fn is_running(&self, svc: &ServiceSpec) -> Result<bool, ServiceError>;
     /// Asks a running service to re-read its configuration (SIGHUP; `systemctl reload`).
     async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError>;
+    /// Stops one service and waits until it has exited (`systemctl stop`; SIGTERM, then SIGKILL). Stopping a
+    /// stopped service succeeds.
+    async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError>;
     /// Stops every service this manager started (the process backend on shutdown; a no-op for systemd).
     async fn stop_all(&self);
 }

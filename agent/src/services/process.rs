@@ -156,6 +156,16 @@ impl ServiceManager for ProcessManager {
         })
     }
 
+    async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+        let mut children = self.children.lock().await;
+        if let Some((_, mut child)) = children.remove(&svc.name) {
+            Self::terminate(&svc.name, &mut child).await;
+            let _ = std::fs::remove_file(self.pid_dir.join(format!("{}.pid", svc.name)));
+            tracing::info!(service = %svc.name, "stopped");
+        }
+        Ok(())
+    }
+
     async fn stop_all(&self) {
         let mut children = self.children.lock().await;
         // Stop in reverse start order: dependants (vault, nomad) before consul.

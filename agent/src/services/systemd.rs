@@ -52,16 +52,21 @@ impl Systemd {
         if out.status.success() {
             Ok(())
         } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            Err(ServiceError::Failed {
-                service: service.into(),
-                message: format!(
-                    "systemctl {} failed: {}",
-                    args.join(" "),
-                    stderr.lines().next().unwrap_or("").trim()
-                ),
-            })
+            Err(failure(service, args, &out))
         }
+    }
+}
+
+/// A failed systemctl call: the command and systemctl's first stderr line (which names the unit and the cause).
+fn failure(service: &str, args: &[&str], out: &std::process::Output) -> ServiceError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ServiceError::Failed {
+        service: service.into(),
+        message: format!(
+            "systemctl {} failed: {}",
+            args.join(" "),
+            stderr.lines().next().unwrap_or("").trim()
+        ),
     }
 }
 
@@ -84,16 +89,25 @@ impl ServiceManager for Systemd {
         }
     }
 
+    /// systemctl(1) EXIT STATUS: 0 active; 3 not active (inactive, failed, activating); 4 no such unit. Anything
+    /// else (1 "Failed to connect to bus") says nothing about the unit: an error, never "stopped", which would
+    /// have the caller start a second copy.
     async fn is_running(&self, svc: &ServiceSpec) -> Result<bool, ServiceError> {
-        Ok(self
-            .run(&svc.name, &["is-active", "--quiet", &svc.unit])
-            .await?
-            .status
-            .success())
+        let args = ["is-active", "--quiet", svc.unit.as_str()];
+        let out = self.run(&svc.name, &args).await?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(3 | 4) => Ok(false),
+            _ => Err(failure(&svc.name, &args, &out)),
+        }
     }
 
     async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
         self.must(&svc.name, &["reload", &svc.unit]).await
+    }
+
+    async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+        self.must(&svc.name, &["stop", &svc.unit]).await
     }
 
     async fn stop_all(&self) {}

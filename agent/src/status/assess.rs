@@ -307,7 +307,7 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
     let tier = "consul";
     let expected_servers = expected(o, "consul-servers");
     let (bootstrap, done) = assess_bootstrap(tier, &c.state, now, p);
-    assess_token(tier, super::tokens::CONSUL_SECRET, &c.token, done, p);
+    assess_token(tier, crate::names::CONSUL_SECRET, &c.token, done, p);
 
     let mut s = Servers(BTreeMap::new());
     let raft_known = matches!(c.raft, Some(Ok(_)));
@@ -589,7 +589,7 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
     let tier = "vault";
     let expected_servers = expected(o, "vault-servers");
     let (bootstrap, done) = assess_bootstrap(tier, &v.state, now, p);
-    assess_token(tier, super::tokens::VAULT_SECRET, &v.token, done, p);
+    assess_token(tier, crate::names::VAULT_SECRET, &v.token, done, p);
     let mut s = Servers(BTreeMap::new());
     let raft_known = matches!(v.raft, Some(Ok(_)));
     if let Some(Ok(raft)) = &v.raft {
@@ -850,7 +850,7 @@ fn nomad(o: &Observations, gone: &BTreeMap<String, &'static str>, p: &mut Proble
         return report;
     }
     let (bootstrap, done) = assess_bootstrap(tier, &n.state, now, p);
-    assess_token(tier, super::tokens::NOMAD_SECRET, &n.token, done, p);
+    assess_token(tier, crate::names::NOMAD_SECRET, &n.token, done, p);
     report.bootstrap = bootstrap;
     report.acl = if done {
         "bootstrapped"

@@ -88,6 +88,8 @@ impl Collector {
             .await
             .map_err(|e| format!("instance metadata: {e}"))?;
         let spec = NodeSpec::from_metadata(&md).map_err(|e| e.to_string())?;
+        crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)
+            .map_err(|e| e.to_string())?;
         let credential = Arc::new(ImdsCredential::new(
             ImdsClient::new(&cfg.imds.endpoint, quick),
             spec.identity_client_id.clone(),
@@ -107,7 +109,12 @@ impl Collector {
             b = b.add_root_certificate(cert);
         }
         let azure_http = b.build().map_err(|e| e.to_string())?;
-        let ca = Layout::new(&cfg.paths.root).ca_file(Product::Consul);
+        // The jumpbox's world-readable copy (operators run status without sudo); elsewhere, as root, Consul's.
+        let layout = Layout::new(&cfg.paths.root);
+        let ca = [layout.operator_ca_file(), layout.ca_file(Product::Consul)]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| layout.operator_ca_file());
         let http = crate::services::health::client_for(&ca, HTTP_TIMEOUT)
             .map_err(|e| format!("cluster CA: {e} (status runs on a booted node: the jumpbox)"));
         Ok(Collector {
@@ -249,11 +256,7 @@ impl Collector {
         Got<Option<coordination::TierState>>,
         Got<Option<coordination::TierState>>,
     ) {
-        let Some(blob) = self.spec.blob_endpoint.as_deref() else {
-            let e: Got<Option<coordination::TierState>> =
-                Some(Err("this node has no hashistack-blob-endpoint tag".into()));
-            return (e.clone(), e.clone(), e);
-        };
+        let blob = self.spec.blob_endpoint.as_str();
         let read = |tier: &'static str| async move {
             coordination::read(&self.az, blob, &self.spec.cluster, tier, azure_policy())
                 .await
@@ -277,11 +280,7 @@ impl Collector {
 
     /// Lists and reads `<cluster>/nodes/*.json`. Returns the records and the names that did not parse.
     async fn records(&self) -> Result<(Vec<NodeRecord>, Vec<String>), String> {
-        let blob = self
-            .spec
-            .blob_endpoint
-            .as_deref()
-            .ok_or("this node has no hashistack-blob-endpoint tag")?;
+        let blob = self.spec.blob_endpoint.as_str();
         let token = Zeroizing::new(self.storage_token().await?);
         let container = format!("{blob}{COORDINATION_CONTAINER}");
         let prefix = publish::records_prefix(&self.spec.cluster);

@@ -295,7 +295,7 @@ pub struct NodeReport {
     #[serde(default)]
     pub member: Option<String>,
     /// The node has left the cluster: its last boot succeeded, Consul says it `left` (or no longer lists it,
-    /// once the record is older than [`crate::status::assess::REAPED_AFTER_SECS`]), and no tier still counts
+    /// once the record is older than `REAPED_AFTER_SECS` (the assessment's 24 h)), and no tier still counts
     /// it (no raft configuration lists it as a server, Nomad lists no node of that name that is not `down`). A scale-in or a
     /// deleted VM: listed on one informational line, never counted as expected or failed. Added to
     /// `hashistack-status/1` compatibly (absent in older reports: false).

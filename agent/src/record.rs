@@ -1,0 +1,50 @@
+//! The boot record: what a node's last boot did, written by `boot`, published by `publish` and read by `status`.
+//! It lives here, below all three, so that the writers and the reader share it without importing each other.
+
+use crate::render::Layout;
+use crate::services::Action;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Config,
+    Metadata,
+    NodeSpec,
+    Render,
+    Write,
+    Services,
+    Bootstrap,
+    Done,
+}
+
+/// The non-secret record of this node's last boot, read by `status` (and published for the cluster view).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootRecord {
+    pub agent_version: String,
+    /// Process id of the agent that wrote this record (tells one boot from the next).
+    pub pid: u32,
+    pub node: String,
+    pub role: Option<String>,
+    pub cluster: Option<String>,
+    pub phase: Phase,
+    pub ok: bool,
+    pub last_error: Option<String>,
+    pub finished_unix: i64,
+    pub critical_path_ms: Option<u64>,
+    /// Microseconds spent in each step of the critical path ("start": process start → boot begins).
+    #[serde(default)]
+    pub phases_us: BTreeMap<String, u64>,
+    pub versions: BTreeMap<String, String>,
+    pub files_changed: Vec<String>,
+    pub services: BTreeMap<String, Action>,
+    /// The tier bootstrap's outcome on server tiers ("bootstrapped", "already-done", …) or its error.
+    #[serde(default)]
+    pub bootstrap: Option<String>,
+}
+
+pub fn record_path(layout: &Layout) -> PathBuf {
+    layout.state_dir().join("boot.json")
+}
