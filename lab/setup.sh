@@ -150,6 +150,8 @@ command -v shellcheck >/dev/null 2>&1 || debs+=(shellcheck)
 command -v jq >/dev/null 2>&1 || debs+=(jq)
 command -v curl >/dev/null 2>&1 || debs+=(curl)
 command -v flock >/dev/null 2>&1 || debs+=(util-linux)
+# gpg: the PGP escrow test (tests/tests/pgp_escrow.rs) makes operator keys and decrypts as operators do.
+command -v gpg >/dev/null 2>&1 || debs+=(gnupg)
 if consul_ok; then
   log "consul v$CONSUL_VERSION present"
 else

@@ -25,6 +25,10 @@ pub enum BootError {
     #[error("{0}")]
     Spec(#[from] SpecError),
     #[error("{0}")]
+    UserData(#[from] crate::userdata::UserDataError),
+    #[error("{0}")]
+    OperatorKeys(#[from] crate::escrow::pgp::PgpKeyError),
+    #[error("{0}")]
     Material(String),
     #[error("{0}")]
     Version(#[from] VersionError),
@@ -44,7 +48,11 @@ impl BootError {
     /// 2: the inputs are wrong (config, metadata, tags, key material); 1: something failed at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            BootError::Config(_) | BootError::Spec(_) | BootError::Material(_) => 2,
+            BootError::Config(_)
+            | BootError::Spec(_)
+            | BootError::UserData(_)
+            | BootError::OperatorKeys(_)
+            | BootError::Material(_) => 2,
             BootError::Imds(RetryError::Final(ImdsError::Body { .. })) => 2,
             _ => 1,
         }
@@ -54,7 +62,9 @@ impl BootError {
         match self {
             BootError::Config(_) => Phase::Config,
             BootError::Imds(_) => Phase::Metadata,
-            BootError::Spec(_) => Phase::NodeSpec,
+            BootError::Spec(_) | BootError::UserData(_) | BootError::OperatorKeys(_) => {
+                Phase::NodeSpec
+            }
             BootError::Material(_)
             | BootError::Version(_)
             | BootError::Render(_)
@@ -87,6 +97,8 @@ pub struct Booted {
     pub plan: Plan,
     pub manager: std::sync::Arc<dyn BootManager>,
     pub record: BootRecord,
+    /// Operators' PGP keys for the escrow (server tiers with the option on; docs/pgp-escrow.md).
+    pub operator_keys: Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
 }
 
 /// A service manager that may need to keep running after boot (the process backend).
@@ -456,7 +468,7 @@ pub async fn boot(
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
     match result {
-        Ok((spec, plan, manager)) => {
+        Ok((spec, plan, manager, operator_keys)) => {
             record.ok = true;
             record.phase = Phase::Done;
             write_record(&layout, &record);
@@ -465,6 +477,7 @@ pub async fn boot(
                 plan,
                 manager,
                 record,
+                operator_keys,
             })
         }
         Err(e) => {
@@ -482,7 +495,15 @@ async fn boot_inner(
     started: Instant,
     rec: &mut BootRecord,
     md_out: &mut Option<InstanceMetadata>,
-) -> Result<(NodeSpec, Plan, std::sync::Arc<dyn BootManager>), BootError> {
+) -> Result<
+    (
+        NodeSpec,
+        Plan,
+        std::sync::Arc<dyn BootManager>,
+        Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+    ),
+    BootError,
+> {
     let mut lap = started;
     let mut timed = |rec: &mut BootRecord, step: &str| {
         let now = Instant::now();
@@ -502,6 +523,9 @@ async fn boot_inner(
     rec.role = Some(spec.role.to_string());
     rec.cluster = Some(spec.cluster.clone());
     tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");
+    // Before anything is written: a bad userData or operator key stops the boot here.
+    let operator_keys = operator_keys(cfg, &spec).await?;
+    timed(rec, "user-data");
 
     // Server tiers keep their data on the data disk, which hashistack-data.service mounted before this unit
     // started (this unit's mount namespace is private: it cannot mount). Without it, write nothing at all:
@@ -589,7 +613,41 @@ async fn boot_inner(
     }
     timed(rec, "services");
     rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
-    Ok((spec, plan, manager))
+    Ok((spec, plan, manager, operator_keys))
+}
+
+/// The operators' PGP keys of a server tier that bootstraps (docs/pgp-escrow.md): from the scale set's
+/// userData (`hashistack.pgpKeys`) when it has any — they replace `bootstrap.recovery_pgp_keys` of
+/// agent.toml — else from agent.toml; validated against `bootstrap.recovery_shares`. `None`: option off.
+pub async fn operator_keys(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+) -> Result<Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>, BootError> {
+    use crate::escrow::pgp::{KeySource, OperatorKeys};
+    if !spec.role.is_server_tier() || !cfg.bootstrap.enabled {
+        return Ok(None);
+    }
+    let client = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
+    let user_data = crate::userdata::parse(&client.user_data().await?)?;
+    let (source, list) = if !user_data.pgp_keys.is_empty() {
+        if !cfg.bootstrap.recovery_pgp_keys.is_empty() {
+            tracing::info!(
+                "PGP keys in userData replace bootstrap.recovery_pgp_keys of the agent config"
+            );
+        }
+        (KeySource::UserData, user_data.pgp_keys)
+    } else {
+        (
+            KeySource::AgentConfig,
+            cfg.bootstrap.recovery_pgp_keys.clone(),
+        )
+    };
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let keys = OperatorKeys::parse(source, &list, cfg.bootstrap.recovery_shares)?;
+    tracing::info!(%source, fingerprints = ?keys.fingerprints(), "PGP escrow: secrets are escrowed encrypted to these operator keys");
+    Ok(Some(std::sync::Arc::new(keys)))
 }
 
 /// Whether `svc` is an auto-encrypt Consul (workers, the jumpbox) rendered without the agent token: Consul
@@ -651,6 +709,7 @@ pub async fn bootstrap_phase(
         crash_at: cfg.faults.crash_at,
         lease_secs: cfg.bootstrap.lease_secs as i32,
         peer_grace: std::time::Duration::from_secs(cfg.bootstrap.peer_grace_secs),
+        operator_keys: booted.operator_keys.clone(),
     };
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {
@@ -666,10 +725,11 @@ pub async fn bootstrap_phase(
         crate::node::Role::VaultServer => {
             let v = spec.vault.as_ref().expect("vault settings");
             let tier = VaultTier {
-                pgp: crate::bootstrap::vault::PgpKeys {
-                    recovery: cfg.bootstrap.recovery_pgp_keys.clone(),
-                    root_token: cfg.bootstrap.root_token_pgp_key.clone(),
-                },
+                recovery_pgp_keys: booted
+                    .operator_keys
+                    .as_ref()
+                    .map(|k| k.base64_list())
+                    .unwrap_or_default(),
                 api: format!("https://{}:{}", spec.ip, render::vault::API_PORT),
                 ca_file: layout.ca_file(Product::Vault),
                 recovery_shares: cfg.bootstrap.recovery_shares,

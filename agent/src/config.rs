@@ -130,9 +130,11 @@ pub struct BootstrapConfig {
     pub lease_secs: u32,
     /// How long another node's unfinished bootstrap may take to come back and finish (a VM reboot).
     pub peer_grace_secs: u64,
-    /// Operators' PGP public keys (base64), one per recovery share: Vault encrypts each recovery key to one.
+    /// Operators' PGP public keys (base64 of the binary key), one per recovery share: the PGP escrow option
+    /// (docs/pgp-escrow.md). Keys in the scale set's userData (`hashistack.pgpKeys`) replace these.
     pub recovery_pgp_keys: Vec<String>,
-    /// PGP public key (base64) the initial root token is encrypted to.
+    /// No longer supported (an error when set): the agent encrypts the root token to every operator key
+    /// itself, after using it for the post-bootstrap configuration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_token_pgp_key: Option<String>,
 }
@@ -381,6 +383,12 @@ impl AgentConfig {
             ));
         }
         let b = &self.bootstrap;
+        if b.root_token_pgp_key.is_some() {
+            return Err("bootstrap.root_token_pgp_key is no longer supported: with bootstrap.recovery_pgp_keys (or \
+                        userData hashistack.pgpKeys) the agent encrypts the root token to every operator key \
+                        itself; remove it (docs/pgp-escrow.md)"
+                .into());
+        }
         if !b.recovery_pgp_keys.is_empty()
             && b.recovery_pgp_keys.len() != b.recovery_shares as usize
         {
@@ -501,6 +509,14 @@ mod tests {
                 .mode,
             DiskMode::Directory
         );
+        let e = parse("[bootstrap]\nroot_token_pgp_key = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bootstrap.root_token_pgp_key is no longer supported"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
         assert!(parse("[services]\nbackend = \"docker\"\n")
             .unwrap_err()
             .to_string()

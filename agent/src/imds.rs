@@ -10,6 +10,8 @@ use std::time::Duration;
 
 pub const INSTANCE_API_VERSION: &str = "2023-11-15";
 pub const IDENTITY_API_VERSION: &str = "2018-02-01";
+/// The first IMDS version that serves `compute/userData`.
+pub const USER_DATA_API_VERSION: &str = "2021-01-01";
 
 /// What went wrong in one exchange with IMDS. Messages never contain a response body.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +196,25 @@ impl ImdsClient {
         );
         let body = self.get("instance metadata", &url, &[]).await?;
         InstanceMetadata::from_json(&body).map_err(RetryError::Final)
+    }
+
+    /// `GET /metadata/instance/compute/userData` (base64 text, as the scale set's `userData` was given; empty
+    /// when none is set), retried per the IMDS rules. The answer is returned as is, never logged.
+    pub async fn user_data(&self) -> Result<String, RetryError<ImdsError>> {
+        let url = format!("{}/metadata/instance/compute/userData", self.endpoint);
+        let body = self
+            .get(
+                "user data",
+                &url,
+                &[("api-version", USER_DATA_API_VERSION), ("format", "text")],
+            )
+            .await?;
+        String::from_utf8(body).map_err(|_| {
+            RetryError::Final(ImdsError::Body {
+                what: "user data",
+                detail: "not UTF-8 text".into(),
+            })
+        })
     }
 
     /// `GET /metadata/identity/oauth2/token` for `resource`, optionally for a user-assigned identity.

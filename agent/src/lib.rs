@@ -25,4 +25,5 @@ pub mod retry;
 pub mod services;
 pub mod status;
 pub mod tls;
+pub mod userdata;
 pub mod version;

@@ -134,6 +134,10 @@ enum EscrowCommand {
         /// Write the secrets to this file (mode 0600) instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// PGP escrow (docs/pgp-escrow.md): also write each PGP message as DIR/<tier>-<name>.gpg for
+        /// `gpg --decrypt`.
+        #[arg(long, value_name = "DIR")]
+        pgp_dir: Option<PathBuf>,
     },
     /// Check that every escrow receipt has a matching object, without decrypting anything.
     Verify {
@@ -496,7 +500,12 @@ async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
     let mut policy = escrow::policy();
     policy.deadline = std::time::Duration::from_secs(60);
     match &cmd {
-        EscrowCommand::Open { target, tier, out } => {
+        EscrowCommand::Open {
+            target,
+            tier,
+            out,
+            pgp_dir,
+        } => {
             if !operator::TIERS.contains(&tier.as_str()) {
                 return fail(
                     2,
@@ -507,6 +516,32 @@ async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(1, e),
             };
+            // A PGP escrow holds messages only the operators' own keys open: point at them.
+            if let Some(dir) = pgp_dir {
+                match operator::write_pgp_messages(dir, tier, &plain) {
+                    Ok(Some(files)) => {
+                        for (path, recipients) in &files {
+                            eprintln!(
+                                "{} (opens with {}): gpg --decrypt {}",
+                                path.display(),
+                                recipients.join(" or "),
+                                path.display()
+                            );
+                        }
+                    }
+                    Ok(None) => eprintln!(
+                        "{}/{tier} is not a PGP escrow: --pgp-dir ignored",
+                        target.cluster
+                    ),
+                    Err(e) => return fail(1, e),
+                }
+            } else if escrow::pgp::PgpPayload::from_opened(&plain).is_some() {
+                eprintln!(
+                    "{}/{tier} is a PGP escrow: its secrets are OpenPGP messages to the operators' keys; add \
+                     --pgp-dir DIR to write them out for gpg --decrypt (docs/pgp-escrow.md)",
+                    target.cluster
+                );
+            }
             match out {
                 Some(path) => {
                     let f = hashistack_agent::files::FileSpec {

@@ -261,7 +261,14 @@ async fn prepare_on_loop_devices_formats_only_blank_disks_and_keeps_data() {
 
 fn imds_script(doc: serde_json::Value) -> std::sync::Arc<Script> {
     let body = doc.to_string();
-    Script::new(move |_, _| Reply::Ok(body.clone()))
+    // A scale set without userData answers it empty (Azure: 200 with no body).
+    Script::new(move |_, seen| {
+        if seen.path().contains("userData") {
+            Reply::Ok(String::new())
+        } else {
+            Reply::Ok(body.clone())
+        }
+    })
 }
 
 fn config(dir: &Path, endpoint: &str, root: &Path, disk: &str) -> PathBuf {

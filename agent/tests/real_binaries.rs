@@ -694,7 +694,7 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
     }));
     let http = client_for(&ca, Duration::from_secs(120)).unwrap();
     let tier = |local: Option<Box<dyn bvault::LocalStorage>>| bvault::VaultTier {
-        pgp: Default::default(),
+        recovery_pgp_keys: Vec::new(),
         api: api.clone(),
         ca_file: ca.clone(),
         recovery_shares: 1,

@@ -39,8 +39,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The agent's steps in boot order (`BootRecord::phases_us`).
-const PHASE_ORDER: [&str; 7] = [
-    "start", "metadata", "versions", "material", "render", "write", "services",
+const PHASE_ORDER: [&str; 8] = [
+    "start",
+    "metadata",
+    "user-data",
+    "versions",
+    "material",
+    "render",
+    "write",
+    "services",
 ];
 
 pub const GOAL_CRITICAL_PATH_MS: f64 = 100.0;

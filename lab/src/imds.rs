@@ -26,6 +26,8 @@ pub struct ImdsState {
     /// The managed identity's object id: the `oid` claim of the tokens this IMDS issues (the principal the
     /// Key Vault double's RBAC checks). [`DEFAULT_OID`] unless the lab sets a role's identity.
     pub oid: String,
+    /// The scale set's `userData`, as Azure serves it (base64 text; empty when none is set).
+    pub user_data: String,
 }
 
 impl ImdsState {
@@ -34,6 +36,7 @@ impl ImdsState {
             document,
             fail_with: None,
             oid: DEFAULT_OID.into(),
+            user_data: String::new(),
         }
     }
 }
@@ -126,6 +129,52 @@ async fn instance(State(s): State<Shared>, h: HeaderMap) -> Response {
     Json(st.document).into_response()
 }
 
+#[derive(Deserialize)]
+struct LeafQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /metadata/instance/compute/userData`: as Azure, only from api-version 2021-01-01 and only with
+/// `format=text` (a leaf), answering the base64 text (empty when the scale set has none).
+async fn user_data(State(s): State<Shared>, h: HeaderMap, Query(q): Query<LeafQuery>) -> Response {
+    if let Some(r) = check_headers(&h) {
+        return r;
+    }
+    let st = s.lock().expect("imds state").clone();
+    if let Some(code) = st.fail_with {
+        return StatusCode::from_u16(code)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response();
+    }
+    match q.api_version.as_deref() {
+        Some(v) if v >= "2021-01-01" => {}
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "Bad request. api-version is invalid or was not specified in the request."})),
+            )
+                .into_response()
+        }
+    }
+    if q.format.as_deref() != Some("text") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "Bad request. format is invalid for a leaf node: use format=text"}),
+            ),
+        )
+            .into_response();
+    }
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; charset=utf-8")],
+        st.user_data,
+    )
+        .into_response()
+}
+
 /// An unsigned JWT with the claims Azurite's `--oauth basic` checks. Nothing verifies signatures in the lab.
 pub fn lab_token(resource: &str, now: i64, ttl: i64) -> String {
     lab_token_for(resource, DEFAULT_OID, now, ttl)
@@ -186,6 +235,7 @@ async fn token(State(s): State<Shared>, h: HeaderMap, Query(q): Query<TokenQuery
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/metadata/instance", get(instance))
+        .route("/metadata/instance/compute/userData", get(user_data))
         .route("/metadata/identity/oauth2/token", get(token))
         .with_state(state)
 }

@@ -11,6 +11,7 @@ use hashistack_agent::config::{AgentConfig, Backend, Owners};
 use hashistack_agent::node::{self as tags, Role};
 use hashistack_agent::services::health::{self, Probe};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ pub struct LabOptions {
     pub start_agents: bool,
     /// Print progress lines.
     pub verbose: bool,
+    /// The scale sets' `userData` per role (base64 text, as the ARM template sets it and IMDS serves it);
+    /// roles not listed have none.
+    pub user_data: BTreeMap<Role, String>,
 }
 
 impl LabOptions {
@@ -76,6 +80,7 @@ impl LabOptions {
             bootstrap: true,
             start_agents: true,
             verbose: false,
+            user_data: BTreeMap::new(),
         }
     }
     /// The Vault load balancer's frontend (lb.rs), as the template's `vaultApiAddress`.
@@ -850,6 +855,12 @@ impl Lab {
             imds::instance_document(&def.name, &def.scale_set, &def.ip.to_string(), &def.tags);
         let state = Arc::new(Mutex::new(ImdsState {
             oid: keyvault::principal_for(def.role).into(),
+            user_data: self
+                .opts
+                .user_data
+                .get(&def.role)
+                .cloned()
+                .unwrap_or_default(),
             ..ImdsState::new(doc)
         }));
         let task = imds::serve(SocketAddr::from((def.ip, IMDS_PORT)), state.clone())

@@ -424,6 +424,12 @@ class Evaluator:
     def fn_createarray(self, *args):
         return list(args)
 
+    def fn_createobject(self, *args):
+        return {args[i]: args[i + 1] for i in range(0, len(args), 2)}
+
+    def fn_base64(self, v):
+        return base64.b64encode(str(v).encode("utf-8")).decode("ascii")
+
     def fn_null(self):
         return None
 

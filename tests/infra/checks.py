@@ -1395,6 +1395,48 @@ def checkov_failures(report: Any) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------------------------- PGP escrow
+
+PGP_PARAM = "operatorPgpPublicKeys"
+SERVER_ROLES = ("consul-server", "vault-server", "nomad-server")
+
+
+def check_pgp_user_data(t: dict, ev: Evaluator) -> list[str]:
+    """docs/pgp-escrow.md: the operators' PGP keys are an array parameter, empty by default (option off), and
+    reach every server tier (whose leaders escrow) as userData = base64 of {"hashistack":{"pgpKeys":[...]}};
+    workers, which escrow nothing, get none."""
+    import base64
+    import json
+    problems = []
+    decl = t.get("parameters", {}).get(PGP_PARAM)
+    if decl is None:
+        return [f"parameter {PGP_PARAM!r} is missing"]
+    if decl.get("type") != "array" or decl.get("defaultValue") != []:
+        problems.append(f"parameter {PGP_PARAM!r}: not an array defaulting to [] (the option must be off by default)")
+    sample = ["a2V5LTE=", "a2V5LTI="]
+    for keys in ([], sample):
+        ev2 = Evaluator(t, {**ev.values, PGP_PARAM: keys})
+        for r in resources_of(t, "Microsoft.Compute/virtualMachineScaleSets"):
+            role = r.get("tags", {}).get("hashistack-role")
+            ud = r.get("properties", {}).get("virtualMachineProfile", {}).get("userData")
+            label = f"scale set {r['name']} ({role})"
+            if role not in SERVER_ROLES:
+                if ud is not None:
+                    problems.append(f"{label}: has userData; only the server tiers escrow")
+                continue
+            if ud is None:
+                problems.append(f"{label}: no userData: its bootstrap would escrow without the operators' PGP keys")
+                continue
+            try:
+                doc = json.loads(base64.b64decode(ev2.value(ud), validate=True))
+            except (ArmExprError, ValueError) as exc:
+                problems.append(f"{label}: userData is not base64 of a JSON document: {exc}")
+                continue
+            if doc != {"hashistack": {"pgpKeys": keys}}:
+                problems.append(f"{label}: userData {doc} does not carry parameters('{PGP_PARAM}') as hashistack.pgpKeys")
+    return sorted(set(problems))
+
+
 # ============================================================================================ createUiDefinition
 
 # arm-ttk: every Microsoft.* control has a tooltip, except these.

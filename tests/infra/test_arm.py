@@ -212,6 +212,10 @@ def test_scale_sets_and_jumpbox(template, ev):
     no_problems(checks.check_scale_sets(template, ev))
 
 
+def test_operators_pgp_keys_reach_the_server_tiers_in_user_data(template, ev):
+    no_problems(checks.check_pgp_user_data(template, ev))
+
+
 def test_zones_make_everything_zone_resilient(template, ev_zone_cases):
     """Under the zones condition: LB frontend and NAT gateway zone-redundant, zoneBalance on the raft tiers,
     platformFaultDomainCount 1 (issue 13, item 8)."""

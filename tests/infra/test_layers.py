@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "agent" / "src"
 # Submodules belong to their top-level module's room unless named here themselves.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation: no I/O of its own", ["retry", "logging", "names", "version", "files", "config"]),
-    ("the node's inputs", ["imds", "identity", "node", "tls", "disk"]),
+    ("the node's inputs", ["imds", "identity", "node", "tls", "userdata", "disk"]),
     ("Azure and the rendered node", ["azure", "render", "services"]),
     ("shared records", ["record", "coordination", "election", "escrow", "material"]),
     ("writers", ["bootstrap", "publish"]),

@@ -470,6 +470,21 @@ CASES = [
     ("servers vault assignment does not wait for its custom role",
      lambda c: drop_dep(assignment(c["t"], "serversMaterialWriter", "vault"), "roleDefinitions"),
      lambda c, s: checks.check_boot_dependencies(c["t"], _ev(c))),
+    # --- PGP escrow (docs/pgp-escrow.md)
+    ("vault scale set without the operators' PGP keys in userData",
+     lambda c: vmss(c["t"], "vault-server")["properties"]["virtualMachineProfile"].pop("userData"),
+     lambda c, s: checks.check_pgp_user_data(c["t"], _ev(c))),
+    ("userData that drops the keys",
+     lambda c: vmss(c["t"], "nomad-server")["properties"]["virtualMachineProfile"].__setitem__(
+         "userData", "[base64(string(createObject('hashistack', createObject('pgpKeys', createArray()))))]"),
+     lambda c, s: checks.check_pgp_user_data(c["t"], _ev(c))),
+    ("PGP escrow on by default",
+     lambda c: c["t"]["parameters"]["operatorPgpPublicKeys"].__setitem__("defaultValue", ["a2V5"]),
+     lambda c, s: checks.check_pgp_user_data(c["t"], _ev(c))),
+    ("createUiDefinition: PGP keys element gone, its output left",
+     lambda c: c["ui"]["parameters"]["steps"][2]["elements"].pop(
+         [e["name"] for e in c["ui"]["parameters"]["steps"][2]["elements"]].index("operatorPgpPublicKeys")),
+     lambda c, s: checks.check_uidef_outputs(c["t"], c["ui"])),
     # --- every firewall against the data-plane roles (issue 13, item 1)
     ("storage firewall shuts out the workers (their boot records are refused)",
      lambda c: drop_subnet(storage_rules(c["t"]), "workers"),

@@ -116,6 +116,20 @@ pub struct Ctx {
     /// How long an unfinished bootstrap by another node is given to complete from that node's spool before
     /// the tier is reported as needing an operator.
     pub peer_grace: Duration,
+    /// The PGP escrow option (docs/pgp-escrow.md): every payload is rewritten to hold only what these
+    /// operator keys can open before it is sealed, spooled or uploaded. `None`: off.
+    pub operator_keys: Option<std::sync::Arc<escrow::pgp::OperatorKeys>>,
+}
+
+/// The payload as it is escrowed: in its PGP form when operators' keys are configured, else as it is.
+fn for_escrow(ctx: &Ctx, tier: &str, payload: &[u8]) -> Result<Zeroizing<Vec<u8>>, BootstrapError> {
+    match &ctx.operator_keys {
+        Some(keys) => keys.protect(payload).map_err(|e| BootstrapError::Tier {
+            tier: tier.into(),
+            message: e.to_string(),
+        }),
+        None => Ok(Zeroizing::new(payload.to_vec())),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -472,9 +486,12 @@ async fn lead_bootstrap(
     };
     crash_if(ctx.crash_at, CrashPoint::AfterInit);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    // With the PGP option, the clear payload stays in memory for the configuration below and only its PGP
+    // form is sealed and spooled (the keys were proven at boot by a trial encryption to each).
+    let escrowed = for_escrow(ctx, name, &secrets)?;
     let env = envelope::seal(
         &prepared.key,
-        Zeroizing::new(secrets.to_vec()),
+        escrowed,
         &prepared.escrow_id,
         &ctx.cluster,
         name,
@@ -534,7 +551,7 @@ async fn escrow_before_use(
     let pre = escrow::prepare(&ctx.az, &ctx.targets, ctx.policy).await?;
     let env = envelope::seal(
         &pre.key,
-        payload,
+        for_escrow(ctx, tier.name(), &payload)?,
         &pre.escrow_id,
         &ctx.cluster,
         tier.name(),

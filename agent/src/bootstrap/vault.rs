@@ -15,36 +15,30 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// Operators' PGP public keys (base64 of the binary key, as `vault operator init -recovery-pgp-keys` takes):
-/// with them, Vault returns each recovery key encrypted to one operator, and the root token to another.
-#[derive(Debug, Clone, Default)]
-pub struct PgpKeys {
-    pub recovery: Vec<String>,
-    pub root_token: Option<String>,
-}
-
-/// The `PUT /v1/sys/init` body for an auto-unsealed Vault.
+/// The `PUT /v1/sys/init` body for an auto-unsealed Vault. With operators' PGP keys (base64 of the binary
+/// key, as `vault operator init -recovery-pgp-keys` takes them), Vault returns recovery key *i* encrypted to
+/// key *i*. `root_token_pgp_key` is never sent: the agent needs the root token in clear for the
+/// post-bootstrap configuration, and encrypts it to the operator keys itself before it is escrowed
+/// (escrow/pgp.rs).
 #[derive(Debug, Serialize, PartialEq)]
 pub struct InitRequest {
     pub recovery_shares: u8,
     pub recovery_threshold: u8,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recovery_pgp_keys: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub root_token_pgp_key: Option<String>,
 }
 
-pub fn init_request(shares: u8, threshold: u8, pgp: &PgpKeys) -> InitRequest {
+pub fn init_request(shares: u8, threshold: u8, recovery_pgp_keys: &[String]) -> InitRequest {
     InitRequest {
         recovery_shares: shares,
         recovery_threshold: threshold,
-        recovery_pgp_keys: pgp.recovery.clone(),
-        root_token_pgp_key: pgp.root_token.clone(),
+        recovery_pgp_keys: recovery_pgp_keys.to_vec(),
     }
 }
 
 pub struct VaultTier {
-    pub pgp: PgpKeys,
+    /// Operators' PGP keys, one per recovery share (empty: the recovery keys come back in clear).
+    pub recovery_pgp_keys: Vec<String>,
     pub api: String,
     pub ca_file: PathBuf,
     pub recovery_shares: u8,
@@ -427,7 +421,11 @@ impl Tier for VaultTier {
         let c = self
             .client(Duration::from_secs(180))
             .map_err(TierFailure::Other)?;
-        let body = init_request(self.recovery_shares, self.recovery_threshold, &self.pgp);
+        let body = init_request(
+            self.recovery_shares,
+            self.recovery_threshold,
+            &self.recovery_pgp_keys,
+        );
         let mut attempts = 0;
         let resp = loop {
             attempts += 1;
@@ -477,11 +475,6 @@ impl Tier for VaultTier {
             .map_err(|_| "escrow payload did not parse".to_string())?;
         let token = Zeroizing::new(s.root_token.clone());
         drop(s);
-        if self.pgp.root_token.is_some() {
-            return Err("post-bootstrap configuration skipped: the root token is PGP-encrypted to an operator; \
-                        see docs/bootstrap.md#finish-configuration"
-                .into());
-        }
         // Auto-unseal follows init within seconds; the active node then takes writes.
         let start = std::time::Instant::now();
         loop {
@@ -580,19 +573,17 @@ mod tests {
 
     #[test]
     fn init_request_without_and_with_pgp_keys() {
-        let plain = serde_json::to_value(init_request(5, 3, &PgpKeys::default())).unwrap();
+        let plain = serde_json::to_value(init_request(5, 3, &[])).unwrap();
         assert_eq!(
             plain,
             serde_json::json!({"recovery_shares": 5, "recovery_threshold": 3})
         );
-        let pgp = PgpKeys {
-            recovery: vec!["a".into(), "b".into(), "c".into()],
-            root_token: Some("r".into()),
-        };
-        let with = serde_json::to_value(init_request(3, 2, &pgp)).unwrap();
+        let keys = ["a".to_string(), "b".into(), "c".into()];
+        let with = serde_json::to_value(init_request(3, 2, &keys)).unwrap();
         assert_eq!(
             with,
-            serde_json::json!({"recovery_shares": 3, "recovery_threshold": 2, "recovery_pgp_keys": ["a", "b", "c"], "root_token_pgp_key": "r"})
+            serde_json::json!({"recovery_shares": 3, "recovery_threshold": 2, "recovery_pgp_keys": ["a", "b", "c"]}),
+            "the root token is never sent to be PGP-encrypted by Vault: the agent needs it for the configuration"
         );
     }
 
@@ -817,7 +808,7 @@ mod tests {
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, ca.cert.pem()).unwrap();
         VaultTier {
-            pgp: PgpKeys::default(),
+            recovery_pgp_keys: Vec::new(),
             api,
             ca_file,
             recovery_shares: 5,

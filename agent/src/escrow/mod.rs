@@ -4,6 +4,7 @@
 
 pub mod envelope;
 pub mod operator;
+pub mod pgp;
 
 use crate::azure::{call, Azure, AzureError};
 use crate::files::{self, FileSpec, Owner};

@@ -222,3 +222,49 @@ pub async fn verify(
     }
     Ok(out)
 }
+
+/// The files `write_pgp_messages` wrote, each with the fingerprints of the keys that open it.
+pub type PgpFiles = Vec<(std::path::PathBuf, Vec<String>)>;
+
+/// With the PGP escrow option (docs/pgp-escrow.md), writes each OpenPGP message of an opened payload as a
+/// binary file `<dir>/<tier>-<name>.gpg` (0600, in a 0700 directory), for its holder's
+/// `gpg --decrypt <file>`. Returns the files with the fingerprints that can open each; `None` when the
+/// payload is not a PGP one.
+pub fn write_pgp_messages(
+    dir: &std::path::Path,
+    tier: &str,
+    opened: &[u8],
+) -> Result<Option<PgpFiles>, OpenError> {
+    use crate::files::{self, DirSpec, FileSpec, Owner};
+    use base64::Engine;
+    let Some(p) = super::pgp::PgpPayload::from_opened(opened) else {
+        return Ok(None);
+    };
+    let file_error = |e: files::FileError| OpenError::Missing {
+        tier: tier.into(),
+        message: e.to_string(),
+    };
+    files::ensure_dir(&DirSpec {
+        path: dir.to_path_buf(),
+        mode: 0o700,
+        owner: Owner::Current,
+    })
+    .map_err(file_error)?;
+    let mut out = Vec::new();
+    for m in &p.pgp_messages {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&m.message_base64)
+            .map_err(|_| envelope::EnvelopeError::Malformed("pgp_messages[].message_base64"))?;
+        let path = dir.join(format!("{tier}-{}.gpg", m.name));
+        files::write_atomic(&FileSpec {
+            path: path.clone(),
+            content: bytes,
+            mode: 0o600,
+            owner: Owner::Current,
+            secret: false,
+        })
+        .map_err(file_error)?;
+        out.push((path, m.recipients.clone()));
+    }
+    Ok(Some(out))
+}
