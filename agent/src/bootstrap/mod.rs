@@ -350,12 +350,7 @@ async fn lead_bootstrap(
              Otherwise the secrets are lost: follow docs/bootstrap.md#bootstrapped-but-nothing-escrowed",
             state.leader, state.updated_unix, ctx.node
         );
-        state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
-        save(ctx, &state).await?;
-        return Err(BootstrapError::NeedsOperator {
-            tier: name.into(),
-            message: msg,
-        });
+        return Err(needs_operator(ctx, &mut state, name, msg).await?);
     }
 
     // 3. Another node started a bootstrap that may have initialized the product (this node's own server may
@@ -394,12 +389,7 @@ async fn lead_bootstrap(
                     &ctx.node,
                     &format!("{detail}; the reset failed: {message}"),
                 );
-                state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
-                save(ctx, &state).await?;
-                return Err(BootstrapError::NeedsOperator {
-                    tier: name.into(),
-                    message: msg,
-                });
+                return Err(needs_operator(ctx, &mut state, name, msg).await?);
             }
             tier.wait_ready(Duration::from_secs(300))
                 .await
@@ -449,33 +439,18 @@ async fn lead_bootstrap(
                 state.receipts.clear();
                 state.escrow_id = None;
             }
-            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
-            save(ctx, &state).await?;
-            return Err(BootstrapError::NeedsOperator {
-                tier: name.into(),
-                message: msg,
-            });
+            return Err(needs_operator(ctx, &mut state, name, msg).await?);
         }
         Err(TierFailure::HalfInitialized(detail)) => {
             let msg = half_initialized_step(name, &ctx.node, &detail);
-            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
-            save(ctx, &state).await?;
-            return Err(BootstrapError::NeedsOperator {
-                tier: name.into(),
-                message: msg,
-            });
+            return Err(needs_operator(ctx, &mut state, name, msg).await?);
         }
         Err(TierFailure::Refused(detail)) => {
             let msg = format!(
                 "{name} refused its bootstrap call on {}: {detail}. Fix what the server names, then clear the tier state and reboot {}: docs/bootstrap.md#bootstrap-call-refused",
                 ctx.node, ctx.node
             );
-            state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
-            save(ctx, &state).await?;
-            return Err(BootstrapError::NeedsOperator {
-                tier: name.into(),
-                message: msg,
-            });
+            return Err(needs_operator(ctx, &mut state, name, msg).await?);
         }
         Err(TierFailure::Other(message)) => {
             return Err(BootstrapError::Tier {
@@ -564,6 +539,21 @@ async fn escrow_before_use(
     state.escrow_id = Some(pre.escrow_id.clone());
     tracing::info!(tier = tier.name(), escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
     Ok(true)
+}
+
+/// Records `needs-operator` with `msg` (the one step an operator takes) and returns the error that says the same.
+async fn needs_operator(
+    ctx: &Ctx,
+    state: &mut TierState,
+    tier: &str,
+    msg: String,
+) -> Result<BootstrapError, AzureError> {
+    state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
+    save(ctx, state).await?;
+    Ok(BootstrapError::NeedsOperator {
+        tier: tier.into(),
+        message: msg,
+    })
 }
 
 /// The one step for a half-initialized node the agent did not (or could not) reset itself.
