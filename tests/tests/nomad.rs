@@ -308,15 +308,26 @@ async fn nomad_bootstrap_creates_a_read_only_status_token() {
                 .0,
             200
         );
-        let (st, body) = call(
-            reqwest::Method::GET,
-            ip,
-            "/v1/operator/raft/configuration",
-            None,
-        )
-        .await;
-        assert_eq!(st, 200, "{body}");
-        let raft: Value = serde_json::from_str(&body).unwrap();
+        // The raft configuration: readable, and it lists every server once the third has joined (under load
+        // that can come a moment after the tier is healthy).
+        let start = std::time::Instant::now();
+        let raft = loop {
+            let (st, body) = call(
+                reqwest::Method::GET,
+                ip,
+                "/v1/operator/raft/configuration",
+                None,
+            )
+            .await;
+            assert_eq!(st, 200, "{body}");
+            let raft: Value = serde_json::from_str(&body).unwrap();
+            if raft["Servers"].as_array().unwrap().len() == 3
+                || start.elapsed() > Duration::from_secs(30)
+            {
+                break raft;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
         assert_eq!(raft["Servers"].as_array().unwrap().len(), 3, "{raft}");
         // Nothing it may change: no ACL writes, not even a look at other tokens.
         for (method, path, body) in [

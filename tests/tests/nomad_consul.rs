@@ -286,7 +286,11 @@ async fn nomad_gets_a_least_privilege_consul_token_that_only_nomad_nodes_read() 
         if matches!(n.def.role, Role::NomadServer | Role::Worker) {
             continue;
         }
-        let found = files_containing(&n.root, std::slice::from_ref(&token), &["opt/consul/data"]);
+        let found = files_containing(
+            &n.root,
+            std::slice::from_ref(&token),
+            &["opt/consul/data", "var/lib/hashistack-data/consul"],
+        );
         assert!(found.is_empty(), "{}: {found:?}", n.def.name);
     }
 

@@ -235,10 +235,27 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     assert_eq!(status, 200, "the escrowed root token authenticates: {body}");
     assert!(body.contains("\"root\""), "{body}");
 
-    // The recovery keys are OpenBao's: generate-root takes them, and needs three.
+    // The recovery keys are OpenBao's: root generation takes them, and needs three. On the active node, which
+    // sys/leader names. OpenBao forbids the unauthenticated sys/generate-root by default ("unsupported
+    // operation", openbao/openbao#2912) and offers the authenticated sys/generate-root-token instead: an operator
+    // with a token (here the escrowed root token) starts it, the recovery-key holders complete it.
     let http = lab.https();
+    let leader: Value = http
+        .get(format!("{api}/v1/sys/leader"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api = leader["leader_address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("sys/leader: {leader}"))
+        .trim_end_matches('/')
+        .to_string();
     let attempt: Value = http
-        .put(format!("{api}/v1/sys/generate-root/attempt"))
+        .put(format!("{api}/v1/sys/generate-root-token/attempt"))
+        .header("X-Vault-Token", &root)
         .json(&serde_json::json!({}))
         .send()
         .await
@@ -247,19 +264,28 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
         .await
         .unwrap();
     let (nonce, otp) = (
-        attempt["nonce"].as_str().unwrap().to_string(),
-        attempt["otp"].as_str().unwrap().to_string(),
+        attempt["data"]["nonce"]
+            .as_str()
+            .unwrap_or_else(|| panic!("generate-root-token attempt: {attempt}"))
+            .to_string(),
+        attempt["data"]["otp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("generate-root-token attempt: {attempt}"))
+            .to_string(),
     );
     let mut last = Value::Null;
     for (i, share) in shares.iter().take(3).enumerate() {
         let r = http
-            .put(format!("{api}/v1/sys/generate-root/update"))
+            .put(format!("{api}/v1/sys/generate-root-token/update"))
+            .header("X-Vault-Token", &root)
             .json(&serde_json::json!({"key": share, "nonce": nonce}))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 200, "share {} accepted", i + 1);
-        last = r.json().await.unwrap();
+        // The authenticated endpoint answers in the usual response envelope.
+        let body: Value = r.json().await.unwrap();
+        last = body["data"].clone();
         assert_eq!(last["progress"], i as u64 + 1, "{last}");
         assert_eq!(
             last["complete"],
@@ -364,7 +390,16 @@ async fn pgp_escrow_holds_only_what_the_operators_keys_open() {
     let leaks = files_containing(
         &lab.opts.state_dir,
         &needles,
-        &["/opt/consul/data", "/opt/vault/data", "/opt/nomad/data"],
+        // The products' own data (raft holds the tokens by design), on the data disk on server tiers; the escrow
+        // spool beside them is scanned.
+        &[
+            "/opt/consul/data",
+            "/opt/vault/data",
+            "/opt/nomad/data",
+            "/var/lib/hashistack-data/consul/",
+            "/var/lib/hashistack-data/vault/",
+            "/var/lib/hashistack-data/nomad/",
+        ],
     );
     assert!(leaks.is_empty(), "secrets found in {leaks:?}");
     lab.down().await;
