@@ -710,6 +710,11 @@ pub async fn bootstrap_phase(
         lease_secs: cfg.bootstrap.lease_secs as i32,
         peer_grace: std::time::Duration::from_secs(cfg.bootstrap.peer_grace_secs),
         operator_keys: booted.operator_keys.clone(),
+        join: crate::bootstrap::member::JoinPolicy {
+            grace: std::time::Duration::from_secs(cfg.bootstrap.join_grace_secs),
+            deadline: std::time::Duration::from_secs(cfg.bootstrap.join_deadline_secs),
+            poll: std::time::Duration::from_millis(500),
+        },
     };
     booted.record.phase = Phase::Bootstrap;
     let result = match spec.role {

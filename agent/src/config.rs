@@ -130,6 +130,11 @@ pub struct BootstrapConfig {
     pub lease_secs: u32,
     /// How long another node's unfinished bootstrap may take to come back and finish (a VM reboot).
     pub peer_grace_secs: u64,
+    /// How long this node's own server may stay uninitialized in a bootstrapped tier before the agent resets
+    /// its storage so it joins afresh (Vault: a join cut off by a power loss; docs/bootstrap.md#server-not-joined).
+    pub join_grace_secs: u64,
+    /// How long this node's own server may take in all to join the bootstrapped tier's cluster.
+    pub join_deadline_secs: u64,
     /// Operators' PGP public keys (base64 of the binary key), one per recovery share: the PGP escrow option
     /// (docs/pgp-escrow.md). Keys in the scale set's userData (`hashistack.pgpKeys`) replace these.
     pub recovery_pgp_keys: Vec<String>,
@@ -148,6 +153,8 @@ impl Default for BootstrapConfig {
             follower_deadline_secs: 900,
             lease_secs: 60,
             peer_grace_secs: 600,
+            join_grace_secs: 30,
+            join_deadline_secs: 300,
             recovery_pgp_keys: Vec::new(),
             root_token_pgp_key: None,
             azure_deadline_secs: 120,

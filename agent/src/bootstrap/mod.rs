@@ -17,6 +17,7 @@
 pub mod consul;
 pub mod consul_tokens;
 mod http;
+pub mod member;
 pub mod nomad;
 pub mod status_tokens;
 pub mod vault;
@@ -59,6 +60,12 @@ pub enum BootstrapError {
     },
     #[error("spool: {0}")]
     Spool(String),
+    #[error("{tier} on {node} has not joined the cluster: {failure}; see docs/bootstrap.md#server-not-joined")]
+    NotJoined {
+        tier: String,
+        node: String,
+        failure: member::JoinFailure,
+    },
 }
 
 /// What the product-specific part does.
@@ -83,6 +90,15 @@ pub trait Tier: Send + Sync {
     /// after this node's own bootstrap call was interrupted. Default: this tier cannot.
     async fn reset_local(&self) -> Result<(), String> {
         Err("this tier cannot reset its local storage".into())
+    }
+    /// After the tier is bootstrapped (by this node or another): waits until this node's own server is a
+    /// member of that one cluster, repairing what it safely can (bootstrap/member.rs). Default: nothing to
+    /// wait for (the product joins on its own, and a node that has not is the status's to report).
+    async fn join(
+        &self,
+        _policy: member::JoinPolicy,
+    ) -> Result<member::Joined, member::JoinFailure> {
+        Ok(member::Joined::Member)
     }
 }
 
@@ -119,6 +135,8 @@ pub struct Ctx {
     /// The PGP escrow option (docs/pgp-escrow.md): every payload is rewritten to hold only what these
     /// operator keys can open before it is sealed, spooled or uploaded. `None`: off.
     pub operator_keys: Option<std::sync::Arc<escrow::pgp::OperatorKeys>>,
+    /// How long this node's own server may take to join the bootstrapped cluster ([`Tier::join`]).
+    pub join: member::JoinPolicy,
 }
 
 /// The payload as it is escrowed: in its PGP form when operators' keys are configured, else as it is.
@@ -179,8 +197,29 @@ async fn deliver(
 /// leader finishing. Two small blob requests per follower per poll, only while a bootstrap runs.
 const FOLLOWER_POLL: Duration = Duration::from_millis(500);
 
-/// Runs the tier's bootstrap protocol on this node.
+/// Runs the tier's bootstrap protocol on this node, then waits until this node's own server is a member of
+/// the one cluster the tier has.
 pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
+    let outcome = settle(ctx, tier).await?;
+    match tier.join(ctx.join).await {
+        Ok(member::Joined::Member) => {}
+        Ok(member::Joined::RejoinedAfterReset) => tracing::info!(
+            tier = tier.name(),
+            "this node's server joined the cluster after its stuck storage was reset"
+        ),
+        Err(failure) => {
+            return Err(BootstrapError::NotJoined {
+                tier: tier.name().into(),
+                node: ctx.node.clone(),
+                failure,
+            })
+        }
+    }
+    Ok(outcome)
+}
+
+/// The bootstrap protocol: this node bootstraps the tier, finishes an interrupted bootstrap, or finds it done.
+async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     let name = tier.name();
     tier.wait_ready(Duration::from_secs(300))
         .await

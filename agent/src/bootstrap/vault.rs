@@ -470,6 +470,26 @@ impl Tier for VaultTier {
         }
     }
 
+    async fn join(
+        &self,
+        policy: super::member::JoinPolicy,
+    ) -> Result<super::member::Joined, super::member::JoinFailure> {
+        use super::member::{converge, LocalState};
+        converge(
+            policy,
+            || async {
+                match self.seal_status().await {
+                    Ok(s) if !s.initialized => LocalState::Uninitialized,
+                    Ok(s) if s.sealed => LocalState::Sealed,
+                    Ok(_) => LocalState::Member,
+                    Err(e) => LocalState::Unreachable(e),
+                }
+            },
+            || self.reset_local(),
+        )
+        .await
+    }
+
     async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
         let s: VaultSecrets = serde_json::from_slice(secrets)
             .map_err(|_| "escrow payload did not parse".to_string())?;
