@@ -781,6 +781,222 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
     node.lock().await.off();
 }
 
+/// A server whose join was cut off keeps raft state without the cluster's seal configuration, and the real
+/// OpenBao then refuses every later join with "cluster already has state": it stays uninitialized beside a live
+/// cluster for ever (seen in the lab's power-loss suite). The state is made here the same way a power loss
+/// makes it (the node powered off inside `sys/init`, the window found by trying delays as above), then the node
+/// is started with `retry_join` at a live, initialized server: it stays out. `Tier::join` resets it once and it
+/// joins that cluster (same cluster id, unsealed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bao_stuck_with_raft_state_beside_a_live_cluster_is_reset_and_joins() {
+    use hashistack_agent::bootstrap::member::{JoinPolicy, Joined};
+    use hashistack_agent::bootstrap::{Tier, TierFailure};
+    let Some((bin, installed)) = bao() else {
+        return;
+    };
+    let net = test_net();
+    let transit_ip = format!("{net}.4");
+    let (a_ip, b_ip) = (format!("{net}.30"), format!("{net}.31"));
+    let dir = tempfile::tempdir().unwrap();
+    let (root_a, root_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _transit = transit_provider(&bin, dir.path(), &transit_ip).await;
+    let cfg_a = agent_config(dir.path(), root_a.path(), false, "root");
+    let mut cfg_b = cfg_a.clone();
+    cfg_b.paths.root = root_b.path().to_path_buf();
+    let node = |ip: &str, cfg: &hashistack_agent::config::AgentConfig, name: &str| {
+        let mut doc = imds_fixture("vault-server-transit");
+        set_ip(&mut doc, ip);
+        // Each server its own node name (raft node id).
+        doc["compute"]["name"] = Value::String(format!("vault-{name}"));
+        doc["compute"]["osProfile"]["computerName"] = Value::String(format!("hs-vault-{name}"));
+        // A third server of the tier never starts (tiers have 1, 3, 5 or 7).
+        set_tag(
+            &mut doc,
+            "hashistack-vault-join",
+            &format!("{a_ip} {b_ip} {net}.32"),
+        );
+        set_tag(&mut doc, "hashistack-vault-servers", "3");
+        set_tag(
+            &mut doc,
+            "hashistack-vault-seal",
+            &format!(
+                "transit address=http://{transit_ip}:8200 key_name=autounseal mount_path=transit/"
+            ),
+        );
+        let (spec, plan) = render_with_material(&doc, cfg, &versions(None, Some(&installed)));
+        let svc = plan
+            .services
+            .iter()
+            .find(|s| s.name == "vault")
+            .unwrap()
+            .clone();
+        let layout = Layout::new(&cfg.paths.root);
+        let ca = layout.ca_file(Product::Vault);
+        let home = dir.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let data = layout.data_dir(Product::Vault, spec.role);
+        let n = std::sync::Arc::new(tokio::sync::Mutex::new(PowerNode {
+            bin: bin.clone(),
+            home,
+            command: svc.command.clone(),
+            env: read_env_file(svc.env_file.as_ref().unwrap()).unwrap(),
+            server: None,
+            health: Health::VaultHttps {
+                addr: format!("{}:8200", spec.ip),
+                ca_file: ca.clone(),
+            },
+        }));
+        (n, data, ca, format!("https://{}:8200", spec.ip))
+    };
+    let (a, _a_data, ca, a_api) = node(&a_ip, &cfg_a, "a");
+    let (b, b_data, _, b_api) = node(&b_ip, &cfg_b, "b");
+    let http = client_for(&ca, Duration::from_secs(120)).unwrap();
+    let tier = |api: &str, local: Option<Box<dyn bvault::LocalStorage>>| bvault::VaultTier {
+        recovery_pgp_keys: Vec::new(),
+        api: api.to_string(),
+        ca_file: ca.clone(),
+        recovery_shares: 1,
+        recovery_threshold: 1,
+        servers: 3,
+        audit_file: root_b.path().join("var/log/vault/audit.log"),
+        shared: None,
+        status_vault: None,
+        local,
+    };
+    let seal_status = |api: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{api}/v1/sys/seal-status"))
+                .send()
+                .await
+                .ok()?
+                .json::<Value>()
+                .await
+                .ok()
+        }
+    };
+
+    // 1. B alone (A is off, so its retry_join finds nobody): powered off inside sys/init until it is left
+    //    with raft state and no seal configuration.
+    let mut found = false;
+    for delay_ms in [150u64, 400, 800, 1500, 2500, 4000] {
+        bvault::empty_dir(&b_data).unwrap();
+        {
+            let mut n = b.lock().await;
+            n.on();
+            n.wait_answering().await;
+        }
+        let init = tokio::spawn(
+            http.put(format!("{b_api}/v1/sys/init"))
+                .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1}))
+                .send(),
+        );
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        b.lock().await.off();
+        init.abort();
+        {
+            let mut n = b.lock().await;
+            n.on();
+            n.wait_answering().await;
+        }
+        let answer = tier(&b_api, None).bootstrap().await;
+        b.lock().await.off();
+        match answer {
+            Err(TierFailure::HalfInitialized(_)) => {
+                eprintln!(
+                    "B powered off {delay_ms} ms into sys/init: raft state, no seal configuration"
+                );
+                found = true;
+                break;
+            }
+            other => eprintln!(
+                "B powered off {delay_ms} ms into sys/init: not the window ({})",
+                match other {
+                    Ok(_) => "a clean init".to_string(),
+                    Err(e) => format!("{e:?}"),
+                }
+            ),
+        }
+    }
+    assert!(
+        found,
+        "no delay landed inside sys/init (see the lines above)"
+    );
+
+    // 2. A: a live, initialized, unsealed cluster.
+    {
+        let mut n = a.lock().await;
+        n.on();
+        n.wait_answering().await;
+    }
+    let a_tier = tier(&a_api, None);
+    a_tier.bootstrap().await.expect("A initializes");
+    let mut a_id = String::new();
+    for _ in 0..150 {
+        if let Some(s) = seal_status(a_api.clone()).await {
+            if s["sealed"] == false {
+                a_id = s["cluster_id"].as_str().unwrap_or_default().to_string();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!a_id.is_empty(), "A unsealed with a cluster id");
+
+    // 3. B comes back with retry_join at A: refused for ever ("cluster already has state"); it stays out.
+    {
+        let mut n = b.lock().await;
+        n.on();
+        n.wait_answering().await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = seal_status(b_api.clone()).await.expect("B answers");
+    assert_eq!(s["initialized"], false, "B stuck beside the cluster: {s}");
+    let log = b.lock().await.server.as_ref().unwrap().log();
+    assert!(
+        log.contains("cluster already has state"),
+        "B's joins are refused for its raft state:\n{log}"
+    );
+
+    // 4. The join step: B is reset once and joins A's cluster.
+    let b_tier = tier(
+        &b_api,
+        Some(Box::new(ResetPowerNode(b.clone(), b_data.clone()))),
+    );
+    let joined = b_tier
+        .join(JoinPolicy {
+            grace: Duration::from_secs(3),
+            deadline: Duration::from_secs(90),
+            poll: Duration::from_millis(300),
+        })
+        .await;
+    if let Err(e) = &joined {
+        panic!(
+            "B did not join: {e}\n{}",
+            b.lock().await.server.as_ref().unwrap().log()
+        );
+    }
+    let joined = joined.unwrap();
+    assert_eq!(joined, Joined::RejoinedAfterReset);
+    let s = seal_status(b_api.clone()).await.expect("B answers");
+    assert_eq!(s["initialized"], true, "{s}");
+    assert_eq!(s["sealed"], false, "{s}");
+    assert_eq!(s["cluster_id"], a_id.as_str(), "B joined A's cluster: {s}");
+    // A member is left alone: a second join is immediate and resets nothing.
+    assert_eq!(
+        b_tier
+            .join(JoinPolicy {
+                grace: Duration::from_secs(3),
+                deadline: Duration::from_secs(10),
+                poll: Duration::from_millis(300),
+            })
+            .await,
+        Ok(Joined::Member)
+    );
+    b.lock().await.off();
+    a.lock().await.off();
+}
+
 // ----- Consul: Nomad's Consul token ---------------------------------------------------------------------
 
 /// `ensure_nomad_token` against a real `consul agent -dev` with ACLs on (default deny): the policy and the
