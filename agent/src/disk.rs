@@ -111,7 +111,7 @@ pub enum DiskError {
     Missing {
         device: PathBuf,
         waited: Duration,
-        site: Site,
+        site: Box<Site>,
     },
     #[error(
         "data disk {} ({}) holds {}; refusing to format it, nothing was written. Next step: if that data is not \
@@ -214,7 +214,7 @@ pub async fn prepare(
     let missing = || DiskError::Missing {
         device: device.to_path_buf(),
         waited: wait,
-        site: site.clone(),
+        site: Box::new(site.clone()),
     };
     // The udev link appears when the disk is attached and udev has run; on a fresh VM that can be after boot.
     let policy = RetryPolicy {

@@ -265,7 +265,7 @@ async fn a_missing_systemctl_is_a_spawn_error() {
 /// Whether a process exists (signal 0), without a zombie counting: reads /proc state.
 fn nix_kill0(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_none_or(|st| st != "Z"),
         Err(_) => false,
     }
 }

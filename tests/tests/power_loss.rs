@@ -8,6 +8,7 @@
 //!   answer on disk (the secrets existed only in that answer), through `needs-operator` naming
 //!   docs/bootstrap.md#bootstrapped-but-nothing-escrowed: the test then does exactly what that procedure says
 //!   (every Vault server stopped and wiped, the tier state removed, the agents started) and the tier ends `done`.
+//!
 //! Never a tier left `initializing` without progress, never a second cluster beside the first.
 //!
 //! `POWERLOSS_ROUNDS` (default 4) and `POWERLOSS_SEED` (printed at the start; replays a run).

@@ -155,15 +155,16 @@ mod tests {
         }
     }
 
+    type Server<P, R> = (Arc<AtomicU32>, P, R);
+
     /// A server that answers `before` until it was reset (and `after` from then on).
     fn server(
         before: LocalState,
         after: LocalState,
-    ) -> (
-        Arc<AtomicU32>,
+    ) -> Server<
         impl Fn() -> std::future::Ready<LocalState>,
         impl FnOnce() -> std::future::Ready<Result<(), String>>,
-    ) {
+    > {
         let resets = Arc::new(AtomicU32::new(0));
         let r = resets.clone();
         let probe = move || {
