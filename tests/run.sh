@@ -20,13 +20,56 @@ if ! cargo build --workspace --bins --locked; then
   echo "build failed"; echo "0 passed, 1 failed"; exit 1
 fi
 
-echo "== cargo test"
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$LOG_RUST"
+echo "== build tests"
+if ! cargo test --workspace --locked --no-run; then
+  echo "test build failed"; echo "0 passed, 1 failed"; exit 1
+fi
+
+# The end-to-end lab suites (tests/tests/*.rs) mostly wait on real servers, so they run in two lanes beside
+# each other; every suite binds loopback nets of its own (127.<net>.0.x, `options(name, net)`), so lanes never
+# share an address. Heaviest first, each to the lane with less work (seconds measured on a 2-core machine;
+# a suite not in the table counts 60). E2E_LANES=1 runs them one after another.
+declare -A WEIGHT=([lab_cluster]=330 [power_loss]=140 [bootstrap]=120 [status]=117 [nomad]=85 [faults]=75
+                   [reimage]=45 [pgp_escrow]=44 [scaling]=26 [workers]=20 [nomad_consul]=11 [infra_packer]=1)
+suites=$(for f in tests/tests/*.rs; do t=$(basename "$f" .rs); echo "${WEIGHT[$t]:-60} $t"; done | sort -rn | awk '{print $2}')
+lanes=${E2E_LANES:-2}
+declare -a lane_list lane_load
+for ((i = 0; i < lanes; i++)); do lane_list[i]=""; lane_load[i]=0; done
+for t in $suites; do
+  best=0
+  for ((i = 1; i < lanes; i++)); do [ "${lane_load[i]}" -lt "${lane_load[best]}" ] && best=$i; done
+  lane_list[best]="${lane_list[best]} $t"
+  lane_load[best]=$(( lane_load[best] + ${WEIGHT[$t]:-60} ))
+done
+run_lane() {
+  local rc=0 t
+  for t in $1; do cargo test -p hashistack-e2e --locked --no-fail-fast --test "$t" || rc=1; done
+  return "$rc"
+}
+
+echo "== cargo test: unit and integration tests, and the infrastructure checks"
+cargo test --workspace --exclude hashistack-e2e --locked --no-fail-fast 2>&1 | tee "$LOG_RUST"
 rust_rc=${PIPESTATUS[0]}
+cargo test -p hashistack-e2e --lib --locked 2>&1 | tee -a "$LOG_RUST"
+[ "${PIPESTATUS[0]}" -ne 0 ] && rust_rc=1
 
 echo "== infrastructure checks (pytest)"
 "$HASHISTACK_PYTHON" -m pytest tests/infra -q -p no:cacheprovider 2>&1 | tee "$LOG_PY"
 py_rc=${PIPESTATUS[0]}
+
+echo "== end-to-end lab suites, $lanes lanes"
+pids=()
+for ((i = 0; i < lanes; i++)); do
+  echo "lane $i:${lane_list[i]}"
+  run_lane "${lane_list[i]}" > "target/test-e2e-lane-$i.log" 2>&1 &
+  pids[i]=$!
+done
+for ((i = 0; i < lanes; i++)); do
+  wait "${pids[i]}" || rust_rc=1
+  echo "---- lane $i:${lane_list[i]}"
+  cat "target/test-e2e-lane-$i.log"
+  cat "target/test-e2e-lane-$i.log" >> "$LOG_RUST"
+done
 
 rust_passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$LOG_RUST" | awk '{s+=$4} END {print s+0}')
 rust_failed=$(grep -Eo '[0-9]+ failed;' "$LOG_RUST" | awk '{s+=$1} END {print s+0}')

@@ -50,7 +50,7 @@ async fn seal_status(lab: &Lab, i: usize) -> Option<Value> {
 }
 
 async fn round(n: u32, rng: &mut Rng) -> Round {
-    let mut o = options("powerloss", 120);
+    let mut o = options("powerloss", 126);
     o.consul_servers = 1;
     o.vault_servers = 3;
     o.jumpbox = Some(false);
