@@ -316,6 +316,8 @@ pub enum CrashPoint {
     AfterSpool,
     BetweenTargets,
     BeforeReceipt,
+    /// Escrowed to both targets and the spool removed; the post-bootstrap configuration not run.
+    AfterEscrow,
 }
 
 #[derive(Debug, thiserror::Error)]

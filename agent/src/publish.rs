@@ -51,6 +51,33 @@ pub fn records_prefix(cluster: &str) -> String {
     format!("{cluster}/nodes/")
 }
 
+/// The address `node` published in its boot record (`None`: no record, or none with an address).
+pub async fn read_ip(
+    az: &Azure,
+    blob_endpoint: &str,
+    cluster: &str,
+    node: &str,
+    policy: RetryPolicy,
+) -> Result<Option<String>, crate::azure::AzureError> {
+    let blob = az.blob(
+        blob_endpoint,
+        COORDINATION_CONTAINER,
+        &record_blob_name(cluster, node),
+    )?;
+    let r = call(policy, "boot record read", || {
+        let blob = &blob;
+        async move { blob.download(None).await?.body.collect().await }
+    })
+    .await;
+    match r {
+        Ok(bytes) => Ok(serde_json::from_slice::<NodeRecord>(&bytes)
+            .ok()
+            .and_then(|r| r.ip)),
+        Err(e) if e.is(404) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Where and as whom to publish, from the metadata alone (no NodeSpec needed).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {

@@ -284,6 +284,15 @@ async fn repeated_concurrent_boots_bootstrap_exactly_once() {
 
 /// Kills the Vault tier's leader at `point`, then reboots it without the fault and lets the others boot.
 async fn crash_vault_leader(net: u8, point: CrashPoint) -> Lab {
+    crash_vault_leader_then(net, point, |_, _| {}).await
+}
+
+/// [`crash_vault_leader`], calling `inspect(lab, leader)` while the leader is down, before anything boots again.
+async fn crash_vault_leader_then(
+    net: u8,
+    point: CrashPoint,
+    inspect: impl FnOnce(&Lab, usize),
+) -> Lab {
     let mut o = options(&format!("crash-{point:?}").to_lowercase(), net);
     o.start_agents = false;
     let mut lab = Lab::up(o, tools()).await.unwrap();
@@ -305,6 +314,7 @@ async fn crash_vault_leader(net: u8, point: CrashPoint) -> Lab {
     .unwrap();
     assert_eq!(status.code(), None, "killed by a signal at {point:?}");
     lab.kill_agent(v0).await;
+    inspect(&lab, v0);
     // Power back on, healthy this time, and the rest of the tier with it.
     cfg.faults.crash_at = None;
     lab.write_node_config(v0, &cfg).unwrap();
@@ -351,6 +361,219 @@ async fn crash_before_receipt_completes_escrow_at_next_boot() {
 
 /// The one window nothing can close: killed after init returned and before the secrets reached the disk.
 /// The tier must say so, with the recovery procedure, and never initialize again.
+/// The secrets leave the spool before the post-bootstrap configuration runs: killed right after the escrow
+/// (both receipts recorded), the leader's spool is already empty and the escrow opens. Its next boot finds the
+/// tier escrowed with its configuration cut off: `done`, once, with the note naming the operator's step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_escrow_leaves_no_spool_and_flags_the_configuration() {
+    let mut spooled = None;
+    let mut lab = crash_vault_leader_then(93, CrashPoint::AfterEscrow, |lab, v0| {
+        let spool = lab.nodes[v0]
+            .root
+            .join("var/lib/hashistack-data/escrow-spool");
+        spooled = Some(
+            std::fs::read_dir(&spool)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        );
+    })
+    .await;
+    let v0 = nodes_of(&lab, Role::VaultServer)[0];
+    // At the moment of the crash (after the escrow, before the configuration) the spool was already empty.
+    assert_eq!(spooled, Some(vec![]), "nothing spooled at the crash");
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = lab.tier_state("vault").await;
+        if let Some(s) = st.filter(|s| s.phase == TierPhase::Done) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(150),
+            "vault tier not done: {:?}",
+            lab.tier_state("vault").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_done_once(&lab, "vault").await;
+    let phases: Vec<_> = st.history.iter().map(|h| h.0).collect();
+    let escrowed_at = phases
+        .iter()
+        .position(|p| *p == TierPhase::Escrowed)
+        .expect("escrowed before done");
+    assert_eq!(
+        phases[escrowed_at + 1..],
+        [TierPhase::Done],
+        "the crash came after the escrow, and nothing bootstrapped again: {:?}",
+        st.history
+    );
+    let msg = st.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("docs/bootstrap.md#finish-configuration") && msg.contains("interrupted"),
+        "{msg}"
+    );
+    let spool = lab.nodes[v0]
+        .root
+        .join("var/lib/hashistack-data/escrow-spool");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "nothing left in the spool: {left:?}");
+    assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 0);
+    assert_eq!(count_outcome(&lab, Role::VaultServer, "recovered"), 1);
+    // What was escrowed opens and its root token works on the live cluster.
+    let operator = lab.operator_imds().await.unwrap();
+    let opened: serde_json::Value =
+        serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
+    let root = opened["root_token"].as_str().unwrap().to_string();
+    let url = format!(
+        "https://{}:8200/v1/auth/token/lookup-self",
+        lab.nodes[v0].def.ip
+    );
+    let mut status = 0;
+    for _ in 0..60 {
+        status = get_as(&lab, &url, "X-Vault-Token", &root).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(status, 200, "the escrowed root token authenticates");
+    lab.down().await;
+}
+
+/// Never a second cluster beside one that may exist: the leader powers off (agent and services) right after its
+/// init, with the secrets in its spool, and stays off longer than the others' grace. They cannot join it and
+/// cannot ask it whether it initialized: the tier stops in `needs-operator` naming it, and nobody initializes.
+/// Powered on, its spool completes the escrow; the others, restarted, join its one cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_off_past_the_grace_after_init_is_never_initialized_beside() {
+    let mut o = options("init-beside", 100);
+    o.start_agents = false;
+    let mut lab = Lab::up(o, tools()).await.unwrap();
+    let vaults = nodes_of(&lab, Role::VaultServer);
+    let v0 = vaults[0];
+    let v0_name = lab.nodes[v0].def.name.clone();
+    for i in nodes_of(&lab, Role::ConsulServer) {
+        lab.start_agent(i).unwrap();
+    }
+    let mut cfg = lab.node_config(v0);
+    cfg.faults.crash_at = Some(CrashPoint::AfterSpool);
+    lab.write_node_config(v0, &cfg).unwrap();
+    lab.start_agent(v0).unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        lab.nodes[v0].agent.as_mut().unwrap().child.wait(),
+    )
+    .await
+    .expect("the faulted agent dies")
+    .unwrap();
+    assert_eq!(status.code(), None, "killed by a signal after the spool");
+    lab.kill_agent(v0).await;
+
+    // The rest of the tier boots with a 3 s grace; the leader stays off.
+    for &i in &vaults[1..] {
+        let mut c = lab.node_config(i);
+        c.bootstrap.peer_grace_secs = 3;
+        lab.write_node_config(i, &c).unwrap();
+        lab.start_agent(i).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = lab.tier_state("vault").await;
+        if let Some(s) = st.filter(|s| s.phase == TierPhase::NeedsOperator) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no needs-operator: {:?}",
+            lab.tier_state("vault").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let msg = st.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains(&v0_name) && msg.contains("docs/bootstrap.md#previous-leader-unreachable"),
+        "{msg}"
+    );
+    assert_eq!(
+        inits(&st),
+        1,
+        "nobody initialized beside the leader: {st:?}"
+    );
+    for &i in &vaults[1..] {
+        let url = format!("https://{}:8200/v1/sys/seal-status", lab.nodes[i].def.ip);
+        if let Ok(r) = lab.https().get(url).send().await {
+            let v: Value = r.json().await.unwrap_or_default();
+            assert_ne!(v["initialized"], true, "{}: {v}", lab.nodes[i].def.name);
+        }
+    }
+
+    // The leader powers on: its spool completes the escrow. The others, restarted, join its cluster.
+    cfg.faults.crash_at = None;
+    lab.write_node_config(v0, &cfg).unwrap();
+    lab.start_agent(v0).unwrap();
+    let start = std::time::Instant::now();
+    while lab.tier_state("vault").await.map(|s| s.phase) != Some(TierPhase::Done) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the leader's spool did not complete the tier: {:?}",
+            lab.tier_state("vault").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for &i in &vaults[1..] {
+        lab.kill_agent(i).await;
+        lab.start_agent(i).unwrap();
+    }
+    for &i in &vaults[1..] {
+        lab.wait_booted(i, Duration::from_secs(150)).await.unwrap();
+        let start = std::time::Instant::now();
+        let rec = loop {
+            let rec = lab.boot_record(i).unwrap();
+            if rec.bootstrap.is_some() {
+                break rec;
+            }
+            assert!(start.elapsed() < Duration::from_secs(150), "{rec:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        assert!(rec.ok, "{}: {:?}", lab.nodes[i].def.name, rec.last_error);
+        assert_eq!(rec.bootstrap.as_deref(), Some("already-done"));
+    }
+    if let Err((e, h)) = lab.wait_healthy(Duration::from_secs(150)).await {
+        panic!("{e}\n{}", h.table());
+    }
+    let st = assert_done_once(&lab, "vault").await;
+    assert_eq!(st.leader, v0_name, "{st:?}");
+    let mut ids = Vec::new();
+    for &i in &vaults {
+        let url = format!("https://{}:8200/v1/sys/seal-status", lab.nodes[i].def.ip);
+        let v: Value = lab
+            .https()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["sealed"], false, "{v}");
+        ids.push(v["cluster_id"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(
+        ids.iter().all(|id| !id.is_empty() && *id == ids[0]),
+        "one cluster: {ids:?}"
+    );
+    let operator = lab.operator_imds().await.unwrap();
+    let opened: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
+    let root = opened["root_token"].as_str().unwrap().to_string();
+    let url = format!(
+        "https://{}:8200/v1/auth/token/lookup-self",
+        lab.nodes[v0].def.ip
+    );
+    assert_eq!(get_as(&lab, &url, "X-Vault-Token", &root).await.0, 200);
+    lab.down().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_init_is_reported_for_the_operator_never_reinitialized() {
     let lab = crash_vault_leader(94, CrashPoint::AfterInit).await;

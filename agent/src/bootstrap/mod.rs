@@ -4,7 +4,8 @@
 //! ```text
 //!   lease ─► pre-flight (wrap a data key; write-test both targets) ─► state=initializing
 //!         ─► init / ACL bootstrap ─► seal + spool (local, fsynced) ─► state=initialized
-//!         ─► post-bootstrap config ─► blob ─► key vault ─► state=escrowed (receipts) ─► state=done
+//!         ─► blob ─► key vault ─► state=escrowed (receipts), spool removed
+//!         ─► post-bootstrap config (the secret still in memory) ─► state=done
 //! ```
 //!
 //! A tier whose product takes a caller-chosen secret ([`Tier::pre_secret`], Nomad's `BootstrapSecret`)
@@ -99,6 +100,17 @@ pub trait Tier: Send + Sync {
         _policy: member::JoinPolicy,
     ) -> Result<member::Joined, member::JoinFailure> {
         Ok(member::Joined::Member)
+    }
+    /// Whether this tier's bootstrap call *creates* a cluster on the node that makes it (Vault's init), so that
+    /// a second call on another node would make a second cluster. Consul's and Nomad's ACL bootstraps are
+    /// cluster-wide and refuse a second call: `false`.
+    fn creates_cluster(&self) -> bool {
+        false
+    }
+    /// For a tier that [`creates_cluster`](Tier::creates_cluster): whether its server at `ip` (another node of
+    /// the tier) says it is initialized. `Err`: it cannot be asked (the transport's words).
+    async fn peer_initialized(&self, _ip: &str) -> Result<bool, String> {
+        Err("this tier does not ask its peers".into())
     }
 }
 
@@ -364,6 +376,23 @@ async fn lead_bootstrap(
         return Ok(Some(Outcome::AlreadyDone));
     }
 
+    // 2a. Escrowed to both targets, then the run that would configure the tier was cut off: the tier is
+    //     bootstrapped (whether or not this node's own server has joined it yet); its configuration is the
+    //     operator's, since the root credential died with that run.
+    if state.phase == TierPhase::Escrowed
+        && state.escrowed_to("blob")
+        && state.escrowed_to("keyvault")
+    {
+        let note = format!(
+            "escrowed, but the post-bootstrap configuration of {name} by {} was interrupted and may be \
+             missing: see docs/bootstrap.md#finish-configuration",
+            state.leader
+        );
+        state.set(TierPhase::Done, &ctx.node, Some(note));
+        save(ctx, &state).await?;
+        return Ok(Some(Outcome::Recovered));
+    }
+
     // 2. Initialized before, but its secrets are neither spooled here nor escrowed: never init twice.
     let initialized =
         tier.already_bootstrapped()
@@ -397,6 +426,12 @@ async fn lead_bootstrap(
     if peer_may_finish(ctx, &state) {
         tracing::info!(tier = name, leader = %state.leader, "another node's bootstrap is unfinished; waiting for it");
         return Ok(None);
+    }
+
+    // 3b. Every other node that ever recorded `initializing` for this tier may have made a cluster: ask each.
+    //     One that says initialized, or cannot be asked, stops the tier for an operator: never a second cluster.
+    if let Some(msg) = init_elsewhere(ctx, tier, &state).await? {
+        return Err(needs_operator(ctx, &mut state, name, msg).await?);
     }
 
     // 4. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
@@ -523,7 +558,21 @@ async fn lead_bootstrap(
         tracing::warn!(error = %e, "could not record the initialized state");
     }
 
-    // 5. Configuration that needs the fresh root credential, while it is in memory.
+    // 5. Escrow to both targets at once, so the secrets sit in the spool for seconds, not for the whole
+    //    configuration below; then the receipts, and the spool goes.
+    if pre_escrowed {
+        // Until now the state named the escrow made before use; the post-call one (with the server-chosen
+        // accessor) replaces it.
+        state.escrow_id = Some(prepared.escrow_id.clone());
+        state.receipts.clear();
+    }
+    deliver(ctx, &mut state, &env).await?;
+    state.set(TierPhase::Escrowed, &ctx.node, started_over.clone());
+    save(ctx, &state).await?;
+    std::fs::remove_file(&spool_path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+    crash_if(ctx.crash_at, CrashPoint::AfterEscrow);
+
+    // 6. Configuration that needs the fresh root credential, still in memory (never read back from escrow).
     if let Err(message) = tier.configure(&secrets).await {
         tracing::error!(tier = name, %message, "post-bootstrap configuration failed");
         let incomplete = format!("post-bootstrap configuration incomplete: {message}");
@@ -533,18 +582,6 @@ async fn lead_bootstrap(
         });
     }
     drop(secrets);
-
-    // 6. Escrow to both targets, then the receipts.
-    if pre_escrowed {
-        // Until now the state named the escrow made before use; the post-call one (with the server-chosen
-        // accessor) replaces it.
-        state.escrow_id = Some(prepared.escrow_id.clone());
-        state.receipts.clear();
-    }
-    deliver(ctx, &mut state, &env).await?;
-    state.set(TierPhase::Escrowed, &ctx.node, state.message.clone());
-    save(ctx, &state).await?;
-    std::fs::remove_file(&spool_path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
     state.set(TierPhase::Done, &ctx.node, state.message.clone());
     save(ctx, &state).await?;
     tracing::info!(tier = name, escrow_id = %prepared.escrow_id, "bootstrapped and escrowed");
@@ -601,6 +638,60 @@ fn half_initialized_step(tier: &str, node: &str, detail: &str) -> String {
         "{tier} on {node} holds storage from a bootstrap call that never completed ({detail}); no secret exists yet. \
          On {node}: stop {tier}, move its data directory aside, start it, then reboot {node}: docs/bootstrap.md#half-initialized"
     )
+}
+
+/// Before this node initializes a tier that [`creates_cluster`](Tier::creates_cluster): every init call is
+/// preceded by an `initializing` entry of the node that makes it, so the nodes in the history are exactly the
+/// ones that may have made a cluster. Each other one is asked (at the address of its boot record); the first
+/// that says initialized, or cannot be asked, returns the operator's step.
+async fn init_elsewhere(
+    ctx: &Ctx,
+    tier: &dyn Tier,
+    state: &TierState,
+) -> Result<Option<String>, AzureError> {
+    if !tier.creates_cluster() {
+        return Ok(None);
+    }
+    let name = tier.name();
+    let mut asked = std::collections::BTreeSet::new();
+    for (phase, node, at) in &state.history {
+        if *phase != TierPhase::Initializing || *node == ctx.node || !asked.insert(node.clone()) {
+            continue;
+        }
+        let ip = crate::publish::read_ip(
+            &ctx.az,
+            &ctx.targets.blob_endpoint,
+            &ctx.cluster,
+            node,
+            ctx.policy,
+        )
+        .await?;
+        let answer = match &ip {
+            Some(ip) => tier.peer_initialized(ip).await,
+            None => Err("no boot record with its address".into()),
+        };
+        match answer {
+            Ok(false) => {
+                tracing::info!(tier = name, peer = %node, "an earlier leader of this tier says it is not initialized");
+            }
+            Ok(true) => {
+                return Ok(Some(format!(
+                    "{node} (which began the {name} bootstrap at {at}) answers initialized, but no escrow is recorded and \
+                     this node's server is not its member. If {node} still has its data disk, restart its agent: its spool \
+                     completes the escrow; then restart the agents of the other servers. Otherwise follow \
+                     docs/bootstrap.md#bootstrapped-but-nothing-escrowed"
+                )))
+            }
+            Err(e) => {
+                return Ok(Some(format!(
+                    "{node} began the {name} bootstrap at {at} and cannot be asked whether it initialized ({e}); \
+                     initializing here could make a second cluster. Boot {node} (its agent finishes or reports), then restart \
+                     the agents of the other servers: docs/bootstrap.md#previous-leader-unreachable"
+                )))
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Whether the node that last led this tier (not us) may still come back and finish from its spool.

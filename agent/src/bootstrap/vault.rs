@@ -470,6 +470,50 @@ impl Tier for VaultTier {
         }
     }
 
+    fn creates_cluster(&self) -> bool {
+        true
+    }
+
+    async fn peer_initialized(&self, ip: &str) -> Result<bool, String> {
+        #[derive(Debug)]
+        struct Unreachable(String);
+        impl std::fmt::Display for Unreachable {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl crate::retry::TimeoutError for Unreachable {
+            fn timeout(after: Duration) -> Self {
+                Unreachable(format!("no answer within {after:?}"))
+            }
+        }
+        let c = self.client(Duration::from_secs(3))?;
+        let url = format!(
+            "https://{ip}:{}/v1/sys/seal-status",
+            crate::render::vault::API_PORT
+        );
+        let policy = RetryPolicy {
+            deadline: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(3),
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+        };
+        retry(policy, |_| {
+            let (c, url) = (&c, &url);
+            async move {
+                match c.get(url.as_str()).send().await {
+                    Ok(r) => match r.json::<SealStatus>().await {
+                        Ok(s) => Attempt::Done(s.initialized),
+                        Err(_) => Attempt::Fail(Unreachable("seal-status did not parse".into())),
+                    },
+                    Err(e) => Attempt::Retry(Unreachable(e.without_url().to_string())),
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     async fn join(
         &self,
         policy: super::member::JoinPolicy,
