@@ -79,6 +79,9 @@ pub enum EnvelopeError {
     Malformed(&'static str),
 }
 
+/// Length of the AES-256-GCM tag sealing appends.
+pub const TAG_LEN: usize = 16;
+
 /// Encrypts `plaintext` (consumed and zeroized) under `key`.
 #[allow(clippy::too_many_arguments)]
 pub fn seal(
@@ -97,11 +100,24 @@ pub fn seal(
     let mut nonce = [0u8; NONCE_LEN];
     aws_lc_rs::rand::fill(&mut nonce).expect("system RNG");
     let aad = Envelope::aad(escrow_id, cluster, tier);
+    // Sealing appends the tag: without room for it the Vec would reallocate and leave the plaintext behind in
+    // the allocation it frees. So it gets the room first, by a copy whose source is zeroized on drop.
+    if plaintext.capacity() < plaintext.len() + TAG_LEN {
+        let mut roomy = Zeroizing::new(Vec::with_capacity(plaintext.len() + TAG_LEN));
+        roomy.extend_from_slice(&plaintext);
+        plaintext = roomy;
+    }
     let mut buf: Vec<u8> = std::mem::take(&mut *plaintext);
+    let capacity = buf.capacity();
     let r = aead.seal_in_place_append_tag(
         Nonce::assume_unique_for_key(nonce),
         Aad::from(&aad[..]),
         &mut buf,
+    );
+    debug_assert_eq!(
+        buf.capacity(),
+        capacity,
+        "sealing in place never reallocates"
     );
     if r.is_err() {
         buf.zeroize();
@@ -151,6 +167,11 @@ pub fn open(env: &Envelope, key: &DataKey) -> Result<Zeroizing<Vec<u8>>, Envelop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tag_length_is_the_algorithms() {
+        assert_eq!(TAG_LEN, AES_256_GCM.tag_len());
+    }
 
     #[test]
     fn round_trip_and_tamper_detection() {

@@ -240,7 +240,47 @@ pub async fn upload_keyvault(
     })
 }
 
-/// Secrets to escrow, serialised once into a zeroizing buffer.
+/// Secrets to escrow, serialised once into a zeroizing buffer that never reallocates: its size is counted
+/// first, and it has room for the AEAD tag, so sealing it in place ([`envelope::seal`]) does not move the
+/// plaintext either (a growing `Vec` leaves copies of what it held in the allocations it frees).
 pub fn payload(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new(serde_json::to_vec(value).expect("payload serialises"))
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, value).expect("payload serialises");
+    let mut buf = Zeroizing::new(Vec::with_capacity(n.0 + envelope::TAG_LEN));
+    serde_json::to_writer(&mut *buf, value).expect("payload serialises");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_serialised_without_reallocating_and_with_room_for_the_tag() {
+        #[derive(serde::Serialize)]
+        struct S {
+            root_token: String,
+            keys: Vec<String>,
+        }
+        let v = S {
+            root_token: "s.".to_string() + &"x".repeat(300),
+            keys: (0..5)
+                .map(|i| format!("key-{i}-{}", "y".repeat(40)))
+                .collect(),
+        };
+        let p = payload(&v);
+        assert_eq!(p.as_slice(), serde_json::to_vec(&v).unwrap().as_slice());
+        // Exactly the counted size plus the tag: a Vec that had grown would have a rounded-up capacity.
+        assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
+    }
 }
