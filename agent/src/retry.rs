@@ -61,6 +61,35 @@ impl<E: std::fmt::Display> RetryError<E> {
     }
 }
 
+/// The reason a poll is not done yet (plain text, never a secret), for waits whose "not yet" is not an error
+/// type of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotYet(pub String);
+
+impl std::fmt::Display for NotYet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TimeoutError for NotYet {
+    fn timeout(after: Duration) -> Self {
+        NotYet(format!("no answer within {after:?}"))
+    }
+}
+
+impl RetryPolicy {
+    /// A poll: look every `every` until `deadline` (no backoff growth), each look bounded by `attempt`.
+    pub fn poll(deadline: Duration, every: Duration, attempt: Duration) -> Self {
+        RetryPolicy {
+            deadline,
+            attempt_timeout: attempt,
+            initial_backoff: every,
+            max_backoff: every,
+        }
+    }
+}
+
 /// Marker for an attempt that exceeded `attempt_timeout`.
 pub trait TimeoutError {
     fn timeout(after: Duration) -> Self;
@@ -120,6 +149,39 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_poll_looks_at_a_constant_interval_until_done_or_the_deadline() {
+        let p = RetryPolicy::poll(
+            Duration::from_millis(300),
+            Duration::from_millis(20),
+            Duration::from_millis(50),
+        );
+        assert_eq!(p.initial_backoff, p.max_backoff);
+        let looks = AtomicU32::new(0);
+        let done = retry(p, |_| async {
+            if looks.fetch_add(1, Ordering::SeqCst) < 2 {
+                Attempt::Retry(NotYet("sealed".into()))
+            } else {
+                Attempt::Done(7)
+            }
+        })
+        .await;
+        assert_eq!(done.unwrap(), 7);
+        assert_eq!(looks.load(Ordering::SeqCst), 3);
+        let never = retry(p, |_| async {
+            Attempt::<(), _>::Retry(NotYet("sealed".into()))
+        })
+        .await;
+        match never {
+            Err(RetryError::Deadline { attempts, last, .. }) => {
+                assert_eq!(last, NotYet("sealed".into()));
+                // ~300 ms at one look per ~20 ms: many looks, not a doubling backoff's handful.
+                assert!(attempts >= 8, "{attempts}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[derive(Debug, PartialEq)]
     struct E(&'static str);

@@ -8,7 +8,7 @@
 use super::http::CallError;
 use super::{Tier, TierFailure};
 use crate::render::vault::{AUDIT_DESCRIPTION, AUDIT_DEVICE_PATH};
-use crate::retry::{retry, Attempt, RetryPolicy};
+use crate::retry::{retry, Attempt, NotYet, RetryError, RetryPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -367,23 +367,33 @@ impl VaultTier {
             _ => {
                 // OpenBao: only a declared device can exist. It is mounted at the unseal; give a slow active
                 // node a moment before saying it is not there.
-                let start = std::time::Instant::now();
-                loop {
-                    match audit_device_state(&self.audit_devices(c, token).await?, expected) {
-                        AuditDeviceState::Active => return Ok(AuditVia::Configuration),
-                        AuditDeviceState::Different(d) => return Err(different(d)),
-                        AuditDeviceState::Missing if start.elapsed() > grace => {
-                            return Err(format!(
-                                "audit device not active: the server refuses API-enabled audit devices and sys/audit \
-                                 lists no declared {AUDIT_DEVICE_PATH}/ device (the agent declares it for OpenBao >= {}); \
-                                 see docs/bootstrap.md#finish-configuration",
-                                crate::render::vault::OPENBAO_DECLARATIVE_AUDIT
-                            ))
+                let r = retry(
+                    RetryPolicy::poll(grace, Duration::from_millis(500), Duration::from_secs(10)),
+                    |_| async {
+                        match self.audit_devices(c, token).await {
+                            Err(e) => Attempt::Fail(NotYet(e)),
+                            Ok(devices) => match audit_device_state(&devices, expected) {
+                                AuditDeviceState::Active => {
+                                    Attempt::Done(Ok(AuditVia::Configuration))
+                                }
+                                AuditDeviceState::Different(d) => Attempt::Done(Err(different(d))),
+                                AuditDeviceState::Missing => {
+                                    Attempt::Retry(NotYet("not listed".into()))
+                                }
+                            },
                         }
-                        AuditDeviceState::Missing => {
-                            tokio::time::sleep(Duration::from_millis(500)).await
-                        }
-                    }
+                    },
+                )
+                .await;
+                match r {
+                    Ok(answer) => answer,
+                    Err(RetryError::Final(e)) => Err(e.0),
+                    Err(RetryError::Deadline { .. }) => Err(format!(
+                        "audit device not active: the server refuses API-enabled audit devices and sys/audit \
+                         lists no declared {AUDIT_DEVICE_PATH}/ device (the agent declares it for OpenBao >= {}); \
+                         see docs/bootstrap.md#finish-configuration",
+                        crate::render::vault::OPENBAO_DECLARATIVE_AUDIT
+                    )),
                 }
             }
         }
@@ -397,18 +407,26 @@ impl Tier for VaultTier {
     }
 
     async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
-        let start = std::time::Instant::now();
-        loop {
-            match self.seal_status().await {
-                Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() > deadline => {
-                    return Err(format!(
-                        "local Vault not answering within {deadline:?}: {e}"
-                    ))
+        retry(
+            RetryPolicy::poll(
+                deadline,
+                Duration::from_millis(500),
+                Duration::from_secs(10),
+            ),
+            |_| async {
+                match self.seal_status().await {
+                    Ok(_) => Attempt::Done(()),
+                    Err(e) => Attempt::Retry(NotYet(e)),
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        }
+            },
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "local Vault not answering within {deadline:?}: {}",
+                e.last()
+            )
+        })
     }
 
     async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
@@ -426,22 +444,34 @@ impl Tier for VaultTier {
             self.recovery_threshold,
             &self.recovery_pgp_keys,
         );
-        let mut attempts = 0;
-        let resp = loop {
-            attempts += 1;
-            match c
-                .put(format!("{}/v1/sys/init", self.api))
-                .json(&body)
-                .send()
-                .await
-            {
-                Ok(r) => break r,
-                Err(e) if e.is_connect() && attempts < 10 => {
-                    tokio::time::sleep(Duration::from_secs(1)).await
+        // Connection refusals only (the call never reached the server), at most 10; the deadline leaves every
+        // attempt the client's whole 180 s.
+        let resp = retry(
+            RetryPolicy::poll(
+                Duration::from_secs(400),
+                Duration::from_secs(1),
+                Duration::from_secs(190),
+            ),
+            |n| {
+                let (c, body) = (&c, &body);
+                async move {
+                    match c
+                        .put(format!("{}/v1/sys/init", self.api))
+                        .json(body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => Attempt::Done(r),
+                        Err(e) if e.is_connect() && n < 10 => {
+                            Attempt::Retry(NotYet(e.without_url().to_string()))
+                        }
+                        Err(e) => Attempt::Fail(NotYet(e.without_url().to_string())),
+                    }
                 }
-                Err(e) => return Err(TierFailure::Other(format!("init: {}", e.without_url()))),
-            }
-        };
+            },
+        )
+        .await
+        .map_err(|e| TierFailure::Other(format!("init: {}", e.last())))?;
         let status = resp.status().as_u16();
         let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
         if status != 200 {
@@ -540,16 +570,22 @@ impl Tier for VaultTier {
         let token = Zeroizing::new(s.root_token.clone());
         drop(s);
         // Auto-unseal follows init within seconds; the active node then takes writes.
-        let start = std::time::Instant::now();
-        loop {
-            match self.seal_status().await {
-                Ok(st) if !st.sealed => break,
-                _ if start.elapsed() > Duration::from_secs(60) => {
-                    return Err("Vault did not unseal within 60s of init".into())
+        retry(
+            RetryPolicy::poll(
+                Duration::from_secs(60),
+                Duration::from_millis(300),
+                Duration::from_secs(10),
+            ),
+            |_| async {
+                match self.seal_status().await {
+                    Ok(st) if !st.sealed => Attempt::Done(()),
+                    Ok(_) => Attempt::Retry(NotYet("sealed".into())),
+                    Err(e) => Attempt::Retry(NotYet(e)),
                 }
-                _ => tokio::time::sleep(Duration::from_millis(300)).await,
-            }
-        }
+            },
+        )
+        .await
+        .map_err(|e| format!("Vault did not unseal within 60s of init: {}", e.last()))?;
         let c = self.client(Duration::from_secs(30))?;
         let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
             c.request(method, format!("{}{path}", self.api))
@@ -571,35 +607,47 @@ impl Tier for VaultTier {
             let min_quorum = (self.servers / 2 + 1).max(3).min(self.servers);
             // Right after the unseal, raft may still answer 5xx for a moment: those (and 429, and connection
             // errors) are retried briefly; any other answer is final.
-            autopilot = Err(String::new());
-            for _ in 0..40 {
-                autopilot = match send(
-                    reqwest::Method::POST,
-                    "/v1/sys/storage/raft/autopilot/configuration",
-                    serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum}),
-                )
-                .await
-                {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
-                        Err(format!("autopilot: HTTP {}", r.status().as_u16()))
+            let body = serde_json::json!({"cleanup_dead_servers": true, "dead_server_last_contact_threshold": "10m", "min_quorum": min_quorum});
+            autopilot = retry(
+                RetryPolicy::poll(
+                    Duration::from_secs(20),
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                ),
+                |_| {
+                    let (send, body) = (&send, &body);
+                    async move {
+                        match send(
+                            reqwest::Method::POST,
+                            "/v1/sys/storage/raft/autopilot/configuration",
+                            body.clone(),
+                        )
+                        .await
+                        {
+                            Ok(r) if r.status().is_success() => Attempt::Done(()),
+                            Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
+                                Attempt::Retry(NotYet(format!(
+                                    "autopilot: HTTP {}",
+                                    r.status().as_u16()
+                                )))
+                            }
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let body = r.text().await.unwrap_or_default();
+                                Attempt::Fail(NotYet(format!(
+                                    "autopilot: HTTP {status}: {}",
+                                    body.chars().take(200).collect::<String>()
+                                )))
+                            }
+                            Err(e) => {
+                                Attempt::Retry(NotYet(format!("autopilot: {}", e.without_url())))
+                            }
+                        }
                     }
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let body = r.text().await.unwrap_or_default();
-                        autopilot = Err(format!(
-                            "autopilot: HTTP {status}: {}",
-                            body.chars().take(200).collect::<String>()
-                        ));
-                        break;
-                    }
-                    Err(e) => Err(format!("autopilot: {}", e.without_url())),
-                };
-                if autopilot.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+                },
+            )
+            .await
+            .map_err(|e| e.last().0.clone());
         } else {
             tracing::info!(
                 servers = self.servers,
