@@ -17,6 +17,7 @@
 
 pub mod consul;
 pub mod consul_tokens;
+pub mod decide;
 mod http;
 pub mod member;
 pub mod nomad;
@@ -28,6 +29,7 @@ use crate::coordination::{self, TierPhase, TierState};
 use crate::election::{self, Leadership};
 use crate::escrow::{self, envelope, Receipt, Targets};
 use crate::retry::RetryPolicy;
+use decide::Decision;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -376,62 +378,60 @@ async fn lead_bootstrap(
         return Ok(Some(Outcome::AlreadyDone));
     }
 
-    // 2a. Escrowed to both targets, then the run that would configure the tier was cut off: the tier is
-    //     bootstrapped (whether or not this node's own server has joined it yet); its configuration is the
-    //     operator's, since the root credential died with that run.
-    if state.phase == TierPhase::Escrowed
-        && state.escrowed_to("blob")
-        && state.escrowed_to("keyvault")
-    {
-        let note = format!(
-            "escrowed, but the post-bootstrap configuration of {name} by {} was interrupted and may be \
-             missing: see docs/bootstrap.md#finish-configuration",
-            state.leader
-        );
-        state.set(TierPhase::Done, &ctx.node, Some(note));
-        save(ctx, &state).await?;
-        return Ok(Some(Outcome::Recovered));
-    }
-
-    // 2. Initialized before, but its secrets are neither spooled here nor escrowed: never init twice.
-    let initialized =
+    // 2. Decide from the state, this node's own server and the clock (bootstrap/decide.rs, table-tested).
+    let local_initialized =
         tier.already_bootstrapped()
             .await
             .map_err(|message| BootstrapError::Tier {
                 tier: name.into(),
                 message,
             })?;
-    let escrowed = state.escrowed_to("blob") && state.escrowed_to("keyvault");
-    if initialized == Some(true) {
-        if escrowed {
+    let facts = decide::Facts {
+        state: &state,
+        me: &ctx.node,
+        now_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        peer_grace: ctx.peer_grace,
+        local_initialized,
+        creates_cluster: tier.creates_cluster(),
+    };
+    match decide::decide(&facts) {
+        Decision::AlreadyDone => return Ok(Some(Outcome::AlreadyDone)),
+        Decision::DoneConfigurationInterrupted => {
+            let note = format!(
+                "escrowed, but the post-bootstrap configuration of {name} by {} was interrupted and may be \
+                 missing: see docs/bootstrap.md#finish-configuration",
+                state.leader
+            );
+            state.set(TierPhase::Done, &ctx.node, Some(note));
+            save(ctx, &state).await?;
+            return Ok(Some(Outcome::Recovered));
+        }
+        Decision::MarkDone => {
             state.set(TierPhase::Done, &ctx.node, state.message.clone());
             save(ctx, &state).await?;
             return Ok(Some(Outcome::AlreadyDone));
         }
-        if peer_may_finish(ctx, &state) {
-            tracing::info!(tier = name, leader = %state.leader, "initialized by another node whose escrow is not confirmed yet; waiting for it");
+        Decision::WaitForPeer => {
+            tracing::info!(tier = name, leader = %state.leader, "another node's bootstrap is unfinished (it may have initialized; this node's server may not have joined yet); waiting for it");
             return Ok(None);
         }
-        let msg = format!(
-            "{name} is already initialized (by {} at {}), but no escrow receipt exists and no spooled copy is on {}. \
-             If the node that initialized it still has its data disk (/var/lib/hashistack-data/escrow-spool), boot it: it completes the escrow. \
-             Otherwise the secrets are lost: follow docs/bootstrap.md#bootstrapped-but-nothing-escrowed",
-            state.leader, state.updated_unix, ctx.node
-        );
-        return Err(needs_operator(ctx, &mut state, name, msg).await?);
-    }
-
-    // 3. Another node started a bootstrap that may have initialized the product (this node's own server may
-    //    simply not have joined it yet): never initialize beside it while it may still come back.
-    if peer_may_finish(ctx, &state) {
-        tracing::info!(tier = name, leader = %state.leader, "another node's bootstrap is unfinished; waiting for it");
-        return Ok(None);
-    }
-
-    // 3b. Every other node that ever recorded `initializing` for this tier may have made a cluster: ask each.
-    //     One that says initialized, or cannot be asked, stops the tier for an operator: never a second cluster.
-    if let Some(msg) = init_elsewhere(ctx, tier, &state).await? {
-        return Err(needs_operator(ctx, &mut state, name, msg).await?);
+        Decision::InitializedNothingEscrowed => {
+            let msg = format!(
+                "{name} is already initialized (by {} at {}), but no escrow receipt exists and no spooled copy is on {}. \
+                 If the node that initialized it still has its data disk (/var/lib/hashistack-data/escrow-spool), boot it: it completes the escrow. \
+                 Otherwise the secrets are lost: follow docs/bootstrap.md#bootstrapped-but-nothing-escrowed",
+                state.leader, state.updated_unix, ctx.node
+            );
+            return Err(needs_operator(ctx, &mut state, name, msg).await?);
+        }
+        // Each earlier leader may have made a cluster: one that says initialized, or cannot be asked, stops
+        // the tier for an operator. Never a second cluster.
+        Decision::AskEarlierLeaders(nodes) => {
+            if let Some(msg) = init_elsewhere(ctx, tier, &state, &nodes).await? {
+                return Err(needs_operator(ctx, &mut state, name, msg).await?);
+            }
+        }
+        Decision::Bootstrap => {}
     }
 
     // 4. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
@@ -640,24 +640,22 @@ fn half_initialized_step(tier: &str, node: &str, detail: &str) -> String {
     )
 }
 
-/// Before this node initializes a tier that [`creates_cluster`](Tier::creates_cluster): every init call is
-/// preceded by an `initializing` entry of the node that makes it, so the nodes in the history are exactly the
-/// ones that may have made a cluster. Each other one is asked (at the address of its boot record); the first
-/// that says initialized, or cannot be asked, returns the operator's step.
+/// Asks each earlier leader of the tier ([`decide::earlier_leaders`]) whether it initialized, at the address of
+/// its boot record; the first that says so, or cannot be asked, returns the operator's step.
 async fn init_elsewhere(
     ctx: &Ctx,
     tier: &dyn Tier,
     state: &TierState,
+    nodes: &[String],
 ) -> Result<Option<String>, AzureError> {
-    if !tier.creates_cluster() {
-        return Ok(None);
-    }
     let name = tier.name();
-    let mut asked = std::collections::BTreeSet::new();
-    for (phase, node, at) in &state.history {
-        if *phase != TierPhase::Initializing || *node == ctx.node || !asked.insert(node.clone()) {
-            continue;
-        }
+    for node in nodes {
+        let at = state
+            .history
+            .iter()
+            .find(|(p, n, _)| *p == TierPhase::Initializing && n == node)
+            .map(|h| h.2)
+            .unwrap_or_default();
         let ip = crate::publish::read_ip(
             &ctx.az,
             &ctx.targets.blob_endpoint,
@@ -696,12 +694,14 @@ async fn init_elsewhere(
 
 /// Whether the node that last led this tier (not us) may still come back and finish from its spool.
 fn peer_may_finish(ctx: &Ctx, state: &TierState) -> bool {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    matches!(
-        state.phase,
-        TierPhase::Initializing | TierPhase::Initialized
-    ) && state.leader != ctx.node
-        && now - state.updated_unix < ctx.peer_grace.as_secs() as i64
+    decide::peer_may_finish(&decide::Facts {
+        state,
+        me: &ctx.node,
+        now_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        peer_grace: ctx.peer_grace,
+        local_initialized: None,
+        creates_cluster: false,
+    })
 }
 
 /// Writes a small non-secret object to each target so a permission problem is found before init.
