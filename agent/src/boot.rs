@@ -534,6 +534,31 @@ async fn boot_inner(
         rec.phase = Phase::Disk;
         crate::disk::check_mounted(&layout.data_disk_dir(), &spec.role.to_string())?;
     }
+    // The data disk is this cluster's and this tier's (or new: then marked so), before anything is written.
+    if spec.role.is_server_tier() {
+        rec.phase = Phase::Disk;
+        let dir = layout.data_disk_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| crate::disk::DiskError::Io {
+            what: "create",
+            path: dir.clone(),
+            source: e,
+        })?;
+        let owner = match cfg.paths.owners {
+            crate::config::Owners::ServiceUsers => crate::files::Owner::named("root", "root"),
+            crate::config::Owners::CurrentUser => crate::files::Owner::Current,
+        };
+        let claim = crate::disk::claim(
+            &dir,
+            &spec.cluster,
+            &spec.role.to_string(),
+            &spec.node_name,
+            &owner,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )?;
+        if claim == crate::disk::Claim::New {
+            tracing::info!(dir = %dir.display(), "data disk marked as this cluster's and tier's");
+        }
+    }
 
     rec.phase = Phase::Render;
     let versions = detect_versions(cfg, layout, &spec.products()).await?;

@@ -141,6 +141,27 @@ pub enum DiskError {
         mount_point.display()
     )]
     NotMounted { mount_point: PathBuf, role: String },
+    #[error(
+        "data disk {} belongs to {} (first used by {found_node}); this node is {role} in cluster {cluster}, so it \
+         writes and starts nothing on it. Next step: attach a blank disk at LUN 0 to this VM; or, if the data on \
+         this one is not needed, erase the disk (`wipefs --all` on its device), then `systemctl restart {UNIT} \
+         hashistack-agent.service`",
+        dir.display(), owner_of(found_cluster, found_role)
+    )]
+    OtherCluster {
+        dir: PathBuf,
+        found_cluster: String,
+        found_role: String,
+        found_node: String,
+        cluster: String,
+        role: String,
+    },
+    #[error(
+        "data disk {}: its marker {MARKER} does not parse ({detail}); nothing was written or started. Next step: \
+         read it; if this disk is this node's, remove the marker and `systemctl restart hashistack-agent.service`",
+        dir.display()
+    )]
+    BadMarker { dir: PathBuf, detail: String },
     #[error("data disk: {what} {}: {detail}", path.display())]
     Command {
         what: &'static str,
@@ -313,6 +334,91 @@ pub fn check_mounted(mount_point: &Path, role: &str) -> Result<(), DiskError> {
             mount_point: mount_point.to_path_buf(),
             role: role.into(),
         }),
+    }
+}
+
+/// The file on a data disk that says whose it is: written at its first use, checked at every boot.
+pub const MARKER: &str = "hashistack-disk.json";
+
+fn owner_of(cluster: &str, role: &str) -> String {
+    format!("cluster {cluster}'s {role} tier")
+}
+
+/// What the marker records.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Marker {
+    pub format: u32,
+    pub cluster: String,
+    pub role: String,
+    /// The node that first used the disk (a reimaged or replaced VM keeps a disk under another name).
+    pub first_node: String,
+    pub created_unix: i64,
+}
+
+/// How the disk was claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No marker: this disk is new to the cluster; the marker was written.
+    New,
+    /// The marker names this cluster and role.
+    Ours,
+}
+
+/// The agent's check before it writes anything on a server tier's data disk: the disk (at `dir`) is this
+/// cluster's and this role's, or new (then it is marked so). A disk of another cluster or tier (an attach by
+/// mistake, a disk reused across deployments) is refused before anything is written or started: its raft data
+/// would be joined to the wrong cluster, or its secrets spooled where they do not belong.
+pub fn claim(
+    dir: &Path,
+    cluster: &str,
+    role: &str,
+    node: &str,
+    owner: &crate::files::Owner,
+    now_unix: i64,
+) -> Result<Claim, DiskError> {
+    let path = dir.join(MARKER);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let m: Marker = serde_json::from_slice(&bytes).map_err(|e| DiskError::BadMarker {
+                dir: dir.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+            if m.cluster == cluster && m.role == role {
+                Ok(Claim::Ours)
+            } else {
+                Err(DiskError::OtherCluster {
+                    dir: dir.to_path_buf(),
+                    found_cluster: m.cluster,
+                    found_role: m.role,
+                    found_node: m.first_node,
+                    cluster: cluster.into(),
+                    role: role.into(),
+                })
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let m = Marker {
+                format: 1,
+                cluster: cluster.into(),
+                role: role.into(),
+                first_node: node.into(),
+                created_unix: now_unix,
+            };
+            crate::files::write_atomic(&crate::files::FileSpec {
+                path: path.clone(),
+                content: serde_json::to_vec_pretty(&m).expect("marker serialises"),
+                mode: 0o644,
+                owner: owner.clone(),
+                secret: false,
+            })
+            .map_err(|e| DiskError::Command {
+                what: "write marker",
+                path,
+                detail: e.to_string(),
+            })?;
+            Ok(Claim::New)
+        }
+        Err(e) => Err(io("read marker", &path)(e)),
     }
 }
 
@@ -525,6 +631,64 @@ impl BlockDevices for SystemDevices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod marker {
+        use super::super::*;
+        use crate::files::Owner;
+
+        #[test]
+        fn a_new_disk_is_claimed_and_then_ours_at_every_boot() {
+            let d = tempfile::tempdir().unwrap();
+            let c =
+                |node: &str| claim(d.path(), "prod", "vault-server", node, &Owner::Current, 100);
+            assert_eq!(c("vault-0").unwrap(), Claim::New);
+            let m: Marker =
+                serde_json::from_slice(&std::fs::read(d.path().join(MARKER)).unwrap()).unwrap();
+            assert_eq!(
+                (m.cluster.as_str(), m.role.as_str(), m.first_node.as_str()),
+                ("prod", "vault-server", "vault-0")
+            );
+            // A reimaged or replaced VM (another name) keeps using it.
+            assert_eq!(c("vault-7").unwrap(), Claim::Ours);
+        }
+
+        #[test]
+        fn a_disk_of_another_cluster_or_tier_is_refused_and_left_as_it_is() {
+            let d = tempfile::tempdir().unwrap();
+            claim(
+                d.path(),
+                "prod",
+                "vault-server",
+                "vault-0",
+                &Owner::Current,
+                1,
+            )
+            .unwrap();
+            let before = std::fs::read(d.path().join(MARKER)).unwrap();
+            for (cluster, role) in [("staging", "vault-server"), ("prod", "consul-server")] {
+                let e = claim(d.path(), cluster, role, "n", &Owner::Current, 2).unwrap_err();
+                let line = e.to_string();
+                assert!(matches!(e, DiskError::OtherCluster { .. }), "{line}");
+                assert!(line.contains("cluster prod's vault-server tier"), "{line}");
+                assert!(
+                    line.contains(&format!("this node is {role} in cluster {cluster}")),
+                    "{line}"
+                );
+                assert!(line.contains("Next step"), "{line}");
+                assert!(!line.contains('\n'), "one line: {line}");
+            }
+            assert_eq!(std::fs::read(d.path().join(MARKER)).unwrap(), before);
+        }
+
+        #[test]
+        fn an_unreadable_marker_is_refused() {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(MARKER), b"{not json").unwrap();
+            let e = claim(d.path(), "prod", "vault-server", "n", &Owner::Current, 1).unwrap_err();
+            assert!(matches!(e, DiskError::BadMarker { .. }), "{e}");
+            assert_eq!(std::fs::read(d.path().join(MARKER)).unwrap(), b"{not json");
+        }
+    }
     use std::sync::Mutex;
 
     /// A disk in memory: what it holds, whether it is mounted, and a log of the calls.

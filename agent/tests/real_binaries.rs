@@ -524,7 +524,7 @@ fn bao_diagnose_accepts_the_rendered_azure_config_but_the_seal() {
     let dir = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
     let mut doc = imds_fixture("vault-server-akv");
-    set_ip(&mut doc, &format!("{net}.20"));
+    set_ip(&mut doc, &format!("{net}.25"));
     let cfg = agent_config(dir.path(), root.path(), false, "unused");
     render_with_material(&doc, &cfg, &versions(None, Some(&installed)));
     let file = Layout::new(root.path()).config_file(Product::Vault);

@@ -307,6 +307,47 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     }
     // Three voters, the same three.
     all_vault_voters(&lab, &root).await;
+
+    // A data disk of another cluster attached by mistake: the agent refuses it before it writes or starts
+    // anything, with one line naming both; the disk stays as it was. The right disk back: the node rejoins.
+    let v0 = vault_servers[0];
+    let marker = lab.nodes[v0]
+        .root
+        .join("var/lib/hashistack-data")
+        .join(hashistack_agent::disk::MARKER);
+    let ours = std::fs::read(&marker).expect("the data disk carries its marker");
+    let mut foreign: Value = serde_json::from_slice(&ours).unwrap();
+    assert_eq!(foreign["role"], "vault-server", "{foreign}");
+    foreign["cluster"] = json!("another");
+    let foreign = serde_json::to_vec(&foreign).unwrap();
+    lab.stop_agent(v0).await;
+    lab.kill_node_services(v0);
+    std::fs::write(&marker, &foreign).unwrap();
+    lab.reimage(v0).await.unwrap();
+    let rec = lab.wait_booted(v0, Duration::from_secs(120)).await.unwrap();
+    let err = rec.last_error.clone().unwrap_or_default();
+    assert!(!rec.ok, "{rec:?}");
+    assert!(
+        err.contains("belongs to cluster another's vault-server tier")
+            && err.contains("this node is vault-server in cluster lab")
+            && err.contains("Next step"),
+        "{err}"
+    );
+    assert!(rec.services.is_empty(), "nothing started: {rec:?}");
+    assert_eq!(
+        std::fs::read(&marker).unwrap(),
+        foreign,
+        "the disk is left as it was"
+    );
+    let seal = format!("https://{}:8200/v1/sys/seal-status", lab.nodes[v0].def.ip);
+    assert!(
+        lab.https().get(seal).send().await.is_err(),
+        "no Vault started"
+    );
+    lab.stop_agent(v0).await;
+    std::fs::write(&marker, &ours).unwrap();
+    assert_eq!(reimage_and_wait(&mut lab, v0).await, "already-done");
+    wait_healthy(&lab, Duration::from_secs(120)).await;
     lab.down().await;
 }
 
