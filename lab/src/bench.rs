@@ -593,6 +593,34 @@ pub fn summarise(
 }
 
 impl BenchReport {
+    /// One line per goal the run missed (empty: every goal met). A line without a goal never misses.
+    pub fn missed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in &self.lines {
+            if let (Some(false), Some(goal)) = (l.pass, l.goal) {
+                out.push(if l.n == 0 {
+                    format!("{}: no samples (goal <= {goal} {})", l.metric, l.unit)
+                } else {
+                    format!(
+                        "{}: max {:.1} {} > goal {goal} {}",
+                        l.metric, l.max, l.unit, l.unit
+                    )
+                });
+            }
+        }
+        for t in &self.tier_lines {
+            if t.pass == Some(false) {
+                out.push(format!(
+                    "{} bootstrapped vs floor: {:.2} (median) / {:.2} (max) > goal {GOAL_BOOTSTRAP_RATIO}",
+                    t.tier,
+                    t.ratio_median.unwrap_or(f64::NAN),
+                    t.ratio_max.unwrap_or(f64::NAN)
+                ));
+            }
+        }
+        out
+    }
+
     pub fn table(&self) -> String {
         let mut s = format!(
             "hashistack-lab bench, {} (UTC): {} runs of {}; lab agent: {} ({})\nmachine: {} (load average {:.1} at start, {:.1} at end); {}; {}\n\n",
@@ -1631,4 +1659,56 @@ pub fn tier_table(lines: &[TierLine], runs: &[TierRun]) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod goal_tests {
+    use super::*;
+
+    fn report(lines: Vec<Line>, tier_lines: Vec<TierLine>) -> BenchReport {
+        BenchReport {
+            date_utc: String::new(),
+            runs: 1,
+            nodes: String::new(),
+            machine: String::new(),
+            load_avg: (0.5, 0.5),
+            lab_agent: PathBuf::new(),
+            lab_agent_profile: "release",
+            agent_release: None,
+            binary_bytes: None,
+            binary_stripped: None,
+            consul: String::new(),
+            bao: String::new(),
+            lines,
+            boots: vec![],
+            labs: vec![],
+            tier_lines,
+            tier_runs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_missed_goal_is_named_and_information_lines_never_miss() {
+        let r = report(
+            vec![
+                line("critical path, warm", "ms", vec![7.0, 23.0], Some(100.0)),
+                line("critical path, cold", "ms", vec![90.0, 168.0], Some(100.0)),
+                line("lab healthy", "s", vec![40.0], None),
+                line("peak RSS", "MB", vec![], Some(30.0)),
+            ],
+            vec![],
+        );
+        assert_eq!(
+            r.missed(),
+            vec![
+                "critical path, cold: max 168.0 ms > goal 100 ms".to_string(),
+                "peak RSS: no samples (goal <= 30 MB)".to_string(),
+            ]
+        );
+        let ok = report(
+            vec![line("critical path, warm", "ms", vec![7.0], Some(100.0))],
+            vec![],
+        );
+        assert!(ok.missed().is_empty());
+    }
 }

@@ -248,18 +248,29 @@ async fn main() -> ExitCode {
             }
             (o.bootstrap_nets, o.nomad_servers, o.keep, o.max_load) =
                 ((agent_net, floor_net), nomad_servers, keep, max_load);
-            match bench::run(&o, tools).await {
-                Ok(r) if json => {
-                    eprint!("{}", r.table());
-                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-                }
-                Ok(r) => print!("{}", r.table()),
+            let r = match bench::run(&o, tools).await {
+                Ok(r) => r,
                 Err(e) => {
                     eprintln!("hashistack-lab bench: {e}");
                     return ExitCode::from(1);
                 }
+            };
+            if json {
+                eprint!("{}", r.table());
+                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+            } else {
+                print!("{}", r.table());
             }
-            ExitCode::SUCCESS
+            // A missed goal fails the bench (the load average above says whether the machine was quiet).
+            let missed = r.missed();
+            for m in &missed {
+                eprintln!("hashistack-lab bench: goal missed: {m}");
+            }
+            if missed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Command::Down { common, keep } => {
             let dir = state_dir(&common);
