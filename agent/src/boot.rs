@@ -732,6 +732,8 @@ pub async fn bootstrap_phase(
         policy,
         follower_deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs),
         crash_at: cfg.faults.crash_at,
+        pause_at: cfg.faults.pause_at,
+        fence: Default::default(),
         lease_secs: cfg.bootstrap.lease_secs as i32,
         peer_grace: std::time::Duration::from_secs(cfg.bootstrap.peer_grace_secs),
         operator_keys: booted.operator_keys.clone(),

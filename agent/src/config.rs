@@ -168,6 +168,9 @@ impl Default for BootstrapConfig {
 pub struct FaultsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crash_at: Option<CrashPoint>,
+    /// Pause injection: the agent stops itself (SIGSTOP, once) at the named point; the test resumes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_at: Option<PausePoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -318,6 +321,15 @@ pub enum CrashPoint {
     BeforeReceipt,
     /// Escrowed to both targets and the spool removed; the post-bootstrap configuration not run.
     AfterEscrow,
+}
+
+/// Where the process may stop itself on purpose (`faults.pause_at`; bootstrap/mod.rs raises SIGSTOP there,
+/// once per process), as a frozen VM or a long GC pause would stop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PausePoint {
+    /// After the lease check of a coordination write, before the request: the window only storage closes.
+    BeforeStateWrite,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,9 @@
 //! Leader election per cluster and tier with an Azure Blob lease (60 s, renewed every 20 s). Only server
-//! tiers take a lease. Losing the lease (renewals failing until it would have expired) flips `lost`, and the
-//! bootstrap stops at its next safe point.
+//! tiers take a lease. Whether this node still holds it is decided by its own monotonic clock
+//! ([`LeaseClock`]): the lease counts from the moment the last successful acquire or renewal was *sent*, less a
+//! safety margin, so a process that was paused (SIGSTOP, a frozen VM) past its lease knows it lost it without
+//! asking anyone. The bootstrap checks it at every safe point and before every coordination write; the writes
+//! themselves are fenced by storage (coordination.rs), which covers the last gap between check and request.
 
 use crate::azure::{call, Azure, AzureError};
 use crate::retry::RetryPolicy;
@@ -21,12 +24,58 @@ pub struct LeaseLost {
     pub tier: String,
 }
 
+/// How much earlier than the lease itself this node stops trusting it: a quarter of the lease, at least 2 s
+/// (15 s of Azure's 60 s lease; 3.75 s of the lab's 15 s). Covers clock-rate differences and the time between
+/// a check and the request it guards reaching storage.
+pub fn safety_margin(lease_secs: i32) -> Duration {
+    (Duration::from_secs(lease_secs.max(0) as u64) / 4).max(Duration::from_secs(2))
+}
+
+/// Until when a lease acquired or renewed by a request *sent* at `sent` may be trusted.
+pub fn valid_until(sent: Instant, lease_secs: i32) -> Instant {
+    sent + Duration::from_secs(lease_secs.max(0) as u64).saturating_sub(safety_margin(lease_secs))
+}
+
+/// This node's view of its lease, by its own monotonic clock: valid until a deadline moved forward by each
+/// successful renewal, or lost (a renewal failed). Cloned into whatever must stop when the lease is gone.
+#[derive(Debug, Clone)]
+pub struct LeaseClock {
+    tier: String,
+    /// `None`: lost for good.
+    until: watch::Receiver<Option<Instant>>,
+}
+
+impl LeaseClock {
+    /// A clock valid until `until` that nothing renews (the leadership's renewal task owns the sender).
+    pub fn fixed(tier: &str, until: Option<Instant>) -> Self {
+        let (_tx, rx) = watch::channel(until);
+        LeaseClock {
+            tier: tier.into(),
+            until: rx,
+        }
+    }
+
+    /// Fails once the lease may have expired (its deadline passed) or a renewal failed.
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        match *self.until.borrow() {
+            Some(until) if Instant::now() < until => Ok(()),
+            _ => Err(LeaseLost {
+                tier: self.tier.clone(),
+            }),
+        }
+    }
+
+    pub fn tier(&self) -> &str {
+        &self.tier
+    }
+}
+
 /// The lease of one tier, held by this node.
 pub struct Leadership {
     tier: String,
     blob: BlobClient,
     lease_id: String,
-    lost: watch::Receiver<bool>,
+    clock: LeaseClock,
     renewer: tokio::task::JoinHandle<()>,
 }
 
@@ -92,6 +141,7 @@ pub async fn try_acquire(
         Err(e) => return Err(e),
     }
     let lease_id = lease_uuid();
+    let sent = Instant::now();
     let acquired = call(policy, "leader lease acquire", || {
         let (blob, id) = (&blob, lease_id.clone());
         async move {
@@ -108,7 +158,8 @@ pub async fn try_acquire(
         Err(e) if e.is(409) => return Ok(None),
         Err(e) => return Err(e),
     }
-    let (tx, rx) = watch::channel(false);
+    // Counted from before the first attempt: a retried acquire only makes the deadline more conservative.
+    let (tx, rx) = watch::channel(Some(valid_until(sent, lease_secs)));
     let renew_blob = az.blob(
         blob_endpoint,
         COORDINATION_CONTAINER,
@@ -126,7 +177,10 @@ pub async fn try_acquire(
         tier: tier.to_string(),
         blob,
         lease_id,
-        lost: rx,
+        clock: LeaseClock {
+            tier: tier.to_string(),
+            until: rx,
+        },
         renewer,
     }))
 }
@@ -135,32 +189,42 @@ async fn renew_loop(
     blob: BlobClient,
     lease_id: String,
     tier: String,
-    tx: watch::Sender<bool>,
+    tx: watch::Sender<Option<Instant>>,
     lease_secs: i32,
 ) {
-    let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(lease_secs as u64 / 3)).await;
-        let expires = last_ok + Duration::from_secs(lease_secs as u64);
-        let remaining = expires
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(Duration::from_secs(2));
+        let Some(until) = *tx.borrow() else { return };
+        // Renewal may retry until the lease can no longer be trusted; a renewal after that (a process paused
+        // past its lease) is never sent: someone else may hold the lease by now.
+        let remaining = until.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            tracing::error!(tier = %tier, "leader lease expired before it could be renewed (process paused?)");
+            tx.send_replace(None);
+            return;
+        }
         let policy = RetryPolicy {
             deadline: remaining,
             attempt_timeout: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(3),
         };
+        let sent = std::sync::Mutex::new(Instant::now());
         let r = call(policy, "leader lease renew", || {
             let (blob, id) = (&blob, lease_id.clone());
+            *sent.lock().expect("not poisoned") = Instant::now();
             async move { blob.renew_lease(id, None).await.map(|_| ()) }
         })
         .await;
         match r {
-            Ok(()) => last_ok = Instant::now(),
+            // The attempt that succeeded was sent at `sent`: the lease runs from no earlier than that.
+            Ok(()) => {
+                let sent = *sent.lock().expect("not poisoned");
+                tx.send_replace(Some(valid_until(sent, lease_secs)));
+            }
             Err(e) => {
                 tracing::error!(tier = %tier, error = %e, "leader lease lost");
-                let _ = tx.send(true);
+                tx.send_replace(None);
                 return;
             }
         }
@@ -168,15 +232,14 @@ async fn renew_loop(
 }
 
 impl Leadership {
-    /// A safe point: fails if the lease was lost.
+    /// A safe point: fails if the lease may have expired by this node's clock, or a renewal failed.
     pub fn check(&self) -> Result<(), LeaseLost> {
-        if *self.lost.borrow() {
-            Err(LeaseLost {
-                tier: self.tier.clone(),
-            })
-        } else {
-            Ok(())
-        }
+        self.clock.check()
+    }
+
+    /// The lease's clock, for whatever must stop when the lease is gone (the coordination fence).
+    pub fn clock(&self) -> LeaseClock {
+        self.clock.clone()
     }
 
     /// Gives the lease up (best effort; it expires by itself within 60 s otherwise).
@@ -189,5 +252,49 @@ impl Leadership {
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.renewer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_is_trusted_for_less_than_its_length_from_the_request() {
+        assert_eq!(safety_margin(60), Duration::from_secs(15));
+        assert_eq!(safety_margin(15), Duration::from_millis(3750));
+        assert_eq!(safety_margin(4), Duration::from_secs(2));
+        let sent = Instant::now();
+        assert_eq!(valid_until(sent, 60), sent + Duration::from_secs(45));
+        assert_eq!(valid_until(sent, 15), sent + Duration::from_millis(11250));
+        // Renewal runs every third of the lease: a renewal always has time before the clock runs out.
+        for lease in [15, 30, 60] {
+            assert!(valid_until(sent, lease) > sent + Duration::from_secs(lease as u64 / 3));
+        }
+    }
+
+    #[test]
+    fn a_clock_past_its_deadline_fails_the_check_without_any_failed_renewal() {
+        let now = Instant::now();
+        let valid = LeaseClock::fixed("vault", Some(now + Duration::from_secs(3600)));
+        assert!(valid.check().is_ok());
+        // A process paused past its lease: no renewal ever failed (none ran), yet the lease is not trusted.
+        let expired = LeaseClock::fixed("vault", Some(now));
+        let e = expired.check().unwrap_err();
+        assert_eq!(e.tier, "vault");
+        assert!(e.to_string().contains("leadership of vault lost"), "{e}");
+        assert!(LeaseClock::fixed("vault", None).check().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_marks_the_clock_lost_at_once() {
+        let (tx, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(3600)));
+        let clock = LeaseClock {
+            tier: "consul".into(),
+            until: rx,
+        };
+        assert!(clock.clone().check().is_ok());
+        tx.send(None).unwrap();
+        assert!(clock.check().is_err());
     }
 }

@@ -1,6 +1,18 @@
 //! Cluster material — the cluster CA and the gossip keys — created once by the first server-tier node and
 //! shared through the cluster's Key Vault. Nodes that boot before it exists wait for it (with a deadline).
 //! Only server tiers may create it, under a blob lease of their own ("material"), so it is created once.
+//!
+//! Create-only, as far as Key Vault allows: Key Vault has no `If-None-Match` on secrets (every `setSecret`
+//! adds a version), so creation is guarded instead. The CA certificate is the sentinel, written last: once it
+//! exists, the material exists and is never created again — a CA certificate without the server-only secrets
+//! beside it is an older layout and stops the boot ([`MaterialError::MigrationRequired`]), never a reason to
+//! create. Each write is preceded by the creator's lease check (its own monotonic clock, election.rs); the
+//! sentinel is read again right before it is written (present: another creator finished, use theirs); after
+//! it, every secret is read back and must be this creator's (else [`MaterialError::Conflict`]). The window
+//! that remains: a creator frozen past its lease between its check and one `setSecret` lands that one write
+//! late; the read-back of the creator that finished meanwhile does not see it, but every reader does: a
+//! mismatched CA key and certificate are refused when loaded (tls.rs), and Key Vault keeps the earlier
+//! version to restore (docs/bootstrap.md#cluster-material-conflict).
 
 use crate::azure::{call, Azure, AzureError};
 use crate::election;
@@ -105,6 +117,21 @@ pub enum MaterialError {
     NoAgentToken(Duration),
     #[error("cluster material in Key Vault is unusable: {0}")]
     Invalid(String),
+    /// The shared vault holds a CA certificate, the servers vault lacks the server-only secrets: a deployment
+    /// from before the vault split. Never a reason to create new material (it would replace the CA).
+    #[error(
+        "cluster material: migration required: the shared vault holds the CA certificate ({cert}) but the \
+         servers vault has no {missing}; nothing was created: docs/bootstrap.md#migration-required"
+    )]
+    MigrationRequired { cert: String, missing: String },
+    /// Another node wrote material while this one created it (a creator frozen past its lease).
+    #[error(
+        "cluster material: another node wrote {names} while this node created the material; none of it is \
+         used: docs/bootstrap.md#cluster-material-conflict"
+    )]
+    Conflict { names: String },
+    #[error("cluster material: {0}; nothing more was written")]
+    Lease(#[from] election::LeaseLost),
 }
 
 async fn get(
@@ -148,43 +175,99 @@ async fn set(
     .await
 }
 
+/// What a creation-complete check found: the sentinel decides ([`Names::ca_cert`], written last).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Completeness {
+    /// No CA certificate: the material was never created (or its creation never finished).
+    NotCreated,
+    /// The CA certificate and everything this node reads beside it.
+    Complete,
+    /// The CA certificate, without these server-only secrets: an older layout, to migrate.
+    MigrationRequired(Vec<String>),
+    /// The CA certificate, without these shared secrets (written before it by every creator).
+    Incomplete(Vec<String>),
+}
+
+/// Judges what was found: the names of the secrets present, from the shared and (server tiers) servers
+/// vaults. `servers`: whether this node reads the servers vault.
+pub fn completeness(
+    n: &Names,
+    present: &dyn Fn(&str) -> bool,
+    servers: bool,
+) -> Completeness {
+    if !present(&n.ca_cert) {
+        return Completeness::NotCreated;
+    }
+    if servers {
+        let missing: Vec<String> = n
+            .servers()
+            .iter()
+            .filter(|s| !present(s))
+            .map(|s| s.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Completeness::MigrationRequired(missing);
+        }
+    }
+    if !present(&n.consul_gossip_key) {
+        return Completeness::Incomplete(vec![n.consul_gossip_key.clone()]);
+    }
+    Completeness::Complete
+}
+
 async fn read_all(
     az: &Azure,
     vaults: &Vaults,
     cluster: &str,
     policy: RetryPolicy,
-) -> Result<Option<ClusterMaterial>, AzureError> {
+) -> Result<Option<ClusterMaterial>, MaterialError> {
     let n = names(cluster);
     let shared = vaults.shared.as_str();
     // The CA certificate is written last: a reader that sees it sees them all.
-    let Some(cert) = get(az, shared, &n.ca_cert, policy).await? else {
+    let Some(cert) = get(az, shared, n.ca_cert.as_str(), policy).await? else {
         return Ok(None);
     };
-    let Some(consul) = get(az, shared, &n.consul_gossip_key, policy).await? else {
-        return Ok(None);
+    let consul = get(az, shared, n.consul_gossip_key.as_str(), policy).await?;
+    let (ca_key, nomad_gossip_key) = match &vaults.servers {
+        Some(servers) => (
+            get(az, servers, n.ca_key.as_str(), policy).await?,
+            get(az, servers, n.nomad_gossip_key.as_str(), policy).await?,
+        ),
+        None => (None, None),
     };
+    let found = |name: &str| {
+        name == n.ca_cert
+            || (name == n.consul_gossip_key && consul.is_some())
+            || (name == n.ca_key && ca_key.is_some())
+            || (name == n.nomad_gossip_key && nomad_gossip_key.is_some())
+    };
+    match completeness(&n, &found, vaults.servers.is_some()) {
+        Completeness::Complete => {}
+        Completeness::NotCreated => return Ok(None),
+        Completeness::MigrationRequired(missing) => {
+            return Err(MaterialError::MigrationRequired {
+                cert: n.ca_cert.clone(),
+                missing: missing.join(" and "),
+            })
+        }
+        Completeness::Incomplete(missing) => {
+            return Err(MaterialError::Invalid(format!(
+                "the CA certificate exists without {}",
+                missing.join(", ")
+            )))
+        }
+    }
+    let consul = consul.expect("complete");
     let nomad_client = if vaults.nomad_client {
         match (
-            get(az, shared, &n.nomad_client_cert, policy).await?,
-            get(az, shared, &n.nomad_client_key, policy).await?,
+            get(az, shared, n.nomad_client_cert.as_str(), policy).await?,
+            get(az, shared, n.nomad_client_key.as_str(), policy).await?,
         ) {
             (Some(c), Some(k)) => Some((c.to_string(), k)),
             _ => None,
         }
     } else {
         None
-    };
-    let (ca_key, nomad_gossip_key) = match &vaults.servers {
-        Some(servers) => {
-            let (Some(key), Some(nomad)) = (
-                get(az, servers, &n.ca_key, policy).await?,
-                get(az, servers, &n.nomad_gossip_key, policy).await?,
-            ) else {
-                return Ok(None);
-            };
-            (Some(key), Some(nomad))
-        }
-        None => (None, None),
     };
     let token = get(
         az,
@@ -301,8 +384,8 @@ async fn fetch_or_create_inner(
                 // Re-check under the lease: the previous holder may have just finished.
                 let r = match read_all(az, vaults, cluster, policy).await {
                     Ok(Some(m)) => Ok(m),
-                    Ok(None) => create(az, &vaults.shared, servers, cluster, policy).await,
-                    Err(e) => Err(e.into()),
+                    Ok(None) => create(az, &lead, vaults, servers, cluster, policy).await,
+                    Err(e) => Err(e),
                 };
                 lead.release().await;
                 return r;
@@ -321,11 +404,13 @@ async fn fetch_or_create_inner(
 
 async fn create(
     az: &Azure,
-    shared: &str,
+    lead: &election::Leadership,
+    vaults: &Vaults,
     servers: &str,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<ClusterMaterial, MaterialError> {
+    let shared = vaults.shared.as_str();
     let now = time::OffsetDateTime::now_utc();
     let (ca_cert, ca_key) =
         crate::tls::generate_ca(&format!("hashistack {cluster} cluster CA"), 3650, now)
@@ -351,20 +436,46 @@ async fn create(
     else {
         unreachable!("just built");
     };
-    // Server-only secrets first, the shared CA certificate last (the readers' sentinel).
-    set(az, servers, &n.ca_key, ca_key, policy).await?;
-    set(az, servers, &n.nomad_gossip_key, nomad, policy).await?;
-    set(az, shared, &n.nomad_client_key, client_key, policy).await?;
-    set(az, shared, &n.nomad_client_cert, client_cert, policy).await?;
-    set(
-        az,
-        shared,
-        &n.consul_gossip_key,
-        &m.consul_gossip_key,
-        policy,
-    )
-    .await?;
-    set(az, shared, &n.ca_cert, &m.ca_cert, policy).await?;
+    // Server-only secrets first, the shared CA certificate last (the readers' sentinel); each write only while
+    // this node's lease clock says it still holds the material lease.
+    let writes: [(&str, &str, &str); 6] = [
+        (servers, n.ca_key.as_str(), ca_key.as_str()),
+        (servers, n.nomad_gossip_key.as_str(), nomad.as_str()),
+        (shared, n.nomad_client_key.as_str(), client_key.as_str()),
+        (shared, n.nomad_client_cert.as_str(), client_cert.as_str()),
+        (shared, n.consul_gossip_key.as_str(), m.consul_gossip_key.as_str()),
+        (shared, n.ca_cert.as_str(), m.ca_cert.as_str()),
+    ];
+    for (vault, name, value) in writes {
+        lead.check()?;
+        if name == n.ca_cert {
+            // Create-only for the sentinel: another creator that finished wins, and this one's earlier writes
+            // are not used (the sentinel's pair is checked when loaded).
+            if get(az, vault, name, policy).await?.is_some() {
+                tracing::warn!(
+                    cluster,
+                    "another node created the cluster material meanwhile; using it"
+                );
+                return read_all(az, vaults, cluster, policy)
+                    .await?
+                    .ok_or_else(|| MaterialError::Invalid("the material vanished".into()));
+            }
+            lead.check()?;
+        }
+        set(az, vault, name, value, policy).await?;
+    }
+    // Read back: every secret must be this creation's.
+    let mut overwritten = Vec::new();
+    for (vault, name, value) in writes {
+        if get(az, vault, name, policy).await?.as_deref().map(|v| v.as_str()) != Some(value) {
+            overwritten.push(name.to_string());
+        }
+    }
+    if !overwritten.is_empty() {
+        return Err(MaterialError::Conflict {
+            names: overwritten.join(", "),
+        });
+    }
     tracing::info!(
         cluster,
         "created the cluster CA, the gossip keys and the Nomad client certificate in Key Vault"
@@ -394,4 +505,77 @@ pub async fn get_secret(
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
     get(az, vault, name, policy).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judge(present: &[&str], servers: bool) -> Completeness {
+        let n = names("c1");
+        let set: Vec<String> = present.iter().map(|s| s.to_string()).collect();
+        completeness(&n, &|name: &str| set.iter().any(|s| s == name), servers)
+    }
+
+    #[test]
+    fn without_the_ca_certificate_the_material_was_never_created() {
+        assert_eq!(judge(&[], true), Completeness::NotCreated);
+        // A creator that died before its last write: its partial secrets are written over by the next.
+        assert_eq!(
+            judge(&["c1-cluster-ca-key", "c1-nomad-gossip-key"], true),
+            Completeness::NotCreated
+        );
+    }
+
+    #[test]
+    fn a_ca_certificate_without_the_server_only_secrets_requires_a_migration() {
+        // The layout before the vault split: everything in the shared vault, nothing in the servers vault.
+        assert_eq!(
+            judge(&["c1-cluster-ca-cert", "c1-consul-gossip-key"], true),
+            Completeness::MigrationRequired(vec![
+                "c1-cluster-ca-key".into(),
+                "c1-nomad-gossip-key".into()
+            ])
+        );
+        assert_eq!(
+            judge(
+                &["c1-cluster-ca-cert", "c1-consul-gossip-key", "c1-cluster-ca-key"],
+                true
+            ),
+            Completeness::MigrationRequired(vec!["c1-nomad-gossip-key".into()])
+        );
+        // Workers and the jumpbox never read the servers vault: the shared secrets are all they need.
+        assert_eq!(
+            judge(&["c1-cluster-ca-cert", "c1-consul-gossip-key"], false),
+            Completeness::Complete
+        );
+    }
+
+    #[test]
+    fn complete_and_incomplete_material() {
+        let all = [
+            "c1-cluster-ca-cert",
+            "c1-consul-gossip-key",
+            "c1-cluster-ca-key",
+            "c1-nomad-gossip-key",
+        ];
+        assert_eq!(judge(&all, true), Completeness::Complete);
+        assert_eq!(
+            judge(&all[..1], false),
+            Completeness::Incomplete(vec!["c1-consul-gossip-key".into()])
+        );
+    }
+
+    #[test]
+    fn the_migration_stop_is_one_line_naming_both_vaults_and_the_procedure() {
+        let e = MaterialError::MigrationRequired {
+            cert: "c1-cluster-ca-cert".into(),
+            missing: "c1-cluster-ca-key and c1-nomad-gossip-key".into(),
+        }
+        .to_string();
+        assert!(e.contains("migration required"), "{e}");
+        assert!(e.contains("shared vault") && e.contains("servers vault"), "{e}");
+        assert!(e.contains("docs/bootstrap.md#migration-required"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
 }

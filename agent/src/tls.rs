@@ -31,6 +31,8 @@ pub enum TlsError {
     BadCaCert,
     #[error("cluster CA key is not a usable PEM private key")]
     BadCaKey,
+    #[error("cluster CA key does not belong to the cluster CA certificate")]
+    CaKeyMismatch,
     #[error("cannot issue certificate: {0}")]
     Issue(String),
     #[error("certificate is not a usable PEM certificate")]
@@ -67,6 +69,16 @@ impl ClusterCa {
         let key = KeyPair::from_pem(key_pem).map_err(|_| TlsError::BadCaKey)?;
         // Parse once now so a broken CA fails before anything is rendered.
         Issuer::from_ca_cert_pem(cert_pem, &key).map_err(|_| TlsError::BadCaCert)?;
+        // A key from one creation and a certificate from another (two creators raced) would issue
+        // certificates nobody trusts: refuse the pair.
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|_| TlsError::BadCaCert)?;
+        let cert = pem.parse_x509().map_err(|_| TlsError::BadCaCert)?;
+        if cert.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&key)
+        {
+            return Err(TlsError::CaKeyMismatch);
+        }
         Ok(ClusterCa {
             cert_pem: cert_pem.to_string(),
             key,
@@ -243,6 +255,15 @@ mod tests {
             "late in life"
         );
         let (c2, k2) = generate_ca("other CA", 30, now).unwrap();
+        // A key from another creation is refused, whichever way round.
+        assert!(matches!(
+            ClusterCa::from_pem(&c, &k2),
+            Err(TlsError::CaKeyMismatch)
+        ));
+        assert!(matches!(
+            ClusterCa::from_pem(&c2, &k),
+            Err(TlsError::CaKeyMismatch)
+        ));
         assert!(
             !still_good(
                 &nc.issued_for,

@@ -918,6 +918,28 @@ impl Lab {
         self.kill_node_services(i);
     }
 
+    /// Resumes a node's agent that stopped itself (`faults.pause_at`) or was stopped: SIGCONT to the agent only.
+    pub fn continue_agent(&self, i: usize) {
+        if let Some(pid) = self.nodes[i].agent.as_ref().and_then(|a| a.pid()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+
+    /// Whether the node's agent is stopped (SIGSTOP): its state in `/proc/<pid>/stat` is `T`.
+    pub fn agent_stopped(&self, i: usize) -> bool {
+        let Some(pid) = self.nodes[i].agent.as_ref().and_then(|a| a.pid()) else {
+            return false;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // `pid (comm) state …`: the state follows the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            == Some("T")
+    }
+
     /// SIGKILLs the services recorded by the node's agent (pid files under its state directory).
     pub fn kill_node_services(&self, i: usize) {
         let pids = self.nodes[i].root.join("var/lib/hashistack/pids");

@@ -36,12 +36,21 @@ use std::time::Duration;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-pub use crate::config::CrashPoint;
+pub use crate::config::{CrashPoint, PausePoint};
 
 fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
     if configured == Some(here) {
         tracing::warn!(point = ?here, "crash injection: killing the agent");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Pause injection (once per process): the agent stops itself as a frozen VM would, until SIGCONT.
+fn pause_if(configured: Option<PausePoint>, here: PausePoint) {
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if configured == Some(here) && !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(point = ?here, "pause injection: stopping the agent until SIGCONT");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }
 
@@ -51,6 +60,8 @@ pub enum BootstrapError {
     Azure(#[from] AzureError),
     #[error("{0}")]
     Lease(#[from] election::LeaseLost),
+    #[error("{0}")]
+    Write(#[from] coordination::WriteError),
     #[error("{tier}: {message}")]
     Tier { tier: String, message: String },
     #[error("{tier}: needs an operator: {message}")]
@@ -142,6 +153,9 @@ pub struct Ctx {
     /// How long followers wait for the leader's bootstrap to finish.
     pub follower_deadline: Duration,
     pub crash_at: Option<CrashPoint>,
+    pub pause_at: Option<PausePoint>,
+    /// The right to write the tier state: armed while this node holds the tier's lease (coordination.rs).
+    pub fence: coordination::Fence,
     pub lease_secs: i32,
     /// How long an unfinished bootstrap by another node is given to complete from that node's spool before
     /// the tier is reported as needing an operator.
@@ -175,8 +189,21 @@ pub enum Outcome {
     AlreadyDone,
 }
 
-async fn save(ctx: &Ctx, state: &TierState) -> Result<(), AzureError> {
-    coordination::write(&ctx.az, &ctx.targets.blob_endpoint, state, ctx.policy).await
+/// Writes the tier state, fenced: refused before the request once this node's lease clock ran out, and by
+/// storage when the state changed since this node read it under its lease (coordination.rs).
+async fn save(ctx: &Ctx, state: &TierState) -> Result<(), BootstrapError> {
+    let ticket = ctx.fence.ticket(&state.tier)?;
+    pause_if(ctx.pause_at, PausePoint::BeforeStateWrite);
+    coordination::write(
+        &ctx.az,
+        &ctx.targets.blob_endpoint,
+        state,
+        &ctx.fence,
+        ticket,
+        ctx.policy,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Uploads an envelope to both targets; receipts for those that succeeded are added to `state`.
@@ -283,7 +310,8 @@ async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
             Some(lead) => {
                 crash_if(ctx.crash_at, CrashPoint::AfterLease);
                 // Re-read under the lease: the previous holder may have finished just before releasing it.
-                let state = match coordination::read(
+                // Every state write from here on must find what this read found (the fence).
+                let state = match coordination::read_for_update(
                     &ctx.az,
                     &ctx.targets.blob_endpoint,
                     &ctx.cluster,
@@ -292,13 +320,17 @@ async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
                 )
                 .await
                 {
-                    Ok(s) => s,
+                    Ok((s, expect)) => {
+                        ctx.fence.arm(lead.clock(), expect);
+                        s
+                    }
                     Err(e) => {
                         lead.release().await;
                         return Err(e.into());
                     }
                 };
                 let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
+                ctx.fence.disarm();
                 lead.release().await;
                 match r {
                     Ok(Some(outcome)) => return Ok(outcome),
@@ -352,8 +384,25 @@ async fn lead_bootstrap(
 
     // 1. An interrupted bootstrap of ours: its secrets are safe in the spool; finish the escrow.
     if !pending.is_empty() {
+        let mut recovered = false;
         for (path, env) in &pending {
             lead.check()?;
+            // A bootstrap that was superseded (the state names another escrow, completed): its envelope is
+            // kept, as an orphan, and the state is never pointed back at it.
+            if superseded(&state, env) {
+                let object =
+                    escrow::upload_orphan(&ctx.az, &ctx.targets, env, ctx.policy).await?;
+                tracing::warn!(
+                    tier = name,
+                    spooled = %env.escrow_id,
+                    current = state.escrow_id.as_deref().unwrap_or_default(),
+                    %object,
+                    "the spooled escrow belongs to a superseded bootstrap: uploaded as an orphan, tier state left alone (docs/bootstrap.md#stale-spool)"
+                );
+                std::fs::remove_file(path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
+                continue;
+            }
+            recovered = true;
             state.escrow_id = Some(env.escrow_id.clone());
             state.receipts.retain(|r| r.object.contains(&env.escrow_id));
             deliver(ctx, &mut state, env).await?;
@@ -365,14 +414,16 @@ async fn lead_bootstrap(
             save(ctx, &state).await?;
             std::fs::remove_file(path).map_err(|e| BootstrapError::Spool(e.to_string()))?;
         }
-        // The root credential died with the interrupted run: configuration that needed it is the operator's.
-        let note = format!(
-            "escrow completed from the local spool after an interruption; post-bootstrap configuration of {name} \
-             (audit device, autopilot) may be missing: see docs/bootstrap.md#finish-configuration"
-        );
-        state.set(TierPhase::Done, &ctx.node, Some(note));
-        save(ctx, &state).await?;
-        return Ok(Some(Outcome::Recovered));
+        if recovered {
+            // The root credential died with the interrupted run: configuration that needed it is the operator's.
+            let note = format!(
+                "escrow completed from the local spool after an interruption; post-bootstrap configuration of {name} \
+                 (audit device, autopilot) may be missing: see docs/bootstrap.md#finish-configuration"
+            );
+            state.set(TierPhase::Done, &ctx.node, Some(note));
+            save(ctx, &state).await?;
+            return Ok(Some(Outcome::Recovered));
+        }
     }
     if state.phase == TierPhase::Done {
         return Ok(Some(Outcome::AlreadyDone));
@@ -440,7 +491,8 @@ async fn lead_bootstrap(
     preflight(ctx, name, &prepared.escrow_id).await?;
     lead.check()?;
     state.escrow_id = Some(prepared.escrow_id.clone());
-    state.receipts.clear();
+    // Earlier leaders' secrets escrowed before use stay until token/self proves which one is live.
+    state.keep_pre_escrow_receipts();
     let pre_escrowed = escrow_before_use(ctx, tier, &mut state).await?;
     let note = pre_escrowed.then(|| "bootstrap secret escrowed before use".to_string());
     state.set(TierPhase::Initializing, &ctx.node, note);
@@ -480,16 +532,26 @@ async fn lead_bootstrap(
         Ok(s) => s,
         // An earlier leader escrowed its secret before use and its call landed, but the answer (or that
         // agent) was lost: the escrow it recorded holds the bootstrap token.
+        // (token/self with our secret said it is not the live one: ours is dropped, the earlier ones stay.)
         Err(TierFailure::AlreadyDone(_))
             if pre_escrowed
-                && state_before.escrowed_to("blob")
-                && state_before.escrowed_to("keyvault") =>
+                && (!state_before.pre_escrows.is_empty()
+                    || (state_before.escrowed_to("blob")
+                        && state_before.escrowed_to("keyvault"))) =>
         {
             let mut done = state_before.clone();
-            let msg = format!(
-                "{name} was bootstrapped by an earlier attempt whose secret was escrowed before use (escrow {})",
-                done.escrow_id.clone().unwrap_or_default()
-            );
+            let msg = match done.pre_escrows.len() {
+                0 | 1 => format!(
+                    "{name} was bootstrapped by an earlier attempt whose secret was escrowed before use (escrow {})",
+                    done.escrow_id.clone().unwrap_or_default()
+                ),
+                _ => format!(
+                    "{name} was bootstrapped by an earlier attempt whose secret was escrowed before use; one of the \
+                     escrows {} holds the live one (open each, check with token/self): \
+                     docs/bootstrap.md#several-secrets-escrowed-before-use",
+                    done.pre_escrows.join(", ")
+                ),
+            };
             done.set(TierPhase::Done, &ctx.node, Some(msg));
             save(ctx, &done).await?;
             tracing::info!(
@@ -511,6 +573,7 @@ async fn lead_bootstrap(
             if pre_escrowed {
                 // Our secret was escrowed but never used: the state must not point operators at it.
                 state.receipts.clear();
+                state.pre_escrows.clear();
                 state.escrow_id = None;
             }
             return Err(needs_operator(ctx, &mut state, name, msg).await?);
@@ -565,6 +628,8 @@ async fn lead_bootstrap(
         // accessor) replaces it.
         state.escrow_id = Some(prepared.escrow_id.clone());
         state.receipts.clear();
+        // The product took our secret: no earlier leader's call landed.
+        state.pre_escrows.clear();
     }
     deliver(ctx, &mut state, &env).await?;
     state.set(TierPhase::Escrowed, &ctx.node, started_over.clone());
@@ -613,6 +678,8 @@ async fn escrow_before_use(
     .map_err(|e| BootstrapError::Spool(e.to_string()))?;
     deliver(ctx, state, &env).await?;
     state.escrow_id = Some(pre.escrow_id.clone());
+    // Unproven until the call's answer (or token/self) says whose secret the product took.
+    state.pre_escrows.push(pre.escrow_id.clone());
     tracing::info!(tier = tier.name(), escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
     Ok(true)
 }
@@ -623,7 +690,7 @@ async fn needs_operator(
     state: &mut TierState,
     tier: &str,
     msg: String,
-) -> Result<BootstrapError, AzureError> {
+) -> Result<BootstrapError, BootstrapError> {
     state.set(TierPhase::NeedsOperator, &ctx.node, Some(msg.clone()));
     save(ctx, state).await?;
     Ok(BootstrapError::NeedsOperator {
@@ -692,6 +759,17 @@ async fn init_elsewhere(
     Ok(None)
 }
 
+/// Whether a spooled envelope belongs to a superseded bootstrap: the tier state names another escrow and
+/// that escrow completed (`escrowed`/`done`). Such a spool is a second init's (or a replaced state's) and
+/// is never written back into the state.
+fn superseded(state: &TierState, env: &envelope::Envelope) -> bool {
+    matches!(state.phase, TierPhase::Escrowed | TierPhase::Done)
+        && state
+            .escrow_id
+            .as_deref()
+            .is_some_and(|id| id != env.escrow_id)
+}
+
 /// Whether the node that last led this tier (not us) may still come back and finish from its spool.
 fn peer_may_finish(ctx: &Ctx, state: &TierState) -> bool {
     decide::peer_may_finish(&decide::Facts {
@@ -721,4 +799,49 @@ async fn preflight(ctx: &Ctx, tier: &str, escrow_id: &str) -> Result<(), AzureEr
     escrow::upload_blob(&ctx.az, &ctx.targets, &probe, ctx.policy).await?;
     escrow::upload_keyvault(&ctx.az, &ctx.targets, &probe, ctx.policy).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(escrow_id: &str) -> envelope::Envelope {
+        envelope::Envelope {
+            format: 1,
+            escrow_id: escrow_id.into(),
+            cluster: "c1".into(),
+            tier: "vault".into(),
+            created_unix: 0,
+            kek_id: String::new(),
+            wrap_alg: "none".into(),
+            wrapped_key: String::new(),
+            nonce: String::new(),
+            ciphertext: String::new(),
+        }
+    }
+
+    fn state(phase: TierPhase, escrow_id: Option<&str>) -> TierState {
+        let mut s = TierState::new("c1", "vault", "n1");
+        s.phase = phase;
+        s.escrow_id = escrow_id.map(Into::into);
+        s
+    }
+
+    #[test]
+    fn a_spool_is_superseded_only_by_another_completed_escrow() {
+        for phase in [TierPhase::Escrowed, TierPhase::Done] {
+            assert!(superseded(&state(phase, Some("200-new")), &env("100-old")));
+            // Our own escrow, completed before the spool file was removed: finish it, not an orphan.
+            assert!(!superseded(&state(phase, Some("100-old")), &env("100-old")));
+        }
+        // Another escrow not yet completed, or no state of an escrow at all: the usual recovery decides.
+        for phase in [
+            TierPhase::Initializing,
+            TierPhase::Initialized,
+            TierPhase::NeedsOperator,
+        ] {
+            assert!(!superseded(&state(phase, Some("200-new")), &env("100-old")));
+        }
+        assert!(!superseded(&state(TierPhase::Done, None), &env("100-old")));
+    }
 }

@@ -274,20 +274,80 @@ impl NomadTier {
         crate::services::health::client_for(&self.ca_file, timeout)
     }
 
-    /// Whether our secret is a valid token (our own earlier attempt landed): its accessor ID if so.
-    async fn own_token(&self, c: &reqwest::Client) -> Option<String> {
-        let r = c
-            .get(format!("{}/v1/acl/token/self", self.api))
-            .header("X-Nomad-Token", self.secret.as_str())
-            .send()
-            .await
-            .ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        let t: TokenResponse = r.json().await.ok()?;
-        (t.secret_id == *self.secret).then(|| t.accessor_id.clone())
+    /// Whether our secret is a valid token (our own earlier attempt landed): its accessor ID if so, `None`
+    /// when Nomad says it does not know it. Transport errors, 5xx, 429 and "No cluster leader" are asked
+    /// again until `deadline`, then the question stays open (`Err`): never "someone else bootstrapped".
+    async fn own_token(&self, c: &reqwest::Client, deadline: Duration) -> Result<Option<String>, String> {
+        own_token(c, &self.api, &self.secret, deadline).await
     }
+}
+
+/// How long `token/self` (is the token ours?) may take through retryable answers.
+const CHECK_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What one `GET /v1/acl/token/self` answer says about our secret.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SelfAnswer {
+    /// 200 naming our secret: its accessor ID.
+    Ours(String),
+    /// Nomad does not know the secret (403/404 "ACL token not found"), or a 200 for another token.
+    NotOurs,
+    /// Ask again: no leader, 429, 5xx (and transport errors, classified before any answer).
+    Retry(String),
+    /// Retrying cannot help (another 4xx, an answer that does not parse).
+    Final(String),
+}
+
+/// The verdict on a `token/self` answer (`secret`: ours, compared with the answer's `SecretID`).
+pub fn classify_self(status: u16, body: &[u8], secret: &str) -> SelfAnswer {
+    let text = String::from_utf8_lossy(body);
+    if text.contains("No cluster leader") || status == 429 || status >= 500 {
+        return SelfAnswer::Retry(format!("token/self: HTTP {status}"));
+    }
+    match status {
+        200 => match serde_json::from_slice::<TokenResponse>(body) {
+            Ok(t) if t.secret_id == secret => SelfAnswer::Ours(t.accessor_id.clone()),
+            Ok(_) => SelfAnswer::NotOurs,
+            Err(_) => SelfAnswer::Final("token/self: the answer did not parse".into()),
+        },
+        403 | 404 if text.contains("ACL token not found") => SelfAnswer::NotOurs,
+        _ => SelfAnswer::Final(format!("token/self: HTTP {status}")),
+    }
+}
+
+/// `GET {api}/v1/acl/token/self` with `secret`, retried through [`SelfAnswer::Retry`] until `deadline`.
+pub async fn own_token(
+    c: &reqwest::Client,
+    api: &str,
+    secret: &str,
+    deadline: Duration,
+) -> Result<Option<String>, String> {
+    let url = format!("{api}/v1/acl/token/self");
+    let policy = RetryPolicy {
+        deadline,
+        attempt_timeout: Duration::from_secs(10),
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(2),
+    };
+    retry(policy, |_| {
+        let req = c.get(&url).header("X-Nomad-Token", secret).send();
+        async move {
+            let r = match req.await {
+                Ok(r) => r,
+                Err(e) => return Attempt::Retry(CallError(format!("token/self: {}", e.without_url()))),
+            };
+            let status = r.status().as_u16();
+            let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
+            match classify_self(status, &body, secret) {
+                SelfAnswer::Ours(accessor) => Attempt::Done(Some(accessor)),
+                SelfAnswer::NotOurs => Attempt::Done(None),
+                SelfAnswer::Retry(e) => Attempt::Retry(CallError(e)),
+                SelfAnswer::Final(e) => Attempt::Fail(CallError(e)),
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 #[async_trait::async_trait]
@@ -328,7 +388,7 @@ impl Tier for NomadTier {
             retry_every: Duration::from_secs(1),
             classify,
         }
-        .call(&c, |_| async { Ok(self.own_token(&c).await) })
+        .call(&c, |_| self.own_token(&c, CHECK_DEADLINE))
         .await
     }
 
@@ -438,6 +498,107 @@ mod tests {
                 other => panic!("{status} {body}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn token_self_answers_are_ours_not_ours_retryable_or_final() {
+        let secret = "9b1c0d2e-1111-4222-8333-444455556666";
+        let ours = serde_json::json!({"AccessorID": "acc-1", "SecretID": secret}).to_string();
+        let other = serde_json::json!({"AccessorID": "acc-2", "SecretID": "other"}).to_string();
+        assert_eq!(
+            classify_self(200, ours.as_bytes(), secret),
+            SelfAnswer::Ours("acc-1".into())
+        );
+        assert_eq!(classify_self(200, other.as_bytes(), secret), SelfAnswer::NotOurs);
+        assert_eq!(
+            classify_self(403, b"ACL token not found", secret),
+            SelfAnswer::NotOurs
+        );
+        assert_eq!(
+            classify_self(404, b"ACL token not found", secret),
+            SelfAnswer::NotOurs
+        );
+        // Not "someone else bootstrapped": an election, a busy or failing server.
+        for (status, body) in [
+            (500, "No cluster leader"),
+            (500, "rpc error: No cluster leader"),
+            (502, "bad gateway"),
+            (503, ""),
+            (429, "too many requests"),
+        ] {
+            assert!(
+                matches!(classify_self(status, body.as_bytes(), secret), SelfAnswer::Retry(_)),
+                "{status} {body}"
+            );
+        }
+        for (status, body) in [(403, "Permission denied"), (400, "bad"), (200, "not json")] {
+            assert!(
+                matches!(classify_self(status, body.as_bytes(), secret), SelfAnswer::Final(_)),
+                "{status} {body}"
+            );
+        }
+    }
+
+    /// `token/self` as Nomad answers it: the first `busy` requests 500 `No cluster leader`, then our secret
+    /// (200) or "ACL token not found" (403) for any other.
+    async fn token_self_server(busy: u32, known: &'static str) -> String {
+        use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let left = std::sync::Arc::new(AtomicU32::new(busy));
+        let app = axum::Router::new().route(
+            "/v1/acl/token/self",
+            axum::routing::get(move |h: HeaderMap| {
+                let left = left.clone();
+                async move {
+                    if left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return (StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader".to_string());
+                    }
+                    match h.get("X-Nomad-Token").and_then(|v| v.to_str().ok()) {
+                        Some(s) if s == known => (
+                            StatusCode::OK,
+                            serde_json::json!({"AccessorID": "acc-known", "SecretID": known})
+                                .to_string(),
+                        ),
+                        _ => (StatusCode::FORBIDDEN, "ACL token not found".to_string()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn own_token_is_an_error_not_someone_elses_bootstrap_while_nomad_cannot_answer() {
+        let c = reqwest::Client::new();
+        let secret = "9b1c0d2e-1111-4222-8333-444455556666";
+        let short = Duration::from_millis(800);
+        // Nothing listens: a transport error, asked again until the deadline, then an open question.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            drop(l);
+            format!("http://{a}")
+        };
+        let e = own_token(&c, &closed, secret, short).await.unwrap_err();
+        assert!(e.contains("token/self"), "{e}");
+        // A server without a leader for longer than the deadline: an error too.
+        let api = token_self_server(u32::MAX, secret).await;
+        let e = own_token(&c, &api, secret, short).await.unwrap_err();
+        assert!(e.contains("HTTP 500"), "{e}");
+        // Once it answers: ours after a few "No cluster leader", or not ours.
+        let api = token_self_server(2, secret).await;
+        assert_eq!(
+            own_token(&c, &api, secret, Duration::from_secs(10)).await,
+            Ok(Some("acc-known".into()))
+        );
+        let api = token_self_server(0, "another-secret").await;
+        assert_eq!(own_token(&c, &api, secret, short).await, Ok(None));
     }
 
     /// A scripted stand-in for Nomad's ACL routes (shapes as the API documents them): answers the first

@@ -284,3 +284,51 @@ mod tests {
         assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
     }
 }
+
+/// Where a spooled envelope of a superseded bootstrap goes: beside the tier's escrows, under `orphans/`, so
+/// nothing that reads the tier's escrow by its state ever takes it for the live one.
+pub fn orphan_blob_name(env: &Envelope) -> String {
+    format!("{}/{}/orphans/{}.json", env.cluster, env.tier, env.escrow_id)
+}
+
+/// Create-only upload of a superseded bootstrap's envelope (bootstrap/mod.rs: a stale spool) to
+/// `escrow/<cluster>/<tier>/orphans/<escrow id>.json`, marked with the metadata `hashistack_orphan=true`.
+/// A 409 is an earlier attempt of the same upload (the name is the envelope's own escrow id). Returns the
+/// object's path.
+pub async fn upload_orphan(
+    az: &Azure,
+    t: &Targets,
+    env: &Envelope,
+    policy: RetryPolicy,
+) -> Result<String, AzureError> {
+    let name = orphan_blob_name(env);
+    let blob = az.blob(&t.blob_endpoint, ESCROW_CONTAINER, &name)?;
+    let body = env.to_json();
+    let r = call(policy, "escrow orphan upload", || {
+        let blob = &blob;
+        let body = body.clone();
+        async move {
+            let opts = BlobClientUploadOptions {
+                metadata: Some(
+                    [("hashistack_orphan".to_string(), "true".to_string())]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            }
+            .if_not_exists();
+            blob.upload(RequestContent::from(body), Some(opts))
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+    match r {
+        Ok(()) => {}
+        Err(e) if e.is(409) => {
+            tracing::info!(object = %name, "orphaned escrow already present (earlier attempt landed)")
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(format!("{ESCROW_CONTAINER}/{name}"))
+}
