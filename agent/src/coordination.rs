@@ -315,7 +315,8 @@ mod tests {
         for id in ["100-a", "200-b", "300-c"] {
             s.receipts
                 .push(receipt("blob", &format!("escrow/c1/nomad/{id}.json")));
-            s.receipts.push(receipt("keyvault", &format!("c1-nomad-{id}")));
+            s.receipts
+                .push(receipt("keyvault", &format!("c1-nomad-{id}")));
         }
         s.pre_escrows = vec!["100-a".into(), "200-b".into()];
         s.keep_pre_escrow_receipts();
@@ -345,7 +346,10 @@ mod tests {
         );
         // Clones share the fence: the bootstrap's copies see the same ETag and the same clock.
         let clone = fence.clone();
-        fence.arm(LeaseClock::fixed("vault", Some(Instant::now())), Expect::Absent);
+        fence.arm(
+            LeaseClock::fixed("vault", Some(Instant::now())),
+            Expect::Absent,
+        );
         assert!(clone.ticket("vault").is_err(), "the clock ran out");
         fence.disarm();
         assert!(clone.ticket("vault").is_err());

@@ -190,11 +190,7 @@ pub enum Completeness {
 
 /// Judges what was found: the names of the secrets present, from the shared and (server tiers) servers
 /// vaults. `servers`: whether this node reads the servers vault.
-pub fn completeness(
-    n: &Names,
-    present: &dyn Fn(&str) -> bool,
-    servers: bool,
-) -> Completeness {
+pub fn completeness(n: &Names, present: &dyn Fn(&str) -> bool, servers: bool) -> Completeness {
     if !present(&n.ca_cert) {
         return Completeness::NotCreated;
     }
@@ -443,7 +439,11 @@ async fn create(
         (servers, n.nomad_gossip_key.as_str(), nomad.as_str()),
         (shared, n.nomad_client_key.as_str(), client_key.as_str()),
         (shared, n.nomad_client_cert.as_str(), client_cert.as_str()),
-        (shared, n.consul_gossip_key.as_str(), m.consul_gossip_key.as_str()),
+        (
+            shared,
+            n.consul_gossip_key.as_str(),
+            m.consul_gossip_key.as_str(),
+        ),
         (shared, n.ca_cert.as_str(), m.ca_cert.as_str()),
     ];
     for (vault, name, value) in writes {
@@ -467,7 +467,12 @@ async fn create(
     // Read back: every secret must be this creation's.
     let mut overwritten = Vec::new();
     for (vault, name, value) in writes {
-        if get(az, vault, name, policy).await?.as_deref().map(|v| v.as_str()) != Some(value) {
+        if get(az, vault, name, policy)
+            .await?
+            .as_deref()
+            .map(|v| v.as_str())
+            != Some(value)
+        {
             overwritten.push(name.to_string());
         }
     }
@@ -539,7 +544,11 @@ mod tests {
         );
         assert_eq!(
             judge(
-                &["c1-cluster-ca-cert", "c1-consul-gossip-key", "c1-cluster-ca-key"],
+                &[
+                    "c1-cluster-ca-cert",
+                    "c1-consul-gossip-key",
+                    "c1-cluster-ca-key"
+                ],
                 true
             ),
             Completeness::MigrationRequired(vec!["c1-nomad-gossip-key".into()])
@@ -574,7 +583,10 @@ mod tests {
         }
         .to_string();
         assert!(e.contains("migration required"), "{e}");
-        assert!(e.contains("shared vault") && e.contains("servers vault"), "{e}");
+        assert!(
+            e.contains("shared vault") && e.contains("servers vault"),
+            "{e}"
+        );
         assert!(e.contains("docs/bootstrap.md#migration-required"), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }

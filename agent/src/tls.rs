@@ -71,8 +71,8 @@ impl ClusterCa {
         Issuer::from_ca_cert_pem(cert_pem, &key).map_err(|_| TlsError::BadCaCert)?;
         // A key from one creation and a certificate from another (two creators raced) would issue
         // certificates nobody trusts: refuse the pair.
-        let (_, pem) =
-            x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|_| TlsError::BadCaCert)?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|_| TlsError::BadCaCert)?;
         let cert = pem.parse_x509().map_err(|_| TlsError::BadCaCert)?;
         if cert.public_key().subject_public_key.data.as_ref()
             != rcgen::PublicKeyData::der_bytes(&key)

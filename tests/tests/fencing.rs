@@ -94,14 +94,18 @@ async fn a_leader_paused_past_its_lease_is_fenced_off_by_storage() {
     assert_eq!(rec.bootstrap.as_deref(), Some("failed"), "{rec:?}");
     let err = rec.last_error.clone().unwrap_or_default();
     assert!(
-        err.contains("refused by storage") && (err.contains("HTTP 409") || err.contains("HTTP 412")),
+        err.contains("refused by storage")
+            && (err.contains("HTTP 409") || err.contains("HTTP 412")),
         "vault-0's write was refused by storage: {err:?}"
     );
     assert!(!err.contains('\n'), "one line: {err:?}");
 
     // The tier state is the new leader's, untouched; one init in its history; one node bootstrapped.
     let after = lab.tier_state("vault").await.expect("state");
-    assert_eq!(after, taken, "the tier state is the new leader's, untouched");
+    assert_eq!(
+        after, taken,
+        "the tier state is the new leader's, untouched"
+    );
     assert_eq!(inits(&after), 1, "{:?}", after.history);
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
     lab.down().await;
@@ -259,19 +263,28 @@ async fn state_writes_are_fenced_by_the_lease_clock_and_by_storage() {
     for (round, tier) in ["create", "update"].into_iter().enumerate() {
         if round == 1 {
             // The update round starts from an existing state.
-            let (s, expect) =
-                coordination::read_for_update(&az, &blob, "lab", tier, quick()).await.unwrap();
-            assert!(s.is_none() && expect == Expect::Absent);
-            let l = hashistack_agent::election::try_acquire(&az, &blob, "lab", tier, quick(), lease)
+            let (s, expect) = coordination::read_for_update(&az, &blob, "lab", tier, quick())
                 .await
-                .unwrap()
-                .expect("free lease");
+                .unwrap();
+            assert!(s.is_none() && expect == Expect::Absent);
+            let l =
+                hashistack_agent::election::try_acquire(&az, &blob, "lab", tier, quick(), lease)
+                    .await
+                    .unwrap()
+                    .expect("free lease");
             let fence = coordination::Fence::default();
             fence.arm(l.clock(), Expect::Absent);
             let st = TierState::new("lab", tier, "n0");
-            coordination::write(&az, &blob, &st, &fence, fence.ticket(tier).unwrap(), quick())
-                .await
-                .unwrap();
+            coordination::write(
+                &az,
+                &blob,
+                &st,
+                &fence,
+                fence.ticket(tier).unwrap(),
+                quick(),
+            )
+            .await
+            .unwrap();
             l.release().await;
         }
         // A takes the lease, reads, and takes its write permission; then it freezes (here: simply waits).
@@ -296,7 +309,10 @@ async fn state_writes_are_fenced_by_the_lease_clock_and_by_storage() {
             {
                 break b;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "{tier}: B never got the lease");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{tier}: B never got the lease"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let (_, expect) = coordination::read_for_update(&az, &blob, "lab", tier, quick())
@@ -306,9 +322,16 @@ async fn state_writes_are_fenced_by_the_lease_clock_and_by_storage() {
         fence_b.arm(b.clock(), expect);
         let mut st_b = TierState::new("lab", tier, "B");
         st_b.set(coordination::TierPhase::Initializing, "B", None);
-        coordination::write(&az, &blob, &st_b, &fence_b, fence_b.ticket(tier).unwrap(), quick())
-            .await
-            .expect("B writes");
+        coordination::write(
+            &az,
+            &blob,
+            &st_b,
+            &fence_b,
+            fence_b.ticket(tier).unwrap(),
+            quick(),
+        )
+        .await
+        .expect("B writes");
         // A thaws: its request goes out with the condition of what it read, and storage refuses it.
         let mut st_a = TierState::new("lab", tier, "A");
         st_a.set(coordination::TierPhase::Initializing, "A", None);
@@ -319,7 +342,10 @@ async fn state_writes_are_fenced_by_the_lease_clock_and_by_storage() {
             other => panic!("{tier}: A's write was not fenced: {other:?}"),
         }
         // And A's own clock refuses any further permission: nothing more is even sent.
-        assert!(fence_a.ticket(tier).is_err(), "{tier}: A's lease clock ran out");
+        assert!(
+            fence_a.ticket(tier).is_err(),
+            "{tier}: A's lease clock ran out"
+        );
         let stored = coordination::read(&az, &blob, "lab", tier, quick())
             .await
             .unwrap()
@@ -327,9 +353,16 @@ async fn state_writes_are_fenced_by_the_lease_clock_and_by_storage() {
         assert_eq!(stored, st_b, "{tier}: the state is B's");
         // B goes on writing (its fence moved to its own write's ETag).
         st_b.set(coordination::TierPhase::Initialized, "B", None);
-        coordination::write(&az, &blob, &st_b, &fence_b, fence_b.ticket(tier).unwrap(), quick())
-            .await
-            .expect("B's next write");
+        coordination::write(
+            &az,
+            &blob,
+            &st_b,
+            &fence_b,
+            fence_b.ticket(tier).unwrap(),
+            quick(),
+        )
+        .await
+        .expect("B's next write");
         b.release().await;
     }
     lab.down().await;
@@ -356,7 +389,9 @@ async fn every_leaders_secret_escrowed_before_use_is_kept_until_token_self_decid
     for id in &escrows {
         for target in ["blob", "keyvault"] {
             assert!(
-                receipt_ids(&st, target).iter().any(|o| o.contains(id.as_str())),
+                receipt_ids(&st, target)
+                    .iter()
+                    .any(|o| o.contains(id.as_str())),
                 "{target} receipt of {id} kept while unproven: {st:?}"
             );
         }
@@ -370,13 +405,23 @@ async fn every_leaders_secret_escrowed_before_use_is_kept_until_token_self_decid
     for id in &escrows {
         for target in ["blob", "keyvault"] {
             assert!(
-                receipt_ids(&st, target).iter().any(|o| o.contains(id.as_str())),
+                receipt_ids(&st, target)
+                    .iter()
+                    .any(|o| o.contains(id.as_str())),
                 "{target} receipt of {id} kept: {st:?}"
             );
         }
-        assert!(st.message.as_deref().unwrap_or_default().contains(id.as_str()));
+        assert!(st
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains(id.as_str()));
     }
-    assert_eq!(st.receipts.len(), 4, "n3's own secret (not live) is dropped: {st:?}");
+    assert_eq!(
+        st.receipts.len(),
+        4,
+        "n3's own secret (not live) is dropped: {st:?}"
+    );
     lab.down().await;
 }
 
@@ -405,13 +450,22 @@ async fn a_stale_spool_is_uploaded_as_an_orphan_and_the_state_left_alone() {
     // n1 bootstraps the tier, escrow and all.
     let c1 = ctx(&lab, Role::VaultServer, "n1", spool.path());
     let t1 = scripted("vault", None, Script::Succeeds("new"));
-    assert_eq!(bootstrap::run(&c1, &t1).await.unwrap(), Outcome::Bootstrapped);
+    assert_eq!(
+        bootstrap::run(&c1, &t1).await.unwrap(),
+        Outcome::Bootstrapped
+    );
     let before = lab.tier_state("vault").await.unwrap();
     assert_eq!(before.phase, coordination::TierPhase::Done);
-    assert_ne!(before.escrow_id.as_deref(), Some(prepared.escrow_id.as_str()));
+    assert_ne!(
+        before.escrow_id.as_deref(),
+        Some(prepared.escrow_id.as_str())
+    );
     // n0 boots with its stale spool.
     let t0 = scripted("vault", None, Script::Succeeds("never called"));
-    assert_eq!(bootstrap::run(&c0, &t0).await.unwrap(), Outcome::AlreadyDone);
+    assert_eq!(
+        bootstrap::run(&c0, &t0).await.unwrap(),
+        Outcome::AlreadyDone
+    );
     assert_eq!(*t0.calls.lock().unwrap(), 0, "no bootstrap call");
     let after = lab.tier_state("vault").await.unwrap();
     assert_eq!(after, before, "the state is left alone");
@@ -421,7 +475,9 @@ async fn a_stale_spool_is_uploaded_as_an_orphan_and_the_state_left_alone() {
         .expect("the orphan in the escrow container");
     assert_eq!(orphan, env.to_json());
     assert!(
-        lab.read_blob("escrow", &escrow::blob_name(&env)).await.is_none(),
+        lab.read_blob("escrow", &escrow::blob_name(&env))
+            .await
+            .is_none(),
         "never under the tier's live escrow names"
     );
     assert!(escrow::pending(&c0.spool_dir).is_empty(), "spool emptied");
@@ -443,13 +499,24 @@ async fn a_ca_certificate_without_the_servers_vault_ca_key_stops_for_a_migration
     let mut lab = storage_lab("fencing-migration", 164).await;
     let names = hashistack_agent::material::names(&lab.opts.cluster);
     let kv = lab.keyvault.as_ref().unwrap();
-    let shared = kv.vault(hashistack_lab::keyvault::SHARED_VAULT).unwrap().clone();
-    let servers = kv.vault(hashistack_lab::keyvault::SERVERS_VAULT).unwrap().clone();
+    let shared = kv
+        .vault(hashistack_lab::keyvault::SHARED_VAULT)
+        .unwrap()
+        .clone();
+    let servers = kv
+        .vault(hashistack_lab::keyvault::SERVERS_VAULT)
+        .unwrap()
+        .clone();
     let now = ::time::OffsetDateTime::now_utc();
     let (cert, key) = hashistack_agent::tls::generate_ca("old cluster CA", 30, now).unwrap();
     shared.set_secret(&names.ca_cert, &cert).unwrap();
     shared.set_secret(&names.ca_key, &key).unwrap();
-    shared.set_secret(&names.consul_gossip_key, "b2xkIGdvc3NpcCBrZXkgMzIgYnl0ZXMgbG9uZyEhISE=").unwrap();
+    shared
+        .set_secret(
+            &names.consul_gossip_key,
+            "b2xkIGdvc3NpcCBrZXkgMzIgYnl0ZXMgbG9uZyEhISE=",
+        )
+        .unwrap();
     let shared_before: Vec<(String, usize)> = shared
         .secret_names()
         .into_iter()
@@ -473,7 +540,10 @@ async fn a_ca_certificate_without_the_servers_vault_ca_key_stops_for_a_migration
     let rec = lab.boot_record(c0).expect("boot record");
     let err = rec.last_error.clone().unwrap_or_default();
     assert!(err.contains("migration required"), "{err:?}");
-    assert!(err.contains(&names.ca_key), "names the missing CA key: {err:?}");
+    assert!(
+        err.contains(&names.ca_key),
+        "names the missing CA key: {err:?}"
+    );
     assert!(!err.contains('\n'), "one line: {err:?}");
     assert!(rec.services.is_empty(), "nothing started: {rec:?}");
     // Nothing created or replaced in either vault.
@@ -486,8 +556,15 @@ async fn a_ca_certificate_without_the_servers_vault_ca_key_stops_for_a_migration
         })
         .collect();
     assert_eq!(shared_after, shared_before);
-    assert_eq!(shared.secret_value(&names.ca_cert).as_deref(), Some(cert.as_str()));
-    assert!(servers.secret_names().is_empty(), "{:?}", servers.secret_names());
+    assert_eq!(
+        shared.secret_value(&names.ca_cert).as_deref(),
+        Some(cert.as_str())
+    );
+    assert!(
+        servers.secret_names().is_empty(),
+        "{:?}",
+        servers.secret_names()
+    );
     lab.kill_agent(c0).await;
     lab.down().await;
 }

@@ -390,8 +390,7 @@ async fn lead_bootstrap(
             // A bootstrap that was superseded (the state names another escrow, completed): its envelope is
             // kept, as an orphan, and the state is never pointed back at it.
             if superseded(&state, env) {
-                let object =
-                    escrow::upload_orphan(&ctx.az, &ctx.targets, env, ctx.policy).await?;
+                let object = escrow::upload_orphan(&ctx.az, &ctx.targets, env, ctx.policy).await?;
                 tracing::warn!(
                     tier = name,
                     spooled = %env.escrow_id,

@@ -277,7 +277,11 @@ impl NomadTier {
     /// Whether our secret is a valid token (our own earlier attempt landed): its accessor ID if so, `None`
     /// when Nomad says it does not know it. Transport errors, 5xx, 429 and "No cluster leader" are asked
     /// again until `deadline`, then the question stays open (`Err`): never "someone else bootstrapped".
-    async fn own_token(&self, c: &reqwest::Client, deadline: Duration) -> Result<Option<String>, String> {
+    async fn own_token(
+        &self,
+        c: &reqwest::Client,
+        deadline: Duration,
+    ) -> Result<Option<String>, String> {
         own_token(c, &self.api, &self.secret, deadline).await
     }
 }
@@ -334,7 +338,9 @@ pub async fn own_token(
         async move {
             let r = match req.await {
                 Ok(r) => r,
-                Err(e) => return Attempt::Retry(CallError(format!("token/self: {}", e.without_url()))),
+                Err(e) => {
+                    return Attempt::Retry(CallError(format!("token/self: {}", e.without_url())))
+                }
             };
             let status = r.status().as_u16();
             let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
@@ -509,7 +515,10 @@ mod tests {
             classify_self(200, ours.as_bytes(), secret),
             SelfAnswer::Ours("acc-1".into())
         );
-        assert_eq!(classify_self(200, other.as_bytes(), secret), SelfAnswer::NotOurs);
+        assert_eq!(
+            classify_self(200, other.as_bytes(), secret),
+            SelfAnswer::NotOurs
+        );
         assert_eq!(
             classify_self(403, b"ACL token not found", secret),
             SelfAnswer::NotOurs
@@ -527,13 +536,19 @@ mod tests {
             (429, "too many requests"),
         ] {
             assert!(
-                matches!(classify_self(status, body.as_bytes(), secret), SelfAnswer::Retry(_)),
+                matches!(
+                    classify_self(status, body.as_bytes(), secret),
+                    SelfAnswer::Retry(_)
+                ),
                 "{status} {body}"
             );
         }
         for (status, body) in [(403, "Permission denied"), (400, "bad"), (200, "not json")] {
             assert!(
-                matches!(classify_self(status, body.as_bytes(), secret), SelfAnswer::Final(_)),
+                matches!(
+                    classify_self(status, body.as_bytes(), secret),
+                    SelfAnswer::Final(_)
+                ),
                 "{status} {body}"
             );
         }
@@ -554,7 +569,10 @@ mod tests {
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                         .is_ok()
                     {
-                        return (StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader".to_string());
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "No cluster leader".to_string(),
+                        );
                     }
                     match h.get("X-Nomad-Token").and_then(|v| v.to_str().ok()) {
                         Some(s) if s == known => (

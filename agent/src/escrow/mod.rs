@@ -288,7 +288,10 @@ mod tests {
 /// Where a spooled envelope of a superseded bootstrap goes: beside the tier's escrows, under `orphans/`, so
 /// nothing that reads the tier's escrow by its state ever takes it for the live one.
 pub fn orphan_blob_name(env: &Envelope) -> String {
-    format!("{}/{}/orphans/{}.json", env.cluster, env.tier, env.escrow_id)
+    format!(
+        "{}/{}/orphans/{}.json",
+        env.cluster, env.tier, env.escrow_id
+    )
 }
 
 /// Create-only upload of a superseded bootstrap's envelope (bootstrap/mod.rs: a stale spool) to
