@@ -261,30 +261,6 @@ pub fn payload(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
     buf
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_payload_is_serialised_without_reallocating_and_with_room_for_the_tag() {
-        #[derive(serde::Serialize)]
-        struct S {
-            root_token: String,
-            keys: Vec<String>,
-        }
-        let v = S {
-            root_token: "s.".to_string() + &"x".repeat(300),
-            keys: (0..5)
-                .map(|i| format!("key-{i}-{}", "y".repeat(40)))
-                .collect(),
-        };
-        let p = payload(&v);
-        assert_eq!(p.as_slice(), serde_json::to_vec(&v).unwrap().as_slice());
-        // Exactly the counted size plus the tag: a Vec that had grown would have a rounded-up capacity.
-        assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
-    }
-}
-
 /// Where a spooled envelope of a superseded bootstrap goes: beside the tier's escrows, under `orphans/`, so
 /// nothing that reads the tier's escrow by its state ever takes it for the live one.
 pub fn orphan_blob_name(env: &Envelope) -> String {
@@ -334,4 +310,28 @@ pub async fn upload_orphan(
         Err(e) => return Err(e),
     }
     Ok(format!("{ESCROW_CONTAINER}/{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_serialised_without_reallocating_and_with_room_for_the_tag() {
+        #[derive(serde::Serialize)]
+        struct S {
+            root_token: String,
+            keys: Vec<String>,
+        }
+        let v = S {
+            root_token: "s.".to_string() + &"x".repeat(300),
+            keys: (0..5)
+                .map(|i| format!("key-{i}-{}", "y".repeat(40)))
+                .collect(),
+        };
+        let p = payload(&v);
+        assert_eq!(p.as_slice(), serde_json::to_vec(&v).unwrap().as_slice());
+        // Exactly the counted size plus the tag: a Vec that had grown would have a rounded-up capacity.
+        assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
+    }
 }
