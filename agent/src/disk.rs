@@ -142,20 +142,13 @@ pub enum DiskError {
     )]
     NotMounted { mount_point: PathBuf, role: String },
     #[error(
-        "data disk {} belongs to {} (first used by {found_node}); this node is {role} in cluster {cluster}, so it \
+        "data disk {} belongs to {} (first used by {}); this node is {} in cluster {}, so it \
          writes and starts nothing on it. Next step: attach a blank disk at LUN 0 to this VM; or, if the data on \
          this one is not needed, erase the disk (`wipefs --all` on its device), then `systemctl restart {UNIT} \
          hashistack-agent.service`",
-        dir.display(), owner_of(found_cluster, found_role)
+        .0.dir.display(), owner_of(&.0.found_cluster, &.0.found_role), .0.found_node, .0.role, .0.cluster
     )]
-    OtherCluster {
-        dir: PathBuf,
-        found_cluster: String,
-        found_role: String,
-        found_node: String,
-        cluster: String,
-        role: String,
-    },
+    OtherCluster(Box<OtherClusterDisk>),
     #[error(
         "data disk {}: its marker {MARKER} does not parse ({detail}); nothing was written or started. Next step: \
          read it; if this disk is this node's, remove the marker and `systemctl restart hashistack-agent.service`",
@@ -344,6 +337,17 @@ fn owner_of(cluster: &str, role: &str) -> String {
     format!("cluster {cluster}'s {role} tier")
 }
 
+/// A data disk whose marker names another cluster or tier.
+#[derive(Debug)]
+pub struct OtherClusterDisk {
+    pub dir: PathBuf,
+    pub found_cluster: String,
+    pub found_role: String,
+    pub found_node: String,
+    pub cluster: String,
+    pub role: String,
+}
+
 /// What the marker records.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Marker {
@@ -386,14 +390,14 @@ pub fn claim(
             if m.cluster == cluster && m.role == role {
                 Ok(Claim::Ours)
             } else {
-                Err(DiskError::OtherCluster {
+                Err(DiskError::OtherCluster(Box::new(OtherClusterDisk {
                     dir: dir.to_path_buf(),
                     found_cluster: m.cluster,
                     found_role: m.role,
                     found_node: m.first_node,
                     cluster: cluster.into(),
                     role: role.into(),
-                })
+                })))
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -668,7 +672,7 @@ mod tests {
             for (cluster, role) in [("staging", "vault-server"), ("prod", "consul-server")] {
                 let e = claim(d.path(), cluster, role, "n", &Owner::Current, 2).unwrap_err();
                 let line = e.to_string();
-                assert!(matches!(e, DiskError::OtherCluster { .. }), "{line}");
+                assert!(matches!(e, DiskError::OtherCluster(_)), "{line}");
                 assert!(line.contains("cluster prod's vault-server tier"), "{line}");
                 assert!(
                     line.contains(&format!("this node is {role} in cluster {cluster}")),
