@@ -8,7 +8,9 @@
 //! beside it is an older layout and stops the boot ([`MaterialError::MigrationRequired`]), never a reason to
 //! create. Each write is preceded by the creator's lease check (its own monotonic clock, election.rs); the
 //! sentinel is read again right before it is written (present: another creator finished, use theirs); after
-//! it, every secret is read back and must be this creator's (else [`MaterialError::Conflict`]). The window
+//! it, every secret is read back and must be this creator's (else [`MaterialError::Conflict`]); the Nomad
+//! client key is the one exception (only workers read it: its certificate, written after it, stands for the
+//! pair, and a late key that does not match its certificate fails the workers' TLS). The window
 //! that remains: a creator frozen past its lease between its check and one `setSecret` lands that one write
 //! late; the read-back of the creator that finished meanwhile does not see it, but every reader does: a
 //! mismatched CA key and certificate are refused when loaded (tls.rs), and Key Vault keeps the earlier
@@ -464,9 +466,13 @@ async fn create(
         }
         set(az, vault, name, value, policy).await?;
     }
-    // Read back: every secret must be this creation's.
+    // Read back: every secret must be this creation's. Not the Nomad client key: only workers ever read it
+    // (tests/tests/workers.rs); its certificate, written after it and read back here, stands for the pair.
     let mut overwritten = Vec::new();
     for (vault, name, value) in writes {
+        if name == n.nomad_client_key {
+            continue;
+        }
         if get(az, vault, name, policy)
             .await?
             .as_deref()
