@@ -771,6 +771,13 @@ pub async fn bootstrap_phase(
                 audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
+                workload_identity: spec.servers_vault_uri.clone().map(|servers_vault| {
+                    crate::bootstrap::vault::WorkloadIdentityHandover {
+                        az: ctx.az.clone(),
+                        servers_vault,
+                        secret: crate::names::nomad_jwt_token_secret(&spec.cluster),
+                    }
+                }),
                 local: booted
                     .plan
                     .services
@@ -826,6 +833,50 @@ pub async fn bootstrap_phase(
     }
     write_record(&layout, &booted.record);
     result.map(Some)
+}
+
+/// After a successful tier bootstrap on a Vault or Nomad server: once both tiers are done, Vault's JWT auth
+/// method for Nomad workloads points at the Nomad servers' JWKS (bootstrap/workload_identity.rs). `Ok(None)`:
+/// not this node's business (other roles, bootstrap off, material from files).
+pub async fn converge_workload_identity(
+    cfg: &AgentConfig,
+    booted: &Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{converge, ConvergeCtx};
+    let spec = &booted.spec;
+    let product = match spec.role {
+        crate::node::Role::VaultServer => Product::Vault,
+        crate::node::Role::NomadServer => Product::Nomad,
+        _ => return Ok(None),
+    };
+    let Some(servers_vault) = spec.servers_vault_uri.as_deref() else {
+        return Ok(None);
+    };
+    if !cfg.bootstrap.enabled || cfg.material.source != crate::config::MaterialSource::Keyvault {
+        return Ok(None);
+    }
+    let layout = Layout::new(&cfg.paths.root);
+    let az = azure_for(cfg, spec)
+        .map_err(crate::bootstrap::workload_identity::WorkloadIdentityError::Client)?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let ca_file = layout.ca_file(product);
+    let (vault_api, nomad_api) = (spec.vault_api(), spec.nomad_api());
+    let ctx = ConvergeCtx {
+        az: &az,
+        blob_endpoint: &spec.blob_endpoint,
+        cluster: &spec.cluster,
+        servers_vault,
+        vault_api: &vault_api,
+        ca_file: &ca_file,
+        nomad_api: &nomad_api,
+        policy,
+        deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs.min(300)),
+    };
+    converge(&ctx).await.map(Some)
 }
 
 /// Azure SDK clients over this node's managed identity (our IMDS client), per the agent config.

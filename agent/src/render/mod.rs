@@ -186,7 +186,11 @@ pub fn cert_sans(spec: &NodeSpec, p: Product) -> Vec<String> {
                 sans.push(crate::node::url_host(a).to_string());
             }
         }
-        (Product::Nomad, Role::NomadServer) => sans.push("server.global.nomad".into()),
+        (Product::Nomad, Role::NomadServer) => {
+            sans.push("server.global.nomad".into());
+            // Vault fetches the servers' JWKS by this name (workload identities; node.rs DEFAULT_NOMAD_ADDRESS).
+            sans.push("nomad.service.consul".into());
+        }
         (Product::Nomad, _) => sans.push("client.global.nomad".into()),
     }
     sans.push("localhost".into());
