@@ -463,6 +463,7 @@ pub async fn boot(
         files_changed: vec![],
         services: BTreeMap::new(),
         bootstrap: None,
+        workload_identity: None,
     };
     let mut metadata = None;
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
@@ -839,6 +840,27 @@ pub async fn bootstrap_phase(
 /// method for Nomad workloads points at the Nomad servers' JWKS (bootstrap/workload_identity.rs). `Ok(None)`:
 /// not this node's business (other roles, bootstrap off, material from files).
 pub async fn converge_workload_identity(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{Converged, Ensured};
+    let r = workload_identity_step(cfg, booted).await;
+    let noted = match &r {
+        Ok(None) => return r,
+        Ok(Some(Converged::Waiting { tier })) => format!("waiting for the {tier} tier"),
+        Ok(Some(Converged::Ensured(Ensured::Written))) => "written".into(),
+        Ok(Some(Converged::Ensured(Ensured::Unchanged))) => "unchanged".into(),
+        Err(e) => format!("failed: {e}"),
+    };
+    booted.record.workload_identity = Some(noted);
+    write_record(&Layout::new(&cfg.paths.root), &booted.record);
+    r
+}
+
+async fn workload_identity_step(
     cfg: &AgentConfig,
     booted: &Booted,
 ) -> Result<

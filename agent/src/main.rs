@@ -266,7 +266,7 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     }
     if bootstrapped {
         use hashistack_agent::bootstrap::workload_identity::Converged;
-        match boot::converge_workload_identity(&cfg, &booted).await {
+        match boot::converge_workload_identity(&cfg, &mut booted).await {
             Ok(None) => {}
             Ok(Some(Converged::Waiting { tier })) => tracing::info!(
                 waiting_for = tier,

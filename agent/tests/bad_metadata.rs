@@ -272,7 +272,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "http nomad address",
-            doc: Edit("vault-server", |d| {
+            doc: Edit("vault-server-akv", |d| {
                 set_tag(d, "hashistack-nomad-address", "http://10.42.3.10:4646")
             }),
             names: &["hashistack-nomad-address", "https"],

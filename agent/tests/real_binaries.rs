@@ -703,6 +703,7 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
         audit_file: root.path().join("var/log/vault/audit.log"),
         shared: None,
         status_vault: None,
+        workload_identity: None,
         local,
     };
 

@@ -207,17 +207,24 @@ fn first_error(body: &[u8]) -> String {
         .collect()
 }
 
-/// One authenticated call, retried while Vault settles (connection errors, 429, 5xx); `tolerate` names a
-/// 400 answer that means "already done". Returns the status and body.
+/// An answer that is not an error for the caller.
+#[derive(Debug, Clone, Copy)]
+enum Tolerate {
+    /// A 400 whose first error contains this: "already done".
+    BadRequest(&'static str),
+    /// 404: nothing there yet (a configuration never written).
+    NotFound,
+}
+
+/// One authenticated call, retried while Vault settles (connection errors, 429, 5xx); a `tolerate`d answer
+/// gives an empty body. Returns the body.
 async fn call(
-    c: &reqwest::Client,
-    token: &str,
+    (c, token, deadline): (&reqwest::Client, &str, Duration),
     method: reqwest::Method,
     url: &str,
     body: Option<&serde_json::Value>,
     what: &'static str,
-    tolerate: Option<&'static str>,
-    deadline: Duration,
+    tolerate: Option<Tolerate>,
 ) -> Result<Vec<u8>, WorkloadIdentityError> {
     let r = retry(settle(deadline), |_| {
         let mut req = c
@@ -236,7 +243,10 @@ async fn call(
             let detail = first_error(&bytes);
             match status {
                 200..=299 => Attempt::Done(Ok(bytes)),
-                400 if tolerate.is_some_and(|t| detail.contains(t)) => {
+                400 if matches!(tolerate, Some(Tolerate::BadRequest(t)) if detail.contains(t)) => {
+                    Attempt::Done(Ok(Vec::new()))
+                }
+                404 if matches!(tolerate, Some(Tolerate::NotFound)) => {
                     Attempt::Done(Ok(Vec::new()))
                 }
                 429 | 500..=599 => Attempt::Retry(CallError(format!("{what}: HTTP {status}"))),
@@ -276,14 +286,12 @@ pub async fn prepare(
         options: BTreeMap::from([("version", "2")]),
     };
     call(
-        &c,
-        root,
+        (&c, root, d),
         post.clone(),
         &format!("{api}/v1/sys/mounts/{WORKLOAD_KV_MOUNT}"),
         Some(&json(&kv)),
         "kv mount",
-        Some("path is already in use"),
-        d,
+        Some(Tolerate::BadRequest("path is already in use")),
     )
     .await?;
     let jwt = MountRequest {
@@ -292,14 +300,12 @@ pub async fn prepare(
         options: BTreeMap::new(),
     };
     call(
-        &c,
-        root,
+        (&c, root, d),
         post.clone(),
         &format!("{api}/v1/sys/auth/{NOMAD_JWT_MOUNT}"),
         Some(&json(&jwt)),
         "jwt auth method",
-        Some("path is already in use"),
-        d,
+        Some(Tolerate::BadRequest("path is already in use")),
     )
     .await?;
     let accessor = auth_accessor(&c, api, root, d).await?;
@@ -307,39 +313,33 @@ pub async fn prepare(
         policy: serde_json::to_string(&workloads_policy(&accessor)).expect("policy serialises"),
     };
     call(
-        &c,
-        root,
+        (&c, root, d),
         reqwest::Method::PUT,
         &format!("{api}/v1/sys/policies/acl/{NOMAD_WORKLOAD_POLICY}"),
         Some(&json(&policy)),
         "workloads policy",
         None,
-        d,
     )
     .await?;
     call(
-        &c,
-        root,
+        (&c, root, d),
         post.clone(),
         &format!("{api}/v1/auth/{NOMAD_JWT_MOUNT}/role/{NOMAD_WORKLOAD_ROLE}"),
         Some(&json(&workloads_role())),
         "workloads role",
         None,
-        d,
     )
     .await?;
     let config_policy = PolicyWrite {
         policy: NOMAD_JWT_CONFIG_RULES.into(),
     };
     call(
-        &c,
-        root,
+        (&c, root, d),
         reqwest::Method::PUT,
         &format!("{api}/v1/sys/policies/acl/{NOMAD_JWT_CONFIG_POLICY}"),
         Some(&json(&config_policy)),
         "jwt config policy",
         None,
-        d,
     )
     .await?;
     let create = TokenCreate {
@@ -350,14 +350,12 @@ pub async fn prepare(
         display_name: "hashistack-nomad-jwt-config",
     };
     let body = call(
-        &c,
-        root,
+        (&c, root, d),
         post,
         &format!("{api}/v1/auth/token/create-orphan"),
         Some(&json(&create)),
         "jwt config token",
         None,
-        d,
     )
     .await?;
     let body = Zeroizing::new(body);
@@ -407,14 +405,12 @@ async fn auth_accessor(
     }
     const WHAT: &str = "auth methods";
     let body = call(
-        c,
-        root,
+        (c, root, d),
         reqwest::Method::GET,
         &format!("{api}/v1/sys/auth"),
         None,
         WHAT,
         None,
-        d,
     )
     .await?;
     let m: Mounts =
@@ -464,14 +460,12 @@ pub async fn ensure_config(
         .map_err(WorkloadIdentityError::Client)?;
     let d = Duration::from_secs(60).min(deadline);
     call(
-        &c,
-        token,
+        (&c, token, d),
         reqwest::Method::POST,
         &format!("{api}/v1/auth/token/renew-self"),
         Some(&serde_json::json!({})),
         "jwt config token renewal",
         None,
-        d,
     )
     .await?;
     let url = format!("{api}/v1/auth/{NOMAD_JWT_MOUNT}/config");
@@ -479,16 +473,14 @@ pub async fn ensure_config(
     struct Read {
         data: Option<JwtConfig>,
     }
-    // Before the first write, Vault answers the read with 200 and no data (or the config's zero values).
     let have = call(
-        &c,
-        token,
+        (&c, token, d),
         reqwest::Method::GET,
         &url,
         None,
         "jwt config read",
-        None,
-        d,
+        // Before the first write, OpenBao answers the read with 404.
+        Some(Tolerate::NotFound),
     )
     .await?;
     if let Ok(Read { data: Some(have) }) = serde_json::from_slice::<Read>(&have) {
