@@ -56,6 +56,11 @@
 //! - Non-leader servers forward ACL writes and registrations to the leader; a client agent forwards the
 //!   cluster-wide routes to its servers and resolves tokens through them (`/v1/acl/token/self`,
 //!   `/v1/acl/policy/:name`) for its own `/v1/agent/self`.
+//! - Workload identities (lab/src/nomad_identity.rs, from `nomad/encrypter.go`, `nomad/structs/identity.go`,
+//!   `workload_id.go`, `command/agent/keyring_endpoint.go`): the leader creates a root key (RSA 2048) when the
+//!   cluster forms, replicated with the rest of the state; `GET /.well-known/jwks.json` (unauthenticated, any
+//!   agent; clients ask their servers) lists its public key (`{"keys": [{"use": "sig", "kty": "RSA", "kid",
+//!   "alg": "RS256", "n", "e"}]}`); identities are RS256 JWTs with header `kid` and Nomad's claims.
 //!
 //! Not Nomad, the double's own plumbing (documented so nobody mistakes it for Nomad):
 //! - Clustering is a stand-in for raft and serf: every server polls the `server_join.retry_join` peers over
@@ -75,6 +80,9 @@
 //!   are generated once and kept in `<data_dir>/client/client-id` and `secret-id` (0600); a registration
 //!   under a known ID with another secret is refused (`node secret ID does not match`). Without
 //!   `tls.ca_file` nobody can register.
+//! - `PUT /v1/double/identity` (guarded by the gossip key): signs a task's identity from `{"Namespace", "JobID",
+//!   "Group", "Task", "AllocID", "Identity", "Audience", "TTLSeconds", "IssuedAt"?}` — a stand-in for the
+//!   identities Nomad's plan applier signs for each allocation, so tests can hold one (and an expired one).
 //!
 //! What it does **not** do: scheduling, jobs, allocations, drivers and fingerprinting, namespaces, roles,
 //! auth methods, token updates and expiry, deletes, blocking queries and `X-Nomad-Index`, regions and
