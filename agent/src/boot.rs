@@ -637,6 +637,12 @@ async fn boot_inner(
         tracing::info!(service = %svc.name, ?action, "service applied");
         rec.services.insert(svc.name.clone(), action);
     }
+    // The image's units the agent configures (systemd-resolved, Docker): restarted when their file changed.
+    for u in &plan.host_units {
+        if changed.iter().any(|c| c == &u.watch) && manager.restart_host_unit(&u.unit).await? {
+            tracing::info!(unit = %u.unit, "configuration changed; restarted");
+        }
+    }
     timed(rec, "services");
     rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
     Ok((spec, plan, manager, operator_keys))

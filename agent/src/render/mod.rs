@@ -2,6 +2,7 @@
 //! Pure: reads nothing, writes nothing. Typed config structs are serialised to JSON; no string templates.
 
 pub mod consul;
+pub mod dns;
 pub mod nomad;
 pub mod operator;
 pub mod vault;
@@ -126,6 +127,8 @@ pub struct Plan {
     pub dirs: Vec<DirSpec>,
     pub files: Vec<FileSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Units of the image the agent only configures (systemd-resolved, Docker): restarted when their file changed.
+    pub host_units: Vec<dns::HostUnit>,
 }
 
 /// Rendering options that come from the agent config, not from the node.
@@ -149,7 +152,7 @@ impl RenderOptions {
         }
     }
 
-    fn owner(&self, user: &str) -> Owner {
+    pub(crate) fn owner(&self, user: &str) -> Owner {
         match self.owners {
             Owners::ServiceUsers => Owner::named(user, user),
             Owners::CurrentUser => Owner::Current,
@@ -293,6 +296,8 @@ pub fn render(
     if let Some(m) = material {
         operator::render(spec, layout, opts, m, &mut plan);
     }
+    // Every node runs a Consul agent: `.consul` names through it (docs/dns.md).
+    dns::render(spec, layout, opts, &mut plan);
     if material.is_some() {
         let env_dir = layout
             .env_file("x")
