@@ -160,6 +160,34 @@ impl RenderOptions {
     }
 }
 
+/// How long each product keeps metrics for a Prometheus scrape (`telemetry.prometheus_retention_time`): the
+/// `/v1/agent/metrics` (Consul), `/v1/sys/metrics` (Vault) endpoints answer `?format=prometheus` only when it
+/// is set. A scraper polling every 15–60 s finds every gauge.
+pub const PROMETHEUS_RETENTION: &str = "60s";
+
+/// Consul's and Vault's `telemetry` block (the same keys in both; docs/operability.md).
+#[derive(Debug, serde::Serialize)]
+pub struct PrometheusTelemetry {
+    pub prometheus_retention_time: String,
+    /// Metric names without the node's hostname: one series per metric, the node in the scrape's labels.
+    pub disable_hostname: bool,
+}
+
+impl PrometheusTelemetry {
+    pub fn new() -> Self {
+        PrometheusTelemetry {
+            prometheus_retention_time: PROMETHEUS_RETENTION.into(),
+            disable_hostname: true,
+        }
+    }
+}
+
+impl Default for PrometheusTelemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Versions of the installed binaries, per product.
 pub type Versions = BTreeMap<Product, Installed>;
 

@@ -30,6 +30,7 @@ pub struct NomadConfig {
     pub tls: Tls,
     pub consul: Consul,
     pub vault: Vault,
+    pub telemetry: Telemetry,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin: Option<Plugins>,
     pub disable_update_check: bool,
@@ -138,6 +139,17 @@ pub fn vault_block(spec: &NodeSpec, layout: &Layout) -> Vault {
             default_identity: None,
         }
     }
+}
+
+/// Nomad's `telemetry` block: Prometheus format at `/v1/metrics?format=prometheus`, with allocation and node
+/// metrics (docs/operability.md).
+#[derive(Serialize)]
+pub struct Telemetry {
+    pub collection_interval: String,
+    pub disable_hostname: bool,
+    pub prometheus_metrics: bool,
+    pub publish_allocation_metrics: bool,
+    pub publish_node_metrics: bool,
 }
 
 #[derive(Serialize)]
@@ -260,6 +272,13 @@ pub fn config(
             ca_file: path_str(&layout.ca_file(Product::Consul)),
         },
         vault: vault_block(spec, layout),
+        telemetry: Telemetry {
+            collection_interval: "10s".into(),
+            disable_hostname: true,
+            prometheus_metrics: true,
+            publish_allocation_metrics: true,
+            publish_node_metrics: true,
+        },
         plugin,
         disable_update_check: true,
         log_level: "INFO".into(),
