@@ -924,6 +924,7 @@ async fn bao_stuck_with_raft_state_beside_a_live_cluster_is_reset_and_joins() {
         audit_file: root_b.path().join("var/log/vault/audit.log"),
         shared: None,
         status_vault: None,
+        workload_identity: None,
         local,
     };
     let seal_status = |api: String| {
