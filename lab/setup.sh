@@ -152,6 +152,8 @@ command -v curl >/dev/null 2>&1 || debs+=(curl)
 command -v flock >/dev/null 2>&1 || debs+=(util-linux)
 # gpg: the PGP escrow test (tests/tests/pgp_escrow.rs) makes operator keys and decrypts as operators do.
 command -v gpg >/dev/null 2>&1 || debs+=(gnupg)
+# logrotate: agent/tests/real_binaries.rs checks the rendered Vault audit-log rotation with it.
+command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || debs+=(logrotate)
 if consul_ok; then
   log "consul v$CONSUL_VERSION present"
 else

@@ -463,6 +463,7 @@ pub async fn boot(
         files_changed: vec![],
         services: BTreeMap::new(),
         bootstrap: None,
+        workload_identity: None,
     };
     let mut metadata = None;
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
@@ -636,6 +637,12 @@ async fn boot_inner(
         tracing::info!(service = %svc.name, ?action, "service applied");
         rec.services.insert(svc.name.clone(), action);
     }
+    // The image's units the agent configures (systemd-resolved, Docker): restarted when their file changed.
+    for u in &plan.host_units {
+        if changed.iter().any(|c| c == &u.watch) && manager.restart_host_unit(&u.unit).await? {
+            tracing::info!(unit = %u.unit, "configuration changed; restarted");
+        }
+    }
     timed(rec, "services");
     rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
     Ok((spec, plan, manager, operator_keys))
@@ -771,6 +778,13 @@ pub async fn bootstrap_phase(
                 audit_file: layout.root.join("var/log/vault/audit.log"),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
+                workload_identity: spec.servers_vault_uri.clone().map(|servers_vault| {
+                    crate::bootstrap::vault::WorkloadIdentityHandover {
+                        az: ctx.az.clone(),
+                        servers_vault,
+                        secret: crate::names::nomad_jwt_token_secret(&spec.cluster),
+                    }
+                }),
                 local: booted
                     .plan
                     .services
@@ -826,6 +840,71 @@ pub async fn bootstrap_phase(
     }
     write_record(&layout, &booted.record);
     result.map(Some)
+}
+
+/// After a successful tier bootstrap on a Vault or Nomad server: once both tiers are done, Vault's JWT auth
+/// method for Nomad workloads points at the Nomad servers' JWKS (bootstrap/workload_identity.rs). `Ok(None)`:
+/// not this node's business (other roles, bootstrap off, material from files).
+pub async fn converge_workload_identity(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{Converged, Ensured};
+    let r = workload_identity_step(cfg, booted).await;
+    let noted = match &r {
+        Ok(None) => return r,
+        Ok(Some(Converged::Waiting { tier })) => format!("waiting for the {tier} tier"),
+        Ok(Some(Converged::Ensured(Ensured::Written))) => "written".into(),
+        Ok(Some(Converged::Ensured(Ensured::Unchanged))) => "unchanged".into(),
+        Err(e) => format!("failed: {e}"),
+    };
+    booted.record.workload_identity = Some(noted);
+    write_record(&Layout::new(&cfg.paths.root), &booted.record);
+    r
+}
+
+async fn workload_identity_step(
+    cfg: &AgentConfig,
+    booted: &Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{converge, ConvergeCtx};
+    let spec = &booted.spec;
+    let product = match spec.role {
+        crate::node::Role::VaultServer => Product::Vault,
+        crate::node::Role::NomadServer => Product::Nomad,
+        _ => return Ok(None),
+    };
+    let Some(servers_vault) = spec.servers_vault_uri.as_deref() else {
+        return Ok(None);
+    };
+    if !cfg.bootstrap.enabled || cfg.material.source != crate::config::MaterialSource::Keyvault {
+        return Ok(None);
+    }
+    let layout = Layout::new(&cfg.paths.root);
+    let az = azure_for(cfg, spec)
+        .map_err(crate::bootstrap::workload_identity::WorkloadIdentityError::Client)?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let ca_file = layout.ca_file(product);
+    let (vault_api, nomad_api) = (spec.vault_api(), spec.nomad_api());
+    let ctx = ConvergeCtx {
+        az: &az,
+        blob_endpoint: &spec.blob_endpoint,
+        cluster: &spec.cluster,
+        servers_vault,
+        vault_api: &vault_api,
+        ca_file: &ca_file,
+        nomad_api: &nomad_api,
+        policy,
+        deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs.min(300)),
+    };
+    converge(&ctx).await.map(Some)
 }
 
 /// Azure SDK clients over this node's managed identity (our IMDS client), per the agent config.

@@ -246,6 +246,7 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
     let ran = !matches!(bootstrap, Ok(None));
     let newer = ran.then_some(&booted.record);
     publishing.then(&cfg, newer, Some(&booted.spec)).await;
+    let bootstrapped = matches!(bootstrap, Ok(Some(_)));
     match bootstrap {
         Ok(Some(outcome)) => tracing::info!(?outcome, "tier bootstrap"),
         Ok(None) => {}
@@ -261,6 +262,24 @@ async fn run_boot(config: Option<PathBuf>, started: Instant) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "consul agent token");
             code = ExitCode::from(1);
+        }
+    }
+    if bootstrapped {
+        use hashistack_agent::bootstrap::workload_identity::Converged;
+        match boot::converge_workload_identity(&cfg, &mut booted).await {
+            Ok(None) => {}
+            Ok(Some(Converged::Waiting { tier })) => tracing::info!(
+                waiting_for = tier,
+                "Nomad workload identities: Vault's JWT auth method is configured by the tier that finishes last"
+            ),
+            Ok(Some(Converged::Ensured(how))) => {
+                tracing::info!(?how, "Nomad workload identities: Vault's JWT auth method points at the Nomad servers' JWKS")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Nomad workload identities");
+                eprintln!("hashistack-agent: {e}");
+                code = ExitCode::from(1);
+            }
         }
     }
     // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.

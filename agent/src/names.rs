@@ -48,3 +48,34 @@ pub fn agent_token_secret(cluster: &str) -> String {
 pub fn nomad_token_secret(cluster: &str) -> String {
     format!("{cluster}-consul-nomad-token")
 }
+
+// ----- Nomad workload identities in Vault (docs/bootstrap.md#nomad-workload-identities) ---------------------
+//
+// Nomad's documented setup ("Vault integration with workload identity", what `nomad setup vault` creates):
+// a JWT auth method at `jwt-nomad`, its default role `nomad-workloads` bound to the audience `vault.io`, and
+// the ACL policy `nomad-workloads` templated on the job's namespace and id. Shared by the Vault tier (which
+// creates them), the nodes that write the auth method's configuration, and the Nomad agents' `vault` block.
+
+/// Where the JWT auth method for Nomad workloads is mounted (`auth/jwt-nomad`).
+pub const NOMAD_JWT_MOUNT: &str = "jwt-nomad";
+/// The auth method's default role, and the ACL policy its tokens carry (the same name, as Nomad documents).
+pub const NOMAD_WORKLOAD_ROLE: &str = "nomad-workloads";
+pub const NOMAD_WORKLOAD_POLICY: &str = "nomad-workloads";
+/// The audience of the identity Nomad signs for Vault (`vault.default_identity.aud`), bound by the role.
+pub const NOMAD_VAULT_AUDIENCE: &str = "vault.io";
+/// The identity's lifetime (`vault.default_identity.ttl`).
+pub const NOMAD_VAULT_IDENTITY_TTL: &str = "1h";
+/// The KV version 2 mount the workloads policy grants paths in: `secret/data/<namespace>/<job>/…`.
+pub const WORKLOAD_KV_MOUNT: &str = "secret";
+/// Vault policy of the token that may (re)write `auth/jwt-nomad/config` and nothing else of substance.
+pub const NOMAD_JWT_CONFIG_POLICY: &str = "hashistack-nomad-jwt-config";
+/// Its rules: the auth method's configuration (the JWKS URL and its CA), and renewing itself.
+pub const NOMAD_JWT_CONFIG_RULES: &str = r#"path "auth/jwt-nomad/config" { capabilities = ["create", "read", "update"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+"#;
+
+/// The JWT configuration token's secret in the servers Key Vault (the Vault tier's leader writes it; Vault and
+/// Nomad servers read it to write the auth method's configuration once both tiers are done).
+pub fn nomad_jwt_token_secret(cluster: &str) -> String {
+    format!("{cluster}-vault-nomad-jwt-token")
+}

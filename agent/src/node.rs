@@ -24,9 +24,18 @@ pub const TAG_KEYVAULT_URI: &str = "hashistack-keyvault-uri";
 pub const TAG_ESCROW_VAULT_URI: &str = "hashistack-escrow-vault-uri";
 pub const TAG_SERVERS_VAULT_URI: &str = "hashistack-servers-vault-uri";
 pub const TAG_STATUS_VAULT_URI: &str = "hashistack-status-vault-uri";
-/// Vault servers and the jumpbox: the address clients use for Vault (the internal load balancer's), an https
-/// URL; it goes into Vault's certificate and the jumpbox's vault.env.
+/// Every role that talks to Vault (Vault and Nomad servers, workers, the jumpbox): the address clients use for
+/// Vault (the internal load balancer's), an https URL; it goes into Vault's certificate, the jumpbox's vault.env
+/// and the Nomad clients' `vault` block. Without it: [`DEFAULT_VAULT_ADDRESS`].
 pub const TAG_VAULT_ADDRESS: &str = "hashistack-vault-address";
+/// Vault and Nomad servers (optional): where Vault reaches the Nomad servers' HTTP API for their JWKS (workload
+/// identities). Without it: [`DEFAULT_NOMAD_ADDRESS`], the Nomad servers' service in Consul's DNS.
+pub const TAG_NOMAD_ADDRESS: &str = "hashistack-nomad-address";
+/// Vault's active node through Consul's DNS (Vault registers itself in Consul; the name is in its certificate).
+pub const DEFAULT_VAULT_ADDRESS: &str = "https://active.vault.service.consul:8200";
+/// The Nomad servers through Consul's DNS (Nomad registers its servers as `nomad`; the name is in their
+/// certificates).
+pub const DEFAULT_NOMAD_ADDRESS: &str = "https://nomad.service.consul:4646";
 
 const KNOWN_TAGS: &[&str] = &[
     TAG_ROLE,
@@ -47,6 +56,7 @@ const KNOWN_TAGS: &[&str] = &[
     TAG_SERVERS_VAULT_URI,
     TAG_STATUS_VAULT_URI,
     TAG_VAULT_ADDRESS,
+    TAG_NOMAD_ADDRESS,
 ];
 
 #[derive(
@@ -168,8 +178,10 @@ pub struct NodeSpec {
     pub servers_vault_uri: Option<String>,
     /// Server tiers (write) and the jumpbox (read), required on both: the read-only status tokens.
     pub status_vault_uri: Option<String>,
-    /// Vault servers and the jumpbox (optional): Vault's client address (its load balancer), an https URL.
+    /// Every role but Consul servers (optional): Vault's client address (its load balancer), an https URL.
     pub vault_address: Option<String>,
+    /// Vault and Nomad servers (optional): the Nomad servers' HTTP API as Vault reaches it, an https URL.
+    pub nomad_address: Option<String>,
 }
 
 /// One problem with the node's metadata, naming the tag or field.
@@ -533,10 +545,14 @@ impl NodeSpec {
         if role == Role::Worker {
             tags.forbid(TAG_STATUS_VAULT_URI, role)?;
         }
-        if !matches!(role, Role::VaultServer | Role::Jumpbox) {
+        if role == Role::ConsulServer {
             tags.forbid(TAG_VAULT_ADDRESS, role)?;
         }
         let vault_address = url(TAG_VAULT_ADDRESS)?;
+        if !matches!(role, Role::VaultServer | Role::NomadServer) {
+            tags.forbid(TAG_NOMAD_ADDRESS, role)?;
+        }
+        let nomad_address = url(TAG_NOMAD_ADDRESS)?;
 
         Ok(NodeSpec {
             role,
@@ -561,7 +577,26 @@ impl NodeSpec {
             servers_vault_uri: url(TAG_SERVERS_VAULT_URI)?,
             status_vault_uri,
             vault_address,
+            nomad_address,
         })
+    }
+
+    /// Vault's address for clients: the tag, else Vault's active node in Consul's DNS.
+    pub fn vault_api(&self) -> String {
+        self.vault_address
+            .clone()
+            .unwrap_or_else(|| DEFAULT_VAULT_ADDRESS.into())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The Nomad servers' HTTP API as Vault reaches it: the tag, else the `nomad` service in Consul's DNS.
+    pub fn nomad_api(&self) -> String {
+        self.nomad_address
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NOMAD_ADDRESS.into())
+            .trim_end_matches('/')
+            .to_string()
     }
 
     /// Products this node runs, in start order.

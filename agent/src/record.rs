@@ -45,6 +45,10 @@ pub struct BootRecord {
     /// The tier bootstrap's outcome on server tiers ("bootstrapped", "already-done", …) or its error.
     #[serde(default)]
     pub bootstrap: Option<String>,
+    /// Vault and Nomad servers, after a successful tier bootstrap: what became of Vault's JWT auth method for
+    /// Nomad workloads at this boot ("written", "unchanged", "waiting for the <tier> tier") or its error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<String>,
 }
 
 pub fn record_path(layout: &Layout) -> PathBuf {

@@ -254,11 +254,28 @@ fn cases() -> Vec<Case> {
             names: &["hashistack-blob-endpoint", "missing"],
         },
         Case {
-            name: "vault address on a worker",
-            doc: Edit("worker", |d| {
+            name: "vault address on a consul server",
+            doc: Edit("consul-server", |d| {
                 set_tag(d, "hashistack-vault-address", "https://10.42.2.10:8200")
             }),
-            names: &["hashistack-vault-address", "does not apply to role worker"],
+            names: &[
+                "hashistack-vault-address",
+                "does not apply to role consul-server",
+            ],
+        },
+        Case {
+            name: "nomad address on a worker",
+            doc: Edit("worker", |d| {
+                set_tag(d, "hashistack-nomad-address", "https://10.42.3.10:4646")
+            }),
+            names: &["hashistack-nomad-address", "does not apply to role worker"],
+        },
+        Case {
+            name: "http nomad address",
+            doc: Edit("vault-server-akv", |d| {
+                set_tag(d, "hashistack-nomad-address", "http://10.42.3.10:4646")
+            }),
+            names: &["hashistack-nomad-address", "https"],
         },
         Case {
             name: "http blob endpoint",

@@ -180,12 +180,29 @@ fn role_products_and_version_syntax() {
         let out = tempfile::tempdir().unwrap();
         render(fixture, consul, vault, out.path());
         let names: Vec<String> = files(out.path()).into_keys().collect();
+        // Every node: the resolved drop-in for `.consul` (docs/dns.md); workers: Docker's resolver too.
         let expected: &[&str] = match fixture {
-            "consul-server" | "jumpbox" => &["etc/consul.d/consul.json"],
-            "vault-server-transit" | "vault-server-akv" => {
-                &["etc/consul.d/consul.json", "etc/vault.d/vault.json"]
-            }
-            _ => &["etc/consul.d/consul.json", "etc/nomad.d/nomad.json"],
+            "consul-server" | "jumpbox" => &[
+                "etc/consul.d/consul.json",
+                "etc/systemd/resolved.conf.d/consul.conf",
+            ],
+            "vault-server-transit" | "vault-server-akv" => &[
+                "etc/consul.d/consul.json",
+                "etc/logrotate.d/vault-audit",
+                "etc/systemd/resolved.conf.d/consul.conf",
+                "etc/vault.d/vault.json",
+            ],
+            "worker" => &[
+                "etc/consul.d/consul.json",
+                "etc/docker/daemon.json",
+                "etc/nomad.d/nomad.json",
+                "etc/systemd/resolved.conf.d/consul.conf",
+            ],
+            _ => &[
+                "etc/consul.d/consul.json",
+                "etc/nomad.d/nomad.json",
+                "etc/systemd/resolved.conf.d/consul.conf",
+            ],
         };
         assert_eq!(names, expected, "{case}");
         if let Ok(raw) = std::fs::read(out.path().join("etc/vault.d/vault.json")) {
@@ -343,6 +360,9 @@ fn offline_render_holds_no_key_material() {
                 "AZURE_CLIENT_ID",
             ] {
                 assert!(!s.contains(needle), "{case}: {rel} contains {needle}");
+            }
+            if rel.ends_with(".conf") || rel.starts_with("etc/logrotate.d/") {
+                continue; // the resolved drop-in and the logrotate rule: not JSON; the needles above hold
             }
             let v: serde_json::Value = serde_json::from_str(&s).expect("JSON");
             fn has_key(v: &serde_json::Value, k: &str) -> bool {

@@ -51,6 +51,7 @@ fn record(name: &str, role: &str, ip: &str, expects: &[(&str, u8)]) -> NodeRecor
             bootstrap: role
                 .ends_with("-server")
                 .then(|| "already-done".to_string()),
+            workload_identity: None,
         },
         ip: Some(ip.into()),
         role_tag: Some(role.into()),

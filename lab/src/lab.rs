@@ -83,6 +83,11 @@ impl LabOptions {
             user_data: BTreeMap::new(),
         }
     }
+    /// Where Vault reaches the Nomad servers' JWKS (tag `hashistack-nomad-address`): the first Nomad server. On
+    /// Azure the tag is absent and Vault asks Consul's DNS for `nomad.service.consul` (docs/lab-vs-azure.md).
+    pub fn nomad_address(&self) -> Option<String> {
+        (self.nomad_servers > 0).then(|| format!("https://{}:4646", self.ip(31)))
+    }
     /// The Vault load balancer's frontend (lb.rs), as the template's `vaultApiAddress`.
     pub fn vault_address(&self) -> String {
         format!("https://{}:8200", self.ip(VAULT_LB_HOST))
@@ -220,6 +225,9 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     for (i, ip) in vault_ips.iter().enumerate() {
         let mut t = common(Role::VaultServer);
         t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
+        if let Some(a) = o.nomad_address() {
+            t.push((tags::TAG_NOMAD_ADDRESS.into(), a));
+        }
         t.push((tags::TAG_VAULT_JOIN.into(), list(&vault_ips)));
         t.push((tags::TAG_VAULT_SERVERS.into(), o.vault_servers.to_string()));
         t.push((
@@ -243,6 +251,12 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
         let mut t = common(Role::NomadServer);
         t.push((tags::TAG_NOMAD_JOIN.into(), list(&nomad_ips)));
         t.push((tags::TAG_NOMAD_SERVERS.into(), o.nomad_servers.to_string()));
+        if o.vault_servers > 0 {
+            t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
+        }
+        if let Some(a) = o.nomad_address() {
+            t.push((tags::TAG_NOMAD_ADDRESS.into(), a));
+        }
         server_vaults(&mut t);
         defs.push(NodeDef {
             name: format!("nomad-{i}"),
@@ -256,6 +270,9 @@ pub fn node_defs(o: &LabOptions) -> Vec<NodeDef> {
     for i in 0..o.workers {
         let mut t = common(Role::Worker);
         t.push((tags::TAG_NOMAD_JOIN.into(), list(&nomad_ips)));
+        if o.vault_servers > 0 {
+            t.push((tags::TAG_VAULT_ADDRESS.into(), o.vault_address()));
+        }
         defs.push(NodeDef {
             name: format!("worker-{i}"),
             role: Role::Worker,

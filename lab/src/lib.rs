@@ -6,6 +6,7 @@ pub mod keyvault;
 pub mod lab;
 pub mod lb;
 pub mod nomad_double;
+pub mod nomad_identity;
 pub mod procs;
 pub mod tools;
 

@@ -56,6 +56,11 @@
 //! - Non-leader servers forward ACL writes and registrations to the leader; a client agent forwards the
 //!   cluster-wide routes to its servers and resolves tokens through them (`/v1/acl/token/self`,
 //!   `/v1/acl/policy/:name`) for its own `/v1/agent/self`.
+//! - Workload identities (lab/src/nomad_identity.rs, from `nomad/encrypter.go`, `nomad/structs/identity.go`,
+//!   `workload_id.go`, `command/agent/keyring_endpoint.go`): the leader creates a root key (RSA 2048) when the
+//!   cluster forms, replicated with the rest of the state; `GET /.well-known/jwks.json` (unauthenticated, any
+//!   agent; clients ask their servers) lists its public key (`{"keys": [{"use": "sig", "kty": "RSA", "kid",
+//!   "alg": "RS256", "n", "e"}]}`); identities are RS256 JWTs with header `kid` and Nomad's claims.
 //!
 //! Not Nomad, the double's own plumbing (documented so nobody mistakes it for Nomad):
 //! - Clustering is a stand-in for raft and serf: every server polls the `server_join.retry_join` peers over
@@ -75,6 +80,9 @@
 //!   are generated once and kept in `<data_dir>/client/client-id` and `secret-id` (0600); a registration
 //!   under a known ID with another secret is refused (`node secret ID does not match`). Without
 //!   `tls.ca_file` nobody can register.
+//! - `PUT /v1/double/identity` (guarded by the gossip key): signs a task's identity from `{"Namespace", "JobID",
+//!   "Group", "Task", "AllocID", "Identity", "Audience", "TTLSeconds", "IssuedAt"?}` — a stand-in for the
+//!   identities Nomad's plan applier signs for each allocation, so tests can hold one (and an expired one).
 //!
 //! What it does **not** do: scheduling, jobs, allocations, drivers and fingerprinting, namespaces, roles,
 //! auth methods, token updates and expiry, deletes, blocking queries and `X-Nomad-Index`, regions and
@@ -105,6 +113,11 @@ const FORWARDED_HEADER: &str = "x-nomad-double-forwarded";
 /// Client registration and heartbeats (stand-in for Nomad's `Node.Register`/`Node.UpdateStatus` RPCs on
 /// 4647); needs a client certificate signed by `tls.ca_file`. Not a Nomad route.
 pub const NODE_PATH: &str = "/v1/double/node";
+/// Nomad's JWKS route (`structs.JWKSPath`).
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Signs a task's workload identity on request (stand-in for the identity Nomad's plan applier signs for each
+/// allocation); guarded by the servers' gossip key like the peer route. Not a Nomad route.
+pub const IDENTITY_PATH: &str = "/v1/double/identity";
 /// Where a client keeps its node ID (and node secret), as Nomad does under `<data_dir>/client`.
 pub const CLIENT_ID_FILE: &str = "client-id";
 pub const CLIENT_SECRET_FILE: &str = "secret-id";
@@ -527,6 +540,9 @@ pub struct Store {
     pub policies: Vec<Policy>,
     #[serde(default)]
     pub nodes: Vec<Node>,
+    /// The keyring (Nomad's root keys), made by the leader when the cluster forms: signs workload identities.
+    #[serde(default)]
+    pub keyring: Vec<crate::nomad_identity::RootKey>,
 }
 
 /// An API error: status and the plain-text body Nomad sends.
@@ -1892,6 +1908,15 @@ impl Agent {
             rt.store.index += 1;
             self.persist(&rt.store);
         }
+        // Nomad's leader initializes the keyring when it establishes leadership; followers adopt it.
+        if leader == Some(self.cfg.bind) && rt.store.keyring.is_empty() {
+            rt.store
+                .keyring
+                .push(crate::nomad_identity::RootKey::generate(uuid()));
+            rt.store.index += 1;
+            self.persist(&rt.store);
+            log("keyring initialized: a new root key signs workload identities");
+        }
         if leader != rt.leader {
             match leader {
                 Some(l) => log(format!(
@@ -2153,6 +2178,9 @@ impl Agent {
             (&Method::GET, PEER_PATH) => Ok(self.peer_view(&req)),
             (&Method::PUT, PEER_PATH) => self.peer_apply(req).await,
             (&Method::PUT, NODE_PATH) => self.node_register(req, client_cert).await,
+            (&Method::GET, JWKS_PATH) => Ok(self.jwks().await),
+            (_, JWKS_PATH) => Ok(text(405, "Invalid method")),
+            (&Method::PUT, IDENTITY_PATH) => self.sign_identity(req).await,
             (_, NODE_PATH) => Ok(text(405, "Invalid method")),
             (m, "/v1/acl/bootstrap") if m == Method::PUT || m == Method::POST => {
                 self.acl_bootstrap(req).await
@@ -2186,6 +2214,42 @@ impl Agent {
             (&Method::GET, "/v1/agent/members") => self.agent_members(&req).await,
             _ => Ok(not_found()),
         }
+    }
+
+    /// `GET /.well-known/jwks.json`: the keyring's public keys (a client agent asks its servers, as Nomad's
+    /// `Keyring.ListPublic` RPC does). Unauthenticated, as in Nomad.
+    async fn jwks(&self) -> Resp {
+        if self.cfg.server.is_none() {
+            return self
+                .ask(&self.servers_of_client(), JWKS_PATH)
+                .await
+                .unwrap_or_else(no_leader);
+        }
+        let rt = self.rt.lock().expect("runtime");
+        json_resp(&crate::nomad_identity::jwks(&rt.store.keyring))
+    }
+
+    /// `PUT /v1/double/identity` (plumbing): `{"Namespace","JobID","Group","Task","AllocID","Identity",
+    /// "Audience","TTLSeconds","IssuedAt"?}` → `{"JWT"}`, signed with the newest root key.
+    async fn sign_identity(&self, req: Request<Incoming>) -> Answer {
+        if let Some(refused) = self.peer_refusal(&req) {
+            return Err(refused);
+        }
+        let body = read_body(req, 1 << 16).await?;
+        let r: crate::nomad_identity::IdentityRequest = serde_json::from_slice(&body)
+            .map_err(|e| text(400, format!("bad identity request: {e}")))?;
+        let key = {
+            let rt = self.rt.lock().expect("runtime");
+            rt.store.keyring.last().cloned()
+        };
+        let Some(key) = key else {
+            return Err(text(500, "no active root key"));
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let jwt = key
+            .sign(&crate::nomad_identity::claims(&r, now, &uuid()))
+            .map_err(|e| text(500, e))?;
+        Ok(json_resp(&json!({ "JWT": jwt })))
     }
 
     async fn status(&self, leader_only: bool) -> Resp {

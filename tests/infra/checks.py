@@ -1290,7 +1290,8 @@ VAULT_OF_TAG = {"hashistack-keyvault-uri": "sharedVaultName", "hashistack-server
 # that vault is a mis-tagged tier.
 TAG_FORBIDDEN_FOR = {"hashistack-servers-vault-uri": {"worker", "jumpbox"},
                      "hashistack-status-vault-uri": {"worker"},
-                     "hashistack-vault-address": {"consul-server", "nomad-server", "worker"}}
+                     "hashistack-vault-address": {"consul-server"},
+                     "hashistack-nomad-address": {"consul-server", "worker", "jumpbox"}}
 
 
 def check_tags(t: dict, ev: Evaluator, tags_md: str) -> list[str]:

@@ -423,9 +423,13 @@ CASES = [
      lambda c: vmss(c["t"], "vault-server")["tags"].__setitem__(
          "hashistack-vault-address", "[format('https://{0}:8200', cidrHost(variables('subnetPrefixes').vault, 4))]"),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
-    ("workers tagged with the vault address",
-     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+    ("consul servers tagged with the vault address",
+     lambda c: vmss(c["t"], "consul-server")["tags"].__setitem__(
          "hashistack-vault-address", jumpbox(c["t"])["tags"]["hashistack-vault-address"]),
+     lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
+    ("workers' vault address not the load balancer's",
+     lambda c: vmss(c["t"], "worker")["tags"].__setitem__(
+         "hashistack-vault-address", "[format('https://{0}:8200', cidrHost(variables('subnetPrefixes').vault, 4))]"),
      lambda c, s: checks.check_tags(c["t"], _ev(c), c["tags_md"])),
     ("workers tagged with the status vault",
      lambda c: vmss(c["t"], "worker")["tags"].__setitem__(

@@ -294,7 +294,13 @@ impl Tier for ConsulTier {
                 }
                 None => tracing::warn!("no hashistack-status-vault-uri tag: the Consul status token was not handed over"),
             }
+            // DNS answers for every agent (docs/dns.md): after the tokens nodes wait for.
+            let dns =
+                super::consul_tokens::ensure_dns_policy(&self.api, &self.ca_file, &management)
+                    .await
+                    .map_err(|e| e.to_string());
             nomad?;
+            dns?;
         }
         Ok(())
     }

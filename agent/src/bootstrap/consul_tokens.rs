@@ -255,6 +255,108 @@ async fn read_nomad_token(
     }
 }
 
+// ----- DNS -----------------------------------------------------------------------------------------------
+//
+// Consul answers DNS queries with the agent's default token, the anonymous token unless `acl.tokens.default`
+// is set; with `default_policy = "deny"` it then answers nothing. Consul's documented setup for DNS with ACLs
+// gives the anonymous token a policy that reads nodes and services (what a DNS answer exposes, and no more).
+
+pub const DNS_POLICY: &str = "hashistack-dns";
+/// The anonymous token's fixed accessor ID in Consul.
+pub const ANONYMOUS_ACCESSOR: &str = "00000000-0000-0000-0000-000000000002";
+
+/// Rules of the DNS policy: read node and service names and addresses.
+pub fn dns_rules() -> serde_json::Value {
+    serde_json::json!({
+        "node_prefix": {"": {"policy": "read"}},
+        "service_prefix": {"": {"policy": "read"}}
+    })
+}
+
+/// Why the DNS policy could not be set. Never carries a token or a response body.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsPolicyError {
+    #[error("Consul DNS policy: {0}")]
+    Client(String),
+    #[error("Consul DNS policy: {what}: {source}")]
+    Request {
+        what: &'static str,
+        source: reqwest::Error,
+    },
+    #[error("Consul DNS policy: {what}: HTTP {status}")]
+    Status { what: &'static str, status: u16 },
+}
+
+#[derive(Serialize)]
+struct AnonymousUpdate<'a> {
+    #[serde(rename = "AccessorID")]
+    accessor_id: &'a str,
+    #[serde(rename = "Description")]
+    description: &'a str,
+    #[serde(rename = "Policies")]
+    policies: Vec<PolicyLink<'a>>,
+}
+
+/// Creates the policy `hashistack-dns` (or finds it) and links it to the anonymous token. Idempotent.
+pub async fn ensure_dns_policy(
+    api: &str,
+    ca_file: &Path,
+    management: &str,
+) -> Result<(), DnsPolicyError> {
+    let c = crate::services::health::client_for(ca_file, Duration::from_secs(20))
+        .map_err(DnsPolicyError::Client)?;
+    let policy = PolicyReq {
+        name: DNS_POLICY,
+        description: "hashistack: DNS answers (anonymous token: read nodes and services)",
+        rules: dns_rules().to_string(),
+    };
+    let r = c
+        .put(format!("{api}/v1/acl/policy"))
+        .header("X-Consul-Token", management)
+        .json(&policy)
+        .send()
+        .await
+        .map_err(|e| DnsPolicyError::Request {
+            what: "dns policy",
+            source: e.without_url(),
+        })?;
+    let status = r.status().as_u16();
+    if status != 200
+        && !r
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("already exists")
+    {
+        return Err(DnsPolicyError::Status {
+            what: "dns policy",
+            status,
+        });
+    }
+    let update = AnonymousUpdate {
+        accessor_id: ANONYMOUS_ACCESSOR,
+        description: "Anonymous Token (hashistack: DNS answers)",
+        policies: vec![PolicyLink { name: DNS_POLICY }],
+    };
+    let r = c
+        .put(format!("{api}/v1/acl/token/{ANONYMOUS_ACCESSOR}"))
+        .header("X-Consul-Token", management)
+        .json(&update)
+        .send()
+        .await
+        .map_err(|e| DnsPolicyError::Request {
+            what: "anonymous token",
+            source: e.without_url(),
+        })?;
+    match r.status().as_u16() {
+        200 => Ok(()),
+        status => Err(DnsPolicyError::Status {
+            what: "anonymous token",
+            status,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

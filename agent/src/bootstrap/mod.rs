@@ -23,6 +23,7 @@ pub mod member;
 pub mod nomad;
 pub mod status_tokens;
 pub mod vault;
+pub mod workload_identity;
 
 use crate::azure::{Azure, AzureError};
 use crate::coordination::{self, TierPhase, TierState};

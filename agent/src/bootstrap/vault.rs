@@ -49,9 +49,19 @@ pub struct VaultTier {
     pub shared: Option<(crate::azure::Azure, String)>,
     /// The status vault (URI; same client as `shared`), where only the jumpbox may read the status token.
     pub status_vault: Option<String>,
+    /// Where the Nomad workload identities' configuration token is handed over (the servers Key Vault and the
+    /// secret's name; bootstrap/workload_identity.rs). `None`: the tier does not prepare workload identities.
+    pub workload_identity: Option<WorkloadIdentityHandover>,
     /// This node's Vault storage, for the one repair the bootstrap makes itself (a half-initialized node after
     /// its own init call was cut off). `None`: that case needs an operator.
     pub local: Option<Box<dyn LocalStorage>>,
+}
+
+/// The servers Key Vault (client, URI) and the secret name the JWT configuration token goes to.
+pub struct WorkloadIdentityHandover {
+    pub az: crate::azure::Azure,
+    pub servers_vault: String,
+    pub secret: String,
 }
 
 /// The local Vault's storage: wiped and the server restarted by [`Tier::reset_local`].
@@ -669,8 +679,24 @@ impl Tier for VaultTier {
             }
             _ => Ok(()),
         };
+        // Nomad workload identities: everything Vault needs but the JWKS (docs/bootstrap.md#nomad-workload-identities).
+        let workload_identity = match &self.workload_identity {
+            Some(h) => {
+                match super::workload_identity::prepare(&self.api, &self.ca_file, &token).await {
+                    Ok(t) => crate::material::put_secret(&h.az, &h.servers_vault, &h.secret, &t)
+                        .await
+                        .map_err(|e| format!("workload identity: token hand-over: {e}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => Ok(()),
+        };
+        if workload_identity.is_ok() && self.workload_identity.is_some() {
+            tracing::info!("Nomad workload identities prepared in Vault (auth method, role, policy, configuration token)");
+        }
         autopilot?;
         status_token?;
+        workload_identity?;
         if audit_problem.is_empty() {
             Ok(())
         } else {
@@ -929,6 +955,7 @@ mod tests {
             audit_file: PathBuf::from("/var/log/vault/audit.log"),
             shared: None,
             status_vault: None,
+            workload_identity: None,
             local: None,
         }
     }

@@ -49,6 +49,7 @@ pub struct ConsulConfig {
     pub ui: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ui_config: Option<UiConfig>,
+    pub telemetry: super::PrometheusTelemetry,
     pub disable_update_check: bool,
     pub log_level: String,
     pub log_json: bool,
@@ -307,6 +308,7 @@ pub fn config(
         }),
         ui: (server && v < UI_CONFIG_SINCE).then_some(true),
         ui_config: (server && v >= UI_CONFIG_SINCE).then_some(UiConfig { enabled: true }),
+        telemetry: super::PrometheusTelemetry::new(),
         disable_update_check: true,
         log_level: "INFO".into(),
         log_json: true,

@@ -2,6 +2,7 @@
 //! Pure: reads nothing, writes nothing. Typed config structs are serialised to JSON; no string templates.
 
 pub mod consul;
+pub mod dns;
 pub mod nomad;
 pub mod operator;
 pub mod vault;
@@ -126,6 +127,8 @@ pub struct Plan {
     pub dirs: Vec<DirSpec>,
     pub files: Vec<FileSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Units of the image the agent only configures (systemd-resolved, Docker): restarted when their file changed.
+    pub host_units: Vec<dns::HostUnit>,
 }
 
 /// Rendering options that come from the agent config, not from the node.
@@ -149,11 +152,39 @@ impl RenderOptions {
         }
     }
 
-    fn owner(&self, user: &str) -> Owner {
+    pub(crate) fn owner(&self, user: &str) -> Owner {
         match self.owners {
             Owners::ServiceUsers => Owner::named(user, user),
             Owners::CurrentUser => Owner::Current,
         }
+    }
+}
+
+/// How long each product keeps metrics for a Prometheus scrape (`telemetry.prometheus_retention_time`): the
+/// `/v1/agent/metrics` (Consul), `/v1/sys/metrics` (Vault) endpoints answer `?format=prometheus` only when it
+/// is set. A scraper polling every 15–60 s finds every gauge.
+pub const PROMETHEUS_RETENTION: &str = "60s";
+
+/// Consul's and Vault's `telemetry` block (the same keys in both; docs/operability.md).
+#[derive(Debug, serde::Serialize)]
+pub struct PrometheusTelemetry {
+    pub prometheus_retention_time: String,
+    /// Metric names without the node's hostname: one series per metric, the node in the scrape's labels.
+    pub disable_hostname: bool,
+}
+
+impl PrometheusTelemetry {
+    pub fn new() -> Self {
+        PrometheusTelemetry {
+            prometheus_retention_time: PROMETHEUS_RETENTION.into(),
+            disable_hostname: true,
+        }
+    }
+}
+
+impl Default for PrometheusTelemetry {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -186,7 +217,11 @@ pub fn cert_sans(spec: &NodeSpec, p: Product) -> Vec<String> {
                 sans.push(crate::node::url_host(a).to_string());
             }
         }
-        (Product::Nomad, Role::NomadServer) => sans.push("server.global.nomad".into()),
+        (Product::Nomad, Role::NomadServer) => {
+            sans.push("server.global.nomad".into());
+            // Vault fetches the servers' JWKS by this name (workload identities; node.rs DEFAULT_NOMAD_ADDRESS).
+            sans.push("nomad.service.consul".into());
+        }
         (Product::Nomad, _) => sans.push("client.global.nomad".into()),
     }
     sans.push("localhost".into());
@@ -289,6 +324,8 @@ pub fn render(
     if let Some(m) = material {
         operator::render(spec, layout, opts, m, &mut plan);
     }
+    // Every node runs a Consul agent: `.consul` names through it (docs/dns.md).
+    dns::render(spec, layout, opts, &mut plan);
     if material.is_some() {
         let env_dir = layout
             .env_file("x")

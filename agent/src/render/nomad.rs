@@ -29,6 +29,8 @@ pub struct NomadConfig {
     pub acl: Acl,
     pub tls: Tls,
     pub consul: Consul,
+    pub vault: Vault,
+    pub telemetry: Telemetry,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin: Option<Plugins>,
     pub disable_update_check: bool,
@@ -85,6 +87,69 @@ pub struct Consul {
     pub address: String,
     pub ssl: bool,
     pub ca_file: String,
+}
+
+/// Nomad's `vault` block in the workload-identity model (Nomad >= 1.7; docs/bootstrap.md#nomad-workload-identities):
+/// servers sign each task's identity for Vault (`default_identity`, audience `vault.io`); clients log in with it
+/// to Vault's JWT auth method `jwt-nomad` (its default role) and hand the task its Vault token. No Vault token
+/// on any Nomad agent.
+#[derive(Serialize)]
+pub struct Vault {
+    pub enabled: bool,
+    /// Clients: Vault's address (tag `hashistack-vault-address`, else Vault's active node in Consul's DNS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Clients: the cluster CA, which issued Vault's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Clients: where the JWT auth method is mounted, with Nomad's trailing slash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_auth_backend_path: Option<String>,
+    /// Servers: the identity every task with a `vault` block gets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_identity: Option<DefaultIdentity>,
+}
+
+#[derive(Serialize)]
+pub struct DefaultIdentity {
+    pub aud: Vec<String>,
+    pub ttl: String,
+}
+
+/// The `vault` block for a Nomad server or client, as Nomad's Vault integration documents each.
+pub fn vault_block(spec: &NodeSpec, layout: &Layout) -> Vault {
+    use crate::names::{NOMAD_JWT_MOUNT, NOMAD_VAULT_AUDIENCE, NOMAD_VAULT_IDENTITY_TTL};
+    if spec.role == Role::NomadServer {
+        Vault {
+            enabled: true,
+            address: None,
+            ca_file: None,
+            jwt_auth_backend_path: None,
+            default_identity: Some(DefaultIdentity {
+                aud: vec![NOMAD_VAULT_AUDIENCE.into()],
+                ttl: NOMAD_VAULT_IDENTITY_TTL.into(),
+            }),
+        }
+    } else {
+        Vault {
+            enabled: true,
+            address: Some(spec.vault_api()),
+            ca_file: Some(path_str(&layout.ca_file(Product::Nomad))),
+            jwt_auth_backend_path: Some(format!("{NOMAD_JWT_MOUNT}/")),
+            default_identity: None,
+        }
+    }
+}
+
+/// Nomad's `telemetry` block: Prometheus format at `/v1/metrics?format=prometheus`, with allocation and node
+/// metrics (docs/operability.md).
+#[derive(Serialize)]
+pub struct Telemetry {
+    pub collection_interval: String,
+    pub disable_hostname: bool,
+    pub prometheus_metrics: bool,
+    pub publish_allocation_metrics: bool,
+    pub publish_node_metrics: bool,
 }
 
 #[derive(Serialize)]
@@ -205,6 +270,14 @@ pub fn config(
             address: format!("{}:{}", spec.ip, super::consul::HTTPS_PORT),
             ssl: true,
             ca_file: path_str(&layout.ca_file(Product::Consul)),
+        },
+        vault: vault_block(spec, layout),
+        telemetry: Telemetry {
+            collection_interval: "10s".into(),
+            disable_hostname: true,
+            prometheus_metrics: true,
+            publish_allocation_metrics: true,
+            publish_node_metrics: true,
         },
         plugin,
         disable_update_check: true,

@@ -34,6 +34,9 @@ pub struct VaultConfig {
     /// Declared audit devices (OpenBao ≥ 2.4 only; see [`declares_audit_devices`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub audit: Vec<AuditStanza>,
+    /// Prometheus metrics at `/v1/sys/metrics?format=prometheus`, for a token with `read` on `sys/metrics`
+    /// (`unauthenticated_metrics_access` stays off: docs/operability.md).
+    pub telemetry: super::PrometheusTelemetry,
     pub log_level: String,
     pub log_format: String,
 }
@@ -62,6 +65,90 @@ pub fn declares_audit_devices(installed: &Installed) -> bool {
 /// vault.service may write (`LogsDirectory=vault`, systemd/vault.service).
 pub fn audit_file(layout: &Layout) -> PathBuf {
     layout.root.join("var/log/vault/audit.log")
+}
+
+/// A logrotate(8) rule, typed; [`LogrotateRule::to_text`] writes logrotate's syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogrotateRule {
+    pub path: String,
+    /// `daily`, `weekly`, …
+    pub frequency: &'static str,
+    /// Rotated files kept.
+    pub rotate: u32,
+    /// Rotated early when bigger (`maxsize`).
+    pub max_size: &'static str,
+    pub compress: bool,
+    /// The newest rotated file stays uncompressed (a writer that has not reopened yet still writes to it).
+    pub delay_compress: bool,
+    pub missing_ok: bool,
+    pub not_if_empty: bool,
+    /// `nocreate`: the writer creates the new file itself (its own owner and mode) when it reopens.
+    pub no_create: bool,
+    /// Run once after rotating (`sharedscripts`, `postrotate` … `endscript`).
+    pub post_rotate: Vec<String>,
+}
+
+impl LogrotateRule {
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "# Rendered by hashistack-agent (docs/operability.md).\n{} {{\n",
+            self.path
+        );
+        let mut line = |l: &str| {
+            s.push_str("    ");
+            s.push_str(l);
+            s.push('\n');
+        };
+        line(self.frequency);
+        line(&format!("rotate {}", self.rotate));
+        line(&format!("maxsize {}", self.max_size));
+        for (on, word) in [
+            (self.compress, "compress"),
+            (self.delay_compress, "delaycompress"),
+            (self.missing_ok, "missingok"),
+            (self.not_if_empty, "notifempty"),
+            (self.no_create, "nocreate"),
+        ] {
+            if on {
+                line(word);
+            }
+        }
+        if !self.post_rotate.is_empty() {
+            line("sharedscripts");
+            line("postrotate");
+            for c in &self.post_rotate {
+                line(&format!("    {c}"));
+            }
+            line("endscript");
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+/// Where the audit log's rotation rule goes (logrotate's drop-in directory, run daily by the image's timer).
+pub fn audit_logrotate_file(layout: &Layout) -> PathBuf {
+    layout.root.join("etc/logrotate.d/vault-audit")
+}
+
+/// The audit log's rotation: daily or at 100 MB, 14 kept, compressed; then Vault is sent SIGHUP, on which its
+/// file audit device reopens its file (Vault's file audit device documentation: "log rotation … send a SIGHUP");
+/// `nocreate`, so Vault creates the new file with its own owner and mode (0600).
+pub fn audit_logrotate(layout: &Layout) -> LogrotateRule {
+    LogrotateRule {
+        path: audit_file(layout).display().to_string(),
+        frequency: "daily",
+        rotate: 14,
+        max_size: "100M",
+        compress: true,
+        delay_compress: true,
+        missing_ok: true,
+        not_if_empty: true,
+        no_create: true,
+        post_rotate: vec![
+            "/bin/systemctl kill --signal=HUP --kill-whom=main vault.service >/dev/null 2>&1 || true".into(),
+        ],
+    }
 }
 
 /// One `audit "<type>" "<path>" { … }` block in OpenBao's JSON form:
@@ -242,6 +329,7 @@ pub fn config(
         },
         seal,
         audit,
+        telemetry: super::PrometheusTelemetry::new(),
         log_level: "info".into(),
         log_format: "json".into(),
     }
@@ -260,6 +348,13 @@ pub fn render(
     let cfg = config(spec, layout, opts, installed);
     plan.files
         .push(json_file(layout.config_file(p), &cfg, 0o640, owner, false));
+    plan.files.push(crate::files::FileSpec {
+        path: audit_logrotate_file(layout),
+        content: audit_logrotate(layout).to_text().into_bytes(),
+        mode: 0o644,
+        owner: opts.owner("root"),
+        secret: false,
+    });
     let env_path = layout.env_file("vault");
     if let Some(m) = material {
         let mut vars = identity_env(spec);
@@ -350,6 +445,18 @@ mod tests {
         assert!(rendered("Vault", Version::new(1, 21, 0))
             .get("audit")
             .is_none());
+    }
+
+    #[test]
+    fn the_audit_log_rotation_signals_vault() {
+        let r = audit_logrotate(&Layout::new(std::path::Path::new("/")));
+        assert_eq!(
+            r.to_text(),
+            "# Rendered by hashistack-agent (docs/operability.md).\n\
+             /var/log/vault/audit.log {\n    daily\n    rotate 14\n    maxsize 100M\n    compress\n    delaycompress\n    \
+             missingok\n    notifempty\n    nocreate\n    sharedscripts\n    postrotate\n        \
+             /bin/systemctl kill --signal=HUP --kill-whom=main vault.service >/dev/null 2>&1 || true\n    endscript\n}\n"
+        );
     }
 
     #[test]

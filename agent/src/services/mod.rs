@@ -78,6 +78,10 @@ pub trait ServiceManager: Send + Sync {
     async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError>;
     /// Stops every service this manager started (the process backend on shutdown; a no-op for systemd).
     async fn stop_all(&self);
+    /// Restarts a unit the image owns and the agent only configures (`systemd-resolved`, `docker`) if it runs,
+    /// after one of its files changed (`systemctl try-restart`). Returns whether it asked. The process backend
+    /// has no such units (the lab): it does nothing.
+    async fn restart_host_unit(&self, unit: &str) -> Result<bool, ServiceError>;
 }
 
 /// Reads an `EnvironmentFile=` style file into pairs (blank lines and `#` comments ignored).

@@ -111,6 +111,10 @@ impl ProcessManager {
 
 #[async_trait::async_trait]
 impl ServiceManager for ProcessManager {
+    async fn restart_host_unit(&self, _unit: &str) -> Result<bool, ServiceError> {
+        Ok(false)
+    }
+
     async fn apply(&self, svc: &ServiceSpec, config_changed: bool) -> Result<Action, ServiceError> {
         let mut children = self.children.lock().await;
         if let Some((_, child)) = children.get_mut(&svc.name) {

@@ -72,6 +72,10 @@ fn failure(service: &str, args: &[&str], out: &std::process::Output) -> ServiceE
 
 #[async_trait::async_trait]
 impl ServiceManager for Systemd {
+    async fn restart_host_unit(&self, unit: &str) -> Result<bool, ServiceError> {
+        self.must(unit, &["try-restart", unit]).await.map(|_| true)
+    }
+
     async fn apply(&self, svc: &ServiceSpec, config_changed: bool) -> Result<Action, ServiceError> {
         self.must(&svc.name, &["enable", "--quiet", &svc.unit])
             .await?;
