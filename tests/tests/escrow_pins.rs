@@ -216,6 +216,7 @@ async fn open_returns_the_pinned_versions_and_warns_about_newer_forged_ones() {
         line("WARN", "keyvault").contains("newer than the pinned"),
         "{out}"
     );
+    lab.down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -269,6 +270,7 @@ async fn an_existing_escrow_name_is_a_conflict_never_our_upload() {
             .contains("already exists and was not written by this upload"),
         "{e}"
     );
+    lab.down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -321,6 +323,7 @@ async fn a_copy_that_fails_to_decrypt_falls_back_to_the_other_target() {
         err.contains("tier \"consul\"'s escrow, not \"vault\"'s"),
         "{err}"
     );
+    lab.down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -369,4 +372,5 @@ async fn open_out_never_replaces_a_file() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(names.len(), 2, "no temp file left: {names:?}");
+    lab.down().await;
 }
