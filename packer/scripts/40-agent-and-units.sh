@@ -12,7 +12,6 @@ for unit in hashistack-agent hashistack-data hashistack-imds-guard consul vault 
   install -o root -g root -m 0644 "${staging}/systemd/${unit}.service" "/etc/systemd/system/${unit}.service"
 done
 # The IMDS guard's rules (docs/trust-model.md#workloads-and-imds), checked before they are installed.
-install -d -o root -g root -m 0755 /etc/hashistack/nftables
 for rules in hashistack-imds-guard hashistack-imds-workers; do
   nft -c -f "${staging}/systemd/${rules}.nft"
   install -o root -g root -m 0644 "${staging}/systemd/${rules}.nft" "/etc/hashistack/nftables/${rules}.nft"
