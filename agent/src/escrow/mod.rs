@@ -439,11 +439,6 @@ mod tests {
         // Exactly the counted size plus the tag: a Vec that had grown would have a rounded-up capacity.
         assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     fn env(escrow_id: &str) -> Envelope {
         Envelope {
