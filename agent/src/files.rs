@@ -195,8 +195,126 @@ pub fn write_atomic(f: &FileSpec) -> Result<bool, FileError> {
     result.map(|_| true)
 }
 
+/// Creates `f` as a new file, never replacing anything: the content goes to a temp file with a random name,
+/// created `O_EXCL | O_NOFOLLOW` with mode 0600 in the target directory, fsynced and given its mode and owner, then
+/// hard-linked to the target name (which fails if anything, even a dangling symlink, is there) and unlinked. A
+/// crash leaves at most the temp file, never a partial target.
+pub fn create_new(f: &FileSpec) -> Result<(), FileError> {
+    let ids = resolve(&f.owner, &f.path)?;
+    let dir = match f.path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => {
+            return Err(FileError::Io {
+                path: f.path.clone(),
+                op: "find parent directory",
+                source: std::io::ErrorKind::InvalidInput.into(),
+            })
+        }
+    };
+    if fs::symlink_metadata(&f.path).is_ok() {
+        return Err(FileError::Io {
+            path: f.path.clone(),
+            op: "create (refusing to replace an existing file)",
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        });
+    }
+    let name = f
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut rnd = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut rnd).expect("system RNG");
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(rnd)));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io(&tmp, "create temp file"))?;
+        file.write_all(&f.content).map_err(io(&tmp, "write"))?;
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io(&tmp, "chown"))?;
+        }
+        file.set_permissions(fs::Permissions::from_mode(f.mode))
+            .map_err(io(&tmp, "chmod"))?;
+        file.sync_all().map_err(io(&tmp, "fsync"))?;
+        drop(file);
+        fs::hard_link(&tmp, &f.path)
+            .map_err(io(&f.path, "create (refusing to replace an existing file)"))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir, "fsync directory"))
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
 #[cfg(test)]
 mod tests {
+
+    fn secret_spec(path: &Path, content: &[u8]) -> FileSpec {
+        FileSpec {
+            path: path.to_path_buf(),
+            content: content.to_vec(),
+            mode: 0o600,
+            owner: Owner::Current,
+            secret: true,
+        }
+    }
+
+    #[test]
+    fn create_new_writes_0600_and_leaves_no_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("out.json");
+        create_new(&secret_spec(&p, b"s3cret")).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"s3cret");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o600);
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out.json")]);
+    }
+
+    #[test]
+    fn create_new_never_replaces_a_file_or_follows_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let existing = d.path().join("existing");
+        fs::write(&existing, b"keep me").unwrap();
+        let e = create_new(&secret_spec(&existing, b"new")).unwrap_err();
+        assert!(e.to_string().contains("refusing to replace"), "{e}");
+        assert_eq!(fs::read(&existing).unwrap(), b"keep me");
+        // A symlink planted at the target (even a dangling one) is not written through.
+        let target = d.path().join("elsewhere");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_new(&secret_spec(&link, b"new")).is_err());
+        assert!(!target.exists(), "nothing written through the symlink");
+    }
+
+    #[test]
+    fn create_new_temp_names_are_random_not_the_pid() {
+        // A predictable temp name (`.<name>.tmp-<pid>`) lets another user plant it first; the temp file must be
+        // created with O_EXCL under a fresh random name. Plant the old predictable name as a symlink: a create
+        // that used it would follow it or fail.
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        let planted = d
+            .path()
+            .join(format!(".out.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let p = d.path().join("out.json");
+        create_new(&secret_spec(&p, b"secret")).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+    }
+
     use super::*;
 
     fn spec(dir: &Path, content: &str, mode: u32) -> FileSpec {

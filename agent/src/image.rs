@@ -35,10 +35,14 @@ pub const MANIFEST_PATH: &str = "/etc/hashistack/image.json";
 pub const VERSION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The units of `systemd/`, as this agent was built with them: (file name, content).
-pub const UNITS: [(&str, &str); 6] = [
+pub const UNITS: [(&str, &str); 7] = [
     (
         "hashistack-agent.service",
         include_str!("../../systemd/hashistack-agent.service"),
+    ),
+    (
+        "hashistack-imds-guard.service",
+        include_str!("../../systemd/hashistack-imds-guard.service"),
     ),
     (
         "hashistack-data.service",
@@ -53,6 +57,21 @@ pub const UNITS: [(&str, &str); 6] = [
     (
         "nomad-client.service",
         include_str!("../../systemd/nomad-client.service"),
+    ),
+];
+
+/// Where packer installs the IMDS guard's nftables rules (docs/trust-model.md#workloads-and-imds).
+pub const NFT_DIR: &str = "/etc/hashistack/nftables";
+/// The IMDS guard's rules, as this agent was built with them: (file name, content). The first is loaded on every
+/// role by `hashistack-imds-guard.service`, the second on workers by `nomad-client.service`.
+pub const NFT_RULES: [(&str, &str); 2] = [
+    (
+        "hashistack-imds-guard.nft",
+        include_str!("../../systemd/hashistack-imds-guard.nft"),
+    ),
+    (
+        "hashistack-imds-workers.nft",
+        include_str!("../../systemd/hashistack-imds-workers.nft"),
     ),
 ];
 
@@ -213,6 +232,12 @@ impl ImageContract {
                 Expect::Prefix("Docker version ".into()),
             ),
             binary("/usr/bin/jq", &["--version"], Expect::Prefix("jq-".into())),
+            // Loads the IMDS guard's rules (hashistack-imds-guard.service, nomad-client.service).
+            binary(
+                "/usr/sbin/nft",
+                &["--version"],
+                Expect::Prefix("nftables v".into()),
+            ),
         ]
         .into_iter()
         // The CNI reference plugins Nomad's bridge networking and Connect sidecars run (Ubuntu's
@@ -234,6 +259,7 @@ impl ImageContract {
             // reachable without sudo; what is secret below it has its own mode (env/ 0750, files 0600).
             entry("/etc/hashistack", "root", "root", 0o755),
             entry("/etc/hashistack/env", "root", "root", 0o750),
+            entry(NFT_DIR, "root", "root", 0o755),
             entry("/etc/consul.d", "consul", "consul", 0o750),
             entry("/opt/consul", "consul", "consul", 0o750),
             entry("/etc/vault.d", "vault", "vault", 0o750),
@@ -253,6 +279,15 @@ impl ImageContract {
                 source: unit_source(name),
             })
             .collect();
+        files.extend(NFT_RULES.iter().map(|(name, content)| FileEntry {
+            entry: entry(&format!("{NFT_DIR}/{name}"), "root", "root", 0o644),
+            content: Some(content),
+            source: if name.contains("workers") {
+                "systemd/hashistack-imds-workers.nft"
+            } else {
+                "systemd/hashistack-imds-guard.nft"
+            },
+        }));
         files.push(FileEntry {
             entry: entry(MANIFEST_PATH, "root", "root", 0o644),
             content: None,
@@ -281,7 +316,11 @@ impl ImageContract {
             files,
             absent,
             no_file_capabilities: vec![PathBuf::from("/usr/bin/vault")],
-            enabled_units: vec!["hashistack-agent.service".into()],
+            // The IMDS guard runs at every boot, before Docker and Nomad; everything else is started by the agent.
+            enabled_units: vec![
+                "hashistack-agent.service".into(),
+                "hashistack-imds-guard.service".into(),
+            ],
             disabled_units: [
                 // Pulled in by hashistack-agent.service (Wants=), never enabled on its own.
                 "hashistack-data.service",
@@ -329,6 +368,7 @@ fn unit_source(name: &str) -> &'static str {
     match name {
         "hashistack-agent.service" => "systemd/hashistack-agent.service",
         "hashistack-data.service" => "systemd/hashistack-data.service",
+        "hashistack-imds-guard.service" => "systemd/hashistack-imds-guard.service",
         "consul.service" => "systemd/consul.service",
         "vault.service" => "systemd/vault.service",
         "nomad.service" => "systemd/nomad.service",
@@ -1030,6 +1070,13 @@ mod tests {
             0o755,
         );
         w("/usr/bin/jq", &script("jq-1.7.1"), 0, 0, 0o755);
+        w(
+            "/usr/sbin/nft",
+            &script("nftables v1.0.9 (Old Doc Yak #3)"),
+            0,
+            0,
+            0o755,
+        );
         for plugin in CNI_PLUGINS {
             w(
                 &format!("{CNI_DIR}/{plugin}"),
@@ -1042,6 +1089,7 @@ mod tests {
         for (p, uid, gid, mode) in [
             ("/etc/hashistack", 0, 0, 0o755),
             ("/etc/hashistack/env", 0, 0, 0o750),
+            (NFT_DIR, 0, 0, 0o755),
             ("/etc/consul.d", CONSUL_UID, CONSUL_UID, 0o750),
             ("/opt/consul", CONSUL_UID, CONSUL_UID, 0o750),
             ("/etc/vault.d", VAULT_UID, VAULT_UID, 0o750),
@@ -1058,6 +1106,9 @@ mod tests {
         for (name, content) in UNITS {
             w(&format!("{UNIT_DIR}/{name}"), content, 0, 0, 0o644);
         }
+        for (name, content) in NFT_RULES {
+            w(&format!("{NFT_DIR}/{name}"), content, 0, 0, 0o644);
+        }
         w(
             MANIFEST_PATH,
             r#"{"consul":"1.21.4","vault":"1.20.4","nomad":"1.10.5"}"#,
@@ -1070,6 +1121,11 @@ mod tests {
         symlink(
             "/etc/systemd/system/hashistack-agent.service",
             wants.join("hashistack-agent.service"),
+        )
+        .unwrap();
+        symlink(
+            "/etc/systemd/system/hashistack-imds-guard.service",
+            wants.join("hashistack-imds-guard.service"),
         )
         .unwrap();
         // Base-system units are enabled too; only the listed ones matter.
@@ -1130,6 +1186,79 @@ mod tests {
         );
         // verify_image reads the manifest and, off the real root, runs nothing.
         verify_image(root.path()).unwrap_or_else(|f| panic!("{f}"));
+    }
+
+    #[test]
+    fn imds_guard_missing_edited_or_not_enabled() {
+        let root = good_root();
+        let r = root.path();
+        fs::remove_file(p(r, "/etc/hashistack/nftables/hashistack-imds-workers.nft")).unwrap();
+        fs::write(
+            p(r, "/etc/hashistack/nftables/hashistack-imds-guard.nft"),
+            "table inet hashistack_imds {}\n",
+        )
+        .unwrap();
+        fs::remove_file(p(
+            r,
+            "/etc/systemd/system/multi-user.target.wants/hashistack-imds-guard.service",
+        ))
+        .unwrap();
+        fs::remove_file(p(r, "/usr/sbin/nft")).unwrap();
+        let got = problems(r);
+        for want in [
+            "/etc/hashistack/nftables/hashistack-imds-workers.nft",
+            "/etc/hashistack/nftables/hashistack-imds-guard.nft",
+            "hashistack-imds-guard.service",
+            "/usr/sbin/nft",
+        ] {
+            assert!(
+                got.iter().any(|l| l.contains(want)),
+                "{want} not reported in {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn imds_rules_drop_forwarded_and_foreign_uid_traffic_to_imds() {
+        // What the rules say, read structurally (nft -c checks their syntax in tests/infra when nft is installed).
+        let guard = NFT_RULES[0].1;
+        assert!(guard.contains("hook forward"), "{guard}");
+        assert!(
+            guard.contains("ip daddr 169.254.169.254 counter drop"),
+            "{guard}"
+        );
+        let workers = NFT_RULES[1].1;
+        assert!(workers.contains("hook output"), "{workers}");
+        assert!(workers.contains(r#"ip daddr 169.254.169.254 meta skuid { 0, "consul" } accept"#));
+        assert!(workers.contains("ip daddr 169.254.169.254 counter drop"));
+        let unit = UNITS
+            .iter()
+            .find(|(n, _)| *n == "hashistack-imds-guard.service")
+            .unwrap()
+            .1;
+        assert!(
+            unit.contains("Before=network-pre.target docker.service"),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("nomad.service nomad-client.service"),
+            "{unit}"
+        );
+        assert!(unit.contains(
+            "ExecStart=/usr/sbin/nft -f /etc/hashistack/nftables/hashistack-imds-guard.nft"
+        ));
+        let client = UNITS
+            .iter()
+            .find(|(n, _)| *n == "nomad-client.service")
+            .unwrap()
+            .1;
+        assert!(
+            client.contains("Requires=hashistack-imds-guard.service"),
+            "{client}"
+        );
+        assert!(client.contains(
+            "ExecStartPre=/usr/sbin/nft -f /etc/hashistack/nftables/hashistack-imds-workers.nft"
+        ));
     }
 
     #[test]

@@ -131,7 +131,7 @@ enum EscrowCommand {
         /// consul, vault or nomad
         #[arg(long)]
         tier: String,
-        /// Write the secrets to this file (mode 0600) instead of standard output.
+        /// Write the secrets to this new file (mode 0600; never replaces an existing file) instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
         /// PGP escrow (docs/pgp-escrow.md): also write each PGP message as DIR/<tier>-<name>.gpg for
@@ -531,10 +531,29 @@ async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
                     format!("--tier {tier:?}: expected consul, vault or nomad"),
                 );
             }
-            let plain = match operator::open(&az, &targets, &target.cluster, tier, policy).await {
+            if let Some(path) = out {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    return fail(
+                        2,
+                        format!(
+                            "--out {}: already exists; escrow open never replaces a file (choose a new name)",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+            let opened = match operator::open(&az, &targets, &target.cluster, tier, policy).await {
                 Ok(p) => p,
                 Err(e) => return fail(1, e),
             };
+            for w in &opened.warnings {
+                eprintln!("WARNING: {}/{tier}: {w}", target.cluster);
+            }
+            eprintln!(
+                "{}/{tier}: escrow {} opened from its pinned {} copy",
+                target.cluster, opened.escrow_id, opened.target
+            );
+            let plain = opened.plain;
             // A PGP escrow holds messages only the operators' own keys open: point at them.
             if let Some(dir) = pgp_dir {
                 match operator::write_pgp_messages(dir, tier, &plain) {
@@ -570,7 +589,7 @@ async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
                         owner: hashistack_agent::files::Owner::Current,
                         secret: true,
                     };
-                    if let Err(e) = hashistack_agent::files::write_atomic(&f) {
+                    if let Err(e) = hashistack_agent::files::create_new(&f) {
                         return fail(1, e);
                     }
                     eprintln!(
@@ -601,6 +620,13 @@ async fn run_escrow(cmd: EscrowCommand) -> ExitCode {
                             l.object,
                             l.detail
                         );
+                        for w in &l.warnings {
+                            println!(
+                                "{:<4} {:<7} {:<9} {:<60} {w}",
+                                "WARN", l.tier, l.target, l.object
+                            );
+                            eprintln!("WARNING: {}/{}: {w}", target.cluster, l.tier);
+                        }
                     }
                     if lines.is_empty() {
                         println!(

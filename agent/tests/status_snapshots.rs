@@ -79,6 +79,8 @@ fn done_state(tier: &str, leader: &str) -> TierState {
             target: target.into(),
             object,
             version: "v1".into(),
+            etag: None,
+            escrow_id: None,
             ciphertext_sha256: "ab".repeat(32),
             written_unix: NOW - 86_400 * 3,
         });

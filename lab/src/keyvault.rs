@@ -75,6 +75,9 @@ pub const ESCROW_VAULT: &str = "escrow";
 pub const SERVERS_VAULT: &str = "servers";
 /// Status tokens: server tiers write, only the jumpbox reads (ARM `kvj-…`).
 pub const STATUS_VAULT: &str = "status";
+/// The value of the per-tier escrow secrets' first version, as the ARM template creates them (no escrow yet).
+pub const ESCROW_PLACEHOLDER: &str =
+    "placeholder created by the deployment; escrow versions follow (hashistack-agent escrow open reads the version its receipt pins)";
 /// The escrow key-encryption key, created by ARM (`escrowKeyName`) and here by [`KeyVaultDouble::model_arm`].
 pub const ESCROW_KEY: &str = "escrow-wrap";
 
@@ -140,6 +143,8 @@ pub enum Scope {
     Key(String),
     /// Secrets whose name starts with this prefix (`…/vaults/<v>/secrets/<name>` for each): secret operations only.
     SecretPrefix(String),
+    /// Exactly one secret (`…/vaults/<v>/secrets/<name>`, Azure's single-secret scope): secret operations on it only.
+    Secret(String),
 }
 
 #[derive(Debug, Clone)]
@@ -437,12 +442,14 @@ impl KeyVaultDouble {
             .grant(principal, actions, scope);
     }
 
-    /// The ARM template's Key Vault role assignments and escrow key, for the lab's vaults: server
-    /// identities (Consul, Vault, Nomad) read and write cluster material (`shared` and `servers`), write
-    /// status tokens (`status`) and escrow secrets, and wrap with the escrow key; workers and the jumpbox read
-    /// the `shared` vault only; the jumpbox alone reads `status`; the operator reads escrow secrets and
-    /// unwraps. (The unseal vault is not modelled: the lab unseals with transit.)
-    pub fn model_arm(&self) -> Result<(), KeyVaultError> {
+    /// The ARM template's Key Vault role assignments, escrow key and per-tier escrow secrets, for the lab's
+    /// vaults: server identities (Consul, Vault, Nomad) read and write cluster material (`shared` and
+    /// `servers`), write status tokens (`status`), set their own tier's escrow secret
+    /// (`<cluster>-<tier>-escrow`, created with a placeholder version as ARM does; single-secret scope) and
+    /// nothing else in escrow, and wrap with the escrow key; workers and the jumpbox read the `shared` vault only;
+    /// the jumpbox alone reads `status`; the operator reads escrow secrets and unwraps. (The unseal vault is not
+    /// modelled: the lab unseals with transit.)
+    pub fn model_arm(&self, cluster: &str) -> Result<(), KeyVaultError> {
         use principals::*;
         let (Some(shared), Some(escrow), Some(servers), Some(status)) = (
             self.vault(SHARED_VAULT),
@@ -457,11 +464,15 @@ impl KeyVaultDouble {
         if escrow.key_versions(ESCROW_KEY).is_empty() {
             escrow.create_key(ESCROW_KEY, 3072)?;
         }
-        for p in [CONSUL, VAULT, NOMAD] {
+        for (p, tier) in [(CONSUL, "consul"), (VAULT, "vault"), (NOMAD, "nomad")] {
             shared.grant(p, roles::CLUSTER_MATERIAL_WRITER, Scope::Vault);
             servers.grant(p, roles::CLUSTER_MATERIAL_WRITER, Scope::Vault);
             status.grant(p, roles::SECRET_WRITER, Scope::Vault);
-            escrow.grant(p, roles::ESCROW_SECRET_WRITER, Scope::Vault);
+            let secret = hashistack_agent::escrow::tier_secret_name(cluster, tier);
+            if escrow.secret_version_count(&secret) == 0 {
+                escrow.set_secret_typed(&secret, ESCROW_PLACEHOLDER, Some("text/plain"))?;
+            }
+            escrow.grant(p, roles::ESCROW_SECRET_WRITER, Scope::Secret(secret));
             escrow.grant(p, roles::ESCROW_KEY_WRAPPER, Scope::Key(ESCROW_KEY.into()));
         }
         for p in [WORKERS, JUMPBOX] {
@@ -564,11 +575,21 @@ impl Vault {
     }
     /// Admin (RBAC-free) secret write; returns the new version.
     pub fn set_secret(&self, name: &str, value: &str) -> Result<String, KeyVaultError> {
+        self.set_secret_typed(name, value, None)
+    }
+    /// Admin (RBAC-free) secret write with a content type (as ARM's `Microsoft.KeyVault/vaults/secrets`); returns
+    /// the new version.
+    pub fn set_secret_typed(
+        &self,
+        name: &str,
+        value: &str,
+        content_type: Option<&str>,
+    ) -> Result<String, KeyVaultError> {
         let now = now();
         let sv = SecretVersion {
             version: new_version(),
             value: value.into(),
-            content_type: None,
+            content_type: content_type.map(str::to_string),
             tags: None,
             enabled: true,
             created: now,
@@ -926,6 +947,8 @@ fn authorize(st: &VaultState, vault: &str, principal: &str, route: &Route) -> Re
                 Scope::SecretPrefix(p) => {
                     route.op.is_secret() && route.name.starts_with(p.as_str())
                 }
+                // Key Vault object names are case-insensitive.
+                Scope::Secret(n) => route.op.is_secret() && n.eq_ignore_ascii_case(&route.name),
             }
     });
     if allowed {

@@ -488,7 +488,7 @@ impl Lab {
         )
         .await
         .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
-        kv.model_arm()
+        kv.model_arm(&self.opts.cluster)
             .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
         self.keyvault = Some(kv);
         Ok(())
@@ -702,6 +702,40 @@ impl Lab {
         r.bytes().await.ok().map(|b| b.to_vec())
     }
 
+    /// Names of the blobs in `container` under `prefix` (for tests: escrow copies, whose names carry a nonce).
+    pub async fn list_blobs(&self, container: &str, prefix: &str) -> Result<Vec<String>, LabError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = imds::lab_token("https://storage.azure.com", now, 3600);
+        let r = self
+            .https()
+            .get(format!("{}{container}", self.blob_endpoint()))
+            .query(&[
+                ("restype", "container"),
+                ("comp", "list"),
+                ("prefix", prefix),
+            ])
+            .bearer_auth(token)
+            .header("x-ms-version", "2021-12-02")
+            .send()
+            .await
+            .map_err(|e| LabError::Failed(format!("list blobs {container}/{prefix}: {e}")))?;
+        if !r.status().is_success() {
+            return Err(LabError::Failed(format!(
+                "list blobs {container}/{prefix}: HTTP {}",
+                r.status()
+            )));
+        }
+        let xml = r
+            .text()
+            .await
+            .map_err(|e| LabError::Failed(format!("list blobs {container}/{prefix}: {e}")))?;
+        Ok(xml
+            .split("<Name>")
+            .skip(1)
+            .filter_map(|s| s.split_once("</Name>").map(|(n, _)| n.to_string()))
+            .collect())
+    }
+
     /// Writes (overwrites) a blob as the lab (for tests: e.g. a tier state without its escrow receipts).
     pub async fn write_blob(
         &self,
@@ -772,10 +806,22 @@ impl Lab {
 
     /// Starts a fake IMDS for the operator's identity (what `az login` is on a workstation), for `escrow open`.
     pub async fn operator_imds(&mut self) -> Result<String, LabError> {
-        let ip = self.opts.ip(250);
-        let doc = imds::instance_document("operator", "", &ip.to_string(), &[]);
+        self.identity_imds("operator", 250, crate::keyvault::principals::OPERATOR)
+            .await
+    }
+
+    /// Starts a fake IMDS on 127.<net>.0.`host` whose tokens carry `oid` (a VM identity outside any node, for tests
+    /// that act as that identity: e.g. a hostile server of one tier).
+    pub async fn identity_imds(
+        &mut self,
+        name: &str,
+        host: u8,
+        oid: &str,
+    ) -> Result<String, LabError> {
+        let ip = self.opts.ip(host);
+        let doc = imds::instance_document(name, "", &ip.to_string(), &[]);
         let mut st = ImdsState::new(doc);
-        st.oid = crate::keyvault::principals::OPERATOR.to_string();
+        st.oid = oid.to_string();
         let state = Arc::new(Mutex::new(st));
         let task = imds::serve(SocketAddr::from((ip, IMDS_PORT)), state)
             .await

@@ -822,7 +822,7 @@ async fn fake_imds_tokens_carry_the_nodes_identity() {
 #[tokio::test]
 async fn arm_model_matches_the_templates_assignments() {
     let f = fixture().await;
-    f.kv.model_arm().expect("model ARM");
+    f.kv.model_arm("lab").expect("model ARM");
     let escrow = |oid: &str| key_client(&f, ESCROW_VAULT, LabCredential::new(oid));
     let escrow_secrets = |oid: &str| {
         secret_client(
@@ -841,19 +841,42 @@ async fn arm_model_matches_the_templates_assignments() {
         )
     };
 
-    // Server identity: escrow write-only, wrap-only; shared read-write.
-    for server in [principals::CONSUL, principals::VAULT, principals::NOMAD] {
-        sdk_set(
-            &escrow_secrets(server),
-            &format!("root-{}", &server[32..]),
-            "x",
-        )
-        .await
-        .expect("escrow write");
-        let e = sdk_get(&escrow_secrets(server), &format!("root-{}", &server[32..]))
+    // Server identity: escrow write-only to its own tier's escrow secret (single-secret scope), wrap-only;
+    // shared read-write.
+    let tiers = [
+        (principals::CONSUL, "consul"),
+        (principals::VAULT, "vault"),
+        (principals::NOMAD, "nomad"),
+    ];
+    for (server, tier) in tiers {
+        let own = hashistack_agent::escrow::tier_secret_name("lab", tier);
+        assert_eq!(own, format!("lab-{tier}-escrow"));
+        assert_eq!(
+            f.kv.vault(ESCROW_VAULT).unwrap().secret_version_count(&own),
+            1,
+            "ARM creates {own} with a placeholder version"
+        );
+        sdk_set(&escrow_secrets(server), &own, "x")
+            .await
+            .expect("escrow write to the own tier's secret");
+        let e = sdk_get(&escrow_secrets(server), &own).await.unwrap_err();
+        assert_eq!(err_parts(&e).0, 403);
+        for (_, other) in tiers.iter().filter(|(_, t)| *t != tier) {
+            let e = sdk_set(
+                &escrow_secrets(server),
+                &hashistack_agent::escrow::tier_secret_name("lab", other),
+                "forged",
+            )
             .await
             .unwrap_err();
-        assert_eq!(err_parts(&e).0, 403);
+            assert_eq!(err_parts(&e).0, 403, "{tier} writes {other}'s escrow");
+        }
+        for name in [format!("{own}x"), format!("root-{}", &server[32..])] {
+            let e = sdk_set(&escrow_secrets(server), &name, "x")
+                .await
+                .unwrap_err();
+            assert_eq!(err_parts(&e).0, 403, "{tier} writes {name}");
+        }
         sdk_set(&shared(server), "ca-cert", "pem")
             .await
             .expect("shared write");
@@ -879,7 +902,7 @@ async fn arm_model_matches_the_templates_assignments() {
     assert_eq!(err_parts(&e).0, 403);
     // The operator reads escrow and unwraps.
     assert_eq!(
-        sdk_get(&escrow_secrets(principals::OPERATOR), "root-c002")
+        sdk_get(&escrow_secrets(principals::OPERATOR), "lab-vault-escrow")
             .await
             .unwrap(),
         "x"
@@ -902,7 +925,7 @@ async fn arm_model_matches_the_templates_assignments() {
         .await
         .unwrap_err();
     assert_eq!(err_parts(&e).0, 403);
-    let e = sdk_get(&escrow_secrets(principals::WORKERS), "root-c002")
+    let e = sdk_get(&escrow_secrets(principals::WORKERS), "lab-vault-escrow")
         .await
         .unwrap_err();
     assert_eq!(err_parts(&e).0, 403);

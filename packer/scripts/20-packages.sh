@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Consul, Vault and Nomad at pinned versions from HashiCorp's signed apt repository; the Azure CLI at a pinned
 # version from Microsoft's signed apt repository (operators use az on the jumpbox); Docker (Ubuntu's docker.io)
-# jq and the CNI reference plugins (containernetworking-plugins, pinned) from the Ubuntu archive.
+# jq, nftables (the IMDS guard's rules) and the CNI reference plugins (containernetworking-plugins, pinned) from the
+# Ubuntu archive.
 set -euo pipefail
 
 : "${CONSUL_VERSION:?CONSUL_VERSION is not set}"
@@ -66,7 +67,8 @@ echo "deb [arch=$(dpkg --print-architecture) signed-by=${microsoft_keyring}] ${M
   "azure-cli=${AZURE_CLI_VERSION}-1~${codename}" \
   docker.io \
   "containernetworking-plugins=${CNI_PLUGINS_VERSION}*" \
-  jq
+  jq \
+  nftables
 # The image is rebuilt to upgrade, never upgraded in place.
 apt-mark hold consul vault nomad azure-cli containernetworking-plugins
 
@@ -78,6 +80,7 @@ nomad version
 AZURE_CONFIG_DIR="${workdir}/azure" AZURE_CORE_COLLECT_TELEMETRY=false az version --output json
 docker --version
 jq --version
+nft --version
 # The CNI reference plugins in /usr/lib/cni (Nomad's client cni_path; image verify checks them).
 dpkg-query -W containernetworking-plugins
 ls -l /usr/lib/cni/bridge /usr/lib/cni/firewall /usr/lib/cni/host-local /usr/lib/cni/loopback /usr/lib/cni/portmap

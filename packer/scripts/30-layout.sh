@@ -11,10 +11,12 @@ set -euo pipefail
 # /var/lib/hashistack-data is the mount point of the server tiers' data disk (hashistack-data.service formats
 # it when blank and mounts it at boot); on the OS disk it stays empty.
 # /etc/hashistack is traversable so operators reach /etc/hashistack/operator (CA, CLI environments) without sudo;
-# what is secret below it keeps its own mode.
+# what is secret below it keeps its own mode. /etc/hashistack/nftables holds the IMDS guard's rules
+# (40-agent-and-units.sh installs them).
 layout=(
   "/etc/hashistack root root 0755"
   "/etc/hashistack/env root root 0750"
+  "/etc/hashistack/nftables root root 0755"
   "/etc/consul.d consul consul 0750"
   "/opt/consul consul consul 0750"
   "/etc/vault.d vault vault 0750"

@@ -8,14 +8,20 @@ install -o root -g root -m 0755 "${staging}/hashistack-agent" /usr/local/bin/has
 
 # /etc/systemd/system, not /usr/lib/systemd/system: the HashiCorp packages install their own consul, vault
 # and nomad units in /usr/lib/systemd/system, and units in /etc/systemd/system take precedence over them.
-for unit in hashistack-agent hashistack-data consul vault nomad nomad-client; do
+for unit in hashistack-agent hashistack-data hashistack-imds-guard consul vault nomad nomad-client; do
   install -o root -g root -m 0644 "${staging}/systemd/${unit}.service" "/etc/systemd/system/${unit}.service"
+done
+# The IMDS guard's rules (docs/trust-model.md#workloads-and-imds), checked before they are installed.
+for rules in hashistack-imds-guard hashistack-imds-workers; do
+  nft -c -f "${staging}/systemd/${rules}.nft"
+  install -o root -g root -m 0644 "${staging}/systemd/${rules}.nft" "/etc/hashistack/nftables/${rules}.nft"
 done
 systemctl daemon-reload
 
 # The agent starts the services a node's role needs at every boot; nothing else may start them at boot.
 # hashistack-data.service (the data disk) is pulled in by the agent's unit (Wants=), not enabled on its own.
-systemctl enable hashistack-agent.service
+# hashistack-imds-guard.service is enabled: it must run at every boot, before Docker and Nomad.
+systemctl enable hashistack-agent.service hashistack-imds-guard.service
 for unit in consul vault nomad nomad-client; do
   rm -f "/etc/systemd/system/multi-user.target.wants/${unit}.service"
 done

@@ -525,6 +525,8 @@ class Evaluator:
             return {"primaryEndpoints": {"blob": f"https://{name}.blob.core.windows.net/"}}
         if "/microsoft.keyvault/vaults/" in low:
             return {"vaultUri": f"https://{name}.vault.azure.net/"}
+        if "/microsoft.operationalinsights/workspaces/" in low:
+            return {"customerId": _guid("workspace", rid)}
         if "/microsoft.network/publicipaddresses/" in low:
             return {"ipAddress": "203.0.113.10", "dnsSettings": {"fqdn": f"{name}.{CTX['location']}.cloudapp.azure.com"}}
         raise ArmExprError(f"reference() of an unsupported resource: {rid}")

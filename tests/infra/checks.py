@@ -44,6 +44,16 @@ STALE_API_OK = {
     "Microsoft.ManagedIdentity/userAssignedIdentities": "2024-11-30 is the newest stable version in the schema set",
 }
 MAX_API_AGE_DAYS = 730
+# Resource types the shared schema subset does not carry (../shared/arm-schemas/README.md lists the providers it
+# has): each is allowed at exactly this stable apiVersion, and its shape is checked by the named structural check
+# instead of a published schema.
+NOT_IN_SCHEMA_SET = {
+    "Microsoft.OperationalInsights/workspaces": ("2025-02-01", "check_audit_trail"),
+    # The newest stable diagnosticSettings API (category groups need a preview): explicit categories instead.
+    "Microsoft.Insights/diagnosticSettings": ("2016-09-01", "check_audit_trail"),
+    # The newest stable management locks API.
+    "Microsoft.Authorization/locks": ("2020-05-01", "check_audit_trail"),
+}
 
 
 def resources_of(t: dict, rtype: str) -> list[dict]:
@@ -61,6 +71,8 @@ def check_template_schema(t: dict, schemas: SchemaSet) -> list[str]:
     problems = [f"template: {e}" for e in schemas.errors(t, "2019-04-01/deploymentTemplate.json#")]
     for n, r in enumerate(t.get("resources", [])):
         label = f"resources[{n}] {r.get('type')} {r.get('name')}"
+        if NOT_IN_SCHEMA_SET.get(r.get("type", ""), ("",))[0] == r.get("apiVersion"):
+            continue
         if not schemas.has_type(r.get("apiVersion", ""), r.get("type", "")):
             problems.append(f"{label}: apiVersion {r.get('apiVersion')} has no schema for this type")
             continue
@@ -155,6 +167,10 @@ def check_api_versions(t: dict, schemas: SchemaSet, today: dt.date) -> list[str]
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", api):
             problems.append(f"{label}: not a stable (non-preview) apiVersion")
             continue
+        if rtype in NOT_IN_SCHEMA_SET:
+            if api != NOT_IN_SCHEMA_SET[rtype][0]:
+                problems.append(f"{label}: outside the schema set, only {NOT_IN_SCHEMA_SET[rtype][0]} is allowed")
+            continue
         if not schemas.has_type(api, rtype):
             problems.append(f"{label}: not in the schema set")
             continue
@@ -169,6 +185,16 @@ def check_api_versions(t: dict, schemas: SchemaSet, today: dt.date) -> list[str]
 
 SECRET_NAME = re.compile(r"(password|passwd|secret|token|credential|privatekey|connectionstring|sastoken|accountkey)",
                          re.I)
+
+
+PLACEHOLDER_VARIABLE = "escrowPlaceholderText"
+PLACEHOLDER_VALUE = f"[variables('{PLACEHOLDER_VARIABLE}')]"
+
+
+def _is_constant_text(t: dict, var: str) -> bool:
+    """A variable that is literal text (no expression, so no parameter or reference can flow into it)."""
+    v = t.get("variables", {}).get(var)
+    return isinstance(v, str) and not is_expr(v)
 
 
 def check_secrets(t: dict) -> list[str]:
@@ -187,7 +213,12 @@ def check_secrets(t: dict) -> list[str]:
     for r in t.get("resources", []):
         for path, s in strings_in(r.get("properties", {})):
             key = path.rsplit("/", 1)[-1]
-            is_value_of_secret = r.get("type", "").lower() == "microsoft.keyvault/vaults/secrets" and path == "/value"
+            is_value_of_secret = r.get("type", "").lower() == "microsoft.keyvault/vaults/secrets" and path == "/value" \
+                and s != key
+            if is_value_of_secret and s == PLACEHOLDER_VALUE and _is_constant_text(t, PLACEHOLDER_VARIABLE):
+                # The per-tier escrow secrets are created with a fixed, public placeholder text (their first
+                # version) so the tier's writer can be assigned on that one secret; escrow versions follow.
+                continue
             if (SECRET_NAME.search(key) and key != s) or is_value_of_secret:
                 m = re.fullmatch(r"\[parameters\('([^']+)'\)\]", s)
                 if not (m and m.group(1) in secure):
@@ -617,6 +648,10 @@ def _scope_labels(t: dict, ev: Evaluator) -> dict[str, str]:
     for k in ("unseal", "escrow"):
         labels[ev.fn_resourceid("Microsoft.KeyVault/vaults/keys", ev.variable(f"{k}VaultName"),
                                 ev.variable(f"{k}KeyName")).lower()] = f"key:{k}"
+    # Each server tier's own escrow secret (single-secret scope).
+    for tier, name in ev.variable("escrowVaultEntries").items():
+        labels[ev.fn_resourceid("Microsoft.KeyVault/vaults/secrets", ev.variable("escrowVaultName"),
+                                name).lower()] = f"secret:escrow/{tier}"
     return labels
 
 
@@ -667,7 +702,7 @@ for _t in SERVER_TIERS:
     EXPECTED_ACCESS |= {
         (_t, "resourceGroup", "Reader"),
         (_t, "container:escrow", custom(*ESCROW_BLOB_WRITE_ONLY)),
-        (_t, "vault:escrow", custom(*ESCROW_SECRET_WRITE_ONLY)),
+        (_t, f"secret:escrow/{_t}", custom(*ESCROW_SECRET_WRITE_ONLY)),
         (_t, "key:escrow", custom(*ESCROW_KEY_WRAP_ONLY)),
         (_t, "vault:shared", custom(f"{KV}/secrets/getSecret/action", f"{KV}/secrets/setSecret/action")),
         (_t, "vault:servers", custom(f"{KV}/secrets/getSecret/action", f"{KV}/secrets/setSecret/action")),
@@ -699,30 +734,35 @@ def check_access_matrix(t: dict, ev: Evaluator) -> list[str]:
     return problems
 
 
-ESCROW_SCOPES = {"container:escrow", "vault:escrow", "key:escrow"}
+ESCROW_SCOPES = {"container:escrow", "vault:escrow", "key:escrow"} | {f"secret:escrow/{t}" for t in SERVER_TIERS}
 PARENTS = {"container:escrow": {"storageAccount", "resourceGroup", "subscription"},
            "vault:escrow": {"resourceGroup", "subscription"},
+           **{f"secret:escrow/{t}": {"vault:escrow", "resourceGroup", "subscription"} for t in SERVER_TIERS},
            "key:escrow": {"vault:escrow", "resourceGroup", "subscription"},
            "key:unseal": {"vault:unseal", "resourceGroup", "subscription"}}
 
 
 DATA_PREFIX = {"container:escrow": f"{BLOB}/", "vault:escrow": f"{KV}/secrets/", "key:escrow": f"{KV}/keys/",
-               "key:unseal": f"{KV}/keys/"}
+               "key:unseal": f"{KV}/keys/", **{f"secret:escrow/{t}": f"{KV}/secrets/" for t in SERVER_TIERS}}
 
 
 def check_escrow_write_only(t: dict, ev: Evaluator) -> list[str]:
     """No VM identity can read escrow: on the escrow container, vault and key (and anything above them) VM
     identities hold exactly the write-only roles; the custom roles have exactly the listed data actions."""
     problems = []
-    want = {"container:escrow": ESCROW_BLOB_WRITE_ONLY, "vault:escrow": ESCROW_SECRET_WRITE_ONLY,
-            "key:escrow": ESCROW_KEY_WRAP_ONLY}
+    # Key Vault escrow: each server tier sets its own tier's escrow secret only (single-secret scope); nobody
+    # holds a secret role on the whole escrow vault (checked through PARENTS below).
+    want = {"container:escrow": ESCROW_BLOB_WRITE_ONLY, "key:escrow": ESCROW_KEY_WRAP_ONLY,
+            **{f"secret:escrow/{t}": ESCROW_SECRET_WRITE_ONLY for t in SERVER_TIERS}}
+    holders_wanted = {scope: [scope.split("/", 1)[1]] if scope.startswith("secret:") else SERVER_TIERS
+                      for scope in want}
     assignments = role_assignments(t, ev)
     vm = [a for a in assignments if a["principal"] in TIERS]
     for scope, exact in want.items():
         holders = [a for a in vm if a["scope"] == scope]
-        if {a["principal"] for a in holders} != set(SERVER_TIERS):
+        if sorted({a["principal"] for a in holders}) != sorted(holders_wanted[scope]):
             problems.append(f"{scope}: write access held by {sorted({a['principal'] for a in holders})}, "
-                            f"want the server tiers {SERVER_TIERS}")
+                            f"want {holders_wanted[scope]}")
         for a in holders:
             if a["data_actions"] != exact:
                 problems.append(f"{scope}: {a['principal']} holds data actions {sorted(a['data_actions'])}, "
@@ -1046,6 +1086,162 @@ def check_node_record_writers(t: dict, ev: Evaluator) -> list[str]:
         for action in sorted(want):
             if f"ActionMatches{{'{action}'}}" not in cond:
                 problems.append(f"{who}: the condition does not cover {action}")
+    return problems
+
+
+def _write_condition_prefixes(cond: str) -> list[str] | None:
+    """The blob-path prefixes a role assignment condition lets writes go to, if it has exactly Microsoft's documented
+    shape: `((!(ActionMatches{'<blobs>/write'}) AND !(ActionMatches{'<blobs>/add/action'})) OR (@Resource[<blobs>:path]
+    StringStartsWith '<p1>' [OR @Resource[<blobs>:path] StringStartsWith '<p2>' ...]))`; None otherwise."""
+    head = (f"((!(ActionMatches{{'{BLOB}/write'}}) AND !(ActionMatches{{'{BLOB}/add/action'}})) OR (")
+    if not cond.startswith(head) or not cond.endswith("))"):
+        return None
+    body = cond[len(head):-2]
+    prefixes = []
+    for part in body.split(" OR "):
+        m = re.fullmatch(rf"@Resource\[{re.escape(BLOB)}:path\] StringStartsWith '([^'*]+)'", part)
+        if not m:
+            return None
+        prefixes.append(m.group(1))
+    return prefixes
+
+
+def check_tier_isolation(t: dict, ev: Evaluator) -> list[str]:
+    """Issue 12, item 6: a server tier's identity writes only its own tier's escrow and coordination objects. Its
+    escrow blob writer and coordination writer assignments carry an ABAC condition (version 2.0) letting
+    `write` and `add/action` through only under `<clusterName>/<tier>/` (coordination also: the shared cluster
+    material lease `<clusterName>/material/` and boot records `<clusterName>/nodes/`); its Key Vault escrow writer
+    is scoped to its own tier's escrow secret, which the template creates."""
+    problems = []
+    cluster = ev.param("clusterName")
+    want = {
+        "container:escrow": lambda tier: [f"{cluster}/{tier}/"],
+        "container:coordination": lambda tier: [f"{cluster}/{tier}/", f"{cluster}/material/", f"{cluster}/nodes/"],
+    }
+    assignments = role_assignments(t, ev)
+    for tier in SERVER_TIERS:
+        for scope, prefixes in want.items():
+            held = [a for a in assignments if a["principal"] == tier and a["scope"] == scope
+                    and any(d in (f"{BLOB}/write", f"{BLOB}/add/action") for d in a["data_actions"])]
+            if len(held) != 1:
+                problems.append(f"{tier}: {len(held)} write assignments on {scope}, want 1")
+                continue
+            props = held[0]["resource"].get("properties", {})
+            cond = ev.value(props["condition"]) if "condition" in props else ""
+            got = _write_condition_prefixes(cond)
+            if props.get("conditionVersion") != "2.0":
+                problems.append(f"{tier} on {scope}: conditionVersion {props.get('conditionVersion')!r}, want '2.0'")
+            if got is None:
+                problems.append(f"{tier} on {scope}: no path condition of the documented shape (got {cond!r})")
+            elif got != prefixes(tier):
+                problems.append(f"{tier} on {scope}: writes allowed under {got}, want exactly {prefixes(tier)}")
+        secrets = {name: tier_ for tier_, name in ev.variable("escrowVaultEntries").items()}
+        entry = ev.variable("escrowVaultEntries").get(tier)
+        if entry != f"{cluster}-{tier}-escrow":
+            problems.append(f"{tier}: escrow secret named {entry!r}, want '{cluster}-{tier}-escrow' "
+                            "(agent/src/escrow/mod.rs tier_secret_name)")
+        created = {ev.value(r["name"]) for r in resources_of(t, "Microsoft.KeyVault/vaults/secrets")}
+        if f"{ev.variable('escrowVaultName')}/{entry}" not in created:
+            problems.append(f"{tier}: its escrow secret {entry!r} is not created by the template")
+        kv_writes = [a for a in assignments if a["principal"] == tier and _grants(SECRET_SET, a["data_actions"])
+                     and (a["scope"].startswith("secret:escrow/") or a["scope"] in ("vault:escrow", "resourceGroup",
+                                                                                       "subscription"))]
+        if [a["scope"] for a in kv_writes] != [f"secret:escrow/{tier}"]:
+            problems.append(f"{tier}: sets escrow secrets at {[a['scope'] for a in kv_writes]}, "
+                            f"want only secret:escrow/{tier}")
+        del secrets
+    return problems
+
+
+def check_escrow_immutable(t: dict, ev: Evaluator) -> list[str]:
+    """Issue 12, item 6: the escrow container keeps every version of every escrow blob unchangeable: version-level
+    immutability (WORM) enabled on the container, blob versioning on the account (which it requires), and a default
+    time-based retention policy on the container, not extended to append writes."""
+    problems = []
+    sa = ev.variable("storageAccountName")
+    esc = ev.variable("escrowContainerName")
+    containers = [r for r in resources_of(t, "Microsoft.Storage/storageAccounts/blobServices/containers")
+                  if ev.value(r["name"]) == f"{sa}/default/{esc}"]
+    if len(containers) != 1:
+        return [f"{len(containers)} escrow containers"]
+    c = containers[0]
+    if c.get("properties", {}).get("immutableStorageWithVersioning", {}).get("enabled") is not True:
+        problems.append("escrow container: immutableStorageWithVersioning.enabled is not true")
+    services = [r for r in resources_of(t, "Microsoft.Storage/storageAccounts/blobServices")
+                if ev.value(r["name"]) == f"{sa}/default"]
+    if not services or services[0].get("properties", {}).get("isVersioningEnabled") is not True:
+        problems.append("blob service: isVersioningEnabled is not true (version-level immutability requires it)")
+    policies = [r for r in resources_of(t, "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies")
+                if ev.value(r["name"]) == f"{sa}/default/{esc}/default"]
+    if len(policies) != 1:
+        problems.append(f"escrow container: {len(policies)} default immutability policies, want 1")
+    else:
+        p = policies[0].get("properties", {})
+        days = ev.value(p.get("immutabilityPeriodSinceCreationInDays", 0))
+        if not isinstance(days, int) or days < 1:
+            problems.append(f"escrow immutability period {days!r}: want at least one day")
+        if p.get("allowProtectedAppendWrites") or p.get("allowProtectedAppendWritesAll"):
+            problems.append("escrow immutability policy allows protected append writes")
+        cid = ev.fn_resourceid("Microsoft.Storage/storageAccounts/blobServices/containers", sa, "default", esc)
+        if cid not in {ev.value(d) for d in policies[0].get("dependsOn", [])}:
+            problems.append("escrow immutability policy does not depend on the escrow container")
+    return problems
+
+
+AUDITED_VAULTS = ("unseal", "shared", "servers", "status", "escrow")
+BLOB_LOG_CATEGORIES = {"StorageRead", "StorageWrite", "StorageDelete"}
+LOCKED = ("storageAccount", "vault:escrow", "vault:unseal")
+
+
+def check_audit_trail(t: dict, ev: Evaluator) -> list[str]:
+    """Issue 12, item 8: a Log Analytics workspace of the template receives Key Vault `AuditEvent` logs from every
+    vault and blob read, write and delete logs from the storage account's blob service (diagnostic settings as
+    extension resources on them), and `CanNotDelete` locks sit on the storage account and the escrow and unseal
+    vaults. The workspace's id and customer id are outputs (the runbook's query needs them)."""
+    problems = []
+    ws = resources_of(t, "Microsoft.OperationalInsights/workspaces")
+    if len(ws) != 1:
+        return [f"{len(ws)} Log Analytics workspaces, want 1"]
+    ws_id = ev.fn_resourceid("Microsoft.OperationalInsights/workspaces", ev.value(ws[0]["name"]))
+    days = ev.value(ws[0].get("properties", {}).get("retentionInDays", 0))
+    if not isinstance(days, int) or days < 90:
+        problems.append(f"workspace retention {days!r} days: want at least 90")
+    rg = ev.fn_resourcegroup()["id"]
+    labels = _scope_labels(t, ev)
+    blob_service = ev.fn_resourceid("Microsoft.Storage/storageAccounts/blobServices",
+                                    ev.variable("storageAccountName"), "default").lower()
+    labels[blob_service] = "blobService"
+    got: dict[str, set[str]] = {}
+    for r in resources_of(t, "Microsoft.Insights/diagnosticSettings"):
+        scope = ev.value(r.get("scope", ""))
+        full = scope if scope.startswith("/") else f"{rg}/providers/{scope}"
+        where = labels.get(full.lower(), full)
+        p = r.get("properties", {})
+        if ev.value(p.get("workspaceId", "")) != ws_id:
+            problems.append(f"diagnostic setting on {where}: not sent to the template's workspace")
+            continue
+        if ws_id not in {ev.value(d) for d in r.get("dependsOn", [])}:
+            problems.append(f"diagnostic setting on {where}: does not depend on the workspace")
+        got.setdefault(where, set()).update(
+            lg.get("category") for lg in p.get("logs", []) if lg.get("enabled") is True)
+    for v in AUDITED_VAULTS:
+        if "AuditEvent" not in got.get(f"vault:{v}", set()):
+            problems.append(f"vault:{v}: no AuditEvent logs to the workspace")
+    missing = BLOB_LOG_CATEGORIES - got.get("blobService", set())
+    if missing:
+        problems.append(f"blob service: no {sorted(missing)} logs to the workspace")
+    locked = set()
+    for r in resources_of(t, "Microsoft.Authorization/locks"):
+        scope = ev.value(r.get("scope", ""))
+        full = scope if scope.startswith("/") else f"{rg}/providers/{scope}"
+        if r.get("properties", {}).get("level") == "CanNotDelete":
+            locked.add(labels.get(full.lower(), full))
+    for want in LOCKED:
+        if want not in locked:
+            problems.append(f"{want}: no CanNotDelete lock")
+    for out in ("logAnalyticsWorkspaceId", "logAnalyticsCustomerId"):
+        if out not in t.get("outputs", {}):
+            problems.append(f"output {out} missing")
     return problems
 
 

@@ -173,6 +173,23 @@ def test_node_record_writers_write_only_under_nodes(template, ev):
     no_problems(checks.check_node_record_writers(template, ev))
 
 
+def test_each_server_tier_writes_only_its_own_escrow_and_coordination(template, ev):
+    """ABAC conditions on the escrow and coordination writers (StringStartsWith '<cluster>/<tier>/'), and the Key
+    Vault escrow writer scoped to the tier's own escrow secret (issue 12, item 6)."""
+    no_problems(checks.check_tier_isolation(template, ev))
+
+
+def test_escrow_container_is_immutable(template, ev):
+    """Version-level WORM with a default time-based retention policy on the escrow container (issue 12, item 6)."""
+    no_problems(checks.check_escrow_immutable(template, ev))
+
+
+def test_audit_trail_and_locks(template, ev):
+    """Key Vault AuditEvent and blob read/write/delete logs to the template's Log Analytics workspace; CanNotDelete
+    locks on the storage account and the escrow and unseal vaults (issue 12, item 8)."""
+    no_problems(checks.check_audit_trail(template, ev))
+
+
 def test_role_assignments_and_custom_roles_hygiene(template, ev):
     no_problems(checks.check_assignment_hygiene(template, ev))
 

@@ -218,6 +218,52 @@ CASES = [
      lambda c: c["md"].pop("summary"),
      lambda c, s: checks.check_metadata(c["md"])),
     # --- identities and escrow
+    ("a tier's escrow blob writer loses its path condition",
+     lambda c: [assignment(c["t"], "escrowBlobWriter", "vault")["properties"].pop(k) for k in ("condition", "conditionVersion")],
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("a tier's escrow condition names another tier's path",
+     lambda c: assignment(c["t"], "escrowBlobWriter", "consul")["properties"].__setitem__(
+         "condition", "[variables('escrowTierCondition').nomad]"),
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("a tier's coordination condition opens the whole cluster prefix",
+     lambda c: c["t"]["variables"]["coordinationTierCondition"].__setitem__(
+         "vault", c["t"]["variables"]["coordinationTierCondition"]["vault"].replace("'/vault/''", "'/''")),
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("a tier sets secrets on the whole escrow vault again",
+     lambda c: assignment(c["t"], "escrowSecretWriter", "nomad").__setitem__(
+         "scope", "[format('Microsoft.KeyVault/vaults/{0}', variables('escrowVaultName'))]"),
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("escrow container without version-level immutability",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts/blobServices/containers",
+                   lambda r: "escrow" in r["name"])[0]["properties"].pop("immutableStorageWithVersioning"),
+     lambda c, s: checks.check_escrow_immutable(c["t"], _ev(c))),
+    ("escrow container without a retention policy",
+     lambda c: c["t"]["resources"].remove(res(
+         c["t"], "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies")[0]),
+     lambda c, s: checks.check_escrow_immutable(c["t"], _ev(c))),
+    ("blob versioning off",
+     lambda c: res(c["t"], "Microsoft.Storage/storageAccounts/blobServices")[0]["properties"].__setitem__(
+         "isVersioningEnabled", False),
+     lambda c, s: checks.check_escrow_immutable(c["t"], _ev(c))),
+    ("the escrow vault's audit log is not collected",
+     lambda c: c["t"]["resources"].remove(res(c["t"], "Microsoft.Insights/diagnosticSettings",
+                                              lambda r: "escrowVaultName" in r["scope"])[0]),
+     lambda c, s: checks.check_audit_trail(c["t"], _ev(c))),
+    ("blob reads are not logged",
+     lambda c: res(c["t"], "Microsoft.Insights/diagnosticSettings", lambda r: "blobServices" in r["scope"])[0][
+         "properties"]["logs"].pop(0),
+     lambda c, s: checks.check_audit_trail(c["t"], _ev(c))),
+    ("the unseal vault's lock is gone",
+     lambda c: c["t"]["resources"].remove(res(c["t"], "Microsoft.Authorization/locks",
+                                              lambda r: "unsealVaultName" in r["scope"])[0]),
+     lambda c, s: checks.check_audit_trail(c["t"], _ev(c))),
+    ("the storage account lock is ReadOnly, not CanNotDelete",
+     lambda c: res(c["t"], "Microsoft.Authorization/locks", lambda r: "storageAccounts" in r["scope"])[0][
+         "properties"].__setitem__("level", "ReadOnly"),
+     lambda c, s: checks.check_audit_trail(c["t"], _ev(c))),
+    ("a type outside the schema set at another apiVersion",
+     lambda c: res(c["t"], "Microsoft.Authorization/locks")[0].__setitem__("apiVersion", "2016-09-01"),
+     lambda c, s: checks.check_api_versions(c["t"], s, dt.date(2026, 11, 27))),
     ("escrow blob role can read",
      lambda c: role_def(c["t"], ESCROW_BLOB_ROLE)["properties"]["permissions"][0]["dataActions"].append(
          "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read"),

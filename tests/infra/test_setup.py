@@ -22,7 +22,7 @@ SETUP = REPO / "lab" / "setup.sh"
 
 # The tools setup installs from Debian, and the package that provides each.
 TOOLS = {"shellcheck": "shellcheck", "jq": "jq", "curl": "curl", "flock": "util-linux", "consul": "consul",
-         "gpg": "gnupg"}
+         "gpg": "gnupg", "nft": "nftables", "logrotate": "logrotate"}
 # Utilities setup and the fakes need that are not under test.
 BASICS = [
     "bash", "sh", "env", "cat", "grep", "awk", "sed", "tail", "head", "mkdir", "tee", "id", "dirname", "tr",
@@ -67,6 +67,7 @@ case "$cmd" in
       case "$name" in
         util-linux) bin=flock ;;
         gnupg) bin=gpg ;;
+        nftables) bin=nft ;;
         *) bin="$name" ;;
       esac
       if [ "$bin" = consul ]; then
@@ -172,7 +173,7 @@ def test_debian_setup_works_whatever_is_present(tmp_path: Path, present: set[str
 
 def test_a_source_left_by_an_interrupted_run_still_gets_an_update(tmp_path: Path) -> None:
     """An earlier run wrote the bullseye source and died before `apt-get update`: this run updates before installing."""
-    m = Machine(tmp_path, {"shellcheck", "jq", "curl", "flock", "gpg"})
+    m = Machine(tmp_path, {"shellcheck", "jq", "curl", "flock", "gpg", "nft", "logrotate"})
     first = m.run_setup()
     assert first.returncode == 0, first.stderr
     # Simulate the interrupted run: lists from before the source existed, consul gone.

@@ -379,10 +379,12 @@ async fn escrow_outage_after_init_keeps_the_envelope_spooled_until_a_later_boot(
     );
     let env: Envelope = serde_json::from_slice(&std::fs::read(&spool[0]).unwrap()).unwrap();
     assert_eq!(env.escrow_id, escrow_id);
-    assert!(lab
-        .read_blob("escrow", &format!("lab/vault/{escrow_id}.json"))
+    // Escrow blob names carry a fresh nonce per upload attempt (published only in the receipt).
+    let copies = lab
+        .list_blobs("escrow", &format!("lab/vault/{escrow_id}-"))
         .await
-        .is_some());
+        .unwrap();
+    assert_eq!(copies.len(), 1, "{copies:?}");
 
     // The rest of the tier boots during the outage: it waits for the leader's spool, and initializes nothing.
     for &i in &vaults[1..] {

@@ -475,9 +475,13 @@ async fn a_stale_spool_is_uploaded_as_an_orphan_and_the_state_left_alone() {
         .expect("the orphan in the escrow container");
     assert_eq!(orphan, env.to_json());
     assert!(
-        lab.read_blob("escrow", &escrow::blob_name(&env))
-            .await
-            .is_none(),
+        lab.list_blobs(
+            "escrow",
+            &format!("{}/{}/{}-", env.cluster, env.tier, env.escrow_id)
+        )
+        .await
+        .unwrap()
+        .is_empty(),
         "never under the tier's live escrow names"
     );
     assert!(escrow::pending(&c0.spool_dir).is_empty(), "spool emptied");

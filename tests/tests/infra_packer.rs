@@ -3,7 +3,7 @@
 //! and `systemd-analyze security --offline=true`, and the agreement of all of them with the image contract
 //! that `hashistack-agent image verify` checks (agent/src/image.rs).
 
-use hashistack_agent::image::{ImageContract, UNITS};
+use hashistack_agent::image::{ImageContract, NFT_RULES, UNITS};
 use hcl::expr::{TemplateExpr, TraversalOperator};
 use hcl::template::{Directive, Element, Template};
 use hcl::{Block, Body, Expression, ObjectKey};
@@ -811,8 +811,23 @@ fn packer_layout_agrees_with_the_image_contract() {
             "40-agent-and-units.sh skips {name}"
         );
     }
-    assert_eq!(contract.enabled_units, ["hashistack-agent.service"]);
-    assert!(units.contains("systemctl enable hashistack-agent.service"));
+    assert_eq!(
+        contract.enabled_units,
+        ["hashistack-agent.service", "hashistack-imds-guard.service"]
+    );
+    assert!(
+        units.contains("systemctl enable hashistack-agent.service hashistack-imds-guard.service")
+    );
+    // The IMDS guard's rules: checked with nft -c and installed where the contract expects them.
+    for (name, _) in NFT_RULES {
+        let stem = name.trim_end_matches(".nft");
+        let line = units
+            .lines()
+            .find(|l| l.starts_with("for rules in"))
+            .expect("40-agent-and-units.sh installs the nftables rules");
+        assert!(line.contains(stem), "40-agent-and-units.sh skips {name}");
+    }
+    assert!(units.contains(r#"nft -c -f "${staging}/systemd/${rules}.nft""#));
     assert!(
         units.contains("systemctl disable --now docker.service docker.socket containerd.service")
     );
@@ -829,7 +844,11 @@ fn packer_layout_agrees_with_the_image_contract() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     on_disk.sort();
-    let mut compiled: Vec<String> = UNITS.iter().map(|(n, _)| n.to_string()).collect();
+    let mut compiled: Vec<String> = UNITS
+        .iter()
+        .chain(NFT_RULES.iter())
+        .map(|(n, _)| n.to_string())
+        .collect();
     compiled.sort();
     assert_eq!(on_disk, compiled);
 }
@@ -997,6 +1016,43 @@ fn systemd_units_pass_systemd_analyze_verify() {
     );
 }
 
+/// Issue 12, item 10: the IMDS guard's rules load (`nft -c -f`: parsed, users resolved and checked against the
+/// kernel's nf_tables without committing), and a broken copy is refused, so the check can fail.
+#[test]
+fn imds_guard_rules_pass_nft_check() {
+    let nft = ["/usr/sbin/nft", "/sbin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("nft is needed by this test (lab/setup.sh installs Debian's nftables)");
+    let check = |path: &Path| {
+        let out = Command::new(nft)
+            .arg("-c")
+            .arg("-f")
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (name, _) in NFT_RULES {
+        let (ok, err) = check(&repo().join("systemd").join(name));
+        assert!(ok, "nft -c -f systemd/{name}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.nft");
+    fs::write(
+        &broken,
+        NFT_RULES[1]
+            .1
+            .replace(r#""consul""#, r#""no-such-user-hs""#),
+    )
+    .unwrap();
+    let (ok, err) = check(&broken);
+    assert!(!ok && err.contains("User does not exist"), "{err}");
+}
+
 /// `systemd-analyze security --offline=true <file>` → overall exposure.
 fn exposure(path: &Path) -> f64 {
     let out = Command::new("systemd-analyze")
@@ -1032,6 +1088,8 @@ fn systemd_security_exposure_is_within_budget_and_documented() {
         ("nomad-client.service", None),
         // Documented exception: it mounts the data disk, which needs the host's mount namespace.
         ("hashistack-data.service", None),
+        // nft with CAP_NET_ADMIN and netlink only.
+        ("hashistack-imds-guard.service", Some(3.0)),
     ];
     let mut measured = Vec::new();
     for (name, max) in budget {

@@ -63,6 +63,8 @@ pub enum BootstrapError {
     Lease(#[from] election::LeaseLost),
     #[error("{0}")]
     Write(#[from] coordination::WriteError),
+    #[error("{0}")]
+    Escrow(#[from] escrow::UploadError),
     #[error("{tier}: {message}")]
     Tier { tier: String, message: String },
     #[error("{tier}: needs an operator: {message}")]
@@ -212,11 +214,11 @@ async fn deliver(
     ctx: &Ctx,
     state: &mut TierState,
     env: &envelope::Envelope,
-) -> Result<(), AzureError> {
+) -> Result<(), BootstrapError> {
     if !state
         .receipts
         .iter()
-        .any(|r: &Receipt| r.target == "blob" && r.object.ends_with(&escrow::blob_name(env)))
+        .any(|r: &Receipt| r.target == "blob" && r.is_for(&env.escrow_id))
     {
         let r = escrow::upload_blob(&ctx.az, &ctx.targets, env, ctx.policy).await?;
         state.receipts.push(r);
@@ -225,7 +227,7 @@ async fn deliver(
     if !state
         .receipts
         .iter()
-        .any(|r| r.target == "keyvault" && r.object == escrow::secret_name(env))
+        .any(|r| r.target == "keyvault" && r.is_for(&env.escrow_id))
     {
         let r = escrow::upload_keyvault(&ctx.az, &ctx.targets, env, ctx.policy).await?;
         state.receipts.push(r);
@@ -404,7 +406,7 @@ async fn lead_bootstrap(
             }
             recovered = true;
             state.escrow_id = Some(env.escrow_id.clone());
-            state.receipts.retain(|r| r.object.contains(&env.escrow_id));
+            state.receipts.retain(|r| r.is_for(&env.escrow_id));
             deliver(ctx, &mut state, env).await?;
             state.set(
                 TierPhase::Escrowed,
@@ -783,7 +785,7 @@ fn peer_may_finish(ctx: &Ctx, state: &TierState) -> bool {
 }
 
 /// Writes a small non-secret object to each target so a permission problem is found before init.
-async fn preflight(ctx: &Ctx, tier: &str, escrow_id: &str) -> Result<(), AzureError> {
+async fn preflight(ctx: &Ctx, tier: &str, escrow_id: &str) -> Result<(), BootstrapError> {
     let probe = envelope::Envelope {
         format: 1,
         escrow_id: format!("preflight-{escrow_id}"),

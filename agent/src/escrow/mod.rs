@@ -29,17 +29,53 @@ pub struct Targets {
     pub escrow_vault_uri: String,
 }
 
-/// Proof that an escrowed object was written (non-secret; kept in the coordination state).
+/// Proof that an escrowed object was written (non-secret; kept in the coordination state). It pins the exact
+/// version written: `escrow open` and `escrow verify` fetch that version and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// "blob" or "keyvault"
     pub target: String,
-    /// Blob path or Key Vault secret name.
+    /// `escrow/<blob path>` or the Key Vault secret name.
     pub object: String,
-    /// Blob ETag or Key Vault secret version.
+    /// Blob: the version id Azure answered (`x-ms-version-id`; empty where the account keeps no versions, as
+    /// Azurite). Key Vault: the secret version (the last segment of setSecret's `id`).
     pub version: String,
+    /// Blob: the ETag of what we wrote (the pin where no version id exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The escrow this receipt belongs to (absent in receipts written before receipts pinned versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escrow_id: Option<String>,
     pub ciphertext_sha256: String,
     pub written_unix: i64,
+}
+
+impl Receipt {
+    /// Whether this receipt records (a copy of) the escrow `escrow_id`.
+    pub fn is_for(&self, escrow_id: &str) -> bool {
+        match &self.escrow_id {
+            Some(id) => id == escrow_id,
+            // Older receipts named the escrow id in the object.
+            None => self.object.contains(escrow_id),
+        }
+    }
+}
+
+/// Why an escrow upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    Azure(#[from] AzureError),
+    /// The fresh, never-published name we tried to create already exists: someone else wrote it. It is never
+    /// taken as our own upload.
+    #[error("escrow blob {name} already exists and was not written by this upload (a conflicting name: see the storage account's audit log)")]
+    Conflict { name: String },
+    /// The service answered without what the receipt must pin.
+    #[error("{what}: the answer lacks {missing}; nothing can be pinned")]
+    Unpinnable {
+        what: &'static str,
+        missing: &'static str,
+    },
 }
 
 /// A data key wrapped by the escrow key, ready before the secrets exist (so nothing after init needs the network
@@ -154,68 +190,121 @@ pub fn pending(spool_dir: &Path) -> Vec<(PathBuf, Envelope)> {
     v
 }
 
-pub fn blob_name(env: &Envelope) -> String {
-    format!("{}/{}/{}.json", env.cluster, env.tier, env.escrow_id)
+/// The blob path of one upload attempt: `<cluster>/<tier>/<escrow id>-<nonce>.json`. The nonce is fresh for
+/// every attempt and published only in the receipt, after the upload, so a name that already exists can only
+/// be someone else's object: a 409 is a conflict, never "our earlier attempt landed".
+pub fn blob_name(env: &Envelope, nonce: &str) -> String {
+    format!(
+        "{}/{}/{}-{nonce}.json",
+        env.cluster, env.tier, env.escrow_id
+    )
 }
 
-pub fn secret_name(env: &Envelope) -> String {
+/// The prefix every escrow blob of a tier lives under (the tier's role assignment is limited to it).
+pub fn tier_prefix(cluster: &str, tier: &str) -> String {
+    format!("{cluster}/{tier}/")
+}
+
+fn nonce() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
+    hex::encode(b)
+}
+
+/// The tier's escrow secret in the escrow Key Vault: one secret per tier, `<cluster>-<tier>-escrow`, created by the
+/// ARM template with the tier's identity allowed to set it and nothing else. Every escrow is a new version of it;
+/// receipts pin the version.
+pub fn tier_secret_name(cluster: &str, tier: &str) -> String {
     // Key Vault secret names: 1-127 alphanumerics and dashes.
-    format!("{}-{}-{}", env.cluster, env.tier, env.escrow_id)
+    format!("{cluster}-{tier}-escrow")
         .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
 }
 
-/// Create-only upload to the `escrow` container. A 409 for our own unique name means an earlier attempt
-/// (whose answer was lost) already wrote it.
+pub fn secret_name(env: &Envelope) -> String {
+    tier_secret_name(&env.cluster, &env.tier)
+}
+
+/// Create-only upload to the `escrow` container under a fresh name per attempt (see [`blob_name`]); the receipt
+/// pins the version id (and ETag) Azure answered. An answer lost in transit leaves an orphan copy of the same
+/// envelope under the attempt's name; the receipt names only the copy whose answer arrived.
 pub async fn upload_blob(
     az: &Azure,
     t: &Targets,
     env: &Envelope,
     policy: RetryPolicy,
-) -> Result<Receipt, AzureError> {
-    let name = blob_name(env);
-    let blob = az.blob(&t.blob_endpoint, ESCROW_CONTAINER, &name)?;
+) -> Result<Receipt, UploadError> {
+    upload_blob_with(az, t, env, policy, nonce).await
+}
+
+/// [`upload_blob`] with the attempt names' nonce source injected (tests name the attempt to collide with).
+pub async fn upload_blob_with(
+    az: &Azure,
+    t: &Targets,
+    env: &Envelope,
+    policy: RetryPolicy,
+    mut next_nonce: impl FnMut() -> String,
+) -> Result<Receipt, UploadError> {
+    use azure_storage_blob::models::BlobClientUploadResult;
     let body = env.to_json();
-    let r = call(policy, "escrow blob upload", || {
-        let blob = &blob;
+    let tried = std::cell::RefCell::new(String::new());
+    let r: Result<BlobClientUploadResult, AzureError> = call(policy, "escrow blob upload", || {
+        let name = blob_name(env, &next_nonce());
+        *tried.borrow_mut() = name.clone();
         let body = body.clone();
+        let blob = az.blob(&t.blob_endpoint, ESCROW_CONTAINER, &name);
         async move {
+            let blob = blob.map_err(|e| {
+                azure_core::Error::with_message(azure_core::error::ErrorKind::Other, e.to_string())
+            })?;
             let opts = BlobClientUploadOptions::default().if_not_exists();
-            blob.upload(RequestContent::from(body), Some(opts))
-                .await
-                .map(|_| ())
+            blob.upload(RequestContent::from(body), Some(opts)).await
         }
     })
     .await;
-    match r {
-        Ok(()) => {}
+    let name = tried.into_inner();
+    let answer = match r {
+        Ok(a) => a,
         Err(e) if e.is(409) => {
-            tracing::info!(object = %name, "escrow blob already present (earlier attempt landed)")
+            tracing::error!(object = %name, "escrow blob name conflict: the fresh name already exists; not taken as our upload");
+            return Err(UploadError::Conflict {
+                name: format!("{ESCROW_CONTAINER}/{name}"),
+            });
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
+    };
+    let etag = answer.etag.as_ref().map(|e| e.to_string());
+    if etag.is_none() && answer.version_id.is_none() {
+        return Err(UploadError::Unpinnable {
+            what: "escrow blob upload",
+            missing: "both an ETag and a version id",
+        });
     }
     Ok(Receipt {
         target: "blob".into(),
         object: format!("{ESCROW_CONTAINER}/{name}"),
-        version: String::new(),
+        version: answer.version_id.clone().unwrap_or_default(),
+        etag,
+        escrow_id: Some(env.escrow_id.clone()),
         ciphertext_sha256: env.ciphertext_sha256(),
         written_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
     })
 }
 
-/// Writes the envelope as a new secret in the escrow vault (setSecret permission only).
+/// Writes the envelope as a new version of the tier's escrow secret (setSecret permission only); the receipt pins
+/// the version Key Vault answered.
 pub async fn upload_keyvault(
     az: &Azure,
     t: &Targets,
     env: &Envelope,
     policy: RetryPolicy,
-) -> Result<Receipt, AzureError> {
+) -> Result<Receipt, UploadError> {
     let secrets = az.secrets(&t.escrow_vault_uri)?;
     let name = secret_name(env);
-    let value = String::from_utf8(env.to_json()).expect("JSON is UTF-8");
+    let value = Zeroizing::new(String::from_utf8(env.to_json()).expect("JSON is UTF-8"));
     let bundle = call(policy, "escrow key vault write", || {
         let params = SetSecretParameters {
-            value: Some(value.clone()),
-            content_type: Some("application/vnd.hashistack.escrow+json".into()),
+            value: Some(value.to_string()),
+            content_type: Some(ESCROW_CONTENT_TYPE.into()),
             ..Default::default()
         };
         let (secrets, name) = (&secrets, &name);
@@ -225,19 +314,35 @@ pub async fn upload_keyvault(
         }
     })
     .await?;
-    let version = bundle
-        .id
-        .as_deref()
-        .and_then(|id| id.rsplit('/').next())
-        .unwrap_or("")
-        .to_string();
+    let version =
+        bundle
+            .id
+            .as_deref()
+            .and_then(secret_version_of)
+            .ok_or(UploadError::Unpinnable {
+                what: "escrow key vault write",
+                missing: "the secret version (id)",
+            })?;
     Ok(Receipt {
         target: "keyvault".into(),
         object: name,
         version,
+        etag: None,
+        escrow_id: Some(env.escrow_id.clone()),
         ciphertext_sha256: env.ciphertext_sha256(),
         written_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
     })
+}
+
+/// The content type of escrow secrets (a template's placeholder version has another).
+pub const ESCROW_CONTENT_TYPE: &str = "application/vnd.hashistack.escrow+json";
+
+/// The version of a secret id `https://<vault>/secrets/<name>/<version>`; `None` when it names no version.
+pub fn secret_version_of(id: &str) -> Option<String> {
+    let path = id.split_once("/secrets/")?.1;
+    let mut parts = path.trim_end_matches('/').split('/');
+    let (_name, version) = (parts.next()?, parts.next()?);
+    (!version.is_empty() && parts.next().is_none()).then(|| version.to_string())
 }
 
 /// Secrets to escrow, serialised once into a zeroizing buffer that never reallocates: its size is counted
@@ -333,5 +438,91 @@ mod tests {
         assert_eq!(p.as_slice(), serde_json::to_vec(&v).unwrap().as_slice());
         // Exactly the counted size plus the tag: a Vec that had grown would have a rounded-up capacity.
         assert_eq!(p.capacity(), p.len() + envelope::TAG_LEN);
+    }
+
+    fn env(escrow_id: &str) -> Envelope {
+        Envelope {
+            format: 1,
+            escrow_id: escrow_id.into(),
+            cluster: "hs".into(),
+            tier: "vault".into(),
+            created_unix: 0,
+            kek_id: String::new(),
+            wrap_alg: "RSA-OAEP-256".into(),
+            wrapped_key: String::new(),
+            nonce: String::new(),
+            ciphertext: "Y2lwaGVy".into(),
+        }
+    }
+
+    #[test]
+    fn blob_names_carry_a_fresh_nonce_under_the_tier_prefix() {
+        let e = env("1700000000-0011223344556677");
+        let (a, b) = (blob_name(&e, &nonce()), blob_name(&e, &nonce()));
+        assert_ne!(a, b, "every attempt writes a name of its own");
+        for n in [&a, &b] {
+            assert!(n.starts_with(&tier_prefix("hs", "vault")), "{n}");
+            assert!(
+                n.starts_with("hs/vault/1700000000-0011223344556677-"),
+                "{n}"
+            );
+            assert!(n.ends_with(".json"), "{n}");
+        }
+        // The name published with the escrow id alone (what an attacker can predict) is never the one written.
+        assert_ne!(a, "hs/vault/1700000000-0011223344556677.json");
+    }
+
+    #[test]
+    fn one_key_vault_secret_per_tier_named_as_the_template_creates_it() {
+        assert_eq!(tier_secret_name("hs", "vault"), "hs-vault-escrow");
+        assert_eq!(
+            secret_name(&env("a")),
+            secret_name(&env("b")),
+            "escrows are versions of one secret"
+        );
+        assert_eq!(tier_secret_name("my_cl", "nomad"), "my-cl-nomad-escrow");
+    }
+
+    #[test]
+    fn secret_versions_are_read_from_the_id_setsecret_answers() {
+        assert_eq!(
+            secret_version_of("https://kve.vault.azure.net/secrets/hs-vault-escrow/0123abcd")
+                .as_deref(),
+            Some("0123abcd")
+        );
+        assert_eq!(
+            secret_version_of("https://kve.vault.azure.net/secrets/hs-vault-escrow"),
+            None
+        );
+        assert_eq!(
+            secret_version_of("https://kve.vault.azure.net/secrets/hs-vault-escrow/"),
+            None
+        );
+        assert_eq!(
+            secret_version_of("https://kve.vault.azure.net/keys/k/v"),
+            None
+        );
+    }
+
+    #[test]
+    fn receipts_pin_and_older_receipts_still_parse() {
+        let old = r#"{"target":"blob","object":"escrow/hs/vault/1700-aa.json","version":"","ciphertext_sha256":"00","written_unix":1}"#;
+        let r: Receipt = serde_json::from_str(old).unwrap();
+        assert_eq!((r.etag.as_deref(), r.escrow_id.as_deref()), (None, None));
+        assert!(r.is_for("1700-aa") && !r.is_for("1700-bb"));
+        let new = Receipt {
+            etag: Some("\"0x1\"".into()),
+            escrow_id: Some("1700-bb".into()),
+            ..r
+        };
+        let back: Receipt = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        assert!(back.is_for("1700-bb") && !back.is_for("1700-aa"));
+        // A receipt's escrow id decides, not a name that happens to contain another id.
+        let tricky = Receipt {
+            object: "escrow/hs/vault/1700-aa-x.json".into(),
+            ..back
+        };
+        assert!(!tricky.is_for("1700-aa"));
     }
 }
