@@ -243,11 +243,13 @@ fn scripted(name: &'static str, pre: Option<&'static str>, script: Script) -> Sc
     }
 }
 
+/// The escrow each receipt of `target` is for: its escrow id (the Key Vault object is one secret per tier, so
+/// the object name no longer tells), else the object name of a receipt written before receipts named it.
 fn receipt_ids(st: &TierState, target: &str) -> Vec<String> {
     st.receipts
         .iter()
         .filter(|r| r.target == target)
-        .map(|r| r.object.clone())
+        .map(|r| r.escrow_id.clone().unwrap_or_else(|| r.object.clone()))
         .collect()
 }
 
