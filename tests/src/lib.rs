@@ -201,3 +201,52 @@ pub fn files_containing(dir: &Path, needles: &[String], skip: &[&str]) -> Vec<Pa
     walk(dir, needles, skip, &mut out);
     out
 }
+
+/// Waits (up to 120 s) until Vault's raft holds the tier's `servers` as voters, with distinct node ids, asked
+/// with `root` through the first Vault server. Autopilot promotes a joined server to voter only after its
+/// stabilization time: stopping a server before that can leave the others without a quorum.
+pub async fn all_vault_voters(lab: &Lab, root: &str, servers: usize) {
+    let first = nodes_of(lab, Role::VaultServer)[0];
+    let url = format!(
+        "https://{}:8200/v1/sys/storage/raft/configuration",
+        lab.nodes[first].def.ip
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let (_, body) = get_as(lab, &url, "X-Vault-Token", root).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let peers = v["data"]["config"]["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ids: std::collections::BTreeSet<_> =
+            peers.iter().filter_map(|s| s["node_id"].as_str()).collect();
+        if peers.len() == servers
+            && ids.len() == servers
+            && peers.iter().all(|s| s["voter"] == true)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "vault raft not whole: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits (up to `deadline`) until `tier`'s coordination state reaches `phase`, and returns that state.
+pub async fn wait_phase(lab: &Lab, tier: &str, phase: TierPhase, deadline: Duration) -> TierState {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = lab.tier_state(tier).await.filter(|s| s.phase == phase) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{tier} tier not {phase:?} within {deadline:?}: {:?}",
+            lab.tier_state(tier).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

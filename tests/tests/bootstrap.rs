@@ -7,7 +7,7 @@ use hashistack_agent::coordination::TierPhase;
 use hashistack_agent::node::Role;
 use hashistack_e2e::{
     assert_done_once, count_outcome, escrow_cmd, escrow_open, files_containing, get_as,
-    healthy_lab, inits, nodes_of, options, tools,
+    healthy_lab, inits, nodes_of, options, tools, wait_phase,
 };
 use hashistack_lab::Lab;
 use serde_json::Value;
@@ -381,19 +381,7 @@ async fn crash_after_escrow_leaves_no_spool_and_flags_the_configuration() {
     let v0 = nodes_of(&lab, Role::VaultServer)[0];
     // At the moment of the crash (after the escrow, before the configuration) the spool was already empty.
     assert_eq!(spooled, Some(vec![]), "nothing spooled at the crash");
-    let start = std::time::Instant::now();
-    let st = loop {
-        let st = lab.tier_state("vault").await;
-        if let Some(s) = st.filter(|s| s.phase == TierPhase::Done) {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(150),
-            "vault tier not done: {:?}",
-            lab.tier_state("vault").await
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let st = wait_phase(&lab, "vault", TierPhase::Done, Duration::from_secs(150)).await;
     assert_done_once(&lab, "vault").await;
     let phases: Vec<_> = st.history.iter().map(|h| h.0).collect();
     let escrowed_at = phases
@@ -477,19 +465,13 @@ async fn a_leader_off_past_the_grace_after_init_is_never_initialized_beside() {
         lab.write_node_config(i, &c).unwrap();
         lab.start_agent(i).unwrap();
     }
-    let start = std::time::Instant::now();
-    let st = loop {
-        let st = lab.tier_state("vault").await;
-        if let Some(s) = st.filter(|s| s.phase == TierPhase::NeedsOperator) {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no needs-operator: {:?}",
-            lab.tier_state("vault").await
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let st = wait_phase(
+        &lab,
+        "vault",
+        TierPhase::NeedsOperator,
+        Duration::from_secs(120),
+    )
+    .await;
     let msg = st.message.clone().unwrap_or_default();
     assert!(
         msg.contains(&v0_name) && msg.contains("docs/bootstrap.md#previous-leader-unreachable"),
@@ -512,15 +494,7 @@ async fn a_leader_off_past_the_grace_after_init_is_never_initialized_beside() {
     cfg.faults.crash_at = None;
     lab.write_node_config(v0, &cfg).unwrap();
     lab.start_agent(v0).unwrap();
-    let start = std::time::Instant::now();
-    while lab.tier_state("vault").await.map(|s| s.phase) != Some(TierPhase::Done) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the leader's spool did not complete the tier: {:?}",
-            lab.tier_state("vault").await
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_phase(&lab, "vault", TierPhase::Done, Duration::from_secs(120)).await;
     for &i in &vaults[1..] {
         lab.kill_agent(i).await;
         lab.start_agent(i).unwrap();

@@ -6,7 +6,8 @@
 
 use hashistack_agent::node::Role;
 use hashistack_e2e::{
-    assert_done_once, escrow_open, healthy_lab, nodes_of, options, tree_digest, wait_healthy,
+    all_vault_voters, assert_done_once, escrow_open, healthy_lab, nodes_of, options, tree_digest,
+    wait_healthy,
 };
 use hashistack_lab::Lab;
 use serde_json::{json, Value};
@@ -139,37 +140,6 @@ async fn vault(
     .await
 }
 
-/// Waits until Vault's raft configuration has exactly the three servers, all voters.
-async fn all_vault_voters(lab: &Lab, root: &str) {
-    let start = Instant::now();
-    loop {
-        let peers = vault(
-            lab,
-            reqwest::Method::GET,
-            "sys/storage/raft/configuration",
-            root,
-            None,
-        )
-        .await;
-        let servers = peers["data"]["config"]["servers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let ids: std::collections::BTreeSet<_> = servers
-            .iter()
-            .filter_map(|s| s["node_id"].as_str())
-            .collect();
-        if servers.len() == 3 && ids.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "vault raft not whole: {peers}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
     let mut lab = healthy_lab(options("reimage", 123)).await;
@@ -253,7 +223,7 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
             if tier == "vault" {
                 // As the runbook says: the next server only once raft is whole again. Autopilot promotes the
                 // rejoined server back to voter after its stabilization time.
-                all_vault_voters(&lab, &root).await;
+                all_vault_voters(&lab, &root, 3).await;
             }
             // Nothing bootstrapped again.
             assert_done_once(&lab, tier).await;
@@ -306,7 +276,7 @@ async fn reimaging_servers_one_at_a_time_keeps_the_cluster_and_its_data() {
         assert_eq!(v["data"]["value"], *name, "{v}");
     }
     // Three voters, the same three.
-    all_vault_voters(&lab, &root).await;
+    all_vault_voters(&lab, &root, 3).await;
 
     // A data disk of another cluster attached by mistake: the agent refuses it before it writes or starts
     // anything, with one line naming both; the disk stays as it was. The right disk back: the node rejoins.
