@@ -446,7 +446,7 @@ pub async fn boot(
     cfg: &AgentConfig,
     started: Instant,
 ) -> Result<Booted, (BootError, Option<BootRecord>, Option<InstanceMetadata>)> {
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     let mut record = BootRecord {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
@@ -705,7 +705,7 @@ pub async fn bootstrap_phase(
 ) -> Result<Option<crate::bootstrap::Outcome>, crate::bootstrap::BootstrapError> {
     use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
     let spec = &booted.spec;
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     // Server tiers always have an escrow vault (a required tag there); other roles have no tier bootstrap.
     let (blob, Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
     else {
@@ -775,7 +775,7 @@ pub async fn bootstrap_phase(
                 recovery_threshold: cfg.bootstrap.recovery_threshold,
                 servers: v.servers,
                 // vault.service may write only under /var/log/vault (ReadWritePaths in systemd/vault.service).
-                audit_file: layout.root.join("var/log/vault/audit.log"),
+                audit_file: crate::render::vault::audit_file(&layout),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
                 workload_identity: spec.servers_vault_uri.clone().map(|servers_vault| {
@@ -862,7 +862,7 @@ pub async fn converge_workload_identity(
         Err(e) => format!("failed: {e}"),
     };
     booted.record.workload_identity = Some(noted);
-    write_record(&Layout::new(&cfg.paths.root), &booted.record);
+    write_record(&Layout::from_paths(&cfg.paths), &booted.record);
     r
 }
 
@@ -886,7 +886,7 @@ async fn workload_identity_step(
     if !cfg.bootstrap.enabled || cfg.material.source != crate::config::MaterialSource::Keyvault {
         return Ok(None);
     }
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     let az = azure_for(cfg, spec)
         .map_err(crate::bootstrap::workload_identity::WorkloadIdentityError::Client)?;
     let mut policy = crate::escrow::policy();
@@ -944,7 +944,7 @@ pub async fn converge_consul_token(
     if spec.keyvault_uri.is_none() {
         return Ok(false);
     }
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);

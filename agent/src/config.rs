@@ -191,6 +191,12 @@ pub struct PathsConfig {
     /// Who owns rendered files: the service users (`consul`, `vault`, `nomad`) as on the image, or the user
     /// running the agent (the lab runs unprivileged layouts).
     pub owners: Owners,
+    /// The file Vault's audit device writes, as Vault's configuration and `sys/audit` name it. Default:
+    /// `/var/log/vault/audit.log` under `root`. Every server of a cluster must name the same file: OpenBao
+    /// checks its declared audit devices against the ones in storage, and a server whose device differs
+    /// refuses to become active. On VMs the default is the same everywhere; the lab, whose nodes have
+    /// different roots, names one shared file for all its Vault servers.
+    pub vault_audit_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -271,6 +277,7 @@ impl Default for PathsConfig {
         PathsConfig {
             root: PathBuf::from("/"),
             owners: Owners::ServiceUsers,
+            vault_audit_file: None,
         }
     }
 }

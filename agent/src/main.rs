@@ -303,7 +303,7 @@ async fn run_disk_prepare(config: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     if cfg.disk.mode == DiskMode::Directory {
         println!(
             "disk.mode = directory: the data directory is {}; nothing to probe, format or mount",
@@ -461,7 +461,7 @@ async fn run_image_verify(root: &std::path::Path) -> ExitCode {
             // image capture preserves), so a VM's first boot spawns no `version` probes.
             if root == std::path::Path::new("/") {
                 let cfg = AgentConfig::default();
-                let layout = Layout::new(&cfg.paths.root);
+                let layout = Layout::from_paths(&cfg.paths);
                 let all = [Product::Consul, Product::Vault, Product::Nomad];
                 if let Err(e) = boot::detect_versions(&cfg, &layout, &all).await {
                     eprintln!("hashistack-agent: version cache not written: {e}");

@@ -18,7 +18,7 @@
 
 use crate::azure::{call, Azure, AzureError};
 use crate::election;
-use crate::retry::RetryPolicy;
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use azure_core::http::RequestContent;
 use azure_security_keyvault_secrets::models::SetSecretParameters;
 use base64::Engine;
@@ -339,20 +339,28 @@ pub async fn fetch_or_create(
     if need_agent_token && m.consul_agent_token.is_none() {
         let name = crate::names::agent_token_secret(cluster);
         tracing::info!(cluster, "waiting for the Consul agent token in Key Vault");
-        loop {
-            if let Some(t) = get(az, &vaults.shared, &name, policy).await? {
-                m.consul_agent_token = Some(t);
-                // Handed over before the agent token: present now unless its creation failed (the Consul
-                // tier's state says so) or an older agent bootstrapped the cluster.
-                if vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
-                    m.consul_nomad_token = get_nomad_token(az, vaults, cluster, policy).await?;
+        let left = deadline.saturating_sub(start.elapsed());
+        // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll.
+        let r = retry(
+            RetryPolicy::poll_whole(left, Duration::from_millis(500)),
+            |_| async {
+                match get(az, &vaults.shared, &name, policy).await {
+                    Ok(Some(t)) => Attempt::Done(t),
+                    Ok(None) => Attempt::Retry(Wait::NotYet),
+                    Err(e) => Attempt::Fail(Wait::Failed(e.into())),
                 }
-                break;
-            }
-            if start.elapsed() > deadline {
-                return Err(MaterialError::NoAgentToken(deadline));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            },
+        )
+        .await;
+        m.consul_agent_token = Some(match r {
+            Ok(t) => t,
+            Err(RetryError::Final(Wait::Failed(e))) => return Err(e),
+            Err(_) => return Err(MaterialError::NoAgentToken(deadline)),
+        });
+        // Handed over before the agent token: present now unless its creation failed (the Consul tier's state
+        // says so) or an older agent bootstrapped the cluster.
+        if vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
+            m.consul_nomad_token = get_nomad_token(az, vaults, cluster, policy).await?;
         }
     }
     Ok(m)
@@ -370,33 +378,91 @@ async fn fetch_or_create_inner(
     deadline: Duration,
     start: Instant,
 ) -> Result<ClusterMaterial, MaterialError> {
-    let mut announced = false;
-    loop {
-        if let Some(m) = read_all(az, vaults, cluster, policy).await? {
-            return Ok(m);
-        }
-        if let (true, Some(blob), Some(servers)) = (may_create, blob_endpoint, &vaults.servers) {
-            if let Some(lead) =
-                election::try_acquire(az, blob, cluster, "material", policy, lease_secs).await?
+    let left = deadline.saturating_sub(start.elapsed());
+    // Each look may create the material under the lease: never cut short by the poll.
+    let r = retry(
+        RetryPolicy::poll_whole(left, Duration::from_secs(1)),
+        |attempt| async move {
+            match look(
+                az,
+                vaults,
+                blob_endpoint,
+                cluster,
+                may_create,
+                lease_secs,
+                policy,
+            )
+            .await
             {
-                // Re-check under the lease: the previous holder may have just finished.
-                let r = match read_all(az, vaults, cluster, policy).await {
-                    Ok(Some(m)) => Ok(m),
-                    Ok(None) => create(az, &lead, vaults, servers, cluster, policy).await,
-                    Err(e) => Err(e),
-                };
-                lead.release().await;
-                return r;
+                Ok(Some(m)) => Attempt::Done(m),
+                Ok(None) => {
+                    if attempt == 1 {
+                        tracing::info!(cluster, "waiting for the cluster material in Key Vault");
+                    }
+                    Attempt::Retry(Wait::NotYet)
+                }
+                Err(e) => Attempt::Fail(Wait::Failed(e)),
             }
+        },
+    )
+    .await;
+    match r {
+        Ok(m) => Ok(m),
+        Err(RetryError::Final(Wait::Failed(e))) => Err(e),
+        Err(_) => Err(MaterialError::Timeout(deadline)),
+    }
+}
+
+/// One look for the cluster material: what Key Vault holds, else (a node that may create it, holding the
+/// `material` lease) the material it creates; `None` while another node creates it.
+async fn look(
+    az: &Azure,
+    vaults: &Vaults,
+    blob_endpoint: Option<&str>,
+    cluster: &str,
+    may_create: bool,
+    lease_secs: i32,
+    policy: RetryPolicy,
+) -> Result<Option<ClusterMaterial>, MaterialError> {
+    if let Some(m) = read_all(az, vaults, cluster, policy).await? {
+        return Ok(Some(m));
+    }
+    if let (true, Some(blob), Some(servers)) = (may_create, blob_endpoint, &vaults.servers) {
+        if let Some(lead) =
+            election::try_acquire(az, blob, cluster, "material", policy, lease_secs).await?
+        {
+            // Re-check under the lease: the previous holder may have just finished.
+            let r = match read_all(az, vaults, cluster, policy).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => create(az, &lead, vaults, servers, cluster, policy).await,
+                Err(e) => Err(e),
+            };
+            lead.release().await;
+            return r.map(Some);
         }
-        if !announced {
-            tracing::info!(cluster, "waiting for the cluster material in Key Vault");
-            announced = true;
+    }
+    Ok(None)
+}
+
+/// Why a look for material or a token did not finish: not there yet, or a final error.
+#[derive(Debug)]
+enum Wait {
+    NotYet,
+    Failed(MaterialError),
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::NotYet => f.write_str("not in Key Vault yet"),
+            Wait::Failed(e) => e.fmt(f),
         }
-        if start.elapsed() > deadline {
-            return Err(MaterialError::Timeout(deadline));
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl TimeoutError for Wait {
+    fn timeout(_: Duration) -> Self {
+        Wait::NotYet
     }
 }
 

@@ -88,7 +88,21 @@ impl RetryPolicy {
             max_backoff: every,
         }
     }
+
+    /// A poll whose looks are never cut short: each look bounds itself (e.g. it writes under a lease and must
+    /// not stop half-way). The deadline is checked between looks; the first look always runs.
+    pub fn poll_whole(deadline: Duration, every: Duration) -> Self {
+        RetryPolicy {
+            deadline,
+            attempt_timeout: WHOLE,
+            initial_backoff: every,
+            max_backoff: every,
+        }
+    }
 }
+
+/// `attempt_timeout` of a policy whose attempts are never cut short ([`RetryPolicy::poll_whole`]).
+const WHOLE: Duration = Duration::MAX;
 
 /// Marker for an attempt that exceeded `attempt_timeout`.
 pub trait TimeoutError {
@@ -112,9 +126,13 @@ where
         attempt += 1;
         let remaining = policy.deadline.saturating_sub(start.elapsed());
         let budget = policy.attempt_timeout.min(remaining);
-        let outcome = match tokio::time::timeout(budget, op(attempt)).await {
-            Ok(o) => o,
-            Err(_) => Attempt::Retry(E::timeout(budget)),
+        let outcome = if policy.attempt_timeout == WHOLE {
+            op(attempt).await
+        } else {
+            match tokio::time::timeout(budget, op(attempt)).await {
+                Ok(o) => o,
+                Err(_) => Attempt::Retry(E::timeout(budget)),
+            }
         };
         match outcome {
             Attempt::Done(v) => return Ok(v),
@@ -181,6 +199,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_whole_poll_never_cuts_a_look_and_stops_between_looks() {
+        let p = RetryPolicy::poll_whole(Duration::from_millis(100), Duration::from_millis(10));
+        let looks = AtomicU32::new(0);
+        // A look longer than the whole deadline still finishes (with a bounded poll it would be cut).
+        let r = retry(p, |_| async {
+            looks.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Attempt::<i32, NotYet>::Done(1)
+        })
+        .await;
+        assert_eq!(r.unwrap(), 1);
+        // A look that finishes late and says "not yet" is the last one.
+        looks.store(0, Ordering::SeqCst);
+        let r: Result<(), _> = retry(p, |_| async {
+            looks.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Attempt::Retry(NotYet("creating elsewhere".into()))
+        })
+        .await;
+        assert!(
+            matches!(r, Err(RetryError::Deadline { attempts: 1, .. })),
+            "{r:?}"
+        );
+        assert_eq!(looks.load(Ordering::SeqCst), 1);
     }
 
     #[derive(Debug, PartialEq)]

@@ -868,6 +868,9 @@ impl Lab {
         c.imds.deadline_secs = 60;
         c.paths.root = root.to_path_buf();
         c.paths.owners = Owners::CurrentUser;
+        // One audit file for all Vault servers: OpenBao refuses to make a server active whose declared audit
+        // device differs from the one in storage, and on Azure every server names /var/log/vault/audit.log.
+        c.paths.vault_audit_file = Some(self.vault_audit_log());
         c.services.backend = Backend::Process;
         c.services.consul_bin = self.tools.consul.clone();
         c.services.vault_bin = self.tools.bao.clone();
@@ -893,6 +896,12 @@ impl Lab {
         // machine without a data disk device.
         c.disk.mode = hashistack_agent::config::DiskMode::Directory;
         c
+    }
+
+    /// The file every lab Vault server's audit device writes (`paths.vault_audit_file`), shared as the
+    /// declared device must be the same on every server of a cluster.
+    pub fn vault_audit_log(&self) -> PathBuf {
+        self.opts.state_dir.join("vault-audit/audit.log")
     }
 
     pub fn node_config(&self, i: usize) -> AgentConfig {

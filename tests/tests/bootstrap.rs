@@ -124,7 +124,8 @@ async fn bootstrap_escrows_secrets_that_operators_can_open_and_vms_cannot() {
                 && leader["leader_address"] == format!("https://{}:8200", n.def.ip)
         })
         .unwrap_or_else(|| panic!("no vault node is the active one: {leader}"));
-    let audit_file = active.root.join("var/log/vault/audit.log");
+    // One file for the cluster (`paths.vault_audit_file`): the declared device is the same on every server.
+    let audit_file = lab.vault_audit_log();
     let (_, list) = get_as(
         &lab,
         &format!("https://{}:8200/v1/sys/audit", active.def.ip),

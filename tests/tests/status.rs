@@ -4,8 +4,8 @@
 //! within a few seconds, dead servers included.
 
 use hashistack_agent::coordination::{self, TierPhase, TierState};
-use hashistack_agent::node::TAG_ROLE;
-use hashistack_e2e::{agent, all_vault_voters, escrow_open, healthy_lab, options};
+use hashistack_agent::node::{Role, TAG_ROLE};
+use hashistack_e2e::{agent, all_vault_voters, escrow_open, get_as, healthy_lab, options};
 use hashistack_lab::lab::NodeDef;
 use hashistack_lab::Lab;
 use serde_json::Value;
@@ -290,6 +290,25 @@ async fn a_killed_consul_server_is_reported_within_seconds() {
     lab.down().await;
 }
 
+/// The lab node whose Vault is active (`sys/leader`, asked of every Vault server until one answers).
+async fn active_vault(lab: &Lab) -> String {
+    for n in lab.nodes.iter().filter(|n| n.def.role == Role::VaultServer) {
+        let url = format!("https://{}:8200/v1/sys/leader", n.def.ip);
+        let (status, body) = get_as(lab, &url, "X-Vault-Request", "true").await;
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        if status != 200 {
+            continue;
+        }
+        let addr = v["leader_address"].as_str().unwrap_or_default();
+        if let Some(a) = lab.nodes.iter().find(|a| {
+            a.def.role == Role::VaultServer && addr == format!("https://{}:8200", a.def.ip)
+        }) {
+            return a.def.name.clone();
+        }
+    }
+    panic!("no Vault server names an active node");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_vault_node_is_reported() {
     let mut lab = healthy_lab(options("status-vault-down", 43)).await;
@@ -300,10 +319,14 @@ async fn a_stopped_vault_node_is_reported() {
     let opened: serde_json::Value =
         serde_json::from_slice(&escrow_open(&lab, &operator, "vault")).unwrap();
     all_vault_voters(&lab, opened["root_token"].as_str().unwrap(), 3).await;
-    let i = index_of(&lab, "vault-2");
+    // The active node: a standby must take over, which it can only do when its declared audit device is the
+    // one in storage (the same file on every server).
+    let active = active_vault(&lab).await;
+    let i = index_of(&lab, &active);
     lab.stop_agent(i).await;
     let r = status_until(&lab, Duration::from_secs(60), |r| {
-        r.line(&["✗ vault", "vault-2: unreachable"]).is_some()
+        r.line(&["✗ vault", &format!("{active}: unreachable")])
+            .is_some()
     })
     .await;
     assert_eq!(r.code, 1, "{}", r.out);
@@ -313,12 +336,11 @@ async fn a_stopped_vault_node_is_reported() {
         r.out
     );
     assert!(
-        r.line(&["vault-2", "vault", "UNREACHABLE"]).is_some(),
+        r.line(&[&active, "vault", "UNREACHABLE"]).is_some(),
         "{}",
         r.out
     );
-    // The other two still serve: one of them active (if vault-2 was the active node, a standby takes over
-    // within seconds: raft elects a new leader first).
+    // The other two still serve: a standby takes over within seconds (raft elects a new leader first).
     let start = std::time::Instant::now();
     let vault = loop {
         let v = status(&lab, &["--json"]).await.json();
@@ -330,9 +352,7 @@ async fn a_stopped_vault_node_is_reported() {
     };
     assert_eq!(vault["healthy_servers"], 2, "{vault}");
     assert!(
-        vault["active_node"]
-            .as_str()
-            .is_some_and(|a| a != "vault-2"),
+        vault["active_node"].as_str().is_some_and(|a| a != active),
         "{vault}"
     );
     lab.down().await;

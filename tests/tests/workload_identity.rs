@@ -145,14 +145,13 @@ async fn login_ok(lab: &Lab, jwt: &str) -> (String, Vec<String>, Value) {
     )
 }
 
-/// How many times the active Vault's audit log recorded a write of `auth/jwt-nomad/config`.
+/// How many times the Vault servers' audit log (one file for the lab's cluster) recorded a write of
+/// `auth/jwt-nomad/config`.
 fn config_writes(lab: &Lab) -> usize {
-    nodes_of(lab, Role::VaultServer)
-        .into_iter()
-        .map(|i| lab.nodes[i].root.join("var/log/vault/audit.log"))
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|t| t.lines().map(String::from).collect::<Vec<_>>())
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+    std::fs::read_to_string(lab.vault_audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|e| {
             e["type"] == "request"
                 && e["request"]["path"] == "auth/jwt-nomad/config"

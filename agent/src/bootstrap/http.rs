@@ -3,7 +3,7 @@
 //! use makes it idempotent), what that call escrows, and the error of one call in a retry loop.
 
 use super::TierFailure;
-use crate::retry::TimeoutError;
+use crate::retry::{retry, Attempt, NotYet, RetryError, RetryPolicy, TimeoutError};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
@@ -33,8 +33,12 @@ pub(super) async fn wait_for_leader(
     product: &str,
     deadline: Duration,
 ) -> Result<(), String> {
-    let start = std::time::Instant::now();
-    loop {
+    let policy = RetryPolicy::poll(
+        deadline,
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+    );
+    retry(policy, |_| async {
         let leader = async {
             let r = c.get(format!("{api}/v1/status/leader")).send().await.ok()?;
             if !r.status().is_success() {
@@ -42,14 +46,13 @@ pub(super) async fn wait_for_leader(
             }
             r.json::<String>().await.ok().filter(|l| !l.is_empty())
         };
-        if leader.await.is_some() {
-            return Ok(());
+        match leader.await {
+            Some(_) => Attempt::Done(()),
+            None => Attempt::Retry(NotYet("no leader".into())),
         }
-        if start.elapsed() > deadline {
-            return Err(format!("local {product} has no leader within {deadline:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
+    .map_err(|_| format!("local {product} has no leader within {deadline:?}"))
 }
 
 /// What is escrowed for a tier bootstrapped through its ACL system (Consul, Nomad). Escrowed before use,
@@ -147,81 +150,143 @@ impl<'a> AclBootstrap<'a> {
                 .expect("json"),
             )
         });
-        let start = std::time::Instant::now();
-        let mut last = String::from("ACL bootstrap: no answer");
-        while start.elapsed() < self.deadline {
-            let mut req = c.request(self.method.clone(), &self.url);
-            if let Some(b) = &body {
-                req = req
-                    .header("Content-Type", "application/json")
-                    .body(b.to_vec());
+        // Attempts are never cut short: a request cut after it reached the server could lose a token that
+        // exists nowhere else (on the path without a caller secret).
+        let policy = RetryPolicy::poll_whole(self.deadline, self.retry_every);
+        let answer = retry(policy, |_| {
+            self.attempt(c, body.as_ref().map(|b| b.as_slice()))
+        })
+        .await;
+        let detail = match answer {
+            Ok(BootstrapAnswer::Token(payload)) => return Ok(payload),
+            Ok(BootstrapAnswer::AlreadyDone(detail)) => detail,
+            Err(RetryError::Final(Stop::Final(f))) => return Err(f),
+            Err(RetryError::Final(Stop::Transient(last)))
+            | Err(RetryError::Deadline {
+                last: Stop::Transient(last),
+                ..
+            }) => {
+                return Err(TierFailure::Other(format!(
+                    "{last} (still failing after {:?})",
+                    self.deadline
+                )))
             }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if self.secret.is_some() || e.is_connect() => {
-                    last = format!("ACL bootstrap: {}", e.without_url());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(TierFailure::Other(format!(
-                        "ACL bootstrap: {}",
-                        e.without_url()
-                    )))
-                }
-            };
-            let status = resp.status().as_u16();
-            let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            if status == 200 {
-                let parsed: Result<TokenResponse, _> = serde_json::from_slice(&bytes);
-                bytes.zeroize();
-                let mut t = parsed.map_err(|_| {
-                    TierFailure::Other("ACL bootstrap response did not parse".into())
-                })?;
-                if self.secret.is_some_and(|s| t.secret_id != s) {
-                    // A server that ignores BootstrapSecret (an older leader): its own token is escrowed
-                    // right after this call, as on the server-generated path.
-                    tracing::warn!(
-                        "{} did not use the escrowed BootstrapSecret; escrowing the token it generated",
-                        self.product
-                    );
-                }
-                return Ok(AclSecrets::payload(
-                    self.kind,
-                    std::mem::take(&mut t.accessor_id),
-                    std::mem::take(&mut t.secret_id),
-                ));
+            Err(RetryError::Deadline {
+                last: Stop::Final(f),
+                ..
+            }) => return Err(f),
+        };
+        let Some(s) = self.secret else {
+            return Err(TierFailure::AlreadyDone(detail));
+        };
+        match own_token(s).await {
+            Ok(Some(accessor)) => {
+                tracing::info!(
+                    "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
+                );
+                Ok(AclSecrets::payload(self.kind, accessor, s.to_string()))
             }
-            let text = redact(&String::from_utf8_lossy(&bytes), self.secret);
-            bytes.zeroize();
-            match (self.classify)(status, &text) {
-                Answer::Retry => last = format!("ACL bootstrap: HTTP {status}"),
-                Answer::AlreadyDone(detail) => {
-                    let Some(s) = self.secret else {
-                        return Err(TierFailure::AlreadyDone(detail));
-                    };
-                    return match own_token(s).await {
-                        Ok(Some(accessor)) => {
-                            tracing::info!(
-                                "ACL bootstrap already done with our escrowed secret (an earlier attempt landed)"
-                            );
-                            Ok(AclSecrets::payload(self.kind, accessor, s.to_string()))
-                        }
-                        Ok(None) => Err(TierFailure::AlreadyDone(detail)),
-                        // Unknown whether our secret was used: not "already done by someone else" (that would
-                        // drop the pointer to our escrow); the next boot asks again.
-                        Err(e) => Err(TierFailure::Other(format!(
-                            "ACL bootstrap already done ({detail}); whether with our escrowed secret is not known yet: {e}"
-                        ))),
-                    };
-                }
-                Answer::Final(message) => return Err(TierFailure::Other(message)),
-            }
-            tokio::time::sleep(self.retry_every).await;
+            Ok(None) => Err(TierFailure::AlreadyDone(detail)),
+            // Unknown whether our secret was used: not "already done by someone else" (that would drop the
+            // pointer to our escrow); the next boot asks again.
+            Err(e) => Err(TierFailure::Other(format!(
+                "ACL bootstrap already done ({detail}); whether with our escrowed secret is not known yet: {e}"
+            ))),
         }
-        Err(TierFailure::Other(format!(
-            "{last} (still failing after {:?})",
-            self.deadline
-        )))
+    }
+
+    /// One bootstrap request and what its answer means.
+    async fn attempt(
+        &self,
+        c: &reqwest::Client,
+        body: Option<&[u8]>,
+    ) -> Attempt<BootstrapAnswer, Stop> {
+        let mut req = c.request(self.method.clone(), &self.url);
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_vec());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            // With a caller secret a resend is harmless; without one, only a request that never reached the
+            // server is sent again.
+            Err(e) if self.secret.is_some() || e.is_connect() => {
+                return Attempt::Retry(Stop::Transient(format!(
+                    "ACL bootstrap: {}",
+                    e.without_url()
+                )))
+            }
+            Err(e) => {
+                return Attempt::Fail(Stop::Final(TierFailure::Other(format!(
+                    "ACL bootstrap: {}",
+                    e.without_url()
+                ))))
+            }
+        };
+        let status = resp.status().as_u16();
+        let mut bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        if status == 200 {
+            let parsed: Result<TokenResponse, _> = serde_json::from_slice(&bytes);
+            bytes.zeroize();
+            let Ok(mut t) = parsed else {
+                return Attempt::Fail(Stop::Final(TierFailure::Other(
+                    "ACL bootstrap response did not parse".into(),
+                )));
+            };
+            if self.secret.is_some_and(|s| t.secret_id != s) {
+                // A server that ignores BootstrapSecret (an older leader): its own token is escrowed right
+                // after this call, as on the server-generated path.
+                tracing::warn!(
+                    "{} did not use the escrowed BootstrapSecret; escrowing the token it generated",
+                    self.product
+                );
+            }
+            return Attempt::Done(BootstrapAnswer::Token(AclSecrets::payload(
+                self.kind,
+                std::mem::take(&mut t.accessor_id),
+                std::mem::take(&mut t.secret_id),
+            )));
+        }
+        let text = redact(&String::from_utf8_lossy(&bytes), self.secret);
+        bytes.zeroize();
+        match (self.classify)(status, &text) {
+            Answer::Retry => {
+                Attempt::Retry(Stop::Transient(format!("ACL bootstrap: HTTP {status}")))
+            }
+            Answer::AlreadyDone(detail) => Attempt::Done(BootstrapAnswer::AlreadyDone(detail)),
+            Answer::Final(message) => Attempt::Fail(Stop::Final(TierFailure::Other(message))),
+        }
+    }
+}
+
+/// What a bootstrap request that was answered yields.
+enum BootstrapAnswer {
+    /// The management token's escrow payload.
+    Token(Zeroizing<Vec<u8>>),
+    /// "Already bootstrapped": the server's words.
+    AlreadyDone(String),
+}
+
+/// Why the bootstrap requests stopped without an answer.
+#[derive(Debug)]
+enum Stop {
+    /// Worth another request (no leader, 5xx, a connection refused): what was seen.
+    Transient(String),
+    Final(TierFailure),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Transient(t) => f.write_str(t),
+            Stop::Final(e) => write!(f, "{e:?}"),
+        }
+    }
+}
+
+impl TimeoutError for Stop {
+    fn timeout(after: Duration) -> Self {
+        Stop::Transient(format!("ACL bootstrap: no answer within {after:?}"))
     }
 }

@@ -20,12 +20,22 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub root: PathBuf,
+    /// `paths.vault_audit_file`, when the configuration names one (see [`vault::audit_file`]).
+    pub vault_audit_file: Option<PathBuf>,
 }
 
 impl Layout {
     pub fn new(root: &Path) -> Self {
         Layout {
             root: root.to_path_buf(),
+            vault_audit_file: None,
+        }
+    }
+    /// The layout the agent's `[paths]` configuration describes.
+    pub fn from_paths(p: &crate::config::PathsConfig) -> Self {
+        Layout {
+            root: p.root.clone(),
+            vault_audit_file: p.vault_audit_file.clone(),
         }
     }
     fn at(&self, rel: &str) -> PathBuf {

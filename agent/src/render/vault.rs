@@ -61,10 +61,14 @@ pub fn declares_audit_devices(installed: &Installed) -> bool {
     installed.is_openbao() && installed.version >= OPENBAO_DECLARATIVE_AUDIT
 }
 
-/// Where the file audit device writes: `/var/log/vault/audit.log` under the layout root, the only log path
+/// Where the file audit device writes: `paths.vault_audit_file`, else `/var/log/vault/audit.log` under the
+/// layout root — the only log path
 /// vault.service may write (`LogsDirectory=vault`, systemd/vault.service).
 pub fn audit_file(layout: &Layout) -> PathBuf {
-    layout.root.join("var/log/vault/audit.log")
+    layout
+        .vault_audit_file
+        .clone()
+        .unwrap_or_else(|| layout.root.join("var/log/vault/audit.log"))
 }
 
 /// A logrotate(8) rule, typed; [`LogrotateRule::to_text`] writes logrotate's syntax.

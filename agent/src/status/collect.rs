@@ -110,7 +110,7 @@ impl Collector {
         }
         let azure_http = b.build().map_err(|e| e.to_string())?;
         // The jumpbox's world-readable copy (operators run status without sudo); elsewhere, as root, Consul's.
-        let layout = Layout::new(&cfg.paths.root);
+        let layout = Layout::from_paths(&cfg.paths);
         let ca = [layout.operator_ca_file(), layout.ca_file(Product::Consul)]
             .into_iter()
             .find(|p| p.exists())

@@ -38,7 +38,7 @@ pub struct ServiceState {
 }
 
 pub async fn node_status(cfg: &AgentConfig) -> Result<NodeStatus, boot::BootError> {
-    let layout = Layout::new(&cfg.paths.root);
+    let layout = Layout::from_paths(&cfg.paths);
     let mut quick = cfg.clone();
     quick.imds.deadline_secs = quick.imds.deadline_secs.min(5);
     let client = crate::imds::ImdsClient::new(
