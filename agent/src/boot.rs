@@ -576,19 +576,24 @@ async fn boot_inner(
             let mut policy = crate::escrow::policy();
             policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
             let started = Instant::now();
-            let m = crate::material::fetch_or_create(
-                &az,
-                &vaults,
-                Some(spec.blob_endpoint.as_str()),
-                &spec.cluster,
-                spec.role.is_server_tier(),
+            let m = crate::material::Fetch {
+                az: &az,
+                vaults: &vaults,
+                cluster: &spec.cluster,
+                creator: spec
+                    .role
+                    .is_server_tier()
+                    .then_some(crate::material::Creator {
+                        blob_endpoint: spec.blob_endpoint.as_str(),
+                        lease_secs: cfg.bootstrap.lease_secs as i32,
+                    }),
                 // Never wait for the agent token here: a node without it renders and starts everything but
                 // an auto-encrypt Consul (below), so the jumpbox can show a bootstrap in progress.
-                false,
-                cfg.bootstrap.lease_secs as i32,
+                agent_token: crate::material::AgentToken::IfPresent,
                 policy,
-                std::time::Duration::from_secs(cfg.material.deadline_secs),
-            )
+                deadline: std::time::Duration::from_secs(cfg.material.deadline_secs),
+            }
+            .run()
             .await?;
             tracing::info!(
                 ms = started.elapsed().as_millis() as u64,
@@ -949,17 +954,16 @@ pub async fn converge_consul_token(
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
     let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
-    let shared = crate::material::fetch_or_create(
-        &az,
-        &material_vaults(&spec)?,
-        None,
-        &spec.cluster,
-        false,
-        true,
-        cfg.bootstrap.lease_secs as i32,
+    let shared = crate::material::Fetch {
+        az: &az,
+        vaults: &material_vaults(&spec)?,
+        cluster: &spec.cluster,
+        creator: None,
+        agent_token: crate::material::AgentToken::Wait,
         policy,
         deadline,
-    )
+    }
+    .run()
     .await?;
     let versions = detect_versions(cfg, &layout, &spec.products()).await?;
     let material = load_material(cfg, &spec, &layout, Some(&shared))?;

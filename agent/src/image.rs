@@ -12,6 +12,7 @@
 //! is set, which [`verify_image`] does for the real root `/` only. Symbolic links of binaries are followed
 //! as the host resolves them, so a synthetic root should use relative links.
 
+use crate::retry::{retry_blocking, Attempt, RetryError, RetryPolicy};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -22,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where packer installs the units: `/etc/systemd/system` takes precedence over the units that HashiCorp's
 /// packages install in `/usr/lib/systemd/system`.
@@ -919,31 +920,34 @@ fn run_version(binary: &Path, args: &[String]) -> Result<String, String> {
         .stderr(Stdio::piped());
     // ETXTBSY: a file that was just written may briefly still be open for writing in a process that is
     // between fork and exec; that passes within milliseconds.
-    let mut attempts = 0;
-    let mut child = loop {
-        match command.spawn() {
-            Ok(child) => break child,
-            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && attempts < 50 => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(format!("cannot run: {e}")),
-        }
-    };
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() > VERSION_TIMEOUT => {
+    let busy = RetryPolicy::poll(
+        Duration::from_secs(1),
+        Duration::from_millis(20),
+        Duration::ZERO,
+    );
+    let mut child = retry_blocking(busy, |_| match command.spawn() {
+        Ok(child) => Attempt::Done(child),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => Attempt::Retry(e),
+        Err(e) => Attempt::Fail(e),
+    })
+    .map_err(|e| format!("cannot run: {}", e.last()))?;
+    let wait = RetryPolicy::poll(VERSION_TIMEOUT, Duration::from_millis(20), Duration::ZERO);
+    let status = retry_blocking(wait, |_| match child.try_wait() {
+        Ok(Some(status)) => Attempt::Done(status),
+        Ok(None) => Attempt::Retry(format!(
+            "did not finish within {} s",
+            VERSION_TIMEOUT.as_secs()
+        )),
+        Err(e) => Attempt::Fail(format!("cannot wait for it: {e}")),
+    });
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(e, RetryError::Deadline { .. }) {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "did not finish within {} s",
-                    VERSION_TIMEOUT.as_secs()
-                ));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("cannot wait for it: {e}")),
+            return Err(e.last().clone());
         }
     };
     let mut out = String::new();

@@ -310,41 +310,96 @@ fn gossip_key() -> Zeroizing<String> {
     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&b[..]))
 }
 
-/// Reads the cluster material, creating it first if this node may (server tiers) and nobody has.
-#[allow(clippy::too_many_arguments)]
-pub async fn fetch_or_create(
-    az: &Azure,
-    vaults: &Vaults,
-    blob_endpoint: Option<&str>,
-    cluster: &str,
-    may_create: bool,
-    need_agent_token: bool,
-    lease_secs: i32,
-    policy: RetryPolicy,
-    deadline: Duration,
-) -> Result<ClusterMaterial, MaterialError> {
-    let start = Instant::now();
-    let mut m = fetch_or_create_inner(
-        az,
-        vaults,
-        blob_endpoint,
-        cluster,
-        may_create,
-        lease_secs,
-        policy,
-        deadline,
-        start,
-    )
-    .await?;
-    if need_agent_token && m.consul_agent_token.is_none() {
-        let name = crate::names::agent_token_secret(cluster);
-        tracing::info!(cluster, "waiting for the Consul agent token in Key Vault");
-        let left = deadline.saturating_sub(start.elapsed());
+/// Who may create the cluster material when Key Vault has none: a server-tier node, under the `material` lease
+/// in the cluster's storage account (and only with the servers vault, where the CA key goes).
+#[derive(Debug, Clone, Copy)]
+pub struct Creator<'a> {
+    pub blob_endpoint: &'a str,
+    pub lease_secs: i32,
+}
+
+/// Whether a fetch also waits for the Consul agent token (handed over by the Consul tier's bootstrap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentToken {
+    /// Take it if it is there; a node without it still renders and starts what does not need it.
+    IfPresent,
+    /// Wait for it within the deadline (a Consul agent that cannot start without it).
+    Wait,
+}
+
+/// One fetch of the cluster material: where from, who may create it, and how long to wait.
+pub struct Fetch<'a> {
+    pub az: &'a Azure,
+    pub vaults: &'a Vaults,
+    pub cluster: &'a str,
+    /// `Some` on server tiers: this node may create the material.
+    pub creator: Option<Creator<'a>>,
+    pub agent_token: AgentToken,
+    /// Each Key Vault call's retry policy.
+    pub policy: RetryPolicy,
+    /// The whole fetch's deadline (material, then the agent token).
+    pub deadline: Duration,
+}
+
+impl Fetch<'_> {
+    /// Reads the cluster material, creating it first if this node may and nobody has.
+    pub async fn run(&self) -> Result<ClusterMaterial, MaterialError> {
+        let start = Instant::now();
+        let mut m = self.material(self.deadline).await?;
+        if self.agent_token == AgentToken::Wait && m.consul_agent_token.is_none() {
+            let left = self.deadline.saturating_sub(start.elapsed());
+            m.consul_agent_token = Some(self.agent_token(left).await?);
+            // Handed over before the agent token: present now unless its creation failed (the Consul tier's
+            // state says so) or an older agent bootstrapped the cluster.
+            if self.vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
+                m.consul_nomad_token =
+                    get_nomad_token(self.az, self.vaults, self.cluster, self.policy).await?;
+            }
+        }
+        Ok(m)
+    }
+
+    /// The material, looked for every second within `left`.
+    async fn material(&self, left: Duration) -> Result<ClusterMaterial, MaterialError> {
+        // Each look may create the material under the lease: never cut short by the poll.
+        let r = retry(
+            RetryPolicy::poll_whole(left, Duration::from_secs(1)),
+            |attempt| async move {
+                match look(self).await {
+                    Ok(Some(m)) => Attempt::Done(m),
+                    Ok(None) => {
+                        if attempt == 1 {
+                            tracing::info!(
+                                cluster = self.cluster,
+                                "waiting for the cluster material in Key Vault"
+                            );
+                        }
+                        Attempt::Retry(Wait::NotYet)
+                    }
+                    Err(e) => Attempt::Fail(Wait::Failed(e)),
+                }
+            },
+        )
+        .await;
+        match r {
+            Ok(m) => Ok(m),
+            Err(RetryError::Final(Wait::Failed(e))) => Err(e),
+            Err(_) => Err(MaterialError::Timeout(self.deadline)),
+        }
+    }
+
+    /// The Consul agent token, looked for every 500 ms within `left`.
+    async fn agent_token(&self, left: Duration) -> Result<Zeroizing<String>, MaterialError> {
+        let name = crate::names::agent_token_secret(self.cluster);
+        tracing::info!(
+            cluster = self.cluster,
+            "waiting for the Consul agent token in Key Vault"
+        );
         // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll.
         let r = retry(
             RetryPolicy::poll_whole(left, Duration::from_millis(500)),
             |_| async {
-                match get(az, &vaults.shared, &name, policy).await {
+                match get(self.az, &self.vaults.shared, &name, self.policy).await {
                     Ok(Some(t)) => Attempt::Done(t),
                     Ok(None) => Attempt::Retry(Wait::NotYet),
                     Err(e) => Attempt::Fail(Wait::Failed(e.into())),
@@ -352,84 +407,31 @@ pub async fn fetch_or_create(
             },
         )
         .await;
-        m.consul_agent_token = Some(match r {
-            Ok(t) => t,
-            Err(RetryError::Final(Wait::Failed(e))) => return Err(e),
-            Err(_) => return Err(MaterialError::NoAgentToken(deadline)),
-        });
-        // Handed over before the agent token: present now unless its creation failed (the Consul tier's state
-        // says so) or an older agent bootstrapped the cluster.
-        if vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
-            m.consul_nomad_token = get_nomad_token(az, vaults, cluster, policy).await?;
+        match r {
+            Ok(t) => Ok(t),
+            Err(RetryError::Final(Wait::Failed(e))) => Err(e),
+            Err(_) => Err(MaterialError::NoAgentToken(self.deadline)),
         }
-    }
-    Ok(m)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_or_create_inner(
-    az: &Azure,
-    vaults: &Vaults,
-    blob_endpoint: Option<&str>,
-    cluster: &str,
-    may_create: bool,
-    lease_secs: i32,
-    policy: RetryPolicy,
-    deadline: Duration,
-    start: Instant,
-) -> Result<ClusterMaterial, MaterialError> {
-    let left = deadline.saturating_sub(start.elapsed());
-    // Each look may create the material under the lease: never cut short by the poll.
-    let r = retry(
-        RetryPolicy::poll_whole(left, Duration::from_secs(1)),
-        |attempt| async move {
-            match look(
-                az,
-                vaults,
-                blob_endpoint,
-                cluster,
-                may_create,
-                lease_secs,
-                policy,
-            )
-            .await
-            {
-                Ok(Some(m)) => Attempt::Done(m),
-                Ok(None) => {
-                    if attempt == 1 {
-                        tracing::info!(cluster, "waiting for the cluster material in Key Vault");
-                    }
-                    Attempt::Retry(Wait::NotYet)
-                }
-                Err(e) => Attempt::Fail(Wait::Failed(e)),
-            }
-        },
-    )
-    .await;
-    match r {
-        Ok(m) => Ok(m),
-        Err(RetryError::Final(Wait::Failed(e))) => Err(e),
-        Err(_) => Err(MaterialError::Timeout(deadline)),
     }
 }
 
 /// One look for the cluster material: what Key Vault holds, else (a node that may create it, holding the
 /// `material` lease) the material it creates; `None` while another node creates it.
-async fn look(
-    az: &Azure,
-    vaults: &Vaults,
-    blob_endpoint: Option<&str>,
-    cluster: &str,
-    may_create: bool,
-    lease_secs: i32,
-    policy: RetryPolicy,
-) -> Result<Option<ClusterMaterial>, MaterialError> {
+async fn look(f: &Fetch<'_>) -> Result<Option<ClusterMaterial>, MaterialError> {
+    let (az, vaults, cluster, policy) = (f.az, f.vaults, f.cluster, f.policy);
     if let Some(m) = read_all(az, vaults, cluster, policy).await? {
         return Ok(Some(m));
     }
-    if let (true, Some(blob), Some(servers)) = (may_create, blob_endpoint, &vaults.servers) {
-        if let Some(lead) =
-            election::try_acquire(az, blob, cluster, "material", policy, lease_secs).await?
+    if let (Some(c), Some(servers)) = (f.creator, &vaults.servers) {
+        if let Some(lead) = election::try_acquire(
+            az,
+            c.blob_endpoint,
+            cluster,
+            "material",
+            policy,
+            c.lease_secs,
+        )
+        .await?
         {
             // Re-check under the lease: the previous holder may have just finished.
             let r = match read_all(az, vaults, cluster, policy).await {

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// How long and how often to try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +34,23 @@ pub enum Attempt<T, E> {
     Done(T),
     /// A transient condition: try again while the deadline allows.
     Retry(E),
+    /// A transient condition, and the next attempt should wait at least this long (a `Retry-After` answer, or
+    /// a look that is costly to repeat); otherwise as `Retry`.
+    RetryAfter(E, Duration),
     /// A final answer: retrying cannot help.
     Fail(E),
+}
+
+impl<T, E> Attempt<T, E> {
+    /// The same verdict with its error mapped.
+    pub fn map_err<F>(self, f: impl FnOnce(E) -> F) -> Attempt<T, F> {
+        match self {
+            Attempt::Done(v) => Attempt::Done(v),
+            Attempt::Retry(e) => Attempt::Retry(f(e)),
+            Attempt::RetryAfter(e, after) => Attempt::RetryAfter(f(e), after),
+            Attempt::Fail(e) => Attempt::Fail(f(e)),
+        }
+    }
 }
 
 /// Why the loop stopped without a result.
@@ -112,6 +126,77 @@ pub trait TimeoutError {
 /// An attempt gets at least this long; with less left before the deadline the loop stops.
 const MIN_ATTEMPT: Duration = Duration::from_millis(5);
 
+/// The bookkeeping [`retry`] and [`retry_blocking`] share: attempts, backoff, and the verdict on each outcome.
+struct Schedule {
+    policy: RetryPolicy,
+    start: std::time::Instant,
+    backoff: Duration,
+    attempts: u32,
+}
+
+impl Schedule {
+    fn new(policy: RetryPolicy) -> Self {
+        Schedule {
+            policy,
+            start: std::time::Instant::now(),
+            backoff: policy.initial_backoff,
+            attempts: 0,
+        }
+    }
+
+    fn remaining(&self) -> Duration {
+        self.policy.deadline.saturating_sub(self.start.elapsed())
+    }
+
+    /// Starts an attempt: its number and how long it may take.
+    fn next(&mut self) -> (u32, Duration) {
+        self.attempts += 1;
+        (
+            self.attempts,
+            self.policy.attempt_timeout.min(self.remaining()),
+        )
+    }
+
+    /// What an attempt's outcome means: `Err` ends the loop with it (the value, a final error, or the
+    /// deadline); `Ok` is the wait before the next attempt, with the error kept in case none follows.
+    #[allow(clippy::type_complexity)]
+    fn judge<T, E: std::fmt::Display>(
+        &mut self,
+        outcome: Attempt<T, E>,
+    ) -> Result<(Duration, E), Result<T, RetryError<E>>> {
+        let (e, wait) = match outcome {
+            Attempt::Done(v) => return Err(Ok(v)),
+            Attempt::Fail(e) => return Err(Err(RetryError::Final(e))),
+            Attempt::Retry(e) => (e, self.backoff),
+            Attempt::RetryAfter(e, after) => (e, self.backoff.max(after)),
+        };
+        if self.start.elapsed() + wait >= self.policy.deadline {
+            return Err(Err(self.deadline(e)));
+        }
+        tracing::debug!(attempt = self.attempts, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
+        Ok((wait, e))
+    }
+
+    /// After the wait: with too little time left for a real attempt, the loop ends with the error it has
+    /// (not a zero-length timeout).
+    fn resume<E: std::fmt::Display>(&self, e: E) -> Result<(), RetryError<E>> {
+        if self.remaining() < MIN_ATTEMPT {
+            Err(self.deadline(e))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn deadline<E: std::fmt::Display>(&self, last: E) -> RetryError<E> {
+        RetryError::Deadline {
+            attempts: self.attempts,
+            elapsed: self.start.elapsed(),
+            last,
+        }
+    }
+}
+
 /// Runs `op` until it is done, fails finally, or the deadline passes.
 pub async fn retry<T, E, F, Fut>(policy: RetryPolicy, mut op: F) -> Result<T, RetryError<E>>
 where
@@ -119,13 +204,9 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Attempt<T, E>>,
 {
-    let start = Instant::now();
-    let mut backoff = policy.initial_backoff;
-    let mut attempt = 0u32;
+    let mut s = Schedule::new(policy);
     loop {
-        attempt += 1;
-        let remaining = policy.deadline.saturating_sub(start.elapsed());
-        let budget = policy.attempt_timeout.min(remaining);
+        let (attempt, budget) = s.next();
         let outcome = if policy.attempt_timeout == WHOLE {
             op(attempt).await
         } else {
@@ -134,32 +215,31 @@ where
                 Err(_) => Attempt::Retry(E::timeout(budget)),
             }
         };
-        match outcome {
-            Attempt::Done(v) => return Ok(v),
-            Attempt::Fail(e) => return Err(RetryError::Final(e)),
-            Attempt::Retry(e) => {
-                let elapsed = start.elapsed();
-                if elapsed + backoff >= policy.deadline {
-                    return Err(RetryError::Deadline {
-                        attempts: attempt,
-                        elapsed,
-                        last: e,
-                    });
-                }
-                tracing::debug!(attempt, error = %e, backoff_ms = backoff.as_millis() as u64, "retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(policy.max_backoff);
-                // Too little time left for a real attempt: report the error we have, not a zero-length timeout.
-                let elapsed = start.elapsed();
-                if policy.deadline.saturating_sub(elapsed) < MIN_ATTEMPT {
-                    return Err(RetryError::Deadline {
-                        attempts: attempt,
-                        elapsed,
-                        last: e,
-                    });
-                }
-            }
-        }
+        let (wait, e) = match s.judge(outcome) {
+            Ok(w) => w,
+            Err(end) => return end,
+        };
+        tokio::time::sleep(wait).await;
+        s.resume(e)?;
+    }
+}
+
+/// [`retry`] for blocking code (a child process, a file that is busy for milliseconds): the same verdicts
+/// and deadline, no per-attempt timeout (a blocking attempt cannot be cut; each bounds itself).
+pub fn retry_blocking<T, E, F>(policy: RetryPolicy, mut op: F) -> Result<T, RetryError<E>>
+where
+    E: std::fmt::Display,
+    F: FnMut(u32) -> Attempt<T, E>,
+{
+    let mut s = Schedule::new(policy);
+    loop {
+        let (attempt, _) = s.next();
+        let (wait, e) = match s.judge(op(attempt)) {
+            Ok(w) => w,
+            Err(end) => return end,
+        };
+        std::thread::sleep(wait);
+        s.resume(e)?;
     }
 }
 
@@ -226,6 +306,71 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(looks.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn retry_after_waits_at_least_as_long_as_asked() {
+        let p = RetryPolicy::poll(
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        );
+        let start = std::time::Instant::now();
+        let looks = AtomicU32::new(0);
+        let r = retry(p, |_| async {
+            if looks.fetch_add(1, Ordering::SeqCst) == 0 {
+                Attempt::RetryAfter(NotYet("429".into()), Duration::from_millis(300))
+            } else {
+                Attempt::Done(())
+            }
+        })
+        .await;
+        assert!(r.is_ok());
+        assert!(
+            start.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            start.elapsed()
+        );
+        // A wait that would pass the deadline ends the loop at once, with the last answer.
+        let start = std::time::Instant::now();
+        let r: Result<(), _> = retry(p, |_| async {
+            Attempt::RetryAfter(NotYet("429".into()), Duration::from_secs(60))
+        })
+        .await;
+        assert!(
+            matches!(r, Err(RetryError::Deadline { attempts: 1, .. })),
+            "{r:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_blocking_retry_has_the_same_verdicts() {
+        let p = RetryPolicy::poll(
+            Duration::from_millis(200),
+            Duration::from_millis(5),
+            Duration::from_millis(5),
+        );
+        let mut n = 0;
+        let r = retry_blocking(p, |_| {
+            n += 1;
+            if n < 3 {
+                Attempt::Retry(E("busy"))
+            } else {
+                Attempt::Done(n)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+        let r: Result<(), _> = retry_blocking(p, |_| Attempt::Fail(E("no such file")));
+        assert!(matches!(r, Err(RetryError::Final(E("no such file")))));
+        let r: Result<(), _> = retry_blocking(p, |_| Attempt::Retry(E("busy")));
+        match r {
+            Err(RetryError::Deadline { attempts, last, .. }) => {
+                assert!(attempts > 5, "{attempts}");
+                assert_eq!(last, E("busy"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[derive(Debug, PartialEq)]

@@ -29,12 +29,11 @@ use crate::azure::{Azure, AzureError};
 use crate::coordination::{self, TierPhase, TierState};
 use crate::election::{self, Leadership};
 use crate::escrow::{self, envelope, Receipt, Targets};
-use crate::retry::RetryPolicy;
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy};
 use decide::Decision;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 pub use crate::config::{CrashPoint, PausePoint};
@@ -271,107 +270,158 @@ async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
             tier: name.into(),
             message,
         })?;
-    let start = Instant::now();
-    let mut waited_logged = false;
-    loop {
-        let state = coordination::read(
-            &ctx.az,
-            &ctx.targets.blob_endpoint,
-            &ctx.cluster,
-            name,
-            ctx.policy,
-        )
-        .await?;
-        let pending: Vec<_> = escrow::pending(&ctx.spool_dir)
-            .into_iter()
-            .filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster)
-            .collect();
-        if pending.is_empty() {
-            if let Some(s) = &state {
-                match s.phase {
-                    TierPhase::Done => return Ok(Outcome::AlreadyDone),
-                    TierPhase::NeedsOperator => {
-                        return Err(BootstrapError::NeedsOperator {
-                            tier: name.into(),
-                            message: s.message.clone().unwrap_or_default(),
-                        })
-                    }
-                    _ => {}
-                }
-            }
-        }
-        match election::try_acquire(
-            &ctx.az,
-            &ctx.targets.blob_endpoint,
-            &ctx.cluster,
-            name,
-            ctx.policy,
-            ctx.lease_secs,
-        )
-        .await?
-        {
-            Some(lead) => {
-                crash_if(ctx.crash_at, CrashPoint::AfterLease);
-                // Re-read under the lease: the previous holder may have finished just before releasing it.
-                // Every state write from here on must find what this read found (the fence).
-                let state = match coordination::read_for_update(
-                    &ctx.az,
-                    &ctx.targets.blob_endpoint,
-                    &ctx.cluster,
-                    name,
-                    ctx.policy,
-                )
-                .await
-                {
-                    Ok((s, expect)) => {
-                        ctx.fence.arm(lead.clock(), expect);
-                        s
-                    }
-                    Err(e) => {
-                        lead.release().await;
-                        return Err(e.into());
-                    }
-                };
-                let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
-                ctx.fence.disarm();
-                lead.release().await;
-                match r {
-                    Ok(Some(outcome)) => return Ok(outcome),
-                    Err(e) => return Err(e),
-                    // The node that initialized the tier may still come back with its spool: give it time.
-                    Ok(None) => {
-                        if start.elapsed() > ctx.follower_deadline {
-                            return Err(BootstrapError::Timeout {
-                                tier: name.into(),
-                                waited: ctx.follower_deadline,
-                                phase: "initialized, escrow pending on another node".into(),
-                            });
-                        }
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                }
-            }
-            None => {
-                if !waited_logged {
+    // Each look may bootstrap the tier under the lease: never cut short. A look that held the lease but must
+    // wait (the node that initialized may still come back with its spool) waits longer before the next one:
+    // it re-takes the lease each time.
+    let policy = RetryPolicy::poll_whole(ctx.follower_deadline, FOLLOWER_POLL);
+    let r = retry(policy, |attempt| async move {
+        match look(ctx, tier).await {
+            Ok(Look::Finished(outcome)) => Attempt::Done(outcome),
+            Ok(Look::Held(phase)) => Attempt::RetryAfter(Wait::Pending(phase), LEADER_REPOLL),
+            Ok(Look::Other(phase)) => {
+                if attempt == 1 {
                     tracing::info!(
                         tier = name,
                         "another node holds the bootstrap lease; waiting for it to finish"
                     );
-                    waited_logged = true;
                 }
-                if start.elapsed() > ctx.follower_deadline {
-                    let phase = state
-                        .map(|s| format!("{:?}", s.phase))
-                        .unwrap_or_else(|| "none".into());
-                    return Err(BootstrapError::Timeout {
+                Attempt::Retry(Wait::Pending(phase))
+            }
+            Err(e) => Attempt::Fail(Wait::Failed(e)),
+        }
+    })
+    .await;
+    match r {
+        Ok(outcome) => Ok(outcome),
+        Err(
+            RetryError::Final(Wait::Failed(e))
+            | RetryError::Deadline {
+                last: Wait::Failed(e),
+                ..
+            },
+        ) => Err(e),
+        Err(
+            RetryError::Final(Wait::Pending(phase))
+            | RetryError::Deadline {
+                last: Wait::Pending(phase),
+                ..
+            },
+        ) => Err(BootstrapError::Timeout {
+            tier: name.into(),
+            waited: ctx.follower_deadline,
+            phase,
+        }),
+    }
+}
+
+/// The pause between two looks of a node that held the lease but had to wait.
+const LEADER_REPOLL: Duration = Duration::from_secs(2);
+
+/// What one look at the tier concluded.
+enum Look {
+    /// This node's part is over.
+    Finished(Outcome),
+    /// This node held the lease but the tier is not finished (an escrow pending on another node): the phase.
+    Held(String),
+    /// Another node holds the lease: the tier's phase as last read.
+    Other(String),
+}
+
+/// Why [`settle`] is still waiting, or what stopped it.
+enum Wait {
+    Pending(String),
+    Failed(BootstrapError),
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Pending(phase) => write!(f, "waiting ({phase})"),
+            Wait::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl crate::retry::TimeoutError for Wait {
+    fn timeout(_: Duration) -> Self {
+        Wait::Pending("no answer".into())
+    }
+}
+
+/// One look: the tier's state and this node's spool; done, needs an operator, or take the lease and lead.
+async fn look(ctx: &Ctx, tier: &dyn Tier) -> Result<Look, BootstrapError> {
+    let name = tier.name();
+    let state = coordination::read(
+        &ctx.az,
+        &ctx.targets.blob_endpoint,
+        &ctx.cluster,
+        name,
+        ctx.policy,
+    )
+    .await?;
+    let pending: Vec<_> = escrow::pending(&ctx.spool_dir)
+        .into_iter()
+        .filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster)
+        .collect();
+    if pending.is_empty() {
+        if let Some(s) = &state {
+            match s.phase {
+                TierPhase::Done => return Ok(Look::Finished(Outcome::AlreadyDone)),
+                TierPhase::NeedsOperator => {
+                    return Err(BootstrapError::NeedsOperator {
                         tier: name.into(),
-                        waited: ctx.follower_deadline,
-                        phase,
-                    });
+                        message: s.message.clone().unwrap_or_default(),
+                    })
                 }
-                tokio::time::sleep(FOLLOWER_POLL).await;
+                _ => {}
             }
         }
+    }
+    let Some(lead) = election::try_acquire(
+        &ctx.az,
+        &ctx.targets.blob_endpoint,
+        &ctx.cluster,
+        name,
+        ctx.policy,
+        ctx.lease_secs,
+    )
+    .await?
+    else {
+        return Ok(Look::Other(
+            state
+                .map(|s| format!("{:?}", s.phase))
+                .unwrap_or_else(|| "none".into()),
+        ));
+    };
+    crash_if(ctx.crash_at, CrashPoint::AfterLease);
+    // Re-read under the lease: the previous holder may have finished just before releasing it. Every state
+    // write from here on must find what this read found (the fence).
+    let state = match coordination::read_for_update(
+        &ctx.az,
+        &ctx.targets.blob_endpoint,
+        &ctx.cluster,
+        name,
+        ctx.policy,
+    )
+    .await
+    {
+        Ok((s, expect)) => {
+            ctx.fence.arm(lead.clock(), expect);
+            s
+        }
+        Err(e) => {
+            lead.release().await;
+            return Err(e.into());
+        }
+    };
+    let r = lead_bootstrap(ctx, tier, &lead, state, pending).await;
+    ctx.fence.disarm();
+    lead.release().await;
+    match r? {
+        Some(outcome) => Ok(Look::Finished(outcome)),
+        None => Ok(Look::Held(
+            "initialized, escrow pending on another node".into(),
+        )),
     }
 }
 

@@ -504,11 +504,8 @@ pub async fn ensure_config(
             };
             let status = r.status().as_u16();
             let detail = first_error(&r.bytes().await.unwrap_or_default());
-            match classify_config_write(status, &detail) {
-                Attempt::Done(()) => Attempt::Done(()),
-                Attempt::Retry(e) => Attempt::Retry(CallError(format!("jwt config: {e}"))),
-                Attempt::Fail(e) => Attempt::Fail(CallError(format!("jwt config: {e}"))),
-            }
+            classify_config_write(status, &detail)
+                .map_err(|e| CallError(format!("jwt config: {e}")))
         }
     })
     .await
