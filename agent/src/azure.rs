@@ -77,6 +77,36 @@ impl AzureError {
     }
 }
 
+/// The longest `Retry-After` the agent honours; a longer one is cut to it (the deadline bounds the whole call).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long a throttled (429) or unavailable (503) answer asks the caller to wait: Azure's `x-ms-retry-after-ms`
+/// and `retry-after-ms`, else the standard `Retry-After` (seconds or an HTTP date), read by the SDK's own
+/// parser; capped at [`MAX_RETRY_AFTER`]. Key Vault documents `Retry-After` on its 429s (service limits), Blob
+/// Storage on its 503 "server busy".
+pub fn retry_after(e: &azure_core::Error) -> Option<Duration> {
+    use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
+    let ErrorKind::HttpResponse {
+        raw_response: Some(raw),
+        ..
+    } = e.kind()
+    else {
+        return None;
+    };
+    let after = azure_core::http::policies::get_retry_after(
+        raw.headers(),
+        time::OffsetDateTime::now_utc,
+        &[X_MS_RETRY_AFTER_MS, RETRY_AFTER_MS, RETRY_AFTER],
+    )?;
+    let after = Duration::try_from(after).unwrap_or(Duration::ZERO);
+    Some(after.min(MAX_RETRY_AFTER))
+}
+
+/// `after` plus up to a quarter more, so that agents throttled together do not come back together.
+pub fn jittered(after: Duration) -> Duration {
+    after + after.mul_f64(rand::random::<f64>() / 4.0)
+}
+
 /// Runs one SDK call under `policy`, classifying failures (403 retried: role assignments still propagating).
 pub async fn call<T, F, Fut>(policy: RetryPolicy, what: &str, f: F) -> Result<T, AzureError>
 where
@@ -118,10 +148,12 @@ where
                 Ok(v) => Attempt::Done(v),
                 Err(e) => {
                     let err = AzureError::from_sdk(what, &e);
-                    if retryable(&err) {
-                        Attempt::Retry(err)
-                    } else {
+                    if !retryable(&err) {
                         Attempt::Fail(err)
+                    } else if let Some(after) = retry_after(&e) {
+                        Attempt::RetryAfter(err, jittered(after))
+                    } else {
+                        Attempt::Retry(err)
                     }
                 }
             }
@@ -246,6 +278,98 @@ impl Azure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use azure_core::http::{headers::Headers, RawResponse, StatusCode};
+
+    /// An SDK error as a throttled answer produces it: status, and the answer's headers.
+    fn throttled(status: StatusCode, headers: &[(&'static str, &'static str)]) -> azure_core::Error {
+        let mut h = Headers::new();
+        for (k, v) in headers {
+            h.insert(*k, *v);
+        }
+        azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status,
+                error_code: Some("Throttled".into()),
+                raw_response: Some(Box::new(RawResponse::from_bytes(status, h, Vec::new()))),
+            },
+            "throttled",
+        )
+    }
+
+    #[test]
+    fn retry_after_is_read_from_the_answer_and_capped() {
+        let s = StatusCode::TooManyRequests;
+        assert_eq!(
+            retry_after(&throttled(s, &[("retry-after", "7")])),
+            Some(Duration::from_secs(7))
+        );
+        // Azure's millisecond headers come first.
+        assert_eq!(
+            retry_after(&throttled(
+                s,
+                &[("retry-after", "7"), ("x-ms-retry-after-ms", "250")]
+            )),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retry_after(&throttled(s, &[("retry-after", "86400")])),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after(&throttled(s, &[])), None);
+        assert_eq!(retry_after(&throttled(s, &[("retry-after", "soon")])), None);
+        let a = Duration::from_secs(4);
+        for _ in 0..50 {
+            let j = jittered(a);
+            assert!(j >= a && j <= a + a / 4, "{j:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_as_long_as_the_service_asks() {
+        let policy = RetryPolicy {
+            deadline: Duration::from_millis(600),
+            attempt_timeout: Duration::from_secs(1),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(5),
+        };
+        // Without Retry-After: retried at the policy's pace, many times within the deadline.
+        let mut n = 0;
+        let r: Result<(), _> = call(policy, "t", || {
+            n += 1;
+            async { Err(throttled(StatusCode::TooManyRequests, &[])) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert!(n > 10, "{n} attempts");
+        // Asked to wait 1 s (beyond the deadline): one attempt, then the call gives up with the 429.
+        let mut n = 0;
+        let r: Result<(), _> = call(policy, "t", || {
+            n += 1;
+            async { Err(throttled(StatusCode::TooManyRequests, &[("retry-after", "1")])) }
+        })
+        .await;
+        assert_eq!(n, 1);
+        assert_eq!(r.unwrap_err().status, Some(429));
+        // Asked to wait 100 ms: honoured, then the next attempt succeeds.
+        let mut n = 0;
+        let r = call(policy, "t", || {
+            n += 1;
+            let first = n == 1;
+            async move {
+                if first {
+                    Err(throttled(
+                        StatusCode::TooManyRequests,
+                        &[("retry-after-ms", "100")],
+                    ))
+                } else {
+                    Ok(7)
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(n, 2);
+    }
 
     fn e(status: Option<u16>, detail: &str) -> AzureError {
         AzureError {
