@@ -282,7 +282,9 @@ impl Tier for ConsulTier {
             .map_err(|e| e.to_string())?;
             // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
             let status =
-                super::status_tokens::create_consul(&self.api, &self.ca_file, &management).await?;
+                super::status_tokens::create_consul(&self.api, &self.ca_file, &management)
+                    .await
+                    .map_err(|e| e.to_string())?;
             match &self.status_vault {
                 Some(sv) => {
                     super::status_tokens::hand_over(

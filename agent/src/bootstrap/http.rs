@@ -9,19 +9,69 @@ use std::future::Future;
 use std::time::Duration;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// An error of one call to the local server's API: the call and a status or transport error, never a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallError(pub String);
+/// An error of one call to a server's HTTP API: which call, and what went wrong — never a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No answer: the connection, TLS, or the client's own timeout (the transport's words, without the URL).
+    #[error("{call}: {detail}")]
+    Transport { call: String, detail: String },
+    /// An answer with a status the call does not take, with the server's first error line if it gave one.
+    #[error("{call}: HTTP {status}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Status {
+        call: String,
+        status: u16,
+        detail: String,
+    },
+    /// A success whose body is not what the API documents.
+    #[error("{call}: response did not parse")]
+    Unparsable { call: String },
+    /// No answer within one attempt's time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The HTTPS client could not be made (the CA file is missing or unreadable).
+    #[error("HTTPS client: {0}")]
+    Client(String),
+}
 
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl CallError {
+    /// A request that got no answer.
+    pub fn transport(call: impl Into<String>, e: reqwest::Error) -> Self {
+        CallError::Transport {
+            call: call.into(),
+            detail: e.without_url().to_string(),
+        }
+    }
+    /// An answer with `status` and no detail worth repeating.
+    pub fn status(call: impl Into<String>, status: u16) -> Self {
+        CallError::Status {
+            call: call.into(),
+            status,
+            detail: String::new(),
+        }
+    }
+    /// An answer with `status` and the server's words (never a token: callers pass error texts only).
+    pub fn refused(call: impl Into<String>, status: u16, detail: impl Into<String>) -> Self {
+        CallError::Status {
+            call: call.into(),
+            status,
+            detail: detail.into(),
+        }
+    }
+    pub fn unparsable(call: impl Into<String>) -> Self {
+        CallError::Unparsable { call: call.into() }
+    }
+    /// The answer's status, if the server answered.
+    pub fn status_code(&self) -> Option<u16> {
+        match self {
+            CallError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
     }
 }
 
 impl TimeoutError for CallError {
     fn timeout(after: Duration) -> Self {
-        CallError(format!("no answer within {after:?}"))
+        CallError::Timeout(after)
     }
 }
 

@@ -74,7 +74,7 @@ pub fn classify_acl(what: &str, status: u16, body: &str) -> Result<(), Failed> {
         return Ok(());
     }
     let short: String = body.trim().chars().take(200).collect();
-    let e = CallError(format!("{what}: HTTP {status}: {short}"));
+    let e = CallError::refused(what, status, short);
     if body.contains("No cluster leader") || status >= 500 || status == 429 {
         Err(Failed::Retry(e))
     } else {
@@ -103,10 +103,7 @@ async fn acl_call(req: reqwest::RequestBuilder, what: &str) -> Result<Zeroizing<
         // Never reached the server, or the answer was lost: every call here is safe to repeat (the policy
         // is an upsert; the token is looked up by name before one is created).
         Err(e) => {
-            return Err(Failed::Retry(CallError(format!(
-                "{what}: {}",
-                e.without_url()
-            ))))
+            return Err(Failed::Retry(CallError::transport(what, e)))
         }
     };
     let status = r.status().as_u16();
@@ -162,9 +159,7 @@ pub async fn create_status_token(
                 Err(f) => return f.into(),
             };
             let Ok(stubs) = serde_json::from_slice::<Vec<TokenStub>>(&list) else {
-                return Attempt::Fail(CallError(
-                    "status token list: response did not parse".into(),
-                ));
+                return Attempt::Fail(CallError::unparsable("status token list"));
             };
             let earlier = stubs.into_iter().find(|t| {
                 t.name == NOMAD_TOKEN_NAME
@@ -203,7 +198,7 @@ pub async fn create_status_token(
                     std::mem::take(&mut t.accessor_id),
                     reused,
                 )),
-                _ => Attempt::Fail(CallError(format!("{what}: response did not parse"))),
+                _ => Attempt::Fail(CallError::unparsable(what)),
             }
         }
     })
@@ -297,25 +292,25 @@ pub enum SelfAnswer {
     /// Nomad does not know the secret (403/404 "ACL token not found"), or a 200 for another token.
     NotOurs,
     /// Ask again: no leader, 429, 5xx (and transport errors, classified before any answer).
-    Retry(String),
+    Retry(CallError),
     /// Retrying cannot help (another 4xx, an answer that does not parse).
-    Final(String),
+    Final(CallError),
 }
 
 /// The verdict on a `token/self` answer (`secret`: ours, compared with the answer's `SecretID`).
 pub fn classify_self(status: u16, body: &[u8], secret: &str) -> SelfAnswer {
     let text = String::from_utf8_lossy(body);
     if text.contains("No cluster leader") || status == 429 || status >= 500 {
-        return SelfAnswer::Retry(format!("token/self: HTTP {status}"));
+        return SelfAnswer::Retry(CallError::status("token/self", status));
     }
     match status {
         200 => match serde_json::from_slice::<TokenResponse>(body) {
             Ok(t) if t.secret_id == secret => SelfAnswer::Ours(t.accessor_id.clone()),
             Ok(_) => SelfAnswer::NotOurs,
-            Err(_) => SelfAnswer::Final("token/self: the answer did not parse".into()),
+            Err(_) => SelfAnswer::Final(CallError::unparsable("token/self")),
         },
         403 | 404 if text.contains("ACL token not found") => SelfAnswer::NotOurs,
-        _ => SelfAnswer::Final(format!("token/self: HTTP {status}")),
+        _ => SelfAnswer::Final(CallError::status("token/self", status)),
     }
 }
 
@@ -338,17 +333,15 @@ pub async fn own_token(
         async move {
             let r = match req.await {
                 Ok(r) => r,
-                Err(e) => {
-                    return Attempt::Retry(CallError(format!("token/self: {}", e.without_url())))
-                }
+                Err(e) => return Attempt::Retry(CallError::transport("token/self", e)),
             };
             let status = r.status().as_u16();
             let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
             match classify_self(status, &body, secret) {
                 SelfAnswer::Ours(accessor) => Attempt::Done(Some(accessor)),
                 SelfAnswer::NotOurs => Attempt::Done(None),
-                SelfAnswer::Retry(e) => Attempt::Retry(CallError(e)),
-                SelfAnswer::Final(e) => Attempt::Fail(CallError(e)),
+                SelfAnswer::Retry(e) => Attempt::Retry(e),
+                SelfAnswer::Final(e) => Attempt::Fail(e),
             }
         }
     })
@@ -495,7 +488,8 @@ mod tests {
             (404, "ACL token not found"),
         ] {
             match classify_acl("status token", status, body) {
-                Err(Failed::Final(CallError(m))) => {
+                Err(Failed::Final(e)) => {
+                    let m = e.to_string();
                     assert!(
                         m.starts_with(&format!("status token: HTTP {status}")),
                         "{m}"

@@ -28,28 +28,28 @@ pub async fn hand_over(vault: &(Azure, String), name: &str, value: &str) -> Resu
         .map_err(|e| format!("status token hand-over: {e}"))
 }
 
-async fn send_json(
-    req: reqwest::RequestBuilder,
-    what: &str,
-) -> Result<Zeroizing<Vec<u8>>, (Option<u16>, String)> {
+/// What a refused write says when the object exists (Consul: "Invalid Policy: A Policy with Name … already exists").
+const ALREADY_EXISTS: &str = "already exists";
+
+async fn send_json(req: reqwest::RequestBuilder, what: &str) -> Result<Zeroizing<Vec<u8>>, CallError> {
     let r = req
         .send()
         .await
-        .map_err(|e| (None, format!("{what}: {}", e.without_url())))?;
+        .map_err(|e| CallError::transport(what, e))?;
     let status = r.status().as_u16();
     let bytes = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
     if (200..300).contains(&status) {
         Ok(bytes)
+    } else if String::from_utf8_lossy(&bytes).contains(ALREADY_EXISTS) {
+        Err(CallError::refused(what, status, ALREADY_EXISTS))
     } else {
-        let already = String::from_utf8_lossy(&bytes).contains("already exists");
-        Err((
-            Some(status),
-            format!(
-                "{what}: HTTP {status}{}",
-                if already { " (already exists)" } else { "" }
-            ),
-        ))
+        Err(CallError::status(what, status))
     }
+}
+
+/// Whether a refusal says the object exists.
+fn already_exists(e: &CallError) -> bool {
+    matches!(e, CallError::Status { detail, .. } if detail == ALREADY_EXISTS)
 }
 
 /// Creates the Consul `operator-read` policy and a token for it with the management token; returns the token.
@@ -58,8 +58,9 @@ pub async fn create_consul(
     api: &str,
     ca_file: &Path,
     management: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))?;
+) -> Result<Zeroizing<String>, CallError> {
+    let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))
+        .map_err(CallError::Client)?;
     retry(settle(Duration::from_secs(60)), |_| {
         let req = c
             .put(format!("{api}/v1/acl/policy"))
@@ -73,13 +74,13 @@ pub async fn create_consul(
             match send_json(req, "status policy").await {
                 Ok(_) => Attempt::Done(()),
                 // An earlier, interrupted run created it: the token only needs its name.
-                Err((_, e)) if e.contains("already exists") => Attempt::Done(()),
-                Err((_, e)) => Attempt::Retry(CallError(e)),
+                Err(e) if already_exists(&e) => Attempt::Done(()),
+                Err(e) => Attempt::Retry(e),
             }
         }
     })
     .await
-    .map_err(|e| e.last().to_string())?;
+    .map_err(|e| e.last().clone())?;
     let req = c
         .put(format!("{api}/v1/acl/token"))
         .header("X-Consul-Token", management)
@@ -87,14 +88,14 @@ pub async fn create_consul(
             "Description": "hashistack-agent status (read-only)",
             "Policies": [{"Name": CONSUL_POLICY}],
         }));
-    let body = send_json(req, "status token").await.map_err(|(_, e)| e)?;
+    let body = send_json(req, "status token").await?;
     #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
     struct Created {
         #[serde(rename = "SecretID")]
         secret_id: String,
     }
     let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| "status token: response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("status token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
 
@@ -103,8 +104,9 @@ pub async fn create_vault(
     api: &str,
     ca_file: &Path,
     root: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))?;
+) -> Result<Zeroizing<String>, CallError> {
+    let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))
+        .map_err(CallError::Client)?;
     // Right after the unseal a standby or a settling raft may answer 5xx: retry those briefly.
     retry(settle(Duration::from_secs(30)), |_| {
         let req = c
@@ -114,13 +116,13 @@ pub async fn create_vault(
         async move {
             match send_json(req, "status policy").await {
                 Ok(_) => Attempt::Done(()),
-                Err((Some(s), e)) if s < 500 => Attempt::Fail(CallError(e)),
-                Err((_, e)) => Attempt::Retry(CallError(e)),
+                Err(e) if e.status_code().is_some_and(|s| s < 500) => Attempt::Fail(e),
+                Err(e) => Attempt::Retry(e),
             }
         }
     })
     .await
-    .map_err(|e| e.last().to_string())?;
+    .map_err(|e| e.last().clone())?;
     let req = c
         .post(format!("{api}/v1/auth/token/create-orphan"))
         .header("X-Vault-Token", root)
@@ -132,7 +134,7 @@ pub async fn create_vault(
             "display_name": "hashistack-status",
             "meta": {"purpose": "hashistack-agent status (read-only)"},
         }));
-    let body = send_json(req, "status token").await.map_err(|(_, e)| e)?;
+    let body = send_json(req, "status token").await?;
     #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
     struct Auth {
         client_token: String,
@@ -142,6 +144,6 @@ pub async fn create_vault(
         auth: Auth,
     }
     let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| "status token: response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("status token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
 }

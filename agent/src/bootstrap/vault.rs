@@ -210,8 +210,8 @@ pub enum EnableAnswer {
     /// management instead". The device must come from the configuration.
     DeclarativeOnly,
     /// A standby, an unsealing node, a 5xx: try again.
-    Retry(String),
-    Final(String),
+    Retry(CallError),
+    Final(CallError),
 }
 
 pub fn classify_enable(status: u16, body: &str) -> EnableAnswer {
@@ -219,8 +219,8 @@ pub fn classify_enable(status: u16, body: &str) -> EnableAnswer {
         200..=299 => EnableAnswer::Enabled,
         400 if body.contains("already in use") => EnableAnswer::InUse,
         400 if body.contains("cannot enable audit device via API") => EnableAnswer::DeclarativeOnly,
-        429 | 500..=599 => EnableAnswer::Retry(format!("audit device: HTTP {status}")),
-        _ => EnableAnswer::Final(format!("audit device: HTTP {status}")),
+        429 | 500..=599 => EnableAnswer::Retry(CallError::status("audit device", status)),
+        _ => EnableAnswer::Final(CallError::status("audit device", status)),
     }
 }
 
@@ -277,22 +277,16 @@ impl VaultTier {
             async move {
                 let r = match req.await {
                     Ok(r) => r,
-                    Err(e) => {
-                        return Attempt::Retry(CallError(format!("sys/audit: {}", e.without_url())))
-                    }
+                    Err(e) => return Attempt::Retry(CallError::transport("sys/audit", e)),
                 };
                 let status = r.status().as_u16();
                 match status {
                     200 => match r.json::<AuditList>().await {
                         Ok(l) => Attempt::Done(l.data),
-                        Err(_) => {
-                            Attempt::Fail(CallError("sys/audit: the listing did not parse".into()))
-                        }
+                        Err(_) => Attempt::Fail(CallError::unparsable("sys/audit")),
                     },
-                    429 | 500..=599 => {
-                        Attempt::Retry(CallError(format!("sys/audit: HTTP {status}")))
-                    }
-                    _ => Attempt::Fail(CallError(format!("sys/audit: HTTP {status}"))),
+                    429 | 500..=599 => Attempt::Retry(CallError::status("sys/audit", status)),
+                    _ => Attempt::Fail(CallError::status("sys/audit", status)),
                 }
             }
         })
@@ -345,18 +339,13 @@ impl VaultTier {
             async move {
                 let r = match req.await {
                     Ok(r) => r,
-                    Err(e) => {
-                        return Attempt::Retry(CallError(format!(
-                            "audit device: {}",
-                            e.without_url()
-                        )))
-                    }
+                    Err(e) => return Attempt::Retry(CallError::transport("audit device", e)),
                 };
                 let status = r.status().as_u16();
                 let text = r.text().await.unwrap_or_default();
                 match classify_enable(status, &text) {
-                    EnableAnswer::Retry(e) => Attempt::Retry(CallError(e)),
-                    EnableAnswer::Final(e) => Attempt::Fail(CallError(e)),
+                    EnableAnswer::Retry(e) => Attempt::Retry(e),
+                    EnableAnswer::Final(e) => Attempt::Fail(e),
                     a => Attempt::Done(a),
                 }
             }
@@ -674,7 +663,7 @@ impl Tier for VaultTier {
                         super::status_tokens::hand_over(shared, crate::names::VAULT_SECRET, &t)
                             .await
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.to_string()),
                 }
             }
             _ => Ok(()),

@@ -236,7 +236,7 @@ async fn call(
         async move {
             let r = match req.send().await {
                 Ok(r) => r,
-                Err(e) => return Attempt::Retry(CallError(format!("{what}: {}", e.without_url()))),
+                Err(e) => return Attempt::Retry(CallError::transport(what, e)),
             };
             let status = r.status().as_u16();
             let bytes = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
@@ -249,7 +249,7 @@ async fn call(
                 404 if matches!(tolerate, Some(Tolerate::NotFound)) => {
                     Attempt::Done(Ok(Vec::new()))
                 }
-                429 | 500..=599 => Attempt::Retry(CallError(format!("{what}: HTTP {status}"))),
+                429 | 500..=599 => Attempt::Retry(CallError::status(what, status)),
                 _ => Attempt::Done(Err(WorkloadIdentityError::Status {
                     what,
                     status,
@@ -436,14 +436,15 @@ pub enum Ensured {
 /// How a configuration write answered, for the retry loop: Vault fetches the JWKS when the configuration is
 /// written and refuses it while the Nomad servers do not answer ("error checking jwks URL"), which a Nomad
 /// tier that just finished (or is restarting) does for a moment: retried. Any other 4xx is final.
-pub fn classify_config_write(status: u16, detail: &str) -> Attempt<(), String> {
+pub fn classify_config_write(status: u16, detail: &str) -> Attempt<(), CallError> {
+    const CALL: &str = "jwt config";
     match status {
         200..=299 => Attempt::Done(()),
         400 if detail.contains("error checking jwks URL") => {
-            Attempt::Retry(format!("HTTP 400: {detail}"))
+            Attempt::Retry(CallError::refused(CALL, status, detail))
         }
-        429 | 500..=599 => Attempt::Retry(format!("HTTP {status}")),
-        _ => Attempt::Fail(format!("HTTP {status}: {detail}")),
+        429 | 500..=599 => Attempt::Retry(CallError::status(CALL, status)),
+        _ => Attempt::Fail(CallError::refused(CALL, status, detail)),
     }
 }
 
@@ -498,14 +499,11 @@ pub async fn ensure_config(
         async move {
             let r = match req.await {
                 Ok(r) => r,
-                Err(e) => {
-                    return Attempt::Retry(CallError(format!("jwt config: {}", e.without_url())))
-                }
+                Err(e) => return Attempt::Retry(CallError::transport("jwt config", e)),
             };
             let status = r.status().as_u16();
             let detail = first_error(&r.bytes().await.unwrap_or_default());
             classify_config_write(status, &detail)
-                .map_err(|e| CallError(format!("jwt config: {e}")))
         }
     })
     .await
