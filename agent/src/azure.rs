@@ -281,7 +281,10 @@ mod tests {
     use azure_core::http::{headers::Headers, RawResponse, StatusCode};
 
     /// An SDK error as a throttled answer produces it: status, and the answer's headers.
-    fn throttled(status: StatusCode, headers: &[(&'static str, &'static str)]) -> azure_core::Error {
+    fn throttled(
+        status: StatusCode,
+        headers: &[(&'static str, &'static str)],
+    ) -> azure_core::Error {
         let mut h = Headers::new();
         for (k, v) in headers {
             h.insert(*k, *v);
@@ -345,7 +348,12 @@ mod tests {
         let mut n = 0;
         let r: Result<(), _> = call(policy, "t", || {
             n += 1;
-            async { Err(throttled(StatusCode::TooManyRequests, &[("retry-after", "1")])) }
+            async {
+                Err(throttled(
+                    StatusCode::TooManyRequests,
+                    &[("retry-after", "1")],
+                ))
+            }
         })
         .await;
         assert_eq!(n, 1);

@@ -698,10 +698,13 @@ struct ResetPowerNode(std::sync::Arc<tokio::sync::Mutex<PowerNode>>, PathBuf);
 
 #[async_trait::async_trait]
 impl bvault::LocalStorage for ResetPowerNode {
-    async fn reset(&self) -> Result<(), String> {
+    async fn reset(&self) -> Result<(), hashistack_agent::bootstrap::TierError> {
         let mut n = self.0.lock().await;
         n.off();
-        bvault::empty_dir(&self.1).map_err(|e| e.to_string())?;
+        bvault::empty_dir(&self.1).map_err(|e| hashistack_agent::bootstrap::TierError::Step {
+            step: "storage reset: empty",
+            detail: e.to_string(),
+        })?;
         n.on();
         Ok(())
     }

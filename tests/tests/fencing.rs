@@ -117,7 +117,9 @@ async fn a_leader_paused_past_its_lease_is_fenced_off_by_storage() {
 // ---------------------------------------------------------------------------------------------------------
 
 use hashistack_agent::azure::Azure;
-use hashistack_agent::bootstrap::{self, member::JoinPolicy, Ctx, Outcome, Tier, TierFailure};
+use hashistack_agent::bootstrap::{
+    self, member::JoinPolicy, Ctx, Outcome, Tier, TierError, TierFailure,
+};
 use hashistack_agent::coordination::{self, Expect, TierState, WriteError};
 use hashistack_agent::escrow::{self, envelope, Targets};
 use hashistack_agent::retry::RetryPolicy;
@@ -207,10 +209,10 @@ impl Tier for Scripted {
     fn name(&self) -> &'static str {
         self.name
     }
-    async fn wait_ready(&self, _: Duration) -> Result<(), String> {
+    async fn wait_ready(&self, _: Duration) -> Result<(), TierError> {
         Ok(())
     }
-    async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError> {
         Ok(None)
     }
     fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
@@ -229,7 +231,7 @@ impl Tier for Scripted {
             )),
         }
     }
-    async fn configure(&self, _: &[u8]) -> Result<(), String> {
+    async fn configure(&self, _: &[u8]) -> Result<(), TierError> {
         Ok(())
     }
 }

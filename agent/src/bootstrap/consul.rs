@@ -14,8 +14,8 @@
 //! are final.
 
 pub use super::http::Answer;
-use super::http::{AclBootstrap, AclSecrets, TokenResponse};
-use super::{Tier, TierFailure};
+use super::http::{AclBootstrap, AclSecrets, CallError, TokenResponse};
+use super::{Tier, TierError, TierFailure};
 use crate::retry::{retry, Attempt, RetryPolicy, TimeoutError};
 use crate::version::Version;
 use std::path::PathBuf;
@@ -225,12 +225,14 @@ impl Tier for ConsulTier {
         "consul"
     }
 
-    async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
-        let c = self.client(Duration::from_secs(5))?;
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
+        let c = self
+            .client(Duration::from_secs(5))
+            .map_err(CallError::Client)?;
         super::http::wait_for_leader(&c, &self.api, "Consul", deadline).await
     }
 
-    async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError> {
         Ok(None)
     }
 
@@ -245,9 +247,8 @@ impl Tier for ConsulTier {
             .await
     }
 
-    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
-        let s: AclSecrets = serde_json::from_slice(secrets)
-            .map_err(|_| "escrow payload did not parse".to_string())?;
+    async fn configure(&self, secrets: &[u8]) -> Result<(), TierError> {
+        let s: AclSecrets = serde_json::from_slice(secrets).map_err(|_| TierError::Payload)?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
         if let Some((az, vault)) = &self.shared {
@@ -258,7 +259,10 @@ impl Tier for ConsulTier {
                 let t =
                     super::consul_tokens::ensure_nomad_token(&self.api, &self.ca_file, &management)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| TierError::Step {
+                            step: "Nomad's Consul token",
+                            detail: e.to_string(),
+                        })?;
                 crate::material::put_secret(
                     az,
                     vault,
@@ -266,12 +270,19 @@ impl Tier for ConsulTier {
                     &t,
                 )
                 .await
-                .map_err(|e| format!("Nomad's Consul token: {e}"))
+                .map_err(|source| TierError::HandOver {
+                    what: "Nomad's Consul token",
+                    source,
+                })
             }
             .await;
             let token =
                 super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
-                    .await?;
+                    .await
+                    .map_err(|detail| TierError::Step {
+                        step: "agent token",
+                        detail,
+                    })?;
             crate::material::put_secret(
                 az,
                 vault,
@@ -279,12 +290,13 @@ impl Tier for ConsulTier {
                 &token,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| TierError::HandOver {
+                what: "agent token",
+                source,
+            })?;
             // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
             let status =
-                super::status_tokens::create_consul(&self.api, &self.ca_file, &management)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                super::status_tokens::create_consul(&self.api, &self.ca_file, &management).await?;
             match &self.status_vault {
                 Some(sv) => {
                     super::status_tokens::hand_over(
@@ -300,7 +312,10 @@ impl Tier for ConsulTier {
             let dns =
                 super::consul_tokens::ensure_dns_policy(&self.api, &self.ca_file, &management)
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| TierError::Step {
+                        step: "DNS policy",
+                        detail: e.to_string(),
+                    });
             nomad?;
             dns?;
         }

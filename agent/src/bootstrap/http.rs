@@ -80,9 +80,9 @@ impl TimeoutError for CallError {
 pub(super) async fn wait_for_leader(
     c: &reqwest::Client,
     api: &str,
-    product: &str,
+    product: &'static str,
     deadline: Duration,
-) -> Result<(), String> {
+) -> Result<(), super::TierError> {
     let policy = RetryPolicy::poll(
         deadline,
         Duration::from_millis(200),
@@ -102,7 +102,10 @@ pub(super) async fn wait_for_leader(
         }
     })
     .await
-    .map_err(|_| format!("local {product} has no leader within {deadline:?}"))
+    .map_err(|_| super::TierError::NoLeader {
+        product,
+        waited: deadline,
+    })
 }
 
 /// What is escrowed for a tier bootstrapped through its ACL system (Consul, Nomad). Escrowed before use,

@@ -85,7 +85,7 @@ fn poll_policy(p: &JoinPolicy, deadline: Duration) -> RetryPolicy {
 
 /// Waits until `probe` says [`LocalState::Member`]; after `grace` with the server still uninitialized, calls
 /// `reset` once and waits again until the deadline.
-pub async fn converge<P, PF, R, RF>(
+pub async fn converge<P, PF, R, RF, E>(
     policy: JoinPolicy,
     probe: P,
     reset: R,
@@ -94,7 +94,8 @@ where
     P: Fn() -> PF,
     PF: Future<Output = LocalState>,
     R: FnOnce() -> RF,
-    RF: Future<Output = Result<(), String>>,
+    RF: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let wait = |limit: Duration| {
         let probe = &probe;
@@ -117,7 +118,9 @@ where
             "this node's server is still not initialized in a bootstrapped tier (a join cut off by a power loss \
              leaves raft state that refuses every later join): resetting its storage so it joins afresh"
         );
-        reset().await.map_err(JoinFailure::ResetFailed)?;
+        reset()
+            .await
+            .map_err(|e| JoinFailure::ResetFailed(e.to_string()))?;
         true
     } else {
         false
@@ -205,7 +208,7 @@ mod tests {
         let r = resets.clone();
         let reset = move || {
             r.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(Ok(()))
+            std::future::ready(Ok::<(), String>(()))
         };
         assert_eq!(converge(quick(), probe, reset).await, Ok(Joined::Member));
         assert_eq!(resets.load(Ordering::SeqCst), 0);

@@ -84,14 +84,62 @@ pub enum BootstrapError {
     },
 }
 
+/// Why a step of a tier failed: waiting for its server, the configuration after the bootstrap, a storage
+/// reset, a question to a peer. Its text becomes the tier state's message or the boot record's error: it
+/// names the step and never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// A call to a server's API.
+    #[error(transparent)]
+    Call(#[from] http::CallError),
+    /// A call to a server's API, retried until a final answer or the deadline.
+    #[error(transparent)]
+    Retried(#[from] crate::retry::RetryError<http::CallError>),
+    /// The local server did not answer within the deadline.
+    #[error("local {product} not answering within {waited:?}: {last}")]
+    NotReady {
+        product: &'static str,
+        waited: Duration,
+        last: String,
+    },
+    /// The local server answers but names no leader.
+    #[error("local {product} has no leader within {waited:?}")]
+    NoLeader {
+        product: &'static str,
+        waited: Duration,
+    },
+    /// The secrets handed to `configure` are not what this tier's bootstrap escrowed.
+    #[error("escrow payload did not parse")]
+    Payload,
+    /// A secret handed over through Key Vault (the tokens nodes, the jumpbox or Vault's step 2 read).
+    #[error("{what}: {source}")]
+    HandOver {
+        what: &'static str,
+        #[source]
+        source: AzureError,
+    },
+    /// A step whose failure the tier's module words for the operator (the step, and what was seen).
+    #[error("{step}: {detail}")]
+    Step { step: &'static str, detail: String },
+    /// Nomad workload identities in Vault (its own error names the step).
+    #[error(transparent)]
+    WorkloadIdentity(#[from] workload_identity::WorkloadIdentityError),
+    /// The audit device is not active as configured (worded for the operator, with the procedure to follow).
+    #[error("{0}")]
+    Audit(String),
+    /// What this tier does not do (the trait's defaults).
+    #[error("this tier {0}")]
+    Unsupported(&'static str),
+}
+
 /// What the product-specific part does.
 #[async_trait::async_trait]
 pub trait Tier: Send + Sync {
     fn name(&self) -> &'static str;
     /// Waits until the local server answers (and can take the bootstrap call).
-    async fn wait_ready(&self, deadline: Duration) -> Result<(), String>;
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError>;
     /// Whether the product says it is already bootstrapped (`None`: it cannot tell without a token).
-    async fn already_bootstrapped(&self) -> Result<Option<bool>, String>;
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError>;
     /// Escrow before use: a tier whose product takes a caller-chosen bootstrap secret returns it here as
     /// an escrow payload; the protocol escrows it to both targets (receipts recorded) before calling
     /// `bootstrap`, which must then use that secret. Default: none (the secrets are escrowed after the call).
@@ -101,11 +149,11 @@ pub trait Tier: Send + Sync {
     /// The bootstrap call. Returns the secrets as a serialisable, zeroizing payload.
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure>;
     /// Configuration that needs the fresh root credential (audit device, autopilot, policies).
-    async fn configure(&self, secrets: &[u8]) -> Result<(), String>;
+    async fn configure(&self, secrets: &[u8]) -> Result<(), TierError>;
     /// Wipes this node's own product storage and restarts the product, for [`TierFailure::HalfInitialized`]
     /// after this node's own bootstrap call was interrupted. Default: this tier cannot.
-    async fn reset_local(&self) -> Result<(), String> {
-        Err("this tier cannot reset its local storage".into())
+    async fn reset_local(&self) -> Result<(), TierError> {
+        Err(TierError::Unsupported("cannot reset its local storage"))
     }
     /// After the tier is bootstrapped (by this node or another): waits until this node's own server is a
     /// member of that one cluster, repairing what it safely can (bootstrap/member.rs). Default: nothing to
@@ -124,8 +172,8 @@ pub trait Tier: Send + Sync {
     }
     /// For a tier that [`creates_cluster`](Tier::creates_cluster): whether its server at `ip` (another node of
     /// the tier) says it is initialized. `Err`: it cannot be asked (the transport's words).
-    async fn peer_initialized(&self, _ip: &str) -> Result<bool, String> {
-        Err("this tier does not ask its peers".into())
+    async fn peer_initialized(&self, _ip: &str) -> Result<bool, TierError> {
+        Err(TierError::Unsupported("does not ask its peers"))
     }
 }
 
@@ -266,9 +314,9 @@ async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     let name = tier.name();
     tier.wait_ready(Duration::from_secs(300))
         .await
-        .map_err(|message| BootstrapError::Tier {
+        .map_err(|e| BootstrapError::Tier {
             tier: name.into(),
-            message,
+            message: e.to_string(),
         })?;
     // Each look may bootstrap the tier under the lease: never cut short. A look that held the lease but must
     // wait (the node that initialized may still come back with its spool) waits longer before the next one:
@@ -485,9 +533,9 @@ async fn lead_bootstrap(
     let local_initialized =
         tier.already_bootstrapped()
             .await
-            .map_err(|message| BootstrapError::Tier {
+            .map_err(|e| BootstrapError::Tier {
                 tier: name.into(),
-                message,
+                message: e.to_string(),
             })?;
     let facts = decide::Facts {
         state: &state,
@@ -571,9 +619,9 @@ async fn lead_bootstrap(
             }
             tier.wait_ready(Duration::from_secs(300))
                 .await
-                .map_err(|message| BootstrapError::Tier {
+                .map_err(|e| BootstrapError::Tier {
                     tier: name.into(),
-                    message,
+                    message: e.to_string(),
                 })?;
             lead.check()?;
             started_over = Some("an interrupted bootstrap call was started over after resetting this node's half-initialized storage".into());
@@ -785,7 +833,10 @@ async fn init_elsewhere(
         .await?;
         let answer = match &ip {
             Some(ip) => tier.peer_initialized(ip).await,
-            None => Err("no boot record with its address".into()),
+            None => Err(TierError::Step {
+                step: "earlier leader",
+                detail: "no boot record with its address".into(),
+            }),
         };
         match answer {
             Ok(false) => {

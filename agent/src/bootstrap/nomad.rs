@@ -14,8 +14,8 @@
 
 use super::http::{AclBootstrap, AclSecrets, TokenResponse};
 pub use super::http::{Answer, CallError};
-use super::{Tier, TierFailure};
-use crate::retry::{retry, Attempt, RetryPolicy};
+use super::{Tier, TierError, TierFailure};
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,9 +102,7 @@ async fn acl_call(req: reqwest::RequestBuilder, what: &str) -> Result<Zeroizing<
         Ok(r) => r,
         // Never reached the server, or the answer was lost: every call here is safe to repeat (the policy
         // is an upsert; the token is looked up by name before one is created).
-        Err(e) => {
-            return Err(Failed::Retry(CallError::transport(what, e)))
-        }
+        Err(e) => return Err(Failed::Retry(CallError::transport(what, e))),
     };
     let status = r.status().as_u16();
     let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
@@ -119,9 +117,10 @@ pub async fn create_status_token(
     ca_file: &Path,
     management: &str,
     policy: RetryPolicy,
-) -> Result<(Zeroizing<String>, bool), String> {
+) -> Result<(Zeroizing<String>, bool), RetryError<CallError>> {
     use crate::names::{NOMAD_POLICY, NOMAD_RULES, NOMAD_TOKEN_NAME};
-    let c = crate::services::health::client_for(ca_file, policy.attempt_timeout)?;
+    let c = crate::services::health::client_for(ca_file, policy.attempt_timeout)
+        .map_err(|e| RetryError::Final(CallError::Client(e)))?;
     // 1. The policy: an upsert, so one that exists (an earlier run) is simply written again.
     let body = serde_json::json!({
         "Name": NOMAD_POLICY,
@@ -140,8 +139,7 @@ pub async fn create_status_token(
             }
         }
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
 
     // 2. The token: the one an earlier run made (found by name, its secret read back), else a new one.
     //    Looking first on every attempt also makes a create whose answer was lost harmless.
@@ -202,8 +200,7 @@ pub async fn create_status_token(
             }
         }
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let (secret, accessor, reused) = found;
     tracing::info!(
         accessor = %accessor,
@@ -355,12 +352,14 @@ impl Tier for NomadTier {
         "nomad"
     }
 
-    async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
-        let c = self.client(Duration::from_secs(5))?;
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
+        let c = self
+            .client(Duration::from_secs(5))
+            .map_err(CallError::Client)?;
         super::http::wait_for_leader(&c, &self.api, "Nomad", deadline).await
     }
 
-    async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError> {
         Ok(None)
     }
 
@@ -391,15 +390,14 @@ impl Tier for NomadTier {
         .await
     }
 
-    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
+    async fn configure(&self, secrets: &[u8]) -> Result<(), TierError> {
         let (Some((az, _)), Some(status_vault)) = (&self.shared, &self.status_vault) else {
             tracing::warn!(
                 "no hashistack-status-vault-uri tag: the Nomad status token was not created"
             );
             return Ok(());
         };
-        let s: AclSecrets = serde_json::from_slice(secrets)
-            .map_err(|_| "escrow payload did not parse".to_string())?;
+        let s: AclSecrets = serde_json::from_slice(secrets).map_err(|_| TierError::Payload)?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
         // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
@@ -750,7 +748,9 @@ mod tests {
         let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.cert.pem()).unwrap();
-        let r = create_status_token(&api, &ca_file, management, quick()).await;
+        let r = create_status_token(&api, &ca_file, management, quick())
+            .await
+            .map_err(|e| e.to_string());
         (r, state)
     }
 

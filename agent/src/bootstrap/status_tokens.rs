@@ -21,17 +21,27 @@ fn settle(deadline: Duration) -> RetryPolicy {
 }
 
 /// Stores a status token in the status Key Vault (`vault`: client and URI; at bootstrap; 403 is retried while role assignments apply).
-pub async fn hand_over(vault: &(Azure, String), name: &str, value: &str) -> Result<(), String> {
+pub async fn hand_over(
+    vault: &(Azure, String),
+    name: &str,
+    value: &str,
+) -> Result<(), super::TierError> {
     let (az, vault) = vault;
     crate::material::put_secret(az, vault, name, value)
         .await
-        .map_err(|e| format!("status token hand-over: {e}"))
+        .map_err(|source| super::TierError::HandOver {
+            what: "status token hand-over",
+            source,
+        })
 }
 
 /// What a refused write says when the object exists (Consul: "Invalid Policy: A Policy with Name … already exists").
 const ALREADY_EXISTS: &str = "already exists";
 
-async fn send_json(req: reqwest::RequestBuilder, what: &str) -> Result<Zeroizing<Vec<u8>>, CallError> {
+async fn send_json(
+    req: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<Zeroizing<Vec<u8>>, CallError> {
     let r = req
         .send()
         .await
@@ -94,8 +104,8 @@ pub async fn create_consul(
         #[serde(rename = "SecretID")]
         secret_id: String,
     }
-    let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| CallError::unparsable("status token"))?;
+    let mut t: Created =
+        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("status token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
 
@@ -143,7 +153,7 @@ pub async fn create_vault(
     struct Created {
         auth: Auth,
     }
-    let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| CallError::unparsable("status token"))?;
+    let mut t: Created =
+        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("status token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
 }

@@ -6,7 +6,7 @@
 //! `PUT /v1/sys/audit/file`. Either way the result is verified with `GET /v1/sys/audit` and reported as it is.
 
 use super::http::CallError;
-use super::{Tier, TierFailure};
+use super::{Tier, TierError, TierFailure};
 use crate::render::vault::{AUDIT_DESCRIPTION, AUDIT_DEVICE_PATH};
 use crate::retry::{retry, Attempt, NotYet, RetryError, RetryPolicy};
 use serde::{Deserialize, Serialize};
@@ -67,7 +67,7 @@ pub struct WorkloadIdentityHandover {
 /// The local Vault's storage: wiped and the server restarted by [`Tier::reset_local`].
 #[async_trait::async_trait]
 pub trait LocalStorage: Send + Sync {
-    async fn reset(&self) -> Result<(), String>;
+    async fn reset(&self) -> Result<(), TierError>;
 }
 
 /// On a node: stop the service, empty its data directory (raft), start it again.
@@ -79,17 +79,26 @@ pub struct ServiceStorage {
 
 #[async_trait::async_trait]
 impl LocalStorage for ServiceStorage {
-    async fn reset(&self) -> Result<(), String> {
+    async fn reset(&self) -> Result<(), TierError> {
+        let step = |step: &'static str| {
+            move |e: &dyn std::fmt::Display| TierError::Step {
+                step,
+                detail: e.to_string(),
+            }
+        };
         self.manager
             .stop(&self.service)
             .await
-            .map_err(|e| e.to_string())?;
-        empty_dir(&self.data_dir).map_err(|e| format!("{}: {e}", self.data_dir.display()))?;
+            .map_err(|e| step("storage reset: stop")(&e))?;
+        empty_dir(&self.data_dir).map_err(|e| TierError::Step {
+            step: "storage reset: empty",
+            detail: format!("{}: {e}", self.data_dir.display()),
+        })?;
         self.manager
             .apply(&self.service, false)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| step("storage reset: start")(&e))
     }
 }
 
@@ -251,16 +260,18 @@ impl VaultTier {
         crate::services::health::client_for(&self.ca_file, timeout)
     }
 
-    async fn seal_status(&self) -> Result<SealStatus, String> {
-        let c = self.client(Duration::from_secs(5))?;
+    async fn seal_status(&self) -> Result<SealStatus, CallError> {
+        let c = self
+            .client(Duration::from_secs(5))
+            .map_err(CallError::Client)?;
         let r = c
             .get(format!("{}/v1/sys/seal-status", self.api))
             .send()
             .await
-            .map_err(|e| e.without_url().to_string())?;
+            .map_err(|e| CallError::transport("seal-status", e))?;
         r.json::<SealStatus>()
             .await
-            .map_err(|_| "seal-status did not parse".to_string())
+            .map_err(|_| CallError::unparsable("seal-status"))
     }
 
     /// `GET /v1/sys/audit` with the root token: the devices the server has mounted. The request is itself
@@ -405,7 +416,7 @@ impl Tier for VaultTier {
         "vault"
     }
 
-    async fn wait_ready(&self, deadline: Duration) -> Result<(), String> {
+    async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
         retry(
             RetryPolicy::poll(
                 deadline,
@@ -415,20 +426,19 @@ impl Tier for VaultTier {
             |_| async {
                 match self.seal_status().await {
                     Ok(_) => Attempt::Done(()),
-                    Err(e) => Attempt::Retry(NotYet(e)),
+                    Err(e) => Attempt::Retry(e),
                 }
             },
         )
         .await
-        .map_err(|e| {
-            format!(
-                "local Vault not answering within {deadline:?}: {}",
-                e.last()
-            )
+        .map_err(|e| TierError::NotReady {
+            product: "Vault",
+            waited: deadline,
+            last: e.last().to_string(),
         })
     }
 
-    async fn already_bootstrapped(&self) -> Result<Option<bool>, String> {
+    async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError> {
         Ok(Some(self.seal_status().await?.initialized))
     }
 
@@ -492,10 +502,12 @@ impl Tier for VaultTier {
         Ok(crate::escrow::payload(&secrets))
     }
 
-    async fn reset_local(&self) -> Result<(), String> {
+    async fn reset_local(&self) -> Result<(), TierError> {
         match &self.local {
             Some(l) => l.reset().await,
-            None => Err("no local storage handle".into()),
+            None => Err(TierError::Unsupported(
+                "has no handle on this node's storage",
+            )),
         }
     }
 
@@ -503,20 +515,10 @@ impl Tier for VaultTier {
         true
     }
 
-    async fn peer_initialized(&self, ip: &str) -> Result<bool, String> {
-        #[derive(Debug)]
-        struct Unreachable(String);
-        impl std::fmt::Display for Unreachable {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl crate::retry::TimeoutError for Unreachable {
-            fn timeout(after: Duration) -> Self {
-                Unreachable(format!("no answer within {after:?}"))
-            }
-        }
-        let c = self.client(Duration::from_secs(3))?;
+    async fn peer_initialized(&self, ip: &str) -> Result<bool, TierError> {
+        let c = self
+            .client(Duration::from_secs(3))
+            .map_err(CallError::Client)?;
         let url = format!(
             "https://{ip}:{}/v1/sys/seal-status",
             crate::render::vault::API_PORT
@@ -533,14 +535,14 @@ impl Tier for VaultTier {
                 match c.get(url.as_str()).send().await {
                     Ok(r) => match r.json::<SealStatus>().await {
                         Ok(s) => Attempt::Done(s.initialized),
-                        Err(_) => Attempt::Fail(Unreachable("seal-status did not parse".into())),
+                        Err(_) => Attempt::Fail(CallError::unparsable("peer seal-status")),
                     },
-                    Err(e) => Attempt::Retry(Unreachable(e.without_url().to_string())),
+                    Err(e) => Attempt::Retry(CallError::transport("peer seal-status", e)),
                 }
             }
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(TierError::from)
     }
 
     async fn join(
@@ -555,7 +557,7 @@ impl Tier for VaultTier {
                     Ok(s) if !s.initialized => LocalState::Uninitialized,
                     Ok(s) if s.sealed => LocalState::Sealed,
                     Ok(_) => LocalState::Member,
-                    Err(e) => LocalState::Unreachable(e),
+                    Err(e) => LocalState::Unreachable(e.to_string()),
                 }
             },
             || self.reset_local(),
@@ -563,9 +565,8 @@ impl Tier for VaultTier {
         .await
     }
 
-    async fn configure(&self, secrets: &[u8]) -> Result<(), String> {
-        let s: VaultSecrets = serde_json::from_slice(secrets)
-            .map_err(|_| "escrow payload did not parse".to_string())?;
+    async fn configure(&self, secrets: &[u8]) -> Result<(), TierError> {
+        let s: VaultSecrets = serde_json::from_slice(secrets).map_err(|_| TierError::Payload)?;
         let token = Zeroizing::new(s.root_token.clone());
         drop(s);
         // Auto-unseal follows init within seconds; the active node then takes writes.
@@ -579,25 +580,30 @@ impl Tier for VaultTier {
                 match self.seal_status().await {
                     Ok(st) if !st.sealed => Attempt::Done(()),
                     Ok(_) => Attempt::Retry(NotYet("sealed".into())),
-                    Err(e) => Attempt::Retry(NotYet(e)),
+                    Err(e) => Attempt::Retry(NotYet(e.to_string())),
                 }
             },
         )
         .await
-        .map_err(|e| format!("Vault did not unseal within 60s of init: {}", e.last()))?;
-        let c = self.client(Duration::from_secs(30))?;
+        .map_err(|e| TierError::Step {
+            step: "unseal",
+            detail: format!("Vault did not unseal within 60s of init: {}", e.last()),
+        })?;
+        let c = self
+            .client(Duration::from_secs(30))
+            .map_err(CallError::Client)?;
         let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
             c.request(method, format!("{}{path}", self.api))
                 .header("X-Vault-Token", token.as_str())
                 .json(&body)
                 .send()
         };
-        let audit_problem = match self.ensure_audit(&c, &token).await {
+        let audit = match self.ensure_audit(&c, &token).await {
             Ok(via) => {
                 tracing::info!(device = %format!("{AUDIT_DEVICE_PATH}/"), file = %self.audit_file.display(), ?via, "audit device active");
-                String::new()
+                Ok(())
             }
-            Err(e) => e,
+            Err(e) => Err(TierError::Audit(e)),
         };
         // Dead-server cleanup needs a quorum of at least 3 (OpenBao and Vault refuse a smaller `min_quorum`
         // with 400): a 1-server tier has nothing to prune.
@@ -616,6 +622,7 @@ impl Tier for VaultTier {
                 |_| {
                     let (send, body) = (&send, &body);
                     async move {
+                        const CALL: &str = "autopilot";
                         match send(
                             reqwest::Method::POST,
                             "/v1/sys/storage/raft/autopilot/configuration",
@@ -625,28 +632,24 @@ impl Tier for VaultTier {
                         {
                             Ok(r) if r.status().is_success() => Attempt::Done(()),
                             Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
-                                Attempt::Retry(NotYet(format!(
-                                    "autopilot: HTTP {}",
-                                    r.status().as_u16()
-                                )))
+                                Attempt::Retry(CallError::status(CALL, r.status().as_u16()))
                             }
                             Ok(r) => {
                                 let status = r.status().as_u16();
                                 let body = r.text().await.unwrap_or_default();
-                                Attempt::Fail(NotYet(format!(
-                                    "autopilot: HTTP {status}: {}",
-                                    body.chars().take(200).collect::<String>()
-                                )))
+                                Attempt::Fail(CallError::refused(
+                                    CALL,
+                                    status,
+                                    body.chars().take(200).collect::<String>(),
+                                ))
                             }
-                            Err(e) => {
-                                Attempt::Retry(NotYet(format!("autopilot: {}", e.without_url())))
-                            }
+                            Err(e) => Attempt::Retry(CallError::transport(CALL, e)),
                         }
                     }
                 },
             )
             .await
-            .map_err(|e| e.last().0.clone());
+            .map_err(|e| TierError::Call(e.last().clone()));
         } else {
             tracing::info!(
                 servers = self.servers,
@@ -663,7 +666,7 @@ impl Tier for VaultTier {
                         super::status_tokens::hand_over(shared, crate::names::VAULT_SECRET, &t)
                             .await
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 }
             }
             _ => Ok(()),
@@ -674,8 +677,11 @@ impl Tier for VaultTier {
                 match super::workload_identity::prepare(&self.api, &self.ca_file, &token).await {
                     Ok(t) => crate::material::put_secret(&h.az, &h.servers_vault, &h.secret, &t)
                         .await
-                        .map_err(|e| format!("workload identity: token hand-over: {e}")),
-                    Err(e) => Err(e.to_string()),
+                        .map_err(|source| TierError::HandOver {
+                            what: "workload identity: token hand-over",
+                            source,
+                        }),
+                    Err(e) => Err(e.into()),
                 }
             }
             None => Ok(()),
@@ -686,11 +692,7 @@ impl Tier for VaultTier {
         autopilot?;
         status_token?;
         workload_identity?;
-        if audit_problem.is_empty() {
-            Ok(())
-        } else {
-            Err(audit_problem)
-        }
+        audit
     }
 }
 
