@@ -310,6 +310,18 @@ fn gossip_key() -> Zeroizing<String> {
     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&b[..]))
 }
 
+/// The longest pause between two looks for the Consul agent token.
+pub const AGENT_TOKEN_MAX_POLL: Duration = Duration::from_secs(8);
+
+/// How a node looks for the Consul agent token within `left`: whole looks, 0.5 s apart at first, doubling to
+/// [`AGENT_TOKEN_MAX_POLL`].
+pub fn agent_token_poll(left: Duration) -> RetryPolicy {
+    RetryPolicy {
+        max_backoff: AGENT_TOKEN_MAX_POLL,
+        ..RetryPolicy::poll_whole(left, Duration::from_millis(500))
+    }
+}
+
 /// Who may create the cluster material when Key Vault has none: a server-tier node, under the `material` lease
 /// in the cluster's storage account (and only with the servers vault, where the CA key goes).
 #[derive(Debug, Clone, Copy)]
@@ -395,17 +407,17 @@ impl Fetch<'_> {
             cluster = self.cluster,
             "waiting for the Consul agent token in Key Vault"
         );
-        // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll.
-        let r = retry(
-            RetryPolicy::poll_whole(left, Duration::from_millis(500)),
-            |_| async {
-                match get(self.az, &self.vaults.shared, &name, self.policy).await {
-                    Ok(Some(t)) => Attempt::Done(t),
-                    Ok(None) => Attempt::Retry(Wait::NotYet),
-                    Err(e) => Attempt::Fail(Wait::Failed(e.into())),
-                }
-            },
-        )
+        // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll. The
+        // looks slow down (0.5 s doubling to 8 s): a scale set of workers that boots before the Consul tier
+        // is bootstrapped must not flood the shared vault the tier's leader writes the token to
+        // (docs/PERFORMANCE.md#at-scale).
+        let r = retry(agent_token_poll(left), |_| async {
+            match get(self.az, &self.vaults.shared, &name, self.policy).await {
+                Ok(Some(t)) => Attempt::Done(t),
+                Ok(None) => Attempt::Retry(Wait::NotYet),
+                Err(e) => Attempt::Fail(Wait::Failed(e.into())),
+            }
+        })
         .await;
         match r {
             Ok(t) => Ok(t),
@@ -594,6 +606,25 @@ mod tests {
         let n = names("c1");
         let set: Vec<String> = present.iter().map(|s| s.to_string()).collect();
         completeness(&n, &|name: &str| set.iter().any(|s| s == name), servers)
+    }
+
+    /// A node waiting for the agent token slows down: within 4 s it looks at most 4 times (0, 0.5, 1.5, 3.5 s),
+    /// where a fixed 0.5 s poll looked 8 times; a fleet waiting on one vault costs it a few requests a second.
+    #[tokio::test]
+    async fn the_wait_for_the_agent_token_slows_down() {
+        let looks = std::sync::atomic::AtomicU32::new(0);
+        let r: Result<(), _> = retry(agent_token_poll(Duration::from_secs(4)), |_| async {
+            looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Attempt::Retry(Wait::NotYet)
+        })
+        .await;
+        assert!(r.is_err());
+        let n = looks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((3..=4).contains(&n), "{n} looks in 4 s");
+        assert_eq!(
+            agent_token_poll(Duration::from_secs(600)).max_backoff,
+            AGENT_TOKEN_MAX_POLL
+        );
     }
 
     #[test]
