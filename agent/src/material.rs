@@ -310,15 +310,20 @@ fn gossip_key() -> Zeroizing<String> {
     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&b[..]))
 }
 
-/// The longest pause between two looks for the Consul agent token.
-pub const AGENT_TOKEN_MAX_POLL: Duration = Duration::from_secs(8);
+/// How long a node looks for the Consul agent token at the quick pace (0.5 s): the Consul tier's bootstrap
+/// usually hands the token over within this.
+pub const AGENT_TOKEN_QUICK: Duration = Duration::from_secs(30);
+/// The pause between looks after that: a fleet of workers booted before the Consul tier was bootstrapped must
+/// not flood the shared vault the tier's leader writes the token to (docs/PERFORMANCE.md#at-scale).
+pub const AGENT_TOKEN_SLOW: Duration = Duration::from_secs(8);
 
-/// How a node looks for the Consul agent token within `left`: whole looks, 0.5 s apart at first, doubling to
-/// [`AGENT_TOKEN_MAX_POLL`].
-pub fn agent_token_poll(left: Duration) -> RetryPolicy {
-    RetryPolicy {
-        max_backoff: AGENT_TOKEN_MAX_POLL,
-        ..RetryPolicy::poll_whole(left, Duration::from_millis(500))
+/// The pause after a look for the agent token that found none, `elapsed` into the wait: 0.5 s during the
+/// first `quick`, then [`AGENT_TOKEN_SLOW`].
+pub fn agent_token_pause(elapsed: Duration, quick: Duration) -> Duration {
+    if elapsed < quick {
+        Duration::from_millis(500)
+    } else {
+        AGENT_TOKEN_SLOW
     }
 }
 
@@ -407,14 +412,17 @@ impl Fetch<'_> {
             cluster = self.cluster,
             "waiting for the Consul agent token in Key Vault"
         );
-        // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll. The
-        // looks slow down (0.5 s doubling to 8 s): a scale set of workers that boots before the Consul tier
-        // is bootstrapped must not flood the shared vault the tier's leader writes the token to
-        // (docs/PERFORMANCE.md#at-scale).
-        let r = retry(agent_token_poll(left), |_| async {
+        // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll. Quick at
+        // first, slow after AGENT_TOKEN_QUICK (agent_token_pause).
+        let start = std::time::Instant::now();
+        let every = Duration::from_millis(500);
+        let r = retry(RetryPolicy::poll_whole(left, every), |_| async {
             match get(self.az, &self.vaults.shared, &name, self.policy).await {
                 Ok(Some(t)) => Attempt::Done(t),
-                Ok(None) => Attempt::Retry(Wait::NotYet),
+                Ok(None) => Attempt::RetryAfter(
+                    Wait::NotYet,
+                    agent_token_pause(start.elapsed(), AGENT_TOKEN_QUICK),
+                ),
                 Err(e) => Attempt::Fail(Wait::Failed(e.into())),
             }
         })
@@ -608,23 +616,34 @@ mod tests {
         completeness(&n, &|name: &str| set.iter().any(|s| s == name), servers)
     }
 
-    /// A node waiting for the agent token slows down: within 4 s it looks at most 4 times (0, 0.5, 1.5, 3.5 s),
-    /// where a fixed 0.5 s poll looked 8 times; a fleet waiting on one vault costs it a few requests a second.
+    /// A node waiting for the agent token slows down after the quick phase: with a 1 s quick phase, a 4 s wait
+    /// looks at 0, 0.5 and 1 s and then not before 9 s, where a fixed 0.5 s poll looked 8 times.
     #[tokio::test]
     async fn the_wait_for_the_agent_token_slows_down() {
+        assert_eq!(
+            agent_token_pause(Duration::from_secs(29), AGENT_TOKEN_QUICK),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            agent_token_pause(Duration::from_secs(30), AGENT_TOKEN_QUICK),
+            AGENT_TOKEN_SLOW
+        );
         let looks = std::sync::atomic::AtomicU32::new(0);
-        let r: Result<(), _> = retry(agent_token_poll(Duration::from_secs(4)), |_| async {
-            looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Attempt::Retry(Wait::NotYet)
-        })
+        let start = std::time::Instant::now();
+        let r: Result<(), _> = retry(
+            RetryPolicy::poll_whole(Duration::from_secs(4), Duration::from_millis(500)),
+            |_| async {
+                looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Attempt::RetryAfter(
+                    Wait::NotYet,
+                    agent_token_pause(start.elapsed(), Duration::from_secs(1)),
+                )
+            },
+        )
         .await;
         assert!(r.is_err());
         let n = looks.load(std::sync::atomic::Ordering::SeqCst);
-        assert!((3..=4).contains(&n), "{n} looks in 4 s");
-        assert_eq!(
-            agent_token_poll(Duration::from_secs(600)).max_backoff,
-            AGENT_TOKEN_MAX_POLL
-        );
+        assert!((2..=3).contains(&n), "{n} looks in 4 s");
     }
 
     #[test]
