@@ -7,7 +7,7 @@ use hashistack_agent::logging::{self, LogFormat};
 use hashistack_agent::node::NodeSpec;
 use hashistack_agent::render::{self, Layout, RenderOptions, Versions};
 use hashistack_agent::version::{self, Installed, Product, Version};
-use hashistack_agent::{boot, publish, status};
+use hashistack_agent::{boot, publish, smoke, status};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -73,6 +73,24 @@ enum Command {
         /// Refresh every SECS seconds (default 5) until interrupted.
         #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "5")]
         watch: Option<u64>,
+    },
+    /// Post-deploy smoke test (on the jumpbox): submits a tiny canary job, waits until it runs, its service
+    /// passes in Consul and its template read its Vault secret, prints each step with its timing, and cleans
+    /// up. Exit codes: 0 all green, 1 a step failed, 2 bad usage. docs/deploy.md.
+    Smoke {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// File holding a Nomad token that may submit jobs; `-` reads it from standard input
+        /// (e.g. `escrow open --tier nomad ... | jq -r .secret_id | hashistack-agent smoke --token-file -`).
+        /// Without it: the NOMAD_TOKEN environment variable.
+        #[arg(long, value_name = "PATH|-")]
+        token_file: Option<String>,
+        /// How long the steps may take in all (cleanup has as long again).
+        #[arg(long, value_name = "SECS", default_value_t = 180)]
+        timeout: u64,
+        /// One JSON document (schema hashistack-smoke/1) instead of one line per step.
+        #[arg(long)]
+        json: bool,
     },
     /// Operators: recover or check escrowed bootstrap secrets with your own Azure identity.
     Escrow {
@@ -209,6 +227,20 @@ async fn main() -> ExitCode {
             };
             ExitCode::from(status::cli::run(args).await)
         }
+        Command::Smoke {
+            config,
+            token_file,
+            timeout,
+            json,
+        } => ExitCode::from(
+            smoke::run(smoke::Args {
+                config,
+                token_file,
+                timeout: std::time::Duration::from_secs(timeout),
+                json,
+            })
+            .await,
+        ),
         Command::Escrow { command } => run_escrow(command).await,
         Command::Disk {
             command: DiskCommand::Prepare { config },

@@ -79,3 +79,16 @@ path "auth/token/renew-self" { capabilities = ["update"] }
 pub fn nomad_jwt_token_secret(cluster: &str) -> String {
     format!("{cluster}-vault-nomad-jwt-token")
 }
+
+// ----- The post-deploy smoke test (`hashistack-agent smoke`, docs/deploy.md) -----------------------------------
+
+/// The canary job `hashistack-smoke` submits (namespace `default`), its group, task and Consul service.
+pub const SMOKE_JOB: &str = "hashistack-smoke";
+pub const SMOKE_NAMESPACE: &str = "default";
+/// The canary's KV v2 secret (`secret/data/default/hashistack-smoke`), written by the Vault tier's bootstrap
+/// and read by the canary job through its workload identity (the `nomad-workloads` policy grants exactly
+/// `secret/data/<namespace>/<job>`).
+pub const SMOKE_SECRET_PATH: &str = "secret/data/default/hashistack-smoke";
+/// The key of the canary secret and its value: a fixed, public marker — a canary, not a secret.
+pub const SMOKE_CANARY_KEY: &str = "canary";
+pub const SMOKE_CANARY: &str = "hashistack smoke canary (public marker, not a secret)";

@@ -146,6 +146,8 @@ pub struct Lab {
     pid_dir: PathBuf,
     log_dir: PathBuf,
     extra_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The operator's IMDS, once started (for escrow opens in this process).
+    operator_endpoint: Option<String>,
 }
 
 fn say(opts: &LabOptions, msg: impl AsRef<str>) {
@@ -409,6 +411,7 @@ impl Lab {
             pid_dir,
             log_dir,
             extra_tasks: Vec::new(),
+            operator_endpoint: None,
         };
         lab.start_emulators().await?;
         lab.start_transit().await?;
@@ -808,6 +811,110 @@ impl Lab {
     pub async fn operator_imds(&mut self) -> Result<String, LabError> {
         self.identity_imds("operator", 250, crate::keyvault::principals::OPERATOR)
             .await
+    }
+
+    /// The operator's IMDS endpoint, started at the first call ([`Self::operator_imds`] binds a fixed address).
+    pub async fn operator_once(&mut self) -> Result<String, LabError> {
+        if let Some(e) = &self.operator_endpoint {
+            return Ok(e.clone());
+        }
+        let e = self.operator_imds().await?;
+        self.operator_endpoint = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Waits until a node's boot record notes that Vault's `jwt-nomad` auth method points at the Nomad servers'
+    /// JWKS (`written` or `unchanged`): before that, no workload can log in to Vault.
+    pub async fn wait_workload_identity(&self, within: Duration) -> Result<(), LabError> {
+        let start = Instant::now();
+        loop {
+            let noted: Vec<String> = (0..self.nodes.len())
+                .filter_map(|i| self.boot_record(i).and_then(|r| r.workload_identity))
+                .collect();
+            if noted.iter().any(|n| n == "written" || n == "unchanged") {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                return Err(LabError::Failed(format!(
+                    "Vault's jwt-nomad auth method not configured within {within:?} (boot records note {noted:?})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The Nomad management token, opened from escrow by the operator's identity in this process (what
+    /// `hashistack-agent escrow open --tier nomad` prints as `secret_id`). Starts the operator's IMDS once.
+    pub async fn nomad_management_token(&mut self) -> Result<zeroize::Zeroizing<String>, LabError> {
+        use hashistack_agent::escrow::{self, operator, Targets};
+        let endpoint = self.operator_once().await?;
+        let imds = hashistack_agent::imds::ImdsClient::new(
+            &endpoint,
+            hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
+        );
+        let credential = Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
+        let az = hashistack_agent::azure::Azure::new(credential, Some(&self.ca_cert), false)
+            .map_err(LabError::Failed)?;
+        let targets = Targets {
+            blob_endpoint: format!("{}/", self.blob_endpoint().trim_end_matches('/')),
+            escrow_vault_uri: format!("{}/", self.escrow_vault_uri().trim_end_matches('/')),
+        };
+        let mut policy = escrow::policy();
+        policy.deadline = Duration::from_secs(60);
+        let opened = operator::open(&az, &targets, &self.opts.cluster, "nomad", policy)
+            .await
+            .map_err(|e| LabError::Failed(format!("escrow open nomad: {e}")))?;
+        #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+        struct Acl {
+            secret_id: String,
+        }
+        let mut acl: Acl = serde_json::from_slice(&opened.plain).map_err(|_| {
+            LabError::Failed("escrow open nomad: no secret_id in the opened secrets".into())
+        })?;
+        Ok(zeroize::Zeroizing::new(std::mem::take(&mut acl.secret_id)))
+    }
+
+    /// `hashistack-agent smoke --token-file -` on the jumpbox with `token` on its standard input (never on its
+    /// command line), plus `extra` arguments; its output as it finished. Output goes to pipes unless `inherit`.
+    pub async fn smoke(
+        &self,
+        token: &str,
+        extra: &[&str],
+        inherit: bool,
+    ) -> Result<std::process::Output, LabError> {
+        use tokio::io::AsyncWriteExt;
+        let j = self
+            .jumpbox()
+            .ok_or_else(|| LabError::Failed("the lab has no jumpbox".into()))?;
+        let pipe = || {
+            if inherit {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::piped()
+            }
+        };
+        let mut child = tokio::process::Command::new(&self.tools.agent)
+            .args(["smoke", "--token-file", "-", "--config"])
+            .arg(&self.nodes[j].config_path)
+            .args(extra)
+            .env_remove("NOMAD_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(pipe())
+            .stderr(pipe())
+            .spawn()
+            .map_err(io("hashistack-agent smoke".to_string()))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        for part in [token.as_bytes(), b"\n"] {
+            stdin
+                .write_all(part)
+                .await
+                .map_err(io("smoke stdin".to_string()))?;
+        }
+        drop(stdin);
+        child
+            .wait_with_output()
+            .await
+            .map_err(io("hashistack-agent smoke".to_string()))
     }
 
     /// Starts a fake IMDS on 127.<net>.0.`host` whose tokens carry `oid` (a VM identity outside any node, for tests

@@ -30,7 +30,8 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the lab, wait until the clusters are healthy, print their status, then keep running until Ctrl-C.
+    /// Start the lab, wait until the clusters are healthy, print their status and run the post-deploy smoke
+    /// test on the jumpbox (exit 1 if it fails), then keep running until Ctrl-C.
     Up {
         #[command(flatten)]
         common: Common,
@@ -154,7 +155,7 @@ async fn main() -> ExitCode {
             opts.keep = keep;
             opts.verbose = true;
             let started = Instant::now();
-            let lab = match Lab::up(opts, tools).await {
+            let mut lab = match Lab::up(opts, tools).await {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("hashistack-lab: {e}");
@@ -190,7 +191,41 @@ async fn main() -> ExitCode {
                             print!("{}", String::from_utf8_lossy(&o.stdout));
                         }
                     }
-                    ExitCode::SUCCESS
+                    // Then the post-deploy smoke test, as docs/deploy.md tells an operator: the Nomad
+                    // management token from escrow (opened here as the operator), piped to the jumpbox's
+                    // `hashistack-agent smoke --token-file -`.
+                    if lab.jumpbox().is_some() && lab.opts.nomad_servers > 0 {
+                        println!(
+                            "\n$ hashistack-agent escrow open --tier nomad ... | jq -r .secret_id | \
+                             hashistack-agent smoke --token-file -   (on the jumpbox)"
+                        );
+                        let ready = lab.wait_workload_identity(Duration::from_secs(120)).await;
+                        let token = match ready {
+                            Ok(()) => lab.nomad_management_token().await,
+                            Err(e) => Err(e),
+                        };
+                        let smoke = match token {
+                            Ok(token) => lab
+                                .smoke(&token, &[], true)
+                                .await
+                                .map(|o| o.status.success())
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match smoke {
+                            Ok(true) => ExitCode::SUCCESS,
+                            Ok(false) => {
+                                eprintln!("hashistack-lab: the smoke test failed (its lines above say where)");
+                                ExitCode::from(1)
+                            }
+                            Err(e) => {
+                                eprintln!("hashistack-lab: cannot run the smoke test: {e}");
+                                ExitCode::from(1)
+                            }
+                        }
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Err((e, h)) => {
                     println!("\n{}", h.table());

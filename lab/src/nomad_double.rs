@@ -84,8 +84,15 @@
 //!   "Group", "Task", "AllocID", "Identity", "Audience", "TTLSeconds", "IssuedAt"?}` — a stand-in for the
 //!   identities Nomad's plan applier signs for each allocation, so tests can hold one (and an expired one).
 //!
-//! What it does **not** do: scheduling, jobs, allocations, drivers and fingerprinting, namespaces, roles,
-//! auth methods, token updates and expiry, deletes, blocking queries and `X-Nomad-Index`, regions and
+//! - Jobs and allocations (lab/src/nomad_jobs.rs, its header says which routes and from which Nomad sources):
+//!   `PUT|POST /v1/jobs`, `GET /v1/job/:id`, `GET /v1/job/:id/allocations`, `GET /v1/allocation/:id`,
+//!   `DELETE /v1/job/:id?purge=`, `GET /v1/client/fs/cat/:alloc_id?path=`; a trivial scheduler at the leader,
+//!   and a client that runs allocations as child processes against the lab's real Vault and Consul (plumbing
+//!   `/v1/double/allocs`, mTLS and the node secret).
+//!
+//! What it does **not** do: real scheduling (evaluations, deployments, bin packing, constraints, restarts),
+//! drivers other than a process stand-in for `exec`/`raw_exec` and fingerprinting, namespaces, roles, auth
+//! methods, token updates and expiry, ACL deletes, blocking queries and `X-Nomad-Index`, regions and
 //! federation, RPC and serf ports, `verify_https_client`, HCL configuration files.
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -101,6 +108,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
+
+/// Jobs, allocations, the client that runs them, and the client fs API (lab/src/nomad_jobs.rs).
+#[path = "nomad_jobs.rs"]
+pub mod jobs;
 
 pub const VERSION: &str = "1.9.5";
 pub const VERSION_LINE: &str = "Nomad v1.9.5 (hashistack contract double)";
@@ -242,6 +253,8 @@ pub struct Config {
     pub client: Option<ClientConfig>,
     pub acl_enabled: bool,
     pub tls: Option<TlsConfig>,
+    /// `vault.default_identity` (servers) and the files a client re-reads for its `vault`/`consul` blocks.
+    pub jobs: jobs::JobsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -357,9 +370,8 @@ fn parse_join(entries: &[Value], what: &str) -> Result<Vec<IpAddr>, String> {
         .collect()
 }
 
-impl Config {
-    /// Reads and merges the given files and every `*.json` of the given directories (sorted by name).
-    pub fn load(paths: &[PathBuf]) -> Result<Config, String> {
+/// Every `*.json` of the given directories (sorted by name) and the given files, merged.
+pub fn load_merged(paths: &[PathBuf]) -> Result<Value, String> {
         let mut files = Vec::new();
         for p in paths {
             if p.is_dir() {
@@ -396,8 +408,17 @@ impl Config {
                 serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", f.display()))?;
             merge(&mut merged, v);
         }
-        Config::from_value(&merged)
+    Ok(merged)
+}
+
+impl Config {
+    /// Reads and merges the given files and every `*.json` of the given directories (sorted by name).
+    pub fn load(paths: &[PathBuf]) -> Result<Config, String> {
+        let mut c = Config::from_value(&load_merged(paths)?)?;
+        c.jobs.sources = paths.to_vec();
+        Ok(c)
     }
+
 
     pub fn from_value(v: &Value) -> Result<Config, String> {
         let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);
@@ -486,6 +507,7 @@ impl Config {
             client,
             acl_enabled: b("/acl/enabled"),
             tls,
+            jobs: jobs::JobsConfig::from_value(v)?,
         })
     }
 
@@ -543,6 +565,11 @@ pub struct Store {
     /// The keyring (Nomad's root keys), made by the leader when the cluster forms: signs workload identities.
     #[serde(default)]
     pub keyring: Vec<crate::nomad_identity::RootKey>,
+    /// Jobs and their allocations (lab/src/nomad_jobs.rs).
+    #[serde(default)]
+    pub jobs: Vec<jobs::Job>,
+    #[serde(default)]
+    pub allocs: Vec<jobs::Alloc>,
 }
 
 /// An API error: status and the plain-text body Nomad sends.
@@ -2159,7 +2186,8 @@ impl Agent {
                 || path.starts_with("/v1/node/")
                 || path.starts_with("/v1/acl/")
                 || path.starts_with("/v1/operator/")
-                || path == "/v1/agent/members")
+                || path == "/v1/agent/members"
+                || jobs::forwarded_by_clients(&path))
         {
             let pq = req
                 .uri()
@@ -2171,6 +2199,9 @@ impl Agent {
             return Ok(self
                 .forward(&self.servers_of_client(), false, &method, &pq, &token, body)
                 .await);
+        }
+        if jobs::handles(&path) {
+            return self.jobs_route(req, client_cert).await;
         }
         match (&method, path.as_str()) {
             (&Method::GET, "/v1/status/leader") => Ok(self.status(true).await),
@@ -2958,6 +2989,7 @@ pub async fn run(
             "client: node {id}, servers {:?}",
             agent.servers_of_client()
         ));
+        tokio::spawn(agent.clone().alloc_runner(id.clone(), secret.clone()));
         tokio::spawn(agent.client_loop(id, secret))
     });
     let reloader = {

@@ -2034,7 +2034,8 @@ def check_deploy_doc_portal_walk(ui: dict, md: str) -> list[str]:
 
 
 def check_deploy_doc_first_command(md: str) -> list[str]:
-    """After the deployment, the first thing an operator runs on the jumpbox is `hashistack-agent status`."""
+    """After the deployment, the first thing an operator runs on the jumpbox is `hashistack-agent status` (until
+    healthy) and then the smoke test, `hashistack-agent smoke`, with the Nomad token piped from `escrow open`."""
     problems = []
     blocks = _code_blocks(_section(md, "3."))
     if not blocks:
@@ -2045,8 +2046,12 @@ def check_deploy_doc_first_command(md: str) -> list[str]:
         problems.append("the first commands of '## 3.' do not reach the jumpbox over SSH")
     elif ssh_at + 1 >= len(lines) or lines[ssh_at + 1] != "hashistack-agent status":
         problems.append(f"the first command on the jumpbox is {lines[ssh_at + 1:ssh_at + 2]}, not hashistack-agent status")
-    if "hashistack-agent smoke" in md:
-        problems.append("docs/deploy.md documents `hashistack-agent smoke`, which does not exist yet")
+    smoke = [ln for ln in lines if "hashistack-agent smoke" in ln]
+    if not smoke:
+        problems.append("the first commands on the jumpbox do not run the smoke test (hashistack-agent smoke)")
+    elif not re.search(r"hashistack-agent escrow open\b.*--tier nomad\b.*\|.*hashistack-agent smoke --token-file -",
+                       smoke[0]):
+        problems.append(f"the smoke test does not take the Nomad token from escrow on standard input: {smoke[0]!r}")
     return problems
 
 

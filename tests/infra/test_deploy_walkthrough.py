@@ -1,7 +1,7 @@
 """docs/deploy.md walks a first deployment that the template accepts (issue 13): the roles it asks for can create
 the template's role definitions, packer builds the directory packer/, the CLI's parameters file and the portal
 walk take no step the template or the portal would refuse, the parameter table is the template's, the first
-command on the jumpbox is `hashistack-agent status`, and the role-definition replication race is explained.
+command on the jumpbox is `hashistack-agent status`, then the smoke test with the token from escrow, and the role-definition replication race is explained.
 test_mutations.py proves each check can fail."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_portal_walk_names_every_field_to_fill_in(uidef, deploy_md):
     no_problems(checks.check_deploy_doc_portal_walk(uidef, deploy_md))
 
 
-def test_first_command_on_the_jumpbox_is_status(deploy_md):
+def test_first_commands_on_the_jumpbox_are_status_then_smoke(deploy_md):
     no_problems(checks.check_deploy_doc_first_command(deploy_md))
 
 

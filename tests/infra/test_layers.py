@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("shared records", ["record", "coordination", "election", "escrow", "material"]),
     ("writers", ["bootstrap", "publish"]),
     ("boot, the orchestrator", ["boot"]),
-    ("the reader", ["status"]),
+    ("the reader", ["status", "smoke"]),
     ("operators' commands and the image", ["image", "main"]),
 ]
 

@@ -9,6 +9,8 @@
 //!    method, the policy, the role — everything that does not need Nomad — and a token that may write only
 //!    the auth method's configuration (policy `hashistack-nomad-jwt-config`), handed over in the servers Key
 //!    Vault. Vault checks the JWKS URL when the configuration is written, so that part must wait for Nomad.
+//!    It also writes the smoke test's canary, `secret/data/default/hashistack-smoke` = `{"canary": "<a fixed
+//!    public marker>"}` (names.rs): not a secret, the value `hashistack-agent smoke`'s canary job must read.
 //! 2. [`ensure_config`], at every boot of a Vault or Nomad server once *both* tiers are done (whichever
 //!    finishes last writes it; the other finds it written): the JWKS URL of the Nomad servers and the cluster
 //!    CA, with that token. Read first, written only when different: idempotent across reboots.
@@ -16,7 +18,8 @@
 use super::http::CallError;
 use crate::names::{
     NOMAD_JWT_CONFIG_POLICY, NOMAD_JWT_CONFIG_RULES, NOMAD_JWT_MOUNT, NOMAD_VAULT_AUDIENCE,
-    NOMAD_WORKLOAD_POLICY, NOMAD_WORKLOAD_ROLE, VAULT_TOKEN_PERIOD, WORKLOAD_KV_MOUNT,
+    NOMAD_WORKLOAD_POLICY, NOMAD_WORKLOAD_ROLE, SMOKE_CANARY, SMOKE_CANARY_KEY, SMOKE_SECRET_PATH,
+    VAULT_TOKEN_PERIOD, WORKLOAD_KV_MOUNT,
 };
 use crate::retry::{retry, Attempt, RetryPolicy};
 use serde::{Deserialize, Serialize};
@@ -330,6 +333,16 @@ pub async fn prepare(
         None,
     )
     .await?;
+    // The smoke test's canary (names.rs): a fixed public marker the canary job reads with its identity.
+    call(
+        (&c, root, d),
+        post.clone(),
+        &format!("{api}/v1/{SMOKE_SECRET_PATH}"),
+        Some(&json(&canary_write())),
+        "smoke canary",
+        None,
+    )
+    .await?;
     let config_policy = PolicyWrite {
         policy: NOMAD_JWT_CONFIG_RULES.into(),
     };
@@ -372,6 +385,19 @@ pub async fn prepare(
             what: "jwt config token",
         })?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
+}
+
+/// `POST /v1/secret/data/default/hashistack-smoke` (KV v2): `{"data": {"canary": "<marker>"}}`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct KvWrite {
+    pub data: BTreeMap<&'static str, &'static str>,
+}
+
+/// The smoke test's canary secret: the public marker `hashistack-agent smoke` compares the rendered file with.
+pub fn canary_write() -> KvWrite {
+    KvWrite {
+        data: BTreeMap::from([(SMOKE_CANARY_KEY, SMOKE_CANARY)]),
+    }
 }
 
 #[derive(Serialize)]
@@ -584,6 +610,16 @@ mod tests {
             !text.contains("\"update\"") && !text.contains("\"create\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_canary_is_a_kv2_write_of_the_public_marker_at_the_jobs_own_path() {
+        assert_eq!(
+            serde_json::to_value(canary_write()).unwrap(),
+            serde_json::json!({"data": {"canary": SMOKE_CANARY}})
+        );
+        // The workloads policy lets job `hashistack-smoke` of namespace `default` read exactly this path.
+        assert_eq!(SMOKE_SECRET_PATH, "secret/data/default/hashistack-smoke");
     }
 
     #[test]

@@ -363,6 +363,34 @@ impl Collector {
         Ok((records, bad))
     }
 
+    /// What `hashistack-agent smoke` needs, found exactly as `status` finds it: the client trusting the cluster CA,
+    /// the observer's own Consul agent, the Consul status token (service read), and the Nomad servers of the
+    /// published node records.
+    pub async fn endpoints(&self) -> Result<Endpoints, String> {
+        let http = self.http.clone()?;
+        let consul_token = async {
+            match self.spec.status_vault_uri.clone() {
+                Some(vault) => tokens::fetch(&self.az, &vault, tokens::CONSUL_SECRET, azure_policy()).await,
+                None => (
+                    TokenState::Error("this node has no hashistack-status-vault-uri tag".into()),
+                    None,
+                ),
+            }
+        };
+        let (records, (token_state, consul_token)) = tokio::join!(self.records(), consul_token);
+        let (records, _) = records.map_err(|e| format!("node records: {e}"))?;
+        Ok(Endpoints {
+            http,
+            consul: format!("{}:{CONSUL_PORT}", self.spec.ip),
+            consul_token,
+            consul_token_state: token_state,
+            nomad: servers_of(&records, "nomad-server", NOMAD_PORT)
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect(),
+        })
+    }
+
     /// Fetches the status tokens not yet held (each run until one exists: a bootstrap may finish meanwhile).
     async fn tokens(&self) -> [(TokenState, Option<Zeroizing<String>>); 3] {
         let Some(vault) = self.spec.status_vault_uri.clone() else {
@@ -386,6 +414,19 @@ impl Collector {
         );
         [c, v, n]
     }
+}
+
+/// Where the cluster's APIs answer, as `status` finds them ([`Collector::endpoints`]).
+pub struct Endpoints {
+    /// HTTPS client trusting only the cluster CA (per-request deadline [`HTTP_TIMEOUT`]).
+    pub http: reqwest::Client,
+    /// The observer's own Consul agent (`ip:port`).
+    pub consul: String,
+    /// The Consul status token (read-only: operator, agent, node and service read).
+    pub consul_token: Option<Zeroizing<String>>,
+    pub consul_token_state: TokenState,
+    /// The Nomad servers' HTTPS APIs (`ip:port`), from the published node records.
+    pub nomad: Vec<String>,
 }
 
 /// `(name, ip:port)` of every published node of `role`.
