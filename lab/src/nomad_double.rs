@@ -2885,6 +2885,11 @@ fn tls_acceptor(t: &TlsConfig) -> Result<TlsAcceptor, String> {
 
 /// The agent's own HTTPS client: trusts `tls.ca_file`, presents `tls.cert_file`/`tls.key_file`.
 fn http_client(cfg: &Config) -> Result<reqwest::Client, String> {
+    http_builder(cfg)?.build().map_err(|e| e.to_string())
+}
+
+/// [`http_client`]'s builder (a server adds `resolve` to reach a client by its certificate's name).
+fn http_builder(cfg: &Config) -> Result<reqwest::ClientBuilder, String> {
     let mut b = reqwest::Client::builder().no_proxy();
     if let Some(t) = &cfg.tls {
         if let Some(ca) = &t.ca_file {
@@ -2906,7 +2911,7 @@ fn http_client(cfg: &Config) -> Result<reqwest::Client, String> {
         pem.fill(0);
         b = b.identity(id?);
     }
-    b.build().map_err(|e| e.to_string())
+    Ok(b)
 }
 
 /// This server's raft ID: read from `<data_dir>/server/node-id`, created the first time.

@@ -1078,9 +1078,22 @@ impl Agent {
                 .path_and_query()
                 .map(|p| p.to_string())
                 .unwrap_or_default();
-            let mut rb = self
-                .http()
-                .get(format!("{}://{addr}{pq}", if tls { "https" } else { "http" }))
+            // Nomad's servers reach a client by RPC and verify its certificate's name, `client.<region>.nomad`
+            // (the workers share one certificate, without their addresses): so does this forward.
+            let name = format!("client.{}.nomad", self.cfg.region);
+            let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+                return Err(text(404, format!("Unknown node address {addr:?}")));
+            };
+            let client = super::http_builder(&self.cfg)
+                .and_then(|b| b.resolve(&name, sock).build().map_err(|e| e.to_string()))
+                .map_err(|e| text(500, e))?;
+            let host = if tls { name.clone() } else { sock.ip().to_string() };
+            let mut rb = client
+                .get(format!(
+                    "{}://{host}:{}{pq}",
+                    if tls { "https" } else { "http" },
+                    sock.port()
+                ))
                 .timeout(Duration::from_secs(10));
             let token = token_of(&req);
             if !token.is_empty() {
@@ -1088,7 +1101,10 @@ impl Agent {
             }
             return match rb.send().await {
                 Ok(r) => Ok(super::relay(r, "text/plain").await),
-                Err(_) => Err(text(404, "Unknown node: no connection to the allocation's client")),
+                Err(e) => Err(text(
+                    404,
+                    format!("Unknown node: no connection to the allocation's client: {}", e.without_url()),
+                )),
             };
         }
         let dir = self.cfg.data_dir.join("alloc").join(alloc);
