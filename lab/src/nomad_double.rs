@@ -372,42 +372,42 @@ fn parse_join(entries: &[Value], what: &str) -> Result<Vec<IpAddr>, String> {
 
 /// Every `*.json` of the given directories (sorted by name) and the given files, merged.
 pub fn load_merged(paths: &[PathBuf]) -> Result<Value, String> {
-        let mut files = Vec::new();
-        for p in paths {
-            if p.is_dir() {
-                let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-                    .map_err(|e| format!("{}: {e}", p.display()))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|f| f.is_file())
-                    .collect();
-                v.sort();
-                for f in v {
-                    match f.extension().and_then(|x| x.to_str()) {
-                        Some("json") => files.push(f),
-                        Some("hcl") => {
-                            return Err(format!(
-                                "{}: HCL is not read by the double (JSON only)",
-                                f.display()
-                            ))
-                        }
-                        _ => {}
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| f.is_file())
+                .collect();
+            v.sort();
+            for f in v {
+                match f.extension().and_then(|x| x.to_str()) {
+                    Some("json") => files.push(f),
+                    Some("hcl") => {
+                        return Err(format!(
+                            "{}: HCL is not read by the double (JSON only)",
+                            f.display()
+                        ))
                     }
+                    _ => {}
                 }
-            } else {
-                files.push(p.clone());
             }
+        } else {
+            files.push(p.clone());
         }
-        if files.is_empty() {
-            return Err("no *.json configuration found".into());
-        }
-        let mut merged = json!({});
-        for f in &files {
-            let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            let v: Value =
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", f.display()))?;
-            merge(&mut merged, v);
-        }
+    }
+    if files.is_empty() {
+        return Err("no *.json configuration found".into());
+    }
+    let mut merged = json!({});
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", f.display()))?;
+        merge(&mut merged, v);
+    }
     Ok(merged)
 }
 
@@ -418,7 +418,6 @@ impl Config {
         c.jobs.sources = paths.to_vec();
         Ok(c)
     }
-
 
     pub fn from_value(v: &Value) -> Result<Config, String> {
         let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);

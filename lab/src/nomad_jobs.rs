@@ -105,8 +105,9 @@ impl JobsConfig {
             .pointer("/vault/default_identity/ttl")
             .and_then(Value::as_str)
         {
-            Some(t) => super::parse_duration(t)
-                .map_err(|e| format!("vault.default_identity.ttl: {e}"))?,
+            Some(t) => {
+                super::parse_duration(t).map_err(|e| format!("vault.default_identity.ttl: {e}"))?
+            }
             None => Duration::ZERO,
         };
         Ok(JobsConfig {
@@ -154,7 +155,8 @@ fn client_trusting(ca: Option<&Path>) -> Result<reqwest::Client, String> {
         .timeout(Duration::from_secs(10));
     if let Some(ca) = ca {
         let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cert =
+            reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
         b = b.tls_certs_only([cert]);
     }
     b.build().map_err(|e| e.to_string())
@@ -278,7 +280,10 @@ pub struct CheckSpec {
 pub enum Tmpl {
     Plain(String),
     /// `{{ with secret "PATH" }}{{ .Data.data.KEY }}{{ end }}`.
-    SecretKey { path: String, key: String },
+    SecretKey {
+        path: String,
+        key: String,
+    },
 }
 
 /// Parses the template forms the double supports (whitespace inside the actions is free).
@@ -298,7 +303,13 @@ pub fn parse_template(src: &str) -> Result<Tmpl, String> {
     let outside: String = src
         .split("{{")
         .enumerate()
-        .map(|(i, p)| if i == 0 { p } else { p.split_once("}}").map(|x| x.1).unwrap_or("") })
+        .map(|(i, p)| {
+            if i == 0 {
+                p
+            } else {
+                p.split_once("}}").map(|x| x.1).unwrap_or("")
+            }
+        })
         .collect();
     if actions.len() != 3 || !outside.trim().is_empty() || actions[2] != "end" {
         return Err(unsupported());
@@ -349,7 +360,10 @@ pub fn validate(spec: &JobSpec) -> Result<(), ApiError> {
             }
             for tp in t.templates.iter().flatten() {
                 if let Err(e) = parse_template(&tp.embedded_tmpl) {
-                    errs.push(format!("task {:?}: template {:?}: {e}", t.name, tp.dest_path));
+                    errs.push(format!(
+                        "task {:?}: template {:?}: {e}",
+                        t.name, tp.dest_path
+                    ));
                 }
                 if !safe_relative(&tp.dest_path) {
                     errs.push(format!(
@@ -379,7 +393,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), ApiError> {
 /// A relative path with no `..`.
 fn safe_relative(p: &str) -> bool {
     let p = Path::new(p);
-    !p.as_os_str().is_empty() && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    !p.as_os_str().is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -558,7 +574,8 @@ fn random_port(used: &[u16]) -> u16 {
     loop {
         let mut b = [0u8; 2];
         aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-        let p = MIN_DYNAMIC_PORT + u16::from_le_bytes(b) % (MAX_DYNAMIC_PORT - MIN_DYNAMIC_PORT + 1);
+        let p =
+            MIN_DYNAMIC_PORT + u16::from_le_bytes(b) % (MAX_DYNAMIC_PORT - MIN_DYNAMIC_PORT + 1);
         if !used.contains(&p) {
             return p;
         }
@@ -757,11 +774,8 @@ impl Store {
             else {
                 continue;
             };
-            if (
-                &a.client_status,
-                &a.client_description,
-                &a.task_states,
-            ) != (&up.client_status, &up.client_description, &up.task_states)
+            if (&a.client_status, &a.client_description, &a.task_states)
+                != (&up.client_status, &up.client_description, &up.task_states)
             {
                 a.client_status = up.client_status;
                 a.client_description = up.client_description;
@@ -929,7 +943,8 @@ impl Agent {
         let spec: JobSpec = serde_json::from_value(job.clone())
             .map_err(|e| text(400, format!("failed to decode request body: {e}")))?;
         validate(&spec).map_err(api_error)?;
-        self.job_write_at_leader(&w, &Method::PUT, "/v1/jobs").await?;
+        self.job_write_at_leader(&w, &Method::PUT, "/v1/jobs")
+            .await?;
         let signer = Signer {
             aud: &self.cfg.jobs.identity_aud,
             ttl: self.cfg.jobs.identity_ttl,
@@ -989,7 +1004,12 @@ impl Agent {
         let node = query_param(&req, "node_id").unwrap_or_default();
         self.node_check(&node_secret(&req), client_cert, &node)?;
         let rt = self.rt.lock().expect("runtime");
-        let mine: Vec<&Alloc> = rt.store.allocs.iter().filter(|a| a.node_id == node).collect();
+        let mine: Vec<&Alloc> = rt
+            .store
+            .allocs
+            .iter()
+            .filter(|a| a.node_id == node)
+            .collect();
         Ok(json_resp(&mine))
     }
 
@@ -1087,7 +1107,11 @@ impl Agent {
             let client = super::http_builder(&self.cfg)
                 .and_then(|b| b.resolve(&name, sock).build().map_err(|e| e.to_string()))
                 .map_err(|e| text(500, e))?;
-            let host = if tls { name.clone() } else { sock.ip().to_string() };
+            let host = if tls {
+                name.clone()
+            } else {
+                sock.ip().to_string()
+            };
             let mut rb = client
                 .get(format!(
                     "{}://{host}:{}{pq}",
@@ -1103,7 +1127,10 @@ impl Agent {
                 Ok(r) => Ok(super::relay(r, "text/plain").await),
                 Err(e) => Err(text(
                     404,
-                    format!("Unknown node: no connection to the allocation's client: {}", e.without_url()),
+                    format!(
+                        "Unknown node: no connection to the allocation's client: {}",
+                        e.without_url()
+                    ),
                 )),
             };
         }
@@ -1117,10 +1144,9 @@ impl Agent {
         }
         match std::fs::read(dir.join(rel)) {
             Ok(b) => Ok(super::respond(200, "text/plain", Bytes::from(b))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(text(
-                404,
-                format!("stat {rel}: no such file or directory"),
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(text(404, format!("stat {rel}: no such file or directory")))
+            }
             Err(e) => Err(text(500, format!("{rel}: {e}"))),
         }
     }
@@ -1156,7 +1182,11 @@ fn event(kind: &str, display: impl Into<String>, fails: bool) -> TaskEvent {
     TaskEvent {
         kind: kind.into(),
         time: now_ns(),
-        message: if fails { display.clone() } else { String::new() },
+        message: if fails {
+            display.clone()
+        } else {
+            String::new()
+        },
         display_message: display,
         fails_task: fails,
         details: BTreeMap::new(),
@@ -1175,7 +1205,10 @@ fn vault_error(method: &str, url: &str, status: u16, body: &str) -> String {
         .unwrap_or_default();
     format!(
         "Error making API request. URL: {method} {url} Code: {status}. Errors: {}",
-        errs.iter().map(|e| format!("* {e}")).collect::<Vec<_>>().join(" ")
+        errs.iter()
+            .map(|e| format!("* {e}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     )
 }
 
@@ -1317,7 +1350,11 @@ impl Agent {
             }
             // Allocations the servers no longer list (garbage collected) are stopped too.
             let known: Vec<&String> = allocs.iter().map(|a| &a.id).collect();
-            let gone: Vec<String> = local.keys().filter(|k| !known.contains(k)).cloned().collect();
+            let gone: Vec<String> = local
+                .keys()
+                .filter(|k| !known.contains(k))
+                .cloned()
+                .collect();
             for id in gone {
                 if let Some(mut l) = local.remove(&id) {
                     for c in &mut l.children {
@@ -1340,8 +1377,13 @@ impl Agent {
                     rb = rb.header("X-Consul-Token", t);
                 }
                 match rb.send().await {
-                    Ok(r) if r.status().is_success() => log(format!("service {id} deregistered from Consul")),
-                    Ok(r) => log(format!("service {id}: Consul deregistration: HTTP {}", r.status())),
+                    Ok(r) if r.status().is_success() => {
+                        log(format!("service {id} deregistered from Consul"))
+                    }
+                    Ok(r) => log(format!(
+                        "service {id}: Consul deregistration: HTTP {}",
+                        r.status()
+                    )),
                     Err(e) => log(format!("service {id}: Consul deregistration: {e}")),
                 }
             }
@@ -1351,18 +1393,27 @@ impl Agent {
     async fn stop(&self, a: &Alloc, mut l: Local) -> (String, BTreeMap<String, TaskState>) {
         self.deregister(&l).await;
         for s in l.states.values_mut() {
-            s.events.push(event("Killing", "Sent interrupt. Waiting 5s before force killing", false));
+            s.events.push(event(
+                "Killing",
+                "Sent interrupt. Waiting 5s before force killing",
+                false,
+            ));
         }
         for c in &mut l.children {
             let _ = c.kill().await;
         }
         for s in l.states.values_mut() {
-            s.events.push(event("Killed", "Task successfully killed", false));
+            s.events
+                .push(event("Killed", "Task successfully killed", false));
             s.state = "dead".into();
             s.finished_at = Some(rfc3339(time::OffsetDateTime::now_utc()));
         }
         log(format!("allocation {} stopped", a.id));
-        let status = if l.status == "failed" { "failed" } else { "complete" };
+        let status = if l.status == "failed" {
+            "failed"
+        } else {
+            "complete"
+        };
         (status.into(), l.states)
     }
 
@@ -1378,8 +1429,10 @@ impl Agent {
         let fresh = states.values().all(|s| s.events.is_empty());
         if fresh {
             for s in states.values_mut() {
-                s.events.push(event("Received", "Task received by client", false));
-                s.events.push(event("Task Setup", "Building Task Directory", false));
+                s.events
+                    .push(event("Received", "Task received by client", false));
+                s.events
+                    .push(event("Task Setup", "Building Task Directory", false));
             }
         }
         let products = match Products::load(&self.cfg.jobs.sources) {
@@ -1397,13 +1450,19 @@ impl Agent {
             ("NOMAD_NAMESPACE".into(), a.namespace.clone()),
             ("NOMAD_DC".into(), self.cfg.datacenter.clone()),
             ("NOMAD_REGION".into(), self.cfg.region.clone()),
-            ("NOMAD_ALLOC_DIR".into(), alloc_dir.join("alloc").display().to_string()),
+            (
+                "NOMAD_ALLOC_DIR".into(),
+                alloc_dir.join("alloc").display().to_string(),
+            ),
         ]);
         for p in &a.ports {
             env.insert(format!("NOMAD_PORT_{}", p.label), p.value.to_string());
             env.insert(format!("NOMAD_HOST_PORT_{}", p.label), p.value.to_string());
             env.insert(format!("NOMAD_IP_{}", p.label), ip.clone());
-            env.insert(format!("NOMAD_ADDR_{}", p.label), format!("{ip}:{}", p.value));
+            env.insert(
+                format!("NOMAD_ADDR_{}", p.label),
+                format!("{ip}:{}", p.value),
+            );
         }
         let mut local = Local {
             children: vec![],
@@ -1414,7 +1473,11 @@ impl Agent {
         };
         for task in &group.tasks {
             let tdir = alloc_dir.join(&task.name);
-            for d in [tdir.join("local"), tdir.join("secrets"), alloc_dir.join("alloc/logs")] {
+            for d in [
+                tdir.join("local"),
+                tdir.join("secrets"),
+                alloc_dir.join("alloc/logs"),
+            ] {
                 if let Err(e) = std::fs::create_dir_all(&d) {
                     return Start::Failed(states, format!("{}: {e}", d.display()));
                 }
@@ -1428,8 +1491,14 @@ impl Agent {
                     state.state = "dead".into();
                     state.failed = true;
                 };
-                let (Some(addr), Some(jwt)) = (&products.vault_address, a.signed_identities.get(&task.name)) else {
-                    fail(state, "Vault: failed to derive vault token: no Vault address or no identity".into());
+                let (Some(addr), Some(jwt)) =
+                    (&products.vault_address, a.signed_identities.get(&task.name))
+                else {
+                    fail(
+                        state,
+                        "Vault: failed to derive vault token: no Vault address or no identity"
+                            .into(),
+                    );
                     return Start::Failed(states, "no Vault address or identity".into());
                 };
                 let client = match client_trusting(products.vault_ca.as_deref()) {
@@ -1448,7 +1517,10 @@ impl Agent {
                             Some(t) => vault = Some((client, addr.clone(), t.to_string())),
                             None => {
                                 fail(state, "Vault: failed to derive vault token: no token in the login answer".into());
-                                return Start::Failed(states, "login answer without a token".into());
+                                return Start::Failed(
+                                    states,
+                                    "login answer without a token".into(),
+                                );
                             }
                         }
                     }
@@ -1500,7 +1572,10 @@ impl Agent {
                                 let status = r.status().as_u16();
                                 let body = r.text().await.unwrap_or_default();
                                 let e = vault_error("GET", &url, status, &body);
-                                state_fail(state, format!("Template failed: vault.read({path}): {e}"));
+                                state_fail(
+                                    state,
+                                    format!("Template failed: vault.read({path}): {e}"),
+                                );
                                 return Start::Failed(states, e);
                             }
                             Err(_) => return Start::Pending(states),
@@ -1526,8 +1601,14 @@ impl Agent {
             };
             let mut tenv = env.clone();
             tenv.insert("NOMAD_TASK_NAME".into(), task.name.clone());
-            tenv.insert("NOMAD_TASK_DIR".into(), tdir.join("local").display().to_string());
-            tenv.insert("NOMAD_SECRETS_DIR".into(), tdir.join("secrets").display().to_string());
+            tenv.insert(
+                "NOMAD_TASK_DIR".into(),
+                tdir.join("local").display().to_string(),
+            );
+            tenv.insert(
+                "NOMAD_SECRETS_DIR".into(),
+                tdir.join("secrets").display().to_string(),
+            );
             for (k, v) in task.env.iter().flatten() {
                 tenv.insert(k.clone(), interpolate(v, &env));
             }
@@ -1559,7 +1640,9 @@ impl Agent {
                 Err(e) => {
                     let msg = format!("failed to launch command with executor: {e}");
                     let state = states.entry(task.name.clone()).or_default();
-                    state.events.push(event("Driver Failure", msg.clone(), true));
+                    state
+                        .events
+                        .push(event("Driver Failure", msg.clone(), true));
                     state.failed = true;
                     state.state = "dead".into();
                     return Start::Failed(states, msg);
@@ -1568,11 +1651,20 @@ impl Agent {
             let state = states.entry(task.name.clone()).or_default();
             state.state = "running".into();
             state.started_at = Some(rfc3339(time::OffsetDateTime::now_utc()));
-            state.events.push(event("Started", "Task started by client", false));
+            state
+                .events
+                .push(event("Started", "Task started by client", false));
             // Services in Consul.
             for s in task.services.iter().flatten() {
-                let port = a.ports.iter().find(|p| p.label == s.port_label).map(|p| p.value);
-                let id = format!("_nomad-task-{}-{}-{}-{}", a.id, task.name, s.name, s.port_label);
+                let port = a
+                    .ports
+                    .iter()
+                    .find(|p| p.label == s.port_label)
+                    .map(|p| p.value);
+                let id = format!(
+                    "_nomad-task-{}-{}-{}-{}",
+                    a.id, task.name, s.name, s.port_label
+                );
                 let checks: Vec<Value> = s
                     .checks
                     .iter()
@@ -1605,7 +1697,9 @@ impl Agent {
                     Ok(c) => c,
                     Err(e) => return Start::Failed(states, e),
                 };
-                let mut rb = client.put(format!("{base}/v1/agent/service/register")).json(&reg);
+                let mut rb = client
+                    .put(format!("{base}/v1/agent/service/register"))
+                    .json(&reg);
                 if let Some(t) = &products.consul_token {
                     rb = rb.header("X-Consul-Token", t);
                 }
@@ -1617,7 +1711,10 @@ impl Agent {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         let body = r.text().await.unwrap_or_default();
-                        log(format!("service {id}: Consul registration: HTTP {status}: {}", body.trim()));
+                        log(format!(
+                            "service {id}: Consul registration: HTTP {status}: {}",
+                            body.trim()
+                        ));
                     }
                     Err(e) => log(format!("service {id}: Consul registration: {e}")),
                 }
@@ -1655,7 +1752,9 @@ mod tests {
     #[test]
     fn templates_are_plain_text_or_one_secret_key() {
         assert_eq!(
-            parse_template(r#"{{ with secret "secret/data/default/hashistack-smoke" }}{{ .Data.data.canary }}{{ end }}"#),
+            parse_template(
+                r#"{{ with secret "secret/data/default/hashistack-smoke" }}{{ .Data.data.canary }}{{ end }}"#
+            ),
             Ok(Tmpl::SecretKey {
                 path: "secret/data/default/hashistack-smoke".into(),
                 key: "canary".into()
@@ -1663,7 +1762,10 @@ mod tests {
         );
         assert_eq!(
             parse_template("{{with secret \"a/b\"}}{{.Data.data.k_1}}{{end}}"),
-            Ok(Tmpl::SecretKey { path: "a/b".into(), key: "k_1".into() })
+            Ok(Tmpl::SecretKey {
+                path: "a/b".into(),
+                key: "k_1".into()
+            })
         );
         assert_eq!(parse_template("hello\n"), Ok(Tmpl::Plain("hello\n".into())));
         for bad in [

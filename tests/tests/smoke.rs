@@ -56,7 +56,11 @@ async fn assert_clean(lab: &Lab, operator: &str, nomad_token: &str) {
         &consul_root(lab, operator),
     )
     .await;
-    assert_eq!((s, body.trim()), (200, "[]"), "Consul still lists the canary");
+    assert_eq!(
+        (s, body.trim()),
+        (200, "[]"),
+        "Consul still lists the canary"
+    );
     let nomad = lab.opts.nomad_address().unwrap();
     let (s, body) = get_as(
         lab,
@@ -65,7 +69,11 @@ async fn assert_clean(lab: &Lab, operator: &str, nomad_token: &str) {
         nomad_token,
     )
     .await;
-    assert_eq!((s, body.trim()), (404, "job not found"), "Nomad still has the job");
+    assert_eq!(
+        (s, body.trim()),
+        (404, "job not found"),
+        "Nomad still has the job"
+    );
 }
 
 /// Consul's management token from the Consul escrow (to look at the catalog as an operator).
@@ -104,10 +112,9 @@ async fn smoke_is_green_in_a_healthy_lab_and_names_a_broken_vault_link() {
     assert_clean(&lab, &operator, &token).await;
     // The worker ran the task: its allocation directory holds the rendered canary.
     let worker = &lab.nodes[nodes_of(&lab, Role::Worker)[0]];
-    let nomad_cfg: Value = serde_json::from_slice(
-        &std::fs::read(worker.root.join("etc/nomad.d/nomad.json")).unwrap(),
-    )
-    .unwrap();
+    let nomad_cfg: Value =
+        serde_json::from_slice(&std::fs::read(worker.root.join("etc/nomad.d/nomad.json")).unwrap())
+            .unwrap();
     let allocs = std::path::Path::new(nomad_cfg["data_dir"].as_str().unwrap()).join("alloc");
     let canaries: Vec<String> = std::fs::read_dir(&allocs)
         .map(|rd| {

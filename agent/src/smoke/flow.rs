@@ -161,7 +161,10 @@ pub fn classify_allocations(a: &Answer) -> Attempt<AllocStub, StepError> {
         Ok(v) => v,
         Err(e) => return Attempt::Fail(e),
     };
-    let wanted: Vec<&AllocStub> = allocs.iter().filter(|a| a.desired_status == "run").collect();
+    let wanted: Vec<&AllocStub> = allocs
+        .iter()
+        .filter(|a| a.desired_status == "run")
+        .collect();
     if let Some(r) = wanted.iter().find(|a| a.client_status == "running") {
         return Attempt::Done((*r).clone());
     }
@@ -182,7 +185,9 @@ pub fn classify_allocations(a: &Answer) -> Attempt<AllocStub, StepError> {
             "allocation {} is {}{}",
             short_id(&p.id),
             p.client_status,
-            p.last_event().map(|e| format!(" ({e})")).unwrap_or_default()
+            p.last_event()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
         ),
     }))
 }
@@ -422,13 +427,23 @@ pub async fn run(
     let since = Instant::now();
     let submitted = retry(policy(left()), |_| async {
         judged(
-            t.nomad("submit", token, reqwest::Method::PUT, "/v1/jobs", Some(&spec))
-                .await,
+            t.nomad(
+                "submit",
+                token,
+                reqwest::Method::PUT,
+                "/v1/jobs",
+                Some(&spec),
+            )
+            .await,
             classify_submit,
         )
     })
     .await;
-    let mut green = record(Step::Submit, since, submitted.map(|_| None).map_err(failure));
+    let mut green = record(
+        Step::Submit,
+        since,
+        submitted.map(|_| None).map_err(failure),
+    );
 
     // 2. An allocation runs.
     let mut alloc: Option<AllocStub> = None;
@@ -437,7 +452,8 @@ pub async fn run(
         let path = format!("/v1/job/{SMOKE_JOB}/allocations");
         let r = retry(policy(left()), |_| async {
             judged(
-                t.nomad("allocations", token, get.clone(), &path, None).await,
+                t.nomad("allocations", token, get.clone(), &path, None)
+                    .await,
                 classify_allocations,
             )
         })
@@ -517,14 +533,22 @@ mod tests {
         (status, v.to_string().into_bytes())
     }
 
-    fn alloc(id: &str, desired: &str, client: &str, events: serde_json::Value) -> serde_json::Value {
+    fn alloc(
+        id: &str,
+        desired: &str,
+        client: &str,
+        events: serde_json::Value,
+    ) -> serde_json::Value {
         json!({"ID": id, "NodeName": "worker-0", "DesiredStatus": desired, "ClientStatus": client,
                "TaskStates": {"web": {"State": "pending", "Failed": client == "failed", "Events": events}}})
     }
 
     #[test]
     fn submit_is_done_on_nomads_answer_retried_on_5xx_and_final_on_a_refusal() {
-        let ok = answer(200, json!({"EvalID": "e", "EvalCreateIndex": 9, "JobModifyIndex": 9, "Warnings": ""}));
+        let ok = answer(
+            200,
+            json!({"EvalID": "e", "EvalCreateIndex": 9, "JobModifyIndex": 9, "Warnings": ""}),
+        );
         assert!(matches!(classify_submit(&ok), Attempt::Done(9)));
         assert!(matches!(
             classify_submit(&(500, b"No cluster leader".to_vec())),
@@ -540,28 +564,47 @@ mod tests {
     fn allocations_running_is_done_pending_is_not_yet_failed_is_final_with_its_event() {
         let id = "1a2b3c4d-0000-4000-8000-000000000000";
         let none = answer(200, json!([]));
-        assert!(matches!(classify_allocations(&none), Attempt::Retry(StepError::NotYet(_))));
+        assert!(matches!(
+            classify_allocations(&none),
+            Attempt::Retry(StepError::NotYet(_))
+        ));
         let pending = answer(
             200,
-            json!([alloc(id, "run", "pending", json!([{"Type": "Received", "DisplayMessage": "Task received by client"}]))]),
+            json!([alloc(
+                id,
+                "run",
+                "pending",
+                json!([{"Type": "Received", "DisplayMessage": "Task received by client"}])
+            )]),
         );
         match classify_allocations(&pending) {
             Attempt::Retry(StepError::NotYet(m)) => {
-                assert_eq!(m, "allocation 1a2b3c4d is pending (Received: Task received by client)")
+                assert_eq!(
+                    m,
+                    "allocation 1a2b3c4d is pending (Received: Task received by client)"
+                )
             }
             other => panic!("{other:?}"),
         }
         let running = answer(
             200,
-            json!([alloc("old", "stop", "complete", json!([])), alloc(id, "run", "running", json!([]))]),
+            json!([
+                alloc("old", "stop", "complete", json!([])),
+                alloc(id, "run", "running", json!([]))
+            ]),
         );
         assert!(matches!(classify_allocations(&running), Attempt::Done(a) if a.id == id));
         let failed = answer(
             200,
-            json!([alloc(id, "run", "failed", json!([
-                {"Type": "Received", "DisplayMessage": "Task received by client"},
-                {"Type": "Killing", "DisplayMessage": "Template failed: vault.read(secret/data/default/hashistack-smoke): permission denied"}
-            ]))]),
+            json!([alloc(
+                id,
+                "run",
+                "failed",
+                json!([
+                    {"Type": "Received", "DisplayMessage": "Task received by client"},
+                    {"Type": "Killing", "DisplayMessage": "Template failed: vault.read(secret/data/default/hashistack-smoke): permission denied"}
+                ])
+            )]),
         );
         match classify_allocations(&failed) {
             Attempt::Fail(e) => assert_eq!(
@@ -590,12 +633,18 @@ mod tests {
         assert!(matches!(classify_passing(&mine, id), Attempt::Done(())));
         let other = answer(200, json!([{"Service": {"ID": service_id("other")}}]));
         assert!(matches!(classify_passing(&other, id), Attempt::Retry(_)));
-        assert!(matches!(classify_passing(&answer(200, json!([])), id), Attempt::Retry(_)));
+        assert!(matches!(
+            classify_passing(&answer(200, json!([])), id),
+            Attempt::Retry(_)
+        ));
         assert!(matches!(
             classify_passing(&(403, b"Permission denied".to_vec()), id),
             Attempt::Fail(_)
         ));
-        assert!(matches!(classify_gone(&answer(200, json!([]))), Attempt::Done(())));
+        assert!(matches!(
+            classify_gone(&answer(200, json!([]))),
+            Attempt::Done(())
+        ));
         assert!(matches!(classify_gone(&mine), Attempt::Retry(_)));
     }
 
@@ -610,7 +659,10 @@ mod tests {
             Attempt::Fail(StepError::Mismatch { .. })
         ));
         assert!(matches!(
-            classify_canary(&(500, b"stat web/local/canary.txt: no such file or directory".to_vec())),
+            classify_canary(&(
+                500,
+                b"stat web/local/canary.txt: no such file or directory".to_vec()
+            )),
             Attempt::Retry(_)
         ));
         assert!(matches!(
@@ -621,8 +673,14 @@ mod tests {
 
     #[test]
     fn purge_of_a_job_that_is_not_there_is_clean() {
-        assert!(matches!(classify_purge(&(404, b"job not found".to_vec())), Attempt::Done(())));
-        assert!(matches!(classify_purge(&answer(200, json!({"EvalID": ""}))), Attempt::Done(())));
+        assert!(matches!(
+            classify_purge(&(404, b"job not found".to_vec())),
+            Attempt::Done(())
+        ));
+        assert!(matches!(
+            classify_purge(&answer(200, json!({"EvalID": ""}))),
+            Attempt::Done(())
+        ));
         assert!(matches!(classify_purge(&(500, vec![])), Attempt::Retry(_)));
         assert!(matches!(classify_purge(&(403, vec![])), Attempt::Fail(_)));
     }
@@ -758,15 +816,24 @@ mod tests {
         let steps: Vec<(Step, bool)> = out.iter().map(|o| (o.step, o.ok)).collect();
         assert_eq!(
             steps,
-            [(Step::Submit, true), (Step::Running, false), (Step::Cleanup, true)],
+            [
+                (Step::Submit, true),
+                (Step::Running, false),
+                (Step::Cleanup, true)
+            ],
             "{lines:?}"
         );
         assert!(
-            lines[1].contains("allocation 1a2b3c4d failed: Killing: Vault: failed to derive vault token"),
+            lines[1].contains(
+                "allocation 1a2b3c4d failed: Killing: Vault: failed to derive vault token"
+            ),
             "{lines:?}"
         );
         let w = w.lock().unwrap();
-        assert_eq!(w.alloc_looks, 1, "a failed allocation is final: no second look");
+        assert_eq!(
+            w.alloc_looks, 1,
+            "a failed allocation is final: no second look"
+        );
         assert_eq!(w.purges, ["purge=true"], "cleanup ran after the failure");
     }
 

@@ -129,7 +129,9 @@ pub struct Resources {
 
 /// The template that renders the canary secret (consul-template's `secret` function on the KV v2 path).
 pub fn canary_template() -> String {
-    format!(r#"{{{{ with secret "{SMOKE_SECRET_PATH}" }}}}{{{{ .Data.data.canary }}}}{{{{ end }}}}"#)
+    format!(
+        r#"{{{{ with secret "{SMOKE_SECRET_PATH}" }}}}{{{{ .Data.data.canary }}}}{{{{ end }}}}"#
+    )
 }
 
 /// The canary job: a service job, one group, one task.

@@ -100,7 +100,12 @@ mod tests {
             "✓ job hashistack-smoke submitted to Nomad  12 ms"
         );
         assert_eq!(
-            line(&o(Step::Running, true, 3400, Some("allocation 1a2b3c4d on worker-0"))),
+            line(&o(
+                Step::Running,
+                true,
+                3400,
+                Some("allocation 1a2b3c4d on worker-0")
+            )),
             "✓ allocation running  3400 ms (allocation 1a2b3c4d on worker-0)"
         );
         assert_eq!(

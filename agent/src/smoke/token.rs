@@ -54,7 +54,8 @@ pub fn read(
             None => return Err(TokenError::Missing),
         },
     };
-    let text = std::str::from_utf8(&raw).map_err(|_| TokenError::Malformed { from: from.clone() })?;
+    let text =
+        std::str::from_utf8(&raw).map_err(|_| TokenError::Malformed { from: from.clone() })?;
     let t = text.trim();
     if t.is_empty() {
         return Err(TokenError::Empty { from });

@@ -370,7 +370,9 @@ impl Collector {
         let http = self.http.clone()?;
         let consul_token = async {
             match self.spec.status_vault_uri.clone() {
-                Some(vault) => tokens::fetch(&self.az, &vault, tokens::CONSUL_SECRET, azure_policy()).await,
+                Some(vault) => {
+                    tokens::fetch(&self.az, &vault, tokens::CONSUL_SECRET, azure_policy()).await
+                }
                 None => (
                     TokenState::Error("this node has no hashistack-status-vault-uri tag".into()),
                     None,
