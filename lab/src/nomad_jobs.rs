@@ -1780,7 +1780,8 @@ mod tests {
 
     fn store_with_nodes(n: usize) -> Store {
         let mut s = Store::default();
-        s.keyring.push(crate::nomad_identity::RootKey::generate("key-1".into()));
+        s.keyring
+            .push(crate::nomad_identity::RootKey::generate("key-1".into()));
         let now = time::OffsetDateTime::now_utc();
         for i in 0..n {
             s.register_node(
@@ -1833,7 +1834,10 @@ mod tests {
         assert_eq!(nodes.len(), 2, "one allocation on each ready node");
         for (i, a) in s.allocs.iter().enumerate() {
             assert_eq!(a.name, format!("web.g[{i}]"));
-            assert_eq!((a.desired_status.as_str(), a.client_status.as_str()), ("run", "pending"));
+            assert_eq!(
+                (a.desired_status.as_str(), a.client_status.as_str()),
+                ("run", "pending")
+            );
             let p = &a.ports[0];
             assert_eq!(p.label, "http");
             assert!((MIN_DYNAMIC_PORT..=MAX_DYNAMIC_PORT).contains(&p.value));
@@ -1852,7 +1856,10 @@ mod tests {
             assert_eq!(claims["aud"], "vault.io");
             assert_eq!(claims["sub"], "global:default:web:g:t:vault_default");
             // Never in what the API shows.
-            assert!(a.public().get("SignedIdentities").is_none() && a.stub().get("SignedIdentities").is_none());
+            assert!(
+                a.public().get("SignedIdentities").is_none()
+                    && a.stub().get("SignedIdentities").is_none()
+            );
         }
         assert_eq!(s.job_public("web").unwrap()["Status"], "pending");
     }
@@ -1874,7 +1881,10 @@ mod tests {
             }],
         };
         assert!(s.update_allocs(running.clone()));
-        assert!(!s.update_allocs(running), "the same report twice is no write");
+        assert!(
+            !s.update_allocs(running),
+            "the same report twice is no write"
+        );
         assert_eq!(s.job_public("web").unwrap()["Status"], "running");
         // Another node cannot report on it.
         let foreign = AllocUpdates {
@@ -1889,7 +1899,10 @@ mod tests {
         assert!(!s.update_allocs(foreign));
         s.deregister_job("web", true).unwrap();
         assert!(s.job_public("web").is_none(), "purged");
-        assert_eq!(s.allocs[0].desired_status, "stop", "kept until its client stopped it");
+        assert_eq!(
+            s.allocs[0].desired_status, "stop",
+            "kept until its client stopped it"
+        );
         let stopped = AllocUpdates {
             node_id: node,
             allocs: vec![AllocUpdate {
@@ -1900,7 +1913,10 @@ mod tests {
             }],
         };
         assert!(s.update_allocs(stopped));
-        assert!(s.allocs.is_empty(), "a stopped, terminal allocation of a purged job is gone");
+        assert!(
+            s.allocs.is_empty(),
+            "a stopped, terminal allocation of a purged job is gone"
+        );
     }
 
     #[test]
@@ -1914,9 +1930,17 @@ mod tests {
         docker["TaskGroups"][0]["Tasks"][0]["Driver"] = json!("docker");
         let e = s.register_job(docker, &sg).unwrap_err();
         assert_eq!(e.0, 400);
-        assert!(e.1.contains("driver \"docker\" is not implemented by the Nomad contract double"), "{}", e.1);
+        assert!(
+            e.1.contains("driver \"docker\" is not implemented by the Nomad contract double"),
+            "{}",
+            e.1
+        );
         let mut tmpl = job(1);
         tmpl["TaskGroups"][0]["Tasks"][0]["Templates"][0]["DestPath"] = json!("../../etc/passwd");
-        assert!(s.register_job(tmpl, &sg).unwrap_err().1.contains("escapes the task directory"));
+        assert!(s
+            .register_job(tmpl, &sg)
+            .unwrap_err()
+            .1
+            .contains("escapes the task directory"));
     }
 }

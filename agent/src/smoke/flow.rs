@@ -69,17 +69,18 @@ fn short_id(id: &str) -> &str {
 /// An answer's status and body.
 pub type Answer = (u16, Vec<u8>);
 
-/// The common reading of an answer: 429 and 5xx are worth another look, other non-2xx are final.
-fn http_error(what: &'static str, (status, body): &Answer) -> Attempt<(), StepError> {
+/// The common reading of an answer: `None` for a success; 429 and 5xx are worth another look, other non-2xx
+/// answers are final.
+fn http_error<T>(what: &'static str, (status, body): &Answer) -> Option<Attempt<T, StepError>> {
     let e = StepError::Http {
         what,
         status: *status,
         detail: first_line(body),
     };
     match status {
-        200..=299 => Attempt::Done(()),
-        429 | 500..=599 => Attempt::Retry(e),
-        _ => Attempt::Fail(e),
+        200..=299 => None,
+        429 | 500..=599 => Some(Attempt::Retry(e)),
+        _ => Some(Attempt::Fail(e)),
     }
 }
 
@@ -97,13 +98,12 @@ pub fn classify_submit(a: &Answer) -> Attempt<u64, StepError> {
         #[serde(rename = "JobModifyIndex")]
         job_modify_index: u64,
     }
-    match http_error("submit", a) {
-        Attempt::Done(()) => match parse::<Registered>("submit", &a.1) {
-            Ok(r) => Attempt::Done(r.job_modify_index),
-            Err(e) => Attempt::Fail(e),
-        },
-        Attempt::Retry(e) => Attempt::Retry(e),
-        Attempt::Fail(e) => Attempt::Fail(e),
+    if let Some(not_done) = http_error("submit", a) {
+        return not_done;
+    }
+    match parse::<Registered>("submit", &a.1) {
+        Ok(r) => Attempt::Done(r.job_modify_index),
+        Err(e) => Attempt::Fail(e),
     }
 }
 
@@ -152,10 +152,8 @@ impl AllocStub {
 /// `failed` (or was `lost`) is final, with its last task event; `pending` is not yet.
 pub fn classify_allocations(a: &Answer) -> Attempt<AllocStub, StepError> {
     const WHAT: &str = "allocations";
-    match http_error(WHAT, a) {
-        Attempt::Done(()) => {}
-        Attempt::Retry(e) => return Attempt::Retry(e),
-        Attempt::Fail(e) => return Attempt::Fail(e),
+    if let Some(not_done) = http_error(WHAT, a) {
+        return not_done;
     }
     let allocs: Vec<AllocStub> = match parse(WHAT, &a.1) {
         Ok(v) => v,
@@ -217,9 +215,8 @@ pub fn service_id(alloc: &str) -> String {
 /// `GET /v1/health/service/hashistack-smoke?passing=true`: done once the allocation's instance is listed.
 pub fn classify_passing(a: &Answer, alloc: &str) -> Attempt<(), StepError> {
     const WHAT: &str = "Consul health";
-    match http_error(WHAT, a) {
-        Attempt::Done(()) => {}
-        other => return other,
+    if let Some(not_done) = http_error(WHAT, a) {
+        return not_done;
     }
     let entries: Vec<HealthEntry> = match parse(WHAT, &a.1) {
         Ok(v) => v,
@@ -249,9 +246,8 @@ pub fn classify_canary(a: &Answer) -> Attempt<(), StepError> {
             detail: first_line(body),
         });
     }
-    match http_error(WHAT, a) {
-        Attempt::Done(()) => {}
-        other => return other,
+    if let Some(not_done) = http_error(WHAT, a) {
+        return not_done;
     }
     let got = String::from_utf8_lossy(body);
     if got.trim() == SMOKE_CANARY {
@@ -269,15 +265,14 @@ pub fn classify_purge(a: &Answer) -> Attempt<(), StepError> {
     if a.0 == 404 {
         return Attempt::Done(());
     }
-    http_error("purge", a)
+    http_error("purge", a).unwrap_or(Attempt::Done(()))
 }
 
 /// Consul's `GET /v1/health/service/hashistack-smoke` (passing or not): done once it lists nothing.
 pub fn classify_gone(a: &Answer) -> Attempt<(), StepError> {
     const WHAT: &str = "Consul health";
-    match http_error(WHAT, a) {
-        Attempt::Done(()) => {}
-        other => return other,
+    if let Some(not_done) = http_error(WHAT, a) {
+        return not_done;
     }
     match parse::<Vec<HealthEntry>>(WHAT, &a.1) {
         Ok(v) if v.is_empty() => Attempt::Done(()),
