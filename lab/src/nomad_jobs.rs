@@ -864,7 +864,7 @@ impl Agent {
         let is_write = method == Method::PUT || method == Method::POST;
         match (&method, path.as_str()) {
             (_, "/v1/jobs") if is_write => self.job_register(req).await,
-            (&Method::GET, ALLOCS_PATH) => self.client_allocs(req, client_cert),
+            (&Method::GET, ALLOCS_PATH) => self.client_allocs(req, client_cert).await,
             (&Method::PUT, ALLOCS_PATH) => self.client_update(req, client_cert).await,
             (&Method::GET, p) if p.starts_with("/v1/client/fs/cat/") => {
                 let id = p["/v1/client/fs/cat/".len()..].to_string();
@@ -1000,9 +1000,10 @@ impl Agent {
         })))
     }
 
-    fn client_allocs(&self, req: Request<Incoming>, client_cert: bool) -> Answer {
+    async fn client_allocs(&self, req: Request<Incoming>, client_cert: bool) -> Answer {
         let node = query_param(&req, "node_id").unwrap_or_default();
-        self.node_check(&node_secret(&req), client_cert, &node)?;
+        self.node_check(&node_secret(&req), client_cert, &node)
+            .await?;
         let rt = self.rt.lock().expect("runtime");
         let mine: Vec<&Alloc> = rt
             .store
@@ -1019,7 +1020,7 @@ impl Agent {
         let body = read_body(req, 4 << 20).await?;
         let u: AllocUpdates = serde_json::from_slice(&body)
             .map_err(|e| text(400, format!("failed to decode request body: {e}")))?;
-        self.node_check(&secret, client_cert, &u.node_id)?;
+        self.node_check(&secret, client_cert, &u.node_id).await?;
         match self.write_target(forwarded) {
             WriteTarget::Here => {}
             WriteTarget::NoLeader => return Err(super::no_leader()),
@@ -1058,7 +1059,7 @@ impl Agent {
     }
 
     /// The plumbing routes' check: a server, a client certificate, and the node's own secret.
-    fn node_check(&self, secret: &str, client_cert: bool, node_id: &str) -> Result<(), Resp> {
+    async fn node_check(&self, secret: &str, client_cert: bool, node_id: &str) -> Result<(), Resp> {
         if self.cfg.server.is_none() {
             return Err(not_found());
         }
