@@ -8,7 +8,9 @@ use azure_core::error::ErrorKind;
 use azure_core::http::{ClientOptions, RetryOptions, Transport, Url};
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
-use azure_storage_blob::{BlobClient, BlobClientOptions};
+use azure_storage_blob::{
+    BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions,
+};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -252,6 +254,27 @@ impl Azure {
         };
         BlobClient::new(url, Some(self.credential.clone()), Some(opts))
             .map_err(|e| AzureError::from_sdk(&format!("blob {container}/{name}"), &e))
+    }
+
+    /// `<endpoint><container>` (for listing).
+    pub fn container(
+        &self,
+        endpoint: &str,
+        container: &str,
+    ) -> Result<BlobContainerClient, AzureError> {
+        let what = || format!("container {container}");
+        let url = Url::parse(&format!("{endpoint}{container}")).map_err(|e| AzureError {
+            what: what(),
+            status: None,
+            code: None,
+            detail: e.to_string(),
+        })?;
+        let opts = BlobContainerClientOptions {
+            client_options: self.client_options(),
+            ..Default::default()
+        };
+        BlobContainerClient::new(url, Some(self.credential.clone()), Some(opts))
+            .map_err(|e| AzureError::from_sdk(&what(), &e))
     }
 
     pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {

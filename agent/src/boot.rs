@@ -756,6 +756,14 @@ pub async fn bootstrap_phase(
         },
     };
     booted.record.phase = Phase::Bootstrap;
+    let snapshot =
+        spec.servers_vault_uri
+            .clone()
+            .map(|uri| crate::bootstrap::snapshot_tokens::HandOver {
+                az: ctx.az.clone(),
+                servers_vault: uri,
+                cluster: spec.cluster.clone(),
+            });
     let result = match spec.role {
         crate::node::Role::NomadServer => {
             let mut tier = crate::bootstrap::nomad::NomadTier::new(
@@ -764,6 +772,7 @@ pub async fn bootstrap_phase(
             );
             tier.shared = spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri));
             tier.status_vault = spec.status_vault_uri.clone();
+            tier.snapshot = snapshot;
             bootstrap::run(&ctx, &tier).await
         }
         crate::node::Role::VaultServer => {
@@ -790,6 +799,7 @@ pub async fn bootstrap_phase(
                         secret: crate::names::nomad_jwt_token_secret(&spec.cluster),
                     }
                 }),
+                snapshot,
                 local: booted
                     .plan
                     .services
@@ -820,6 +830,7 @@ pub async fn bootstrap_phase(
                 ca_file: layout.ca_file(Product::Consul),
                 shared: spec.keyvault_uri.clone().map(|uri| (ctx.az.clone(), uri)),
                 status_vault: spec.status_vault_uri.clone(),
+                snapshot,
                 cluster: spec.cluster.clone(),
                 path: crate::bootstrap::consul::BootstrapPath::for_version(consul_version),
             };

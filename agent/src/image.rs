@@ -36,7 +36,7 @@ pub const MANIFEST_PATH: &str = "/etc/hashistack/image.json";
 pub const VERSION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The units of `systemd/`, as this agent was built with them: (file name, content).
-pub const UNITS: [(&str, &str); 7] = [
+pub const UNITS: [(&str, &str); 9] = [
     (
         "hashistack-agent.service",
         include_str!("../../systemd/hashistack-agent.service"),
@@ -59,6 +59,14 @@ pub const UNITS: [(&str, &str); 7] = [
         "nomad-client.service",
         include_str!("../../systemd/nomad-client.service"),
     ),
+    (
+        "hashistack-snapshot.service",
+        include_str!("../../systemd/hashistack-snapshot.service"),
+    ),
+    (
+        "hashistack-snapshot.timer",
+        include_str!("../../systemd/hashistack-snapshot.timer"),
+    ),
 ];
 
 /// Where packer installs the IMDS guard's nftables rules (docs/trust-model.md#workloads-and-imds).
@@ -75,6 +83,15 @@ pub const NFT_RULES: [(&str, &str); 2] = [
         include_str!("../../systemd/hashistack-imds-workers.nft"),
     ),
 ];
+
+/// Where an enabled unit's link lives: timers under `timers.target.wants`, services under [`WANTS_DIR`].
+pub fn wants_dir_for(unit: &str) -> &'static str {
+    if unit.ends_with(".timer") {
+        "/etc/systemd/system/timers.target.wants"
+    } else {
+        WANTS_DIR
+    }
+}
 
 /// Shells that refuse an interactive login.
 const NOLOGIN_SHELLS: [&str; 4] = [
@@ -321,10 +338,13 @@ impl ImageContract {
             enabled_units: vec![
                 "hashistack-agent.service".into(),
                 "hashistack-imds-guard.service".into(),
+                "hashistack-snapshot.timer".into(),
             ],
             disabled_units: [
                 // Pulled in by hashistack-agent.service (Wants=), never enabled on its own.
                 "hashistack-data.service",
+                // Started by its timer only.
+                "hashistack-snapshot.service",
                 "consul.service",
                 "vault.service",
                 "nomad.service",
@@ -373,6 +393,8 @@ fn unit_source(name: &str) -> &'static str {
         "consul.service" => "systemd/consul.service",
         "vault.service" => "systemd/vault.service",
         "nomad.service" => "systemd/nomad.service",
+        "hashistack-snapshot.service" => "systemd/hashistack-snapshot.service",
+        "hashistack-snapshot.timer" => "systemd/hashistack-snapshot.timer",
         _ => "systemd/nomad-client.service",
     }
 }
@@ -847,9 +869,9 @@ impl Verifier<'_> {
     }
 
     fn units(&mut self, enabled: &[String], disabled: &[String]) {
-        let wants = under(self.root, Path::new(WANTS_DIR));
         for unit in enabled {
-            let link = wants.join(unit);
+            let wants_dir = wants_dir_for(unit);
+            let link = under(self.root, Path::new(wants_dir)).join(unit);
             match fs::symlink_metadata(&link) {
                 Ok(m) if m.file_type().is_symlink() => {
                     let target = fs::read_link(&link).ok();
@@ -857,10 +879,10 @@ impl Verifier<'_> {
                         == Some(std::ffi::OsStr::new(unit))
                     {
                         self.passed
-                            .push(format!("{unit} enabled ({WANTS_DIR}/{unit})"));
+                            .push(format!("{unit} enabled ({wants_dir}/{unit})"));
                     } else {
                         self.problems.push(format!(
-                            "{unit}: {WANTS_DIR}/{unit} points to {}, expected {UNIT_DIR}/{unit}",
+                            "{unit}: {wants_dir}/{unit} points to {}, expected {UNIT_DIR}/{unit}",
                             target
                                 .map(|t| t.display().to_string())
                                 .unwrap_or_else(|| "nothing readable".into())
@@ -868,11 +890,11 @@ impl Verifier<'_> {
                     }
                 }
                 Ok(m) => self.problems.push(format!(
-                    "{unit}: {WANTS_DIR}/{unit} is {}, expected a symlink to {UNIT_DIR}/{unit}",
+                    "{unit}: {wants_dir}/{unit} is {}, expected a symlink to {UNIT_DIR}/{unit}",
                     describe(m.file_type())
                 )),
                 Err(_) => self.problems.push(format!(
-                    "{unit}: not enabled, expected a link in {WANTS_DIR}"
+                    "{unit}: not enabled, expected a link in {wants_dir}"
                 )),
             }
         }
@@ -1130,6 +1152,13 @@ mod tests {
         symlink(
             "/etc/systemd/system/hashistack-imds-guard.service",
             wants.join("hashistack-imds-guard.service"),
+        )
+        .unwrap();
+        let timers = under(r, Path::new(wants_dir_for("hashistack-snapshot.timer")));
+        fs::create_dir_all(&timers).unwrap();
+        symlink(
+            "/etc/systemd/system/hashistack-snapshot.timer",
+            timers.join("hashistack-snapshot.timer"),
         )
         .unwrap();
         // Base-system units are enabled too; only the listed ones matter.

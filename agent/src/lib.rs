@@ -23,6 +23,7 @@ pub mod record;
 pub mod render;
 pub mod retry;
 pub mod services;
+pub mod snapshot;
 pub mod smoke;
 pub mod status;
 pub mod tls;

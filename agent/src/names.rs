@@ -92,3 +92,31 @@ pub const SMOKE_SECRET_PATH: &str = "secret/data/default/hashistack-smoke";
 /// The key of the canary secret and its value: a fixed, public marker — a canary, not a secret.
 pub const SMOKE_CANARY_KEY: &str = "canary";
 pub const SMOKE_CANARY: &str = "hashistack smoke canary (public marker, not a secret)";
+
+// ----- Snapshots (docs/runbooks.md#snapshots, docs/trust-model.md) -------------------------------------------
+
+/// The container the tiers' leaders write encrypted snapshots to (create-only; operators read).
+pub const SNAPSHOT_CONTAINER: &str = "snapshots";
+/// The Key Vault key (in the escrow vault) that wraps each snapshot's data key: server tiers wrap, operators unwrap.
+pub const SNAPSHOT_KEY: &str = "snapshot-wrap";
+
+/// The snapshot credential of a tier, in the servers Key Vault (the tier's bootstrap writes it, the tier's leader
+/// reads it at every snapshot).
+pub fn snapshot_token_secret(cluster: &str, tier: &str) -> String {
+    format!("{cluster}-{tier}-snapshot-token")
+}
+
+/// Consul: `GET /v1/snapshot` is allowed to a token whose policy grants `acl = "write"` (Consul's snapshot endpoint
+/// checks the ACL-write permission; its API reference lists "management", and HashiCorp's snapshot-agent token
+/// guide grants `acl = "write"`). That is close to management in power (it can mint tokens): it is why the token
+/// lives in the servers vault only.
+pub const CONSUL_SNAPSHOT_POLICY: &str = "hashistack-snapshot";
+pub const CONSUL_SNAPSHOT_RULES: &str = "acl = \"write\"\n";
+/// Vault/OpenBao: read the raft snapshot, and renew itself (a periodic token, renewed at every snapshot).
+pub const VAULT_SNAPSHOT_POLICY: &str = "hashistack-snapshot";
+pub const VAULT_SNAPSHOT_RULES: &str = r#"path "sys/storage/raft/snapshot" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+"#;
+/// Nomad before 2.0 lets only a management token save a snapshot (`operator { capabilities = ["snapshot-save"] }`
+/// arrived in Nomad 2.0): a separate management token, named so it can be found and revoked on its own.
+pub const NOMAD_SNAPSHOT_TOKEN_NAME: &str = "hashistack snapshot";

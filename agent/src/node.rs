@@ -36,6 +36,10 @@ pub const DEFAULT_VAULT_ADDRESS: &str = "https://active.vault.service.consul:820
 /// The Nomad servers through Consul's DNS (Nomad registers its servers as `nomad`; the name is in their
 /// certificates).
 pub const DEFAULT_NOMAD_ADDRESS: &str = "https://nomad.service.consul:4646";
+/// Server tiers: how often the tier's leader takes an encrypted snapshot (`30m`, `1h`, `1d`; default 1h).
+pub const TAG_SNAPSHOT_INTERVAL: &str = "hashistack-snapshot-interval";
+/// Server tiers: how many days snapshots are kept (the ARM template's lifecycle rule deletes them then; default 30).
+pub const TAG_SNAPSHOT_RETENTION_DAYS: &str = "hashistack-snapshot-retention-days";
 
 const KNOWN_TAGS: &[&str] = &[
     TAG_ROLE,
@@ -57,6 +61,8 @@ const KNOWN_TAGS: &[&str] = &[
     TAG_STATUS_VAULT_URI,
     TAG_VAULT_ADDRESS,
     TAG_NOMAD_ADDRESS,
+    TAG_SNAPSHOT_INTERVAL,
+    TAG_SNAPSHOT_RETENTION_DAYS,
 ];
 
 #[derive(
@@ -147,6 +153,47 @@ pub struct NomadSettings {
     pub servers: Option<u8>,
 }
 
+/// Snapshots of a server tier (docs/tags.md): how often, and how long they are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSettings {
+    pub interval_secs: u64,
+    pub retention_days: u32,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            interval_secs: 3600,
+            retention_days: 30,
+        }
+    }
+}
+
+/// `30m`, `1h`, `1d`: between 5 minutes (the timer's period) and 7 days.
+fn parse_interval(tag: &str, v: &str) -> Result<u64, SpecError> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let mult = match unit {
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(tag_err(
+                tag,
+                format!("{v:?} is not a duration (a number and m, h or d: 30m, 1h, 1d)"),
+            ))
+        }
+    };
+    let secs = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| tag_err(tag, format!("{v:?} is not a duration")))?;
+    if !(300..=7 * 86400).contains(&secs) {
+        return Err(tag_err(tag, format!("{v:?} is outside 5m..7d")));
+    }
+    Ok(secs)
+}
+
 /// Everything a node is. Built only by [`NodeSpec::from_metadata`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
@@ -182,6 +229,8 @@ pub struct NodeSpec {
     pub vault_address: Option<String>,
     /// Vault and Nomad servers (optional): the Nomad servers' HTTP API as Vault reaches it, an https URL.
     pub nomad_address: Option<String>,
+    /// Server tiers only: the tier's snapshot schedule and retention (defaults when the tags are absent).
+    pub snapshots: Option<SnapshotSettings>,
 }
 
 /// One problem with the node's metadata, naming the tag or field.
@@ -553,6 +602,32 @@ impl NodeSpec {
             tags.forbid(TAG_NOMAD_ADDRESS, role)?;
         }
         let nomad_address = url(TAG_NOMAD_ADDRESS)?;
+        let snapshots = if role.is_server_tier() {
+            let d = SnapshotSettings::default();
+            Some(SnapshotSettings {
+                interval_secs: tags
+                    .optional(TAG_SNAPSHOT_INTERVAL)
+                    .map(|v| parse_interval(TAG_SNAPSHOT_INTERVAL, v))
+                    .transpose()?
+                    .unwrap_or(d.interval_secs),
+                retention_days: match tags.optional(TAG_SNAPSHOT_RETENTION_DAYS) {
+                    None => d.retention_days,
+                    Some(v) => match v.parse::<u32>() {
+                        Ok(n @ 1..=3650) => n,
+                        _ => {
+                            return Err(tag_err(
+                                TAG_SNAPSHOT_RETENTION_DAYS,
+                                format!("{v:?} is not a number of days (1..3650)"),
+                            ))
+                        }
+                    },
+                },
+            })
+        } else {
+            tags.forbid(TAG_SNAPSHOT_INTERVAL, role)?;
+            tags.forbid(TAG_SNAPSHOT_RETENTION_DAYS, role)?;
+            None
+        };
 
         Ok(NodeSpec {
             role,
@@ -578,6 +653,7 @@ impl NodeSpec {
             status_vault_uri,
             vault_address,
             nomad_address,
+            snapshots,
         })
     }
 
@@ -752,5 +828,61 @@ mod tests {
         let e = check_endpoints(&s, "AzurePublicCloud", AzureOnly).unwrap_err();
         assert_eq!(e.name, TAG_VAULT_SEAL);
         assert!(e.problem.contains("not https"), "{e}");
+    }
+    fn with_tags(name: &str, tags: &[(&str, &str)]) -> Result<NodeSpec, SpecError> {
+        let path = format!(
+            "{}/tests/fixtures/imds/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut md = InstanceMetadata::from_json(&std::fs::read(path).unwrap()).unwrap();
+        for (k, v) in tags {
+            md.compute.tags_list.push(crate::imds::Tag {
+                name: k.to_string(),
+                value: v.to_string(),
+            });
+        }
+        NodeSpec::from_metadata(&md)
+    }
+
+    #[test]
+    fn snapshot_tags_default_parse_and_are_refused_off_server_tiers() {
+        let s = with_tags("consul-server", &[]).unwrap();
+        assert_eq!(s.snapshots, Some(SnapshotSettings::default()));
+        assert_eq!(with_tags("worker", &[]).unwrap().snapshots, None);
+        let s = with_tags(
+            "vault-server-akv",
+            &[
+                (TAG_SNAPSHOT_INTERVAL, "30m"),
+                (TAG_SNAPSHOT_RETENTION_DAYS, "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            s.snapshots,
+            Some(SnapshotSettings {
+                interval_secs: 1800,
+                retention_days: 7
+            })
+        );
+        assert_eq!(
+            with_tags("nomad-server", &[(TAG_SNAPSHOT_INTERVAL, "1d")])
+                .unwrap()
+                .snapshots
+                .unwrap()
+                .interval_secs,
+            86400
+        );
+        for bad in ["1", "4m", "8d", "1w", "h", "-1h", "99999999999999999999h"] {
+            let e = with_tags("consul-server", &[(TAG_SNAPSHOT_INTERVAL, bad)]).unwrap_err();
+            assert_eq!(e.name, TAG_SNAPSHOT_INTERVAL, "{bad}: {e}");
+        }
+        for bad in ["0", "3651", "x", "1.5"] {
+            let e = with_tags("consul-server", &[(TAG_SNAPSHOT_RETENTION_DAYS, bad)]).unwrap_err();
+            assert_eq!(e.name, TAG_SNAPSHOT_RETENTION_DAYS, "{bad}: {e}");
+        }
+        for role in ["worker", "jumpbox"] {
+            let e = with_tags(role, &[(TAG_SNAPSHOT_INTERVAL, "1h")]).unwrap_err();
+            assert!(e.problem.contains("does not apply"), "{e}");
+        }
     }
 }

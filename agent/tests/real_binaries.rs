@@ -769,6 +769,7 @@ async fn bao_half_initialized_by_power_loss_is_reset_and_initialized() {
         shared: None,
         status_vault: None,
         workload_identity: None,
+        snapshot: None,
         local,
     };
 

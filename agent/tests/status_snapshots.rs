@@ -291,7 +291,67 @@ fn healthy() -> Observations {
         consul,
         vault,
         nomad,
+        snapshots: ["consul", "vault", "nomad"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                (
+                    t.to_string(),
+                    ok(Some(snapshot_record(t, i, 20 * 60, true))),
+                )
+            })
+            .collect(),
     }
+}
+
+/// A tier's snapshot record: the newest taken `age` seconds before NOW by the tier's first server; the last
+/// attempt succeeded (`ok`) or failed 5 minutes ago.
+fn snapshot_record(tier: &str, i: usize, age: i64, ok: bool) -> hashistack_agent::snapshot::Record {
+    use hashistack_agent::snapshot::{Attempted, Record, Taken};
+    let node = format!("{tier}-000000");
+    let created = NOW - age;
+    Record {
+        cluster: "prod".into(),
+        tier: tier.into(),
+        interval_secs: 3600,
+        retention_days: 30,
+        last_attempt: Some(Attempted {
+            node: node.clone(),
+            at_unix: if ok { created } else { NOW - 300 },
+            ok,
+            error: (!ok).then(|| {
+                "snapshot key wrap: HTTP 403 Forbidden (gave up after 12 attempts in 120.0s)"
+                    .to_string()
+            }),
+        }),
+        last_success: Some(Taken {
+            blob: format!(
+                "prod/{tier}/{}-{:020}-0a0b0c0{i}.hsnap",
+                "20260528T184640Z",
+                1000 + i as u64
+            ),
+            node,
+            index: 1000 + i as u64,
+            created_unix: created,
+            plaintext_bytes: 1_250_000 * (i as u64 + 1),
+            stored_bytes: 1_250_000 * (i as u64 + 1) + 200,
+            duration_ms: 800,
+        }),
+    }
+}
+
+/// Snapshots behind: Consul's newest is 3 hours old with a 1-hour interval; Vault's last attempt failed.
+fn snapshots_behind() -> Observations {
+    let mut o = healthy();
+    o.snapshots.insert(
+        "consul".into(),
+        Some(Ok(Some(snapshot_record("consul", 0, 3 * 3600, true)))),
+    );
+    o.snapshots.insert(
+        "vault".into(),
+        Some(Ok(Some(snapshot_record("vault", 1, 40 * 60, false)))),
+    );
+    o
 }
 
 fn consul_server_down() -> Observations {
@@ -566,6 +626,7 @@ fn check(case: &str, file: &str, actual: &str, failures: &mut Vec<String>) {
 fn cases() -> Vec<(&'static str, Observations, Verdict)> {
     vec![
         ("healthy", healthy(), Verdict::Healthy),
+        ("snapshots-behind", snapshots_behind(), Verdict::Degraded),
         (
             "consul-server-down",
             consul_server_down(),

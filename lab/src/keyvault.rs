@@ -80,6 +80,8 @@ pub const ESCROW_PLACEHOLDER: &str =
     "placeholder created by the deployment; escrow versions follow (hashistack-agent escrow open reads the version its receipt pins)";
 /// The escrow key-encryption key, created by ARM (`escrowKeyName`) and here by [`KeyVaultDouble::model_arm`].
 pub const ESCROW_KEY: &str = "escrow-wrap";
+/// The snapshot key-encryption key in the escrow vault (ARM `snapshotKeyName`): server tiers wrap, operators unwrap.
+pub const SNAPSHOT_KEY: &str = hashistack_agent::names::SNAPSHOT_KEY;
 
 /// Azure's Key Vault data actions (role definitions' `dataActions`). A grant may end in `*`.
 pub mod actions {
@@ -461,8 +463,10 @@ impl KeyVaultDouble {
                 "model_arm needs the shared, escrow, servers and status vaults".into(),
             ));
         };
-        if escrow.key_versions(ESCROW_KEY).is_empty() {
-            escrow.create_key(ESCROW_KEY, 3072)?;
+        for key in [ESCROW_KEY, SNAPSHOT_KEY] {
+            if escrow.key_versions(key).is_empty() {
+                escrow.create_key(key, 3072)?;
+            }
         }
         for (p, tier) in [(CONSUL, "consul"), (VAULT, "vault"), (NOMAD, "nomad")] {
             shared.grant(p, roles::CLUSTER_MATERIAL_WRITER, Scope::Vault);
@@ -474,6 +478,11 @@ impl KeyVaultDouble {
             }
             escrow.grant(p, roles::ESCROW_SECRET_WRITER, Scope::Secret(secret));
             escrow.grant(p, roles::ESCROW_KEY_WRAPPER, Scope::Key(ESCROW_KEY.into()));
+            escrow.grant(
+                p,
+                roles::ESCROW_KEY_WRAPPER,
+                Scope::Key(SNAPSHOT_KEY.into()),
+            );
         }
         for p in [WORKERS, JUMPBOX] {
             shared.grant(p, roles::SECRETS_USER, Scope::Vault);
@@ -484,6 +493,11 @@ impl KeyVaultDouble {
             OPERATOR,
             roles::ESCROW_KEY_UNWRAPPER,
             Scope::Key(ESCROW_KEY.into()),
+        );
+        escrow.grant(
+            OPERATOR,
+            roles::ESCROW_KEY_UNWRAPPER,
+            Scope::Key(SNAPSHOT_KEY.into()),
         );
         Ok(())
     }

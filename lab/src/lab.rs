@@ -465,8 +465,8 @@ impl Lab {
                 tcp_open(SocketAddr::from((host, AZURITE_PORT)))
             })
             .await?;
-            // What the ARM template creates: the coordination and escrow containers.
-            for container in ["coordination", "escrow"] {
+            // What the ARM template creates: the coordination, escrow and snapshots containers.
+            for container in ["coordination", "escrow", "snapshots"] {
                 self.create_container(container).await?;
             }
         } else {

@@ -78,10 +78,18 @@ enum Command {
         /// Print the report as JSON on stdout (the table goes to stderr).
         #[arg(long)]
         json: bool,
-        /// Run only one part: `boot` (critical path, RSS, size) or `bootstrap` (time to bootstrapped per
-        /// tier, agent-driven vs floor).
-        #[arg(long, value_parser = ["boot", "bootstrap"])]
+        /// Run only one part: `boot` (critical path, RSS, size), `bootstrap` (time to bootstrapped per
+        /// tier, agent-driven vs floor) or `snapshot` (snapshot and restore of a Consul tier holding
+        /// --snapshot-mb of data: times and the agent's peak RSS, which must stay under 30 MB). `snapshot` runs
+        /// only when asked for.
+        #[arg(long, value_parser = ["boot", "bootstrap", "snapshot"])]
         only: Option<String>,
+        /// Data in the snapshot bench's Consul tier, in MB.
+        #[arg(long, default_value_t = 100)]
+        snapshot_mb: u32,
+        /// Loopback net of the snapshot bench's lab.
+        #[arg(long, default_value_t = 146)]
+        snapshot_net: u8,
         /// Pairs of tier-bootstrap labs (one agent-driven, one floor each).
         #[arg(long, default_value_t = 3)]
         bootstrap_runs: u32,
@@ -105,6 +113,14 @@ enum Command {
         /// this (on a machine shared with other builds and labs).
         #[arg(long)]
         max_load: Option<f64>,
+    },
+    /// The bench's measuring helper: run PROGRAM as this process's only child and write its exit code, output and
+    /// peak RSS (getrusage) to OUT as JSON.
+    #[command(hide = true)]
+    Rss {
+        out: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Stop a lab started from another shell and remove its state unless --keep.
     Down {
@@ -256,6 +272,8 @@ async fn main() -> ExitCode {
             lab_agent,
             json,
             only,
+            snapshot_mb,
+            snapshot_net,
             bootstrap_runs,
             bootstrap_state_dir,
             agent_net,
@@ -272,6 +290,29 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if only.as_deref() == Some("snapshot") {
+                let o = bench::SnapshotBenchOptions {
+                    state_dir: repo_root().join(".lab/bench-snapshot"),
+                    net: snapshot_net,
+                    data_mb: snapshot_mb,
+                    verbose: std::env::var_os("LAB_VERBOSE").is_some(),
+                };
+                return match bench::snapshot_run(&o, tools).await {
+                    Ok(r) if json => {
+                        eprint!("{}", r.table());
+                        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                        ExitCode::SUCCESS
+                    }
+                    Ok(r) => {
+                        print!("{}", r.table());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("hashistack-lab bench: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
             let dir = state_dir.unwrap_or_else(|| repo_root().join(".lab/bench"));
             let mut o = bench::BenchOptions::new(dir, net);
             (o.runs, o.agent_release, o.lab_agent) = (runs, agent_release, lab_agent);
@@ -306,6 +347,10 @@ async fn main() -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+        Command::Rss { out, command } => {
+            let (program, args) = command.split_first().expect("clap requires a command");
+            hashistack_lab::bench::measure_cli(&out, std::path::Path::new(program), args)
         }
         Command::Down { common, keep } => {
             let dir = state_dir(&common);

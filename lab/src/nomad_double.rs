@@ -53,6 +53,12 @@
 //!   events (`Node registered`, `Node heartbeat missed`, `Node reregistered by heartbeat`) keep the last 10.
 //! - `GET /v1/operator/raft/configuration` → `{"Index","Servers":[{"ID","Node","Address","Leader",
 //!   "Voter","RaftProtocol"}]}` (the answering servers; IDs persisted in `<data_dir>/server/node-id`).
+//! - Snapshots (API docs `/v1/operator/snapshot`; `command/agent/operator_endpoint.go`,
+//!   `nomad/operator_endpoint.go` of Nomad 1.x): `GET /v1/operator/snapshot` (forwarded to the leader unless
+//!   `?stale`) and `PUT|POST /v1/operator/snapshot` (at the leader) need a management token (403 `Permission
+//!   denied` otherwise; the `snapshot-save` operator capability is Nomad 2.0's); the save answers the archive with
+//!   `Digest: sha-256=<base64>`; a restore of an archive that does not read is 500 `failed to restore from
+//!   snapshot: …`. The archive is the double's own (its replicated store), not Nomad's gzipped tar.
 //! - Non-leader servers forward ACL writes and registrations to the leader; a client agent forwards the
 //!   cluster-wide routes to its servers and resolves tokens through them (`/v1/acl/token/self`,
 //!   `/v1/acl/policy/:name`) for its own `/v1/agent/self`.
@@ -129,6 +135,8 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// Signs a task's workload identity on request (stand-in for the identity Nomad's plan applier signs for each
 /// allocation); guarded by the servers' gossip key like the peer route. Not a Nomad route.
 pub const IDENTITY_PATH: &str = "/v1/double/identity";
+/// The first bytes of the double's snapshot archive.
+pub const SNAPSHOT_MAGIC: &[u8] = b"nomad-contract-double-snapshot/1\n";
 /// Where a client keeps its node ID (and node secret), as Nomad does under `<data_dir>/client`.
 pub const CLIENT_ID_FILE: &str = "client-id";
 pub const CLIENT_SECRET_FILE: &str = "secret-id";
@@ -2242,6 +2250,11 @@ impl Agent {
             }
             (&Method::GET, "/v1/agent/self") => self.agent_self(&req).await,
             (&Method::GET, "/v1/agent/members") => self.agent_members(&req).await,
+            (&Method::GET, "/v1/operator/snapshot") => self.snapshot_save(&req).await,
+            (m, "/v1/operator/snapshot") if m == Method::PUT || m == Method::POST => {
+                self.snapshot_restore(req).await
+            }
+            (_, "/v1/operator/snapshot") => Ok(text(405, "Invalid method")),
             _ => Ok(not_found()),
         }
     }
@@ -2723,6 +2736,105 @@ impl Agent {
                 "raft": {"applied_index": rt.store.index.to_string()},
             },
         })))
+    }
+
+    /// `GET /v1/operator/snapshot` (Nomad's `snapshotSaveRequest` and `Operator.SnapshotSave`): forwarded to the
+    /// leader unless `?stale`; a management token (Nomad < 2.0; 2.0 added the `snapshot-save` operator
+    /// capability); the body streamed with `Digest: sha-256=<base64>` of it. The body is the double's own archive
+    /// (`SNAPSHOT_MAGIC` and its replicated store as JSON), not Nomad's gzipped tar: only its round trip through
+    /// a restore is part of the contract.
+    async fn snapshot_save(&self, req: &Request<Incoming>) -> Answer {
+        let stale = req.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p == "stale" || p.starts_with("stale="))
+        });
+        if !stale {
+            let leader = self.rt.lock().expect("runtime").leader;
+            match leader {
+                None => return Err(no_leader()),
+                Some(l) if l != self.cfg.bind => {
+                    let mut rb = self
+                        .http()
+                        .get(self.url(l, "/v1/operator/snapshot"))
+                        .timeout(Duration::from_secs(30));
+                    let token = token_of(req);
+                    if !token.is_empty() {
+                        rb = rb.header("X-Nomad-Token", token);
+                    }
+                    let Ok(r) = rb.send().await else {
+                        return Err(no_leader());
+                    };
+                    let digest = r.headers().get("Digest").cloned();
+                    let mut resp = relay(r, "text/plain").await;
+                    if let Some(d) = digest {
+                        resp.headers_mut().insert("Digest", d);
+                    }
+                    return Ok(resp);
+                }
+                Some(_) => {}
+            }
+        }
+        // ACLs off: everyone may (Nomad resolves no ACL then).
+        if !self
+            .authz(&token_of(req))
+            .await
+            .map_err(api_error)?
+            .management
+        {
+            return Err(denied());
+        }
+        let store = self.rt.lock().expect("runtime").store.clone();
+        let mut body = SNAPSHOT_MAGIC.to_vec();
+        body.extend_from_slice(&serde_json::to_vec(&store).expect("store serialises"));
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body);
+        use base64::Engine;
+        let digest = format!(
+            "sha-256={}",
+            base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+        );
+        log(format!("snapshot saved at index {}", store.index));
+        let mut resp = respond(200, "application/octet-stream", Bytes::from(body));
+        resp.headers_mut().insert(
+            "Digest",
+            hyper::header::HeaderValue::from_str(&digest).expect("header value"),
+        );
+        Ok(resp)
+    }
+
+    /// `PUT|POST /v1/operator/snapshot` (Nomad's `snapshotRestoreRequest` and `Operator.SnapshotRestore`): at the
+    /// leader, a management token only; an archive that does not read is 500 `failed to restore from snapshot:
+    /// …` and changes nothing. The restored state takes an index above the current one (as a raft restore does),
+    /// so every server adopts it.
+    async fn snapshot_restore(&self, req: Request<Incoming>) -> Answer {
+        if !self
+            .authz(&token_of(&req))
+            .await
+            .map_err(api_error)?
+            .management
+        {
+            return Err(denied());
+        }
+        let w = Write::read(req, 64 << 20).await?;
+        self.at_leader(&w, "/v1/operator/snapshot", &w.token)
+            .await?;
+        let restored: Store = w
+            .body
+            .strip_prefix(SNAPSHOT_MAGIC)
+            .ok_or_else(|| "not a snapshot archive".to_string())
+            .and_then(|b| serde_json::from_slice(b).map_err(|e| e.to_string()))
+            .map_err(|e| text(500, format!("failed to restore from snapshot: {e}")))?;
+        let index = self
+            .commit(|s| {
+                let index = s.index.max(restored.index) + 1;
+                *s = restored;
+                s.index = index;
+                s.formed = true;
+                Ok(index)
+            })
+            .await
+            .map_err(api_error)?;
+        log(format!("snapshot restored (index {index})"));
+        Ok(text(200, ""))
     }
 
     fn member(&self, ip: IpAddr, name: &str) -> Value {

@@ -8,9 +8,10 @@ install -o root -g root -m 0755 "${staging}/hashistack-agent" /usr/local/bin/has
 
 # /etc/systemd/system, not /usr/lib/systemd/system: the HashiCorp packages install their own consul, vault
 # and nomad units in /usr/lib/systemd/system, and units in /etc/systemd/system take precedence over them.
-for unit in hashistack-agent hashistack-data hashistack-imds-guard consul vault nomad nomad-client; do
+for unit in hashistack-agent hashistack-data hashistack-imds-guard hashistack-snapshot consul vault nomad nomad-client; do
   install -o root -g root -m 0644 "${staging}/systemd/${unit}.service" "/etc/systemd/system/${unit}.service"
 done
+install -o root -g root -m 0644 "${staging}/systemd/hashistack-snapshot.timer" /etc/systemd/system/hashistack-snapshot.timer
 # The IMDS guard's rules (docs/trust-model.md#workloads-and-imds), checked before they are installed.
 for rules in hashistack-imds-guard hashistack-imds-workers; do
   nft -c -f "${staging}/systemd/${rules}.nft"
@@ -22,6 +23,8 @@ systemctl daemon-reload
 # hashistack-data.service (the data disk) is pulled in by the agent's unit (Wants=), not enabled on its own.
 # hashistack-imds-guard.service is enabled: it must run at every boot, before Docker and Nomad.
 systemctl enable hashistack-agent.service hashistack-imds-guard.service
+# The snapshot timer (docs/runbooks.md#snapshots): on every VM; its service is skipped where no data disk is mounted.
+systemctl enable hashistack-snapshot.timer
 for unit in consul vault nomad nomad-client; do
   rm -f "/etc/systemd/system/multi-user.target.wants/${unit}.service"
 done
@@ -30,5 +33,5 @@ systemctl disable --now docker.service docker.socket containerd.service
 
 rm -rf "${staging}"
 # For the build log only.
-systemctl list-unit-files --no-pager 'hashistack-agent.service' 'consul.service' 'vault.service' \
+systemctl list-unit-files --no-pager 'hashistack-agent.service' 'hashistack-snapshot.*' 'consul.service' 'vault.service' \
   'nomad*.service' 'docker.*' 'containerd.service' || true

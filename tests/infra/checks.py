@@ -640,7 +640,7 @@ def _scope_labels(t: dict, ev: Evaluator) -> dict[str, str]:
     labels = {rg.lower(): "resourceGroup",
               f"/subscriptions/{CTX['subscriptionId']}".lower(): "subscription",
               ev.fn_resourceid("Microsoft.Storage/storageAccounts", sa).lower(): "storageAccount"}
-    for c in ("escrow", "coordination"):
+    for c in ("escrow", "coordination", "snapshots"):
         labels[ev.fn_resourceid("Microsoft.Storage/storageAccounts/blobServices/containers", sa, "default",
                                 ev.variable(f"{c}ContainerName")).lower()] = f"container:{c}"
     for k in VAULT_SUBNETS:
@@ -652,6 +652,9 @@ def _scope_labels(t: dict, ev: Evaluator) -> dict[str, str]:
     for tier, name in ev.variable("escrowVaultEntries").items():
         labels[ev.fn_resourceid("Microsoft.KeyVault/vaults/secrets", ev.variable("escrowVaultName"),
                                 name).lower()] = f"secret:escrow/{tier}"
+    # The snapshot key lives in the escrow vault.
+    labels[ev.fn_resourceid("Microsoft.KeyVault/vaults/keys", ev.variable("escrowVaultName"),
+                            ev.variable("snapshotKeyName")).lower()] = "key:snapshot"
     return labels
 
 
@@ -708,6 +711,9 @@ for _t in SERVER_TIERS:
         (_t, "vault:servers", custom(f"{KV}/secrets/getSecret/action", f"{KV}/secrets/setSecret/action")),
         (_t, "vault:status", custom(*ESCROW_SECRET_WRITE_ONLY)),
         (_t, "container:coordination", custom(f"{BLOB}/read", f"{BLOB}/write", f"{BLOB}/add/action")),
+        # snapshots (docs/runbooks.md#snapshots): write-only blobs and a wrap-only key, as escrow
+        (_t, "container:snapshots", custom(*ESCROW_BLOB_WRITE_ONLY)),
+        (_t, "key:snapshot", custom(*ESCROW_KEY_WRAP_ONLY)),
     }
 EXPECTED_ACCESS |= {
     ("vault", "key:unseal", "Key Vault Crypto Service Encryption User"),
@@ -724,6 +730,8 @@ EXPECTED_ACCESS |= {
     ("operator", "container:coordination", "Storage Blob Data Reader"),
     ("operator", "vault:escrow", "Key Vault Secrets User"),
     ("operator", "key:escrow", custom(f"{KV}/keys/unwrap/action")),
+    ("operator", "container:snapshots", "Storage Blob Data Reader"),
+    ("operator", "key:snapshot", custom(f"{KV}/keys/unwrap/action")),
 }
 
 
@@ -734,8 +742,11 @@ def check_access_matrix(t: dict, ev: Evaluator) -> list[str]:
     return problems
 
 
-ESCROW_SCOPES = {"container:escrow", "vault:escrow", "key:escrow"} | {f"secret:escrow/{t}" for t in SERVER_TIERS}
+ESCROW_SCOPES = ({"container:escrow", "vault:escrow", "key:escrow", "container:snapshots", "key:snapshot"}
+                 | {f"secret:escrow/{t}" for t in SERVER_TIERS})
 PARENTS = {"container:escrow": {"storageAccount", "resourceGroup", "subscription"},
+           "container:snapshots": {"storageAccount", "resourceGroup", "subscription"},
+           "key:snapshot": {"vault:escrow", "resourceGroup", "subscription"},
            "vault:escrow": {"resourceGroup", "subscription"},
            **{f"secret:escrow/{t}": {"vault:escrow", "resourceGroup", "subscription"} for t in SERVER_TIERS},
            "key:escrow": {"vault:escrow", "resourceGroup", "subscription"},
@@ -743,6 +754,8 @@ PARENTS = {"container:escrow": {"storageAccount", "resourceGroup", "subscription
 
 
 DATA_PREFIX = {"container:escrow": f"{BLOB}/", "vault:escrow": f"{KV}/secrets/", "key:escrow": f"{KV}/keys/",
+DATA_PREFIX = {"container:escrow": f"{BLOB}/", "vault:escrow": f"{KV}/secrets/", "key:escrow": f"{KV}/keys/",
+               "container:snapshots": f"{BLOB}/", "key:snapshot": f"{KV}/keys/",
                "key:unseal": f"{KV}/keys/", **{f"secret:escrow/{t}": f"{KV}/secrets/" for t in SERVER_TIERS}}
 
 
@@ -753,6 +766,7 @@ def check_escrow_write_only(t: dict, ev: Evaluator) -> list[str]:
     # Key Vault escrow: each server tier sets its own tier's escrow secret only (single-secret scope); nobody
     # holds a secret role on the whole escrow vault (checked through PARENTS below).
     want = {"container:escrow": ESCROW_BLOB_WRITE_ONLY, "key:escrow": ESCROW_KEY_WRAP_ONLY,
+            "container:snapshots": ESCROW_BLOB_WRITE_ONLY, "key:snapshot": ESCROW_KEY_WRAP_ONLY,
             **{f"secret:escrow/{t}": ESCROW_SECRET_WRITE_ONLY for t in SERVER_TIERS}}
     holders_wanted = {scope: [scope.split("/", 1)[1]] if scope.startswith("secret:") else SERVER_TIERS
                       for scope in want}

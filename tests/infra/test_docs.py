@@ -144,6 +144,8 @@ class Help:
     options: dict[str, Option]  # "--json", "-v" → Option
     required: list[str]  # long options the usage line marks required
     positionals: bool
+    # A command with subcommands that also runs without one (`snapshot`: its first usage line has no <COMMAND>).
+    runs_alone: bool = False
 
 
 def agent_env() -> dict[str, str]:
@@ -158,7 +160,7 @@ def agent_help(path: tuple[str, ...]) -> Help:
     r = subprocess.run([str(AGENT), *path, "--help"], capture_output=True, text=True, env=agent_env(),
                        timeout=30)
     text = r.stdout
-    subs, options, required, positionals = set(), {}, [], False
+    subs, options, required, positionals, runs_alone = set(), {}, [], False, False
     section, current = None, None
     for line in text.splitlines():
         if re.match(r"^[A-Z][A-Za-z ]*:\s*$", line):
@@ -166,6 +168,7 @@ def agent_help(path: tuple[str, ...]) -> Help:
             current = None
             continue
         if line.startswith("Usage:"):
+            runs_alone = "<COMMAND>" not in line and "[COMMAND]" not in line
             usage = re.sub(r"\[[^\]]*\]", "", line)
             required = re.findall(r"(--[\w-]+)", usage)
             continue
@@ -188,7 +191,7 @@ def agent_help(path: tuple[str, ...]) -> Help:
                 e = re.search(r"\[env: (\w+)=", line)
                 if e:
                     current.env = e.group(1)
-    return Help(r.returncode == 0, text, subs, options, required, positionals)
+    return Help(r.returncode == 0, text, subs, options, required, positionals, runs_alone and bool(subs))
 
 
 @pytest.fixture(scope="session")
@@ -308,10 +311,10 @@ def check_command(cmd: Command, words: list[str] | None = None, path: tuple[str,
         else:
             problems.append(f"{where}: unexpected argument `{w}` to `{level}`")
         return problems
-    if h.subcommands and cmd.in_block:
+    if h.subcommands and cmd.in_block and not h.runs_alone:
         problems.append(f"{where}: `hashistack-agent {' '.join(path)}` needs a subcommand "
                         f"({', '.join(sorted(h.subcommands))})")
-    if cmd.in_block and not h.subcommands:
+    if cmd.in_block and (not h.subcommands or h.runs_alone):
         for req in h.required:
             if req in given:
                 continue

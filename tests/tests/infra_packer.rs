@@ -1008,6 +1008,14 @@ fn systemd_units_pass_systemd_analyze_verify() {
     .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
     .collect();
     assert_eq!(wants, ["hashistack-agent.service"]);
+    // The snapshot timer, as packer enables it: a link under timers.target.wants, nothing else.
+    systemctl(&["enable", "hashistack-snapshot.timer"]);
+    let timers: Vec<String> =
+        fs::read_dir(root.path().join("etc/systemd/system/timers.target.wants"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+    assert_eq!(timers, ["hashistack-snapshot.timer"]);
     fs::remove_file(root.path().join("usr/bin/vault")).unwrap();
     let (ok, text) = analyze_verify(root.path(), "vault.service");
     assert!(
@@ -1090,6 +1098,7 @@ fn systemd_security_exposure_is_within_budget_and_documented() {
         ("hashistack-data.service", None),
         // nft with CAP_NET_ADMIN and netlink only.
         ("hashistack-imds-guard.service", Some(3.0)),
+        ("hashistack-snapshot.service", Some(2.5)),
     ];
     let mut measured = Vec::new();
     for (name, max) in budget {

@@ -85,6 +85,8 @@ pub struct ConsulTier {
     /// The status vault (URI; same client as `shared`): the read-only status token goes there, where only
     /// the jumpbox may read it. `None`: no status token is created.
     pub status_vault: Option<String>,
+    /// The servers vault, where the tier's snapshot credential goes. `None`: none is created.
+    pub snapshot: Option<super::snapshot_tokens::HandOver>,
     pub cluster: String,
     /// Escrow before use (Consul ≥ 1.15.0) or at once: [`BootstrapPath::for_version`].
     pub path: BootstrapPath,
@@ -316,6 +318,13 @@ impl Tier for ConsulTier {
                         step: "DNS policy",
                         detail: e.to_string(),
                     });
+            // The snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
+            if let Some(h) = &self.snapshot {
+                let t =
+                    super::snapshot_tokens::create_consul(&self.api, &self.ca_file, &management)
+                        .await?;
+                h.put("consul", &t).await?;
+            }
             nomad?;
             dns?;
         }
@@ -568,6 +577,7 @@ mod tests {
             ca_file,
             shared: None,
             status_vault: None,
+            snapshot: None,
             cluster: "test".into(),
             path,
         };

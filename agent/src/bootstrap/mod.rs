@@ -21,6 +21,7 @@ pub mod decide;
 mod http;
 pub mod member;
 pub mod nomad;
+pub mod snapshot_tokens;
 pub mod status_tokens;
 pub mod vault;
 pub mod workload_identity;

@@ -45,6 +45,8 @@ pub struct NomadTier {
     /// The status vault (URI; same client as `shared`): the read-only status token goes there, where only
     /// the jumpbox may read it. `None`: no status token is created.
     pub status_vault: Option<String>,
+    /// The servers vault, where the tier's snapshot credential goes. `None`: none is created.
+    pub snapshot: Option<super::snapshot_tokens::HandOver>,
 }
 
 /// Why an ACL call of the status-token step did not succeed (the error carries the status and Nomad's
@@ -259,6 +261,7 @@ impl NomadTier {
             secret: new_uuid(),
             shared: None,
             status_vault: None,
+            snapshot: None,
         }
     }
 
@@ -409,7 +412,14 @@ impl Tier for NomadTier {
             crate::names::NOMAD_SECRET,
             &token,
         )
-        .await
+        .await?;
+        // The snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
+        if let Some(h) = &self.snapshot {
+            let t =
+                super::snapshot_tokens::create_nomad(&self.api, &self.ca_file, &management).await?;
+            h.put("nomad", &t).await?;
+        }
+        Ok(())
     }
 }
 

@@ -52,6 +52,8 @@ pub struct VaultTier {
     /// Where the Nomad workload identities' configuration token is handed over (the servers Key Vault and the
     /// secret's name; bootstrap/workload_identity.rs). `None`: the tier does not prepare workload identities.
     pub workload_identity: Option<WorkloadIdentityHandover>,
+    /// The servers vault, where the tier's snapshot credential goes. `None`: none is created.
+    pub snapshot: Option<super::snapshot_tokens::HandOver>,
     /// This node's Vault storage, for the one repair the bootstrap makes itself (a half-initialized node after
     /// its own init call was cut off). `None`: that case needs an operator.
     pub local: Option<Box<dyn LocalStorage>>,
@@ -686,12 +688,23 @@ impl Tier for VaultTier {
             }
             None => Ok(()),
         };
+        // The snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
+        let snapshot_token = match &self.snapshot {
+            Some(h) => {
+                match super::snapshot_tokens::create_vault(&self.api, &self.ca_file, &token).await {
+                    Ok(t) => h.put("vault", &t).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => Ok(()),
+        };
         if workload_identity.is_ok() && self.workload_identity.is_some() {
             tracing::info!("Nomad workload identities prepared in Vault (auth method, role, policy, configuration token)");
         }
         autopilot?;
         status_token?;
         workload_identity?;
+        snapshot_token?;
         audit
     }
 }
@@ -947,6 +960,7 @@ mod tests {
             shared: None,
             status_vault: None,
             workload_identity: None,
+            snapshot: None,
             local: None,
         }
     }

@@ -117,9 +117,34 @@ pub fn policy() -> RetryPolicy {
 
 /// Wraps a fresh data key with the escrow key (wrap permission only).
 pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Prepared, AzureError> {
-    let keys = az.keys(&t.escrow_vault_uri)?;
+    let (key, kek_id, wrapped) = wrap_fresh_key(
+        az,
+        &t.escrow_vault_uri,
+        ESCROW_KEY_NAME,
+        "escrow key wrap",
+        policy,
+    )
+    .await?;
+    Ok(Prepared {
+        escrow_id: new_escrow_id(),
+        key,
+        kek_id,
+        wrapped,
+    })
+}
+
+/// A fresh data key, wrapped (RSA-OAEP-256) by the Key Vault key `key_name` of `vault_uri`: the key, the wrapping
+/// key's id (with its version) and the wrapped bytes. Needs only the wrap permission on that key.
+pub async fn wrap_fresh_key(
+    az: &Azure,
+    vault_uri: &str,
+    key_name: &str,
+    what: &str,
+    policy: RetryPolicy,
+) -> Result<(DataKey, String, Vec<u8>), AzureError> {
+    let keys = az.keys(vault_uri)?;
     let key = DataKey::generate();
-    let result = call(policy, "escrow key wrap", || {
+    let result = call(policy, what, || {
         let params = KeyOperationParameters {
             algorithm: Some(EncryptionAlgorithm::RsaOaep256),
             value: Some(key.bytes().to_vec()),
@@ -128,9 +153,7 @@ pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Pre
         let keys = &keys;
         async move {
             let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-            keys.wrap_key(ESCROW_KEY_NAME, body, None)
-                .await?
-                .into_model()
+            keys.wrap_key(key_name, body, None).await?.into_model()
         }
     })
     .await?;
@@ -138,18 +161,13 @@ pub async fn prepare(az: &Azure, t: &Targets, policy: RetryPolicy) -> Result<Pre
     let wrapped = result.result.clone().unwrap_or_default();
     if kek_id.is_empty() || wrapped.is_empty() {
         return Err(AzureError {
-            what: "escrow key wrap".into(),
+            what: what.into(),
             status: None,
             code: None,
             detail: "response lacks kid or value".into(),
         });
     }
-    Ok(Prepared {
-        escrow_id: new_escrow_id(),
-        key,
-        kek_id,
-        wrapped,
-    })
+    Ok((key, kek_id, wrapped))
 }
 
 /// Writes the envelope to the local spool `spool_dir` (`Layout::spool_dir`: on the data disk) — 0600, fsynced,

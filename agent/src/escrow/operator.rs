@@ -326,6 +326,38 @@ async fn newer_secret_versions(
     Ok(newer)
 }
 
+/// Unwraps a data key with the Key Vault key `name`/`version` of `vault_uri`, with the caller's own identity (the
+/// unwrap permission: operators only). A 403 is final.
+#[allow(clippy::too_many_arguments)]
+pub async fn unwrap_key(
+    az: &Azure,
+    vault_uri: &str,
+    name: &str,
+    version: &str,
+    wrapped: &[u8],
+    what: &str,
+    policy: RetryPolicy,
+) -> Result<DataKey, OpenError> {
+    let keys = az.keys(vault_uri)?;
+    let r = call(policy, what, || {
+        let params = KeyOperationParameters {
+            algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+            value: Some(wrapped.to_vec()),
+            ..Default::default()
+        };
+        let keys = &keys;
+        async move {
+            let body: RequestContent<KeyOperationParameters> = params.try_into()?;
+            keys.unwrap_key(name, version, body, None)
+                .await?
+                .into_model()
+        }
+    })
+    .await?;
+    let raw = Zeroizing::new(r.result.clone().unwrap_or_default());
+    Ok(DataKey::from_bytes(&raw).ok_or(envelope::EnvelopeError::BadKey)?)
+}
+
 async fn unwrap_and_decrypt(
     az: &Azure,
     t: &Targets,
@@ -339,26 +371,17 @@ async fn unwrap_and_decrypt(
     let wrapped = base64::engine::general_purpose::STANDARD
         .decode(&env.wrapped_key)
         .map_err(|_| envelope::EnvelopeError::Malformed("wrapped_key").to_string())?;
-    let keys = az.keys(&t.escrow_vault_uri).map_err(|e| e.to_string())?;
-    let r = call(policy, "escrow key unwrap", || {
-        let params = KeyOperationParameters {
-            algorithm: Some(EncryptionAlgorithm::RsaOaep256),
-            value: Some(wrapped.clone()),
-            ..Default::default()
-        };
-        let keys = &keys;
-        async move {
-            let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-            keys.unwrap_key(name, version, body, None)
-                .await?
-                .into_model()
-        }
-    })
+    let key = unwrap_key(
+        az,
+        &t.escrow_vault_uri,
+        name,
+        version,
+        &wrapped,
+        "escrow key unwrap",
+        policy,
+    )
     .await
     .map_err(|e| e.to_string())?;
-    let raw = Zeroizing::new(r.result.clone().unwrap_or_default());
-    let key =
-        DataKey::from_bytes(&raw).ok_or_else(|| envelope::EnvelopeError::BadKey.to_string())?;
     envelope::open(env, &key).map_err(|e| e.to_string())
 }
 

@@ -226,6 +226,123 @@ fn assess_token(tier: &str, secret: &str, t: &TokenState, done: bool, p: &mut Pr
     }
 }
 
+/// The tier's snapshots, from its record (`None`: not collected). DEGRADED when the last attempt failed, when the
+/// newest snapshot is older than twice the interval, and when a tier bootstrapped more than twice the (default)
+/// interval ago has none at all.
+fn assess_snapshot(
+    tier: &TierReport,
+    got: Option<&Got<Option<crate::snapshot::Record>>>,
+    now: i64,
+    p: &mut Problems,
+) -> Option<SnapshotReport> {
+    let got = got?.as_ref()?;
+    let name = tier.tier.as_str();
+    let mut r = SnapshotReport {
+        state: "unknown".into(),
+        interval_secs: None,
+        retention_days: None,
+        blob: None,
+        node: None,
+        created_unix: None,
+        age_secs: None,
+        index: None,
+        plaintext_bytes: None,
+        stored_bytes: None,
+        last_attempt_ok: None,
+        last_attempt_node: None,
+        last_attempt_unix: None,
+        last_error: None,
+    };
+    let record = match got {
+        Err(e) => {
+            p.unknown(name, None, format!("cannot read the snapshot record: {e}"));
+            return Some(r);
+        }
+        Ok(rec) => rec,
+    };
+    let interval = record.as_ref().map_or(
+        crate::node::SnapshotSettings::default().interval_secs,
+        |x| x.interval_secs,
+    );
+    r.interval_secs = Some(interval);
+    let Some(rec) = record else {
+        r.state = "none".into();
+        let done_since = tier
+            .bootstrap
+            .as_ref()
+            .filter(|b| b.phase == "done")
+            .map(|b| b.updated_unix);
+        if let Some(since) = done_since {
+            if now - since > 2 * interval as i64 {
+                p.bad(
+                    name,
+                    None,
+                    format!(
+                        "no snapshot yet, {} after the bootstrap (hashistack-snapshot.timer takes one every {}; docs/runbooks.md#snapshots)",
+                        age(now, since),
+                        age(interval as i64, 0)
+                    ),
+                );
+            }
+        }
+        return Some(r);
+    };
+    r.retention_days = Some(rec.retention_days);
+    if let Some(t) = &rec.last_success {
+        r.blob = Some(t.blob.clone());
+        r.node = Some(t.node.clone());
+        r.created_unix = Some(t.created_unix);
+        r.age_secs = Some(now - t.created_unix);
+        r.index = Some(t.index);
+        r.plaintext_bytes = Some(t.plaintext_bytes);
+        r.stored_bytes = Some(t.stored_bytes);
+    }
+    if let Some(a) = &rec.last_attempt {
+        r.last_attempt_ok = Some(a.ok);
+        r.last_attempt_node = Some(a.node.clone());
+        r.last_attempt_unix = Some(a.at_unix);
+        r.last_error = a.error.clone();
+    }
+    let stale = rec
+        .last_success
+        .as_ref()
+        .is_none_or(|t| now - t.created_unix > 2 * interval as i64);
+    r.state = if r.last_attempt_ok == Some(false) {
+        "failed"
+    } else if stale {
+        "stale"
+    } else {
+        "ok"
+    }
+    .into();
+    if let Some(a) = rec.last_attempt.as_ref().filter(|a| !a.ok) {
+        p.bad(
+            name,
+            Some(&a.node),
+            format!(
+                "the last snapshot attempt failed {} ago: {}",
+                age(now, a.at_unix),
+                a.error.as_deref().unwrap_or("(no message)")
+            ),
+        );
+    }
+    if stale {
+        p.bad(
+            name,
+            None,
+            match &rec.last_success {
+                Some(t) => format!(
+                    "the newest snapshot is {} old (interval {}; docs/runbooks.md#snapshots)",
+                    age(now, t.created_unix),
+                    age(interval as i64, 0)
+                ),
+                None => "no snapshot has succeeded yet (docs/runbooks.md#snapshots)".into(),
+            },
+        );
+    }
+    Some(r)
+}
+
 /// The tier size the tier's nodes declare in their tags (the most common value; ties: the larger).
 fn expected(o: &Observations, key: &str) -> Option<u8> {
     let mut count: BTreeMap<u8, usize> = BTreeMap::new();
@@ -580,6 +697,7 @@ fn consul(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRe
         status_token: token_word(&c.token),
         servers,
         departed_clients: vec![],
+        snapshot: None,
     }
 }
 
@@ -814,6 +932,7 @@ fn vault(o: &Observations, anything_answered: bool, p: &mut Problems) -> TierRep
         status_token: token_word(&v.token),
         servers,
         departed_clients: vec![],
+        snapshot: None,
     }
 }
 
@@ -844,6 +963,7 @@ fn nomad(o: &Observations, gone: &BTreeMap<String, &'static str>, p: &mut Proble
         status_token: token_word(&n.token),
         servers: vec![],
         departed_clients: vec![],
+        snapshot: None,
     };
     if !deployed {
         report.acl = "-".into();
@@ -1089,11 +1209,14 @@ pub fn assess(o: &Observations) -> Report {
             .iter()
             .any(|x| matches!(x.answer, Some(Ok(_))));
     let gone = gone_from_consul(o);
-    let tiers = vec![
+    let mut tiers = vec![
         consul(o, anything_answered, &mut p),
         vault(o, anything_answered, &mut p),
         nomad(o, &gone, &mut p),
     ];
+    for t in tiers.iter_mut().filter(|t| t.deployed) {
+        t.snapshot = assess_snapshot(t, o.snapshots.get(&t.tier), o.observed_unix, &mut p);
+    }
     let mut nodes = nodes(o, &mut p);
     let members = members_by_name(o);
     // Gone from Consul and counted by no tier: departed. A server that a raft configuration still lists (a

@@ -19,6 +19,7 @@ use crate::version::Product;
 use azure_core::credentials::TokenCredential;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -156,9 +157,14 @@ impl Collector {
 
     async fn collect_into(&mut self, o: &mut Observations) {
         // 1. Azure: tier states, node records, status tokens — all at once.
-        let (states, records, tokens) =
-            tokio::join!(self.tier_states(), self.records(), self.tokens());
+        let (states, records, tokens, snapshots) = tokio::join!(
+            self.tier_states(),
+            self.records(),
+            self.tokens(),
+            self.snapshot_records()
+        );
         (o.consul.state, o.vault.state, o.nomad.state) = states;
+        o.snapshots = snapshots;
         match records {
             Ok((r, unreadable)) => {
                 o.records = r;
@@ -264,6 +270,25 @@ impl Collector {
         };
         let (c, v, n) = tokio::join!(read("consul"), read("vault"), read("nomad"));
         (Some(c), Some(v), Some(n))
+    }
+
+    /// Each tier's snapshot record (docs/runbooks.md#snapshots).
+    async fn snapshot_records(&self) -> BTreeMap<String, Got<Option<crate::snapshot::Record>>> {
+        let blob = self.spec.blob_endpoint.as_str();
+        let read = |tier: &'static str| async move {
+            let r = crate::snapshot::read_record(
+                &self.az,
+                blob,
+                &self.spec.cluster,
+                tier,
+                azure_policy(),
+            )
+            .await
+            .map_err(|e| e.to_string());
+            (tier.to_string(), Some(r))
+        };
+        let (c, v, n) = tokio::join!(read("consul"), read("vault"), read("nomad"));
+        BTreeMap::from([c, v, n])
     }
 
     async fn storage_token(&self) -> Result<String, String> {

@@ -150,6 +150,10 @@ pub struct Observations {
     pub consul: ConsulObs,
     pub vault: VaultObs,
     pub nomad: NomadObs,
+    /// Each tier's snapshot record (`coordination/<cluster>/snapshots/<tier>.json`), by tier name; a tier absent
+    /// here was not asked. Added compatibly.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, Got<Option<crate::snapshot::Record>>>,
 }
 
 // ------------------------------------------------------------------------------------------------- the report
@@ -273,6 +277,33 @@ pub struct TierReport {
     /// in `clients`. Empty for Consul and Vault. Added to `hashistack-status/1` compatibly.
     #[serde(default)]
     pub departed_clients: Vec<String>,
+    /// The tier's snapshots (docs/runbooks.md#snapshots); `null` when not collected. Added to
+    /// `hashistack-status/1` compatibly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+/// A tier's newest snapshot and last attempt, from its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// `ok`, `stale` (the newest is older than twice the interval), `failed` (the last attempt failed), `none`
+    /// (no snapshot yet) or `unknown` (the record could not be read).
+    pub state: String,
+    pub interval_secs: Option<u64>,
+    pub retention_days: Option<u32>,
+    /// The newest snapshot: its blob, the node that took it, when, its raft index and sizes.
+    pub blob: Option<String>,
+    pub node: Option<String>,
+    pub created_unix: Option<i64>,
+    pub age_secs: Option<i64>,
+    pub index: Option<u64>,
+    pub plaintext_bytes: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    /// The last attempt: whether it succeeded, where and when, and its error line.
+    pub last_attempt_ok: Option<bool>,
+    pub last_attempt_node: Option<String>,
+    pub last_attempt_unix: Option<i64>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,6 +135,49 @@ fn bootstrap_cell(t: &TierReport, now: i64) -> (String, Tone) {
     }
 }
 
+/// `1.2 MB`, `840 kB`, `512 B`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..=999 => format!("{n} B"),
+        1_000..=999_999 => format!("{:.0} kB", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
+}
+
+/// One line per tier with a snapshot record: the newest snapshot's age, size, node and index, and a failed last
+/// attempt. Nothing when snapshots were not collected.
+fn snapshot_lines(r: &Report, out: &mut String) {
+    let now = r.observed_unix;
+    for t in r.tiers.iter().filter(|t| t.deployed) {
+        let Some(s) = &t.snapshot else { continue };
+        let newest = match (s.created_unix, &s.node) {
+            (Some(at), Some(node)) => format!(
+                "{} ago, {} by {node} (index {})",
+                age(now, at),
+                bytes(s.plaintext_bytes.unwrap_or(0)),
+                s.index.unwrap_or(0)
+            ),
+            _ => "none yet".into(),
+        };
+        let failed = match (s.last_attempt_ok, &s.last_attempt_node) {
+            (Some(false), Some(node)) => format!(
+                "; LAST ATTEMPT FAILED on {node}: {}",
+                s.last_error.as_deref().unwrap_or("?")
+            ),
+            _ => String::new(),
+        };
+        let interval = s
+            .interval_secs
+            .map(|i| format!(" every {}", age(i as i64, 0)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "snapshot {:<6} {} [{}{interval}]{failed}\n",
+            t.tier, newest, s.state
+        ));
+    }
+}
+
 fn escrow_cell(b: &Option<Bootstrap>) -> (String, Tone) {
     match b {
         None => dash(),
@@ -366,6 +409,7 @@ pub fn table(r: &Report, color: bool) -> String {
         ]);
     }
     t.render(color, &mut out);
+    snapshot_lines(r, &mut out);
     out.push('\n');
 
     let mut t = Table::new(&[
