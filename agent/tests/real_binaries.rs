@@ -929,6 +929,7 @@ async fn bao_stuck_with_raft_state_beside_a_live_cluster_is_reset_and_joins() {
         shared: None,
         status_vault: None,
         workload_identity: None,
+        snapshot: None,
         local,
     };
     let seal_status = |api: String| {
