@@ -5,7 +5,7 @@
 //! unless this node is its tier's leader (active node) and a snapshot is due (the tag
 //! `hashistack-snapshot-interval`). Then it streams the product's snapshot through the encryptor
 //! ([`format`]: a fresh AES-256-GCM data key, wrapped by the wrap-only Key Vault key `snapshot-wrap`) into a block
-//! blob (Put Block per 4 MiB, then Put Block List with `If-None-Match: *`) in the `snapshots` container, and
+//! blob (Put Block per 2 MiB, then Put Block List with `If-None-Match: *`) in the `snapshots` container, and
 //! records the attempt in `coordination/<cluster>/snapshots/<tier>.json` for `status`. Memory does not grow with
 //! the snapshot: one chunk of plaintext and one block of ciphertext at most.
 //!
@@ -28,8 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Ciphertext bytes per staged block.
-pub const BLOCK_SIZE: usize = 4 << 20;
+/// Ciphertext bytes per staged block (Azure allows 50 000 blocks per blob: 2 MiB blocks hold snapshots up to
+/// ~97 GiB, and keep the agent's memory small: one block in flight, one filling).
+pub const BLOCK_SIZE: usize = 2 << 20;
 /// A due snapshot may start this much before its interval has fully passed (the timer's period is not exact).
 pub const DUE_SLACK_SECS: i64 = 120;
 

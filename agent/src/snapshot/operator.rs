@@ -138,7 +138,7 @@ async fn stream(
         let opts = BlobClientDownloadOptions {
             if_match: etag.cloned(),
             parallel: NonZero::new(1),
-            partition_size: NonZero::new(4 << 20),
+            partition_size: NonZero::new(1 << 20),
             ..Default::default()
         };
         async move { client.download(Some(opts)).await }
