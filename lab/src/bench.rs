@@ -1926,7 +1926,7 @@ pub async fn snapshot_run(
         let record: serde_json::Value = serde_json::from_slice(
             &lab.read_blob(
                 "coordination",
-                &format!("{}/snapshots/consul.json", lab.opts.cluster),
+                &hashistack_agent::snapshot::record_blob_name(&lab.opts.cluster, "consul"),
             )
             .await
             .ok_or_else(|| BenchError::Failed("no snapshot record".into()))?,

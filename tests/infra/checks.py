@@ -754,7 +754,6 @@ PARENTS = {"container:escrow": {"storageAccount", "resourceGroup", "subscription
 
 
 DATA_PREFIX = {"container:escrow": f"{BLOB}/", "vault:escrow": f"{KV}/secrets/", "key:escrow": f"{KV}/keys/",
-DATA_PREFIX = {"container:escrow": f"{BLOB}/", "vault:escrow": f"{KV}/secrets/", "key:escrow": f"{KV}/keys/",
                "container:snapshots": f"{BLOB}/", "key:snapshot": f"{KV}/keys/",
                "key:unseal": f"{KV}/keys/", **{f"secret:escrow/{t}": f"{KV}/secrets/" for t in SERVER_TIERS}}
 
@@ -1121,8 +1120,8 @@ def _write_condition_prefixes(cond: str) -> list[str] | None:
 
 
 def check_tier_isolation(t: dict, ev: Evaluator) -> list[str]:
-    """Issue 12, item 6: a server tier's identity writes only its own tier's escrow and coordination objects. Its
-    escrow blob writer and coordination writer assignments carry an ABAC condition (version 2.0) letting
+    """Issue 12, item 6: a server tier's identity writes only its own tier's escrow, snapshot and coordination
+    objects. Its escrow blob writer, snapshot blob writer and coordination writer assignments carry an ABAC condition (version 2.0) letting
     `write` and `add/action` through only under `<clusterName>/<tier>/` (coordination also: the shared cluster
     material lease `<clusterName>/material/` and boot records `<clusterName>/nodes/`); its Key Vault escrow writer
     is scoped to its own tier's escrow secret, which the template creates."""
@@ -1130,6 +1129,8 @@ def check_tier_isolation(t: dict, ev: Evaluator) -> list[str]:
     cluster = ev.param("clusterName")
     want = {
         "container:escrow": lambda tier: [f"{cluster}/{tier}/"],
+        # Snapshots are named <cluster>/<tier>/<time>-<index>-<id>.hsnap (agent/src/snapshot/mod.rs blob_name).
+        "container:snapshots": lambda tier: [f"{cluster}/{tier}/"],
         "container:coordination": lambda tier: [f"{cluster}/{tier}/", f"{cluster}/material/", f"{cluster}/nodes/"],
     }
     assignments = role_assignments(t, ev)

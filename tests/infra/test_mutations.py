@@ -225,6 +225,13 @@ CASES = [
      lambda c: assignment(c["t"], "escrowBlobWriter", "consul")["properties"].__setitem__(
          "condition", "[variables('escrowTierCondition').nomad]"),
      lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("a tier's snapshot blob writer loses its path condition",
+     lambda c: [assignment(c["t"], "snapshotBlobWriter", "nomad")["properties"].pop(k) for k in ("condition", "conditionVersion")],
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
+    ("a tier's snapshot condition names another tier's path",
+     lambda c: assignment(c["t"], "snapshotBlobWriter", "vault")["properties"].__setitem__(
+         "condition", "[variables('escrowTierCondition').consul]"),
+     lambda c, s: checks.check_tier_isolation(c["t"], _ev(c))),
     ("a tier's coordination condition opens the whole cluster prefix",
      lambda c: c["t"]["variables"]["coordinationTierCondition"].__setitem__(
          "vault", c["t"]["variables"]["coordinationTierCondition"]["vault"].replace("'/vault/''", "'/''")),

@@ -6,7 +6,7 @@
 //! `hashistack-snapshot-interval`). Then it streams the product's snapshot through the encryptor
 //! ([`format`]: a fresh AES-256-GCM data key, wrapped by the wrap-only Key Vault key `snapshot-wrap`) into a block
 //! blob (Put Block per 2 MiB, then Put Block List with `If-None-Match: *`) in the `snapshots` container, and
-//! records the attempt in `coordination/<cluster>/snapshots/<tier>.json` for `status`. Memory does not grow with
+//! records the attempt in `coordination/<cluster>/<tier>/snapshot.json` for `status`. Memory does not grow with
 //! the snapshot: one chunk of plaintext and one block of ciphertext at most.
 //!
 //! Operators list and restore with their own identity ([`operator`]); VM identities cannot read snapshots or
@@ -20,9 +20,12 @@ use crate::azure::{call, Azure, AzureError};
 use crate::election::COORDINATION_CONTAINER;
 use crate::names::{SNAPSHOT_CONTAINER, SNAPSHOT_KEY};
 use crate::retry::RetryPolicy;
-use azure_core::http::RequestContent;
+use crate::coordination::Expect;
+use azure_core::http::{Etag, RequestContent};
 use azure_core::Bytes;
-use azure_storage_blob::models::{BlockBlobClientCommitBlockListOptions, BlockLookupList};
+use azure_storage_blob::models::{
+    BlobClientUploadOptions, BlockBlobClientCommitBlockListOptions, BlockLookupList,
+};
 use product::Tier;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -59,7 +62,7 @@ pub struct Attempted {
     pub error: Option<String>,
 }
 
-/// `coordination/<cluster>/snapshots/<tier>.json`: what `status` reads. Written by the tier's leader after every
+/// `coordination/<cluster>/<tier>/snapshot.json`: what `status` reads. Written by the tier's leader after every
 /// attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -95,8 +98,11 @@ impl Record {
     }
 }
 
+/// Its own blob beside the tier state (not in it: the timer's writes never race the bootstrap's fenced state
+/// writes), under the tier's prefix `<cluster>/<tier>/`, the only coordination path besides `material/` and
+/// `nodes/` a tier's identity may write (the ARM template's ABAC condition, docs/trust-model.md).
 pub fn record_blob_name(cluster: &str, tier: &str) -> String {
-    format!("{cluster}/snapshots/{tier}.json")
+    format!("{cluster}/{tier}/snapshot.json")
 }
 
 /// `<cluster>/<tier>/<UTC time>-<index>-<id>.hsnap`: names sort by time.
@@ -124,6 +130,8 @@ pub enum SnapshotError {
     Format(#[from] format::FormatError),
     #[error("{0}")]
     Open(#[from] crate::escrow::operator::OpenError),
+    #[error("{0}")]
+    Record(#[from] RecordError),
     /// Bad input (configuration, tags, arguments): exit 2.
     #[error("{0}")]
     Input(String),
@@ -160,6 +168,28 @@ pub async fn read_record(
     tier: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Record>, AzureError> {
+    read_record_for_update(az, blob_endpoint, cluster, tier, policy)
+        .await
+        .map(|(r, _)| r)
+}
+
+fn record_unreadable(tier: &str, detail: String) -> AzureError {
+    AzureError {
+        what: "snapshot record read".into(),
+        status: None,
+        code: None,
+        detail: format!("{tier}/snapshot.json {detail}"),
+    }
+}
+
+/// Reads a tier's snapshot record and what a write based on it must find in storage ([`Expect`]).
+pub async fn read_record_for_update(
+    az: &Azure,
+    blob_endpoint: &str,
+    cluster: &str,
+    tier: &str,
+    policy: RetryPolicy,
+) -> Result<(Option<Record>, Expect), AzureError> {
     let blob = az.blob(
         blob_endpoint,
         COORDINATION_CONTAINER,
@@ -167,44 +197,89 @@ pub async fn read_record(
     )?;
     let r = call(policy, "snapshot record read", || {
         let blob = &blob;
-        async move { blob.download(None).await?.body.collect().await }
+        async move {
+            let d = blob.download(None).await?;
+            let etag = d.properties.etag.as_ref().map(|e| e.to_string());
+            Ok((d.body.collect().await?, etag))
+        }
     })
     .await;
     match r {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| AzureError {
-                what: "snapshot record read".into(),
-                status: None,
-                code: None,
-                detail: format!("{tier}.json does not parse: {e}"),
-            }),
-        Err(e) if e.is(404) => Ok(None),
+        Ok((bytes, Some(etag))) => serde_json::from_slice(&bytes)
+            .map(|rec| (Some(rec), Expect::Etag(etag)))
+            .map_err(|e| record_unreadable(tier, format!("does not parse: {e}"))),
+        Ok((_, None)) => Err(record_unreadable(tier, "came without an ETag".into())),
+        Err(e) if e.is(404) => Ok((None, Expect::Absent)),
         Err(e) => Err(e),
     }
 }
 
+/// Why a snapshot record was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{0}")]
+    Azure(#[from] AzureError),
+    /// Storage refused the write: another node recorded a snapshot of the tier since this one read the record
+    /// (a leadership change mid-run). Its record stands; this run's snapshot, if taken, is in the container.
+    #[error(
+        "{tier}: snapshot record write refused by storage (HTTP {status}): another node recorded a snapshot \
+         since this one read the record; its record stands"
+    )]
+    Superseded { tier: String, status: u16 },
+}
+
+/// Writes the record only if storage still holds what this run read (`expect`: `If-Match` its ETag, or
+/// `If-None-Match: *` when there was none), as the tier state's writes are fenced by storage (coordination.rs):
+/// a leader that lost leadership mid-run cannot overwrite the newer leader's record. A 409/412 whose stored
+/// record is exactly this write's (an earlier attempt landed, its answer was lost) is success.
 pub async fn write_record(
     az: &Azure,
     blob_endpoint: &str,
     record: &Record,
+    expect: &Expect,
     policy: RetryPolicy,
-) -> Result<(), AzureError> {
+) -> Result<(), RecordError> {
     let blob = az.blob(
         blob_endpoint,
         COORDINATION_CONTAINER,
         &record_blob_name(&record.cluster, &record.tier),
     )?;
     let body = serde_json::to_vec_pretty(record).expect("record serialises");
-    call(policy, "snapshot record write", || {
+    let r = call(policy, "snapshot record write", || {
         let (blob, body) = (&blob, body.clone());
+        let opts = match expect {
+            Expect::Absent => BlobClientUploadOptions::default().if_not_exists(),
+            Expect::Etag(e) => BlobClientUploadOptions {
+                if_match: Some(Etag::from(e.clone())),
+                ..Default::default()
+            },
+        };
         async move {
-            blob.upload(RequestContent::from(body), None)
+            blob.upload(RequestContent::from(body), Some(opts))
                 .await
                 .map(|_| ())
         }
     })
-    .await
+    .await;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.is(409) || e.is(412) => {
+            let status = e.status.unwrap_or_default();
+            let stored =
+                read_record_for_update(az, blob_endpoint, &record.cluster, &record.tier, policy)
+                    .await?
+                    .0;
+            if stored.as_ref() == Some(record) {
+                Ok(())
+            } else {
+                Err(RecordError::Superseded {
+                    tier: record.tier.clone(),
+                    status,
+                })
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Where a snapshot goes: the storage account, the vault holding `snapshot-wrap`, and whose snapshot it is.
@@ -430,9 +505,9 @@ pub async fn run(cfg: &crate::config::AgentConfig, force: bool) -> Result<Outcom
         cfg.bootstrap.azure_deadline_secs.max(60),
     ));
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut record = read_record(&az, &spec.blob_endpoint, &spec.cluster, tier.name(), pol)
-        .await?
-        .unwrap_or_else(|| Record::new(&spec.cluster, tier.name(), settings));
+    let (record, expect) =
+        read_record_for_update(&az, &spec.blob_endpoint, &spec.cluster, tier.name(), pol).await?;
+    let mut record = record.unwrap_or_else(|| Record::new(&spec.cluster, tier.name(), settings));
     record.interval_secs = settings.interval_secs;
     record.retention_days = settings.retention_days;
     if !force && !record.due(now, settings.interval_secs) {
@@ -484,7 +559,7 @@ pub async fn run(cfg: &crate::config::AgentConfig, force: bool) -> Result<Outcom
     if let Ok(t) = &attempt {
         record.last_success = Some(t.clone());
     }
-    let recorded = write_record(&az, &spec.blob_endpoint, &record, pol).await;
+    let recorded = write_record(&az, &spec.blob_endpoint, &record, &expect, pol).await;
     let taken = attempt?;
     recorded?;
     Ok(Outcome::Taken(taken))

@@ -150,7 +150,7 @@ pub struct Observations {
     pub consul: ConsulObs,
     pub vault: VaultObs,
     pub nomad: NomadObs,
-    /// Each tier's snapshot record (`coordination/<cluster>/snapshots/<tier>.json`), by tier name; a tier absent
+    /// Each tier's snapshot record (`coordination/<cluster>/<tier>/snapshot.json`), by tier name; a tier absent
     /// here was not asked. Added compatibly.
     #[serde(default)]
     pub snapshots: BTreeMap<String, Got<Option<crate::snapshot::Record>>>,
