@@ -94,6 +94,7 @@ pub async fn create_consul(
                 Attempt::Fail(e) if e.0.contains("already exists") => Attempt::Done(()),
                 Attempt::Done(_) => Attempt::Done(()),
                 Attempt::Retry(e) => Attempt::Retry(e),
+                Attempt::RetryAfter(e, after) => Attempt::RetryAfter(e, after),
                 Attempt::Fail(e) => Attempt::Fail(e),
             }
         }
@@ -202,6 +203,7 @@ pub async fn create_nomad(
             {
                 Attempt::Done(b) => b,
                 Attempt::Retry(e) => return Attempt::Retry(e),
+                Attempt::RetryAfter(e, after) => return Attempt::RetryAfter(e, after),
                 Attempt::Fail(e) => return Attempt::Fail(e),
             };
             let Ok(stubs) = serde_json::from_slice::<Vec<Stub>>(&list) else {
