@@ -10,8 +10,8 @@
 //!
 //! Networks 140-142 (140: Consul rebuilt; 141: refusals and Nomad; 142: Vault rebuilt).
 
-use hashistack_agent::node::Role;
 use hashistack_agent::coordination::TierPhase;
+use hashistack_agent::node::Role;
 use hashistack_e2e::{
     agent, all_vault_voters, escrow_open, healthy_lab, nodes_of, options, wait_healthy, wait_phase,
 };
@@ -262,8 +262,8 @@ async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
                 "coordination",
                 &hashistack_agent::snapshot::record_blob_name("lab", tier),
             )
-                .await
-                .expect("record"),
+            .await
+            .expect("record"),
         )
         .unwrap();
         assert_eq!(rec["last_success"]["blob"], json!(blob), "{rec}");
@@ -493,17 +493,23 @@ async fn vault_comes_back_from_nothing_with_its_data_and_tokens() {
     )
     .await
     .unwrap();
-    assert_eq!(s, 403, "the rebuilt tier's root token outlived the restore: {body}");
+    assert_eq!(
+        s, 403,
+        "the rebuilt tier's root token outlived the restore: {body}"
+    );
     all_vault_voters(&lab, &root, 3).await;
     for i in nodes_of(&lab, Role::VaultServer) {
         let url = format!("https://{}:8200/v1/sys/seal-status", lab.nodes[i].def.ip);
         // Standbys seal and unseal again with the restored keyring (auto-unseal): wait for that, within bounds.
-        eventually(&format!("{} unsealed after the restore", lab.nodes[i].def.name), || async {
-            match call(&lab, Method::GET, &url, v, &root, None).await? {
-                (200, body) if body.contains("\"sealed\":false") => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
+        eventually(
+            &format!("{} unsealed after the restore", lab.nodes[i].def.name),
+            || async {
+                match call(&lab, Method::GET, &url, v, &root, None).await? {
+                    (200, body) if body.contains("\"sealed\":false") => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
         .await;
     }
     lab.down().await;
@@ -745,12 +751,9 @@ async fn record_writes_are_fenced_by_storage(lab: &Lab, i: usize) {
         hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
     );
     let cred = std::sync::Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
-    let az = hashistack_agent::azure::Azure::new(
-        cred,
-        Some(&lab.opts.state_dir.join("ca.pem")),
-        false,
-    )
-    .unwrap();
+    let az =
+        hashistack_agent::azure::Azure::new(cred, Some(&lab.opts.state_dir.join("ca.pem")), false)
+            .unwrap();
     let blob = lab.blob_endpoint();
     let pol = snapshot::policy(Duration::from_secs(30));
     let tier = "consul";

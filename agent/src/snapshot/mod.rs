@@ -17,10 +17,10 @@ pub mod operator;
 pub mod product;
 
 use crate::azure::{call, Azure, AzureError};
+use crate::coordination::Expect;
 use crate::election::COORDINATION_CONTAINER;
 use crate::names::{SNAPSHOT_CONTAINER, SNAPSHOT_KEY};
 use crate::retry::RetryPolicy;
-use crate::coordination::Expect;
 use azure_core::http::{Etag, RequestContent};
 use azure_core::Bytes;
 use azure_storage_blob::models::{
