@@ -359,6 +359,18 @@ async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
     )
     .await;
     assert!(policies.to_string().contains("app-read"), "{policies}");
+    // The restored state replaced the rebuilt one: the rebuilt tier's management token is gone.
+    let (s, body) = call(
+        &lab,
+        Method::GET,
+        &format!("{consul_api}/v1/acl/token/self"),
+        c,
+        &new_mgmt,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 403, "the rebuilt tier's management token outlived the restore: {body}");
 
     lab.down().await;
 }
