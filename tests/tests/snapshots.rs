@@ -370,7 +370,10 @@ async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
     )
     .await
     .unwrap();
-    assert_eq!(s, 403, "the rebuilt tier's management token outlived the restore: {body}");
+    assert_eq!(
+        s, 403,
+        "the rebuilt tier's management token outlived the restore: {body}"
+    );
 
     lab.down().await;
 }
