@@ -4,6 +4,7 @@
 //! docs/trust-model.md says who can read it and what it allows.
 
 use super::http::CallError;
+use super::TierError;
 use crate::azure::Azure;
 use crate::names::{
     CONSUL_SNAPSHOT_POLICY, CONSUL_SNAPSHOT_RULES, NOMAD_SNAPSHOT_TOKEN_NAME,
@@ -24,7 +25,7 @@ pub struct HandOver {
 }
 
 impl HandOver {
-    pub async fn put(&self, tier: &str, token: &str) -> Result<(), String> {
+    pub async fn put(&self, tier: &str, token: &str) -> Result<(), TierError> {
         crate::material::put_secret(
             &self.az,
             &self.servers_vault,
@@ -32,7 +33,10 @@ impl HandOver {
             token,
         )
         .await
-        .map_err(|e| format!("snapshot credential hand-over: {e}"))
+        .map_err(|source| TierError::HandOver {
+            what: "snapshot credential hand-over",
+            source,
+        })
     }
 }
 
@@ -45,12 +49,15 @@ fn settle() -> RetryPolicy {
     }
 }
 
+/// What a refused write says when the object exists (Consul: "Invalid Policy: A Policy with Name … already exists").
+const ALREADY_EXISTS: &str = "already exists";
+
 /// One call: the body on 2xx; otherwise whether to try again (no answer, 429, 5xx, Consul's "legacy mode"
-/// right after its ACL bootstrap) and a line naming the call and status (never a body with a token).
+/// right after its ACL bootstrap) and the call and status (never a body with a token).
 async fn send(req: reqwest::RequestBuilder, what: &str) -> Attempt<Zeroizing<Vec<u8>>, CallError> {
     let r = match req.send().await {
         Ok(r) => r,
-        Err(e) => return Attempt::Retry(CallError(format!("{what}: {}", e.without_url()))),
+        Err(e) => return Attempt::Retry(CallError::transport(what, e)),
     };
     let status = r.status().as_u16();
     let body = Zeroizing::new(r.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
@@ -58,19 +65,26 @@ async fn send(req: reqwest::RequestBuilder, what: &str) -> Attempt<Zeroizing<Vec
         return Attempt::Done(body);
     }
     let text = String::from_utf8_lossy(&body);
-    let e = CallError(format!(
-        "{what}: HTTP {status}{}",
-        if text.contains("already exists") {
-            " (already exists)"
-        } else {
-            ""
-        }
-    ));
-    if status >= 500 || status == 429 || text.contains("legacy mode") {
+    let legacy = text.contains("legacy mode");
+    let e = if text.contains(ALREADY_EXISTS) {
+        CallError::refused(what, status, ALREADY_EXISTS)
+    } else {
+        CallError::status(what, status)
+    };
+    if status >= 500 || status == 429 || legacy {
         Attempt::Retry(e)
     } else {
         Attempt::Fail(e)
     }
+}
+
+/// Whether a refusal says the object exists.
+fn already_exists(e: &CallError) -> bool {
+    matches!(e, CallError::Status { detail, .. } if detail == ALREADY_EXISTS)
+}
+
+fn client(ca_file: &Path, timeout: Duration) -> Result<reqwest::Client, CallError> {
+    crate::services::health::client_for(ca_file, timeout).map_err(CallError::Client)
 }
 
 /// Consul: the `hashistack-snapshot` policy (`acl = "write"`) and a token for it.
@@ -78,8 +92,8 @@ pub async fn create_consul(
     api: &str,
     ca_file: &Path,
     management: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))?;
+) -> Result<Zeroizing<String>, TierError> {
+    let c = client(ca_file, Duration::from_secs(10))?;
     retry(settle(), |_| {
         let req = c
             .put(format!("{api}/v1/acl/policy"))
@@ -91,7 +105,7 @@ pub async fn create_consul(
             }));
         async move {
             match send(req, "snapshot policy").await {
-                Attempt::Fail(e) if e.0.contains("already exists") => Attempt::Done(()),
+                Attempt::Fail(e) if already_exists(&e) => Attempt::Done(()),
                 Attempt::Done(_) => Attempt::Done(()),
                 Attempt::Retry(e) => Attempt::Retry(e),
                 Attempt::RetryAfter(e, after) => Attempt::RetryAfter(e, after),
@@ -99,8 +113,7 @@ pub async fn create_consul(
             }
         }
     })
-    .await
-    .map_err(|e| e.last().to_string())?;
+    .await?;
     let body = retry(settle(), |_| {
         let req = c
             .put(format!("{api}/v1/acl/token"))
@@ -111,15 +124,14 @@ pub async fn create_consul(
             }));
         async move { send(req, "snapshot token").await }
     })
-    .await
-    .map_err(|e| e.last().to_string())?;
+    .await?;
     #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
     struct Created {
         #[serde(rename = "SecretID")]
         secret_id: String,
     }
     let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| "snapshot token: response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
 
@@ -129,8 +141,8 @@ pub async fn create_vault(
     api: &str,
     ca_file: &Path,
     root: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))?;
+) -> Result<Zeroizing<String>, TierError> {
+    let c = client(ca_file, Duration::from_secs(30))?;
     retry(settle(), |_| {
         let req = c
             .put(format!("{api}/v1/sys/policies/acl/{VAULT_SNAPSHOT_POLICY}"))
@@ -138,8 +150,7 @@ pub async fn create_vault(
             .json(&serde_json::json!({"policy": VAULT_SNAPSHOT_RULES}));
         async move { send(req, "snapshot policy").await }
     })
-    .await
-    .map_err(|e| e.last().to_string())?;
+    .await?;
     let body = retry(settle(), |_| {
         let req = c
             .post(format!("{api}/v1/auth/token/create-orphan"))
@@ -154,8 +165,7 @@ pub async fn create_vault(
             }));
         async move { send(req, "snapshot token").await }
     })
-    .await
-    .map_err(|e| e.last().to_string())?;
+    .await?;
     #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
     struct Auth {
         client_token: String,
@@ -165,7 +175,7 @@ pub async fn create_vault(
         auth: Auth,
     }
     let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| "snapshot token: response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
 }
 
@@ -175,8 +185,8 @@ pub async fn create_nomad(
     api: &str,
     ca_file: &Path,
     management: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))?;
+) -> Result<Zeroizing<String>, TierError> {
+    let c = client(ca_file, Duration::from_secs(10))?;
     #[derive(serde::Deserialize)]
     struct Stub {
         #[serde(rename = "AccessorID")]
@@ -207,9 +217,7 @@ pub async fn create_nomad(
                 Attempt::Fail(e) => return Attempt::Fail(e),
             };
             let Ok(stubs) = serde_json::from_slice::<Vec<Stub>>(&list) else {
-                return Attempt::Fail(CallError(
-                    "snapshot token list: response did not parse".into(),
-                ));
+                return Attempt::Fail(CallError::unparsable("snapshot token list"));
             };
             let req = match stubs
                 .iter()
@@ -230,9 +238,8 @@ pub async fn create_nomad(
             send(req, "snapshot token").await
         }
     })
-    .await
-    .map_err(|e| e.last().to_string())?;
+    .await?;
     let mut t: Token = serde_json::from_slice(&body)
-        .map_err(|_| "snapshot token: response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
