@@ -130,8 +130,8 @@ pub async fn create_consul(
         #[serde(rename = "SecretID")]
         secret_id: String,
     }
-    let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| CallError::unparsable("snapshot token"))?;
+    let mut t: Created =
+        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
 
@@ -174,8 +174,8 @@ pub async fn create_vault(
     struct Created {
         auth: Auth,
     }
-    let mut t: Created = serde_json::from_slice(&body)
-        .map_err(|_| CallError::unparsable("snapshot token"))?;
+    let mut t: Created =
+        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
 }
 
@@ -239,7 +239,7 @@ pub async fn create_nomad(
         }
     })
     .await?;
-    let mut t: Token = serde_json::from_slice(&body)
-        .map_err(|_| CallError::unparsable("snapshot token"))?;
+    let mut t: Token =
+        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
     Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
 }
