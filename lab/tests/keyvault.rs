@@ -1,4 +1,4 @@
-//! The Key Vault contract double (lab/src/keyvault.rs) against the OFFICIAL Azure SDK for Rust clients
+//! The Key Vault contract double (lab/src/keyvault/) against the OFFICIAL Azure SDK for Rust clients
 //! (`azure_security_keyvault_secrets` / `azure_security_keyvault_keys` 1.0.0 on azure_core 1.1), over
 //! HTTPS with a lab-CA certificate. Every test talks to a fresh double on 127.0.0.1 with free ports.
 

@@ -817,7 +817,7 @@ def check_unseal_key(t: dict, ev: Evaluator) -> list[str]:
 
 # Secrets are split across Key Vaults by who may read them (Azure RBAC is additive: a vault is the boundary).
 # Who may get and who may set secrets in each vault, counting assignments on the vault and above it. Mirrors
-# KeyVaultDouble::model_arm in lab/src/keyvault.rs and agent/src/material.rs `Vaults`.
+# KeyVaultDouble::model_arm in lab/src/keyvault/mod.rs and agent/src/material.rs `Vaults`.
 SECRET_GET = f"{KV}/secrets/getSecret/action"
 SECRET_SET = f"{KV}/secrets/setSecret/action"
 VAULT_SECRET_ACCESS = {

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("writers", ["bootstrap", "publish"]),
     ("boot, the orchestrator", ["boot", "snapshot"]),
     ("the reader", ["status", "smoke"]),
-    ("operators' commands and the image", ["image", "main"]),
+    ("operators' commands and the image", ["image", "main", "cli"]),
 ]
 
 PATH = r"[a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*"

@@ -1,0 +1,88 @@
+//! `hashistack-agent boot`: what systemd runs at every boot. Configures the node and starts its services
+//! (`boot::boot`), publishes its boot record, runs the tier bootstrap, converges the Consul agent token and the
+//! Nomad workload identities, then (process backend) supervises the services until SIGTERM. The services keep
+//! running whatever the bootstrap concludes; a failure makes the unit fail, so it is visible.
+
+use super::fail;
+use hashistack_agent::config::AgentConfig;
+use hashistack_agent::{boot, publish};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
+    let cfg = match AgentConfig::load_or_default(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let mut booted = match boot::boot(&cfg, started).await {
+        Ok(b) => b,
+        Err((e, record, metadata)) => {
+            // Without metadata (IMDS unreachable) there is nowhere to publish to.
+            if let (Some(r), Some(md)) = (&record, &metadata) {
+                publish::publish_failure(&cfg, r, md).await;
+            }
+            return fail(e.exit_code() as u8, e);
+        }
+    };
+    let publishing = publish::spawn(&cfg, &booted.record, Some(&booted.spec));
+    tracing::info!(
+        critical_path_ms = booted.record.critical_path_ms,
+        "services started"
+    );
+    // The services keep running whatever the bootstrap concludes; a failure is recorded for `status` and
+    // makes the unit fail, so it is visible.
+    let mut code = ExitCode::SUCCESS;
+    let bootstrap = boot::bootstrap_phase(&cfg, &mut booted).await;
+    let ran = !matches!(bootstrap, Ok(None));
+    let newer = ran.then_some(&booted.record);
+    publishing.then(&cfg, newer, Some(&booted.spec)).await;
+    let bootstrapped = matches!(bootstrap, Ok(Some(_)));
+    match bootstrap {
+        Ok(Some(outcome)) => tracing::info!(?outcome, "tier bootstrap"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "tier bootstrap failed");
+            eprintln!("hashistack-agent: {e}");
+            code = ExitCode::from(1);
+        }
+    }
+    match boot::converge_consul_token(&cfg, &mut booted).await {
+        Ok(true) => {}
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "consul agent token");
+            code = ExitCode::from(1);
+        }
+    }
+    if bootstrapped {
+        use hashistack_agent::bootstrap::workload_identity::Converged;
+        match boot::converge_workload_identity(&cfg, &mut booted).await {
+            Ok(None) => {}
+            Ok(Some(Converged::Waiting { tier })) => tracing::info!(
+                waiting_for = tier,
+                "Nomad workload identities: Vault's JWT auth method is configured by the tier that finishes last"
+            ),
+            Ok(Some(Converged::Ensured(how))) => {
+                tracing::info!(?how, "Nomad workload identities: Vault's JWT auth method points at the Nomad servers' JWKS")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Nomad workload identities");
+                eprintln!("hashistack-agent: {e}");
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    // The process backend keeps supervising its children until SIGTERM/SIGINT; systemd returns at once.
+    let shutdown = Box::pin(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down");
+    });
+    booted.manager.run_until(shutdown).await;
+    code
+}
