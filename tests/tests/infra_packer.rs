@@ -806,18 +806,28 @@ fn packer_layout_agrees_with_the_image_contract() {
         .find(|l| l.starts_with("for unit in hashistack-agent"))
         .unwrap();
     for (name, _) in UNITS {
-        assert!(
-            installed.contains(name.trim_end_matches(".service")),
-            "40-agent-and-units.sh skips {name}"
-        );
+        // Services through the loop; anything else (the snapshot timer) by its own install line.
+        let by_loop =
+            name.ends_with(".service") && installed.contains(name.trim_end_matches(".service"));
+        let by_line = units.lines().any(|l| {
+            l.starts_with("install ")
+                && l.contains(&format!("systemd/{name}\""))
+                && l.contains(&format!("/etc/systemd/system/{name}"))
+        });
+        assert!(by_loop || by_line, "40-agent-and-units.sh skips {name}");
     }
     assert_eq!(
         contract.enabled_units,
-        ["hashistack-agent.service", "hashistack-imds-guard.service"]
+        [
+            "hashistack-agent.service",
+            "hashistack-imds-guard.service",
+            "hashistack-snapshot.timer"
+        ]
     );
     assert!(
         units.contains("systemctl enable hashistack-agent.service hashistack-imds-guard.service")
     );
+    assert!(units.contains("systemctl enable hashistack-snapshot.timer"));
     // The IMDS guard's rules: checked with nft -c and installed where the contract expects them.
     for (name, _) in NFT_RULES {
         let stem = name.trim_end_matches(".nft");
