@@ -108,6 +108,31 @@ pub(super) async fn wait_for_leader(
     })
 }
 
+/// The secret of a token a Consul or Nomad token-create answer carries (`SecretID`); `what` names the call.
+pub(super) fn acl_secret(body: &[u8], what: &str) -> Result<Zeroizing<String>, CallError> {
+    #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+    struct Created {
+        #[serde(rename = "SecretID")]
+        secret_id: String,
+    }
+    let mut t: Created = serde_json::from_slice(body).map_err(|_| CallError::unparsable(what))?;
+    Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
+}
+
+/// The token a Vault token-create answer carries (`auth.client_token`); `what` names the call.
+pub(super) fn vault_client_token(body: &[u8], what: &str) -> Result<Zeroizing<String>, CallError> {
+    #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+    struct Auth {
+        client_token: String,
+    }
+    #[derive(Deserialize)]
+    struct Created {
+        auth: Auth,
+    }
+    let mut t: Created = serde_json::from_slice(body).map_err(|_| CallError::unparsable(what))?;
+    Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
+}
+
 /// What is escrowed for a tier bootstrapped through its ACL system (Consul, Nomad). Escrowed before use,
 /// `accessor_id` is empty (the server chooses it).
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]

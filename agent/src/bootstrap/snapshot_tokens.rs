@@ -125,14 +125,7 @@ pub async fn create_consul(
         async move { send(req, "snapshot token").await }
     })
     .await?;
-    #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-    struct Created {
-        #[serde(rename = "SecretID")]
-        secret_id: String,
-    }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
-    Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
+    Ok(super::http::acl_secret(&body, "snapshot token")?)
 }
 
 /// Vault: the `hashistack-snapshot` policy (read `sys/storage/raft/snapshot`, renew itself) and an orphan periodic
@@ -166,17 +159,7 @@ pub async fn create_vault(
         async move { send(req, "snapshot token").await }
     })
     .await?;
-    #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-    struct Auth {
-        client_token: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Created {
-        auth: Auth,
-    }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
-    Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
+    Ok(super::http::vault_client_token(&body, "snapshot token")?)
 }
 
 /// Nomad: a management token named `hashistack snapshot` (Nomad < 2.0 saves snapshots for management tokens
@@ -195,11 +178,6 @@ pub async fn create_nomad(
         name: String,
         #[serde(rename = "Type", default)]
         kind: String,
-    }
-    #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-    struct Token {
-        #[serde(rename = "SecretID")]
-        secret_id: String,
     }
     let body = retry(settle(), |_| {
         let c = c.clone();
@@ -239,7 +217,5 @@ pub async fn create_nomad(
         }
     })
     .await?;
-    let mut t: Token =
-        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("snapshot token"))?;
-    Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
+    Ok(super::http::acl_secret(&body, "snapshot token")?)
 }

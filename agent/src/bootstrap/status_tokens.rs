@@ -99,14 +99,7 @@ pub async fn create_consul(
             "Policies": [{"Name": CONSUL_POLICY}],
         }));
     let body = send_json(req, "status token").await?;
-    #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-    struct Created {
-        #[serde(rename = "SecretID")]
-        secret_id: String,
-    }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("status token"))?;
-    Ok(Zeroizing::new(std::mem::take(&mut t.secret_id)))
+    super::http::acl_secret(&body, "status token")
 }
 
 /// Creates the Vault `status-read` policy and an orphan periodic token for it with the root token.
@@ -145,15 +138,5 @@ pub async fn create_vault(
             "meta": {"purpose": "hashistack-agent status (read-only)"},
         }));
     let body = send_json(req, "status token").await?;
-    #[derive(serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-    struct Auth {
-        client_token: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Created {
-        auth: Auth,
-    }
-    let mut t: Created =
-        serde_json::from_slice(&body).map_err(|_| CallError::unparsable("status token"))?;
-    Ok(Zeroizing::new(std::mem::take(&mut t.auth.client_token)))
+    super::http::vault_client_token(&body, "status token")
 }
