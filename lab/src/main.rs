@@ -291,11 +291,34 @@ async fn main() -> ExitCode {
                 }
             };
             if only.as_deref() == Some("snapshot") {
+                let env_agent = std::env::var_os("HASHISTACK_AGENT").map(PathBuf::from);
+                let verbose = std::env::var_os("LAB_VERBOSE").is_some();
+                let chosen = bench::snapshot_agent(
+                    agent_release.as_deref(),
+                    lab_agent.as_deref(),
+                    env_agent.as_deref(),
+                )
+                .and_then(|a| match a {
+                    Some(a) => Ok(a),
+                    None => {
+                        let mut b = bench::BenchOptions::new(repo_root().join(".lab/bench"), net);
+                        b.verbose = verbose;
+                        bench::build_release_agent(&b)
+                    }
+                });
+                let agent = match chosen {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("hashistack-lab bench: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
                 let o = bench::SnapshotBenchOptions {
                     state_dir: repo_root().join(".lab/bench-snapshot"),
                     net: snapshot_net,
                     data_mb: snapshot_mb,
-                    verbose: std::env::var_os("LAB_VERBOSE").is_some(),
+                    verbose,
+                    agent,
                 };
                 return match bench::snapshot_run(&o, tools).await {
                     Ok(r) if json => {

@@ -42,7 +42,7 @@ pub use report::{
     GOAL_BINARY_BYTES, GOAL_BOOTSTRAP_RATIO, GOAL_CRITICAL_PATH_MS, GOAL_RSS_BYTES,
 };
 pub use snapshot::{
-    measure_cli, run_measured, snapshot_run, SnapshotBench, SnapshotBenchOptions,
+    measure_cli, run_measured, snapshot_agent, snapshot_run, SnapshotBench, SnapshotBenchOptions,
     SNAPSHOT_MAX_RSS_BYTES,
 };
 pub use tiers::{tier_run, Mode, TierRun};

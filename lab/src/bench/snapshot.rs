@@ -1,7 +1,7 @@
 //! `hashistack-lab bench --only snapshot` (issue 11, item 6): a Consul tier holding `--snapshot-mb` MB of KV data,
 //! `hashistack-agent snapshot --now` and `snapshot restore` each measured (time, peak RSS) under `hashistack-lab rss`.
 
-use super::{machine, BenchError};
+use super::{machine, profile_of, BenchError};
 use crate::lab::{Lab, LabOptions};
 use crate::tools::Tools;
 use serde::Serialize;
@@ -20,12 +20,39 @@ pub struct SnapshotBenchOptions {
     /// Data written to Consul's KV store before the snapshot, in MB (10^6 bytes), as 500 kB values.
     pub data_mb: u32,
     pub verbose: bool,
+    /// The agent measured (and run by the lab's one Consul server): see [`snapshot_agent`].
+    pub agent: PathBuf,
+}
+
+/// The agent the snapshot bench measures: `--agent-release`, else `--lab-agent`, else `$HASHISTACK_AGENT`, else
+/// `None` (the caller builds the release agent). A path given that is not an executable file is refused, naming
+/// it, before any lab starts.
+pub fn snapshot_agent(
+    agent_release: Option<&Path>,
+    lab_agent: Option<&Path>,
+    env_agent: Option<&Path>,
+) -> Result<Option<PathBuf>, BenchError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(p) = agent_release.or(lab_agent).or(env_agent) else {
+        return Ok(None);
+    };
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(Some(p.to_path_buf())),
+        Ok(_) => Err(BenchError::Failed(format!(
+            "{}: not an executable file",
+            p.display()
+        ))),
+        Err(e) => Err(BenchError::Failed(format!("{}: {e}", p.display()))),
+    }
 }
 
 /// One measured snapshot and restore of a Consul tier holding `data_bytes` of KV data.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotBench {
     pub machine: String,
+    /// The measured agent's path and build profile (`release`, `debug`, …).
+    pub agent: PathBuf,
+    pub agent_profile: &'static str,
     pub data_bytes: u64,
     /// Consul's snapshot (gzipped tar; the values are random, so it does not shrink).
     pub snapshot_bytes: u64,
@@ -44,12 +71,15 @@ impl SnapshotBench {
         let mb = |b: u64| b as f64 / 1e6;
         format!(
             "snapshot bench on {}\n\
+             agent                 {} ({})\n\
              data written          {:>8.1} MB (Consul KV, 500 kB random values)\n\
              snapshot (plaintext)  {:>8.1} MB, stored encrypted {:.1} MB\n\
              snapshot              {:>8} ms, agent peak RSS {:.1} MB\n\
              restore (check+load)  {:>8} ms, agent peak RSS {:.1} MB\n\
              RSS limit             {:>8.1} MB: {}\n",
             self.machine,
+            self.agent.display(),
+            self.agent_profile,
             mb(self.data_bytes),
             mb(self.snapshot_bytes),
             mb(self.stored_bytes),
@@ -174,7 +204,9 @@ pub async fn snapshot_run(
     lo.nomad_servers = 0;
     lo.jumpbox = Some(false);
     lo.verbose = o.verbose;
-    let agent = tools.agent.clone();
+    let mut tools = tools;
+    tools.agent = o.agent.clone();
+    let agent = o.agent.clone();
     let mut lab = Lab::up(lo, tools).await?;
     let result: Result<SnapshotBench, BenchError> = async {
         lab.wait_healthy(Duration::from_secs(180))
@@ -304,6 +336,8 @@ pub async fn snapshot_run(
         let last = &record["last_success"];
         Ok(SnapshotBench {
             machine: machine(),
+            agent: agent.clone(),
+            agent_profile: profile_of(&agent),
             data_bytes: values as u64 * 500_000,
             snapshot_bytes: last["plaintext_bytes"].as_u64().unwrap_or(0),
             stored_bytes: last["stored_bytes"].as_u64().unwrap_or(0),
