@@ -206,6 +206,38 @@ fn one_line(o: &Output) -> String {
     lines[0].to_string()
 }
 
+/// The tokens a Consul tier's bootstrap hands over through Key Vault, as (vault, secret) — docs/runbooks.md,
+/// "rebuild a tier from nothing", step 5: the Consul agent token and Nomad's Consul token (shared vault), the
+/// status token (status vault), the snapshot credential (servers vault). Only those the lab's tier wrote.
+fn consul_handed_over(lab: &Lab) -> Vec<(&'static str, String, String)> {
+    use hashistack_agent::names;
+    use hashistack_lab::keyvault::{SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT};
+    let cluster = &lab.opts.cluster;
+    [
+        (SHARED_VAULT, names::agent_token_secret(cluster)),
+        (SHARED_VAULT, names::nomad_token_secret(cluster)),
+        (STATUS_VAULT, names::CONSUL_SECRET.to_string()),
+        (
+            SERVERS_VAULT,
+            names::snapshot_token_secret(cluster, "consul"),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(vault, name)| {
+        let v = lab.keyvault.as_ref()?.vault(vault)?.secret_value(&name)?;
+        Some((vault, name, v))
+    })
+    .collect()
+}
+
+/// `hashistack-agent snapshot --now` on every Consul server: whether one of them took a snapshot.
+fn any_consul_snapshot_taken(lab: &Lab) -> bool {
+    nodes_of(lab, Role::ConsulServer).into_iter().any(|i| {
+        let o = snapshot_on(lab, i);
+        o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("snapshot ")
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
     let mut lab = healthy_lab(options("snapshots-rebuild", 140)).await;
@@ -292,7 +324,14 @@ async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
     });
     assert!(leader.is_some(), "the leader finds its snapshot recent");
 
-    // Consul from nothing.
+    // Consul from nothing. What its bootstrap handed over through Key Vault, as the snapshot knows it.
+    let handed_before = consul_handed_over(&lab);
+    let names: Vec<&str> = handed_before.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"status-consul-token")
+            && names.iter().any(|n| n.ends_with("-consul-agent-token")),
+        "{names:?}"
+    );
     destroy_and_rebuild(&mut lab, Role::ConsulServer, "consul").await;
     let new_mgmt: Value = serde_json::from_slice(&escrow_open(&lab, &operator, "consul")).unwrap();
     let new_mgmt = new_mgmt["secret_id"].as_str().unwrap().to_string();
@@ -374,6 +413,73 @@ async fn consul_comes_back_from_nothing_with_its_data_and_tokens() {
         s, 403,
         "the rebuilt tier's management token outlived the restore: {body}"
     );
+
+    // Runbook step 5. The rebuilt tier handed over tokens of its own through Key Vault; the restored state does
+    // not know them, and knows the ones the snapshot's tier handed over.
+    let handed_rebuilt = consul_handed_over(&lab);
+    assert_eq!(handed_rebuilt.len(), handed_before.len());
+    let token_self = format!("{consul_api}/v1/acl/token/self");
+    for ((_, name, old), (_, _, new)) in handed_before.iter().zip(&handed_rebuilt) {
+        assert_ne!(old, new, "{name}: the rebuilt tier handed over a new token");
+        let (s, _) = call(&lab, Method::GET, &token_self, c, new, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            s, 403,
+            "{name}: the rebuilt tier's token is unknown after the restore"
+        );
+        let (s, body) = call(&lab, Method::GET, &token_self, c, old, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            s, 200,
+            "{name}: the snapshot's token is known again: {body}"
+        );
+    }
+    // So the tier's snapshot credential (the rebuilt one, in the servers vault) is refused: no snapshot.
+    assert!(
+        !any_consul_snapshot_taken(&lab),
+        "a snapshot was taken with the rebuilt tier's credential"
+    );
+    // Set each secret back to the version current when the snapshot was taken (what the operator does with
+    // `az keyvault secret set --value "$(az keyvault secret show --id <old version id> …)"`), then restart
+    // hashistack-agent on every node.
+    for (vault, name, old) in &handed_before {
+        let v = lab.keyvault.as_ref().unwrap().vault(vault).unwrap();
+        v.set_secret(name, old).unwrap();
+    }
+    for i in 0..lab.nodes.len() {
+        lab.reboot(i).await.unwrap();
+    }
+    wait_healthy(&lab, Duration::from_secs(180)).await;
+    // The snapshot credential works again, and status (the jumpbox, with the status token) is healthy.
+    eventually(
+        "the leader snapshots with the restored credential",
+        || async {
+            if any_consul_snapshot_taken(&lab) {
+                Ok(())
+            } else {
+                Err("no snapshot taken".to_string())
+            }
+        },
+    )
+    .await;
+    let j = lab.jumpbox().expect("the lab has a jumpbox");
+    eventually("status is healthy after step 5", || async {
+        let o = tokio::process::Command::new(agent(&lab))
+            .args(["status", "--json", "--config"])
+            .arg(&lab.nodes[j].config_path)
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+        if v["verdict"] == "healthy" {
+            Ok(())
+        } else {
+            Err(format!("{v:#}"))
+        }
+    })
+    .await;
 
     lab.down().await;
 }
