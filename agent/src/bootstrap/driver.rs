@@ -501,3 +501,6 @@ async fn preflight(d: &Driver<'_>, tier: &str, escrow_id: &str) -> Result<(), Bo
     d.escrow.upload_keyvault(&probe).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
