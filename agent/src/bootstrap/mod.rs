@@ -148,8 +148,8 @@ pub enum TierError {
     #[error(transparent)]
     WorkloadIdentity(#[from] workload_identity::WorkloadIdentityError),
     /// The audit device is not active as configured (worded for the operator, with the procedure to follow).
-    #[error("{0}")]
-    Audit(String),
+    #[error(transparent)]
+    Audit(#[from] vault::AuditError),
     /// What this tier does not do (the trait's defaults).
     #[error("this tier {0}")]
     Unsupported(&'static str),
