@@ -689,7 +689,15 @@ mod tests {
         pre_escrowed_before.pre_escrows = vec!["100-old".into()];
         let escrowed_before = state(Initialized, "other", 5000, &[(Initializing, "other")], BOTH);
         // (what, state before the pre-flight, pre-escrowed, started over, answer, want)
-        let rows: Vec<(&str, &TierState, bool, bool, Result<&str, Failure>, AfterCall<&str>)> = vec![
+        type Row<'a> = (
+            &'a str,
+            &'a TierState,
+            bool,
+            bool,
+            Result<&'a str, Failure>,
+            AfterCall<&'a str>,
+        );
+        let rows: Vec<Row> = vec![
             ("the secrets", &fresh, false, false, Ok("secrets"), AfterCall::Escrow("secrets")),
             ("the secrets after a restart", &mine, false, true, Ok("secrets"), AfterCall::Escrow("secrets")),
             (
