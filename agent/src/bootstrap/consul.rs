@@ -563,7 +563,7 @@ mod tests {
         consul: Consul,
     }
 
-    /// Drives the tier as the protocol does (bootstrap::lead_bootstrap): escrow the `pre_secret` payload
+    /// Drives the tier as the protocol does (bootstrap::driver::lead): escrow the `pre_secret` payload
     /// (here: into the double's escrow record, standing in for both targets), then call `bootstrap`.
     async fn run(consul: Consul, path: BootstrapPath, deadline: Duration) -> Run {
         let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(consul));
