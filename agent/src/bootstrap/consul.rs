@@ -16,7 +16,7 @@
 pub use super::http::Answer;
 use super::http::{AclBootstrap, AclSecrets, CallError, TokenResponse};
 use super::{Tier, TierError, TierFailure};
-use crate::retry::{retry, Attempt, RetryPolicy, TimeoutError};
+use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use crate::version::Version;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,8 +136,9 @@ impl TimeoutError for CheckError {
 }
 
 impl ConsulTier {
-    fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+    fn client(&self, timeout: Duration) -> Result<reqwest::Client, CallError> {
         crate::services::health::client_for(&self.ca_file, timeout)
+            .map_err(|e| CallError::Client(e.to_string()))
     }
 
     /// Whether `secret` is a valid token (an earlier attempt with it landed): its accessor ID if so.
@@ -148,7 +149,7 @@ impl ConsulTier {
         c: &reqwest::Client,
         secret: &str,
         deadline: Duration,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, RetryError<CheckError>> {
         let url = format!("{}/v1/acl/token/self", self.api);
         let policy = RetryPolicy {
             deadline,
@@ -193,7 +194,6 @@ impl ConsulTier {
             }
         })
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// The bootstrap call, retrying retryable answers until `deadline`; `check` bounds the `token/self`
@@ -205,7 +205,9 @@ impl ConsulTier {
     ) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
         // Generous timeout: on the server-generated path an answer lost after the server made the token
         // would leave the token nowhere.
-        let c = self.client(deadline).map_err(TierFailure::Other)?;
+        let c = self
+            .client(deadline)
+            .map_err(|e| TierFailure::Other(e.to_string()))?;
         AclBootstrap {
             product: "Consul",
             kind: KIND,
@@ -228,9 +230,7 @@ impl Tier for ConsulTier {
     }
 
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
-        let c = self
-            .client(Duration::from_secs(5))
-            .map_err(CallError::Client)?;
+        let c = self.client(Duration::from_secs(5))?;
         super::http::wait_for_leader(&c, &self.api, "Consul", deadline).await
     }
 
@@ -281,9 +281,9 @@ impl Tier for ConsulTier {
             let token =
                 super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
                     .await
-                    .map_err(|detail| TierError::Step {
+                    .map_err(|e| TierError::Step {
                         step: "agent token",
-                        detail,
+                        detail: e.to_string(),
                     })?;
             crate::material::put_secret(
                 az,
@@ -563,7 +563,7 @@ mod tests {
         consul: Consul,
     }
 
-    /// Drives the tier as the protocol does (bootstrap::lead_bootstrap): escrow the `pre_secret` payload
+    /// Drives the tier as the protocol does (bootstrap::driver::lead): escrow the `pre_secret` payload
     /// (here: into the double's escrow record, standing in for both targets), then call `bootstrap`.
     async fn run(consul: Consul, path: BootstrapPath, deadline: Duration) -> Run {
         let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(consul));

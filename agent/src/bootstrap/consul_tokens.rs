@@ -2,6 +2,7 @@
 //! handed to every node through the shared Key Vault (`<cluster>-consul-agent-token`). Agents render it as
 //! `acl.tokens.agent` and reload Consul (ACL tokens are reloadable on SIGHUP).
 
+use super::http::CallError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
@@ -55,8 +56,9 @@ pub async fn create_agent_token(
     api: &str,
     ca_file: &Path,
     management: &str,
-) -> Result<Zeroizing<String>, String> {
-    let c = crate::services::health::client_for(ca_file, Duration::from_secs(20))?;
+) -> Result<Zeroizing<String>, CallError> {
+    let c = crate::services::health::client_for(ca_file, Duration::from_secs(20))
+        .map_err(|e| CallError::Client(e.to_string()))?;
     let policy = PolicyReq {
         name: AGENT_POLICY,
         description: "hashistack: Consul agents (node registration, service read)",
@@ -68,7 +70,7 @@ pub async fn create_agent_token(
         .json(&policy)
         .send()
         .await
-        .map_err(|e| format!("agent policy: {}", e.without_url()))?;
+        .map_err(|e| CallError::transport("agent policy", e))?;
     let status = r.status().as_u16();
     // An earlier, interrupted run may have created it already ("Invalid Policy: A Policy with Name … already exists").
     if status != 200
@@ -78,7 +80,7 @@ pub async fn create_agent_token(
             .unwrap_or_default()
             .contains("already exists")
     {
-        return Err(format!("agent policy: HTTP {status}"));
+        return Err(CallError::status("agent policy", status));
     }
     let token = TokenReq {
         description: "hashistack: agent token",
@@ -90,14 +92,14 @@ pub async fn create_agent_token(
         .json(&token)
         .send()
         .await
-        .map_err(|e| format!("agent token: {}", e.without_url()))?;
+        .map_err(|e| CallError::transport("agent token", e))?;
     if !r.status().is_success() {
-        return Err(format!("agent token: HTTP {}", r.status().as_u16()));
+        return Err(CallError::status("agent token", r.status().as_u16()));
     }
     let t: TokenResp = r
         .json()
         .await
-        .map_err(|_| "agent token response did not parse".to_string())?;
+        .map_err(|_| CallError::unparsable("agent token"))?;
     Ok(Zeroizing::new(t.secret_id))
 }
 

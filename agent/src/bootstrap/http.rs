@@ -211,14 +211,15 @@ impl<'a> AclBootstrap<'a> {
     /// Calls until the token comes back (its escrow payload), a final answer, or the deadline. "Already
     /// done" with a caller secret asks `own_token` whether that secret is a valid token (an earlier attempt
     /// of ours landed): its accessor ID if so, `None` if not, an error while that cannot be told.
-    pub async fn call<F, Fut>(
+    pub async fn call<F, Fut, E>(
         &self,
         c: &reqwest::Client,
         own_token: F,
     ) -> Result<Zeroizing<Vec<u8>>, TierFailure>
     where
         F: FnOnce(&'a str) -> Fut,
-        Fut: Future<Output = Result<Option<String>, String>>,
+        Fut: Future<Output = Result<Option<String>, E>>,
+        E: std::fmt::Display,
     {
         let body = self.secret.map(|s| {
             Zeroizing::new(

@@ -166,7 +166,7 @@ mod tests {
         after: LocalState,
     ) -> Server<
         impl Fn() -> std::future::Ready<LocalState>,
-        impl FnOnce() -> std::future::Ready<Result<(), String>>,
+        impl FnOnce() -> std::future::Ready<Result<(), crate::bootstrap::TierError>>,
     > {
         let resets = Arc::new(AtomicU32::new(0));
         let r = resets.clone();
@@ -266,7 +266,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_reset_is_reported_with_its_reason() {
         let probe = || std::future::ready(LocalState::Uninitialized);
-        let reset = || std::future::ready(Err("stop vault: permission denied".to_string()));
+        let reset = || {
+            std::future::ready(Err(crate::bootstrap::TierError::Step {
+                step: "stop vault",
+                detail: "permission denied".into(),
+            }))
+        };
         assert_eq!(
             converge(quick(), probe, reset).await,
             Err(JoinFailure::ResetFailed(

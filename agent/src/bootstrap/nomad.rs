@@ -122,7 +122,7 @@ pub async fn create_status_token(
 ) -> Result<(Zeroizing<String>, bool), RetryError<CallError>> {
     use crate::names::{NOMAD_POLICY, NOMAD_RULES, NOMAD_TOKEN_NAME};
     let c = crate::services::health::client_for(ca_file, policy.attempt_timeout)
-        .map_err(|e| RetryError::Final(CallError::Client(e)))?;
+        .map_err(|e| RetryError::Final(CallError::Client(e.to_string())))?;
     // 1. The policy: an upsert, so one that exists (an earlier run) is simply written again.
     let body = serde_json::json!({
         "Name": NOMAD_POLICY,
@@ -265,8 +265,9 @@ impl NomadTier {
         }
     }
 
-    fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+    fn client(&self, timeout: Duration) -> Result<reqwest::Client, CallError> {
         crate::services::health::client_for(&self.ca_file, timeout)
+            .map_err(|e| CallError::Client(e.to_string()))
     }
 
     /// Whether our secret is a valid token (our own earlier attempt landed): its accessor ID if so, `None`
@@ -276,7 +277,7 @@ impl NomadTier {
         &self,
         c: &reqwest::Client,
         deadline: Duration,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, RetryError<CallError>> {
         own_token(c, &self.api, &self.secret, deadline).await
     }
 }
@@ -320,7 +321,7 @@ pub async fn own_token(
     api: &str,
     secret: &str,
     deadline: Duration,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, RetryError<CallError>> {
     let url = format!("{api}/v1/acl/token/self");
     let policy = RetryPolicy {
         deadline,
@@ -346,7 +347,6 @@ pub async fn own_token(
         }
     })
     .await
-    .map_err(|e| e.to_string())
 }
 
 #[async_trait::async_trait]
@@ -356,9 +356,7 @@ impl Tier for NomadTier {
     }
 
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
-        let c = self
-            .client(Duration::from_secs(5))
-            .map_err(CallError::Client)?;
+        let c = self.client(Duration::from_secs(5))?;
         super::http::wait_for_leader(&c, &self.api, "Nomad", deadline).await
     }
 
@@ -378,7 +376,7 @@ impl Tier for NomadTier {
         // Generous timeout: with a known secret a lost answer is harmless (the retry finds our token).
         let c = self
             .client(Duration::from_secs(60))
-            .map_err(TierFailure::Other)?;
+            .map_err(|e| TierFailure::Other(e.to_string()))?;
         AclBootstrap {
             product: "Nomad",
             kind: KIND,
@@ -605,20 +603,28 @@ mod tests {
             drop(l);
             format!("http://{a}")
         };
-        let e = own_token(&c, &closed, secret, short).await.unwrap_err();
+        let e = own_token(&c, &closed, secret, short)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("token/self"), "{e}");
         // A server without a leader for longer than the deadline: an error too.
         let api = token_self_server(u32::MAX, secret).await;
-        let e = own_token(&c, &api, secret, short).await.unwrap_err();
+        let e = own_token(&c, &api, secret, short)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("HTTP 500"), "{e}");
         // Once it answers: ours after a few "No cluster leader", or not ours.
         let api = token_self_server(2, secret).await;
         assert_eq!(
-            own_token(&c, &api, secret, Duration::from_secs(10)).await,
-            Ok(Some("acc-known".into()))
+            own_token(&c, &api, secret, Duration::from_secs(10))
+                .await
+                .unwrap(),
+            Some("acc-known".into())
         );
         let api = token_self_server(0, "another-secret").await;
-        assert_eq!(own_token(&c, &api, secret, short).await, Ok(None));
+        assert_eq!(own_token(&c, &api, secret, short).await.unwrap(), None);
     }
 
     /// A scripted stand-in for Nomad's ACL routes (shapes as the API documents them): answers the first
@@ -751,16 +757,17 @@ mod tests {
     async fn status_token(
         server: acl_fake::Server,
         management: &str,
-    ) -> (Result<(Zeroizing<String>, bool), String>, acl_fake::Shared) {
+    ) -> (
+        Result<(Zeroizing<String>, bool), RetryError<CallError>>,
+        acl_fake::Shared,
+    ) {
         let state = std::sync::Arc::new(std::sync::Mutex::new(server));
         let api = acl_fake::serve(state.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.cert.pem()).unwrap();
-        let r = create_status_token(&api, &ca_file, management, quick())
-            .await
-            .map_err(|e| e.to_string());
+        let r = create_status_token(&api, &ca_file, management, quick()).await;
         (r, state)
     }
 
@@ -817,7 +824,7 @@ mod tests {
         // A token Nomad refuses: one request, no retries, and the management secret in no error.
         let wrong = "00000000-1111-4222-8333-999999999999";
         let (r, state) = status_token(acl_fake::Server::default(), wrong).await;
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert!(
             e.contains("status policy: HTTP 403: Permission denied"),
             "{e}"
@@ -833,7 +840,7 @@ mod tests {
             acl_fake::MANAGEMENT,
         )
         .await;
-        assert!(r.unwrap_err().contains("HTTP 400"));
+        assert!(r.unwrap_err().to_string().contains("HTTP 400"));
         assert_eq!(state.lock().unwrap().requests, 1);
         // A server that never settles: retried until the deadline, then the last error.
         let start = std::time::Instant::now();
@@ -845,7 +852,7 @@ mod tests {
             acl_fake::MANAGEMENT,
         )
         .await;
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert!(
             e.starts_with("gave up after") && e.contains("No cluster leader"),
             "{e}"

@@ -257,15 +257,49 @@ fn audit_policy(deadline: Duration) -> RetryPolicy {
     }
 }
 
+/// Why the file audit device is not active as configured: worded for the operator, with the procedure.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// `sys/audit` could not be listed.
+    #[error(transparent)]
+    Listing(RetryError<CallError>),
+    /// Enabling the device through the API failed.
+    #[error(transparent)]
+    Enable(RetryError<CallError>),
+    /// Another device is mounted at the path (never replaced).
+    #[error(
+        "audit device not active as configured: {path}/ is {found}, expected a file device writing to {}; \
+         see docs/bootstrap.md#finish-configuration",
+        .expected.display(),
+        path = AUDIT_DEVICE_PATH
+    )]
+    Different { found: String, expected: PathBuf },
+    /// The API said enabled, the listing does not show it.
+    #[error(
+        "audit device: enabled through the API but sys/audit does not list {path}/; \
+         see docs/bootstrap.md#finish-configuration",
+        path = AUDIT_DEVICE_PATH
+    )]
+    NotListed,
+    /// The server refuses API-enabled devices and lists no declared one.
+    #[error(
+        "audit device not active: the server refuses API-enabled audit devices and sys/audit \
+         lists no declared {path}/ device (the agent declares it for OpenBao >= {since}); \
+         see docs/bootstrap.md#finish-configuration",
+        path = AUDIT_DEVICE_PATH,
+        since = crate::render::vault::OPENBAO_DECLARATIVE_AUDIT
+    )]
+    NotDeclared,
+}
+
 impl VaultTier {
-    fn client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+    fn client(&self, timeout: Duration) -> Result<reqwest::Client, CallError> {
         crate::services::health::client_for(&self.ca_file, timeout)
+            .map_err(|e| CallError::Client(e.to_string()))
     }
 
     async fn seal_status(&self) -> Result<SealStatus, CallError> {
-        let c = self
-            .client(Duration::from_secs(5))
-            .map_err(CallError::Client)?;
+        let c = self.client(Duration::from_secs(5))?;
         let r = c
             .get(format!("{}/v1/sys/seal-status", self.api))
             .send()
@@ -283,7 +317,7 @@ impl VaultTier {
         &self,
         c: &reqwest::Client,
         token: &str,
-    ) -> Result<BTreeMap<String, AuditMount>, String> {
+    ) -> Result<BTreeMap<String, AuditMount>, AuditError> {
         let url = format!("{}/v1/sys/audit", self.api);
         retry(audit_policy(Duration::from_secs(30)), |_| {
             let req = c.get(&url).header("X-Vault-Token", token).send();
@@ -304,14 +338,18 @@ impl VaultTier {
             }
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(AuditError::Listing)
     }
 
     /// Makes sure the file audit device is active and says how; an error says why not, for the tier state.
     /// A device the configuration declares (OpenBao) is listed as soon as the server is unsealed and no API
     /// call is made; otherwise (HashiCorp Vault) it is enabled through the API. Either way the listing is
     /// the proof.
-    pub async fn ensure_audit(&self, c: &reqwest::Client, token: &str) -> Result<AuditVia, String> {
+    pub async fn ensure_audit(
+        &self,
+        c: &reqwest::Client,
+        token: &str,
+    ) -> Result<AuditVia, AuditError> {
         self.ensure_audit_within(c, token, DECLARED_AUDIT_GRACE)
             .await
     }
@@ -322,14 +360,11 @@ impl VaultTier {
         c: &reqwest::Client,
         token: &str,
         grace: Duration,
-    ) -> Result<AuditVia, String> {
+    ) -> Result<AuditVia, AuditError> {
         let expected = self.audit_file.as_path();
-        let different = |d: String| {
-            format!(
-                "audit device not active as configured: {AUDIT_DEVICE_PATH}/ is {d}, expected a file device writing to {}; \
-                 see docs/bootstrap.md#finish-configuration",
-                expected.display()
-            )
+        let different = |found: String| AuditError::Different {
+            found,
+            expected: expected.to_path_buf(),
         };
         match audit_device_state(&self.audit_devices(c, token).await?, expected) {
             AuditDeviceState::Active => return Ok(AuditVia::Configuration),
@@ -364,16 +399,13 @@ impl VaultTier {
             }
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(AuditError::Enable)?;
         match answer {
             EnableAnswer::Enabled | EnableAnswer::InUse => {
                 match audit_device_state(&self.audit_devices(c, token).await?, expected) {
                     AuditDeviceState::Active => Ok(AuditVia::Api),
                     AuditDeviceState::Different(d) => Err(different(d)),
-                    AuditDeviceState::Missing => Err(format!(
-                        "audit device: enabled through the API but sys/audit does not list {AUDIT_DEVICE_PATH}/; \
-                         see docs/bootstrap.md#finish-configuration"
-                    )),
+                    AuditDeviceState::Missing => Err(AuditError::NotListed),
                 }
             }
             _ => {
@@ -383,7 +415,7 @@ impl VaultTier {
                     RetryPolicy::poll(grace, Duration::from_millis(500), Duration::from_secs(10)),
                     |_| async {
                         match self.audit_devices(c, token).await {
-                            Err(e) => Attempt::Fail(NotYet(e)),
+                            Err(e) => Attempt::Done(Err(e)),
                             Ok(devices) => match audit_device_state(&devices, expected) {
                                 AuditDeviceState::Active => {
                                     Attempt::Done(Ok(AuditVia::Configuration))
@@ -399,13 +431,10 @@ impl VaultTier {
                 .await;
                 match r {
                     Ok(answer) => answer,
-                    Err(RetryError::Final(e)) => Err(e.0),
-                    Err(RetryError::Deadline { .. }) => Err(format!(
-                        "audit device not active: the server refuses API-enabled audit devices and sys/audit \
-                         lists no declared {AUDIT_DEVICE_PATH}/ device (the agent declares it for OpenBao >= {}); \
-                         see docs/bootstrap.md#finish-configuration",
-                        crate::render::vault::OPENBAO_DECLARATIVE_AUDIT
-                    )),
+                    // Nothing else stops the poll: only "not listed" is retried.
+                    Err(RetryError::Final(_) | RetryError::Deadline { .. }) => {
+                        Err(AuditError::NotDeclared)
+                    }
                 }
             }
         }
@@ -449,7 +478,7 @@ impl Tier for VaultTier {
         // secrets nowhere. Only a connection that never reached the server is retried.
         let c = self
             .client(Duration::from_secs(180))
-            .map_err(TierFailure::Other)?;
+            .map_err(|e| TierFailure::Other(e.to_string()))?;
         let body = init_request(
             self.recovery_shares,
             self.recovery_threshold,
@@ -518,9 +547,7 @@ impl Tier for VaultTier {
     }
 
     async fn peer_initialized(&self, ip: &str) -> Result<bool, TierError> {
-        let c = self
-            .client(Duration::from_secs(3))
-            .map_err(CallError::Client)?;
+        let c = self.client(Duration::from_secs(3))?;
         let url = format!(
             "https://{ip}:{}/v1/sys/seal-status",
             crate::render::vault::API_PORT
@@ -591,9 +618,7 @@ impl Tier for VaultTier {
             step: "unseal",
             detail: format!("Vault did not unseal within 60s of init: {}", e.last()),
         })?;
-        let c = self
-            .client(Duration::from_secs(30))
-            .map_err(CallError::Client)?;
+        let c = self.client(Duration::from_secs(30))?;
         let send = |method: reqwest::Method, path: &str, body: serde_json::Value| {
             c.request(method, format!("{}{path}", self.api))
                 .header("X-Vault-Token", token.as_str())
@@ -967,7 +992,7 @@ mod tests {
 
     async fn ensure(
         server: audit_double::Server,
-    ) -> (Result<AuditVia, String>, audit_double::Server) {
+    ) -> (Result<AuditVia, AuditError>, audit_double::Server) {
         let state = std::sync::Arc::new(std::sync::Mutex::new(server));
         let api = audit_double::serve(state.clone()).await;
         let dir = tempfile::tempdir().unwrap();
@@ -989,7 +1014,7 @@ mod tests {
             ..Default::default()
         })
         .await;
-        assert_eq!(r, Ok(AuditVia::Configuration));
+        assert_eq!(r.unwrap(), AuditVia::Configuration);
         assert!(s.puts.is_empty(), "no API call for a declared device");
         assert_eq!(s.gets, 3, "two busy answers were retried");
     }
@@ -997,7 +1022,7 @@ mod tests {
     #[tokio::test]
     async fn vault_gets_the_device_through_the_api_and_it_is_listed_after() {
         let (r, s) = ensure(audit_double::Server::default()).await;
-        assert_eq!(r, Ok(AuditVia::Api));
+        assert_eq!(r.unwrap(), AuditVia::Api);
         assert_eq!(s.puts.len(), 1);
         assert_eq!(s.puts[0]["type"], "file");
         assert_eq!(
@@ -1014,7 +1039,7 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert!(e.contains("refuses API-enabled audit devices"), "{e}");
         assert!(e.contains("docs/bootstrap.md#finish-configuration"), "{e}");
         assert!(!e.contains(audit_double::TOKEN));
@@ -1028,7 +1053,7 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert!(
             e.contains("/tmp/elsewhere.log") && e.contains("/var/log/vault/audit.log"),
             "{e}"

@@ -393,7 +393,7 @@ pub fn orphan_blob_name(env: &Envelope) -> String {
     )
 }
 
-/// Create-only upload of a superseded bootstrap's envelope (bootstrap/mod.rs: a stale spool) to
+/// Create-only upload of a superseded bootstrap's envelope (bootstrap/driver.rs: a stale spool) to
 /// `escrow/<cluster>/<tier>/orphans/<escrow id>.json`, marked with the metadata `hashistack_orphan=true`.
 /// A 409 is an earlier attempt of the same upload (the name is the envelope's own escrow id). Returns the
 /// object's path.

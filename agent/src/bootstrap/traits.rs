@@ -1,0 +1,123 @@
+//! What the bootstrap driver (`driver.rs`) needs from the world, each behind a small trait: the tier state's
+//! storage and the lease ([`Storage`]), the escrow targets ([`EscrowTargets`]), the local spool ([`Spool`]); the
+//! product is [`super::Tier`]. The production implementations below wrap the Azure and disk code unchanged;
+//! unit tests (`driver/tests.rs`) run the real driver with in-memory fakes that record every call.
+
+use crate::azure::{Azure, AzureError};
+use crate::coordination::{self, TierState, WriteError};
+use crate::election::{Leadership, LeaseLost};
+use crate::escrow::{self, envelope::Envelope, Prepared, Receipt, Targets, UploadError};
+use crate::files::FileError;
+use crate::retry::RetryPolicy;
+use std::path::{Path, PathBuf};
+
+/// The tier state's storage under this node's lease.
+#[async_trait::async_trait]
+pub trait Storage: Send + Sync {
+    /// Whether this node still holds the tier's lease, by its own clock (no request).
+    fn check_lease(&self) -> Result<(), LeaseLost>;
+    /// Writes the tier state, fenced: refused before the request once the lease clock ran out
+    /// ([`WriteError::Lease`]), and by storage when the state changed since this node read it under its lease
+    /// ([`WriteError::Fenced`]).
+    async fn save(&self, state: &TierState) -> Result<(), WriteError>;
+    /// The address `node` published in its boot record (`None`: no record).
+    async fn peer_ip(&self, node: &str) -> Result<Option<String>, AzureError>;
+}
+
+/// The two escrow targets and the escrow key. (Its futures need not be `Send`: the blob upload's is not.)
+#[async_trait::async_trait(?Send)]
+pub trait EscrowTargets: Send + Sync {
+    /// A fresh data key wrapped by the escrow key, under a fresh escrow id.
+    async fn prepare(&self) -> Result<Prepared, AzureError>;
+    /// Create-only upload to Blob; the receipt pins what was written.
+    async fn upload_blob(&self, env: &Envelope) -> Result<Receipt, UploadError>;
+    /// A new version of the tier's escrow secret in Key Vault; the receipt pins it.
+    async fn upload_keyvault(&self, env: &Envelope) -> Result<Receipt, UploadError>;
+    /// A superseded bootstrap's envelope, as an orphan; returns the object's path.
+    async fn upload_orphan(&self, env: &Envelope) -> Result<String, AzureError>;
+}
+
+/// This node's escrow spool (on its data disk).
+pub trait Spool: Send + Sync {
+    /// Writes the envelope (fsynced, atomic, 0600) and returns where.
+    fn write(&self, env: &Envelope) -> Result<PathBuf, FileError>;
+    /// Removes a spooled envelope whose escrow is recorded.
+    fn remove(&self, path: &Path) -> std::io::Result<()>;
+}
+
+/// [`Storage`] in the coordination container, under the lease `lead` (the fence armed by `look`).
+pub struct AzureStorage<'a> {
+    pub az: &'a Azure,
+    pub blob_endpoint: &'a str,
+    pub cluster: &'a str,
+    pub fence: &'a coordination::Fence,
+    pub lead: &'a Leadership,
+    pub policy: RetryPolicy,
+    pub pause_at: Option<super::PausePoint>,
+}
+
+#[async_trait::async_trait]
+impl Storage for AzureStorage<'_> {
+    fn check_lease(&self) -> Result<(), LeaseLost> {
+        self.lead.check()
+    }
+
+    async fn save(&self, state: &TierState) -> Result<(), WriteError> {
+        let ticket = self.fence.ticket(&state.tier)?;
+        super::pause_if(self.pause_at, super::PausePoint::BeforeStateWrite);
+        coordination::write(
+            self.az,
+            self.blob_endpoint,
+            state,
+            self.fence,
+            ticket,
+            self.policy,
+        )
+        .await
+    }
+
+    async fn peer_ip(&self, node: &str) -> Result<Option<String>, AzureError> {
+        crate::publish::read_ip(self.az, self.blob_endpoint, self.cluster, node, self.policy).await
+    }
+}
+
+/// [`EscrowTargets`] in Azure: the escrow container and the escrow Key Vault.
+pub struct AzureEscrow<'a> {
+    pub az: &'a Azure,
+    pub targets: &'a Targets,
+    pub policy: RetryPolicy,
+}
+
+#[async_trait::async_trait(?Send)]
+impl EscrowTargets for AzureEscrow<'_> {
+    async fn prepare(&self) -> Result<Prepared, AzureError> {
+        escrow::prepare(self.az, self.targets, self.policy).await
+    }
+
+    async fn upload_blob(&self, env: &Envelope) -> Result<Receipt, UploadError> {
+        escrow::upload_blob(self.az, self.targets, env, self.policy).await
+    }
+
+    async fn upload_keyvault(&self, env: &Envelope) -> Result<Receipt, UploadError> {
+        escrow::upload_keyvault(self.az, self.targets, env, self.policy).await
+    }
+
+    async fn upload_orphan(&self, env: &Envelope) -> Result<String, AzureError> {
+        escrow::upload_orphan(self.az, self.targets, env, self.policy).await
+    }
+}
+
+/// [`Spool`] in a directory (`Layout::spool_dir`).
+pub struct DiskSpool<'a> {
+    pub dir: &'a Path,
+}
+
+impl Spool for DiskSpool<'_> {
+    fn write(&self, env: &Envelope) -> Result<PathBuf, FileError> {
+        escrow::spool(self.dir, env)
+    }
+
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
