@@ -81,9 +81,24 @@ enum Command {
         /// Run only one part: `boot` (critical path, RSS, size), `bootstrap` (time to bootstrapped per
         /// tier, agent-driven vs floor) or `snapshot` (snapshot and restore of a Consul tier holding
         /// --snapshot-mb of data: times and the agent's peak RSS, which must stay under 30 MB). `snapshot` runs
-        /// only when asked for.
-        #[arg(long, value_parser = ["boot", "bootstrap", "snapshot"])]
+        /// only when asked for. `scale` (only when asked for): --agents worker agents booting at once against
+        /// Azurite and the Key Vault double with its service limit on (--kv-limit per 10 s), services not
+        /// started; fails unless every agent finishes within --deadline and honours every Retry-After.
+        #[arg(long, value_parser = ["boot", "bootstrap", "snapshot", "scale"])]
         only: Option<String>,
+        /// Scale bench: worker agents booting at once.
+        #[arg(long, default_value_t = 200)]
+        agents: u32,
+        /// Scale bench: the shared vault's limit, transactions per 10 s (Azure's is 4000; lowered so a few
+        /// hundred agents press it as thousands of workers would press Azure's).
+        #[arg(long, default_value_t = 400)]
+        kv_limit: u32,
+        /// Scale bench: each agent's deadline in seconds (its material and per-call deadlines, and spawn -> exit).
+        #[arg(long, default_value_t = 120)]
+        deadline: u64,
+        /// Loopback net of the scale bench's lab (workers on 127.<net>.1.x and up).
+        #[arg(long, default_value_t = 186)]
+        scale_net: u8,
         /// Data in the snapshot bench's Consul tier, in MB.
         #[arg(long, default_value_t = 100)]
         snapshot_mb: u32,
@@ -272,6 +287,10 @@ async fn main() -> ExitCode {
             lab_agent,
             json,
             only,
+            agents,
+            kv_limit,
+            deadline,
+            scale_net,
             snapshot_mb,
             snapshot_net,
             bootstrap_runs,
@@ -290,6 +309,35 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if only.as_deref() == Some("scale") {
+                let mut o =
+                    bench::ScaleOptions::new(repo_root().join(".lab/bench-scale"), scale_net);
+                o.agents = agents;
+                o.limit.limit = kv_limit;
+                o.deadline = Duration::from_secs(deadline);
+                let r = match bench::scale_run(&o, tools).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("hashistack-lab bench: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
+                if json {
+                    eprint!("{}", r.table());
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                } else {
+                    print!("{}", r.table());
+                }
+                let missed = r.missed();
+                for m in &missed {
+                    eprintln!("hashistack-lab bench: goal missed: {m}");
+                }
+                return if missed.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                };
+            }
             if only.as_deref() == Some("snapshot") {
                 let env_agent = std::env::var_os("HASHISTACK_AGENT").map(PathBuf::from);
                 let verbose = std::env::var_os("LAB_VERBOSE").is_some();

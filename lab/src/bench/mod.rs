@@ -33,6 +33,7 @@
 
 mod boots;
 mod report;
+mod scale;
 mod snapshot;
 mod tiers;
 
@@ -45,6 +46,7 @@ pub use snapshot::{
     measure_cli, run_measured, snapshot_agent, snapshot_run, SnapshotBench, SnapshotBenchOptions,
     SNAPSHOT_MAX_RSS_BYTES,
 };
+pub use scale::{scale_run, AgentSample, Rates, ScaleOptions, ScaleReport};
 pub use tiers::{tier_run, Mode, TierRun};
 
 use crate::tools::{repo_root, Tools};
@@ -120,7 +122,11 @@ pub enum BenchError {
 }
 
 fn say(o: &BenchOptions, msg: impl AsRef<str>) {
-    if o.verbose {
+    say_if(o.verbose, msg)
+}
+
+fn say_if(verbose: bool, msg: impl AsRef<str>) {
+    if verbose {
         eprintln!("bench: {}", msg.as_ref());
     }
 }
