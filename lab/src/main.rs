@@ -129,6 +129,22 @@ enum Command {
         #[arg(long)]
         max_load: Option<f64>,
     },
+    /// Regenerate the generated sections of docs/PERFORMANCE.md (between `<!-- bench:begin NAME -->` and
+    /// `<!-- bench:end NAME -->`) from the bench JSON committed beside it (docs/bench/latest.json).
+    BenchDoc {
+        /// A `bench --only scale --json` output to store in the inputs first.
+        #[arg(long)]
+        scale: Option<PathBuf>,
+        /// The inputs [default: <repo>/docs/bench/latest.json].
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// The page [default: <repo>/docs/PERFORMANCE.md].
+        #[arg(long)]
+        doc: Option<PathBuf>,
+        /// Change nothing; exit 1 if the page differs from what the inputs generate.
+        #[arg(long)]
+        check: bool,
+    },
     /// The bench's measuring helper: run PROGRAM as this process's only child and write its exit code, output and
     /// peak RSS (getrusage) to OUT as JSON.
     #[command(hide = true)]
@@ -419,6 +435,12 @@ async fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::BenchDoc {
+            scale,
+            inputs,
+            doc,
+            check,
+        } => bench_doc(scale, inputs, doc, check),
         Command::Rss { out, command } => {
             let (program, args) = command.split_first().expect("clap requires a command");
             hashistack_lab::bench::measure_cli(&out, std::path::Path::new(program), args)
@@ -452,4 +474,72 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `hashistack-lab bench-doc`: see the subcommand's help.
+fn bench_doc(
+    scale: Option<PathBuf>,
+    inputs: Option<PathBuf>,
+    doc: Option<PathBuf>,
+    check: bool,
+) -> ExitCode {
+    use hashistack_lab::bench::doc::{regenerate, DocInputs};
+    let inputs = inputs.unwrap_or_else(|| repo_root().join("docs/bench/latest.json"));
+    let doc = doc.unwrap_or_else(|| repo_root().join("docs/PERFORMANCE.md"));
+    let fail = |msg: String| {
+        eprintln!("hashistack-lab bench-doc: {msg}");
+        ExitCode::from(1)
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut parsed: DocInputs = if inputs.exists() || check {
+        match read(&inputs).and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", inputs.display()))
+        }) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        }
+    } else {
+        DocInputs::default()
+    };
+    if let Some(p) = &scale {
+        match read(p)
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
+        {
+            Ok(r) => parsed.scale = Some(r),
+            Err(e) => return fail(e),
+        }
+    }
+    let page = match std::fs::read_to_string(&doc) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{}: {e}", doc.display())),
+    };
+    let new = match regenerate(&page, &parsed) {
+        Ok(n) => n,
+        Err(e) => return fail(format!("{}: {e}", doc.display())),
+    };
+    if check {
+        if new == page {
+            return ExitCode::SUCCESS;
+        }
+        return fail(format!(
+            "{} differs from what {} generates (run `hashistack-lab bench-doc`)",
+            doc.display(),
+            inputs.display()
+        ));
+    }
+    let json = serde_json::to_string_pretty(&parsed).expect("json") + "\n";
+    let write = |p: &std::path::Path, text: &str| -> Result<(), String> {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    if let Err(e) = write(&inputs, &json).and_then(|_| write(&doc, &new)) {
+        return fail(e);
+    }
+    println!("{} regenerated from {}", doc.display(), inputs.display());
+    ExitCode::SUCCESS
 }

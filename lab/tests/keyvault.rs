@@ -15,8 +15,8 @@ use azure_security_keyvault_secrets::models::{SecretClientGetSecretOptions, SetS
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use hashistack_lab::imds::{self, lab_token_for, ImdsState, LAB_TENANT};
 use hashistack_lab::keyvault::{
-    actions, principals, roles, wrap_locally, Fault, KeyVaultDouble, Op, Scope, Throttle, VaultSpec,
-    ESCROW_KEY, ESCROW_VAULT, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT,
+    actions, principals, roles, wrap_locally, Fault, KeyVaultDouble, Op, Scope, Throttle,
+    VaultSpec, ESCROW_KEY, ESCROW_VAULT, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -32,6 +32,7 @@
 //! summary lines and the tables.
 
 mod boots;
+pub mod doc;
 mod report;
 mod scale;
 mod snapshot;
@@ -42,11 +43,11 @@ pub use report::{
     summarise, summarise_tiers, tier_table, BenchReport, BootSample, Line, RunSample, TierLine,
     GOAL_BINARY_BYTES, GOAL_BOOTSTRAP_RATIO, GOAL_CRITICAL_PATH_MS, GOAL_RSS_BYTES,
 };
+pub use scale::{scale_run, AgentSample, Rates, ScaleOptions, ScaleReport};
 pub use snapshot::{
     measure_cli, run_measured, snapshot_agent, snapshot_run, SnapshotBench, SnapshotBenchOptions,
     SNAPSHOT_MAX_RSS_BYTES,
 };
-pub use scale::{scale_run, AgentSample, Rates, ScaleOptions, ScaleReport};
 pub use tiers::{tier_run, Mode, TierRun};
 
 use crate::tools::{repo_root, Tools};

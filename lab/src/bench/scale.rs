@@ -78,7 +78,7 @@ pub struct AgentSample {
     pub node: String,
     /// `None`: still running at the deadline (killed).
     pub exit_code: Option<i32>,
-    /// Spawn → exit, seconds (bench clock).
+    /// Release (all agents at once) → exit, seconds (bench clock).
     pub done_s: Option<f64>,
     /// The boot record says ok.
     pub boot_ok: bool,
@@ -142,7 +142,11 @@ pub struct ScaleReport {
     pub failed: u32,
     pub over_deadline: u32,
     pub early_retries: u32,
-    /// Spawn of the first agent → exit of the last.
+    /// The smallest (next request − 429) − `Retry-After` over every agent, seconds (≥ 0: all honoured).
+    pub min_retry_margin_s: Option<f64>,
+    /// Release of the first agent → release of the last (all are spawned first, held, then released).
+    pub spawn_span_s: f64,
+    /// Release of the first agent → exit of the last.
     pub wall_s: f64,
     /// spawn → exit over the agents that finished: median, 90th percentile, max.
     pub done_median_s: f64,
@@ -235,9 +239,14 @@ impl ScaleReport {
             self.agents_throttled
         ));
         s.push_str(&format!(
-            "spawn -> done: median {:.1} s, p90 {:.1} s, max {:.1} s; all done {:.1} s after the first spawn\n",
-            self.done_median_s, self.done_p90_s, self.done_max_s, self.wall_s
+            "release -> done: median {:.1} s, p90 {:.1} s, max {:.1} s; all released within {:.3} s, all done {:.1} s after the first release\n",
+            self.done_median_s, self.done_p90_s, self.done_max_s, self.spawn_span_s, self.wall_s
         ));
+        if let Some(m) = self.min_retry_margin_s {
+            s.push_str(&format!(
+                "Retry-After: the earliest retry came {m:.3} s after the 429's Retry-After had passed (negative: early)\n"
+            ));
+        }
         s.push_str(&format!(
             "critical path (agent clock): median {:.0} ms, max {:.0} ms\n",
             self.critical_path_median_ms, self.critical_path_max_ms
@@ -484,7 +493,8 @@ fn seed_shared_vault(lab: &Lab) -> Result<(), BenchError> {
 /// systemctl(1) documents for is-active), every other verb succeeds and does nothing.
 fn fake_systemctl(dir: &Path) -> Result<PathBuf, BenchError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| BenchError::Failed(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BenchError::Failed(format!("{}: {e}", dir.display())))?;
     let p = dir.join("systemctl");
     std::fs::write(
         &p,
@@ -639,7 +649,12 @@ pub async fn scale_run(o: &ScaleOptions, tools: Tools) -> Result<ScaleReport, Be
         )));
     }
     let mut lo = LabOptions::new(o.state_dir.clone(), o.net);
-    (lo.consul_servers, lo.vault_servers, lo.nomad_servers, lo.workers) = (0, 0, 0, 0);
+    (
+        lo.consul_servers,
+        lo.vault_servers,
+        lo.nomad_servers,
+        lo.workers,
+    ) = (0, 0, 0, 0);
     (lo.jumpbox, lo.start_agents, lo.bootstrap) = (Some(false), false, false);
     lo.verbose = o.verbose;
     let defs = worker_defs(o, &lo)?;
@@ -713,37 +728,70 @@ async fn run_in(
         o.limit.window,
         lab.nodes.len()
     ));
+    // All at once: each agent is spawned behind a shell that stops itself (SIGSTOP) before it execs the agent;
+    // once every one is stopped, one SIGCONT each releases them within milliseconds of each other. Spawning 200
+    // processes one after another would otherwise take seconds on two busy cores.
     let alive = Arc::new(AtomicUsize::new(0));
     let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let t0 = Instant::now();
-    let mut waits = tokio::task::JoinSet::new();
+    let mut procs_ = Vec::new();
+    let spawned = Instant::now();
     for n in 0..lab.nodes.len() {
         let node = &lab.nodes[n];
         let args: Vec<String> = vec![
+            "-c".into(),
+            "kill -STOP $$; exec \"$0\" \"$@\"".into(),
+            tools.agent.display().to_string(),
             "--log-format".into(),
             "json".into(),
             "boot".into(),
             "--config".into(),
             node.config_path.display().to_string(),
         ];
-        let mut p = procs::spawn(
+        let p = procs::spawn(
             &format!("agent-{}", node.def.name),
-            &tools.agent,
+            Path::new("/bin/sh"),
             &args,
             &[("PATH".to_string(), path.clone())],
             &log_dir,
             &pid_dir,
         )
         .map_err(|e| BenchError::Failed(format!("spawn agent: {e}")))?;
-        let spawned = Instant::now();
+        procs_.push((n, p));
+    }
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+            .unwrap_or(false)
+    };
+    while !procs_.iter().all(|(_, p)| p.pid().is_some_and(stopped)) {
+        if spawned.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Failed(
+                "the agents' start barrier: not every shell stopped within 120 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    say(format!(
+        "scale: {} agents spawned and held in {:.1} s; releasing them",
+        procs_.len(),
+        spawned.elapsed().as_secs_f64()
+    ));
+    let t0 = Instant::now();
+    let mut waits = tokio::task::JoinSet::new();
+    for (n, mut p) in procs_ {
         if let Some(pid) = p.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
             pids.lock().expect("pids").push(pid);
         }
         alive.fetch_add(1, Ordering::SeqCst);
         let (alive, limit) = (alive.clone(), o.deadline + Duration::from_secs(10));
         waits.spawn(async move {
             let r = tokio::time::timeout(limit, p.child.wait()).await;
-            let done = spawned.elapsed().as_secs_f64();
+            let done = t0.elapsed().as_secs_f64();
             alive.fetch_sub(1, Ordering::SeqCst);
             let out = match r {
                 Ok(Ok(st)) => (n, st.code(), Some(done)),
@@ -783,6 +831,7 @@ async fn run_in(
             }
         })
     };
+    let spawn_span_s = t0.elapsed().as_secs_f64();
     let mut exits = BTreeMap::new();
     while let Some(r) = waits.join_next().await {
         let (n, code, done) = r.map_err(|e| BenchError::Failed(format!("agent wait: {e}")))?;
@@ -853,11 +902,7 @@ async fn run_in(
         .filter_map(|s| s.critical_path_ms.map(|c| c as f64))
         .collect();
     cp.sort_by(f64::total_cmp);
-    let vault = rates(
-        SHARED_VAULT,
-        &kv_seen,
-        Some(o.limit.window.as_secs_f64()),
-    );
+    let vault = rates(SHARED_VAULT, &kv_seen, Some(o.limit.window.as_secs_f64()));
     let storage = rates("storage", &blob_seen, None);
     let per = |x: u32| f64::from(x) / f64::from(agents.max(1));
     Ok(ScaleReport {
@@ -880,6 +925,11 @@ async fn run_in(
             .filter(|s| s.done_s.is_none_or(|d| d > deadline_s))
             .count() as u32,
         early_retries: samples.iter().map(|s| s.early_retries).sum(),
+        min_retry_margin_s: samples
+            .iter()
+            .filter_map(|s| s.min_retry_margin_s)
+            .reduce(f64::min),
+        spawn_span_s,
         wall_s,
         done_median_s: percentile(&done, 0.5),
         done_p90_s: percentile(&done, 0.9),
@@ -944,7 +994,10 @@ mod tests {
             retry_after: None,
         });
         let r = rates("shared", &log, Some(1.0));
-        assert_eq!((r.requests, r.served, r.throttled, r.challenges), (32, 31, 1, 1));
+        assert_eq!(
+            (r.requests, r.served, r.throttled, r.challenges),
+            (32, 31, 1, 1)
+        );
         assert_eq!(r.peak_per_s, 10);
         assert_eq!(r.peak_served_per_s, 9);
         // Admissions (authenticated, not 429) 125 ms apart: 8 in any 1 s window.

@@ -263,7 +263,10 @@ mod tests {
                 .iter()
                 .take_while(|b| **b < *a + Duration::from_secs(10))
                 .count();
-            assert!(in_window <= 20, "{in_window} admitted in the 10 s from {a:?}");
+            assert!(
+                in_window <= 20,
+                "{in_window} admitted in the 10 s from {a:?}"
+            );
         }
         assert_eq!(admitted.len(), 120);
     }
