@@ -197,7 +197,7 @@ fn scale_model(r: &ScaleReport) -> String {
         thousands(per_s),
         thousands(AZURE_STORAGE_RPS)
     );
-    s.push_str("| workers booting at once | shared-vault transactions | per second over 10 s | vs the vault's limit | time for the vault to serve them all (at its limit) | with the challenges, if Azure counts them | Blob requests per second over 10 s | vs storage |\n");
+    s.push_str("| workers booting at once | shared-vault transactions | per second over 10 s | vs the vault's limit | time for the vault to serve them all, at its limit | the same if Azure counts the challenges | Blob requests per second over 10 s | vs storage |\n");
     s.push_str("|---:|---:|---:|---|---:|---:|---:|---|\n");
     for n in MODEL_WORKERS {
         let n = f64::from(n);
