@@ -135,6 +135,9 @@ enum Command {
         /// A `bench --only scale --json` output to store in the inputs first.
         #[arg(long)]
         scale: Option<PathBuf>,
+        /// A `bench --json` output (boot and/or tier bootstrap) to store in the inputs first.
+        #[arg(long)]
+        bench: Option<PathBuf>,
         /// The inputs [default: <repo>/docs/bench/latest.json].
         #[arg(long)]
         inputs: Option<PathBuf>,
@@ -437,10 +440,11 @@ async fn main() -> ExitCode {
         }
         Command::BenchDoc {
             scale,
+            bench,
             inputs,
             doc,
             check,
-        } => bench_doc(scale, inputs, doc, check),
+        } => bench_doc(scale, bench, inputs, doc, check),
         Command::Rss { out, command } => {
             let (program, args) = command.split_first().expect("clap requires a command");
             hashistack_lab::bench::measure_cli(&out, std::path::Path::new(program), args)
@@ -479,6 +483,7 @@ async fn main() -> ExitCode {
 /// `hashistack-lab bench-doc`: see the subcommand's help.
 fn bench_doc(
     scale: Option<PathBuf>,
+    bench: Option<PathBuf>,
     inputs: Option<PathBuf>,
     doc: Option<PathBuf>,
     check: bool,
@@ -506,6 +511,14 @@ fn bench_doc(
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
         {
             Ok(r) => parsed.scale = Some(r),
+            Err(e) => return fail(e),
+        }
+    }
+    if let Some(p) = &bench {
+        match read(p)
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
+        {
+            Ok(r) => parsed.bench = Some(r),
             Err(e) => return fail(e),
         }
     }

@@ -3,17 +3,23 @@
 //!
 //! A generated section sits between `<!-- bench:begin NAME -->` and `<!-- bench:end NAME -->` on lines of their
 //! own; [`regenerate`] replaces what is between them with [`sections`] and touches nothing else. Every section the
-//! inputs produce must have its markers in the page, and every marker pair a section: a missing or unbalanced
-//! marker is an error, not a silently stale table. The output depends on the JSON alone (no clock, no machine).
+//! inputs produce must have its markers in the page, and every marker must name a section the generator knows
+//! ([`KNOWN`]): a missing, unknown or unbalanced marker is an error, not a silently stale table. A known section
+//! whose bench mode is not in the inputs yet keeps what the page has (the hand-copied tables of runs whose JSON
+//! was not kept). The output depends on the JSON alone (no clock, no machine).
 
+use super::report::{BenchReport, GOAL_BOOTSTRAP_RATIO};
 use super::scale::{ScaleReport, AZURE_KV_LIMIT, AZURE_STORAGE_RPS};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// What the generated sections are made from: one JSON file, each key a bench mode's own `--json` output.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DocInputs {
+    /// `hashistack-lab bench --json` (boot measurements and/or time to bootstrapped per tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench: Option<BenchReport>,
     /// `hashistack-lab bench --only scale --json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<ScaleReport>,
@@ -25,9 +31,19 @@ pub enum DocError {
     Marker { line: usize, what: String },
     #[error("section {0:?} has no `<!-- bench:begin {0} -->` / `<!-- bench:end {0} -->` markers in the page")]
     Unplaced(String),
-    #[error("markers for section {0:?}, which the bench JSON does not produce")]
+    #[error("markers for section {0:?}, which the generator does not know")]
     Unknown(String),
 }
+
+/// Every section the generator can make. A known section the inputs do not produce (its bench mode's JSON is not
+/// in them yet) is left as the page has it; an unknown name is an error.
+pub const KNOWN: [&str; 5] = [
+    "boot-results",
+    "boot-steps",
+    "tier-results",
+    "scale-run",
+    "scale-model",
+];
 
 const BEGIN: &str = "<!-- bench:begin ";
 const END: &str = "<!-- bench:end ";
@@ -66,11 +82,180 @@ fn secs(s: f64) -> String {
 /// The generated sections, by name.
 pub fn sections(inputs: &DocInputs) -> BTreeMap<&'static str, String> {
     let mut out = BTreeMap::new();
+    if let Some(b) = &inputs.bench {
+        if !b.lines.is_empty() {
+            out.insert("boot-results", boot_results(b));
+            out.insert("boot-steps", boot_steps(b));
+        }
+        if !b.tier_lines.is_empty() {
+            out.insert("tier-results", tier_results(b));
+        }
+    }
     if let Some(r) = &inputs.scale {
         out.insert("scale-run", scale_run(r));
         out.insert("scale-model", scale_model(r));
     }
     out
+}
+
+fn value(v: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{v:.0} ms"),
+        "s" => format!("{v:.1} s"),
+        _ => format!("{v:.1} {unit}"),
+    }
+}
+
+fn header(b: &BenchReport, what: String) -> String {
+    format!(
+        "Run of {} (UTC): {what}; lab agent `{}` ({}); {}; 1-minute load average {:.1} at the start, {:.1} at the \
+         end; {}; {}.\n\n",
+        b.date_utc.get(..16).unwrap_or(&b.date_utc).replace('T', " "),
+        b.lab_agent
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+        b.lab_agent_profile,
+        b.machine,
+        b.load_avg.0,
+        b.load_avg.1,
+        b.consul,
+        b.bao
+    )
+}
+
+/// The boot measurements' lines: N, median, max against the goal.
+fn boot_results(b: &BenchReport) -> String {
+    let mut s = header(b, format!("{} labs of {}", b.runs, b.nodes));
+    s.push_str("| metric | N | median | max | goal | result |\n|---|---:|---:|---:|---:|---|\n");
+    for l in &b.lines {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            l.metric.trim(),
+            l.n,
+            l.median.map_or("–".into(), |m| value(m, &l.unit)),
+            if l.n == 0 {
+                "–".into()
+            } else {
+                value(l.max, &l.unit)
+            },
+            l.goal
+                .map_or(String::new(), |g| format!("≤ {}", value(g, &l.unit))),
+            match l.pass {
+                Some(true) => "PASS",
+                Some(false) => "**MISS**",
+                None => "info",
+            }
+        ));
+    }
+    s
+}
+
+/// Critical path per kind of boot and role, then per agent step: median / max ms.
+fn boot_steps(b: &BenchReport) -> String {
+    const STEPS: [&str; 8] = [
+        "start",
+        "metadata",
+        "user-data",
+        "versions",
+        "material",
+        "render",
+        "write",
+        "services",
+    ];
+    let med_max = |mut v: Vec<f64>| -> Option<(f64, f64)> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        let med = if v.len() % 2 == 1 {
+            v[m]
+        } else {
+            (v[m - 1] + v[m]) / 2.0
+        };
+        Some((med, v[v.len() - 1]))
+    };
+    let mut groups: BTreeMap<(&str, &str), Vec<&super::report::BootSample>> = BTreeMap::new();
+    for x in &b.boots {
+        groups.entry((&x.kind, &x.role)).or_default().push(x);
+    }
+    let mut s = String::from("| boot | role | total |");
+    for p in STEPS {
+        s.push_str(&format!(" {p} |"));
+    }
+    s.push_str("\n|---|---|---:|");
+    s.push_str(&"---:|".repeat(STEPS.len()));
+    s.push('\n');
+    for ((kind, role), xs) in groups {
+        let (m, x) =
+            med_max(xs.iter().map(|b| b.critical_path_ms as f64).collect()).unwrap_or((0.0, 0.0));
+        s.push_str(&format!("| {kind} | {role} | {m:.0} / {x:.0} |"));
+        for p in STEPS {
+            match med_max(
+                xs.iter()
+                    .filter_map(|b| b.phases_ms.get(p).copied())
+                    .collect(),
+            ) {
+                Some((m, x)) => s.push_str(&format!(" {m:.1} / {x:.1} |")),
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Time to bootstrapped per tier, agent-driven vs floor, with every run's samples.
+fn tier_results(b: &BenchReport) -> String {
+    let pairs = b
+        .tier_runs
+        .iter()
+        .filter(|r| r.mode == super::tiers::Mode::Agent)
+        .count();
+    let mut s = header(
+        b,
+        format!(
+            "{pairs} agent-driven and {} floor labs",
+            b.tier_runs.len() - pairs
+        ),
+    );
+    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+    s.push_str("| tier | agent-driven median / max | floor median / max | ratio median / max | goal | result |\n");
+    s.push_str("|---|---:|---:|---:|---:|---|\n");
+    for l in &b.tier_lines {
+        s.push_str(&format!(
+            "| {} | {} / {} s | {} / {} s | {} / {} | ≤ {GOAL_BOOTSTRAP_RATIO} | {} |\n",
+            l.tier,
+            f(l.agent_median),
+            f(l.agent_max),
+            f(l.floor_median),
+            f(l.floor_max),
+            f(l.ratio_median),
+            f(l.ratio_max),
+            match l.pass {
+                Some(true) => "PASS",
+                Some(false) => "**MISS**",
+                None => "–",
+            }
+        ));
+    }
+    s.push_str("\nPer-run samples (agent | floor), s:");
+    for l in &b.tier_lines {
+        let j = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        s.push_str(&format!(
+            " {} {} | {};",
+            l.tier,
+            j(&l.agent_s),
+            j(&l.floor_s)
+        ));
+    }
+    s.push('\n');
+    s
 }
 
 fn scale_run(r: &ScaleReport) -> String {
@@ -239,6 +424,7 @@ pub fn regenerate(doc: &str, inputs: &DocInputs) -> Result<String, DocError> {
     let secs = sections(inputs);
     let mut out = String::with_capacity(doc.len());
     let mut open: Option<(String, usize)> = None;
+    let mut keep = false;
     let mut placed = Vec::new();
     for (i, line) in doc.split_inclusive('\n').enumerate() {
         let n = i + 1;
@@ -249,9 +435,9 @@ pub fn regenerate(doc: &str, inputs: &DocInputs) -> Result<String, DocError> {
                     what: format!("section {name:?} begins inside {o:?} (begun at line {at})"),
                 });
             }
-            let body = secs
-                .get(name)
-                .ok_or_else(|| DocError::Unknown(name.to_string()))?;
+            if !KNOWN.contains(&name) {
+                return Err(DocError::Unknown(name.to_string()));
+            }
             if placed.iter().any(|p| p == name) {
                 return Err(DocError::Marker {
                     line: n,
@@ -259,7 +445,14 @@ pub fn regenerate(doc: &str, inputs: &DocInputs) -> Result<String, DocError> {
                 });
             }
             out.push_str(line);
-            out.push_str(body);
+            // Not produced by these inputs: the page keeps what it has between the markers.
+            keep = match secs.get(name) {
+                Some(body) => {
+                    out.push_str(body);
+                    false
+                }
+                None => true,
+            };
             open = Some((name.to_string(), n));
             placed.push(name.to_string());
             continue;
@@ -268,6 +461,7 @@ pub fn regenerate(doc: &str, inputs: &DocInputs) -> Result<String, DocError> {
             match &open {
                 Some((o, _)) if o == name => {
                     open = None;
+                    keep = false;
                     out.push_str(line);
                 }
                 _ => {
@@ -279,7 +473,7 @@ pub fn regenerate(doc: &str, inputs: &DocInputs) -> Result<String, DocError> {
             }
             continue;
         }
-        if open.is_none() {
+        if open.is_none() || keep {
             out.push_str(line);
         }
     }
@@ -385,6 +579,70 @@ mod tests {
             regenerate("plain\n", &DocInputs::default()).unwrap(),
             "plain\n"
         );
+    }
+
+    #[test]
+    fn a_known_section_without_its_json_is_kept_as_the_page_has_it() {
+        let page = "a\n<!-- bench:begin boot-results -->\n| hand | table |\n<!-- bench:end boot-results -->\nb\n";
+        assert_eq!(regenerate(page, &DocInputs::default()).unwrap(), page);
+    }
+
+    /// A bench run's JSON (as `bench --json` prints it, reduced) generates the boot and tier sections.
+    #[test]
+    fn the_boot_and_tier_sections_come_from_the_bench_json() {
+        let json = serde_json::json!({
+            "date_utc": "2026-12-06T10:00:00Z", "runs": 1, "nodes": "3 consul-server + 3 vault-server",
+            "machine": "2 cores", "load_avg": [0.5, 0.7], "lab_agent": "/x/release/hashistack-agent",
+            "lab_agent_profile": "release", "agent_release": null, "binary_bytes": null, "binary_stripped": null,
+            "consul": "Consul v1.8.7", "bao": "OpenBao v2.7.2",
+            "lines": [
+                {"metric": "critical path, warm reboot: one node alone", "unit": "ms", "n": 2, "median": 7.0,
+                 "max": 23.0, "goal": 100.0, "pass": true},
+                {"metric": "lab healthy", "unit": "s", "n": 1, "median": 7.6, "max": 7.6, "goal": null,
+                 "pass": null}
+            ],
+            "boots": [
+                {"run": 1, "node": "consul-0", "role": "consul-server", "kind": "warm", "critical_path_ms": 6,
+                 "spawn_to_record_ms": 6.5, "phases_ms": {"metadata": 4.1, "services": 2.0}, "files_changed": 0,
+                 "peak_rss_bytes": 9000000}
+            ],
+            "labs": [],
+            "tier_lines": [
+                {"tier": "vault", "agent_definition": "a", "floor_definition": "f", "agent_s": [5.83, 6.13],
+                 "floor_s": [5.82, 5.92], "agent_median": 5.98, "agent_max": 6.13, "floor_median": 5.87,
+                 "floor_max": 5.92, "ratio_median": 1.02, "ratio_max": 1.04, "pass": true}
+            ],
+            "tier_runs": [
+                {"run": 1, "mode": "agent", "up_s": 1.0, "load_avg": 0.4, "milestones": {}, "leaders": {}},
+                {"run": 1, "mode": "floor", "up_s": 1.0, "load_avg": 0.4, "milestones": {}, "leaders": {}}
+            ]
+        });
+        let bench: BenchReport =
+            serde_json::from_value(json).expect("a bench --json output parses");
+        let inputs = DocInputs {
+            bench: Some(bench),
+            scale: None,
+        };
+        let page = "<!-- bench:begin boot-results -->\nold\n<!-- bench:end boot-results -->\n\
+                    <!-- bench:begin boot-steps -->\n<!-- bench:end boot-steps -->\n\
+                    <!-- bench:begin tier-results -->\n<!-- bench:end tier-results -->\n";
+        let out = regenerate(page, &inputs).unwrap();
+        assert!(!out.contains("old"));
+        assert!(out.contains("| critical path, warm reboot: one node alone | 2 | 7 ms | 23 ms | ≤ 100 ms | PASS |"), "{out}");
+        assert!(
+            out.contains("| lab healthy | 1 | 7.6 s | 7.6 s |  | info |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| warm | consul-server | 6 / 6 | – | 4.1 / 4.1 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| vault | 5.98 / 6.13 s | 5.87 / 5.92 s | 1.02 / 1.04 | ≤ 1.25 | PASS |"),
+            "{out}"
+        );
+        assert!(out.contains("1 agent-driven and 1 floor labs"), "{out}");
+        assert_eq!(regenerate(&out, &inputs).unwrap(), out);
     }
 
     #[test]

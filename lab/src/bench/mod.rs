@@ -28,8 +28,9 @@
 //! and the tools; `boots.rs` the agent boot measurements (one lab per run: cold, warm, cold alone, cold with the
 //! version cache; RSS; the release binary); `tiers.rs` the time to bootstrapped per tier (the agent-driven and
 //! the floor lab, the bench's observers and the floor's own API calls); `snapshot.rs` the snapshot bench
-//! (`--only snapshot`); `report.rs` the goals, the samples, the
-//! summary lines and the tables.
+//! (`--only snapshot`); `scale.rs` the scale simulation (`--only scale`: many worker agents at once against the
+//! throttled Key Vault double); `report.rs` the goals, the samples, the summary lines and the tables; `doc.rs`
+//! the generated sections of docs/PERFORMANCE.md (`hashistack-lab bench-doc`).
 
 mod boots;
 pub mod doc;
@@ -294,7 +295,7 @@ pub async fn run(o: &BenchOptions, mut tools: Tools) -> Result<BenchReport, Benc
         ),
         machine: machine(),
         load_avg: (load_start, load_avg()),
-        lab_agent_profile: profile_of(&tools.agent),
+        lab_agent_profile: profile_of(&tools.agent).to_string(),
         lab_agent: tools.agent.clone(),
         binary_stripped: release.as_deref().filter(|_| o.boot).and_then(elf_stripped),
         agent_release: release.filter(|_| o.boot),
