@@ -81,9 +81,24 @@ enum Command {
         /// Run only one part: `boot` (critical path, RSS, size), `bootstrap` (time to bootstrapped per
         /// tier, agent-driven vs floor) or `snapshot` (snapshot and restore of a Consul tier holding
         /// --snapshot-mb of data: times and the agent's peak RSS, which must stay under 30 MB). `snapshot` runs
-        /// only when asked for.
-        #[arg(long, value_parser = ["boot", "bootstrap", "snapshot"])]
+        /// only when asked for. `scale` (only when asked for): --agents worker agents booting at once against
+        /// Azurite and the Key Vault double with its service limit on (--kv-limit per 10 s), services not
+        /// started; fails unless every agent finishes within --deadline and honours every Retry-After.
+        #[arg(long, value_parser = ["boot", "bootstrap", "snapshot", "scale"])]
         only: Option<String>,
+        /// Scale bench: worker agents booting at once.
+        #[arg(long, default_value_t = 200)]
+        agents: u32,
+        /// Scale bench: the shared vault's limit, transactions per 10 s (Azure's is 4000; lowered so a few
+        /// hundred agents press it as thousands of workers would press Azure's).
+        #[arg(long, default_value_t = 400)]
+        kv_limit: u32,
+        /// Scale bench: each agent's deadline in seconds (its material and per-call deadlines, and spawn -> exit).
+        #[arg(long, default_value_t = 120)]
+        deadline: u64,
+        /// Loopback net of the scale bench's lab (workers on 127.<net>.1.x and up).
+        #[arg(long, default_value_t = 186)]
+        scale_net: u8,
         /// Data in the snapshot bench's Consul tier, in MB.
         #[arg(long, default_value_t = 100)]
         snapshot_mb: u32,
@@ -113,6 +128,25 @@ enum Command {
         /// this (on a machine shared with other builds and labs).
         #[arg(long)]
         max_load: Option<f64>,
+    },
+    /// Regenerate the generated sections of docs/PERFORMANCE.md (between `<!-- bench:begin NAME -->` and
+    /// `<!-- bench:end NAME -->`) from the bench JSON committed beside it (docs/bench/latest.json).
+    BenchDoc {
+        /// A `bench --only scale --json` output to store in the inputs first.
+        #[arg(long)]
+        scale: Option<PathBuf>,
+        /// A `bench --json` output (boot and/or tier bootstrap) to store in the inputs first.
+        #[arg(long)]
+        bench: Option<PathBuf>,
+        /// The inputs [default: <repo>/docs/bench/latest.json].
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// The page [default: <repo>/docs/PERFORMANCE.md].
+        #[arg(long)]
+        doc: Option<PathBuf>,
+        /// Change nothing; exit 1 if the page differs from what the inputs generate.
+        #[arg(long)]
+        check: bool,
     },
     /// The bench's measuring helper: run PROGRAM as this process's only child and write its exit code, output and
     /// peak RSS (getrusage) to OUT as JSON.
@@ -272,6 +306,10 @@ async fn main() -> ExitCode {
             lab_agent,
             json,
             only,
+            agents,
+            kv_limit,
+            deadline,
+            scale_net,
             snapshot_mb,
             snapshot_net,
             bootstrap_runs,
@@ -290,6 +328,35 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if only.as_deref() == Some("scale") {
+                let mut o =
+                    bench::ScaleOptions::new(repo_root().join(".lab/bench-scale"), scale_net);
+                o.agents = agents;
+                o.limit.limit = kv_limit;
+                o.deadline = Duration::from_secs(deadline);
+                let r = match bench::scale_run(&o, tools).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("hashistack-lab bench: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
+                if json {
+                    eprint!("{}", r.table());
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                } else {
+                    print!("{}", r.table());
+                }
+                let missed = r.missed();
+                for m in &missed {
+                    eprintln!("hashistack-lab bench: goal missed: {m}");
+                }
+                return if missed.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                };
+            }
             if only.as_deref() == Some("snapshot") {
                 let env_agent = std::env::var_os("HASHISTACK_AGENT").map(PathBuf::from);
                 let verbose = std::env::var_os("LAB_VERBOSE").is_some();
@@ -371,6 +438,13 @@ async fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::BenchDoc {
+            scale,
+            bench,
+            inputs,
+            doc,
+            check,
+        } => bench_doc(scale, bench, inputs, doc, check),
         Command::Rss { out, command } => {
             let (program, args) = command.split_first().expect("clap requires a command");
             hashistack_lab::bench::measure_cli(&out, std::path::Path::new(program), args)
@@ -404,4 +478,81 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `hashistack-lab bench-doc`: see the subcommand's help.
+fn bench_doc(
+    scale: Option<PathBuf>,
+    bench: Option<PathBuf>,
+    inputs: Option<PathBuf>,
+    doc: Option<PathBuf>,
+    check: bool,
+) -> ExitCode {
+    use hashistack_lab::bench::doc::{regenerate, DocInputs};
+    let inputs = inputs.unwrap_or_else(|| repo_root().join("docs/bench/latest.json"));
+    let doc = doc.unwrap_or_else(|| repo_root().join("docs/PERFORMANCE.md"));
+    let fail = |msg: String| {
+        eprintln!("hashistack-lab bench-doc: {msg}");
+        ExitCode::from(1)
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut parsed: DocInputs = if inputs.exists() || check {
+        match read(&inputs).and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", inputs.display()))
+        }) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        }
+    } else {
+        DocInputs::default()
+    };
+    if let Some(p) = &scale {
+        match read(p)
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
+        {
+            Ok(r) => parsed.scale = Some(r),
+            Err(e) => return fail(e),
+        }
+    }
+    if let Some(p) = &bench {
+        match read(p)
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
+        {
+            Ok(r) => parsed.bench = Some(r),
+            Err(e) => return fail(e),
+        }
+    }
+    let page = match std::fs::read_to_string(&doc) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{}: {e}", doc.display())),
+    };
+    let new = match regenerate(&page, &parsed) {
+        Ok(n) => n,
+        Err(e) => return fail(format!("{}: {e}", doc.display())),
+    };
+    if check {
+        if new == page {
+            return ExitCode::SUCCESS;
+        }
+        return fail(format!(
+            "{} differs from what {} generates (run `hashistack-lab bench-doc`)",
+            doc.display(),
+            inputs.display()
+        ));
+    }
+    let json = serde_json::to_string_pretty(&parsed).expect("json") + "\n";
+    let write = |p: &std::path::Path, text: &str| -> Result<(), String> {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    if let Err(e) = write(&inputs, &json).and_then(|_| write(&doc, &new)) {
+        return fail(e);
+    }
+    println!("{} regenerated from {}", doc.display(), inputs.display());
+    ExitCode::SUCCESS
 }

@@ -15,8 +15,8 @@ use azure_security_keyvault_secrets::models::{SecretClientGetSecretOptions, SetS
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use hashistack_lab::imds::{self, lab_token_for, ImdsState, LAB_TENANT};
 use hashistack_lab::keyvault::{
-    actions, principals, roles, wrap_locally, Fault, KeyVaultDouble, Op, Scope, VaultSpec,
-    ESCROW_KEY, ESCROW_VAULT, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT,
+    actions, principals, roles, wrap_locally, Fault, KeyVaultDouble, Op, Scope, Throttle,
+    VaultSpec, ESCROW_KEY, ESCROW_VAULT, SERVERS_VAULT, SHARED_VAULT, STATUS_VAULT,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -718,6 +718,75 @@ async fn injected_500_is_retried_by_the_sdk_then_succeeds() {
     let (status, _, body) = err_parts(&e);
     assert!(status == 403 && body.contains("ForbiddenByRbac"), "{body}");
     assert_eq!(sdk_get(&c, "gossip").await.unwrap(), "new");
+}
+
+/// The service limit (off by default): under it every request is served; over it the vault answers 429
+/// `Throttled` with a `Retry-After` the agent reads; 429s do not count; each vault counts alone; once the window
+/// has slid past, the vault serves again. A 2 s window with a limit of 3 stands for Azure's 4,000 per 10 s.
+#[tokio::test]
+async fn throttle_429_with_retry_after_per_vault_then_served_again() {
+    let f = fixture().await;
+    let v = f.kv.vault(SHARED_VAULT).unwrap();
+    let other = f.kv.vault(STATUS_VAULT).unwrap();
+    for vault in [v, other] {
+        vault.grant(READER, roles::SECRETS_USER, Scope::Vault);
+        vault.set_secret("gossip", "k").unwrap();
+    }
+    let c = secret_client(
+        &f,
+        SHARED_VAULT,
+        LabCredential::new(READER),
+        RetryOptions::none(),
+    );
+    let c_other = secret_client(
+        &f,
+        STATUS_VAULT,
+        LabCredential::new(READER),
+        RetryOptions::none(),
+    );
+    // Off by default: many more requests than the limit below, all served.
+    assert_eq!(v.throttle_limit(), None);
+    for _ in 0..8 {
+        assert_eq!(sdk_get(&c, "gossip").await.unwrap(), "k");
+    }
+    let limit = Throttle {
+        limit: 3,
+        window: Duration::from_secs(2),
+    };
+    f.kv.throttle(Some(limit));
+    assert_eq!(v.throttle_limit(), Some(limit));
+    v.clear_served();
+    // Under the limit: served.
+    for _ in 0..3 {
+        assert_eq!(sdk_get(&c, "gossip").await.unwrap(), "k");
+    }
+    // Over it: 429 Throttled with Retry-After (whole seconds, within the window), as the agent reads it.
+    for _ in 0..2 {
+        let e = sdk_get(&c, "gossip").await.unwrap_err();
+        let (status, code, _) = err_parts(&e);
+        assert_eq!((status, code.as_str()), (429, "Throttled"));
+        let after = hashistack_agent::azure::retry_after(&e).expect("Retry-After");
+        assert!(
+            after >= Duration::from_secs(1) && after <= Duration::from_secs(2),
+            "{after:?}"
+        );
+    }
+    let served = v.served();
+    let statuses: Vec<u16> = served.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
+    assert!(served[3].retry_after.is_some_and(|s| (1..=2).contains(&s)));
+    assert_eq!(served[0].retry_after, None);
+    // Another vault of the same double counts its own transactions.
+    assert_eq!(sdk_get(&c_other, "gossip").await.unwrap(), "k");
+    // After the window (the 429s did not count), served again, up to the limit.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for _ in 0..3 {
+        assert_eq!(sdk_get(&c, "gossip").await.unwrap(), "k");
+    }
+    assert_eq!(err_parts(&sdk_get(&c, "gossip").await.unwrap_err()).0, 429);
+    // Off again: served at once.
+    f.kv.throttle(None);
+    assert_eq!(sdk_get(&c, "gossip").await.unwrap(), "k");
 }
 
 #[tokio::test]

@@ -122,7 +122,7 @@ fn sample(run: u32, kind: &'static str, r: &BootRecord, peak: Option<u64>) -> Bo
         run,
         node: r.node.clone(),
         role: r.role.clone().unwrap_or_default(),
-        kind,
+        kind: kind.to_string(),
         critical_path_ms: r.critical_path_ms.unwrap_or(0),
         spawn_to_record_ms: None,
         phases_ms: r

@@ -28,11 +28,14 @@
 //! and the tools; `boots.rs` the agent boot measurements (one lab per run: cold, warm, cold alone, cold with the
 //! version cache; RSS; the release binary); `tiers.rs` the time to bootstrapped per tier (the agent-driven and
 //! the floor lab, the bench's observers and the floor's own API calls); `snapshot.rs` the snapshot bench
-//! (`--only snapshot`); `report.rs` the goals, the samples, the
-//! summary lines and the tables.
+//! (`--only snapshot`); `scale.rs` the scale simulation (`--only scale`: many worker agents at once against the
+//! throttled Key Vault double); `report.rs` the goals, the samples, the summary lines and the tables; `doc.rs`
+//! the generated sections of docs/PERFORMANCE.md (`hashistack-lab bench-doc`).
 
 mod boots;
+pub mod doc;
 mod report;
+mod scale;
 mod snapshot;
 mod tiers;
 
@@ -41,6 +44,7 @@ pub use report::{
     summarise, summarise_tiers, tier_table, BenchReport, BootSample, Line, RunSample, TierLine,
     GOAL_BINARY_BYTES, GOAL_BOOTSTRAP_RATIO, GOAL_CRITICAL_PATH_MS, GOAL_RSS_BYTES,
 };
+pub use scale::{scale_run, AgentSample, Rates, ScaleOptions, ScaleReport};
 pub use snapshot::{
     measure_cli, run_measured, snapshot_agent, snapshot_run, SnapshotBench, SnapshotBenchOptions,
     SNAPSHOT_MAX_RSS_BYTES,
@@ -120,7 +124,11 @@ pub enum BenchError {
 }
 
 fn say(o: &BenchOptions, msg: impl AsRef<str>) {
-    if o.verbose {
+    say_if(o.verbose, msg)
+}
+
+fn say_if(verbose: bool, msg: impl AsRef<str>) {
+    if verbose {
         eprintln!("bench: {}", msg.as_ref());
     }
 }
@@ -287,7 +295,7 @@ pub async fn run(o: &BenchOptions, mut tools: Tools) -> Result<BenchReport, Benc
         ),
         machine: machine(),
         load_avg: (load_start, load_avg()),
-        lab_agent_profile: profile_of(&tools.agent),
+        lab_agent_profile: profile_of(&tools.agent).to_string(),
         lab_agent: tools.agent.clone(),
         binary_stripped: release.as_deref().filter(|_| o.boot).and_then(elf_stripped),
         agent_release: release.filter(|_| o.boot),

@@ -4,7 +4,7 @@
 //! floor, with each milestone).
 
 use super::tiers::{Mode, TierRun};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -28,12 +28,12 @@ pub const GOAL_BINARY_BYTES: u64 = 15_000_000;
 pub const GOAL_BOOTSTRAP_RATIO: f64 = 1.25;
 
 /// One agent boot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BootSample {
     pub run: u32,
     pub node: String,
     pub role: String,
-    pub kind: &'static str,
+    pub kind: String,
     /// The agent's own `critical_path_ms`.
     pub critical_path_ms: u64,
     /// Spawn → `boot.json` written, on the lab's clock (one-at-a-time boots only).
@@ -45,7 +45,7 @@ pub struct BootSample {
     pub peak_rss_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSample {
     pub run: u32,
     pub up_returned_s: f64,
@@ -56,10 +56,10 @@ pub struct RunSample {
 }
 
 /// One line of the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Line {
     pub metric: String,
-    pub unit: &'static str,
+    pub unit: String,
     pub n: usize,
     pub median: Option<f64>,
     pub max: f64,
@@ -68,7 +68,7 @@ pub struct Line {
     pub pass: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     pub date_utc: String,
     pub runs: u32,
@@ -77,7 +77,7 @@ pub struct BenchReport {
     /// 1-minute load average of the machine when the bench started and when it ended (others may be busy).
     pub load_avg: (f64, f64),
     pub lab_agent: PathBuf,
-    pub lab_agent_profile: &'static str,
+    pub lab_agent_profile: String,
     pub agent_release: Option<PathBuf>,
     pub binary_bytes: Option<u64>,
     pub binary_stripped: Option<bool>,
@@ -93,7 +93,7 @@ pub struct BenchReport {
 }
 
 /// One line of the time-to-bootstrapped table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierLine {
     pub tier: String,
     /// What "bootstrapped" means on this line, for each mode.
@@ -131,7 +131,7 @@ fn line(metric: impl Into<String>, unit: &'static str, mut v: Vec<f64>, goal: Op
     let n = v.len();
     Line {
         metric: metric.into(),
-        unit,
+        unit: unit.into(),
         n,
         median: median(&mut v),
         max,
@@ -280,15 +280,15 @@ impl BenchReport {
                 l.metric,
                 l.n,
                 l.median
-                    .map(|m| fmt(m, l.unit))
+                    .map(|m| fmt(m, &l.unit))
                     .unwrap_or_else(|| "-".into()),
                 if l.n == 0 {
                     "-".into()
                 } else {
-                    fmt(l.max, l.unit)
+                    fmt(l.max, &l.unit)
                 },
                 l.goal
-                    .map(|g| format!("<= {}", fmt(g, l.unit)))
+                    .map(|g| format!("<= {}", fmt(g, &l.unit)))
                     .unwrap_or_else(|| "-".into()),
                 match l.pass {
                     Some(true) => "PASS",
@@ -300,7 +300,7 @@ impl BenchReport {
         // Critical path and its phases per kind of boot and role: median/max.
         let mut groups: BTreeMap<(&str, &str), Vec<&BootSample>> = BTreeMap::new();
         for b in &self.boots {
-            groups.entry((b.kind, &b.role)).or_default().push(b);
+            groups.entry((&b.kind, &b.role)).or_default().push(b);
         }
         if !self.boots.is_empty() {
             s.push_str(
@@ -511,7 +511,7 @@ mod goal_tests {
             machine: String::new(),
             load_avg: (0.5, 0.5),
             lab_agent: PathBuf::new(),
-            lab_agent_profile: "release",
+            lab_agent_profile: "release".into(),
             agent_release: None,
             binary_bytes: None,
             binary_stripped: None,

@@ -8,7 +8,7 @@ use crate::lab::{Lab, LabOptions};
 use crate::tools::Tools;
 use hashistack_agent::coordination::{TierPhase, TierState};
 use hashistack_agent::node::Role;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ const OBSERVE_EVERY: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a tier-bootstrap lab gets bootstrapped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// The agents do it (`LabOptions.bootstrap = true`): election, init, configuration, escrow.
@@ -31,7 +31,7 @@ pub enum Mode {
 }
 
 /// One tier-bootstrap lab.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierRun {
     pub run: u32,
     pub mode: Mode,

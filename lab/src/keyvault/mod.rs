@@ -21,6 +21,9 @@
 //!   `BadParameter`). An empty version segment (`/keys/k//wrapkey`, as the SDK sends it) means "latest".
 //!   Versions are 32 hex digits.
 //!
+//! What it copies too, off by default: the service limit per vault ([`Throttle`]: 4,000 transactions per
+//! 10 s, 429 with `Retry-After` beyond it), on with [`Vault::throttle`].
+//!
 //! What it adds for tests: [`Fault`] injection per operation (status, delay, connection reset; for the
 //! next N requests or until cleared), a log of served requests ([`Vault::served`]) that never holds a
 //! request or response body, and admin helpers that bypass RBAC ([`Vault::create_key`], [`Vault::set_secret`],
@@ -33,7 +36,7 @@
 //! Where things are: this file holds the double and each vault's handle (start, stop, role assignments, admin
 //! helpers, persistence); `auth.rs` the challenge and the bearer token; `rbac.rs` data actions, roles,
 //! principals and the RBAC check; `store.rs` secret and key versions, their bundles and the RSA helpers;
-//! `routes.rs` the accept loop, routing and the request pipeline; `faults.rs` fault injection.
+//! `routes.rs` the accept loop, routing and the request pipeline; `faults.rs` fault injection and the throttle.
 
 mod auth;
 mod faults;
@@ -41,7 +44,7 @@ mod rbac;
 mod routes;
 mod store;
 
-pub use faults::{Fault, FaultAction};
+pub use faults::{Fault, FaultAction, Throttle};
 pub use rbac::{actions, principal_for, principals, roles, Assignment, Op, Scope};
 pub use store::wrap_locally;
 
@@ -92,6 +95,10 @@ pub struct Served {
     pub status: u16,
     /// The token's `oid`, when the request was authenticated.
     pub principal: Option<String>,
+    /// When the request arrived (its head read), on this process's clock.
+    pub at: std::time::Instant,
+    /// The `Retry-After` of the answer, in seconds (429s).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Default)]
@@ -99,6 +106,7 @@ struct VaultState {
     store: Store,
     assignments: Vec<Assignment>,
     faults: Vec<Fault>,
+    throttle: faults::Throttling,
     served: Vec<Served>,
 }
 
@@ -316,6 +324,13 @@ impl KeyVaultDouble {
         Ok(())
     }
 
+    /// The service limit on every vault of the double (each counts its own transactions).
+    pub fn throttle(&self, limit: Option<Throttle>) {
+        for v in &self.vaults {
+            v.throttle(limit);
+        }
+    }
+
     /// Stops every listener (state stays in memory; persisted files stay on disk).
     pub fn stop(&self) {
         for v in &self.vaults {
@@ -373,6 +388,14 @@ impl Vault {
     /// Faults still armed (a `times(n)` fault disappears after its n-th hit).
     pub fn faults(&self) -> Vec<Fault> {
         self.state().faults.clone()
+    }
+
+    /// Turns the service limit on (`Some`) or off (`None`, the default), starting with an empty window.
+    pub fn throttle(&self, limit: Option<Throttle>) {
+        self.state().throttle.set(limit);
+    }
+    pub fn throttle_limit(&self) -> Option<Throttle> {
+        self.state().throttle.limit
     }
 
     pub fn served(&self) -> Vec<Served> {

@@ -155,6 +155,7 @@ pub(super) fn authorize(
             route.name.to_lowercase()
         ),
         inner: Some("ForbiddenByRbac"),
+        retry_after: None,
     })
 }
 

@@ -3,7 +3,7 @@
 //! faults, name check, RBAC, then the operation) with its request log, and the KeyVaultError answer shape.
 
 use super::auth::{authenticate, challenge};
-use super::faults::{injected, take_faults, FaultAction};
+use super::faults::{injected, take_faults, throttled, FaultAction};
 use super::rbac::{authorize, Op};
 use super::store::{
     attributes, b64url, find_key, find_secret, from_b64url, key_bundle, new_rsa_key, new_version,
@@ -70,6 +70,8 @@ pub(super) struct KvErr {
     pub(super) code: &'static str,
     pub(super) message: String,
     pub(super) inner: Option<&'static str>,
+    /// `Retry-After` seconds of a 429 (1 when not set).
+    pub(super) retry_after: Option<u64>,
 }
 
 impl KvErr {
@@ -79,6 +81,7 @@ impl KvErr {
             code,
             message: message.into(),
             inner: None,
+            retry_after: None,
         }
     }
     pub(super) fn bad(message: impl Into<String>) -> Self {
@@ -100,8 +103,10 @@ impl KvErr {
             );
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            r.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut().insert(
+                RETRY_AFTER,
+                HeaderValue::from(self.retry_after.unwrap_or(1)),
+            );
         }
         r
     }
@@ -238,12 +243,20 @@ async fn handle(inner: Arc<VaultInner>, req: Request<Incoming>) -> Result<Resp, 
         op: None,
         status: 0,
         principal: None,
+        at: std::time::Instant::now(),
+        retry_after: None,
     };
     let result = serve(&inner, req, &mut served).await;
     served.status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(ResetConnection) => 0,
     };
+    if let Ok(r) = &result {
+        served.retry_after = r
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+    }
     let mut st = inner.state.lock().expect("key vault double state");
     st.served.push(served);
     result
@@ -268,6 +281,11 @@ async fn serve(
         Err(e) => return Ok(e.response()),
     };
     served.principal = Some(principal.clone());
+    // The service limit first: a throttled request costs the vault nothing more (and does not count).
+    let admitted = inner.state.lock().expect("state").throttle.admit(served.at);
+    if let Err(after) = admitted {
+        return Ok(throttled(after).response());
+    }
     let body = match Limited::new(body, 1 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(KvErr::bad("Request body too large or unreadable.").response()),
