@@ -1,115 +1,14 @@
 //! Policy rules: Nomad's HCL policy language (and its JSON form), parsed for the blocks the double implements.
+//!
+//! The HCL form is read with `hcl-rs`, that is in HCL's native (version 2) syntax. Nomad itself decodes
+//! policies with HCL version 1, which also takes several items on one line (`node { policy = "read" }
+//! agent { policy = "read" }`, or two attributes inside one-line braces); the double refuses those as a parse
+//! error (`Failed to parse ACL Policy: …`). Both read the documented form (one item per line), the JSON form,
+//! `#`, `//` and `/* */` comments, `key = { … }` for a block, and heredoc strings.
 
 use super::*;
 
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Ident(String),
-    Str(String),
-    Num(String),
-    Punct(char),
-}
-
-/// HCL tokens with their 1-based line and column; comments (`#`, `//`, `/* */`) dropped.
-fn hcl_tokens(src: &str) -> Result<Vec<(Tok, usize, usize)>, String> {
-    let chars: Vec<char> = src.chars().collect();
-    let (mut i, mut line, mut col) = (0usize, 1usize, 1usize);
-    let mut out = Vec::new();
-    let advance = |i: &mut usize, line: &mut usize, col: &mut usize, c: char| {
-        *i += 1;
-        if c == '\n' {
-            *line += 1;
-            *col = 1;
-        } else {
-            *col += 1;
-        }
-    };
-    while i < chars.len() {
-        let c = chars[i];
-        let (l0, c0) = (line, col);
-        if c.is_whitespace() || c == ',' {
-            advance(&mut i, &mut line, &mut col, c);
-        } else if c == '#' || (c == '/' && chars.get(i + 1) == Some(&'/')) {
-            while i < chars.len() && chars[i] != '\n' {
-                let d = chars[i];
-                advance(&mut i, &mut line, &mut col, d);
-            }
-        } else if c == '/' && chars.get(i + 1) == Some(&'*') {
-            advance(&mut i, &mut line, &mut col, '/');
-            advance(&mut i, &mut line, &mut col, '*');
-            loop {
-                if i + 1 >= chars.len() {
-                    return Err(format!("At {l0}:{c0}: comment not terminated"));
-                }
-                if chars[i] == '*' && chars[i + 1] == '/' {
-                    advance(&mut i, &mut line, &mut col, '*');
-                    advance(&mut i, &mut line, &mut col, '/');
-                    break;
-                }
-                let d = chars[i];
-                advance(&mut i, &mut line, &mut col, d);
-            }
-        } else if c == '"' {
-            advance(&mut i, &mut line, &mut col, c);
-            let mut s = String::new();
-            loop {
-                let Some(&d) = chars.get(i) else {
-                    return Err(format!("At {l0}:{c0}: literal not terminated"));
-                };
-                if d == '\n' {
-                    return Err(format!("At {l0}:{c0}: literal not terminated"));
-                }
-                advance(&mut i, &mut line, &mut col, d);
-                match d {
-                    '"' => break,
-                    '\\' => {
-                        let Some(&e) = chars.get(i) else {
-                            return Err(format!("At {l0}:{c0}: literal not terminated"));
-                        };
-                        advance(&mut i, &mut line, &mut col, e);
-                        s.push(match e {
-                            'n' => '\n',
-                            't' => '\t',
-                            other => other,
-                        });
-                    }
-                    other => s.push(other),
-                }
-            }
-            out.push((Tok::Str(s), l0, c0));
-        } else if c.is_ascii_alphabetic() || c == '_' {
-            let mut s = String::new();
-            while let Some(&d) = chars.get(i) {
-                if d.is_ascii_alphanumeric() || d == '_' || d == '-' || d == '.' {
-                    s.push(d);
-                    advance(&mut i, &mut line, &mut col, d);
-                } else {
-                    break;
-                }
-            }
-            out.push((Tok::Ident(s), l0, c0));
-        } else if c.is_ascii_digit() || c == '-' {
-            let mut s = String::new();
-            while let Some(&d) = chars.get(i) {
-                if d.is_ascii_digit() || d == '-' || d == '.' {
-                    s.push(d);
-                    advance(&mut i, &mut line, &mut col, d);
-                } else {
-                    break;
-                }
-            }
-            out.push((Tok::Num(s), l0, c0));
-        } else if matches!(c, '{' | '}' | '=' | '[' | ']') {
-            advance(&mut i, &mut line, &mut col, c);
-            out.push((Tok::Punct(c), l0, c0));
-        } else {
-            return Err(format!("At {l0}:{c0}: illegal char"));
-        }
-    }
-    Ok(out)
-}
-
-/// One `key [label] [=] { … }` or `key = value` item of an HCL body.
+/// One `key [label] { … }` (or `key = { … }`) or `key = value` item of a policy body.
 #[derive(Debug)]
 enum Item {
     Block {
@@ -129,90 +28,66 @@ enum AttrValue {
     Other,
 }
 
-fn hcl_body(
-    toks: &[(Tok, usize, usize)],
-    pos: &mut usize,
-    nested: bool,
-) -> Result<Vec<Item>, String> {
-    let mut items = Vec::new();
-    loop {
-        let Some((t, l, c)) = toks.get(*pos) else {
-            return if nested {
-                Err("object expected closing RBRACE got: EOF".into())
-            } else {
-                Ok(items)
+/// An HCL body as items: blocks, and attributes whose value is an object (HCL 1's `key = { … }`), are
+/// blocks; strings and templates (kept as written, as HCL 1 does not interpolate) are strings.
+fn hcl_items(body: ::hcl::Body) -> Vec<Item> {
+    body.into_iter()
+        .map(|s| match s {
+            ::hcl::Structure::Block(b) => Item::Block {
+                key: b.identifier.to_string(),
+                label: b.labels.first().map(|l| l.as_str().to_string()),
+                body: hcl_items(b.body),
+            },
+            ::hcl::Structure::Attribute(a) => hcl_value(a.key.to_string(), a.expr),
+        })
+        .collect()
+}
+
+fn hcl_value(key: String, expr: ::hcl::Expression) -> Item {
+    use ::hcl::{Expression, ObjectKey, TemplateExpr};
+    let value = match expr {
+        Expression::Object(o) => {
+            let body = o
+                .into_iter()
+                .map(|(k, v)| {
+                    let k = match k {
+                        ObjectKey::Identifier(i) => i.to_string(),
+                        ObjectKey::Expression(Expression::String(s)) => s,
+                        other => other.to_string(),
+                    };
+                    hcl_value(k, v)
+                })
+                .collect();
+            return Item::Block {
+                key,
+                label: None,
+                body,
             };
-        };
-        let key = match t {
-            Tok::Punct('}') if nested => {
-                *pos += 1;
-                return Ok(items);
-            }
-            Tok::Ident(k) | Tok::Str(k) => k.clone(),
-            other => return Err(format!("At {l}:{c}: unexpected token {other:?}")),
-        };
-        *pos += 1;
-        let mut label = None;
-        if let Some((Tok::Str(s), _, _)) = toks.get(*pos) {
-            label = Some(s.clone());
-            *pos += 1;
         }
-        let mut assigned = false;
-        if let Some((Tok::Punct('='), _, _)) = toks.get(*pos) {
-            assigned = true;
-            *pos += 1;
+        Expression::String(s) => AttrValue::Str(s),
+        Expression::TemplateExpr(t) => match *t {
+            TemplateExpr::QuotedString(s) => AttrValue::Str(s),
+            TemplateExpr::Heredoc(h) => AttrValue::Str(h.template),
+        },
+        _ => AttrValue::Other,
+    };
+    Item::Attr { key, value }
+}
+
+/// A parse error on one line, `At <line>:<column>: <message>` (HCL 1's shape); hcl-rs's own text is a
+/// multi-line snippet with a caret.
+fn one_line(e: &::hcl::Error) -> String {
+    match e {
+        ::hcl::Error::Parse(p) => {
+            let at = p.location();
+            let msg = p.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            format!("At {}:{}: {msg}", at.line(), at.column())
         }
-        match toks.get(*pos) {
-            Some((Tok::Punct('{'), _, _)) => {
-                *pos += 1;
-                let body = hcl_body(toks, pos, true)?;
-                items.push(Item::Block { key, label, body });
-            }
-            Some((Tok::Str(s), _, _)) if assigned && label.is_none() => {
-                items.push(Item::Attr {
-                    key,
-                    value: AttrValue::Str(s.clone()),
-                });
-                *pos += 1;
-            }
-            Some((Tok::Num(_) | Tok::Ident(_), _, _)) if assigned && label.is_none() => {
-                items.push(Item::Attr {
-                    key,
-                    value: AttrValue::Other,
-                });
-                *pos += 1;
-            }
-            Some((Tok::Punct('['), _, _)) if assigned && label.is_none() => {
-                let mut depth = 0;
-                while let Some((t, _, _)) = toks.get(*pos) {
-                    *pos += 1;
-                    match t {
-                        Tok::Punct('[') => depth += 1,
-                        Tok::Punct(']') => {
-                            depth -= 1;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                items.push(Item::Attr {
-                    key,
-                    value: AttrValue::Other,
-                });
-            }
-            Some((_, l, c)) => {
-                return Err(format!(
-                    "At {l}:{c}: key '{key}' expected start of object ('{{') or assignment ('=')"
-                ))
-            }
-            None => {
-                return Err(format!(
-                    "key '{key}' expected start of object ('{{') or assignment ('=')"
-                ))
-            }
-        }
+        other => other
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -267,9 +142,10 @@ pub fn parse_rules(raw: &str) -> Result<Rules, String> {
             serde_json::from_str(raw).map_err(|e| format!("Failed to parse ACL Policy: {e}"))?;
         json_items(&v).map_err(|e| format!("Failed to parse ACL Policy: {e}"))?
     } else {
-        let toks = hcl_tokens(raw).map_err(|e| format!("Failed to parse ACL Policy: {e}"))?;
-        let mut pos = 0;
-        hcl_body(&toks, &mut pos, false).map_err(|e| format!("Failed to parse ACL Policy: {e}"))?
+        hcl_items(
+            ::hcl::parse(raw)
+                .map_err(|e| format!("Failed to parse ACL Policy: {}", one_line(&e)))?,
+        )
     };
     let mut extra: Vec<String> = Vec::new();
     // The value of each block's `policy` (None: the block is absent), in Nomad's check order.
@@ -392,15 +268,15 @@ mod tests {
             r#"Invalid agent policy: &acl.AgentPolicy{Policy:""}"#
         );
         assert_eq!(
-            bad(r#"node { policy = "read" } nod { policy = "read" }"#),
+            bad("node { policy = \"read\" }\nnod { policy = \"read\" }"),
             "Invalid or duplicate policy keys: nod"
         );
         assert_eq!(
-            bad(r#"node { policy = "read" } node { policy = "write" }"#),
+            bad("node { policy = \"read\" }\nnode { policy = \"write\" }"),
             "Invalid or duplicate policy keys: node"
         );
         assert_eq!(
-            bad(r#"node { policy = "read" level = "x" }"#),
+            bad("node {\n  policy = \"read\"\n  level = \"x\"\n}"),
             "Invalid or duplicate policy keys: level"
         );
         assert_eq!(
@@ -420,5 +296,64 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// What hcl-rs reads differently from the hand-written tokenizer it replaced, each as Nomad's HCL 1 does:
+    /// escapes and heredocs are strings, and a parse error is one line.
+    #[test]
+    fn strings_are_hcl_strings_and_parse_errors_one_line() {
+        // `\u` escapes (the hand tokenizer kept `u0072ead`).
+        assert_eq!(
+            parse_rules(r#"node { policy = "\u0072ead" }"#)
+                .unwrap()
+                .node,
+            Some(Level::Read)
+        );
+        // A heredoc is a string with its newline (the hand tokenizer: `illegal char`), so not a level.
+        assert_eq!(
+            parse_rules("node {\n  policy = <<EOT\nread\nEOT\n}\n").unwrap_err(),
+            r#"Invalid node policy: &acl.NodePolicy{Policy:"read\n"}"#
+        );
+        // A template is kept as written (HCL 1 does not interpolate policies).
+        assert_eq!(
+            parse_rules(r#"node { policy = "${x}" }"#).unwrap_err(),
+            r#"Invalid node policy: &acl.NodePolicy{Policy:"${x}"}"#
+        );
+        // `key = { … }` with a nested object is still a block whose unknown keys are named.
+        assert_eq!(
+            parse_rules("node = {\n  policy = \"read\"\n  extra = { a = 1 }\n}").unwrap_err(),
+            "Invalid or duplicate policy keys: extra"
+        );
+        for broken in [
+            "node { policy = \"read\" ",
+            "node {\n  policy = \"read\n}",
+            "node { policy = = }",
+        ] {
+            let e = parse_rules(broken).unwrap_err();
+            assert!(e.starts_with("Failed to parse ACL Policy: At "), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    /// HCL 1 layouts that Nomad accepts but HCL's native syntax does not: several items on one line. The double
+    /// refuses them as a parse error (the hand tokenizer took them); one item per line reads the same.
+    #[test]
+    fn several_items_on_one_line_are_a_parse_error() {
+        for one_line in [
+            r#"node { policy = "read" } agent { policy = "read" }"#,
+            r#"node { policy = "read" level = "x" }"#,
+            r#"node { policy = "read", }"#,
+        ] {
+            let e = parse_rules(one_line).unwrap_err();
+            assert!(
+                e.starts_with("Failed to parse ACL Policy: At 1:"),
+                "{one_line}: {e}"
+            );
+        }
+        let r = parse_rules("node { policy = \"read\" }\nagent { policy = \"write\" }").unwrap();
+        assert_eq!(
+            (r.node, r.agent, r.operator),
+            (Some(Level::Read), Some(Level::Write), None)
+        );
     }
 }

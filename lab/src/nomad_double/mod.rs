@@ -29,7 +29,8 @@
 //!   texts, e.g. `failed to parse rules: Invalid node policy: &acl.NodePolicy{Policy:"reed"}` or
 //!   `Invalid or duplicate policy keys: nod`); `GET /v1/acl/policies` (stubs; a client token sees only its
 //!   own policies) and `GET /v1/acl/policy/:name` (with `RulesJSON`; 404 `ACL policy not found`).
-//!   Rules are a hand-parsed subset of Nomad's HCL policy language (and its JSON form): the blocks `node`,
+//!   Rules are a subset of Nomad's HCL policy language (and its JSON form), read with `hcl-rs` (HCL's native
+//!   syntax: one item per line; hcl.rs says what differs from Nomad's HCL 1): the blocks `node`,
 //!   `agent` and `operator` with `policy = "deny" | "read" | "write"`. `namespace`, `node_pool`,
 //!   `host_volume`, `plugin`, `quota` and operator `capabilities` are valid Nomad but refused by the double
 //!   with a 400 that says so. Merging follows Nomad: `deny` wins, otherwise the most privilege.
