@@ -91,7 +91,7 @@
 //!   "Group", "Task", "AllocID", "Identity", "Audience", "TTLSeconds", "IssuedAt"?}` — a stand-in for the
 //!   identities Nomad's plan applier signs for each allocation, so tests can hold one (and an expired one).
 //!
-//! - Jobs and allocations (lab/src/nomad_jobs.rs, its header says which routes and from which Nomad sources):
+//! - Jobs and allocations (lab/src/nomad_double/jobs/, its header says which routes and from which Nomad sources):
 //!   `PUT|POST /v1/jobs`, `GET /v1/job/:id`, `GET /v1/job/:id/allocations`, `GET /v1/allocation/:id`,
 //!   `DELETE /v1/job/:id?purge=`, `GET /v1/client/fs/cat/:alloc_id?path=`; a trivial scheduler at the leader,
 //!   and a client that runs allocations as child processes against the lab's real Vault and Consul (plumbing
@@ -107,7 +107,7 @@
 //! `acl.rs` policies, tokens, what a token may do, and the `/v1/acl/*` routes; `hcl.rs` the policy rules'
 //! parser; `nodes.rs` client nodes, their routes and the client's registration loop; `operator.rs` the
 //! operator and agent routes (raft, self, members, snapshots); `server.rs` clustering, forwarding,
-//! replication, authorization and routing; `run.rs` TLS and the serving loop; `jobs` (lab/src/nomad_jobs.rs) jobs and allocations;
+//! replication, authorization and routing; `run.rs` TLS and the serving loop; `jobs/` jobs and allocations;
 //! `tests.rs` the double in-process over HTTPS.
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -124,8 +124,7 @@ use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-/// Jobs, allocations, the client that runs them, and the client fs API (lab/src/nomad_jobs.rs).
-#[path = "../nomad_jobs.rs"]
+/// Jobs, allocations, the client that runs them, and the client fs API (lab/src/nomad_double/jobs/).
 pub mod jobs;
 
 mod acl;

@@ -44,7 +44,7 @@ pub struct Store {
     /// The keyring (Nomad's root keys), made by the leader when the cluster forms: signs workload identities.
     #[serde(default)]
     pub keyring: Vec<crate::nomad_identity::RootKey>,
-    /// Jobs and their allocations (lab/src/nomad_jobs.rs).
+    /// Jobs and their allocations (lab/src/nomad_double/jobs/).
     #[serde(default)]
     pub jobs: Vec<jobs::Job>,
     #[serde(default)]
