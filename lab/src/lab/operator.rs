@@ -142,7 +142,7 @@ impl Lab {
     }
 
     /// `<state_dir>/bin/nomad -> hashistack-lab`: started under that name, the lab binary is the Nomad
-    /// contract double (lab/src/nomad_double.rs). The lab binary: $HASHISTACK_LAB, this process when it is
+    /// contract double (lab/src/nomad_double/). The lab binary: $HASHISTACK_LAB, this process when it is
     /// `hashistack-lab`, else the one next to the agent (cargo's target dir).
     pub(super) fn link_nomad_double(&self) -> Result<(), LabError> {
         let exe = std::env::current_exe()
