@@ -173,7 +173,7 @@ fn state_dir(c: &Common) -> PathBuf {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Started through the lab's `nomad` link: be the Nomad contract double (lab/src/nomad_double.rs).
+    // Started through the lab's `nomad` link: be the Nomad contract double (lab/src/nomad_double/).
     if hashistack_lab::nomad_double::invoked_as_nomad() {
         return hashistack_lab::nomad_double::cli(&std::env::args().collect::<Vec<_>>()).await;
     }

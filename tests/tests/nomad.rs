@@ -3,7 +3,7 @@
 //! tier recoverable from the escrow made before the call; the read-only status token the bootstrap creates
 //! (a client token: node, agent and operator read, no ACL writes), and `hashistack-agent status` counting
 //! the workers' Nomad clients ready, then down when one stops heartbeating. Nomad ≥ 1.7 cannot be
-//! installed here, so the lab runs the Nomad contract double (lab/src/nomad_double.rs) through
+//! installed here, so the lab runs the Nomad contract double (lab/src/nomad_double/) through
 //! `<state_dir>/bin/nomad`; a real `nomad` on PATH is exercised as well when there is one.
 
 use hashistack_agent::bootstrap::CrashPoint;
