@@ -4,7 +4,7 @@
 //!
 //! The file audit device: OpenBao ≥ 2.4 gets it declared here (`audit` stanza), because OpenBao refuses
 //! audit devices created through the API; HashiCorp Vault has no such stanza and gets it from the tier
-//! bootstrap (`PUT /v1/sys/audit/file`, agent/src/bootstrap/vault.rs).
+//! bootstrap (`PUT /v1/sys/audit/file`, agent/src/bootstrap/vault/).
 
 use super::{env_file, identity_env, json_file, path_str, Layout, Material, Plan, RenderOptions};
 use crate::files::Owner;
