@@ -280,11 +280,7 @@ impl Tier for ConsulTier {
             .await;
             let token =
                 super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
-                    .await
-                    .map_err(|e| TierError::Step {
-                        step: "agent token",
-                        detail: e.to_string(),
-                    })?;
+                    .await?;
             crate::material::put_secret(
                 az,
                 vault,
