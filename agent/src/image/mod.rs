@@ -49,8 +49,14 @@ pub const UNITS: [(&str, &str); 9] = [
         "consul.service",
         include_str!("../../../systemd/consul.service"),
     ),
-    ("vault.service", include_str!("../../../systemd/vault.service")),
-    ("nomad.service", include_str!("../../../systemd/nomad.service")),
+    (
+        "vault.service",
+        include_str!("../../../systemd/vault.service"),
+    ),
+    (
+        "nomad.service",
+        include_str!("../../../systemd/nomad.service"),
+    ),
     (
         "nomad-client.service",
         include_str!("../../../systemd/nomad-client.service"),

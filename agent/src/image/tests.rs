@@ -2,8 +2,8 @@ use super::check::mismatch;
 use super::*;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::fs::symlink;
+use std::os::unix::fs::PermissionsExt;
 use tempfile::TempDir;
 
 const CONSUL_UID: u32 = 990;
