@@ -566,4 +566,48 @@ mod tests {
             .to_string()
             .contains("docker"));
     }
+
+    #[test]
+    fn each_invalid_value_is_one_line_naming_its_key() {
+        let lines = [
+            (
+                Invalid::ImdsDeadline,
+                "imds.deadline_secs must be at least 1",
+            ),
+            (
+                Invalid::PgpKeysPerShare { keys: 2, shares: 5 },
+                "bootstrap.recovery_pgp_keys has 2 keys; it needs one per recovery share (5)",
+            ),
+            (
+                Invalid::LeaseSecs,
+                "bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)",
+            ),
+            (
+                Invalid::RelativeDevice("sdc".into()),
+                "disk.device \"sdc\" is not an absolute path (or set disk.mode = \"directory\")",
+            ),
+            (
+                Invalid::NodeCertDays,
+                "tls.node_cert_days must be between 1 and 825",
+            ),
+        ];
+        for (e, text) in lines {
+            assert_eq!(e.to_string(), text);
+        }
+        let e = parse("[bootstrap]\nlease_secs = 90\n").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    problem: Invalid::LeaseSecs,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "agent config agent.toml: bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)"
+        );
+    }
 }
