@@ -87,10 +87,7 @@ impl TierState {
         self.history.push((phase, node.into(), now));
     }
 
-    pub fn escrowed_to<T>(&self, target: T) -> bool
-    where
-        crate::escrow::ReceiptTarget: PartialEq<T>,
-    {
+    pub fn escrowed_to(&self, target: crate::escrow::ReceiptTarget) -> bool {
         self.receipts
             .iter()
             .any(|r| r.target == target && Some(r.object.as_str()).is_some())

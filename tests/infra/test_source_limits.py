@@ -18,10 +18,9 @@ MAX_LINES = 1000
 
 # (limit, glob relative to the repository): a file still breaking `limit` while its branch lands.
 PENDING: list[tuple[str, str]] = [
-    ("string-error", "agent/src/bootstrap/*"),  # branch driver: typed errors in bootstrap/
     ("string-error", "agent/src/boot.rs"),  # branch warm: azure_for
     ("too-long", "agent/src/boot.rs"),  # branch warm
-    ("too-long", "agent/src/bootstrap/*"),  # branch driver: bootstrap/vault.rs
+    ("too-long", "agent/src/bootstrap/vault.rs"),  # after branch driver: 1,063 lines
     ("too-long", "lab/src/nomad_double.rs"),  # branch labsplit
     ("too-long", "lab/src/nomad_jobs.rs"),  # branch labsplit
     ("too-long", "lab/src/lab.rs"),  # branch labsplit

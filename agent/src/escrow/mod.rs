@@ -79,13 +79,6 @@ impl std::fmt::Display for ReceiptTarget {
     }
 }
 
-/// Comparing with the stored name (`r.target == "blob"`), for callers that still hold the name.
-impl PartialEq<&str> for ReceiptTarget {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 impl Receipt {
     /// Whether this receipt records (a copy of) the escrow `escrow_id`.
     pub fn is_for(&self, escrow_id: &str) -> bool {
@@ -592,7 +585,6 @@ mod tests {
         assert_eq!(serde_json::to_string(&receipts).unwrap(), stored);
         for t in ReceiptTarget::ALL {
             assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
-            assert!(t == t.as_str());
         }
         assert!(serde_json::from_str::<ReceiptTarget>(r#""disk""#).is_err());
     }
