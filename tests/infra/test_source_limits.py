@@ -21,9 +21,6 @@ PENDING: list[tuple[str, str]] = [
     ("string-error", "agent/src/boot.rs"),  # branch warm: azure_for
     ("too-long", "agent/src/boot.rs"),  # branch warm
     ("too-long", "agent/src/bootstrap/vault.rs"),  # after branch driver: 1,063 lines
-    ("too-long", "lab/src/nomad_double.rs"),  # branch labsplit
-    ("too-long", "lab/src/nomad_jobs.rs"),  # branch labsplit
-    ("too-long", "lab/src/lab.rs"),  # branch labsplit
 ]
 
 
