@@ -7,7 +7,7 @@
 #   packer init packer/
 #   packer build -var-file=my.pkrvars.hcl packer/
 #
-# The build ends with `hashistack-agent image verify` (the image contract, agent/src/image.rs) and the Azure
+# The build ends with `hashistack-agent image verify` (the image contract, agent/src/image/) and the Azure
 # VM agent's deprovisioning, in that order: nothing may run after deprovisioning.
 
 packer {

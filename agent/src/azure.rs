@@ -3,6 +3,7 @@
 //! through `retry::retry` with an explicit deadline, so a dead endpoint costs seconds, not minutes.
 
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
+use crate::tls::HttpsClientError;
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{ClientOptions, RetryOptions, Transport, Url};
@@ -200,13 +201,11 @@ impl Azure {
         credential: Arc<dyn TokenCredential>,
         extra_ca: Option<&Path>,
         verify_challenge_resource: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, HttpsClientError> {
         let transport = match extra_ca {
             None => None,
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let cert = reqwest::Certificate::from_pem(&pem)
-                    .map_err(|_| format!("{}: not a PEM certificate", path.display()))?;
+                let cert = crate::tls::ca_certificate(path)?;
                 let client = reqwest::Client::builder()
                     .add_root_certificate(cert)
                     .connect_timeout(Duration::from_secs(5))
@@ -216,7 +215,7 @@ impl Azure {
                     .gzip(false)
                     .deflate(false)
                     .build()
-                    .map_err(|e| e.to_string())?;
+                    .map_err(HttpsClientError::Build)?;
                 Some(Transport::new(Arc::new(client)))
             }
         };

@@ -935,6 +935,7 @@ pub fn azure_for(cfg: &AgentConfig, spec: &NodeSpec) -> Result<crate::azure::Azu
         cfg.azure.extra_ca_file.as_deref(),
         cfg.azure.verify_challenge_resource,
     )
+    .map_err(|e| e.to_string())
 }
 
 /// After the bootstrap: a node whose Consul runs without the agent token waits for the Consul tier to hand it

@@ -348,8 +348,39 @@ pub enum ConfigError {
     },
     #[error("agent config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("agent config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error("agent config {path}: {problem}")]
+    Invalid { path: PathBuf, problem: Invalid },
+}
+
+/// What is wrong with a config that parsed: one line naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("imds.endpoint {0:?} is not an http(s) URL")]
+    ImdsEndpoint(String),
+    #[error("imds.deadline_secs must be at least 1")]
+    ImdsDeadline,
+    #[error("paths.root {0:?} is not an absolute path")]
+    RelativeRoot(PathBuf),
+    #[error(
+        "bootstrap.root_token_pgp_key is no longer supported: with bootstrap.recovery_pgp_keys (or userData \
+         hashistack.pgpKeys) the agent encrypts the root token to every operator key itself; remove it \
+         (docs/pgp-escrow.md)"
+    )]
+    RootTokenPgpKey,
+    #[error(
+        "bootstrap.recovery_pgp_keys has {keys} keys; it needs one per recovery share ({shares})"
+    )]
+    PgpKeysPerShare { keys: usize, shares: u8 },
+    #[error("bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)")]
+    LeaseSecs,
+    #[error("bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares")]
+    RecoveryThreshold,
+    #[error("disk.device {0:?} is not an absolute path (or set disk.mode = \"directory\")")]
+    RelativeDevice(PathBuf),
+    #[error("disk.wait_secs must be at least 1")]
+    DiskWait,
+    #[error("tls.node_cert_days must be between 1 and 825")]
+    NodeCertDays,
 }
 
 impl AgentConfig {
@@ -389,67 +420,52 @@ impl AgentConfig {
                     .map(|s| format!(" (at byte {})", s.start))
                     .unwrap_or_default(),
         })?;
-        cfg.check().map_err(|message| ConfigError::Invalid {
+        cfg.check().map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            problem,
         })?;
         Ok(cfg)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Invalid> {
         let ep = &self.imds.endpoint;
         if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-            return Err(format!("imds.endpoint {ep:?} is not an http(s) URL"));
+            return Err(Invalid::ImdsEndpoint(ep.clone()));
         }
         if self.imds.deadline_secs == 0 {
-            return Err("imds.deadline_secs must be at least 1".into());
+            return Err(Invalid::ImdsDeadline);
         }
         if !self.paths.root.is_absolute() {
-            return Err(format!(
-                "paths.root {:?} is not an absolute path",
-                self.paths.root
-            ));
+            return Err(Invalid::RelativeRoot(self.paths.root.clone()));
         }
         let b = &self.bootstrap;
         if b.root_token_pgp_key.is_some() {
-            return Err("bootstrap.root_token_pgp_key is no longer supported: with bootstrap.recovery_pgp_keys (or \
-                        userData hashistack.pgpKeys) the agent encrypts the root token to every operator key \
-                        itself; remove it (docs/pgp-escrow.md)"
-                .into());
+            return Err(Invalid::RootTokenPgpKey);
         }
         if !b.recovery_pgp_keys.is_empty()
             && b.recovery_pgp_keys.len() != b.recovery_shares as usize
         {
-            return Err(format!(
-                "bootstrap.recovery_pgp_keys has {} keys; it needs one per recovery share ({})",
-                b.recovery_pgp_keys.len(),
-                b.recovery_shares
-            ));
+            return Err(Invalid::PgpKeysPerShare {
+                keys: b.recovery_pgp_keys.len(),
+                shares: b.recovery_shares,
+            });
         }
         if !(15..=60).contains(&b.lease_secs) {
-            return Err(
-                "bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)".into(),
-            );
+            return Err(Invalid::LeaseSecs);
         }
         if b.recovery_threshold == 0 || b.recovery_threshold > b.recovery_shares {
-            return Err(
-                "bootstrap.recovery_threshold must be between 1 and bootstrap.recovery_shares"
-                    .into(),
-            );
+            return Err(Invalid::RecoveryThreshold);
         }
         if self.disk.mode == DiskMode::Device {
             if !self.disk.device.is_absolute() {
-                return Err(format!(
-                    "disk.device {:?} is not an absolute path (or set disk.mode = \"directory\")",
-                    self.disk.device
-                ));
+                return Err(Invalid::RelativeDevice(self.disk.device.clone()));
             }
             if self.disk.wait_secs == 0 {
-                return Err("disk.wait_secs must be at least 1".into());
+                return Err(Invalid::DiskWait);
             }
         }
         if self.tls.node_cert_days == 0 || self.tls.node_cert_days > 825 {
-            return Err("tls.node_cert_days must be between 1 and 825".into());
+            return Err(Invalid::NodeCertDays);
         }
         Ok(())
     }
@@ -549,5 +565,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("docker"));
+    }
+
+    #[test]
+    fn each_invalid_value_is_one_line_naming_its_key() {
+        let lines = [
+            (
+                Invalid::ImdsDeadline,
+                "imds.deadline_secs must be at least 1",
+            ),
+            (
+                Invalid::PgpKeysPerShare { keys: 2, shares: 5 },
+                "bootstrap.recovery_pgp_keys has 2 keys; it needs one per recovery share (5)",
+            ),
+            (
+                Invalid::LeaseSecs,
+                "bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)",
+            ),
+            (
+                Invalid::RelativeDevice("sdc".into()),
+                "disk.device \"sdc\" is not an absolute path (or set disk.mode = \"directory\")",
+            ),
+            (
+                Invalid::NodeCertDays,
+                "tls.node_cert_days must be between 1 and 825",
+            ),
+        ];
+        for (e, text) in lines {
+            assert_eq!(e.to_string(), text);
+        }
+        let e = parse("[bootstrap]\nlease_secs = 90\n").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    problem: Invalid::LeaseSecs,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "agent config agent.toml: bootstrap.lease_secs must be between 15 and 60 (Azure's lease limits)"
+        );
     }
 }

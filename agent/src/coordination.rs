@@ -87,7 +87,7 @@ impl TierState {
         self.history.push((phase, node.into(), now));
     }
 
-    pub fn escrowed_to(&self, target: &str) -> bool {
+    pub fn escrowed_to(&self, target: crate::escrow::ReceiptTarget) -> bool {
         self.receipts
             .iter()
             .any(|r| r.target == target && Some(r.object.as_str()).is_some())
@@ -295,12 +295,13 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::escrow::ReceiptTarget;
     use std::time::Duration;
     use tokio::time::Instant;
 
-    fn receipt(target: &str, object: &str, escrow_id: Option<&str>) -> Receipt {
+    fn receipt(target: ReceiptTarget, object: &str, escrow_id: Option<&str>) -> Receipt {
         Receipt {
-            target: target.into(),
+            target,
             object: object.into(),
             version: String::new(),
             etag: None,
@@ -316,10 +317,16 @@ mod tests {
         for id in ["100-a", "200-b", "300-c"] {
             // Receipts as written before they named their escrow (the id in the object), and as written now
             // (one Key Vault secret per tier: only the receipt's escrow id tells them apart).
-            s.receipts
-                .push(receipt("blob", &format!("escrow/c1/nomad/{id}.json"), None));
-            s.receipts
-                .push(receipt("keyvault", "c1-nomad-escrow", Some(id)));
+            s.receipts.push(receipt(
+                ReceiptTarget::Blob,
+                &format!("escrow/c1/nomad/{id}.json"),
+                None,
+            ));
+            s.receipts.push(receipt(
+                ReceiptTarget::Keyvault,
+                "c1-nomad-escrow",
+                Some(id),
+            ));
         }
         s.pre_escrows = vec!["100-a".into(), "200-b".into()];
         s.keep_pre_escrow_receipts();

@@ -113,22 +113,45 @@ fn valid_node(v: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Why a boot record is not published (it stays on the node's disk).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("tag hashistack-cluster is missing or malformed")]
+    Cluster,
+    #[error("tag hashistack-blob-endpoint is missing or not an https URL")]
+    BlobEndpoint,
+    #[error("IMDS compute.osProfile.computerName is missing or not a host name")]
+    NodeName,
+    #[error("tag hashistack-blob-endpoint is missing: the boot record stays local")]
+    NoBlobEndpoint,
+    #[error(
+        "tag hashistack-blob-endpoint is not on this cloud's storage domain: the boot record stays local"
+    )]
+    ForeignBlobEndpoint,
+    #[error("no metadata: the boot record stays local")]
+    NoMetadata,
+    #[error("{0}")]
+    Client(#[from] crate::tls::HttpsClientError),
+    #[error("{0}")]
+    Azure(#[from] crate::azure::AzureError),
+}
+
 /// The publish target from a metadata document. `Err` says why this node cannot publish.
-pub fn target(md: &InstanceMetadata) -> Result<Target, String> {
+pub fn target(md: &InstanceMetadata) -> Result<Target, PublishError> {
     let cluster = tag(md, tags::TAG_CLUSTER)
         .filter(|c| valid_cluster(c))
-        .ok_or("tag hashistack-cluster is missing or malformed")?;
+        .ok_or(PublishError::Cluster)?;
     let endpoint = tag(md, tags::TAG_BLOB_ENDPOINT)
         .filter(|e| {
             e.strip_prefix("https://").is_some_and(|r| {
                 !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace)
             })
         })
-        .ok_or("tag hashistack-blob-endpoint is missing or not an https URL")?;
+        .ok_or(PublishError::BlobEndpoint)?;
     let node = md.node_name();
     let node = node.as_str();
     if !valid_node(node) {
-        return Err("IMDS compute.osProfile.computerName is missing or not a host name".into());
+        return Err(PublishError::NodeName);
     }
     let guid = |v: &str| {
         let parts: Vec<&str> = v.split('-').collect();
@@ -212,11 +235,10 @@ async fn publish_inner(
     record: &BootRecord,
     spec: Option<&NodeSpec>,
     metadata: Option<&crate::imds::InstanceMetadata>,
-) -> Result<String, String> {
+) -> Result<String, PublishError> {
     let quick = RetryPolicy::imds(Duration::from_secs(4));
     let t = match (spec, metadata) {
-        (Some(s), _) => target_from_spec(s, s.role.as_str())
-            .ok_or("tag hashistack-blob-endpoint is missing: the boot record stays local")?,
+        (Some(s), _) => target_from_spec(s, s.role.as_str()).ok_or(PublishError::NoBlobEndpoint)?,
         // A boot that failed after reading its metadata (e.g. a bad tag): publish from what it read.
         (None, Some(md)) => {
             let t = target(md)?;
@@ -225,11 +247,11 @@ async fn publish_inner(
                 &md.compute.az_environment,
                 cfg.azure.endpoints,
             ) {
-                return Err("tag hashistack-blob-endpoint is not on this cloud's storage domain: the boot record stays local".into());
+                return Err(PublishError::ForeignBlobEndpoint);
             }
             t
         }
-        (None, None) => return Err("no metadata: the boot record stays local".into()),
+        (None, None) => return Err(PublishError::NoMetadata),
     };
     let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
         ImdsClient::new(&cfg.imds.endpoint, quick),
@@ -243,9 +265,7 @@ async fn publish_inner(
     let name = record_blob_name(&t.cluster, &t.node);
     let doc = document(&t, record, time::OffsetDateTime::now_utc().unix_timestamp());
     let body = serde_json::to_vec_pretty(&doc).expect("record serialises");
-    let blob = az
-        .blob(&t.blob_endpoint, COORDINATION_CONTAINER, &name)
-        .map_err(|e| e.to_string())?;
+    let blob = az.blob(&t.blob_endpoint, COORDINATION_CONTAINER, &name)?;
     let policy = RetryPolicy {
         deadline: Duration::from_secs(8),
         attempt_timeout: Duration::from_secs(4),
@@ -260,8 +280,7 @@ async fn publish_inner(
                 .map(|_| ())
         }
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     Ok(name)
 }
 
@@ -374,13 +393,16 @@ mod tests {
 
     #[test]
     fn no_target_without_a_valid_cluster_or_endpoint() {
-        let e = target(&md(&[("hashistack-cluster", "prod")])).unwrap_err();
+        let e = target(&md(&[("hashistack-cluster", "prod")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hashistack-blob-endpoint"), "{e}");
         let e = target(&md(&[
             ("hashistack-cluster", "Prod!"),
             ("hashistack-blob-endpoint", "https://x/"),
         ]))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("hashistack-cluster"), "{e}");
         assert!(target(&md(&[
             ("hashistack-cluster", "prod"),

@@ -41,6 +41,31 @@ pub enum TlsError {
     BadKey,
 }
 
+/// Why an HTTPS client trusting a CA file could not be made (the file names the CA; nothing secret).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsClientError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a PEM certificate", path.display())]
+    NotPem { path: std::path::PathBuf },
+    #[error("{0}")]
+    Build(reqwest::Error),
+}
+
+/// The CA certificate in `path`, for a client to trust.
+pub fn ca_certificate(path: &std::path::Path) -> Result<reqwest::Certificate, HttpsClientError> {
+    let pem = std::fs::read(path).map_err(|source| HttpsClientError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    reqwest::Certificate::from_pem(&pem).map_err(|_| HttpsClientError::NotPem {
+        path: path.to_owned(),
+    })
+}
+
 /// What a node certificate was issued for (stored beside it; contains nothing secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedFor {

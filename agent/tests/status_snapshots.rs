@@ -7,7 +7,7 @@
 
 use hashistack_agent::boot::{BootRecord, Phase};
 use hashistack_agent::coordination::{TierPhase, TierState};
-use hashistack_agent::escrow::Receipt;
+use hashistack_agent::escrow::{Receipt, ReceiptTarget};
 use hashistack_agent::publish::NodeRecord;
 use hashistack_agent::status::model::*;
 use hashistack_agent::status::{assess, render};
@@ -67,16 +67,16 @@ fn done_state(tier: &str, leader: &str) -> TierState {
     s.escrow_id = Some("1779740800-0011223344556677".into());
     for (target, object) in [
         (
-            "blob",
+            ReceiptTarget::Blob,
             format!("escrow/prod/{tier}/1779740800-0011223344556677.json"),
         ),
         (
-            "keyvault",
+            ReceiptTarget::Keyvault,
             format!("prod-{tier}-1779740800-0011223344556677"),
         ),
     ] {
         s.receipts.push(Receipt {
-            target: target.into(),
+            target,
             object,
             version: "v1".into(),
             etag: None,
@@ -93,7 +93,7 @@ fn ok<T>(v: T) -> Got<T> {
 }
 
 fn err<T>(e: &str) -> Got<T> {
-    Some(Err(e.to_string()))
+    Some(Err(e.into()))
 }
 
 fn consul_ip(i: usize) -> String {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Directories with their owners and modes (the image contract in agent/src/image.rs checks every one),
+# Directories with their owners and modes (the image contract in agent/src/image/ checks every one),
 # and removal of what the packages install that must not reach a node.
 set -euo pipefail
 

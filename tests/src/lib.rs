@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end suites: each test gets its own lab on its own loopback network.
 
 use hashistack_agent::coordination::{TierPhase, TierState};
+use hashistack_agent::escrow::ReceiptTarget;
 use hashistack_agent::node::Role;
 use hashistack_lab::tools::{repo_root, Tools};
 use hashistack_lab::{Lab, LabOptions};
@@ -71,7 +72,7 @@ pub async fn assert_done_once(lab: &Lab, tier: &str) -> TierState {
         .await
         .unwrap_or_else(|| panic!("{tier}: no coordination state"));
     assert_eq!(st.phase, TierPhase::Done, "{tier}: {st:?}");
-    for target in ["blob", "keyvault"] {
+    for target in ReceiptTarget::ALL {
         assert!(
             st.receipts.iter().any(|r| r.target == target),
             "{tier}: no {target} receipt: {st:?}"

@@ -9,7 +9,7 @@
 
 use hashistack_agent::azure::Azure;
 use hashistack_agent::coordination::{self, TierPhase, TierState};
-use hashistack_agent::escrow::{self, envelope, Receipt, Targets, UploadError};
+use hashistack_agent::escrow::{self, envelope, Receipt, ReceiptTarget, Targets, UploadError};
 use hashistack_agent::retry::RetryPolicy;
 use hashistack_e2e::{escrow_cmd, options, tools};
 use hashistack_lab::keyvault::{principals, ESCROW_VAULT};
@@ -139,8 +139,14 @@ async fn open_returns_the_pinned_versions_and_warns_about_newer_forged_ones() {
 
     // The receipts pin what was written: the Key Vault version setSecret answered, the blob's ETag (Azurite keeps
     // no versions, so no x-ms-version-id is answered there; on Azure the version id is recorded too).
-    let kv_receipt = receipts.iter().find(|r| r.target == "keyvault").unwrap();
-    let blob_receipt = receipts.iter().find(|r| r.target == "blob").unwrap();
+    let kv_receipt = receipts
+        .iter()
+        .find(|r| r.target == ReceiptTarget::Keyvault)
+        .unwrap();
+    let blob_receipt = receipts
+        .iter()
+        .find(|r| r.target == ReceiptTarget::Blob)
+        .unwrap();
     let kv = lab.keyvault.as_ref().unwrap().vault(ESCROW_VAULT).unwrap();
     assert_eq!(kv_receipt.object, "lab-vault-escrow");
     assert_eq!(kv_receipt.version.len(), 32, "{kv_receipt:?}");

@@ -247,7 +247,7 @@ fn scripted(name: &'static str, pre: Option<&'static str>, script: Script) -> Sc
 
 /// The escrow each receipt of `target` is for: its escrow id (the Key Vault object is one secret per tier, so
 /// the object name no longer tells), else the object name of a receipt written before receipts named it.
-fn receipt_ids(st: &TierState, target: &str) -> Vec<String> {
+fn receipt_ids(st: &TierState, target: escrow::ReceiptTarget) -> Vec<String> {
     st.receipts
         .iter()
         .filter(|r| r.target == target)
@@ -391,7 +391,7 @@ async fn every_leaders_secret_escrowed_before_use_is_kept_until_token_self_decid
     }
     let st = lab.tier_state("nomad").await.unwrap();
     for id in &escrows {
-        for target in ["blob", "keyvault"] {
+        for target in escrow::ReceiptTarget::ALL {
             assert!(
                 receipt_ids(&st, target)
                     .iter()
@@ -407,7 +407,7 @@ async fn every_leaders_secret_escrowed_before_use_is_kept_until_token_self_decid
     assert_eq!(st.phase, coordination::TierPhase::Done, "{st:?}");
     assert_eq!(st.pre_escrows, escrows, "both candidates, in order");
     for id in &escrows {
-        for target in ["blob", "keyvault"] {
+        for target in escrow::ReceiptTarget::ALL {
             assert!(
                 receipt_ids(&st, target)
                     .iter()

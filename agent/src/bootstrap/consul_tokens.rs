@@ -138,7 +138,7 @@ pub fn nomad_rules() -> serde_json::Value {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("Nomad's Consul token: {0}")]
-    Client(String),
+    Client(#[from] crate::services::health::HttpsClientError),
     #[error("Nomad's Consul token: {what}: {source}")]
     Request {
         what: &'static str,
@@ -279,7 +279,7 @@ pub fn dns_rules() -> serde_json::Value {
 #[derive(Debug, thiserror::Error)]
 pub enum DnsPolicyError {
     #[error("Consul DNS policy: {0}")]
-    Client(String),
+    Client(#[from] crate::services::health::HttpsClientError),
     #[error("Consul DNS policy: {what}: {source}")]
     Request {
         what: &'static str,

@@ -4,6 +4,7 @@
 //! driver (`bootstrap/driver.rs`) gathers the facts, acts on the decisions and does the I/O.
 
 use crate::coordination::{TierPhase, TierState};
+use crate::escrow::ReceiptTarget::{Blob, Keyvault};
 use std::time::Duration;
 
 /// Every transition docs/bootstrap.md documents, by the name its table "Every transition" gives it. Each is
@@ -199,7 +200,7 @@ pub fn earlier_leaders(state: &TierState, me: &str) -> Vec<String> {
 
 pub fn decide(f: &Facts) -> Decision {
     let s = f.state;
-    let escrowed = s.escrowed_to("blob") && s.escrowed_to("keyvault");
+    let escrowed = s.escrowed_to(Blob) && s.escrowed_to(Keyvault);
     if s.phase == TierPhase::Done {
         return Decision::AlreadyDone;
     }
@@ -330,7 +331,7 @@ pub fn after_call<T>(f: &AfterFacts, answer: Result<T, Failure>) -> AfterCall<T>
         Err(Failure::AlreadyDone)
             if f.pre_escrowed
                 && (!s.pre_escrows.is_empty()
-                    || (s.escrowed_to("blob") && s.escrowed_to("keyvault"))) =>
+                    || (s.escrowed_to(Blob) && s.escrowed_to(Keyvault))) =>
         {
             AfterCall::DoneEscrowedBeforeUse
         }

@@ -7,7 +7,7 @@ use super::decide::{self, AfterCall, Decision, PeerAnswer, PeerVerdict, SpoolAct
 use super::traits::{EscrowTargets, Spool, Storage};
 use super::{crash_if, BootstrapError, CrashPoint, Outcome, Tier, TierFailure};
 use crate::coordination::{TierPhase, TierState, WriteError};
-use crate::escrow::{envelope, pgp::OperatorKeys, Receipt};
+use crate::escrow::{envelope, pgp::OperatorKeys, Receipt, ReceiptTarget};
 use std::path::PathBuf;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -60,7 +60,7 @@ impl Driver<'_> {
         if !state
             .receipts
             .iter()
-            .any(|r: &Receipt| r.target == "blob" && r.is_for(&env.escrow_id))
+            .any(|r: &Receipt| r.target == ReceiptTarget::Blob && r.is_for(&env.escrow_id))
         {
             let r = self.escrow.upload_blob(env).await?;
             state.receipts.push(r);
@@ -69,7 +69,7 @@ impl Driver<'_> {
         if !state
             .receipts
             .iter()
-            .any(|r| r.target == "keyvault" && r.is_for(&env.escrow_id))
+            .any(|r| r.target == ReceiptTarget::Keyvault && r.is_for(&env.escrow_id))
         {
             let r = self.escrow.upload_keyvault(env).await?;
             state.receipts.push(r);

@@ -84,7 +84,8 @@ fn already_exists(e: &CallError) -> bool {
 }
 
 fn client(ca_file: &Path, timeout: Duration) -> Result<reqwest::Client, CallError> {
-    crate::services::health::client_for(ca_file, timeout).map_err(CallError::Client)
+    crate::services::health::client_for(ca_file, timeout)
+        .map_err(|e| CallError::Client(e.to_string()))
 }
 
 /// Consul: the `hashistack-snapshot` policy (`acl = "write"`) and a token for it.

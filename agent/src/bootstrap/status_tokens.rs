@@ -70,7 +70,7 @@ pub async fn create_consul(
     management: &str,
 ) -> Result<Zeroizing<String>, CallError> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(10))
-        .map_err(CallError::Client)?;
+        .map_err(|e| CallError::Client(e.to_string()))?;
     retry(settle(Duration::from_secs(60)), |_| {
         let req = c
             .put(format!("{api}/v1/acl/policy"))
@@ -109,7 +109,7 @@ pub async fn create_vault(
     root: &str,
 ) -> Result<Zeroizing<String>, CallError> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))
-        .map_err(CallError::Client)?;
+        .map_err(|e| CallError::Client(e.to_string()))?;
     // Right after the unseal a standby or a settling raft may answer 5xx: retry those briefly.
     retry(settle(Duration::from_secs(30)), |_| {
         let req = c

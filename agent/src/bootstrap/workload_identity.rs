@@ -278,7 +278,7 @@ pub async fn prepare(
     root: &str,
 ) -> Result<Zeroizing<String>, WorkloadIdentityError> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))
-        .map_err(WorkloadIdentityError::Client)?;
+        .map_err(|e| WorkloadIdentityError::Client(e.to_string()))?;
     let d = Duration::from_secs(60);
     let post = reqwest::Method::POST;
     let kv = MountRequest {
@@ -484,7 +484,7 @@ pub async fn ensure_config(
     deadline: Duration,
 ) -> Result<Ensured, WorkloadIdentityError> {
     let c = crate::services::health::client_for(ca_file, Duration::from_secs(30))
-        .map_err(WorkloadIdentityError::Client)?;
+        .map_err(|e| WorkloadIdentityError::Client(e.to_string()))?;
     let d = Duration::from_secs(60).min(deadline);
     call(
         (&c, token, d),

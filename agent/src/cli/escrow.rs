@@ -67,11 +67,23 @@ pub enum EscrowCommand {
     },
 }
 
-pub(super) fn escrow_azure(t: &EscrowTarget) -> Result<hashistack_agent::azure::Azure, String> {
+/// Why the operator's Azure clients could not be made (exit 2: the flags or the machine's setup).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum EscrowAzureError {
+    #[error("Azure CLI credential: {0}")]
+    Cli(azure_core::Error),
+    #[error("{0}")]
+    Client(#[from] hashistack_agent::tls::HttpsClientError),
+}
+
+pub(super) fn escrow_azure(
+    t: &EscrowTarget,
+) -> Result<hashistack_agent::azure::Azure, EscrowAzureError> {
     use std::sync::Arc;
     let credential: Arc<dyn azure_core::credentials::TokenCredential> = match t.credential {
-        CredentialKind::AzureCli => azure_identity::AzureCliCredential::new(None)
-            .map_err(|e| format!("Azure CLI credential: {e}"))?,
+        CredentialKind::AzureCli => {
+            azure_identity::AzureCliCredential::new(None).map_err(EscrowAzureError::Cli)?
+        }
         CredentialKind::Imds => {
             let imds = hashistack_agent::imds::ImdsClient::new(
                 &t.imds_endpoint,
@@ -80,7 +92,11 @@ pub(super) fn escrow_azure(t: &EscrowTarget) -> Result<hashistack_agent::azure::
             Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None))
         }
     };
-    hashistack_agent::azure::Azure::new(credential, t.ca_file.as_deref(), !t.lab)
+    Ok(hashistack_agent::azure::Azure::new(
+        credential,
+        t.ca_file.as_deref(),
+        !t.lab,
+    )?)
 }
 
 pub(super) fn normalise(url: &str) -> String {

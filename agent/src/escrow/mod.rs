@@ -33,8 +33,7 @@ pub struct Targets {
 /// version written: `escrow open` and `escrow verify` fetch that version and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
-    /// "blob" or "keyvault"
-    pub target: String,
+    pub target: ReceiptTarget,
     /// `escrow/<blob path>` or the Key Vault secret name.
     pub object: String,
     /// Blob: the version id Azure answered (`x-ms-version-id`; empty where the account keeps no versions, as
@@ -48,6 +47,36 @@ pub struct Receipt {
     pub escrow_id: Option<String>,
     pub ciphertext_sha256: String,
     pub written_unix: i64,
+}
+
+/// Where a copy of an escrow is kept. Receipts store it as `"blob"` / `"keyvault"` (the names stored receipts
+/// have always used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ReceiptTarget {
+    /// The storage account's escrow container.
+    #[serde(rename = "blob")]
+    Blob,
+    /// The escrow Key Vault's secret.
+    #[serde(rename = "keyvault")]
+    Keyvault,
+}
+
+impl ReceiptTarget {
+    /// Both targets, in the order `escrow open` tries them.
+    pub const ALL: [ReceiptTarget; 2] = [ReceiptTarget::Blob, ReceiptTarget::Keyvault];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptTarget::Blob => "blob",
+            ReceiptTarget::Keyvault => "keyvault",
+        }
+    }
+}
+
+impl std::fmt::Display for ReceiptTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Receipt {
@@ -298,7 +327,7 @@ pub async fn upload_blob_with(
         });
     }
     Ok(Receipt {
-        target: "blob".into(),
+        target: ReceiptTarget::Blob,
         object: format!("{ESCROW_CONTAINER}/{name}"),
         version: answer.version_id.clone().unwrap_or_default(),
         etag,
@@ -342,7 +371,7 @@ pub async fn upload_keyvault(
                 missing: "the secret version (id)",
             })?;
     Ok(Receipt {
-        target: "keyvault".into(),
+        target: ReceiptTarget::Keyvault,
         object: name,
         version,
         etag: None,
@@ -542,5 +571,21 @@ mod tests {
             ..back
         };
         assert!(!tricky.is_for("1700-aa"));
+    }
+
+    #[test]
+    fn receipt_targets_keep_their_stored_names() {
+        // A tier state's receipts as an earlier agent stored them (coordination/<cluster>/<tier>.json).
+        let stored = r#"[{"target":"blob","object":"escrow/hs/vault/1700-aa.json","version":"","etag":"\"0x8D\"","escrow_id":"1700-aa","ciphertext_sha256":"00","written_unix":1},{"target":"keyvault","object":"hs-vault-escrow","version":"0123abcd","escrow_id":"1700-aa","ciphertext_sha256":"00","written_unix":2}]"#;
+        let receipts: Vec<Receipt> = serde_json::from_str(stored).unwrap();
+        assert_eq!(
+            receipts.iter().map(|r| r.target).collect::<Vec<_>>(),
+            ReceiptTarget::ALL
+        );
+        assert_eq!(serde_json::to_string(&receipts).unwrap(), stored);
+        for t in ReceiptTarget::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+        assert!(serde_json::from_str::<ReceiptTarget>(r#""disk""#).is_err());
     }
 }

@@ -9,7 +9,7 @@
 //! decrypted.
 
 use super::envelope::{self, DataKey, Envelope};
-use super::{secret_version_of, Receipt, Targets, ESCROW_CONTAINER};
+use super::{secret_version_of, Receipt, ReceiptTarget, Targets, ESCROW_CONTAINER};
 use crate::azure::{call_strict as call, Azure, AzureError};
 use crate::coordination::{self, TierState};
 use crate::retry::RetryPolicy;
@@ -35,12 +35,55 @@ pub enum OpenError {
 
 pub const TIERS: [&str; 3] = ["consul", "vault", "nomad"];
 
+/// Why a tier's state pins no escrow copy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unpinned {
+    #[error("no escrow id recorded")]
+    NoEscrowId,
+    #[error("no receipt names escrow {0}")]
+    NoReceipt(String),
+}
+
+/// Why one pinned copy could not be used: it could not be fetched, is not the escrow the state names, or did
+/// not open. Never carries the object's content.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{0}")]
+    Azure(#[from] AzureError),
+    #[error("{0}")]
+    Envelope(#[from] envelope::EnvelopeError),
+    /// serde's message names the field, never its value.
+    #[error("the object does not parse as an escrow envelope: {0}")]
+    Unparsable(serde_json::Error),
+    #[error(
+        "{object} no longer holds the pinned content (its ETag is no longer {etag}) and the account keeps no \
+         versions to read the pinned one"
+    )]
+    Replaced { object: String, etag: String },
+    #[error("{0}: the receipt pins no secret version")]
+    NoSecretVersion(String),
+    #[error("{object}: Key Vault answered version {answered} for the pinned {pinned}")]
+    OtherVersion {
+        object: String,
+        answered: String,
+        pinned: String,
+    },
+    #[error("the object is cluster {found:?}'s escrow, not {want:?}'s")]
+    OtherCluster { found: String, want: String },
+    #[error("the object is tier {found:?}'s escrow, not {want:?}'s")]
+    OtherTier { found: String, want: String },
+    #[error("the object is escrow {found:?}, the state names {want:?}")]
+    OtherEscrow { found: String, want: String },
+    #[error("ciphertext differs from the receipt ({found} != {want})")]
+    OtherCiphertext { found: String, want: String },
+    /// The data key's unwrap.
+    #[error("{0}")]
+    Unwrap(#[from] OpenError),
+}
+
 /// The receipts of the escrow the state names, blob first (the order `open` tries them in).
-pub fn pinned_receipts(state: &TierState) -> Result<Vec<Receipt>, String> {
-    let id = state
-        .escrow_id
-        .as_deref()
-        .ok_or_else(|| "no escrow id recorded".to_string())?;
+pub fn pinned_receipts(state: &TierState) -> Result<Vec<Receipt>, Unpinned> {
+    let id = state.escrow_id.as_deref().ok_or(Unpinned::NoEscrowId)?;
     let mut v: Vec<Receipt> = state
         .receipts
         .iter()
@@ -48,9 +91,9 @@ pub fn pinned_receipts(state: &TierState) -> Result<Vec<Receipt>, String> {
         .cloned()
         .collect();
     if v.is_empty() {
-        return Err(format!("no receipt names escrow {id}"));
+        return Err(Unpinned::NoReceipt(id.to_string()));
     }
-    v.sort_by_key(|r| r.target != "blob");
+    v.sort_by_key(|r| r.target);
     Ok(v)
 }
 
@@ -62,56 +105,51 @@ pub fn check_envelope(
     tier: &str,
     escrow_id: &str,
     receipt: &Receipt,
-) -> Result<(), String> {
+) -> Result<(), CopyError> {
     if env.cluster != cluster {
-        return Err(format!(
-            "the object is cluster {:?}'s escrow, not {cluster:?}'s",
-            env.cluster
-        ));
+        return Err(CopyError::OtherCluster {
+            found: env.cluster.clone(),
+            want: cluster.into(),
+        });
     }
     if env.tier != tier {
-        return Err(format!(
-            "the object is tier {:?}'s escrow, not {tier:?}'s",
-            env.tier
-        ));
+        return Err(CopyError::OtherTier {
+            found: env.tier.clone(),
+            want: tier.into(),
+        });
     }
     if env.escrow_id != escrow_id {
-        return Err(format!(
-            "the object is escrow {:?}, the state names {escrow_id:?}",
-            env.escrow_id
-        ));
+        return Err(CopyError::OtherEscrow {
+            found: env.escrow_id.clone(),
+            want: escrow_id.into(),
+        });
     }
     let sha = env.ciphertext_sha256();
     if sha != receipt.ciphertext_sha256 {
-        return Err(format!(
-            "ciphertext differs from the receipt ({sha} != {})",
-            receipt.ciphertext_sha256
-        ));
+        return Err(CopyError::OtherCiphertext {
+            found: sha,
+            want: receipt.ciphertext_sha256.clone(),
+        });
     }
     Ok(())
 }
 
 /// One pinned object, fetched: the envelope (if it parsed) and what was seen beside it.
 struct Fetched {
-    env: Result<Envelope, String>,
+    env: Result<Envelope, CopyError>,
     /// Newer versions and other findings for the operator.
     warnings: Vec<String>,
 }
 
-fn parse(bytes: &[u8]) -> Result<Envelope, String> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| format!("the object does not parse as an escrow envelope: {e}"))
+fn parse(bytes: &[u8]) -> Result<Envelope, CopyError> {
+    serde_json::from_slice(bytes).map_err(CopyError::Unparsable)
 }
 
 /// Fetches exactly the version `r` pins, and looks for newer versions of the same object.
 async fn fetch_pinned(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy) -> Fetched {
-    match r.target.as_str() {
-        "blob" => fetch_blob(az, t, r, policy).await,
-        "keyvault" => fetch_secret(az, t, r, policy).await,
-        other => Fetched {
-            env: Err(format!("unknown escrow target {other:?}")),
-            warnings: vec![],
-        },
+    match r.target {
+        ReceiptTarget::Blob => fetch_blob(az, t, r, policy).await,
+        ReceiptTarget::Keyvault => fetch_secret(az, t, r, policy).await,
     }
 }
 
@@ -126,7 +164,7 @@ async fn fetch_blob(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy) -
         Ok(b) => b,
         Err(e) => {
             return Fetched {
-                env: Err(e.to_string()),
+                env: Err(e.into()),
                 warnings,
             }
         }
@@ -170,9 +208,9 @@ async fn fetch_blob(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy) -
                 async move { pinned.download(None).await?.body.collect().await }
             })
             .await
-            .map_err(|e| e.to_string())
+            .map_err(CopyError::from)
             .and_then(|b| parse(&b)),
-            Err(e) => Err(AzureError::from_sdk("escrow blob read", &e).to_string()),
+            Err(e) => Err(AzureError::from_sdk("escrow blob read", &e).into()),
         }
     } else if let Some(etag) = &r.etag {
         // No versions (the account keeps none, as Azurite): the ETag pins the content; a replaced blob is refused.
@@ -187,12 +225,11 @@ async fn fetch_blob(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy) -
         .await;
         match read {
             Ok(b) => parse(&b),
-            Err(e) if e.is(412) => Err(format!(
-                "{} no longer holds the pinned content (its ETag is no longer {etag}) and the account keeps no \
-                 versions to read the pinned one",
-                r.object
-            )),
-            Err(e) => Err(e.to_string()),
+            Err(e) if e.is(412) => Err(CopyError::Replaced {
+                object: r.object.clone(),
+                etag: etag.clone(),
+            }),
+            Err(e) => Err(e.into()),
         }
     } else {
         warnings.push(format!(
@@ -205,7 +242,7 @@ async fn fetch_blob(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy) -
             async move { base.download(None).await?.body.collect().await }
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(CopyError::from)
         .and_then(|b| parse(&b))
     };
     Fetched { env, warnings }
@@ -225,14 +262,14 @@ async fn fetch_secret(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy)
         Ok(s) => s,
         Err(e) => {
             return Fetched {
-                env: Err(e.to_string()),
+                env: Err(e.into()),
                 warnings,
             }
         }
     };
     if r.version.is_empty() {
         return Fetched {
-            env: Err(format!("{}: the receipt pins no secret version", r.object)),
+            env: Err(CopyError::NoSecretVersion(r.object.clone())),
             warnings,
         };
     }
@@ -252,19 +289,18 @@ async fn fetch_secret(az: &Azure, t: &Targets, r: &Receipt, policy: RetryPolicy)
             let value = Zeroizing::new(s.value.unwrap_or_default());
             if version.as_deref() != Some(r.version.as_str()) {
                 (
-                    Err(format!(
-                        "{}: Key Vault answered version {} for the pinned {}",
-                        r.object,
-                        version.as_deref().unwrap_or("-"),
-                        r.version
-                    )),
+                    Err(CopyError::OtherVersion {
+                        object: r.object.clone(),
+                        answered: version.unwrap_or_else(|| "-".into()),
+                        pinned: r.version.clone(),
+                    }),
                     created,
                 )
             } else {
                 (parse(value.as_bytes()), created)
             }
         }
-        Err(e) => (Err(e.to_string()), None),
+        Err(e) => (Err(e.into()), None),
     };
     match newer_secret_versions(&secrets, &r.object, &r.version, pinned_created).await {
         Ok(newer) if !newer.is_empty() => warnings.push(format!(
@@ -291,17 +327,16 @@ async fn newer_secret_versions(
     name: &str,
     pinned: &str,
     pinned_created: Option<time::OffsetDateTime>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, AzureError> {
     use futures_core::Stream;
     let mut pager = secrets
         .list_secret_properties_versions(name, None)
-        .map_err(|e| AzureError::from_sdk("escrow key vault versions", &e).to_string())?;
+        .map_err(|e| AzureError::from_sdk("escrow key vault versions", &e))?;
     let mut newer = Vec::new();
     loop {
         let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut pager).poll_next(cx)).await;
         let Some(item) = next else { break };
-        let p =
-            item.map_err(|e| AzureError::from_sdk("escrow key vault versions", &e).to_string())?;
+        let p = item.map_err(|e| AzureError::from_sdk("escrow key vault versions", &e))?;
         let Some(version) = p.id.as_deref().and_then(secret_version_of) else {
             continue;
         };
@@ -363,14 +398,14 @@ async fn unwrap_and_decrypt(
     t: &Targets,
     env: &Envelope,
     policy: RetryPolicy,
-) -> Result<Zeroizing<Vec<u8>>, String> {
+) -> Result<Zeroizing<Vec<u8>>, CopyError> {
     // kek_id: https://<vault>/keys/<name>/<version>
     let mut parts = env.kek_id.trim_end_matches('/').rsplit('/');
     let (version, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     use base64::Engine;
     let wrapped = base64::engine::general_purpose::STANDARD
         .decode(&env.wrapped_key)
-        .map_err(|_| envelope::EnvelopeError::Malformed("wrapped_key").to_string())?;
+        .map_err(|_| envelope::EnvelopeError::Malformed("wrapped_key"))?;
     let key = unwrap_key(
         az,
         &t.escrow_vault_uri,
@@ -380,17 +415,16 @@ async fn unwrap_and_decrypt(
         "escrow key unwrap",
         policy,
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    envelope::open(env, &key).map_err(|e| e.to_string())
+    .await?;
+    Ok(envelope::open(env, &key)?)
 }
 
 /// What `escrow open` recovered, and what the operator must be told.
 pub struct Opened {
     pub plain: Zeroizing<Vec<u8>>,
-    /// The escrow opened and the target its copy came from ("blob" or "keyvault").
+    /// The escrow opened and the target its copy came from.
     pub escrow_id: String,
-    pub target: String,
+    pub target: ReceiptTarget,
     pub warnings: Vec<String>,
 }
 
@@ -419,9 +453,9 @@ pub async fn open(
             tier: tier.into(),
             message: "never bootstrapped (no coordination state)".into(),
         })?;
-    let receipts = pinned_receipts(&state).map_err(|message| OpenError::Missing {
+    let receipts = pinned_receipts(&state).map_err(|e| OpenError::Missing {
         tier: tier.into(),
-        message,
+        message: e.to_string(),
     })?;
     let escrow_id = state.escrow_id.clone().unwrap_or_default();
     let mut warnings = Vec::new();
@@ -441,7 +475,7 @@ pub async fn open(
                 return Ok(Opened {
                     plain,
                     escrow_id,
-                    target: r.target.clone(),
+                    target: r.target,
                     warnings,
                 })
             }
@@ -501,10 +535,10 @@ pub async fn verify(
                 continue;
             }
         };
-        for target in ["blob", "keyvault"] {
+        for target in ReceiptTarget::ALL {
             if !receipts.iter().any(|r| r.target == target) {
                 out.push(line(
-                    target,
+                    target.as_str(),
                     format!("phase {:?} with no {target} receipt", state.phase),
                 ));
             }
@@ -523,11 +557,11 @@ pub async fn verify(
                         pin_text(r)
                     ),
                 ),
-                Err(e) => (false, e),
+                Err(e) => (false, e.to_string()),
             };
             out.push(VerifyLine {
                 tier: tier.into(),
-                target: r.target.clone(),
+                target: r.target.to_string(),
                 object: r.object.clone(),
                 ok,
                 detail,
@@ -604,9 +638,9 @@ mod tests {
         }
     }
 
-    fn receipt(target: &str, escrow_id: Option<&str>, sha: &str) -> Receipt {
+    fn receipt(target: ReceiptTarget, escrow_id: Option<&str>, sha: &str) -> Receipt {
         Receipt {
-            target: target.into(),
+            target,
             object: format!("{target}-object"),
             version: "v1".into(),
             etag: None,
@@ -619,19 +653,25 @@ mod tests {
     #[test]
     fn a_fetched_object_must_be_this_escrow_of_this_cluster_and_tier() {
         let e = env();
-        let r = receipt("blob", Some("1700-aa"), &e.ciphertext_sha256());
+        let r = receipt(ReceiptTarget::Blob, Some("1700-aa"), &e.ciphertext_sha256());
         check_envelope(&e, "hs", "vault", "1700-aa", &r).unwrap();
-        let err = check_envelope(&e, "other", "vault", "1700-aa", &r).unwrap_err();
+        let err = check_envelope(&e, "other", "vault", "1700-aa", &r)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("cluster \"hs\"'s escrow, not \"other\"'s"),
             "{err}"
         );
-        let err = check_envelope(&e, "hs", "consul", "1700-aa", &r).unwrap_err();
+        let err = check_envelope(&e, "hs", "consul", "1700-aa", &r)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("tier \"vault\"'s escrow, not \"consul\"'s"),
             "{err}"
         );
-        let err = check_envelope(&e, "hs", "vault", "1700-bb", &r).unwrap_err();
+        let err = check_envelope(&e, "hs", "vault", "1700-bb", &r)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("escrow \"1700-aa\", the state names \"1700-bb\""),
             "{err}"
@@ -640,7 +680,9 @@ mod tests {
             ciphertext: "Zm9yZ2Vk".into(),
             ..e.clone()
         };
-        let err = check_envelope(&forged, "hs", "vault", "1700-aa", &r).unwrap_err();
+        let err = check_envelope(&forged, "hs", "vault", "1700-aa", &r)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ciphertext differs from the receipt"), "{err}");
     }
 
@@ -648,24 +690,25 @@ mod tests {
     fn the_pinned_receipts_are_those_of_the_states_escrow_blob_first() {
         let mut st = TierState::new("hs", "vault", "n1");
         st.set(TierPhase::Done, "n1", None);
-        assert_eq!(pinned_receipts(&st).unwrap_err(), "no escrow id recorded");
+        assert_eq!(pinned_receipts(&st).unwrap_err(), Unpinned::NoEscrowId);
+        assert_eq!(Unpinned::NoEscrowId.to_string(), "no escrow id recorded");
         st.escrow_id = Some("1700-bb".into());
         st.receipts = vec![
-            receipt("keyvault", Some("1700-bb"), "2"),
-            receipt("blob", Some("1700-aa"), "0"),
-            receipt("blob", Some("1700-bb"), "1"),
+            receipt(ReceiptTarget::Keyvault, Some("1700-bb"), "2"),
+            receipt(ReceiptTarget::Blob, Some("1700-aa"), "0"),
+            receipt(ReceiptTarget::Blob, Some("1700-bb"), "1"),
         ];
         let pinned = pinned_receipts(&st).unwrap();
         assert_eq!(
             pinned
                 .iter()
-                .map(|r| (r.target.as_str(), r.ciphertext_sha256.as_str()))
+                .map(|r| (r.target, r.ciphertext_sha256.as_str()))
                 .collect::<Vec<_>>(),
-            [("blob", "1"), ("keyvault", "2")]
+            [(ReceiptTarget::Blob, "1"), (ReceiptTarget::Keyvault, "2")]
         );
         st.escrow_id = Some("1700-cc".into());
         assert_eq!(
-            pinned_receipts(&st).unwrap_err(),
+            pinned_receipts(&st).unwrap_err().to_string(),
             "no receipt names escrow 1700-cc"
         );
     }

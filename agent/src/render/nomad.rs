@@ -11,7 +11,7 @@ use serde::Serialize;
 
 pub const HTTP_PORT: u16 = 4646;
 /// Where Ubuntu's containernetworking-plugins package (pinned in packer) puts the CNI reference plugins that
-/// Nomad's bridge networking and Connect sidecars run; `image verify` checks them (image.rs).
+/// Nomad's bridge networking and Connect sidecars run; `image verify` checks them (image/mod.rs).
 pub const CNI_DIR: &str = "/usr/lib/cni";
 
 #[derive(Serialize)]

@@ -1,6 +1,7 @@
 //! Probes of the services' own HTTPS APIs, trusting the cluster CA. Each probe has a short deadline.
 
 use super::Health;
+pub use crate::tls::HttpsClientError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -28,7 +29,10 @@ struct SealStatus {
     sealed: bool,
 }
 
-pub fn client_for(ca_file: &std::path::Path, timeout: Duration) -> Result<reqwest::Client, String> {
+pub fn client_for(
+    ca_file: &std::path::Path,
+    timeout: Duration,
+) -> Result<reqwest::Client, HttpsClientError> {
     client_for_name(ca_file, timeout, None)
 }
 
@@ -38,10 +42,8 @@ pub fn client_for_name(
     ca_file: &std::path::Path,
     timeout: Duration,
     resolve: Option<(&str, std::net::SocketAddr)>,
-) -> Result<reqwest::Client, String> {
-    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    let cert = reqwest::Certificate::from_pem(&pem)
-        .map_err(|_| format!("{}: not a PEM certificate", ca_file.display()))?;
+) -> Result<reqwest::Client, HttpsClientError> {
+    let cert = crate::tls::ca_certificate(ca_file)?;
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .tls_certs_only([cert])
@@ -49,7 +51,7 @@ pub fn client_for_name(
     if let Some((name, addr)) = resolve {
         b = b.resolve(name, addr);
     }
-    b.build().map_err(|e| e.to_string())
+    b.build().map_err(HttpsClientError::Build)
 }
 
 pub async fn probe(h: &Health, timeout: Duration) -> Probe {
@@ -64,7 +66,11 @@ pub async fn probe(h: &Health, timeout: Duration) -> Probe {
     };
     let client = match client_for_name(ca, timeout, tls_name.zip(addr.parse().ok())) {
         Ok(c) => c,
-        Err(error) => return Probe::Unreachable { error },
+        Err(e) => {
+            return Probe::Unreachable {
+                error: e.to_string(),
+            }
+        }
     };
     let url = match tls_name.zip(addr.rsplit_once(':')) {
         Some((name, (_, port))) => format!("https://{name}:{port}{path}"),

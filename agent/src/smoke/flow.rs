@@ -383,12 +383,19 @@ fn policy(deadline: Duration) -> RetryPolicy {
     RetryPolicy::poll(deadline.max(Duration::from_millis(1)), POLL_EVERY, ATTEMPT)
 }
 
-fn failure(e: RetryError<StepError>) -> String {
+/// Why a step failed: a final answer, or the last one when its deadline passed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepFailure {
+    #[error("{0}")]
+    Final(StepError),
+    #[error("not done within {elapsed:.0?}: {last}")]
+    Deadline { elapsed: Duration, last: StepError },
+}
+
+fn failure(e: RetryError<StepError>) -> StepFailure {
     match e {
-        RetryError::Final(e) => e.to_string(),
-        RetryError::Deadline { elapsed, last, .. } => {
-            format!("not done within {:.0?}: {last}", elapsed)
-        }
+        RetryError::Final(e) => StepFailure::Final(e),
+        RetryError::Deadline { elapsed, last, .. } => StepFailure::Deadline { elapsed, last },
     }
 }
 
@@ -403,12 +410,12 @@ pub async fn run(
     let started = Instant::now();
     let left = || timeout.saturating_sub(started.elapsed());
     let mut out = vec![];
-    let mut record = |step: Step, since: Instant, r: Result<Option<String>, String>| {
+    let mut record = |step: Step, since: Instant, r: Result<Option<String>, StepFailure>| {
         let o = Outcome {
             step,
             ok: r.is_ok(),
             ms: since.elapsed().as_millis() as u64,
-            detail: r.unwrap_or_else(Some),
+            detail: r.unwrap_or_else(|e| Some(e.to_string())),
         };
         emit(&o);
         let ok = o.ok;

@@ -132,6 +132,9 @@ pub enum SnapshotError {
     Open(#[from] crate::escrow::operator::OpenError),
     #[error("{0}")]
     Record(#[from] RecordError),
+    /// The product API's client (the cluster CA file).
+    #[error("{0}")]
+    Client(#[from] crate::tls::HttpsClientError),
     /// Bad input (configuration, tags, arguments): exit 2.
     #[error("{0}")]
     Input(String),
@@ -497,7 +500,7 @@ pub async fn run(cfg: &crate::config::AgentConfig, force: bool) -> Result<Outcom
         Tier::Nomad => (Product::Nomad, crate::render::nomad::HTTP_PORT),
     };
     let api = format!("https://{}:{port}", spec.ip);
-    let http = product::client(&layout.ca_file(product)).map_err(SnapshotError::Other)?;
+    let http = product::client(&layout.ca_file(product))?;
     if !product::is_leader(tier, &http, &api, spec.ip).await? {
         return Ok(Outcome::NotLeader);
     }

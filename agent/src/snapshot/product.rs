@@ -7,6 +7,7 @@
 //! | vault | `GET /v1/sys/leader` `is_self` (index: `raft_committed_index`) | `GET /v1/sys/storage/raft/snapshot` | `POST /v1/sys/storage/raft/snapshot[-force]` |
 //! | nomad | `GET /v1/status/leader` = this node's `ip:4647` (index: `/v1/agent/self` `stats.raft.applied_index`) | `GET /v1/operator/snapshot` | `PUT /v1/operator/snapshot` |
 
+use crate::tls::HttpsClientError;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
@@ -94,17 +95,15 @@ impl Tier {
 
 /// An HTTPS client for a product API that trusts only the cluster CA. No overall timeout (a snapshot takes as long
 /// as its size needs); connecting and every read are bounded.
-pub fn client(ca_file: &Path) -> Result<reqwest::Client, String> {
-    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    let cert = reqwest::Certificate::from_pem(&pem)
-        .map_err(|_| format!("{}: not a PEM certificate", ca_file.display()))?;
+pub fn client(ca_file: &Path) -> Result<reqwest::Client, HttpsClientError> {
+    let cert = crate::tls::ca_certificate(ca_file)?;
     reqwest::Client::builder()
         .no_proxy()
         .tls_certs_only([cert])
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(120))
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(HttpsClientError::Build)
 }
 
 async fn short_error(what: &str, r: reqwest::Response) -> ProductError {

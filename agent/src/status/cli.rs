@@ -110,7 +110,7 @@ pub async fn run(args: Args) -> u8 {
             match Collector::new(&cfg).await {
                 Ok(c) => collector = Some(c),
                 Err(e) => {
-                    let r = cannot_tell("", "", e);
+                    let r = cannot_tell("", "", e.to_string());
                     emit(&r, args.json, watching, color);
                     if !watching {
                         return r.exit_code;

@@ -14,7 +14,87 @@ use std::collections::BTreeMap;
 pub const SCHEMA: &str = "hashistack-status/1";
 
 /// The answer to one question: not asked (`None`), an answer, or why there is none.
-pub type Got<T> = Option<Result<T, String>>;
+pub type Got<T> = Option<Result<T, NoAnswer>>;
+
+/// Why a question got no answer, as the observations keep it: the text of the typed error collection met
+/// (`collect::CollectError`, an `AzureError`, …). Stored as a bare string, so the `Observations` document reads
+/// and writes as it always did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(transparent)]
+#[error("{0}")]
+pub struct NoAnswer(String);
+
+impl NoAnswer {
+    /// The observation of a failure `e`: its one line.
+    pub fn of(e: &impl std::fmt::Display) -> Self {
+        NoAnswer(e.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for NoAnswer {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for NoAnswer {
+    fn from(s: &str) -> Self {
+        NoAnswer(s.to_string())
+    }
+}
+
+/// A server's place in its tier's raft configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RaftRole {
+    Leader,
+    Voter,
+    NonVoter,
+    /// Not in the raft configuration.
+    Absent,
+}
+
+impl RaftRole {
+    /// As the report and the table show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Voter => "voter",
+            RaftRole::NonVoter => "non-voter",
+            RaftRole::Absent => "absent",
+        }
+    }
+
+    /// A raft server's place from its leader and voter flags.
+    pub fn of(leader: bool, voter: bool) -> Self {
+        match (leader, voter) {
+            (true, _) => RaftRole::Leader,
+            (false, true) => RaftRole::Voter,
+            (false, false) => RaftRole::NonVoter,
+        }
+    }
+
+    /// Vault's autopilot `status` of a server (`leader`, `voter`, `non-voter`); `None` for anything else.
+    pub fn from_autopilot(status: &str) -> Option<Self> {
+        match status {
+            "leader" => Some(RaftRole::Leader),
+            "voter" => Some(RaftRole::Voter),
+            "non-voter" => Some(RaftRole::NonVoter),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RaftRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Whether the status token of a tier could be had from the status Key Vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -204,7 +284,7 @@ pub struct Problem {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
-    pub target: String,
+    pub target: crate::escrow::ReceiptTarget,
     pub object: String,
     pub written_unix: i64,
 }
@@ -229,7 +309,7 @@ pub struct ServerReport {
     /// Gossip membership (Consul): `alive`, `failed`, `left`, …
     pub member: Option<String>,
     /// `leader`, `voter`, `non-voter` or `absent` (not in the raft configuration).
-    pub raft: Option<String>,
+    pub raft: Option<RaftRole>,
     /// Autopilot's verdict on the server.
     pub healthy: Option<bool>,
     pub initialized: Option<bool>,

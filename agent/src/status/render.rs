@@ -3,6 +3,7 @@
 
 use super::assess::age;
 use super::model::*;
+use crate::escrow::ReceiptTarget;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tone {
@@ -183,13 +184,10 @@ fn escrow_cell(b: &Option<Bootstrap>) -> (String, Tone) {
         None => dash(),
         Some(b) if b.phase == "initializing" || b.phase == "initialized" => dash(),
         Some(b) => {
-            let have: Vec<&str> = ["blob", "keyvault"]
+            let missing: Vec<&str> = ReceiptTarget::ALL
                 .into_iter()
-                .filter(|t| b.receipts.iter().any(|r| r.target == *t))
-                .collect();
-            let missing: Vec<&str> = ["blob", "keyvault"]
-                .into_iter()
-                .filter(|t| !have.contains(t))
+                .filter(|t| !b.receipts.iter().any(|r| r.target == *t))
+                .map(ReceiptTarget::as_str)
                 .collect();
             if missing.is_empty() {
                 ("blob, keyvault".into(), Tone::Good)
@@ -429,9 +427,9 @@ pub fn table(r: &Report, color: bool) -> String {
                 plain(tier.tier.clone()),
                 opt(&s.address),
                 server_state(s, &tier.tier),
-                match s.raft.as_deref() {
-                    Some("absent") => ("ABSENT".into(), Tone::Bad),
-                    Some(x) => plain(x),
+                match s.raft {
+                    Some(RaftRole::Absent) => ("ABSENT".into(), Tone::Bad),
+                    Some(x) => plain(x.as_str()),
                     None => dash(),
                 },
                 match s.healthy {

@@ -50,7 +50,7 @@ impl Lab {
         );
         let credential = Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
         let az = hashistack_agent::azure::Azure::new(credential, Some(&self.ca_cert), false)
-            .map_err(LabError::Failed)?;
+            .map_err(|e| LabError::Failed(e.to_string()))?;
         let targets = Targets {
             blob_endpoint: format!("{}/", self.blob_endpoint().trim_end_matches('/')),
             escrow_vault_uri: format!("{}/", self.escrow_vault_uri().trim_end_matches('/')),

@@ -82,9 +82,9 @@ struct FakeEscrow {
     prepared: Mutex<usize>,
 }
 
-fn receipt(target: &str, env: &envelope::Envelope) -> Receipt {
+fn receipt(target: ReceiptTarget, env: &envelope::Envelope) -> Receipt {
     Receipt {
-        target: target.into(),
+        target,
         object: format!("{target}/{}", env.escrow_id),
         version: "v1".into(),
         etag: None,
@@ -116,7 +116,7 @@ impl EscrowTargets for FakeEscrow {
         env: &envelope::Envelope,
     ) -> Result<Receipt, crate::escrow::UploadError> {
         note(&self.log, format!("escrow.blob {}", env.escrow_id));
-        Ok(receipt("blob", env))
+        Ok(receipt(ReceiptTarget::Blob, env))
     }
 
     async fn upload_keyvault(
@@ -124,7 +124,7 @@ impl EscrowTargets for FakeEscrow {
         env: &envelope::Envelope,
     ) -> Result<Receipt, crate::escrow::UploadError> {
         note(&self.log, format!("escrow.keyvault {}", env.escrow_id));
-        Ok(receipt("keyvault", env))
+        Ok(receipt(ReceiptTarget::Keyvault, env))
     }
 
     async fn upload_orphan(
@@ -370,7 +370,7 @@ async fn a_fresh_tier_is_initialized_spooled_escrowed_configured_then_done() {
     let s = w.stored().expect("a state");
     assert_eq!(s.phase, TierPhase::Done);
     assert_eq!(s.escrow_id.as_deref(), Some("e1"));
-    assert!(s.escrowed_to("blob") && s.escrowed_to("keyvault"));
+    assert!(s.escrowed_to(ReceiptTarget::Blob) && s.escrowed_to(ReceiptTarget::Keyvault));
     assert!(s.receipts.iter().all(|r| r.is_for("e1")));
     assert_eq!(s.message, None);
     // The configuration had the secrets from memory; the spool is empty.

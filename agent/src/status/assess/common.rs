@@ -5,6 +5,7 @@
 
 use super::super::model::*;
 use crate::coordination::{TierPhase, TierState};
+use crate::escrow::ReceiptTarget;
 use crate::publish::NodeRecord;
 use std::collections::BTreeMap;
 
@@ -85,7 +86,7 @@ pub(super) fn bootstrap_report(s: &TierState) -> Bootstrap {
             .receipts
             .iter()
             .map(|r| Receipt {
-                target: r.target.clone(),
+                target: r.target,
                 object: r.object.clone(),
                 written_unix: r.written_unix,
             })
@@ -136,9 +137,10 @@ pub(super) fn assess_bootstrap(
                     ),
                 ),
                 TierPhase::Escrowed | TierPhase::Done => {
-                    let missing: Vec<&str> = ["blob", "keyvault"]
+                    let missing: Vec<&str> = ReceiptTarget::ALL
                         .into_iter()
                         .filter(|t| !s.receipts.iter().any(|r| r.target == *t))
+                        .map(ReceiptTarget::as_str)
                         .collect();
                     if !missing.is_empty() {
                         p.bad(
@@ -279,16 +281,7 @@ impl Servers {
         for r in raft {
             let e = self.entry(&r.node);
             e.address = Some(host(&r.address).to_string());
-            e.raft = Some(
-                if r.leader {
-                    "leader"
-                } else if r.voter {
-                    "voter"
-                } else {
-                    "non-voter"
-                }
-                .into(),
-            );
+            e.raft = Some(RaftRole::of(r.leader, r.voter));
         }
     }
 
@@ -310,7 +303,7 @@ impl Servers {
     pub(super) fn mark_absent_from_raft(&mut self) {
         for e in self.0.values_mut() {
             if e.raft.is_none() {
-                e.raft = Some("absent".into());
+                e.raft = Some(RaftRole::Absent);
             }
         }
     }
@@ -415,7 +408,7 @@ pub(super) fn expected_unknown(tier: &str, expected: Option<u8>, p: &mut Problem
 /// Why a question got no answer (`None`: it was not asked, or it was answered).
 pub(super) fn failed<T>(got: &Got<T>) -> Option<&str> {
     match got {
-        Some(Err(e)) => Some(e),
+        Some(Err(e)) => Some(e.as_str()),
         _ => None,
     }
 }

@@ -29,14 +29,11 @@ pub(super) fn consul(o: &Observations, anything_answered: bool, p: &mut Problems
             let name = name_for_ip(o, ip).unwrap_or_else(|| ip.to_string());
             let e = s.entry(&name);
             e.address = Some(ip.to_string());
-            e.raft = Some(
-                if leader_addr.as_deref() == Some(a.as_str()) {
-                    "leader"
-                } else {
-                    "voter"
-                }
-                .into(),
-            );
+            e.raft = Some(if leader_addr.as_deref() == Some(a.as_str()) {
+                RaftRole::Leader
+            } else {
+                RaftRole::Voter
+            });
         }
     }
     if let Some(Ok(ap)) = &c.autopilot {
@@ -115,7 +112,7 @@ pub(super) fn consul(o: &Observations, anything_answered: bool, p: &mut Problems
         }
         for e in s.0.values_mut() {
             let leftover = raft_known
-                && e.raft.as_deref() == Some("absent")
+                && e.raft == Some(RaftRole::Absent)
                 && (e.reachable == Some(false)
                     || matches!(e.member.as_deref(), Some("failed" | "left")));
             if leftover {
@@ -129,7 +126,7 @@ pub(super) fn consul(o: &Observations, anything_answered: bool, p: &mut Problems
             if e.healthy == Some(false) {
                 why.push("autopilot: unhealthy".into());
             }
-            if e.raft.as_deref() == Some("absent") {
+            if e.raft == Some(RaftRole::Absent) {
                 why.push("not in the raft configuration".into());
             }
             if judge_server(tier, e, why, p) {

@@ -85,13 +85,13 @@ pub(super) fn nomad(
         for e in s.0.values_mut() {
             let addr = e.address.clone().unwrap_or_default();
             let role = if leader_addr.as_deref().map(host) == Some(addr.as_str()) {
-                "leader"
+                RaftRole::Leader
             } else if peers.iter().any(|a| host(a) == addr) {
-                "voter"
+                RaftRole::Voter
             } else {
-                "absent"
+                RaftRole::Absent
             };
-            e.raft = Some(role.into());
+            e.raft = Some(role);
         }
     }
     report.leader = leader_addr
@@ -113,7 +113,7 @@ pub(super) fn nomad(
     }
     for e in s.0.values_mut() {
         let mut why = unreachable_why(e);
-        if e.raft.as_deref() == Some("absent") {
+        if e.raft == Some(RaftRole::Absent) {
             why.push("not in the raft configuration".into());
         }
         if judge_server(tier, e, why, p) {

@@ -78,7 +78,7 @@ pub(super) fn vault(o: &Observations, anything_answered: bool, p: &mut Problems)
         }
         for e in s.0.values_mut() {
             let leftover =
-                raft_known && e.raft.as_deref() == Some("absent") && e.reachable == Some(false);
+                raft_known && e.raft == Some(RaftRole::Absent) && e.reachable == Some(false);
             if leftover {
                 e.note = Some(LEFTOVER.into());
                 continue;
@@ -94,7 +94,7 @@ pub(super) fn vault(o: &Observations, anything_answered: bool, p: &mut Problems)
             if e.healthy == Some(false) {
                 why.push("autopilot: unhealthy".into());
             }
-            if e.raft.as_deref() == Some("absent") && e.initialized != Some(false) {
+            if e.raft == Some(RaftRole::Absent) && e.initialized != Some(false) {
                 why.push("not in the raft configuration".into());
             }
             if judge_server(tier, e, why, p) {

@@ -3,6 +3,14 @@
 //! Every call has a deadline ([`HTTP_TIMEOUT`], [`azure_policy`]) and independent calls run concurrently, so a
 //! dead server costs at most a few seconds and never hangs the command.
 
+mod consul;
+mod nomad;
+mod vault;
+
+use consul::collect_consul;
+use nomad::collect_nomad;
+use vault::collect_vault;
+
 use super::model::*;
 use super::tokens;
 use crate::azure::Azure;
@@ -15,6 +23,7 @@ use crate::node::NodeSpec;
 use crate::publish::{self, NodeRecord};
 use crate::render::Layout;
 use crate::retry::RetryPolicy;
+use crate::tls::HttpsClientError;
 use crate::version::Product;
 use azure_core::credentials::TokenCredential;
 use serde::de::DeserializeOwned;
@@ -43,6 +52,64 @@ pub fn azure_policy() -> RetryPolicy {
     }
 }
 
+/// Why collection could not ask a question, or got no usable answer. Carries no token and no response body beyond
+/// a product's first error line (short and secret-free: "ACL not found", "permission denied").
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("instance metadata: {0}")]
+    Metadata(#[from] crate::retry::RetryError<crate::imds::ImdsError>),
+    /// The observer's own tags.
+    #[error("{0}")]
+    Spec(#[from] crate::node::SpecError),
+    /// The Azure clients (the extra CA file of the agent config).
+    #[error("{0}")]
+    AzureClient(#[from] HttpsClientError),
+    /// The products' client: the cluster CA is not on this machine.
+    #[error("cluster CA: {0} (status runs on a booted node: the jumpbox)")]
+    ClusterCa(Arc<HttpsClientError>),
+    #[error("managed identity token: no answer within 5s")]
+    TokenTimeout,
+    #[error("{0}")]
+    Token(azure_core::Error),
+    #[error("list node records: {0}")]
+    List(Transport),
+    #[error("list node records: HTTP {0}")]
+    ListStatus(u16),
+    #[error("node records: {0}")]
+    Records(Box<CollectError>),
+    /// A product API call that got no answer.
+    #[error("{0}")]
+    Transport(Transport),
+    /// A refusal or an error status, with the first line of the product's error text.
+    #[error("HTTP {status}{}", hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default())]
+    Status { status: u16, hint: Option<String> },
+    /// serde names the missing or mistyped field; the bodies parsed here hold no secrets.
+    #[error("{path} (HTTP {status}): response did not parse: {source}")]
+    Unparsable {
+        path: String,
+        status: u16,
+        source: serde_json::Error,
+    },
+}
+
+/// A request that got no answer, in the fewest words.
+#[derive(Debug, thiserror::Error)]
+pub enum Transport {
+    #[error("no answer within {:?}", HTTP_TIMEOUT)]
+    Timeout,
+    /// The innermost cause says it best ("Connection refused", "No route to host").
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Failed(String),
+}
+
+impl From<CollectError> for NoAnswer {
+    fn from(e: CollectError) -> Self {
+        NoAnswer::of(&e)
+    }
+}
+
 /// What the observer (normally the jumpbox) needs to look at its cluster.
 pub struct Collector {
     spec: NodeSpec,
@@ -51,14 +118,14 @@ pub struct Collector {
     /// For listing blobs (the SDK's pager needs a stream library the agent does not carry).
     azure_http: reqwest::Client,
     /// For the products' APIs: trusts only the cluster CA.
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, Arc<HttpsClientError>>,
     consul_token: Option<Zeroizing<String>>,
     vault_token: Option<Zeroizing<String>>,
     nomad_token: Option<Zeroizing<String>>,
     vault_renewed: bool,
 }
 
-fn short(e: &reqwest::Error) -> String {
+fn short(e: &reqwest::Error) -> Transport {
     let timeout = e.is_timeout();
     let connect = e.is_connect();
     let mut src: &dyn std::error::Error = e;
@@ -66,31 +133,28 @@ fn short(e: &reqwest::Error) -> String {
         src = s;
     }
     if timeout {
-        format!("no answer within {HTTP_TIMEOUT:?}")
+        Transport::Timeout
     } else if connect {
-        // The innermost cause says it best ("Connection refused", "No route to host").
         let text = src.to_string();
         let text = match text.find(" (os error") {
             Some(i) => text[..i].to_string(),
             None => text,
         };
-        format!("cannot connect: {text}")
+        Transport::Connect(text)
     } else {
-        format!("request failed: {src}")
+        Transport::Failed(src.to_string())
     }
 }
 
 impl Collector {
     /// Identifies the observer from its metadata (deadline 5 s) and prepares the clients.
-    pub async fn new(cfg: &AgentConfig) -> Result<Collector, String> {
+    pub async fn new(cfg: &AgentConfig) -> Result<Collector, CollectError> {
         let quick = RetryPolicy::imds(Duration::from_secs(5));
         let md = ImdsClient::new(&cfg.imds.endpoint, quick)
             .instance()
-            .await
-            .map_err(|e| format!("instance metadata: {e}"))?;
-        let spec = NodeSpec::from_metadata(&md).map_err(|e| e.to_string())?;
-        crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)
-            .map_err(|e| e.to_string())?;
+            .await?;
+        let spec = NodeSpec::from_metadata(&md)?;
+        crate::node::check_endpoints(&spec, &md.compute.az_environment, cfg.azure.endpoints)?;
         let credential = Arc::new(ImdsCredential::new(
             ImdsClient::new(&cfg.imds.endpoint, quick),
             spec.identity_client_id.clone(),
@@ -104,20 +168,16 @@ impl Collector {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(4));
         if let Some(path) = &cfg.azure.extra_ca_file {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|_| format!("{}: not a PEM certificate", path.display()))?;
-            b = b.add_root_certificate(cert);
+            b = b.add_root_certificate(crate::tls::ca_certificate(path)?);
         }
-        let azure_http = b.build().map_err(|e| e.to_string())?;
+        let azure_http = b.build().map_err(HttpsClientError::Build)?;
         // The jumpbox's world-readable copy (operators run status without sudo); elsewhere, as root, Consul's.
         let layout = Layout::from_paths(&cfg.paths);
         let ca = [layout.operator_ca_file(), layout.ca_file(Product::Consul)]
             .into_iter()
             .find(|p| p.exists())
             .unwrap_or_else(|| layout.operator_ca_file());
-        let http = crate::services::health::client_for(&ca, HTTP_TIMEOUT)
-            .map_err(|e| format!("cluster CA: {e} (status runs on a booted node: the jumpbox)"));
+        let http = crate::services::health::client_for(&ca, HTTP_TIMEOUT).map_err(Arc::new);
         Ok(Collector {
             spec,
             az,
@@ -173,7 +233,7 @@ impl Collector {
                         Some(format!("unreadable records: {}", unreadable.join(", ")));
                 }
             }
-            Err(e) => o.records_error = Some(e),
+            Err(e) => o.records_error = Some(e.to_string()),
         }
         let [c, v, n] = tokens;
         for (slot, value) in [
@@ -191,7 +251,7 @@ impl Collector {
         let http = match &self.http {
             Ok(h) => h.clone(),
             Err(e) => {
-                let e = e.clone();
+                let e = NoAnswer::from(CollectError::ClusterCa(e.clone()));
                 o.consul.leader = Some(Err(e.clone()));
                 o.vault.health = servers_of(&o.records, "vault-server", VAULT_PORT)
                     .into_iter()
@@ -266,7 +326,7 @@ impl Collector {
         let read = |tier: &'static str| async move {
             coordination::read(&self.az, blob, &self.spec.cluster, tier, azure_policy())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| NoAnswer::of(&e))
         };
         let (c, v, n) = tokio::join!(read("consul"), read("vault"), read("nomad"));
         (Some(c), Some(v), Some(n))
@@ -284,29 +344,29 @@ impl Collector {
                 azure_policy(),
             )
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| NoAnswer::of(&e));
             (tier.to_string(), Some(r))
         };
         let (c, v, n) = tokio::join!(read("consul"), read("vault"), read("nomad"));
         BTreeMap::from([c, v, n])
     }
 
-    async fn storage_token(&self) -> Result<String, String> {
+    async fn storage_token(&self) -> Result<Zeroizing<String>, CollectError> {
         let t = tokio::time::timeout(
             Duration::from_secs(5),
             self.credential
                 .get_token(&["https://storage.azure.com/.default"], None),
         )
         .await
-        .map_err(|_| "managed identity token: no answer within 5s".to_string())?
-        .map_err(|e| e.to_string())?;
-        Ok(t.token.secret().to_string())
+        .map_err(|_| CollectError::TokenTimeout)?
+        .map_err(CollectError::Token)?;
+        Ok(Zeroizing::new(t.token.secret().to_string()))
     }
 
     /// Lists and reads `<cluster>/nodes/*.json`. Returns the records and the names that did not parse.
-    async fn records(&self) -> Result<(Vec<NodeRecord>, Vec<String>), String> {
+    async fn records(&self) -> Result<(Vec<NodeRecord>, Vec<String>), CollectError> {
         let blob = self.spec.blob_endpoint.as_str();
-        let token = Zeroizing::new(self.storage_token().await?);
+        let token = self.storage_token().await?;
         let container = format!("{blob}{COORDINATION_CONTAINER}");
         let prefix = publish::records_prefix(&self.spec.cluster);
         let mut names = vec![];
@@ -328,15 +388,12 @@ impl Collector {
             let r = req
                 .send()
                 .await
-                .map_err(|e| format!("list node records: {}", short(&e)))?;
+                .map_err(|e| CollectError::List(short(&e)))?;
             let status = r.status().as_u16();
             if status != 200 {
-                return Err(format!("list node records: HTTP {status}"));
+                return Err(CollectError::ListStatus(status));
             }
-            let xml = r
-                .text()
-                .await
-                .map_err(|e| format!("list node records: {}", short(&e)))?;
+            let xml = r.text().await.map_err(|e| CollectError::List(short(&e)))?;
             names.extend(
                 xml_values(&xml, "Name")
                     .into_iter()
@@ -391,8 +448,8 @@ impl Collector {
     /// What `hashistack-agent smoke` needs, found exactly as `status` finds it: the client trusting the cluster CA,
     /// the observer's own Consul agent, the Consul status token (service read), and the Nomad servers of the
     /// published node records.
-    pub async fn endpoints(&self) -> Result<Endpoints, String> {
-        let http = self.http.clone()?;
+    pub async fn endpoints(&self) -> Result<Endpoints, CollectError> {
+        let http = self.http.clone().map_err(CollectError::ClusterCa)?;
         let consul_token = async {
             match self.spec.status_vault_uri.clone() {
                 Some(vault) => {
@@ -405,7 +462,7 @@ impl Collector {
             }
         };
         let (records, (token_state, consul_token)) = tokio::join!(self.records(), consul_token);
-        let (records, _) = records.map_err(|e| format!("node records: {e}"))?;
+        let (records, _) = records.map_err(|e| CollectError::Records(Box::new(e)))?;
         Ok(Endpoints {
             http,
             consul: format!("{}:{CONSUL_PORT}", self.spec.ip),
@@ -486,36 +543,52 @@ pub fn xml_values(xml: &str, tag: &str) -> Vec<String> {
     out
 }
 
-/// GET `https://<addr><path>` with an optional token header; the JSON body of a success (or of one of `also`).
+/// GET `https://<addr><path>` with an optional token header; the JSON body of a success (or of one of `also`), or
+/// why there is none, as the observations keep it.
 async fn get_json<T: DeserializeOwned>(
     http: &reqwest::Client,
     addr: &str,
     path: &str,
     token: Option<(&str, &str)>,
     also: &[u16],
-) -> Result<T, String> {
+) -> Result<T, NoAnswer> {
+    Ok(fetch_json(http, addr, path, token, also).await?)
+}
+
+async fn fetch_json<T: DeserializeOwned>(
+    http: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    token: Option<(&str, &str)>,
+    also: &[u16],
+) -> Result<T, CollectError> {
     let mut req = http.get(format!("https://{addr}{path}"));
     if let Some((header, value)) = token {
         req = req.header(header, value);
     }
-    let r = req.send().await.map_err(|e| short(&e))?;
+    let r = req
+        .send()
+        .await
+        .map_err(|e| CollectError::Transport(short(&e)))?;
     let status = r.status().as_u16();
     if !(r.status().is_success() || also.contains(&status)) {
         let body = r.text().await.unwrap_or_default();
         let first = body.lines().next().unwrap_or("").trim();
         // Product error bodies are short and carry no secrets ("ACL not found", "permission denied").
         let hint: String = first.chars().take(160).collect();
-        return Err(if hint.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status}: {hint}")
+        return Err(CollectError::Status {
+            status,
+            hint: (!hint.is_empty()).then_some(hint),
         });
     }
-    let body = r.bytes().await.map_err(|e| short(&e))?;
-    // serde names the missing or mistyped field; the bodies parsed here hold no secrets.
-    serde_json::from_slice::<T>(&body).map_err(|e| {
-        let p = path.split('?').next().unwrap_or(path);
-        format!("{p} (HTTP {status}): response did not parse: {e}")
+    let body = r
+        .bytes()
+        .await
+        .map_err(|e| CollectError::Transport(short(&e)))?;
+    serde_json::from_slice::<T>(&body).map_err(|source| CollectError::Unparsable {
+        path: path.split('?').next().unwrap_or(path).to_string(),
+        status,
+        source,
     })
 }
 
@@ -547,503 +620,5 @@ async fn probe_all<T: DeserializeOwned + Send + 'static>(
     out.into_iter().map(|(_, p)| p).collect()
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulRaftConfig {
-    servers: Vec<ConsulRaftServer>,
-}
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulRaftServer {
-    #[serde(rename = "ID")]
-    id: String,
-    node: String,
-    address: String,
-    leader: bool,
-    voter: bool,
-}
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulAutopilot {
-    healthy: bool,
-    failure_tolerance: i64,
-    /// `null` while the servers are still stabilising after the cluster formed (seen with Consul 1.8.7).
-    #[serde(default, deserialize_with = "null_as_empty")]
-    servers: Vec<ConsulAutopilotServer>,
-}
-
-fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
-}
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulAutopilotServer {
-    #[serde(rename = "ID")]
-    id: String,
-    name: String,
-    address: String,
-    serf_status: String,
-    #[serde(default)]
-    version: String,
-    leader: bool,
-    healthy: bool,
-    voter: bool,
-}
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulMember {
-    name: String,
-    addr: String,
-    #[serde(default)]
-    tags: std::collections::BTreeMap<String, String>,
-    status: u8,
-}
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ConsulTokenSelf {
-    #[serde(default)]
-    description: String,
-}
-
-fn serf_status(n: u8) -> &'static str {
-    match n {
-        1 => "alive",
-        2 => "leaving",
-        3 => "left",
-        4 => "failed",
-        _ => "none",
-    }
-}
-
-async fn collect_consul(
-    http: &reqwest::Client,
-    local: &str,
-    servers: &[(String, String)],
-    token: Option<&str>,
-    records: &[NodeRecord],
-) -> ConsulObs {
-    let mut o = ConsulObs::default();
-    let local_probe = [("local".to_string(), local.to_string())];
-    let (local_answer, mut probes) = tokio::join!(
-        probe_all::<String>(http, &local_probe, "/v1/status/leader"),
-        probe_all::<String>(http, servers, "/v1/status/leader"),
-    );
-    // The cluster-wide questions go to the observer's own agent, else to the first server that answers.
-    let via = match local_answer.first().map(|p| &p.answer) {
-        Some(Some(Ok(_))) => Some(local.to_string()),
-        _ => probes
-            .iter()
-            .find(|p| matches!(p.answer, Some(Ok(_))))
-            .map(|p| format!("{}:{CONSUL_PORT}", p.address)),
-    };
-    o.via = Some(via.clone().unwrap_or_else(|| {
-        format!(
-            "{local} and {} server{}",
-            servers.len(),
-            if servers.len() == 1 { "" } else { "s" }
-        )
-    }));
-    let Some(via) = via else {
-        o.leader = local_answer.into_iter().next().and_then(|p| p.answer);
-        o.probes = probes;
-        return o;
-    };
-    let h = token.map(|t| ("X-Consul-Token", t));
-    let (leader, peers, raft, autopilot, members, acl) = tokio::join!(
-        get_json::<String>(http, &via, "/v1/status/leader", None, &[]),
-        get_json::<Vec<String>>(http, &via, "/v1/status/peers", None, &[]),
-        async {
-            match h {
-                Some(h) => Some(
-                    get_json::<ConsulRaftConfig>(
-                        http,
-                        &via,
-                        "/v1/operator/raft/configuration",
-                        Some(h),
-                        &[],
-                    )
-                    .await,
-                ),
-                None => None,
-            }
-        },
-        async {
-            match h {
-                // 429: autopilot answers with its report and "unhealthy".
-                Some(h) => Some(
-                    get_json::<ConsulAutopilot>(
-                        http,
-                        &via,
-                        "/v1/operator/autopilot/health",
-                        Some(h),
-                        &[429],
-                    )
-                    .await,
-                ),
-                None => None,
-            }
-        },
-        async {
-            match h {
-                Some(h) => Some(
-                    get_json::<Vec<ConsulMember>>(http, &via, "/v1/agent/members", Some(h), &[])
-                        .await,
-                ),
-                None => None,
-            }
-        },
-        async {
-            match h {
-                Some(h) => Some(
-                    get_json::<ConsulTokenSelf>(http, &via, "/v1/acl/token/self", Some(h), &[])
-                        .await,
-                ),
-                None => None,
-            }
-        },
-    );
-    o.leader = Some(leader);
-    o.peers = Some(peers.clone());
-    o.raft = raft.map(|r| {
-        r.map(|c| {
-            c.servers
-                .into_iter()
-                .map(|s| RaftServer {
-                    id: s.id,
-                    node: s.node,
-                    address: s.address,
-                    leader: s.leader,
-                    voter: s.voter,
-                })
-                .collect()
-        })
-    });
-    o.autopilot = autopilot.map(|r| {
-        r.map(|a| Autopilot {
-            healthy: a.healthy,
-            failure_tolerance: a.failure_tolerance,
-            servers: a
-                .servers
-                .into_iter()
-                .map(|s| AutopilotServer {
-                    id: s.id,
-                    name: s.name,
-                    address: s.address,
-                    healthy: s.healthy,
-                    status: s.serf_status,
-                    leader: s.leader,
-                    voter: s.voter,
-                    version: s.version,
-                })
-                .collect(),
-        })
-    });
-    o.members = members.map(|r| {
-        r.map(|ms| {
-            ms.into_iter()
-                .map(|m| Member {
-                    role: m.tags.get("role").cloned().unwrap_or_default(),
-                    version: m
-                        .tags
-                        .get("build")
-                        .map(|b| b.split(':').next().unwrap_or("").to_string())
-                        .unwrap_or_default(),
-                    name: m.name,
-                    addr: m.addr,
-                    status: serf_status(m.status).into(),
-                })
-                .collect()
-        })
-    });
-    o.acl = acl.map(|r| r.map(|t| t.description));
-    // Raft peers that no record names are probed too, under the name raft gives them.
-    let known: Vec<String> = probes.iter().map(|p| p.address.clone()).collect();
-    let mut extra = vec![];
-    let raft_names: Vec<(String, String)> = o
-        .raft
-        .as_ref()
-        .and_then(|r| r.as_ref().ok())
-        .map(|r| {
-            r.iter()
-                .map(|s| {
-                    (
-                        crate::status::assess::host(&s.address).to_string(),
-                        s.node.clone(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Ok(peers) = &peers {
-        for a in peers {
-            let ip = crate::status::assess::host(a).to_string();
-            if !known.contains(&ip) {
-                let name = raft_names
-                    .iter()
-                    .find(|(h, _)| *h == ip)
-                    .map(|(_, n)| n.clone())
-                    .or_else(|| {
-                        records
-                            .iter()
-                            .find(|r| r.ip.as_deref() == Some(ip.as_str()))
-                            .map(|r| r.boot.node.clone())
-                    })
-                    .unwrap_or_else(|| ip.clone());
-                extra.push((name, format!("{ip}:{CONSUL_PORT}")));
-            }
-        }
-    }
-    if !extra.is_empty() {
-        probes.extend(probe_all::<String>(http, &extra, "/v1/status/leader").await);
-    }
-    o.via = Some(via);
-    o.probes = probes;
-    o
-}
-
-#[derive(Deserialize)]
-struct VaultHealthBody {
-    initialized: bool,
-    sealed: bool,
-    standby: bool,
-    #[serde(default)]
-    version: String,
-}
-#[derive(Deserialize)]
-struct VaultData<T> {
-    data: T,
-}
-#[derive(Deserialize)]
-struct VaultRaftConfig {
-    config: VaultRaftServers,
-}
-#[derive(Deserialize)]
-struct VaultRaftServers {
-    servers: Vec<VaultRaftServer>,
-}
-#[derive(Deserialize)]
-struct VaultRaftServer {
-    node_id: String,
-    address: String,
-    leader: bool,
-    voter: bool,
-}
-#[derive(Deserialize)]
-struct VaultAutopilot {
-    healthy: bool,
-    failure_tolerance: i64,
-    #[serde(default)]
-    servers: std::collections::BTreeMap<String, VaultAutopilotServer>,
-}
-#[derive(Deserialize)]
-struct VaultAutopilotServer {
-    id: String,
-    name: String,
-    address: String,
-    #[serde(default)]
-    node_status: String,
-    healthy: bool,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    version: String,
-}
-
-/// Every status code sys/health can answer with, as 200, so one request tells all states apart.
-const VAULT_HEALTH: &str = "/v1/sys/health?standbyok=true&perfstandbyok=true&sealedcode=200&uninitcode=200&drsecondarycode=200&performancestandbycode=200&standbycode=200";
-
-async fn collect_vault(
-    http: &reqwest::Client,
-    servers: &[(String, String)],
-    token: Option<&str>,
-    renew: bool,
-) -> VaultObs {
-    let mut o = VaultObs::default();
-    let health: Vec<Probed<VaultHealthBody>> = probe_all(http, servers, VAULT_HEALTH).await;
-    o.health = health
-        .into_iter()
-        .map(|p| Probed {
-            name: p.name,
-            address: p.address,
-            answer: p.answer.map(|r| {
-                r.map(|h| VaultHealth {
-                    initialized: h.initialized,
-                    sealed: h.sealed,
-                    standby: h.standby,
-                    version: h.version,
-                })
-            }),
-        })
-        .collect();
-    let Some(token) = token else { return o };
-    // The active node answers the raft questions itself; any unsealed node would forward them.
-    let usable = |active: bool| {
-        o.health.iter().find(|p| {
-            matches!(&p.answer, Some(Ok(h)) if h.initialized && !h.sealed && (!active || !h.standby))
-        })
-    };
-    let Some(via) = usable(true)
-        .or_else(|| usable(false))
-        .map(|p| format!("{}:{VAULT_PORT}", p.address))
-    else {
-        return o;
-    };
-    let h = Some(("X-Vault-Token", token));
-    let (raft, autopilot, _) = tokio::join!(
-        get_json::<VaultData<VaultRaftConfig>>(
-            http,
-            &via,
-            "/v1/sys/storage/raft/configuration",
-            h,
-            &[]
-        ),
-        get_json::<VaultData<VaultAutopilot>>(
-            http,
-            &via,
-            "/v1/sys/storage/raft/autopilot/state",
-            h,
-            &[]
-        ),
-        async {
-            if renew {
-                let r = http
-                    .post(format!("https://{via}/v1/auth/token/renew-self"))
-                    .header("X-Vault-Token", token)
-                    .json(&serde_json::json!({}))
-                    .send()
-                    .await;
-                if let Err(e) = r {
-                    tracing::debug!(error = %short(&e), "status token not renewed");
-                }
-            }
-        }
-    );
-    o.via = Some(via);
-    o.raft = Some(raft.map(|d| {
-        d.data
-            .config
-            .servers
-            .into_iter()
-            .map(|s| RaftServer {
-                id: s.node_id.clone(),
-                node: s.node_id,
-                address: s.address,
-                leader: s.leader,
-                voter: s.voter,
-            })
-            .collect()
-    }));
-    o.autopilot = Some(autopilot.map(|d| {
-        Autopilot {
-            healthy: d.data.healthy,
-            failure_tolerance: d.data.failure_tolerance,
-            servers: d
-                .data
-                .servers
-                .into_values()
-                .map(|s| AutopilotServer {
-                    voter: s.status == "voter" || s.status == "leader",
-                    leader: s.status == "leader",
-                    id: s.id,
-                    name: s.name,
-                    address: s.address,
-                    healthy: s.healthy,
-                    status: s.node_status,
-                    version: s.version,
-                })
-                .collect(),
-        }
-    }));
-    o
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct NomadNodeBody {
-    name: String,
-    #[serde(default)]
-    address: String,
-    status: String,
-    #[serde(default)]
-    scheduling_eligibility: String,
-}
-
-async fn collect_nomad(
-    http: &reqwest::Client,
-    servers: &[(String, String)],
-    token: Option<&str>,
-) -> NomadObs {
-    let mut o = NomadObs::default();
-    if servers.is_empty() {
-        return o;
-    }
-    o.probes = probe_all::<String>(http, servers, "/v1/status/leader").await;
-    let Some(via) = o
-        .probes
-        .iter()
-        .find(|p| matches!(p.answer, Some(Ok(_))))
-        .map(|p| format!("{}:{NOMAD_PORT}", p.address))
-    else {
-        return o;
-    };
-    let h = token.map(|t| ("X-Nomad-Token", t));
-    let (peers, nodes) = tokio::join!(
-        get_json::<Vec<String>>(http, &via, "/v1/status/peers", None, &[]),
-        async {
-            match h {
-                Some(h) => Some(
-                    get_json::<Vec<NomadNodeBody>>(http, &via, "/v1/nodes", Some(h), &[]).await,
-                ),
-                None => None,
-            }
-        }
-    );
-    o.peers = Some(peers);
-    o.nodes = nodes.map(|r| {
-        r.map(|ns| {
-            ns.into_iter()
-                .map(|n| NomadNode {
-                    eligible: n.scheduling_eligibility == "eligible",
-                    name: n.name,
-                    address: n.address,
-                    status: n.status,
-                })
-                .collect()
-        })
-    });
-    o
-}
-
 #[cfg(test)]
-mod tests {
-
-    #[test]
-    fn consul_autopilot_health_with_null_servers_parses() {
-        // Consul 1.8.7's answer (HTTP 429) right after the cluster formed.
-        let a: ConsulAutopilot =
-            serde_json::from_str(r#"{"Healthy":false,"FailureTolerance":0,"Servers":null}"#)
-                .unwrap();
-        assert!(!a.healthy);
-        assert!(a.servers.is_empty());
-        assert!(serde_json::from_str::<ConsulAutopilot>(
-            r#"{"Healthy":true,"FailureTolerance":1,"Servers":7}"#
-        )
-        .is_err());
-    }
-
-    use super::*;
-
-    #[test]
-    fn xml_names_and_markers() {
-        let xml = "<EnumerationResults><Blobs><Blob><Name>lab/nodes/a.json</Name></Blob><Blob><Name>lab/nodes/b&amp;c.json</Name></Blob></Blobs><NextMarker /></EnumerationResults>";
-        assert_eq!(
-            xml_values(xml, "Name"),
-            vec!["lab/nodes/a.json", "lab/nodes/b&c.json"]
-        );
-        assert!(xml_values(xml, "NextMarker").is_empty());
-    }
-}
+mod tests;
