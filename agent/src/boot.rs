@@ -30,6 +30,9 @@ pub enum BootError {
     OperatorKeys(#[from] crate::escrow::pgp::PgpKeyError),
     #[error("{0}")]
     Material(String),
+    /// Only where certificates may not be issued (a warm boot, which then boots cold).
+    #[error("{0} certificate: none on disk still good for this CA and these names")]
+    NoKeptCert(Product),
     #[error("{0}")]
     Version(#[from] VersionError),
     #[error("{0}")]
@@ -66,6 +69,7 @@ impl BootError {
                 Phase::NodeSpec
             }
             BootError::Material(_)
+            | BootError::NoKeptCert(_)
             | BootError::Version(_)
             | BootError::Render(_)
             | BootError::ClusterMaterial(_) => Phase::Render,
@@ -99,6 +103,10 @@ pub struct Booted {
     pub record: BootRecord,
     /// Operators' PGP keys for the escrow (server tiers with the option on; docs/pgp-escrow.md).
     pub operator_keys: Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+    /// A warm boot: the material on disk it started the services from, for `converge_material` to confirm.
+    pub warm: Option<crate::warm::DiskMaterial>,
+    /// The products' versions this boot rendered for (a re-render after the boot uses them again).
+    pub versions: Versions,
 }
 
 /// A service manager that may need to keep running after boot (the process backend).
@@ -226,6 +234,24 @@ pub fn load_material(
     layout: &Layout,
     shared: Option<&crate::material::ClusterMaterial>,
 ) -> Result<Material, BootError> {
+    material_with(cfg, spec, layout, shared, Certs::KeepOrIssue)
+}
+
+/// Whether loading the material may issue node certificates (it needs the CA key) or only keep those on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Certs {
+    KeepOrIssue,
+    /// A warm boot: the certificates on disk, still good for the CA certificate, or an error (then a cold boot).
+    KeepOnly,
+}
+
+fn material_with(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+    layout: &Layout,
+    shared: Option<&crate::material::ClusterMaterial>,
+    issuing: Certs,
+) -> Result<Material, BootError> {
     use crate::node::Role;
     let server = spec.role.is_server_tier();
     let needs_nomad_key = spec.role == Role::NomadServer;
@@ -239,17 +265,19 @@ pub fn load_material(
     };
     let (ca_pem, ca, consul_gossip_key, nomad_gossip_key, nomad_client) = match shared {
         Some(m) => {
-            let ca =
-                if server {
-                    let key = m.ca_key.as_ref().ok_or_else(|| {
-                        BootError::Material("cluster CA key: not in the servers vault".into())
-                    })?;
+            let ca = match (server, &m.ca_key, issuing) {
+                (false, _, _) | (true, None, Certs::KeepOnly) => None,
+                (true, None, Certs::KeepOrIssue) => {
+                    return Err(BootError::Material(
+                        "cluster CA key: not in the servers vault".into(),
+                    ))
+                }
+                (true, Some(key), _) => {
                     Some(ClusterCa::from_pem(&m.ca_cert, key).map_err(|e| {
                         BootError::Material(format!("cluster CA from Key Vault: {e}"))
                     })?)
-                } else {
-                    None
-                };
+                }
+            };
             let consul = check_key("consul gossip key", &m.consul_gossip_key)?;
             let nomad = match (needs_nomad_key, &m.nomad_gossip_key) {
                 (false, _) => String::new(),
@@ -324,12 +352,12 @@ pub fn load_material(
     };
     let now = time::OffsetDateTime::now_utc();
     let mut certs = BTreeMap::new();
-    if let Some(ca) = &ca {
+    if server {
+        let fingerprint = tls::ca_sha256(&ca_pem);
         for p in spec.products() {
             let sans = render::cert_sans(spec, p);
-            certs.insert(
-                p,
-                existing_or_new_cert(
+            let cert = match (&ca, issuing) {
+                (Some(ca), Certs::KeepOrIssue) => existing_or_new_cert(
                     layout,
                     p,
                     ca,
@@ -338,7 +366,10 @@ pub fn load_material(
                     now,
                     &spec.node_name,
                 )?,
-            );
+                _ => kept_cert(layout, p, &fingerprint, &sans, now)
+                    .ok_or(BootError::NoKeptCert(p))?,
+            };
+            certs.insert(p, cert);
         }
     }
     if let Some(client) = nomad_client {
@@ -372,26 +403,62 @@ fn existing_or_new_cert(
     now: time::OffsetDateTime,
     cn: &str,
 ) -> Result<NodeCert, BootError> {
-    let existing = (|| {
-        let issued: IssuedFor =
-            serde_json::from_slice(&std::fs::read(layout.issued_file(p)).ok()?).ok()?;
-        if !tls::still_good(&issued, ca, sans, now) {
-            return None;
-        }
-        let cert_pem = std::fs::read_to_string(layout.cert_file(p)).ok()?;
-        let key_pem = std::fs::read_to_string(layout.key_file(p)).ok()?;
-        Some(NodeCert {
-            cert_pem,
-            key_pem,
-            issued_for: issued,
-        })
-    })();
-    match existing {
+    match kept_cert(layout, p, &ca.fingerprint(), sans, now) {
         Some(c) => Ok(c),
         None => ca
             .issue(cn, sans, days, now)
             .map_err(|e| BootError::Material(format!("{p} certificate: {e}"))),
     }
+}
+
+/// The node's certificate for `p` on disk, if it is still good for the CA with this fingerprint and these names.
+fn kept_cert(
+    layout: &Layout,
+    p: Product,
+    ca_sha256: &str,
+    sans: &[String],
+    now: time::OffsetDateTime,
+) -> Option<NodeCert> {
+    let issued: IssuedFor =
+        serde_json::from_slice(&std::fs::read(layout.issued_file(p)).ok()?).ok()?;
+    if !tls::still_good_for(&issued, ca_sha256, sans, now) {
+        return None;
+    }
+    let cert_pem = std::fs::read_to_string(layout.cert_file(p)).ok()?;
+    let key_pem = std::fs::read_to_string(layout.key_file(p)).ok()?;
+    Some(NodeCert {
+        cert_pem,
+        key_pem,
+        issued_for: issued,
+    })
+}
+
+/// The material of a warm boot: what the agent kept on disk ([`crate::warm`]), with the node certificates on
+/// disk (never issued here). Anything missing or due for renewal: a cold boot.
+fn warm_material(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+    layout: &Layout,
+    disk: &crate::warm::DiskMaterial,
+) -> Result<Material, crate::warm::NotWarm> {
+    use crate::node::Role;
+    use crate::warm::NotWarm;
+    let needs = [
+        (Role::ConsulServer, disk.ca_key.is_some()),
+        (Role::NomadServer, disk.nomad_gossip_key.is_some()),
+        (
+            Role::Worker,
+            disk.nomad_client_cert.is_some() && disk.nomad_client_key.is_some(),
+        ),
+    ];
+    if needs.iter().any(|(r, has)| *r == spec.role && !has) {
+        return Err(NotWarm::Incomplete(spec.role.to_string()));
+    }
+    let shared = disk.to_cluster();
+    material_with(cfg, spec, layout, Some(&shared), Certs::KeepOnly).map_err(|e| match e {
+        BootError::NoKeptCert(p) => NotWarm::Certificate(p.to_string()),
+        other => NotWarm::Unusable(other.to_string()),
+    })
 }
 
 /// The vaults this node reads its material from: the shared one always, the servers one on server tiers.
@@ -464,12 +531,14 @@ pub async fn boot(
         services: BTreeMap::new(),
         bootstrap: None,
         workload_identity: None,
+        material: None,
+        converge: None,
     };
     let mut metadata = None;
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
     match result {
-        Ok((spec, plan, manager, operator_keys)) => {
+        Ok((spec, plan, manager, operator_keys, warm, versions)) => {
             record.ok = true;
             record.phase = Phase::Done;
             write_record(&layout, &record);
@@ -479,6 +548,8 @@ pub async fn boot(
                 manager,
                 record,
                 operator_keys,
+                warm,
+                versions,
             })
         }
         Err(e) => {
@@ -502,6 +573,8 @@ async fn boot_inner(
         Plan,
         std::sync::Arc<dyn BootManager>,
         Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+        Option<crate::warm::DiskMaterial>,
+        Versions,
     ),
     BootError,
 > {
@@ -568,41 +641,48 @@ async fn boot_inner(
         .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
         .collect();
     timed(rec, "versions");
+    // Warm: the material the agent kept on disk, unchanged since Key Vault last confirmed it, starts the
+    // services at once; `converge_material` confirms it with Key Vault afterwards. Cold: wait for Key Vault.
+    let mut warm = None;
+    let mut keep = None;
     let shared = match cfg.material.source {
-        crate::config::MaterialSource::Files => None,
+        crate::config::MaterialSource::Files => {
+            rec.material = Some("files".into());
+            None
+        }
         crate::config::MaterialSource::Keyvault => {
             let vaults = material_vaults(&spec)?;
-            let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
-            let mut policy = crate::escrow::policy();
-            policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
-            let started = Instant::now();
-            let m = crate::material::Fetch {
-                az: &az,
-                vaults: &vaults,
-                cluster: &spec.cluster,
-                creator: spec
-                    .role
-                    .is_server_tier()
-                    .then_some(crate::material::Creator {
-                        blob_endpoint: spec.blob_endpoint.as_str(),
-                        lease_secs: cfg.bootstrap.lease_secs as i32,
-                    }),
-                // Never wait for the agent token here: a node without it renders and starts everything but
-                // an auto-encrypt Consul (below), so the jumpbox can show a bootstrap in progress.
-                agent_token: crate::material::AgentToken::IfPresent,
-                policy,
-                deadline: std::time::Duration::from_secs(cfg.material.deadline_secs),
+            let source = crate::warm::Source::of(&spec, &vaults);
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let on_disk = crate::warm::load(layout, &source, nix::unistd::geteuid().as_raw(), now)
+                .and_then(|disk| warm_material(cfg, &spec, layout, &disk).map(|m| (m, disk)));
+            match on_disk {
+                Ok(found) => {
+                    warm = Some(found);
+                    None
+                }
+                Err(why) => {
+                    if why != crate::warm::NotWarm::Absent {
+                        tracing::info!(reason = %why, "cold boot: the cluster material comes from Key Vault");
+                    }
+                    let m = fetch_material(cfg, &spec, &vaults, true).await?;
+                    keep = Some(crate::warm::DiskMaterial::from_cluster(
+                        &m, source, spec.role, now,
+                    ));
+                    rec.material = Some("key-vault".into());
+                    Some(m)
+                }
             }
-            .run()
-            .await?;
-            tracing::info!(
-                ms = started.elapsed().as_millis() as u64,
-                "cluster material from Key Vault"
-            );
-            Some(m)
         }
     };
-    let material = load_material(cfg, &spec, layout, shared.as_ref())?;
+    let (material, warm) = match warm {
+        Some((m, disk)) => {
+            rec.material = Some("disk".into());
+            rec.converge = Some("pending".into());
+            (m, Some(disk))
+        }
+        None => (load_material(cfg, &spec, layout, shared.as_ref())?, None),
+    };
     drop(shared);
     timed(rec, "material");
     let opts = RenderOptions::from_config(cfg);
@@ -626,8 +706,65 @@ async fn boot_inner(
             layout.state_dir().join("pids"),
         )),
     };
+    apply_services(manager.as_ref(), &spec, &plan, &changed, rec).await?;
+    timed(rec, "services");
+    rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
+    // After the critical path: what a cold boot read from Key Vault is kept for the next, warm, boot.
+    if let Some(k) = keep {
+        if let Err(e) = crate::warm::save(layout, &k) {
+            tracing::warn!(error = %e, "cannot keep the cluster material on disk: the next boot is cold too");
+        }
+    }
+    Ok((spec, plan, manager, operator_keys, warm, versions))
+}
+
+/// The cluster material from Key Vault. `may_create`: a cold boot of a server tier creates it if nobody has;
+/// never the confirmation of a warm boot (a node that ran from material must never replace it).
+async fn fetch_material(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+    vaults: &crate::material::Vaults,
+    may_create: bool,
+) -> Result<crate::material::ClusterMaterial, BootError> {
+    let az = azure_for(cfg, spec).map_err(BootError::Material)?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let started = Instant::now();
+    let m = crate::material::Fetch {
+        az: &az,
+        vaults,
+        cluster: &spec.cluster,
+        creator: (may_create && spec.role.is_server_tier()).then_some(crate::material::Creator {
+            blob_endpoint: spec.blob_endpoint.as_str(),
+            lease_secs: cfg.bootstrap.lease_secs as i32,
+        }),
+        // Never wait for the agent token here: a node without it renders and starts everything but an
+        // auto-encrypt Consul (`consul_waits_for_token`), so the jumpbox can show a bootstrap in progress.
+        agent_token: crate::material::AgentToken::IfPresent,
+        policy,
+        deadline: std::time::Duration::from_secs(cfg.material.deadline_secs),
+    }
+    .run()
+    .await?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "cluster material from Key Vault"
+    );
+    Ok(m)
+}
+
+/// Starts the plan's services, restarting those whose files are among `changed` (and the image's units the
+/// agent configures, when their file changed). Returns the services restarted.
+async fn apply_services(
+    manager: &dyn BootManager,
+    spec: &NodeSpec,
+    plan: &Plan,
+    changed: &[PathBuf],
+    rec: &mut BootRecord,
+) -> Result<Vec<String>, BootError> {
+    let mut restarted = Vec::new();
     for svc in &plan.services {
-        if consul_waits_for_token(&spec, &plan, svc) {
+        if consul_waits_for_token(spec, plan, svc) {
             tracing::info!(
                 service = %svc.name,
                 "not started yet: its auto-encrypt certificate request needs the Consul agent token, which the Consul tier's bootstrap hands over"
@@ -640,17 +777,19 @@ async fn boot_inner(
             .any(|c| svc.watch.iter().any(|w| c.starts_with(w)));
         let action = manager.apply(svc, touched).await?;
         tracing::info!(service = %svc.name, ?action, "service applied");
+        if action == crate::services::Action::Restarted {
+            restarted.push(svc.name.clone());
+        }
         rec.services.insert(svc.name.clone(), action);
     }
     // The image's units the agent configures (systemd-resolved, Docker): restarted when their file changed.
     for u in &plan.host_units {
         if changed.iter().any(|c| c == &u.watch) && manager.restart_host_unit(&u.unit).await? {
             tracing::info!(unit = %u.unit, "configuration changed; restarted");
+            restarted.push(u.unit.clone());
         }
     }
-    timed(rec, "services");
-    rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
-    Ok((spec, plan, manager, operator_keys))
+    Ok(restarted)
 }
 
 /// The operators' PGP keys of a server tier that bootstraps (docs/pgp-escrow.md): from the scale set's
@@ -701,6 +840,157 @@ fn consul_waits_for_token(
             .files
             .iter()
             .any(|f| f.path.ends_with("acl-tokens.json"))
+}
+
+/// What confirming a warm boot's material with Key Vault found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Converged {
+    /// Key Vault holds what the services started from: nothing restarted.
+    Unchanged,
+    /// Key Vault holds other material (rotated by an operator, or a token handed over since): the node was
+    /// re-rendered and these services (or the image's units) restarted — only those whose files changed.
+    Changed { restarted: Vec<String> },
+}
+
+/// How a warm boot's confirmation failed: the services keep running from disk, or were stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvergeError {
+    /// Key Vault could not be asked (unreachable, throttled, failing) within the deadlines, or answered with
+    /// material this node cannot use: the services keep running from disk; the agent exits non-zero.
+    #[error(
+        "cluster material on disk not confirmed by Key Vault (the services run from disk): {0}"
+    )]
+    Unconfirmed(BootError),
+    /// Key Vault refused this node (403 past the call deadline) or no longer holds the material: the services
+    /// started from disk were stopped and the material on disk removed (the next boot is cold).
+    #[error(
+        "cluster material withdrawn in Key Vault: services stopped, material on disk removed: {0}"
+    )]
+    Withdrawn(BootError),
+}
+
+/// After a warm boot started the services from disk: reads the material from Key Vault (never creating it) and
+/// compares. Unchanged: nothing restarts. Changed: re-render, and restart only the services whose files
+/// changed. Key Vault says no (403) or has no material: stop the services, remove the material on disk.
+/// Unreachable: keep running. Bounded by `material.deadline_secs` (each call by `bootstrap.azure_deadline_secs`).
+/// `Ok(None)`: a cold boot (nothing to confirm). Updates and rewrites the boot record.
+pub async fn converge_material(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<Option<Converged>, ConvergeError> {
+    let Some(disk) = booted.warm.take() else {
+        return Ok(None);
+    };
+    let layout = Layout::from_paths(&cfg.paths);
+    let r = converge_step(cfg, booted, &layout, &disk).await;
+    booted.record.converge = Some(match &r {
+        Ok(Converged::Unchanged) => "unchanged".into(),
+        Ok(Converged::Changed { restarted }) if restarted.is_empty() => {
+            "changed: nothing to restart".into()
+        }
+        Ok(Converged::Changed { restarted }) => {
+            format!("changed: restarted {}", restarted.join(", "))
+        }
+        Err(ConvergeError::Unconfirmed(e)) => format!("unconfirmed: {e}"),
+        Err(ConvergeError::Withdrawn(e)) => format!("withdrawn: {e}"),
+    });
+    if let Err(e) = &r {
+        booted.record.ok = false;
+        booted.record.last_error = Some(e.to_string());
+    }
+    write_record(&layout, &booted.record);
+    r.map(Some)
+}
+
+async fn converge_step(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+    layout: &Layout,
+    disk: &crate::warm::DiskMaterial,
+) -> Result<Converged, ConvergeError> {
+    let vaults = material_vaults(&booted.spec).map_err(ConvergeError::Unconfirmed)?;
+    let fetched = fetch_material(cfg, &booted.spec, &vaults, false).await;
+    settle(cfg, booted, layout, disk, &vaults, fetched).await
+}
+
+/// What the converge does with Key Vault's answer (`fetched`), given the material the services started from.
+async fn settle(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+    layout: &Layout,
+    disk: &crate::warm::DiskMaterial,
+    vaults: &crate::material::Vaults,
+    fetched: Result<crate::material::ClusterMaterial, BootError>,
+) -> Result<Converged, ConvergeError> {
+    use crate::material::MaterialError;
+    let spec = booted.spec.clone();
+    let shared = match fetched {
+        Ok(m) => m,
+        Err(e) => {
+            let withdrawn = match &e {
+                BootError::ClusterMaterial(MaterialError::Timeout(_)) => true,
+                BootError::ClusterMaterial(MaterialError::Azure(a)) => a.is(403),
+                _ => false,
+            };
+            if !withdrawn {
+                return Err(ConvergeError::Unconfirmed(e));
+            }
+            for svc in booted.plan.services.iter().rev() {
+                if let Err(stop) = booted.manager.stop(svc).await {
+                    tracing::error!(error = %stop, "cannot stop a service after the material was withdrawn");
+                }
+            }
+            if let Err(rm) = crate::warm::remove(layout) {
+                tracing::error!(error = %rm, "cannot remove the material on disk");
+            }
+            return Err(ConvergeError::Withdrawn(e));
+        }
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let fresh = crate::warm::DiskMaterial::from_cluster(
+        &shared,
+        crate::warm::Source::of(&spec, vaults),
+        spec.role,
+        now,
+    );
+    let outcome = if fresh.same_as(disk) {
+        Converged::Unchanged
+    } else {
+        let rendered = async {
+            let material = load_material(cfg, &spec, layout, Some(&shared))?;
+            let plan = render::render(
+                &spec,
+                layout,
+                &RenderOptions::from_config(cfg),
+                &booted.versions,
+                Some(&material),
+            )?;
+            drop(material);
+            let changed = write_plan(&plan)?;
+            let restarted = apply_services(
+                booted.manager.as_ref(),
+                &spec,
+                &plan,
+                &changed,
+                &mut booted.record,
+            )
+            .await?;
+            booted
+                .record
+                .files_changed
+                .extend(changed.iter().map(|p| p.display().to_string()));
+            booted.plan = plan;
+            Ok::<_, BootError>(restarted)
+        };
+        let restarted = rendered.await.map_err(ConvergeError::Unconfirmed)?;
+        tracing::info!(restarted = ?restarted, "cluster material changed in Key Vault: re-rendered");
+        Converged::Changed { restarted }
+    };
+    drop(shared);
+    if let Err(e) = crate::warm::save(layout, &fresh) {
+        tracing::warn!(error = %e, "cannot keep the confirmed cluster material on disk: the next boot is cold");
+    }
+    Ok(outcome)
 }
 
 /// The one-time tier bootstrap (server tiers only), after the services run. Updates and rewrites the boot record.
@@ -979,7 +1269,18 @@ pub async fn converge_consul_token(
     .await?;
     let versions = detect_versions(cfg, &layout, &spec.products()).await?;
     let material = load_material(cfg, &spec, &layout, Some(&shared))?;
+    // The token is kept with the rest, so that the next boot starts Consul at once.
+    let keep = crate::warm::DiskMaterial::from_cluster(
+        &shared,
+        crate::warm::Source::of(&spec, &material_vaults(&spec)?),
+        spec.role,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    );
     drop(shared);
+    if let Err(e) = crate::warm::save(&layout, &keep) {
+        tracing::warn!(error = %e, "cannot keep the cluster material on disk: the next boot is cold");
+    }
+    drop(keep);
     let plan = render::render(
         &spec,
         &layout,
@@ -1022,4 +1323,387 @@ pub async fn converge_consul_token(
     booted.plan = plan;
     write_record(&layout, &booted.record);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::material::ClusterMaterial;
+    use crate::node::Role;
+    use crate::services::{Action, ServiceSpec};
+    use crate::warm::{DiskMaterial, NotWarm, Source};
+    use std::sync::{Arc, Mutex};
+    use zeroize::Zeroizing;
+
+    /// A service manager that only records what it was asked: "apply consul changed=false", "stop nomad", ….
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn calls(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ServiceManager for Recorder {
+        async fn apply(&self, svc: &ServiceSpec, changed: bool) -> Result<Action, ServiceError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("apply {} changed={changed}", svc.name));
+            Ok(if changed {
+                Action::Restarted
+            } else {
+                Action::AlreadyRunning
+            })
+        }
+        async fn is_running(&self, _: &ServiceSpec) -> Result<bool, ServiceError> {
+            Ok(true)
+        }
+        async fn reload(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+            self.0.lock().unwrap().push(format!("reload {}", svc.name));
+            Ok(())
+        }
+        async fn stop(&self, svc: &ServiceSpec) -> Result<(), ServiceError> {
+            self.0.lock().unwrap().push(format!("stop {}", svc.name));
+            Ok(())
+        }
+        async fn stop_all(&self) {}
+        async fn restart_host_unit(&self, unit: &str) -> Result<bool, ServiceError> {
+            self.0.lock().unwrap().push(format!("restart {unit}"));
+            Ok(true)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BootManager for Recorder {
+        async fn run_until(
+            &self,
+            _: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        ) {
+        }
+    }
+
+    fn spec(name: &str) -> NodeSpec {
+        let path = format!(
+            "{}/tests/fixtures/imds/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let md = InstanceMetadata::from_json(&std::fs::read(path).unwrap()).unwrap();
+        NodeSpec::from_metadata(&md).unwrap()
+    }
+
+    fn config(root: &Path) -> AgentConfig {
+        let mut cfg = AgentConfig::default();
+        cfg.paths.root = root.to_path_buf();
+        cfg.paths.owners = crate::config::Owners::CurrentUser;
+        cfg
+    }
+
+    fn key() -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    }
+
+    /// The cluster's material as Key Vault would hand it to this node (a new CA each call).
+    struct Cluster {
+        ca_cert: String,
+        ca_key: String,
+        consul: String,
+        nomad: String,
+        client: (String, String),
+        token: String,
+    }
+
+    impl Cluster {
+        fn new() -> Cluster {
+            let now = time::OffsetDateTime::now_utc();
+            let (ca_cert, ca_key) = tls::generate_ca("test CA", 30, now).unwrap();
+            let ca = ClusterCa::from_pem(&ca_cert, &ca_key).unwrap();
+            let sans: Vec<String> = crate::material::NOMAD_CLIENT_SANS
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let c = ca.issue("client.global.nomad", &sans, 30, now).unwrap();
+            Cluster {
+                ca_cert,
+                ca_key,
+                consul: key(),
+                nomad: key(),
+                client: (c.cert_pem, c.key_pem),
+                token: "00000000-0000-4000-8000-000000000001".into(),
+            }
+        }
+
+        /// What this node reads of it (workers: no CA key, no Nomad gossip key).
+        fn read_by(&self, role: Role) -> ClusterMaterial {
+            let server = role.is_server_tier();
+            ClusterMaterial {
+                ca_cert: self.ca_cert.clone(),
+                ca_key: server.then(|| Zeroizing::new(self.ca_key.clone())),
+                consul_gossip_key: Zeroizing::new(self.consul.clone()),
+                nomad_gossip_key: server.then(|| Zeroizing::new(self.nomad.clone())),
+                nomad_client: (role == Role::Worker)
+                    .then(|| (self.client.0.clone(), Zeroizing::new(self.client.1.clone()))),
+                consul_agent_token: Some(Zeroizing::new(self.token.clone())),
+                consul_nomad_token: None,
+            }
+        }
+    }
+
+    fn versions() -> Versions {
+        [Product::Consul, Product::Vault, Product::Nomad]
+            .into_iter()
+            .map(|p| (p, crate::version::assumed_current(p)))
+            .collect()
+    }
+
+    /// A node booted warm from `disk` (rendered, written), with a recording service manager.
+    fn warm_booted(
+        cfg: &AgentConfig,
+        spec: &NodeSpec,
+        disk: &DiskMaterial,
+    ) -> (Booted, Arc<Recorder>) {
+        let layout = Layout::from_paths(&cfg.paths);
+        let material = warm_material(cfg, spec, &layout, disk).unwrap();
+        let plan = render::render(
+            spec,
+            &layout,
+            &RenderOptions::from_config(cfg),
+            &versions(),
+            Some(&material),
+        )
+        .unwrap();
+        write_plan(&plan).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let booted = Booted {
+            spec: spec.clone(),
+            plan,
+            manager: rec.clone(),
+            record: BootRecord {
+                agent_version: String::new(),
+                pid: 0,
+                node: spec.node_name.clone(),
+                role: None,
+                cluster: None,
+                phase: Phase::Done,
+                ok: true,
+                last_error: None,
+                finished_unix: 0,
+                critical_path_ms: None,
+                phases_us: BTreeMap::new(),
+                versions: BTreeMap::new(),
+                files_changed: vec![],
+                services: BTreeMap::new(),
+                bootstrap: None,
+                workload_identity: None,
+                material: Some("disk".into()),
+                converge: Some("pending".into()),
+            },
+            operator_keys: None,
+            warm: None,
+            versions: versions(),
+        };
+        (booted, rec)
+    }
+
+    fn kv_error(status: u16) -> BootError {
+        BootError::ClusterMaterial(crate::material::MaterialError::Azure(
+            crate::azure::AzureError {
+                what: "cluster material read".into(),
+                status: Some(status),
+                code: None,
+                detail: format!("HTTP {status}"),
+            },
+        ))
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    /// A worker's warm boot: Key Vault unchanged → nothing restarts; the Consul gossip key rotated → only Consul
+    /// restarts, with the new key rendered and kept; Key Vault unreachable → the services keep running; Key
+    /// Vault refuses the node → its services stop and the material on disk is gone.
+    #[tokio::test]
+    async fn a_warm_boot_converges_with_key_vault() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path());
+        let layout = Layout::from_paths(&cfg.paths);
+        let spec = spec("worker");
+        let vaults = material_vaults(&spec).unwrap();
+        let source = Source::of(&spec, &vaults);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut cluster = Cluster::new();
+        let disk = DiskMaterial::from_cluster(
+            &cluster.read_by(Role::Worker),
+            source.clone(),
+            Role::Worker,
+            now,
+        );
+        crate::warm::save(&layout, &disk).unwrap();
+        let disk = crate::warm::load(&layout, &source, me(), now).unwrap();
+        let (mut booted, services) = warm_booted(&cfg, &spec, &disk);
+
+        let r = settle(
+            &cfg,
+            &mut booted,
+            &layout,
+            &disk,
+            &vaults,
+            Ok(cluster.read_by(Role::Worker)),
+        )
+        .await;
+        assert_eq!(r.unwrap(), Converged::Unchanged);
+        assert_eq!(
+            services.calls(),
+            Vec::<String>::new(),
+            "unchanged: nothing restarts"
+        );
+
+        let old = cluster.consul.clone();
+        cluster.consul = key();
+        let r = settle(
+            &cfg,
+            &mut booted,
+            &layout,
+            &disk,
+            &vaults,
+            Ok(cluster.read_by(Role::Worker)),
+        )
+        .await;
+        assert_eq!(
+            r.unwrap(),
+            Converged::Changed {
+                restarted: vec!["consul".into()]
+            }
+        );
+        assert_eq!(
+            services.calls(),
+            [
+                "apply consul changed=true",
+                "apply nomad-client changed=false"
+            ]
+        );
+        let gossip = std::fs::read_to_string(layout.gossip_file(Product::Consul)).unwrap();
+        assert!(gossip.contains(&cluster.consul) && !gossip.contains(&old));
+        let kept = crate::warm::load(&layout, &source, me(), now).unwrap();
+        assert_eq!(
+            kept.consul_gossip_key, cluster.consul,
+            "the rotated key is kept for the next boot"
+        );
+
+        let r = settle(
+            &cfg,
+            &mut booted,
+            &layout,
+            &kept,
+            &vaults,
+            Err(kv_error(503)),
+        )
+        .await;
+        assert!(matches!(r, Err(ConvergeError::Unconfirmed(_))), "{r:?}");
+        assert_eq!(
+            services.calls(),
+            Vec::<String>::new(),
+            "unreachable: the services keep running"
+        );
+        assert!(crate::warm::load(&layout, &source, me(), now).is_ok());
+
+        let r = settle(
+            &cfg,
+            &mut booted,
+            &layout,
+            &kept,
+            &vaults,
+            Err(kv_error(403)),
+        )
+        .await;
+        assert!(matches!(r, Err(ConvergeError::Withdrawn(_))), "{r:?}");
+        assert_eq!(services.calls(), ["stop nomad-client", "stop consul"]);
+        assert_eq!(
+            crate::warm::load(&layout, &source, me(), now).unwrap_err(),
+            NotWarm::Absent,
+            "the next boot is cold"
+        );
+        let gone = settle(
+            &cfg,
+            &mut booted,
+            &layout,
+            &kept,
+            &vaults,
+            Err(BootError::ClusterMaterial(
+                crate::material::MaterialError::Timeout(std::time::Duration::from_secs(1)),
+            )),
+        )
+        .await;
+        assert!(matches!(gone, Err(ConvergeError::Withdrawn(_))), "{gone:?}");
+    }
+
+    /// A Vault server keeps no CA key on disk: it boots warm only while its certificates on disk are still
+    /// good for the CA certificate it kept, and a cold boot (which has the key) issues them.
+    #[test]
+    fn a_server_without_the_ca_key_boots_warm_only_on_good_certificates() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path());
+        let layout = Layout::from_paths(&cfg.paths);
+        let spec = spec("vault-server-akv");
+        // (The fixture predates the servers vault's tag: only the source's names matter here.)
+        let vaults = crate::material::Vaults {
+            shared: "https://kvs/".into(),
+            servers: Some("https://kvc/".into()),
+            nomad_client: false,
+            nomad_consul_token: false,
+        };
+        let cluster = Cluster::new();
+        let read = cluster.read_by(Role::VaultServer);
+        let disk = DiskMaterial::from_cluster(&read, Source::of(&spec, &vaults), spec.role, 0);
+        assert!(disk.ca_key.is_none());
+        assert_eq!(
+            warm_material(&cfg, &spec, &layout, &disk).unwrap_err(),
+            NotWarm::Certificate("consul".into())
+        );
+        // The cold boot: issues the certificates with the CA key and writes them.
+        let cold = load_material(&cfg, &spec, &layout, Some(&read)).unwrap();
+        let plan = render::render(
+            &spec,
+            &layout,
+            &RenderOptions::from_config(&cfg),
+            &versions(),
+            Some(&cold),
+        )
+        .unwrap();
+        write_plan(&plan).unwrap();
+        let warm = warm_material(&cfg, &spec, &layout, &disk).unwrap();
+        for p in spec.products() {
+            assert_eq!(
+                warm.certs[&p].cert_pem, cold.certs[&p].cert_pem,
+                "{p}: kept, not issued"
+            );
+        }
+        // Another CA in the material on disk: its certificates are not good for it.
+        let other = Cluster::new().read_by(Role::VaultServer);
+        let disk = DiskMaterial::from_cluster(&other, Source::of(&spec, &vaults), spec.role, 0);
+        assert!(matches!(
+            warm_material(&cfg, &spec, &layout, &disk),
+            Err(NotWarm::Certificate(_))
+        ));
+    }
+
+    #[test]
+    fn material_on_disk_without_what_the_role_needs_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path());
+        let layout = Layout::from_paths(&cfg.paths);
+        let spec = spec("worker");
+        let vaults = material_vaults(&spec).unwrap();
+        let mut m = Cluster::new().read_by(Role::Worker);
+        m.nomad_client = None;
+        let disk = DiskMaterial::from_cluster(&m, Source::of(&spec, &vaults), spec.role, 0);
+        assert_eq!(
+            warm_material(&cfg, &spec, &layout, &disk).unwrap_err(),
+            NotWarm::Incomplete("worker".into())
+        );
+    }
 }

@@ -29,3 +29,4 @@ pub mod status;
 pub mod tls;
 pub mod userdata;
 pub mod version;
+pub mod warm;
