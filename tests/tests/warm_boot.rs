@@ -70,14 +70,29 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
         assert!(rec.ok, "{name}: {:?}", rec.last_error);
         assert_eq!(rec.material.as_deref(), Some("disk"), "{name}: {rec:?}");
         assert_eq!(rec.converge.as_deref(), Some("pending"), "{name}: {rec:?}");
-        assert!(!rec.services.is_empty(), "{name}: services started: {rec:?}");
-        assert!(rec.files_changed.is_empty(), "{name}: {:?}", rec.files_changed);
+        assert!(
+            !rec.services.is_empty(),
+            "{name}: services started: {rec:?}"
+        );
+        assert!(
+            rec.files_changed.is_empty(),
+            "{name}: {:?}",
+            rec.files_changed
+        );
         shared.clear_faults();
         servers.clear_faults();
         let rec = converged(&lab, i).await;
-        assert_eq!(rec.converge.as_deref(), Some("unchanged"), "{name}: {rec:?}");
+        assert_eq!(
+            rec.converge.as_deref(),
+            Some("unchanged"),
+            "{name}: {rec:?}"
+        );
         assert!(rec.ok, "{name}: {:?}", rec.last_error);
-        assert!(rec.files_changed.is_empty(), "{name}: {:?}", rec.files_changed);
+        assert!(
+            rec.files_changed.is_empty(),
+            "{name}: {:?}",
+            rec.files_changed
+        );
     }
 
     // An operator rotates the Consul gossip key in Key Vault: the worker's next boot starts from disk (the old
@@ -85,9 +100,14 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
     let names = material::names(&lab.opts.cluster);
     let rotated = "cm90YXRlZC1nb3NzaXAta2V5LWZvci10aGUtdGVzdCE=".to_string();
     assert_eq!(rotated.len(), 44);
-    shared.set_secret(&names.consul_gossip_key, &rotated).unwrap();
+    shared
+        .set_secret(&names.consul_gossip_key, &rotated)
+        .unwrap();
     lab.reboot(worker).await.unwrap();
-    let rec = lab.wait_booted(worker, Duration::from_secs(60)).await.unwrap();
+    let rec = lab
+        .wait_booted(worker, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(rec.material.as_deref(), Some("disk"), "{rec:?}");
     let rec = converged(&lab, worker).await;
     assert_eq!(
@@ -95,7 +115,8 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
         Some("changed: restarted consul"),
         "{rec:?}"
     );
-    let gossip = Layout::new(&lab.nodes[worker].root).gossip_file(hashistack_agent::version::Product::Consul);
+    let gossip = Layout::new(&lab.nodes[worker].root)
+        .gossip_file(hashistack_agent::version::Product::Consul);
     let text = std::fs::read_to_string(&gossip).unwrap();
     assert!(text.contains(&rotated), "{}", gossip.display());
     let on_disk = std::fs::read_to_string(kept(&lab, worker)).unwrap();
@@ -105,7 +126,10 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
     std::fs::remove_file(kept(&lab, worker)).unwrap();
     shared.inject(Fault::status(Op::GetSecret, 503).times(3));
     lab.reboot(worker).await.unwrap();
-    let rec = lab.wait_booted(worker, Duration::from_secs(120)).await.unwrap();
+    let rec = lab
+        .wait_booted(worker, Duration::from_secs(120))
+        .await
+        .unwrap();
     assert!(rec.ok, "{:?}", rec.last_error);
     assert_eq!(rec.material.as_deref(), Some("key-vault"), "{rec:?}");
     assert_eq!(rec.converge, None);
@@ -118,7 +142,10 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
     lab.write_node_config(worker, &cfg).unwrap();
     shared.revoke_all(principal_for(Role::Worker));
     lab.reboot(worker).await.unwrap();
-    let rec = lab.wait_booted(worker, Duration::from_secs(60)).await.unwrap();
+    let rec = lab
+        .wait_booted(worker, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(rec.material.as_deref(), Some("disk"), "{rec:?}");
     let rec = converged(&lab, worker).await;
     let outcome = rec.converge.clone().unwrap();
@@ -130,9 +157,15 @@ async fn warm_reboots_start_from_disk_and_converge_with_key_vault() {
     let left: Vec<_> = std::fs::read_dir(&pids)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "services still recorded as running: {left:?}");
+    assert!(
+        left.is_empty(),
+        "services still recorded as running: {left:?}"
+    );
     lab.reboot(worker).await.unwrap();
-    let rec = lab.wait_booted(worker, Duration::from_secs(60)).await.unwrap();
+    let rec = lab
+        .wait_booted(worker, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(!rec.ok, "{rec:?}");
     assert_eq!(rec.material, None, "{rec:?}");
     assert!(rec.services.is_empty(), "{rec:?}");
