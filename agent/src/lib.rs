@@ -6,6 +6,7 @@ pub mod azure;
 pub mod boot;
 pub mod bootstrap;
 pub mod config;
+pub mod converge;
 pub mod coordination;
 pub mod disk;
 pub mod election;

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("Azure and the rendered node", ["azure", "render", "services"]),
     ("shared records", ["record", "coordination", "election", "escrow", "material", "warm"]),
     ("writers", ["bootstrap", "publish"]),
-    ("boot, the orchestrator", ["boot", "snapshot"]),
+    ("boot, the orchestrator", ["boot", "converge", "snapshot"]),
     ("the reader", ["status", "smoke"]),
     ("operators' commands and the image", ["image", "main", "cli"]),
 ]

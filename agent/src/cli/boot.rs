@@ -34,7 +34,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
     // makes the unit fail, so it is visible.
     let mut code = ExitCode::SUCCESS;
     // A warm boot started the services from the material on disk: confirm it with Key Vault now.
-    let converged = boot::converge_material(&cfg, &mut booted).await;
+    let converged = hashistack_agent::converge::run(&cfg, &mut booted).await;
     match &converged {
         Ok(None) => {}
         Ok(Some(c)) => tracing::info!(?c, "cluster material confirmed with Key Vault"),
@@ -44,7 +44,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
             code = ExitCode::from(1);
         }
     }
-    if let Err(boot::ConvergeError::Withdrawn(_)) = converged {
+    if let Err(hashistack_agent::converge::ConvergeError::Withdrawn(_)) = converged {
         publishing
             .then(&cfg, Some(&booted.record), Some(&booted.spec))
             .await;
