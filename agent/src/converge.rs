@@ -1,14 +1,17 @@
 //! The converge step of a warm boot: once the services run from the material the agent kept on disk
 //! ([`crate::warm`]), read the material from Key Vault and settle the difference — nothing, a re-render with only
 //! the changed services restarted, or (Key Vault refused the node, or holds no material) the services stopped.
-//! What it decides and why: docs/trust-model.md#warm-boots.
+//! What it decides and why: docs/trust-model.md#warm-boots. Also the later converges of every boot: the Consul
+//! agent token handed over by the Consul tier ([`consul_token`]) and Nomad's workload identities in Vault
+//! ([`workload_identity`]).
 
 use crate::boot::{
-    apply_services, fetch_material, load_material, material_vaults, write_plan, write_record,
-    BootError, Booted,
+    apply_services, azure_for, detect_versions, fetch_material, load_material, material_vaults,
+    write_plan, write_record, BootError, Booted,
 };
 use crate::config::AgentConfig;
 use crate::render::{self, Layout, RenderOptions};
+use crate::version::Product;
 
 /// What confirming a warm boot's material with Key Vault found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +162,166 @@ async fn settle(
         tracing::warn!(error = %e, "cannot keep the confirmed cluster material on disk: the next boot is cold");
     }
     Ok(outcome)
+}
+
+/// After a successful tier bootstrap on a Vault or Nomad server: once both tiers are done, Vault's JWT auth
+/// method for Nomad workloads points at the Nomad servers' JWKS (bootstrap/workload_identity.rs). `Ok(None)`:
+/// not this node's business (other roles, bootstrap off, material from files).
+pub async fn workload_identity(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{Converged, Ensured};
+    let r = workload_identity_step(cfg, booted).await;
+    let noted = match &r {
+        Ok(None) => return r,
+        Ok(Some(Converged::Waiting { tier })) => format!("waiting for the {tier} tier"),
+        Ok(Some(Converged::Ensured(Ensured::Written))) => "written".into(),
+        Ok(Some(Converged::Ensured(Ensured::Unchanged))) => "unchanged".into(),
+        Err(e) => format!("failed: {e}"),
+    };
+    booted.record.workload_identity = Some(noted);
+    write_record(&Layout::from_paths(&cfg.paths), &booted.record);
+    r
+}
+
+async fn workload_identity_step(
+    cfg: &AgentConfig,
+    booted: &Booted,
+) -> Result<
+    Option<crate::bootstrap::workload_identity::Converged>,
+    crate::bootstrap::workload_identity::WorkloadIdentityError,
+> {
+    use crate::bootstrap::workload_identity::{converge, ConvergeCtx};
+    let spec = &booted.spec;
+    let product = match spec.role {
+        crate::node::Role::VaultServer => Product::Vault,
+        crate::node::Role::NomadServer => Product::Nomad,
+        _ => return Ok(None),
+    };
+    let Some(servers_vault) = spec.servers_vault_uri.as_deref() else {
+        return Ok(None);
+    };
+    if !cfg.bootstrap.enabled || cfg.material.source != crate::config::MaterialSource::Keyvault {
+        return Ok(None);
+    }
+    let layout = Layout::from_paths(&cfg.paths);
+    let az = azure_for(cfg, spec).map_err(|e| {
+        crate::bootstrap::workload_identity::WorkloadIdentityError::Client(e.to_string())
+    })?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let ca_file = layout.ca_file(product);
+    let (vault_api, nomad_api) = (spec.vault_api(), spec.nomad_api());
+    let ctx = ConvergeCtx {
+        az: &az,
+        blob_endpoint: &spec.blob_endpoint,
+        cluster: &spec.cluster,
+        servers_vault,
+        vault_api: &vault_api,
+        ca_file: &ca_file,
+        nomad_api: &nomad_api,
+        policy,
+        deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs.min(300)),
+    };
+    converge(&ctx).await.map(Some)
+}
+
+/// After the bootstrap: a node whose Consul runs without the agent token waits for the Consul tier to hand it
+/// over through Key Vault, renders it (`acl-tokens.json`) and reloads Consul. Returns whether it did.
+pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool, BootError> {
+    let spec = booted.spec.clone();
+    if cfg.material.source != crate::config::MaterialSource::Keyvault
+        || !spec.products().contains(&Product::Consul)
+    {
+        return Ok(false);
+    }
+    if booted
+        .plan
+        .files
+        .iter()
+        .any(|f| f.path.ends_with("acl-tokens.json"))
+    {
+        return Ok(false);
+    }
+    if spec.keyvault_uri.is_none() {
+        return Ok(false);
+    }
+    let layout = Layout::from_paths(&cfg.paths);
+    let az = azure_for(cfg, &spec)?;
+    let mut policy = crate::escrow::policy();
+    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
+    let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
+    let shared = crate::material::Fetch {
+        az: &az,
+        vaults: &material_vaults(&spec)?,
+        cluster: &spec.cluster,
+        creator: None,
+        agent_token: crate::material::AgentToken::Wait,
+        policy,
+        deadline,
+    }
+    .run()
+    .await?;
+    let versions = detect_versions(cfg, &layout, &spec.products()).await?;
+    let material = load_material(cfg, &spec, &layout, Some(&shared))?;
+    // The token is kept with the rest, so that the next boot starts Consul at once.
+    let keep = crate::warm::DiskMaterial::from_cluster(
+        &shared,
+        crate::warm::Source::of(&spec, &material_vaults(&spec)?),
+        spec.role,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    );
+    drop(shared);
+    if let Err(e) = crate::warm::save(&layout, &keep) {
+        tracing::warn!(error = %e, "cannot keep the cluster material on disk: the next boot is cold");
+    }
+    drop(keep);
+    let plan = render::render(
+        &spec,
+        &layout,
+        &RenderOptions::from_config(cfg),
+        &versions,
+        Some(&material),
+    )?;
+    drop(material);
+    let changed = write_plan(&plan)?;
+    if let Some(consul) = plan.services.iter().find(|s| s.name == "consul") {
+        if !booted.manager.is_running(consul).await? {
+            // An auto-encrypt Consul waited for the token (see `consul_waits_for_token`): start it now.
+            let action = booted.manager.apply(consul, true).await?;
+            booted.record.services.insert(consul.name.clone(), action);
+            tracing::info!(?action, "consul agent token rendered; consul started");
+        } else if changed
+            .iter()
+            .any(|c| consul.watch.iter().any(|w| c.starts_with(w)))
+        {
+            booted.manager.reload(consul).await?;
+            tracing::info!("consul agent token rendered; consul reloaded");
+        }
+    }
+    // Nomad's Consul token came with it (nodes that run Nomad): Nomad takes its `consul` block only at start,
+    // so it is restarted — only when one of its files changed.
+    if let Some(nomad) = plan.services.iter().find(|s| s.name.starts_with("nomad")) {
+        if changed
+            .iter()
+            .any(|c| nomad.watch.iter().any(|w| c.starts_with(w)))
+        {
+            let action = booted.manager.apply(nomad, true).await?;
+            booted.record.services.insert(nomad.name.clone(), action);
+            tracing::info!(?action, "nomad's consul token rendered; nomad restarted");
+        }
+    }
+    booted
+        .record
+        .files_changed
+        .extend(changed.iter().map(|p| p.display().to_string()));
+    booted.plan = plan;
+    write_record(&layout, &booted.record);
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The warm boot's material on disk: what the node last read from Key Vault (or created there), kept by the agent
 //! in `/var/lib/hashistack/material.json` (0600, the agent's own user) so that a reboot with unchanged material
-//! renders and starts the services without waiting for Key Vault; the `converge` step in boot.rs confirms it with
+//! renders and starts the services without waiting for Key Vault; the `converge` step (converge.rs) confirms it with
 //! Key Vault once the services run (docs/trust-model.md#warm-boots).
 //!
 //! It holds only what the rendered files already hold on this node: the CA certificate, the gossip keys, the

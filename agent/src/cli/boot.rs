@@ -64,7 +64,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
             code = ExitCode::from(1);
         }
     }
-    match boot::converge_consul_token(&cfg, &mut booted).await {
+    match hashistack_agent::converge::consul_token(&cfg, &mut booted).await {
         Ok(true) => {}
         Ok(false) => {}
         Err(e) => {
@@ -74,7 +74,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
     }
     if bootstrapped {
         use hashistack_agent::bootstrap::workload_identity::Converged;
-        match boot::converge_workload_identity(&cfg, &mut booted).await {
+        match hashistack_agent::converge::workload_identity(&cfg, &mut booted).await {
             Ok(None) => {}
             Ok(Some(Converged::Waiting { tier })) => tracing::info!(
                 waiting_for = tier,
