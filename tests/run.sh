@@ -30,7 +30,7 @@ fi
 # share an address. Heaviest first, each to the lane with less work (seconds measured on a 2-core machine;
 # a suite not in the table counts 60). E2E_LANES=1 runs them one after another.
 declare -A WEIGHT=([lab_cluster]=330 [power_loss]=140 [bootstrap]=120 [status]=117 [nomad]=85 [faults]=75
-                   [snapshots]=80 [reimage]=45 [fencing]=50 [pgp_escrow]=44 [scaling]=26 [workers]=20 [smoke]=30 [nomad_consul]=11 [infra_packer]=1)
+                   [snapshots]=80 [reimage]=45 [fencing]=50 [pgp_escrow]=44 [scaling]=26 [workers]=20 [smoke]=30 [nomad_consul]=11 [warm_boot]=70 [infra_packer]=1)
 suites=$(for f in tests/tests/*.rs; do t=$(basename "$f" .rs); echo "${WEIGHT[$t]:-60} $t"; done | sort -rn | awk '{print $2}')
 lanes=${E2E_LANES:-2}
 declare -a lane_list lane_load

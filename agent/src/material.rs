@@ -21,6 +21,7 @@ use crate::election;
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use azure_core::http::RequestContent;
 use azure_security_keyvault_secrets::models::SetSecretParameters;
+use azure_security_keyvault_secrets::SecretClient;
 use base64::Engine;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -142,16 +143,68 @@ async fn get(
     name: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
-    let secrets = az.secrets(vault)?;
-    let r = call(policy, "cluster material read", || {
-        let secrets = &secrets;
-        async move { secrets.get_secret(name, None).await?.into_model() }
+    read(&az.secrets(vault)?, name, policy).await
+}
+
+/// One secret through a client that is kept for the whole fetch (its vault's challenge and connection are
+/// reused by every read); `None`: no such secret.
+async fn read(
+    secrets: &SecretClient,
+    name: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Zeroizing<String>>, AzureError> {
+    let r = call(policy, "cluster material read", || async move {
+        secrets.get_secret(name, None).await?.into_model()
     })
     .await;
     match r {
         Ok(s) => Ok(s.value.map(Zeroizing::new)),
         Err(e) if e.is(404) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// [`read`] where this node reads that secret (`Some` client), else nothing.
+async fn read_if(
+    secrets: Option<&SecretClient>,
+    name: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Zeroizing<String>>, AzureError> {
+    match secrets {
+        Some(c) => read(c, name, policy).await,
+        None => Ok(None),
+    }
+}
+
+/// A value already read, else read again (see [`read_all`]).
+async fn again(
+    found: Option<Zeroizing<String>>,
+    secrets: Option<&SecretClient>,
+    name: &str,
+    policy: RetryPolicy,
+) -> Result<Option<Zeroizing<String>>, AzureError> {
+    match found {
+        Some(v) => Ok(Some(v)),
+        None => read_if(secrets, name, policy).await,
+    }
+}
+
+/// One secrets client per vault, for every read of one fetch.
+pub struct Clients {
+    shared: SecretClient,
+    servers: Option<SecretClient>,
+}
+
+impl Clients {
+    pub fn new(az: &Azure, vaults: &Vaults) -> Result<Self, AzureError> {
+        Ok(Clients {
+            shared: az.secrets(&vaults.shared)?,
+            servers: vaults
+                .servers
+                .as_deref()
+                .map(|v| az.secrets(v))
+                .transpose()?,
+        })
     }
 }
 
@@ -213,26 +266,44 @@ pub fn completeness(n: &Names, present: &dyn Fn(&str) -> bool, servers: bool) ->
     Completeness::Complete
 }
 
+/// Every secret this node reads, all at once over one client per vault (one round trip's time, not one per
+/// secret).
 async fn read_all(
-    az: &Azure,
+    clients: &Clients,
     vaults: &Vaults,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<Option<ClusterMaterial>, MaterialError> {
     let n = names(cluster);
-    let shared = vaults.shared.as_str();
-    // The CA certificate is written last: a reader that sees it sees them all.
-    let Some(cert) = get(az, shared, n.ca_cert.as_str(), policy).await? else {
+    let shared = &clients.shared;
+    let servers = clients.servers.as_ref();
+    let client_vault = vaults.nomad_client.then_some(shared);
+    let nomad_token_vault = vaults.nomad_consul_token.then_some(shared);
+    let agent_token = crate::names::agent_token_secret(cluster);
+    let nomad_token = crate::names::nomad_token_secret(cluster);
+    let (cert, consul, ca_key, nomad_gossip_key, client_cert, client_key, token, nomad_token) = tokio::try_join!(
+        read(shared, &n.ca_cert, policy),
+        read(shared, &n.consul_gossip_key, policy),
+        read_if(servers, &n.ca_key, policy),
+        read_if(servers, &n.nomad_gossip_key, policy),
+        read_if(client_vault, &n.nomad_client_cert, policy),
+        read_if(client_vault, &n.nomad_client_key, policy),
+        read(shared, &agent_token, policy),
+        read_if(nomad_token_vault, &nomad_token, policy),
+    )?;
+    // The CA certificate is written last: a reader that sees it sees them all — once it has seen it. Read at
+    // once, a secret written just before it may have been looked for just before it was written (a creator in
+    // the middle of its writes): what is missing beside the certificate is read again, now.
+    let Some(cert) = cert else {
         return Ok(None);
     };
-    let consul = get(az, shared, n.consul_gossip_key.as_str(), policy).await?;
-    let (ca_key, nomad_gossip_key) = match &vaults.servers {
-        Some(servers) => (
-            get(az, servers, n.ca_key.as_str(), policy).await?,
-            get(az, servers, n.nomad_gossip_key.as_str(), policy).await?,
-        ),
-        None => (None, None),
-    };
+    let (consul, ca_key, nomad_gossip_key, client_cert, client_key) = tokio::try_join!(
+        again(consul, Some(shared), &n.consul_gossip_key, policy),
+        again(ca_key, servers, &n.ca_key, policy),
+        again(nomad_gossip_key, servers, &n.nomad_gossip_key, policy),
+        again(client_cert, client_vault, &n.nomad_client_cert, policy),
+        again(client_key, client_vault, &n.nomad_client_key, policy),
+    )?;
     let found = |name: &str| {
         name == n.ca_cert
             || (name == n.consul_gossip_key && consul.is_some())
@@ -256,27 +327,9 @@ async fn read_all(
         }
     }
     let consul = consul.expect("complete");
-    let nomad_client = if vaults.nomad_client {
-        match (
-            get(az, shared, n.nomad_client_cert.as_str(), policy).await?,
-            get(az, shared, n.nomad_client_key.as_str(), policy).await?,
-        ) {
-            (Some(c), Some(k)) => Some((c.to_string(), k)),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let token = get(
-        az,
-        shared,
-        &crate::names::agent_token_secret(cluster),
-        policy,
-    )
-    .await?;
-    let nomad_token = match vaults.nomad_consul_token {
-        true => get_nomad_token(az, vaults, cluster, policy).await?,
-        false => None,
+    let nomad_client = match (client_cert, client_key) {
+        (Some(c), Some(k)) => Some((c.to_string(), k)),
+        _ => None,
     };
     Ok(Some(ClusterMaterial {
         ca_cert: cert.to_string(),
@@ -290,14 +343,12 @@ async fn read_all(
 }
 
 async fn get_nomad_token(
-    az: &Azure,
-    vaults: &Vaults,
+    clients: &Clients,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
-    get(
-        az,
-        &vaults.shared,
+    read(
+        &clients.shared,
         &crate::names::nomad_token_secret(cluster),
         policy,
     )
@@ -362,27 +413,31 @@ impl Fetch<'_> {
     /// Reads the cluster material, creating it first if this node may and nobody has.
     pub async fn run(&self) -> Result<ClusterMaterial, MaterialError> {
         let start = Instant::now();
-        let mut m = self.material(self.deadline).await?;
+        let clients = Clients::new(self.az, self.vaults)?;
+        let mut m = self.material(&clients, self.deadline).await?;
         if self.agent_token == AgentToken::Wait && m.consul_agent_token.is_none() {
             let left = self.deadline.saturating_sub(start.elapsed());
-            m.consul_agent_token = Some(self.agent_token(left).await?);
+            m.consul_agent_token = Some(self.agent_token(&clients, left).await?);
             // Handed over before the agent token: present now unless its creation failed (the Consul tier's
             // state says so) or an older agent bootstrapped the cluster.
             if self.vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
-                m.consul_nomad_token =
-                    get_nomad_token(self.az, self.vaults, self.cluster, self.policy).await?;
+                m.consul_nomad_token = get_nomad_token(&clients, self.cluster, self.policy).await?;
             }
         }
         Ok(m)
     }
 
     /// The material, looked for every second within `left`.
-    async fn material(&self, left: Duration) -> Result<ClusterMaterial, MaterialError> {
+    async fn material(
+        &self,
+        clients: &Clients,
+        left: Duration,
+    ) -> Result<ClusterMaterial, MaterialError> {
         // Each look may create the material under the lease: never cut short by the poll.
         let r = retry(
             RetryPolicy::poll_whole(left, Duration::from_secs(1)),
             |attempt| async move {
-                match look(self).await {
+                match look(self, clients).await {
                     Ok(Some(m)) => Attempt::Done(m),
                     Ok(None) => {
                         if attempt == 1 {
@@ -406,7 +461,11 @@ impl Fetch<'_> {
     }
 
     /// The Consul agent token, looked for every 500 ms within `left`.
-    async fn agent_token(&self, left: Duration) -> Result<Zeroizing<String>, MaterialError> {
+    async fn agent_token(
+        &self,
+        clients: &Clients,
+        left: Duration,
+    ) -> Result<Zeroizing<String>, MaterialError> {
         let name = crate::names::agent_token_secret(self.cluster);
         tracing::info!(
             cluster = self.cluster,
@@ -417,7 +476,7 @@ impl Fetch<'_> {
         let start = std::time::Instant::now();
         let every = Duration::from_millis(500);
         let r = retry(RetryPolicy::poll_whole(left, every), |_| async {
-            match get(self.az, &self.vaults.shared, &name, self.policy).await {
+            match read(&clients.shared, &name, self.policy).await {
                 Ok(Some(t)) => Attempt::Done(t),
                 Ok(None) => Attempt::RetryAfter(
                     Wait::NotYet,
@@ -437,9 +496,9 @@ impl Fetch<'_> {
 
 /// One look for the cluster material: what Key Vault holds, else (a node that may create it, holding the
 /// `material` lease) the material it creates; `None` while another node creates it.
-async fn look(f: &Fetch<'_>) -> Result<Option<ClusterMaterial>, MaterialError> {
+async fn look(f: &Fetch<'_>, clients: &Clients) -> Result<Option<ClusterMaterial>, MaterialError> {
     let (az, vaults, cluster, policy) = (f.az, f.vaults, f.cluster, f.policy);
-    if let Some(m) = read_all(az, vaults, cluster, policy).await? {
+    if let Some(m) = read_all(clients, vaults, cluster, policy).await? {
         return Ok(Some(m));
     }
     if let (Some(c), Some(servers)) = (f.creator, &vaults.servers) {
@@ -454,9 +513,9 @@ async fn look(f: &Fetch<'_>) -> Result<Option<ClusterMaterial>, MaterialError> {
         .await?
         {
             // Re-check under the lease: the previous holder may have just finished.
-            let r = match read_all(az, vaults, cluster, policy).await {
+            let r = match read_all(clients, vaults, cluster, policy).await {
                 Ok(Some(m)) => Ok(m),
-                Ok(None) => create(az, &lead, vaults, servers, cluster, policy).await,
+                Ok(None) => create(az, clients, &lead, vaults, servers, cluster, policy).await,
                 Err(e) => Err(e),
             };
             lead.release().await;
@@ -490,6 +549,7 @@ impl TimeoutError for Wait {
 
 async fn create(
     az: &Azure,
+    clients: &Clients,
     lead: &election::Leadership,
     vaults: &Vaults,
     servers: &str,
@@ -546,7 +606,7 @@ async fn create(
                     cluster,
                     "another node created the cluster material meanwhile; using it"
                 );
-                return read_all(az, vaults, cluster, policy)
+                return read_all(clients, vaults, cluster, policy)
                     .await?
                     .ok_or_else(|| MaterialError::Invalid("the material vanished".into()));
             }

@@ -49,6 +49,14 @@ pub struct BootRecord {
     /// Nomad workloads at this boot ("written", "unchanged", "waiting for the <tier> tier") or its error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_identity: Option<String>,
+    /// Where this boot's cluster material came from: "files", "key-vault" (a cold boot waited for it) or "disk"
+    /// (a warm boot: what the agent kept, confirmed with Key Vault after the services started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub material: Option<String>,
+    /// A warm boot's confirmation with Key Vault (docs/trust-model.md#warm-boots): "pending", "unchanged",
+    /// "changed: …" (what restarted), "unconfirmed: …" or "withdrawn: …" (services stopped), with the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge: Option<String>,
 }
 
 pub fn record_path(layout: &Layout) -> PathBuf {

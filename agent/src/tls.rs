@@ -120,7 +120,7 @@ impl ClusterCa {
     }
 
     pub fn fingerprint(&self) -> String {
-        hex::encode(Sha256::digest(self.cert_pem.as_bytes()))
+        ca_sha256(&self.cert_pem)
     }
 
     /// Issues a server+client certificate for `sans` (DNS names or IP addresses), valid `days`.
@@ -220,8 +220,23 @@ pub fn still_good(
     sans: &[String],
     now: OffsetDateTime,
 ) -> bool {
+    still_good_for(existing, &ca.fingerprint(), sans, now)
+}
+
+/// The fingerprint [`IssuedFor::ca_sha256`] records, from the CA certificate alone (no key needed).
+pub fn ca_sha256(ca_cert_pem: &str) -> String {
+    hex::encode(Sha256::digest(ca_cert_pem.as_bytes()))
+}
+
+/// [`still_good`] for a node that holds the CA certificate only (a warm boot of a Vault or Nomad server).
+pub fn still_good_for(
+    existing: &IssuedFor,
+    ca_sha256: &str,
+    sans: &[String],
+    now: OffsetDateTime,
+) -> bool {
     let life = existing.not_after - existing.not_before;
-    existing.ca_sha256 == ca.fingerprint()
+    existing.ca_sha256 == ca_sha256
         && existing.sans == sans
         && existing.not_after - now.unix_timestamp() > life / 3
 }

@@ -52,6 +52,8 @@ fn record(name: &str, role: &str, ip: &str, expects: &[(&str, u8)]) -> NodeRecor
                 .ends_with("-server")
                 .then(|| "already-done".to_string()),
             workload_identity: None,
+            material: None,
+            converge: None,
         },
         ip: Some(ip.into()),
         role_tag: Some(role.into()),

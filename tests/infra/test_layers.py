@@ -18,9 +18,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation: no I/O of its own", ["retry", "logging", "names", "version", "files", "config"]),
     ("the node's inputs", ["imds", "identity", "node", "tls", "userdata", "disk"]),
     ("Azure and the rendered node", ["azure", "render", "services"]),
-    ("shared records", ["record", "coordination", "election", "escrow", "material"]),
+    ("shared records", ["record", "coordination", "election", "escrow", "material", "warm"]),
     ("writers", ["bootstrap", "publish"]),
-    ("boot, the orchestrator", ["boot", "snapshot"]),
+    ("boot, the orchestrator", ["boot", "converge", "snapshot"]),
     ("the reader", ["status", "smoke"]),
     ("operators' commands and the image", ["image", "main", "cli"]),
 ]

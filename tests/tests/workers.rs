@@ -160,18 +160,22 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
             "worker" | "jumpbox" => {
                 assert!(found.is_empty(), "{}: CA key in {found:?}", n.def.name)
             }
-            // Its config file, and Consul's own raft state (the CA configuration is replicated there).
+            // Its config file, Consul's own raft state (the CA configuration is replicated there), and the
+            // material the agent keeps for a warm boot (0600; Consul servers only: docs/trust-model.md#warm-boots).
             "consul-server" => {
                 assert!(
                     found.contains(&n.root.join("etc/consul.d/connect-ca.json")),
                     "{}: {found:?}",
                     n.def.name
                 );
+                let kept =
+                    hashistack_agent::warm::path(&hashistack_agent::render::Layout::new(&n.root));
                 assert!(
                     found
                         .iter()
                         .all(|p| p.starts_with(n.root.join("etc/consul.d"))
-                            || p.starts_with(n.root.join("var/lib/hashistack-data/consul"))),
+                            || p.starts_with(n.root.join("var/lib/hashistack-data/consul"))
+                            || *p == kept),
                     "{}: {found:?}",
                     n.def.name
                 );

@@ -33,8 +33,25 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
     // The services keep running whatever the bootstrap concludes; a failure is recorded for `status` and
     // makes the unit fail, so it is visible.
     let mut code = ExitCode::SUCCESS;
+    // A warm boot started the services from the material on disk: confirm it with Key Vault now.
+    let converged = hashistack_agent::converge::run(&cfg, &mut booted).await;
+    match &converged {
+        Ok(None) => {}
+        Ok(Some(c)) => tracing::info!(?c, "cluster material confirmed with Key Vault"),
+        Err(e) => {
+            tracing::error!(error = %e, "cluster material");
+            eprintln!("hashistack-agent: {e}");
+            code = ExitCode::from(1);
+        }
+    }
+    if let Err(hashistack_agent::converge::ConvergeError::Withdrawn(_)) = converged {
+        publishing
+            .then(&cfg, Some(&booted.record), Some(&booted.spec))
+            .await;
+        return code;
+    }
     let bootstrap = boot::bootstrap_phase(&cfg, &mut booted).await;
-    let ran = !matches!(bootstrap, Ok(None));
+    let ran = !matches!(bootstrap, Ok(None)) || !matches!(converged, Ok(None));
     let newer = ran.then_some(&booted.record);
     publishing.then(&cfg, newer, Some(&booted.spec)).await;
     let bootstrapped = matches!(bootstrap, Ok(Some(_)));
@@ -47,7 +64,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
             code = ExitCode::from(1);
         }
     }
-    match boot::converge_consul_token(&cfg, &mut booted).await {
+    match hashistack_agent::converge::consul_token(&cfg, &mut booted).await {
         Ok(true) => {}
         Ok(false) => {}
         Err(e) => {
@@ -57,7 +74,7 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
     }
     if bootstrapped {
         use hashistack_agent::bootstrap::workload_identity::Converged;
-        match boot::converge_workload_identity(&cfg, &mut booted).await {
+        match hashistack_agent::converge::workload_identity(&cfg, &mut booted).await {
             Ok(None) => {}
             Ok(Some(Converged::Waiting { tier })) => tracing::info!(
                 waiting_for = tier,

@@ -492,7 +492,7 @@ pub async fn run(cfg: &crate::config::AgentConfig, force: bool) -> Result<Outcom
             crate::node::TAG_SERVERS_VAULT_URI
         )));
     };
-    let az = crate::boot::azure_for(cfg, &spec).map_err(SnapshotError::Input)?;
+    let az = crate::boot::azure_for(cfg, &spec).map_err(|e| SnapshotError::Input(e.to_string()))?;
     let layout = Layout::new(&cfg.paths.root);
     let (product, port) = match tier {
         Tier::Consul => (Product::Consul, crate::render::consul::HTTPS_PORT),

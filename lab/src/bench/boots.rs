@@ -169,9 +169,11 @@ fn make_cold(root: &Path) {
     remove_certs(root);
 }
 
-/// A first boot from an image that already carries the version cache: only the certificates are new.
+/// A first boot from an image that already carries the version cache: only the certificates are new (and
+/// the material a warm boot starts from is not there yet).
 fn remove_certs(root: &Path) {
     let layout = Layout::new(root);
+    let _ = std::fs::remove_file(hashistack_agent::warm::path(&layout));
     for p in [Product::Consul, Product::Vault, Product::Nomad] {
         for f in [
             layout.issued_file(p),

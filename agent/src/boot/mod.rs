@@ -4,16 +4,16 @@
 use crate::config::{AgentConfig, Backend};
 use crate::files::{self, FileError};
 use crate::imds::{ImdsClient, ImdsError, InstanceMetadata};
-use crate::node::{NodeSpec, Seal, SpecError};
-use crate::render::{self, Layout, Material, Plan, RenderOptions, Versions};
+use crate::node::{NodeSpec, SpecError};
+use crate::render::{self, Layout, Plan, RenderOptions, Versions};
 use crate::retry::{RetryError, RetryPolicy};
 use crate::services::{process::ProcessManager, systemd::Systemd, ServiceError, ServiceManager};
-use crate::tls::{self, ClusterCa, IssuedFor, NodeCert};
+
 use crate::version::{self, Installed, Product, VersionError};
-use base64::Engine;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,12 @@ pub enum BootError {
     OperatorKeys(#[from] crate::escrow::pgp::PgpKeyError),
     #[error("{0}")]
     Material(String),
+    /// The Azure clients cannot be built (the agent config's `azure.extra_ca_file`).
+    #[error("{0}")]
+    AzureClient(#[from] crate::tls::HttpsClientError),
+    /// Only where certificates may not be issued (a warm boot, which then boots cold).
+    #[error("{0} certificate: none on disk still good for this CA and these names")]
+    NoKeptCert(Product),
     #[error("{0}")]
     Version(#[from] VersionError),
     #[error("{0}")]
@@ -52,7 +58,8 @@ impl BootError {
             | BootError::Spec(_)
             | BootError::UserData(_)
             | BootError::OperatorKeys(_)
-            | BootError::Material(_) => 2,
+            | BootError::Material(_)
+            | BootError::AzureClient(_) => 2,
             BootError::Imds(RetryError::Final(ImdsError::Body { .. })) => 2,
             _ => 1,
         }
@@ -66,6 +73,8 @@ impl BootError {
                 Phase::NodeSpec
             }
             BootError::Material(_)
+            | BootError::AzureClient(_)
+            | BootError::NoKeptCert(_)
             | BootError::Version(_)
             | BootError::Render(_)
             | BootError::ClusterMaterial(_) => Phase::Render,
@@ -78,7 +87,11 @@ impl BootError {
 
 pub use crate::record::{record_path, BootRecord, Phase};
 
-fn write_record(layout: &Layout, rec: &BootRecord) {
+mod material;
+pub use material::load_material;
+pub(crate) use material::{fetch_material, material_vaults, warm_material};
+
+pub(crate) fn write_record(layout: &Layout, rec: &BootRecord) {
     let f = render::json_file(
         record_path(layout),
         rec,
@@ -99,6 +112,10 @@ pub struct Booted {
     pub record: BootRecord,
     /// Operators' PGP keys for the escrow (server tiers with the option on; docs/pgp-escrow.md).
     pub operator_keys: Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+    /// A warm boot: the material on disk it started the services from, for `converge::run` to confirm.
+    pub warm: Option<crate::warm::DiskMaterial>,
+    /// The products' versions this boot rendered for (a re-render after the boot uses them again).
+    pub versions: Versions,
 }
 
 /// A service manager that may need to keep running after boot (the process backend).
@@ -197,236 +214,6 @@ pub fn bin_for(cfg: &AgentConfig, p: Product) -> PathBuf {
     }
 }
 
-fn read_secret_file(what: &str, path: &Path) -> Result<String, BootError> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| BootError::Material(format!("{what} {}: {e}", path.display())))?;
-    Ok(s.trim().to_string())
-}
-
-fn gossip_key(what: &str, path: &Path) -> Result<String, BootError> {
-    let k = read_secret_file(what, path)?;
-    match base64::engine::general_purpose::STANDARD.decode(&k) {
-        Ok(b) if b.len() == 32 => Ok(k),
-        _ => Err(BootError::Material(format!(
-            "{what} {}: not a base64-encoded 32-byte key",
-            path.display()
-        ))),
-    }
-}
-
-/// Loads the CA, gossip keys and seal token — from Key Vault (`shared`) or from files — and issues (or
-/// keeps) the node's certificates.
-///
-/// Only server tiers load the CA key. Workers and the jumpbox get the CA certificate alone: their Consul
-/// agent obtains its certificate from the servers (`auto_encrypt`), and a worker's Nomad client uses the
-/// shared client certificate issued when the cluster material was created.
-pub fn load_material(
-    cfg: &AgentConfig,
-    spec: &NodeSpec,
-    layout: &Layout,
-    shared: Option<&crate::material::ClusterMaterial>,
-) -> Result<Material, BootError> {
-    use crate::node::Role;
-    let server = spec.role.is_server_tier();
-    let needs_nomad_key = spec.role == Role::NomadServer;
-    let needs_client_cert = spec.role == Role::Worker;
-    let check_key = |what: &str, k: &str| match base64::engine::general_purpose::STANDARD.decode(k)
-    {
-        Ok(b) if b.len() == 32 => Ok(k.to_string()),
-        _ => Err(BootError::Material(format!(
-            "{what} from Key Vault: not a base64-encoded 32-byte key"
-        ))),
-    };
-    let (ca_pem, ca, consul_gossip_key, nomad_gossip_key, nomad_client) = match shared {
-        Some(m) => {
-            let ca =
-                if server {
-                    let key = m.ca_key.as_ref().ok_or_else(|| {
-                        BootError::Material("cluster CA key: not in the servers vault".into())
-                    })?;
-                    Some(ClusterCa::from_pem(&m.ca_cert, key).map_err(|e| {
-                        BootError::Material(format!("cluster CA from Key Vault: {e}"))
-                    })?)
-                } else {
-                    None
-                };
-            let consul = check_key("consul gossip key", &m.consul_gossip_key)?;
-            let nomad = match (needs_nomad_key, &m.nomad_gossip_key) {
-                (false, _) => String::new(),
-                (true, Some(k)) => check_key("nomad gossip key", k)?,
-                (true, None) => {
-                    return Err(BootError::Material(
-                        "nomad gossip key: not in the servers vault".into(),
-                    ))
-                }
-            };
-            let client = match (needs_client_cert, &m.nomad_client) {
-                (false, _) => None,
-                (true, Some((cert, key))) => {
-                    Some(tls::adopt(&m.ca_cert, cert, key).map_err(|e| {
-                        BootError::Material(format!("nomad client certificate from Key Vault: {e}"))
-                    })?)
-                }
-                (true, None) => {
-                    return Err(BootError::Material(
-                        "nomad client certificate: not in the shared vault".into(),
-                    ))
-                }
-            };
-            (m.ca_cert.clone(), ca, consul, nomad, client)
-        }
-        None => {
-            let ca_pem = read_secret_file("tls.ca_cert", &cfg.tls.ca_cert)?;
-            let ca = if server {
-                let ca_key = read_secret_file("tls.ca_key", &cfg.tls.ca_key)?;
-                Some(ClusterCa::from_pem(&ca_pem, &ca_key).map_err(|e| {
-                    BootError::Material(format!(
-                        "{} / {}: {e}",
-                        cfg.tls.ca_cert.display(),
-                        cfg.tls.ca_key.display()
-                    ))
-                })?)
-            } else {
-                None
-            };
-            let consul = gossip_key("gossip.consul_key_file", &cfg.gossip.consul_key_file)?;
-            let nomad = if needs_nomad_key {
-                gossip_key("gossip.nomad_key_file", &cfg.gossip.nomad_key_file)?
-            } else {
-                String::new()
-            };
-            let client = if needs_client_cert {
-                let cert = read_secret_file("tls.nomad_client_cert", &cfg.tls.nomad_client_cert)?;
-                let key = read_secret_file("tls.nomad_client_key", &cfg.tls.nomad_client_key)?;
-                Some(
-                    tls::adopt(&ca_pem, &(cert + "\n"), &(key + "\n")).map_err(|e| {
-                        BootError::Material(format!(
-                            "{} / {}: {e}",
-                            cfg.tls.nomad_client_cert.display(),
-                            cfg.tls.nomad_client_key.display()
-                        ))
-                    })?,
-                )
-            } else {
-                None
-            };
-            (ca_pem, ca, consul, nomad, client)
-        }
-    };
-    let seal_token = match spec.vault.as_ref().map(|v| &v.seal) {
-        Some(Seal::Transit { .. }) => {
-            let path = cfg.vault.seal_token_file.as_ref().ok_or_else(|| {
-                BootError::Material("agent config vault.seal_token_file: required by the transit seal in tag hashistack-vault-seal".into())
-            })?;
-            Some(read_secret_file("vault.seal_token_file", path)?)
-        }
-        _ => None,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let mut certs = BTreeMap::new();
-    if let Some(ca) = &ca {
-        for p in spec.products() {
-            let sans = render::cert_sans(spec, p);
-            certs.insert(
-                p,
-                existing_or_new_cert(
-                    layout,
-                    p,
-                    ca,
-                    &sans,
-                    cfg.tls.node_cert_days,
-                    now,
-                    &spec.node_name,
-                )?,
-            );
-        }
-    }
-    if let Some(client) = nomad_client {
-        certs.insert(Product::Nomad, client);
-    }
-    Ok(Material {
-        ca_pem: ca_pem.trim_end().to_string() + "\n",
-        certs,
-        consul_gossip_key,
-        nomad_gossip_key,
-        seal_token,
-        consul_agent_token: shared
-            .and_then(|m| m.consul_agent_token.as_ref().map(|t| t.to_string())),
-        // Only a node that runs Nomad renders Nomad's Consul token (and only such a node reads it).
-        nomad_consul_token: shared
-            .filter(|_| spec.products().contains(&Product::Nomad))
-            .and_then(|m| m.consul_nomad_token.as_ref().map(|t| t.to_string())),
-        consul_connect_ca_key: match (spec.role, &ca) {
-            (Role::ConsulServer, Some(ca)) => Some(ca.key_pem()),
-            _ => None,
-        },
-    })
-}
-
-fn existing_or_new_cert(
-    layout: &Layout,
-    p: Product,
-    ca: &ClusterCa,
-    sans: &[String],
-    days: u32,
-    now: time::OffsetDateTime,
-    cn: &str,
-) -> Result<NodeCert, BootError> {
-    let existing = (|| {
-        let issued: IssuedFor =
-            serde_json::from_slice(&std::fs::read(layout.issued_file(p)).ok()?).ok()?;
-        if !tls::still_good(&issued, ca, sans, now) {
-            return None;
-        }
-        let cert_pem = std::fs::read_to_string(layout.cert_file(p)).ok()?;
-        let key_pem = std::fs::read_to_string(layout.key_file(p)).ok()?;
-        Some(NodeCert {
-            cert_pem,
-            key_pem,
-            issued_for: issued,
-        })
-    })();
-    match existing {
-        Some(c) => Ok(c),
-        None => ca
-            .issue(cn, sans, days, now)
-            .map_err(|e| BootError::Material(format!("{p} certificate: {e}"))),
-    }
-}
-
-/// The vaults this node reads its material from: the shared one always, the servers one on server tiers.
-fn material_vaults(spec: &NodeSpec) -> Result<crate::material::Vaults, BootError> {
-    let missing = |tag: &str, why: &str| {
-        BootError::Spec(SpecError {
-            source_name: "tag",
-            name: tag.into(),
-            problem: format!("missing ({why}; or set material.source = \"files\")"),
-        })
-    };
-    let shared = spec.keyvault_uri.clone().ok_or_else(|| {
-        missing(
-            crate::node::TAG_KEYVAULT_URI,
-            "cluster material comes from Key Vault",
-        )
-    })?;
-    let servers = if spec.role.is_server_tier() {
-        Some(spec.servers_vault_uri.clone().ok_or_else(|| {
-            missing(
-                crate::node::TAG_SERVERS_VAULT_URI,
-                "server tiers keep the CA key in the servers vault",
-            )
-        })?)
-    } else {
-        None
-    };
-    Ok(crate::material::Vaults {
-        shared,
-        servers,
-        nomad_client: spec.role == crate::node::Role::Worker,
-        nomad_consul_token: spec.products().contains(&Product::Nomad),
-    })
-}
-
 /// Writes the plan; returns the paths that changed (never their content).
 pub fn write_plan(plan: &Plan) -> Result<Vec<PathBuf>, BootError> {
     let mut changed = Vec::new();
@@ -464,12 +251,14 @@ pub async fn boot(
         services: BTreeMap::new(),
         bootstrap: None,
         workload_identity: None,
+        material: None,
+        converge: None,
     };
     let mut metadata = None;
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
     match result {
-        Ok((spec, plan, manager, operator_keys)) => {
+        Ok((spec, plan, manager, operator_keys, warm, versions)) => {
             record.ok = true;
             record.phase = Phase::Done;
             write_record(&layout, &record);
@@ -479,6 +268,8 @@ pub async fn boot(
                 manager,
                 record,
                 operator_keys,
+                warm,
+                versions,
             })
         }
         Err(e) => {
@@ -502,6 +293,8 @@ async fn boot_inner(
         Plan,
         std::sync::Arc<dyn BootManager>,
         Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+        Option<crate::warm::DiskMaterial>,
+        Versions,
     ),
     BootError,
 > {
@@ -568,41 +361,48 @@ async fn boot_inner(
         .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
         .collect();
     timed(rec, "versions");
+    // Warm: the material the agent kept on disk, unchanged since Key Vault last confirmed it, starts the
+    // services at once; `converge::run` confirms it with Key Vault afterwards. Cold: wait for Key Vault.
+    let mut warm = None;
+    let mut keep = None;
     let shared = match cfg.material.source {
-        crate::config::MaterialSource::Files => None,
+        crate::config::MaterialSource::Files => {
+            rec.material = Some("files".into());
+            None
+        }
         crate::config::MaterialSource::Keyvault => {
             let vaults = material_vaults(&spec)?;
-            let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
-            let mut policy = crate::escrow::policy();
-            policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
-            let started = Instant::now();
-            let m = crate::material::Fetch {
-                az: &az,
-                vaults: &vaults,
-                cluster: &spec.cluster,
-                creator: spec
-                    .role
-                    .is_server_tier()
-                    .then_some(crate::material::Creator {
-                        blob_endpoint: spec.blob_endpoint.as_str(),
-                        lease_secs: cfg.bootstrap.lease_secs as i32,
-                    }),
-                // Never wait for the agent token here: a node without it renders and starts everything but
-                // an auto-encrypt Consul (below), so the jumpbox can show a bootstrap in progress.
-                agent_token: crate::material::AgentToken::IfPresent,
-                policy,
-                deadline: std::time::Duration::from_secs(cfg.material.deadline_secs),
+            let source = crate::warm::Source::of(&spec, &vaults);
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let on_disk = crate::warm::load(layout, &source, nix::unistd::geteuid().as_raw(), now)
+                .and_then(|disk| warm_material(cfg, &spec, layout, &disk).map(|m| (m, disk)));
+            match on_disk {
+                Ok(found) => {
+                    warm = Some(found);
+                    None
+                }
+                Err(why) => {
+                    if why != crate::warm::NotWarm::Absent {
+                        tracing::info!(reason = %why, "cold boot: the cluster material comes from Key Vault");
+                    }
+                    let m = fetch_material(cfg, &spec, &vaults, true).await?;
+                    keep = Some(crate::warm::DiskMaterial::from_cluster(
+                        &m, source, spec.role, now,
+                    ));
+                    rec.material = Some("key-vault".into());
+                    Some(m)
+                }
             }
-            .run()
-            .await?;
-            tracing::info!(
-                ms = started.elapsed().as_millis() as u64,
-                "cluster material from Key Vault"
-            );
-            Some(m)
         }
     };
-    let material = load_material(cfg, &spec, layout, shared.as_ref())?;
+    let (material, warm) = match warm {
+        Some((m, disk)) => {
+            rec.material = Some("disk".into());
+            rec.converge = Some("pending".into());
+            (m, Some(disk))
+        }
+        None => (load_material(cfg, &spec, layout, shared.as_ref())?, None),
+    };
     drop(shared);
     timed(rec, "material");
     let opts = RenderOptions::from_config(cfg);
@@ -626,8 +426,30 @@ async fn boot_inner(
             layout.state_dir().join("pids"),
         )),
     };
+    apply_services(manager.as_ref(), &spec, &plan, &changed, rec).await?;
+    timed(rec, "services");
+    rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
+    // After the critical path: what a cold boot read from Key Vault is kept for the next, warm, boot.
+    if let Some(k) = keep {
+        if let Err(e) = crate::warm::save(layout, &k) {
+            tracing::warn!(error = %e, "cannot keep the cluster material on disk: the next boot is cold too");
+        }
+    }
+    Ok((spec, plan, manager, operator_keys, warm, versions))
+}
+
+/// Starts the plan's services, restarting those whose files are among `changed` (and the image's units the
+/// agent configures, when their file changed). Returns the services restarted.
+pub(crate) async fn apply_services(
+    manager: &dyn BootManager,
+    spec: &NodeSpec,
+    plan: &Plan,
+    changed: &[PathBuf],
+    rec: &mut BootRecord,
+) -> Result<Vec<String>, BootError> {
+    let mut restarted = Vec::new();
     for svc in &plan.services {
-        if consul_waits_for_token(&spec, &plan, svc) {
+        if consul_waits_for_token(spec, plan, svc) {
             tracing::info!(
                 service = %svc.name,
                 "not started yet: its auto-encrypt certificate request needs the Consul agent token, which the Consul tier's bootstrap hands over"
@@ -640,17 +462,19 @@ async fn boot_inner(
             .any(|c| svc.watch.iter().any(|w| c.starts_with(w)));
         let action = manager.apply(svc, touched).await?;
         tracing::info!(service = %svc.name, ?action, "service applied");
+        if action == crate::services::Action::Restarted {
+            restarted.push(svc.name.clone());
+        }
         rec.services.insert(svc.name.clone(), action);
     }
     // The image's units the agent configures (systemd-resolved, Docker): restarted when their file changed.
     for u in &plan.host_units {
         if changed.iter().any(|c| c == &u.watch) && manager.restart_host_unit(&u.unit).await? {
             tracing::info!(unit = %u.unit, "configuration changed; restarted");
+            restarted.push(u.unit.clone());
         }
     }
-    timed(rec, "services");
-    rec.critical_path_ms = Some(started.elapsed().as_millis() as u64);
-    Ok((spec, plan, manager, operator_keys))
+    Ok(restarted)
 }
 
 /// The operators' PGP keys of a server tier that bootstraps (docs/pgp-escrow.md): from the scale set's
@@ -689,7 +513,7 @@ pub async fn operator_keys(
 
 /// Whether `svc` is an auto-encrypt Consul (workers, the jumpbox) rendered without the agent token: Consul
 /// 1.8 would retry its certificate request forever inside its start-up and never take the token on a
-/// reload, so it starts only once `converge_consul_token` has rendered the token.
+/// reload, so it starts only once `converge::consul_token` has rendered the token.
 fn consul_waits_for_token(
     spec: &NodeSpec,
     plan: &Plan,
@@ -726,9 +550,9 @@ pub async fn bootstrap_phase(
     {
         return Ok(None);
     }
-    let az = azure_for(cfg, spec).map_err(|message| bootstrap::BootstrapError::Tier {
+    let az = azure_for(cfg, spec).map_err(|e| bootstrap::BootstrapError::Tier {
         tier: spec.role.to_string(),
-        message,
+        message: e.to_string(),
     })?;
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
@@ -858,73 +682,11 @@ pub async fn bootstrap_phase(
     result.map(Some)
 }
 
-/// After a successful tier bootstrap on a Vault or Nomad server: once both tiers are done, Vault's JWT auth
-/// method for Nomad workloads points at the Nomad servers' JWKS (bootstrap/workload_identity.rs). `Ok(None)`:
-/// not this node's business (other roles, bootstrap off, material from files).
-pub async fn converge_workload_identity(
-    cfg: &AgentConfig,
-    booted: &mut Booted,
-) -> Result<
-    Option<crate::bootstrap::workload_identity::Converged>,
-    crate::bootstrap::workload_identity::WorkloadIdentityError,
-> {
-    use crate::bootstrap::workload_identity::{Converged, Ensured};
-    let r = workload_identity_step(cfg, booted).await;
-    let noted = match &r {
-        Ok(None) => return r,
-        Ok(Some(Converged::Waiting { tier })) => format!("waiting for the {tier} tier"),
-        Ok(Some(Converged::Ensured(Ensured::Written))) => "written".into(),
-        Ok(Some(Converged::Ensured(Ensured::Unchanged))) => "unchanged".into(),
-        Err(e) => format!("failed: {e}"),
-    };
-    booted.record.workload_identity = Some(noted);
-    write_record(&Layout::from_paths(&cfg.paths), &booted.record);
-    r
-}
-
-async fn workload_identity_step(
-    cfg: &AgentConfig,
-    booted: &Booted,
-) -> Result<
-    Option<crate::bootstrap::workload_identity::Converged>,
-    crate::bootstrap::workload_identity::WorkloadIdentityError,
-> {
-    use crate::bootstrap::workload_identity::{converge, ConvergeCtx};
-    let spec = &booted.spec;
-    let product = match spec.role {
-        crate::node::Role::VaultServer => Product::Vault,
-        crate::node::Role::NomadServer => Product::Nomad,
-        _ => return Ok(None),
-    };
-    let Some(servers_vault) = spec.servers_vault_uri.as_deref() else {
-        return Ok(None);
-    };
-    if !cfg.bootstrap.enabled || cfg.material.source != crate::config::MaterialSource::Keyvault {
-        return Ok(None);
-    }
-    let layout = Layout::from_paths(&cfg.paths);
-    let az = azure_for(cfg, spec)
-        .map_err(crate::bootstrap::workload_identity::WorkloadIdentityError::Client)?;
-    let mut policy = crate::escrow::policy();
-    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
-    let ca_file = layout.ca_file(product);
-    let (vault_api, nomad_api) = (spec.vault_api(), spec.nomad_api());
-    let ctx = ConvergeCtx {
-        az: &az,
-        blob_endpoint: &spec.blob_endpoint,
-        cluster: &spec.cluster,
-        servers_vault,
-        vault_api: &vault_api,
-        ca_file: &ca_file,
-        nomad_api: &nomad_api,
-        policy,
-        deadline: std::time::Duration::from_secs(cfg.bootstrap.follower_deadline_secs.min(300)),
-    };
-    converge(&ctx).await.map(Some)
-}
-
 /// Azure SDK clients over this node's managed identity (our IMDS client), per the agent config.
-pub fn azure_for(cfg: &AgentConfig, spec: &NodeSpec) -> Result<crate::azure::Azure, String> {
+pub fn azure_for(
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+) -> Result<crate::azure::Azure, crate::tls::HttpsClientError> {
     let imds = ImdsClient::new(&cfg.imds.endpoint, RetryPolicy::imds(cfg.imds_deadline()));
     let credential = std::sync::Arc::new(crate::identity::ImdsCredential::new(
         imds,
@@ -935,91 +697,4 @@ pub fn azure_for(cfg: &AgentConfig, spec: &NodeSpec) -> Result<crate::azure::Azu
         cfg.azure.extra_ca_file.as_deref(),
         cfg.azure.verify_challenge_resource,
     )
-    .map_err(|e| e.to_string())
-}
-
-/// After the bootstrap: a node whose Consul runs without the agent token waits for the Consul tier to hand it
-/// over through Key Vault, renders it (`acl-tokens.json`) and reloads Consul. Returns whether it did.
-pub async fn converge_consul_token(
-    cfg: &AgentConfig,
-    booted: &mut Booted,
-) -> Result<bool, BootError> {
-    let spec = booted.spec.clone();
-    if cfg.material.source != crate::config::MaterialSource::Keyvault
-        || !spec.products().contains(&Product::Consul)
-    {
-        return Ok(false);
-    }
-    if booted
-        .plan
-        .files
-        .iter()
-        .any(|f| f.path.ends_with("acl-tokens.json"))
-    {
-        return Ok(false);
-    }
-    if spec.keyvault_uri.is_none() {
-        return Ok(false);
-    }
-    let layout = Layout::from_paths(&cfg.paths);
-    let az = azure_for(cfg, &spec).map_err(BootError::Material)?;
-    let mut policy = crate::escrow::policy();
-    policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
-    let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
-    let shared = crate::material::Fetch {
-        az: &az,
-        vaults: &material_vaults(&spec)?,
-        cluster: &spec.cluster,
-        creator: None,
-        agent_token: crate::material::AgentToken::Wait,
-        policy,
-        deadline,
-    }
-    .run()
-    .await?;
-    let versions = detect_versions(cfg, &layout, &spec.products()).await?;
-    let material = load_material(cfg, &spec, &layout, Some(&shared))?;
-    drop(shared);
-    let plan = render::render(
-        &spec,
-        &layout,
-        &RenderOptions::from_config(cfg),
-        &versions,
-        Some(&material),
-    )?;
-    drop(material);
-    let changed = write_plan(&plan)?;
-    if let Some(consul) = plan.services.iter().find(|s| s.name == "consul") {
-        if !booted.manager.is_running(consul).await? {
-            // An auto-encrypt Consul waited for the token (see `consul_waits_for_token`): start it now.
-            let action = booted.manager.apply(consul, true).await?;
-            booted.record.services.insert(consul.name.clone(), action);
-            tracing::info!(?action, "consul agent token rendered; consul started");
-        } else if changed
-            .iter()
-            .any(|c| consul.watch.iter().any(|w| c.starts_with(w)))
-        {
-            booted.manager.reload(consul).await?;
-            tracing::info!("consul agent token rendered; consul reloaded");
-        }
-    }
-    // Nomad's Consul token came with it (nodes that run Nomad): Nomad takes its `consul` block only at start,
-    // so it is restarted — only when one of its files changed.
-    if let Some(nomad) = plan.services.iter().find(|s| s.name.starts_with("nomad")) {
-        if changed
-            .iter()
-            .any(|c| nomad.watch.iter().any(|w| c.starts_with(w)))
-        {
-            let action = booted.manager.apply(nomad, true).await?;
-            booted.record.services.insert(nomad.name.clone(), action);
-            tracing::info!(?action, "nomad's consul token rendered; nomad restarted");
-        }
-    }
-    booted
-        .record
-        .files_changed
-        .extend(changed.iter().map(|p| p.display().to_string()));
-    booted.plan = plan;
-    write_record(&layout, &booted.record);
-    Ok(true)
 }
