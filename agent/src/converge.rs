@@ -338,7 +338,6 @@ mod tests {
     use crate::tls::{self, ClusterCa};
     use crate::version::Product;
     use crate::warm::{DiskMaterial, NotWarm, Source};
-    use std::collections::BTreeMap;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
     use zeroize::Zeroizing;
@@ -490,24 +489,12 @@ mod tests {
             plan,
             manager: rec.clone(),
             record: BootRecord {
-                agent_version: String::new(),
-                pid: 0,
                 node: spec.node_name.clone(),
-                role: None,
-                cluster: None,
                 phase: Phase::Done,
                 ok: true,
-                last_error: None,
-                finished_unix: 0,
-                critical_path_ms: None,
-                phases_us: BTreeMap::new(),
-                versions: BTreeMap::new(),
-                files_changed: vec![],
-                services: BTreeMap::new(),
-                bootstrap: None,
-                workload_identity: None,
                 material: Some("disk".into()),
                 converge: Some("pending".into()),
+                ..BootRecord::starting("", 0)
             },
             operator_keys: None,
             warm: None,

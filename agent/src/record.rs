@@ -59,6 +59,32 @@ pub struct BootRecord {
     pub converge: Option<String>,
 }
 
+impl BootRecord {
+    /// The record a boot starts with: this agent, nothing done yet (phase `metadata`, not ok).
+    pub fn starting(agent_version: &str, pid: u32) -> Self {
+        BootRecord {
+            agent_version: agent_version.into(),
+            pid,
+            node: String::new(),
+            role: None,
+            cluster: None,
+            phase: Phase::Metadata,
+            ok: false,
+            last_error: None,
+            finished_unix: 0,
+            critical_path_ms: None,
+            phases_us: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            files_changed: vec![],
+            services: BTreeMap::new(),
+            bootstrap: None,
+            workload_identity: None,
+            material: None,
+            converge: None,
+        }
+    }
+}
+
 pub fn record_path(layout: &Layout) -> PathBuf {
     layout.state_dir().join("boot.json")
 }

@@ -334,27 +334,12 @@ async fn main() -> ExitCode {
                 o.agents = agents;
                 o.limit.limit = kv_limit;
                 o.deadline = Duration::from_secs(deadline);
-                let r = match bench::scale_run(&o, tools).await {
-                    Ok(r) => r,
+                return match bench::scale_run(&o, tools).await {
+                    Ok(r) => bench_finish(&r, json, r.table(), r.missed()),
                     Err(e) => {
                         eprintln!("hashistack-lab bench: {e}");
-                        return ExitCode::from(1);
+                        ExitCode::from(1)
                     }
-                };
-                if json {
-                    eprint!("{}", r.table());
-                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-                } else {
-                    print!("{}", r.table());
-                }
-                let missed = r.missed();
-                for m in &missed {
-                    eprintln!("hashistack-lab bench: goal missed: {m}");
-                }
-                return if missed.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
                 };
             }
             if only.as_deref() == Some("snapshot") {
@@ -414,28 +399,13 @@ async fn main() -> ExitCode {
             }
             (o.bootstrap_nets, o.nomad_servers, o.keep, o.max_load) =
                 ((agent_net, floor_net), nomad_servers, keep, max_load);
-            let r = match bench::run(&o, tools).await {
-                Ok(r) => r,
+            match bench::run(&o, tools).await {
+                // A missed goal fails the bench (the load average in the table says whether the machine was quiet).
+                Ok(r) => bench_finish(&r, json, r.table(), r.missed()),
                 Err(e) => {
                     eprintln!("hashistack-lab bench: {e}");
-                    return ExitCode::from(1);
+                    ExitCode::from(1)
                 }
-            };
-            if json {
-                eprint!("{}", r.table());
-                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-            } else {
-                print!("{}", r.table());
-            }
-            // A missed goal fails the bench (the load average above says whether the machine was quiet).
-            let missed = r.missed();
-            for m in &missed {
-                eprintln!("hashistack-lab bench: goal missed: {m}");
-            }
-            if missed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
             }
         }
         Command::BenchDoc {
@@ -555,4 +525,31 @@ fn bench_doc(
     }
     println!("{} regenerated from {}", doc.display(), inputs.display());
     ExitCode::SUCCESS
+}
+
+/// Prints a bench report (its table on stdout; with `--json`, the table on stderr and the JSON on stdout) and the
+/// goals it missed, one line each; exit 1 when any was missed.
+fn bench_finish(
+    report: &impl serde::Serialize,
+    json: bool,
+    table: String,
+    missed: Vec<String>,
+) -> ExitCode {
+    if json {
+        eprint!("{table}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("a bench report serializes")
+        );
+    } else {
+        print!("{table}");
+    }
+    for m in &missed {
+        eprintln!("hashistack-lab bench: goal missed: {m}");
+    }
+    if missed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

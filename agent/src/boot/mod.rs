@@ -234,26 +234,7 @@ pub async fn boot(
     started: Instant,
 ) -> Result<Booted, (BootError, Option<BootRecord>, Option<InstanceMetadata>)> {
     let layout = Layout::from_paths(&cfg.paths);
-    let mut record = BootRecord {
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        node: String::new(),
-        role: None,
-        cluster: None,
-        phase: Phase::Metadata,
-        ok: false,
-        last_error: None,
-        finished_unix: 0,
-        critical_path_ms: None,
-        phases_us: BTreeMap::new(),
-        versions: BTreeMap::new(),
-        files_changed: vec![],
-        services: BTreeMap::new(),
-        bootstrap: None,
-        workload_identity: None,
-        material: None,
-        converge: None,
-    };
+    let mut record = BootRecord::starting(env!("CARGO_PKG_VERSION"), std::process::id());
     let mut metadata = None;
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
