@@ -87,22 +87,6 @@ impl std::fmt::Debug for Leadership {
     }
 }
 
-fn lease_uuid() -> String {
-    let mut b = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 pub fn lock_blob_name(cluster: &str, tier: &str) -> String {
     format!("{cluster}/{tier}/leader.lock")
 }
@@ -140,7 +124,7 @@ pub async fn try_acquire(
         Err(e) if e.is(409) || e.is(412) => {}
         Err(e) => return Err(e),
     }
-    let lease_id = lease_uuid();
+    let lease_id = crate::ids::uuid_v4().to_string();
     let sent = Instant::now();
     let acquired = call(policy, "leader lease acquire", || {
         let (blob, id) = (&blob, lease_id.clone());

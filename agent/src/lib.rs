@@ -13,6 +13,7 @@ pub mod election;
 pub mod escrow;
 pub mod files;
 pub mod identity;
+pub mod ids;
 pub mod image;
 pub mod imds;
 pub mod logging;

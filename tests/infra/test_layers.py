@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "agent" / "src"
 # Rooms from the bottom up. A module may import its own room (without a cycle) and any room below it.
 # Submodules belong to their top-level module's room unless named here themselves.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation: no I/O of its own", ["retry", "logging", "names", "version", "files", "config"]),
+    ("foundation: no I/O of its own", ["retry", "logging", "names", "ids", "version", "files", "config"]),
     ("the node's inputs", ["imds", "identity", "node", "tls", "userdata", "disk"]),
     ("Azure and the rendered node", ["azure", "render", "services"]),
     ("shared records", ["record", "coordination", "election", "escrow", "material", "warm"]),

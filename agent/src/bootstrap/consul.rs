@@ -54,7 +54,7 @@ impl BootstrapPath {
     /// caller-secret path a fresh secret from the system RNG.
     pub fn for_version(version: Option<Version>) -> Self {
         if Self::takes_caller_secret(version) {
-            BootstrapPath::CallerSecret(super::nomad::new_uuid())
+            BootstrapPath::CallerSecret(crate::ids::uuid_v4())
         } else {
             BootstrapPath::ServerGenerated
         }

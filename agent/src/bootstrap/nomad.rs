@@ -236,29 +236,12 @@ pub fn classify(status: u16, body: &str) -> Answer {
     Answer::Final(format!("ACL bootstrap: HTTP {status}: {short}"))
 }
 
-/// A random UUID v4 from the system RNG (aws-lc).
-pub fn new_uuid() -> Zeroizing<String> {
-    let mut b = Zeroizing::new([0u8; 16]);
-    aws_lc_rs::rand::fill(&mut b[..]).expect("system RNG");
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = Zeroizing::new(hex::encode(&b[..]));
-    Zeroizing::new(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 impl NomadTier {
     pub fn new(api: String, ca_file: PathBuf) -> Self {
         NomadTier {
             api,
             ca_file,
-            secret: new_uuid(),
+            secret: crate::ids::uuid_v4(),
             shared: None,
             status_vault: None,
             snapshot: None,
@@ -459,11 +442,11 @@ mod tests {
 
     #[test]
     fn secrets_are_v4_uuids_and_escrowed_before_the_call() {
-        let a = new_uuid();
+        let a = crate::ids::uuid_v4();
         assert_eq!(a.len(), 36);
         assert_eq!(a.as_bytes()[14], b'4');
         assert!(matches!(a.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
-        assert_ne!(*a, *new_uuid());
+        assert_ne!(*a, *crate::ids::uuid_v4());
         let t = NomadTier::new("https://127.0.0.1:4646".into(), "/nonexistent".into());
         let pre = t.pre_secret().expect("nomad escrows before use");
         let v: serde_json::Value = serde_json::from_slice(&pre).unwrap();

@@ -57,19 +57,7 @@ pub struct ApiError(pub u16, pub String);
 
 /// A random UUID (v4 layout), as Nomad's `uuid.Generate` shapes them.
 pub fn uuid() -> String {
-    let mut b = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    hashistack_agent::ids::uuid_v4().to_string()
 }
 
 /// Nomad's `helper.IsUUID`: 36 characters, hex digits (any case) and dashes at 8, 13, 18, 23.

@@ -456,18 +456,7 @@ fn seed_shared_vault(lab: &Lab) -> Result<(), BenchError> {
         .issue("client.global.nomad", &sans, 30, now)
         .map_err(|e| failed(e.to_string()))?;
     let gossip = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
-    let token = || {
-        let v: [u8; 16] = rand::random();
-        let h: String = v.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
-    };
+    let token = || hashistack_agent::ids::uuid_v4().to_string();
     let n = hashistack_agent::material::names(cluster);
     for (name, value) in [
         (n.consul_gossip_key, gossip),
