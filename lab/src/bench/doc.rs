@@ -8,7 +8,7 @@
 //! whose bench mode is not in the inputs yet keeps what the page has (the hand-copied tables of runs whose JSON
 //! was not kept). The output depends on the JSON alone (no clock, no machine).
 
-use super::report::{BenchReport, GOAL_BOOTSTRAP_RATIO};
+use super::report::{BenchReport, GOAL_BOOTSTRAP_RATIO, PHASE_ORDER};
 use super::scale::{ScaleReport, AZURE_KV_LIMIT, AZURE_STORAGE_RPS};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -152,16 +152,6 @@ fn boot_results(b: &BenchReport) -> String {
 
 /// Critical path per kind of boot and role, then per agent step: median / max ms.
 fn boot_steps(b: &BenchReport) -> String {
-    const STEPS: [&str; 8] = [
-        "start",
-        "metadata",
-        "user-data",
-        "versions",
-        "material",
-        "render",
-        "write",
-        "services",
-    ];
     let med_max = |mut v: Vec<f64>| -> Option<(f64, f64)> {
         if v.is_empty() {
             return None;
@@ -180,17 +170,17 @@ fn boot_steps(b: &BenchReport) -> String {
         groups.entry((&x.kind, &x.role)).or_default().push(x);
     }
     let mut s = String::from("| boot | role | total |");
-    for p in STEPS {
+    for p in PHASE_ORDER {
         s.push_str(&format!(" {p} |"));
     }
     s.push_str("\n|---|---|---:|");
-    s.push_str(&"---:|".repeat(STEPS.len()));
+    s.push_str(&"---:|".repeat(PHASE_ORDER.len()));
     s.push('\n');
     for ((kind, role), xs) in groups {
         let (m, x) =
             med_max(xs.iter().map(|b| b.critical_path_ms as f64).collect()).unwrap_or((0.0, 0.0));
         s.push_str(&format!("| {kind} | {role} | {m:.0} / {x:.0} |"));
-        for p in STEPS {
+        for p in PHASE_ORDER {
             match med_max(
                 xs.iter()
                     .filter_map(|b| b.phases_ms.get(p).copied())

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// The agent's steps in boot order (`BootRecord::phases_us`).
-const PHASE_ORDER: [&str; 8] = [
+pub(super) const PHASE_ORDER: [&str; 8] = [
     "start",
     "metadata",
     "user-data",
