@@ -7,7 +7,7 @@
 
 use crate::boot::{
     apply_services, azure_for, detect_versions, fetch_material, load_material, material_vaults,
-    write_plan, write_record, BootError, Booted,
+    write_plan, write_record, BootError, Booted, SharedRecord, Started,
 };
 use crate::config::AgentConfig;
 use crate::render::{self, Layout, RenderOptions};
@@ -230,14 +230,21 @@ async fn workload_identity_step(
     converge(&ctx).await.map(Some)
 }
 
-/// After the bootstrap: a node whose Consul runs without the agent token waits for the Consul tier to hand it
-/// over through Key Vault, renders it (`acl-tokens.json`) and reloads Consul. Returns whether it did.
-pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool, BootError> {
-    let spec = booted.spec.clone();
+/// Beside the tier bootstrap (they run at once, `cli/boot.rs`): a node whose Consul runs without the agent token
+/// waits for the Consul tier to hand it over through Key Vault, renders it (`acl-tokens.json`) and reloads (or
+/// starts) Consul. It changes only the files it renders, Consul and its own fields of the boot record; the new
+/// plan and Nomad's restart (its Consul token came with it) are returned for [`finish_consul_token`], after the
+/// bootstrap, so that a Nomad server is never restarted while its tier bootstraps. `Ok(None)`: nothing to do.
+pub async fn consul_token(
+    cfg: &AgentConfig,
+    booted: &Started<'_>,
+    record: &SharedRecord<'_>,
+) -> Result<Option<TokenRendered>, BootError> {
+    let spec = booted.spec;
     if cfg.material.source != crate::config::MaterialSource::Keyvault
         || !spec.products().contains(&Product::Consul)
     {
-        return Ok(false);
+        return Ok(None);
     }
     if booted
         .plan
@@ -245,19 +252,19 @@ pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool
         .iter()
         .any(|f| f.path.ends_with("acl-tokens.json"))
     {
-        return Ok(false);
+        return Ok(None);
     }
     if spec.keyvault_uri.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
     let layout = Layout::from_paths(&cfg.paths);
-    let az = azure_for(cfg, &spec)?;
+    let az = azure_for(cfg, spec)?;
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
     let deadline = std::time::Duration::from_secs(cfg.material.deadline_secs);
     let shared = crate::material::Fetch {
         az: &az,
-        vaults: &material_vaults(&spec)?,
+        vaults: &material_vaults(spec)?,
         cluster: &spec.cluster,
         creator: None,
         agent_token: crate::material::AgentToken::Wait,
@@ -267,11 +274,11 @@ pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool
     .run()
     .await?;
     let versions = detect_versions(cfg, &layout, &spec.products()).await?;
-    let material = load_material(cfg, &spec, &layout, Some(&shared))?;
+    let material = load_material(cfg, spec, &layout, Some(&shared))?;
     // The token is kept with the rest, so that the next boot starts Consul at once.
     let keep = crate::warm::DiskMaterial::from_cluster(
         &shared,
-        crate::warm::Source::of(&spec, &material_vaults(&spec)?),
+        crate::warm::Source::of(spec, &material_vaults(spec)?),
         spec.role,
         time::OffsetDateTime::now_utc().unix_timestamp(),
     );
@@ -281,7 +288,7 @@ pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool
     }
     drop(keep);
     let plan = render::render(
-        &spec,
+        spec,
         &layout,
         &RenderOptions::from_config(cfg),
         &versions,
@@ -293,7 +300,9 @@ pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool
         if !booted.manager.is_running(consul).await? {
             // An auto-encrypt Consul waited for the token (see `consul_waits_for_token`): start it now.
             let action = booted.manager.apply(consul, true).await?;
-            booted.record.services.insert(consul.name.clone(), action);
+            record.update_unwritten(|r| {
+                r.services.insert(consul.name.clone(), action);
+            });
             tracing::info!(?action, "consul agent token rendered; consul started");
         } else if changed
             .iter()
@@ -304,24 +313,47 @@ pub async fn consul_token(cfg: &AgentConfig, booted: &mut Booted) -> Result<bool
         }
     }
     // Nomad's Consul token came with it (nodes that run Nomad): Nomad takes its `consul` block only at start,
-    // so it is restarted — only when one of its files changed.
-    if let Some(nomad) = plan.services.iter().find(|s| s.name.starts_with("nomad")) {
-        if changed
-            .iter()
-            .any(|c| nomad.watch.iter().any(|w| c.starts_with(w)))
-        {
-            let action = booted.manager.apply(nomad, true).await?;
-            booted.record.services.insert(nomad.name.clone(), action);
-            tracing::info!(?action, "nomad's consul token rendered; nomad restarted");
-        }
+    // so it is restarted — only when one of its files changed, and only after the tier bootstrap.
+    let nomad = plan
+        .services
+        .iter()
+        .find(|s| s.name.starts_with("nomad"))
+        .filter(|nomad| {
+            changed
+                .iter()
+                .any(|c| nomad.watch.iter().any(|w| c.starts_with(w)))
+        })
+        .cloned();
+    record.update(|r| {
+        r.files_changed
+            .extend(changed.iter().map(|p| p.display().to_string()))
+    });
+    Ok(Some(TokenRendered { plan, nomad }))
+}
+
+/// What [`consul_token`] leaves for after the tier bootstrap.
+pub struct TokenRendered {
+    /// The plan with the token: the boot's plan from now on.
+    pub plan: render::Plan,
+    /// Nomad, when its files changed (its Consul token): restarted by [`finish_consul_token`].
+    pub nomad: Option<crate::services::ServiceSpec>,
+}
+
+/// After the tier bootstrap (and [`consul_token`]) are over: the plan with the token becomes the boot's, and
+/// Nomad restarts if its files changed. Rewrites the boot record.
+pub async fn finish_consul_token(
+    cfg: &AgentConfig,
+    booted: &mut Booted,
+    rendered: TokenRendered,
+) -> Result<(), BootError> {
+    booted.plan = rendered.plan;
+    if let Some(nomad) = &rendered.nomad {
+        let action = booted.manager.apply(nomad, true).await?;
+        booted.record.services.insert(nomad.name.clone(), action);
+        tracing::info!(?action, "nomad's consul token rendered; nomad restarted");
     }
-    booted
-        .record
-        .files_changed
-        .extend(changed.iter().map(|p| p.display().to_string()));
-    booted.plan = plan;
-    write_record(&layout, &booted.record);
-    Ok(true)
+    write_record(&Layout::from_paths(&cfg.paths), &booted.record);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -508,13 +508,73 @@ fn consul_waits_for_token(
             .any(|f| f.path.ends_with("acl-tokens.json"))
 }
 
+/// What the steps that run at once after the services started (the tier bootstrap and the Consul agent token,
+/// `cli/boot.rs`) read of the boot: borrowed, never changed by either. What they change goes through
+/// [`SharedRecord`] (the boot record) or is returned to the caller (a new plan), which applies it after both.
+pub struct Started<'a> {
+    pub spec: &'a NodeSpec,
+    pub plan: &'a Plan,
+    pub manager: &'a std::sync::Arc<dyn BootManager>,
+    pub operator_keys: Option<&'a std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
+}
+
+/// The boot record while several steps run at once: each changes only its own fields, under the lock, and
+/// writes the whole record before releasing it, so the file always holds every step's latest and no step sees
+/// another's half-made update.
+pub struct SharedRecord<'a> {
+    layout: Layout,
+    record: std::sync::Mutex<&'a mut BootRecord>,
+}
+
+impl Booted {
+    /// Splits the boot into what the steps after the services started read ([`Started`]) and the boot record
+    /// they update ([`SharedRecord`]).
+    pub fn split(&mut self, cfg: &AgentConfig) -> (Started<'_>, SharedRecord<'_>) {
+        (
+            Started {
+                spec: &self.spec,
+                plan: &self.plan,
+                manager: &self.manager,
+                operator_keys: self.operator_keys.as_ref(),
+            },
+            SharedRecord {
+                layout: Layout::from_paths(&cfg.paths),
+                record: std::sync::Mutex::new(&mut self.record),
+            },
+        )
+    }
+}
+
+impl<'a> SharedRecord<'a> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, &'a mut BootRecord> {
+        // A step that panicked holding the lock left a record that is still whole (every update is a few field
+        // assignments): keep using it.
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Applies `f` to the record and writes it.
+    pub fn update(&self, f: impl FnOnce(&mut BootRecord)) {
+        let mut r = self.lock();
+        f(&mut r);
+        write_record(&self.layout, &r);
+    }
+    /// Applies `f` to the record without writing it (the next [`update`](Self::update) writes it).
+    pub fn update_unwritten(&self, f: impl FnOnce(&mut BootRecord)) {
+        f(&mut self.lock());
+    }
+    /// The record as it is now.
+    pub fn snapshot(&self) -> BootRecord {
+        self.lock().clone()
+    }
+}
+
 /// The one-time tier bootstrap (server tiers only), after the services run. Updates and rewrites the boot record.
 pub async fn bootstrap_phase(
     cfg: &AgentConfig,
-    booted: &mut Booted,
+    booted: &Started<'_>,
+    record: &SharedRecord<'_>,
 ) -> Result<Option<crate::bootstrap::Outcome>, crate::bootstrap::BootstrapError> {
     use crate::bootstrap::{self, consul::ConsulTier, vault::VaultTier, Ctx};
-    let spec = &booted.spec;
+    let spec = booted.spec;
     let layout = Layout::from_paths(&cfg.paths);
     // Server tiers always have an escrow vault (a required tag there); other roles have no tier bootstrap.
     let (blob, Some(escrow_vault)) = (spec.blob_endpoint.clone(), spec.escrow_vault_uri.clone())
@@ -553,14 +613,14 @@ pub async fn bootstrap_phase(
         fence: Default::default(),
         lease_secs: cfg.bootstrap.lease_secs as i32,
         peer_grace: std::time::Duration::from_secs(cfg.bootstrap.peer_grace_secs),
-        operator_keys: booted.operator_keys.clone(),
+        operator_keys: booted.operator_keys.cloned(),
         join: crate::bootstrap::member::JoinPolicy {
             grace: std::time::Duration::from_secs(cfg.bootstrap.join_grace_secs),
             deadline: std::time::Duration::from_secs(cfg.bootstrap.join_deadline_secs),
             poll: std::time::Duration::from_millis(500),
         },
     };
-    booted.record.phase = Phase::Bootstrap;
+    record.update_unwritten(|r| r.phase = Phase::Bootstrap);
     let snapshot =
         spec.servers_vault_uri
             .clone()
@@ -612,7 +672,7 @@ pub async fn bootstrap_phase(
                     .find(|s| s.name == "vault")
                     .map(|svc| {
                         Box::new(crate::bootstrap::vault::ServiceStorage {
-                            manager: booted.manager.clone(),
+                            manager: (*booted.manager).clone(),
                             service: svc.clone(),
                             data_dir: layout.data_dir(Product::Vault, spec.role),
                         }) as Box<dyn crate::bootstrap::vault::LocalStorage>
@@ -642,24 +702,25 @@ pub async fn bootstrap_phase(
             bootstrap::run(&ctx, &tier).await
         }
     };
-    booted.record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
-    match &result {
-        Ok(o) => {
-            booted.record.phase = Phase::Done;
-            booted.record.bootstrap = Some(
-                serde_json::to_value(o)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
-            );
+    record.update(|r| {
+        r.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+        match &result {
+            Ok(o) => {
+                r.phase = Phase::Done;
+                r.bootstrap = Some(
+                    serde_json::to_value(o)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                );
+            }
+            Err(e) => {
+                r.ok = false;
+                r.last_error = Some(e.to_string());
+                r.bootstrap = Some("failed".into());
+            }
         }
-        Err(e) => {
-            booted.record.ok = false;
-            booted.record.last_error = Some(e.to_string());
-            booted.record.bootstrap = Some("failed".into());
-        }
-    }
-    write_record(&layout, &booted.record);
+    });
     result.map(Some)
 }
 

@@ -32,8 +32,12 @@ pub const BOOTSTRAP_SECRET_SINCE: Version = Version::new(1, 15, 0);
 const BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(120);
 /// How long `token/self` (is the token ours?) may take through retryable answers.
 const CHECK_DEADLINE: Duration = Duration::from_secs(30);
-/// Between retryable answers: Consul leaves legacy mode within seconds of its leader election.
-const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// Between retryable answers. Consul 1.x answers "legacy mode" until its leader switches to the new ACL system:
+/// at once when it establishes leadership and every server already advertises ACL support, else at the leader's
+/// next ACL-mode check (50 ms after the server started, then doubling: 0.1, 0.2, 0.4, 0.8, 1.6 s, …). No endpoint
+/// blocks until then (the switch shows only as the servers' `acls` tag in `/v1/agent/members`, which would be
+/// polled all the same), so the call itself is the probe, sent as often as the floor sends it.
+pub const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// How the management token comes to be.
 pub enum BootstrapPath {

@@ -75,7 +75,10 @@ impl TimeoutError for CallError {
     }
 }
 
-/// Polls `GET {api}/v1/status/leader` every 200 ms until it names a leader; an error once `deadline` has
+/// How often [`wait_for_leader`] asks: a local request, answered at once.
+pub const LEADER_POLL: Duration = Duration::from_millis(100);
+
+/// Polls `GET {api}/v1/status/leader` every [`LEADER_POLL`] until it names a leader; an error once `deadline` has
 /// passed (`product` names the server in it).
 pub(super) async fn wait_for_leader(
     c: &reqwest::Client,
@@ -83,11 +86,7 @@ pub(super) async fn wait_for_leader(
     product: &'static str,
     deadline: Duration,
 ) -> Result<(), super::TierError> {
-    let policy = RetryPolicy::poll(
-        deadline,
-        Duration::from_millis(200),
-        Duration::from_secs(10),
-    );
+    let policy = RetryPolicy::poll(deadline, LEADER_POLL, Duration::from_secs(10));
     retry(policy, |_| async {
         let leader = async {
             let r = c.get(format!("{api}/v1/status/leader")).send().await.ok()?;

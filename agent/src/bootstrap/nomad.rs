@@ -23,6 +23,9 @@ use zeroize::Zeroizing;
 
 /// How long the bootstrap call keeps retrying retryable answers.
 const BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(120);
+/// Between retryable answers ("No cluster leader" while the servers elect one, 5xx): the secret escrowed before
+/// use makes a resend harmless, so the call is sent as often as the floor sends it.
+pub const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// Deadlines of the status-token calls: right after the ACL bootstrap the servers may still settle (a
 /// leader election answers "No cluster leader"), so up to a minute in all, 10 s per attempt.
@@ -367,7 +370,7 @@ impl Tier for NomadTier {
             url: format!("{}/v1/acl/bootstrap", self.api),
             secret: Some(self.secret.as_str()),
             deadline: BOOTSTRAP_DEADLINE,
-            retry_every: Duration::from_secs(1),
+            retry_every: RETRY_EVERY,
             classify,
         }
         .call(&c, |_| self.own_token(&c, CHECK_DEADLINE))

@@ -50,10 +50,25 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
             .await;
         return code;
     }
-    let bootstrap = boot::bootstrap_phase(&cfg, &mut booted).await;
-    let ran = !matches!(bootstrap, Ok(None)) || !matches!(converged, Ok(None));
-    let newer = ran.then_some(&booted.record);
-    publishing.then(&cfg, newer, Some(&booted.spec)).await;
+    // The tier bootstrap and the Consul agent token run at once: a node's token comes from the Consul tier, not
+    // from its own tier, so it is rendered as soon as the Consul tier hands it over. Both read the boot as it
+    // is (`Started`) and change only their own fields of the record (`SharedRecord`); the token's new plan, and
+    // Nomad's restart for its Consul token, are applied once both are over.
+    let converge_ran = !matches!(converged, Ok(None));
+    let (bootstrap, token) = {
+        let (started, record) = booted.split(&cfg);
+        let bootstrap = async {
+            let b = boot::bootstrap_phase(&cfg, &started, &record).await;
+            let ran = !matches!(b, Ok(None)) || converge_ran;
+            let newer = ran.then(|| record.snapshot());
+            publishing
+                .then(&cfg, newer.as_ref(), Some(started.spec))
+                .await;
+            b
+        };
+        let token = hashistack_agent::converge::consul_token(&cfg, &started, &record);
+        tokio::join!(bootstrap, token)
+    };
     let bootstrapped = matches!(bootstrap, Ok(Some(_)));
     match bootstrap {
         Ok(Some(outcome)) => tracing::info!(?outcome, "tier bootstrap"),
@@ -64,13 +79,16 @@ pub async fn run(config: Option<PathBuf>, started: Instant) -> ExitCode {
             code = ExitCode::from(1);
         }
     }
-    match hashistack_agent::converge::consul_token(&cfg, &mut booted).await {
-        Ok(true) => {}
-        Ok(false) => {}
-        Err(e) => {
-            tracing::error!(error = %e, "consul agent token");
-            code = ExitCode::from(1);
+    let token = match token {
+        Ok(Some(rendered)) => {
+            hashistack_agent::converge::finish_consul_token(&cfg, &mut booted, rendered).await
         }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = token {
+        tracing::error!(error = %e, "consul agent token");
+        code = ExitCode::from(1);
     }
     if bootstrapped {
         use hashistack_agent::bootstrap::workload_identity::Converged;
