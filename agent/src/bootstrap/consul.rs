@@ -233,7 +233,14 @@ impl Tier for ConsulTier {
         "consul"
     }
 
+    /// Consul answering is enough to look for the lease: the lease and the pre-flight need no leader, so they
+    /// run while the servers elect one ([`Tier::wait_callable`] waits for it).
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
+        let c = self.client(Duration::from_secs(5))?;
+        super::http::wait_for_answer(&c, &self.api, "Consul", deadline).await
+    }
+
+    async fn wait_callable(&self, deadline: Duration) -> Result<(), TierError> {
         let c = self.client(Duration::from_secs(5))?;
         super::http::wait_for_leader(&c, &self.api, "Consul", deadline).await
     }
@@ -296,35 +303,46 @@ impl Tier for ConsulTier {
                 what: "agent token",
                 source,
             })?;
-            // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
-            let status =
-                super::status_tokens::create_consul(&self.api, &self.ca_file, &management).await?;
-            match &self.status_vault {
-                Some(sv) => {
-                    super::status_tokens::hand_over(
-                        &(az.clone(), sv.clone()),
-                        crate::names::CONSUL_SECRET,
-                        &status,
-                    )
-                    .await?
+            // What no node waits for, at once: the read-only token of `hashistack-agent status`
+            // (docs/status.md#status-tokens), DNS answers for every agent (docs/dns.md) and the snapshot
+            // credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
+            let status = async {
+                let status =
+                    super::status_tokens::create_consul(&self.api, &self.ca_file, &management)
+                        .await?;
+                match &self.status_vault {
+                    Some(sv) => {
+                        super::status_tokens::hand_over(
+                            &(az.clone(), sv.clone()),
+                            crate::names::CONSUL_SECRET,
+                            &status,
+                        )
+                        .await?
+                    }
+                    None => tracing::warn!("no hashistack-status-vault-uri tag: the Consul status token was not handed over"),
                 }
-                None => tracing::warn!("no hashistack-status-vault-uri tag: the Consul status token was not handed over"),
-            }
-            // DNS answers for every agent (docs/dns.md): after the tokens nodes wait for.
-            let dns =
+                Ok::<_, TierError>(())
+            };
+            let dns = async {
                 super::consul_tokens::ensure_dns_policy(&self.api, &self.ca_file, &management)
                     .await
                     .map_err(|e| TierError::Step {
                         step: "DNS policy",
                         detail: e.to_string(),
-                    });
-            // The snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
-            if let Some(h) = &self.snapshot {
-                let t =
-                    super::snapshot_tokens::create_consul(&self.api, &self.ca_file, &management)
-                        .await?;
-                h.put("consul", &t).await?;
-            }
+                    })
+            };
+            let snapshot = async {
+                if let Some(h) = &self.snapshot {
+                    let t =
+                        super::snapshot_tokens::create_consul(&self.api, &self.ca_file, &management)
+                            .await?;
+                    h.put("consul", &t).await?;
+                }
+                Ok::<_, TierError>(())
+            };
+            let (status, dns, snapshot) = tokio::join!(status, dns, snapshot);
+            status?;
+            snapshot?;
             nomad?;
             dns?;
         }

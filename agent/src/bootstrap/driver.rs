@@ -28,6 +28,8 @@ pub struct Driver<'a> {
     pub now_unix: fn() -> i64,
 }
 
+/// How long the local server may take to take the bootstrap call ([`Tier::wait_callable`]), the lease held.
+const READY_FOR_CALL: Duration = Duration::from_secs(300);
 /// How long the local server may take to answer again after a reset of its storage.
 const READY_AFTER_RESET: Duration = Duration::from_secs(300);
 
@@ -227,6 +229,13 @@ pub async fn lead(
     // Earlier leaders' secrets escrowed before use stay until token/self proves which one is live.
     state.keep_pre_escrow_receipts();
     let pre_escrowed = escrow_before_use(d, tier, &mut state).await?;
+    tier.wait_callable(READY_FOR_CALL)
+        .await
+        .map_err(|source| BootstrapError::Product {
+            tier: name.into(),
+            source,
+        })?;
+    d.storage.check_lease()?;
     let note = pre_escrowed.then(|| "bootstrap secret escrowed before use".to_string());
     state.set(TierPhase::Initializing, d.node, note);
     d.save(&state).await?;

@@ -107,6 +107,29 @@ pub(super) async fn wait_for_leader(
     })
 }
 
+/// Polls `GET {api}/v1/status/leader` every [`LEADER_POLL`] until the server answers at all (any HTTP status:
+/// "No cluster leader" included); an error once `deadline` has passed.
+pub(super) async fn wait_for_answer(
+    c: &reqwest::Client,
+    api: &str,
+    product: &'static str,
+    deadline: Duration,
+) -> Result<(), super::TierError> {
+    let policy = RetryPolicy::poll(deadline, LEADER_POLL, Duration::from_secs(10));
+    retry(policy, |_| async {
+        match c.get(format!("{api}/v1/status/leader")).send().await {
+            Ok(_) => Attempt::Done(()),
+            Err(e) => Attempt::Retry(NotYet(e.without_url().to_string())),
+        }
+    })
+    .await
+    .map_err(|e| super::TierError::NotReady {
+        product,
+        waited: deadline,
+        last: e.to_string(),
+    })
+}
+
 /// The secret of a token a Consul or Nomad token-create answer carries (`SecretID`); `what` names the call.
 pub(super) fn acl_secret(body: &[u8], what: &str) -> Result<Zeroizing<String>, CallError> {
     #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]

@@ -159,8 +159,15 @@ pub enum TierError {
 #[async_trait::async_trait]
 pub trait Tier: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Waits until the local server answers (and can take the bootstrap call).
+    /// Waits until the local server answers (before this node looks for the lease).
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError>;
+    /// Waits, under the lease and after the escrow before use, until the local server takes the bootstrap call
+    /// (Nomad: its cluster has a leader), so that the lease, the pre-flight and the escrow before use overlap the
+    /// servers' election instead of following it; `initializing` is recorded only after it. A tier whose
+    /// [`wait_ready`](Tier::wait_ready) already waits for that needs nothing here (the default).
+    async fn wait_callable(&self, _deadline: Duration) -> Result<(), TierError> {
+        Ok(())
+    }
     /// Whether the product says it is already bootstrapped (`None`: it cannot tell without a token).
     async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError>;
     /// Escrow before use: a tier whose product takes a caller-chosen bootstrap secret returns it here as

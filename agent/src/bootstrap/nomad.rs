@@ -341,7 +341,14 @@ impl Tier for NomadTier {
         "nomad"
     }
 
+    /// Nomad answering is enough to look for the lease: the lease, the pre-flight and the escrow before use
+    /// need no leader, so they run while the servers elect one ([`Tier::wait_callable`] waits for it).
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError> {
+        let c = self.client(Duration::from_secs(5))?;
+        super::http::wait_for_answer(&c, &self.api, "Nomad", deadline).await
+    }
+
+    async fn wait_callable(&self, deadline: Duration) -> Result<(), TierError> {
         let c = self.client(Duration::from_secs(5))?;
         super::http::wait_for_leader(&c, &self.api, "Nomad", deadline).await
     }
@@ -387,22 +394,31 @@ impl Tier for NomadTier {
         let s: AclSecrets = serde_json::from_slice(secrets).map_err(|_| TierError::Payload)?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
-        // The read-only token of `hashistack-agent status` (docs/status.md#status-tokens).
-        let (token, _) =
-            create_status_token(&self.api, &self.ca_file, &management, status_token_policy())
-                .await?;
-        super::status_tokens::hand_over(
-            &(az.clone(), status_vault.clone()),
-            crate::names::NOMAD_SECRET,
-            &token,
-        )
-        .await?;
-        // The snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
-        if let Some(h) = &self.snapshot {
-            let t =
-                super::snapshot_tokens::create_nomad(&self.api, &self.ca_file, &management).await?;
-            h.put("nomad", &t).await?;
-        }
+        // At once: the read-only token of `hashistack-agent status` (docs/status.md#status-tokens), and the
+        // snapshot credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
+        let status = async {
+            let (token, _) =
+                create_status_token(&self.api, &self.ca_file, &management, status_token_policy())
+                    .await?;
+            super::status_tokens::hand_over(
+                &(az.clone(), status_vault.clone()),
+                crate::names::NOMAD_SECRET,
+                &token,
+            )
+            .await?;
+            Ok::<_, TierError>(())
+        };
+        let snapshot = async {
+            if let Some(h) = &self.snapshot {
+                let t = super::snapshot_tokens::create_nomad(&self.api, &self.ca_file, &management)
+                    .await?;
+                h.put("nomad", &t).await?;
+            }
+            Ok::<_, TierError>(())
+        };
+        let (status, snapshot) = tokio::join!(status, snapshot);
+        status?;
+        snapshot?;
         Ok(())
     }
 }

@@ -177,6 +177,9 @@ struct FakeTier {
     pre_secret: Option<Vec<u8>>,
     configure_fails: bool,
     configured_with: Mutex<Option<Vec<u8>>>,
+    /// A tier that waits before its call ([`Tier::wait_callable`], Nomad's leader): whether the server then
+    /// takes it (`Some(false)`: no leader by the deadline). `None`: the default (nothing to wait for, not logged).
+    callable: Option<bool>,
 }
 
 const SECRETS: &[u8] = br#"{"kind":"vault-init","root_token":"s.fake"}"#;
@@ -189,6 +192,22 @@ impl Tier for FakeTier {
     async fn wait_ready(&self, _deadline: Duration) -> Result<(), TierError> {
         note(&self.log, "tier.wait_ready".into());
         Ok(())
+    }
+    async fn wait_callable(&self, deadline: Duration) -> Result<(), TierError> {
+        match self.callable {
+            None => Ok(()),
+            Some(ok) => {
+                note(&self.log, "tier.wait_callable".into());
+                if ok {
+                    Ok(())
+                } else {
+                    Err(TierError::NoLeader {
+                        product: "Nomad",
+                        waited: deadline,
+                    })
+                }
+            }
+        }
     }
     async fn already_bootstrapped(&self) -> Result<Option<bool>, TierError> {
         note(&self.log, "tier.already_bootstrapped".into());
@@ -277,6 +296,7 @@ impl World {
                 pre_secret: None,
                 configure_fails: false,
                 configured_with: Mutex::new(None),
+                callable: None,
             },
             log,
         }
@@ -652,6 +672,50 @@ async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_cal
     assert_eq!(s.escrow_id.as_deref(), Some("e1"));
     assert!(s.pre_escrows.is_empty());
     assert!(s.receipts.iter().all(|r| r.is_for("e1")));
+}
+
+/// Nomad: the lease, the pre-flight and the escrow before use run while the servers elect a leader; the wait for
+/// it comes last, under the lease, and `initializing` is recorded only once the server can take the call.
+#[tokio::test]
+async fn a_tier_that_waits_for_its_leader_does_so_after_the_escrow_before_use_and_before_initializing() {
+    let mut w = World::new();
+    w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
+    w.tier.creates_cluster = false;
+    w.tier.local_initialized = None;
+    w.tier.callable = Some(true);
+    let r = w.run(None).await.expect("bootstrapped");
+    assert_eq!(r, Some(Outcome::Bootstrapped));
+    assert_eq!(
+        w.log()[4..10],
+        [
+            "escrow.prepare e2",
+            "escrow.blob e2",
+            "escrow.keyvault e2",
+            "tier.wait_callable",
+            "storage.save initializing",
+            "tier.bootstrap",
+        ]
+    );
+}
+
+/// No leader by the deadline: the run stops before any state write and before the call; the secret escrowed
+/// before use was never used (and no state names it), so the next leader escrows a fresh one.
+#[tokio::test]
+async fn a_server_that_never_takes_the_call_stops_the_run_before_initializing() {
+    let mut w = World::new();
+    w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
+    w.tier.creates_cluster = false;
+    w.tier.local_initialized = None;
+    w.tier.callable = Some(false);
+    let e = w.run(None).await.expect_err("no leader");
+    assert!(
+        matches!(&e, BootstrapError::Product { source: TierError::NoLeader { .. }, .. }),
+        "{e}"
+    );
+    assert!(w.called("tier.wait_callable"));
+    assert!(!w.called("tier.bootstrap"), "{:?}", w.log());
+    assert!(!w.called("storage.save"), "{:?}", w.log());
+    assert!(w.stored().is_none());
 }
 
 #[tokio::test]
