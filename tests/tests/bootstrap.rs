@@ -577,3 +577,91 @@ async fn crash_after_init_is_reported_for_the_operator_never_reinitialized() {
     assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 0);
     lab.down().await;
 }
+
+/// Azure clients as the identity of the lab's first node of `role`.
+fn azure_as(lab: &Lab, role: Role) -> hashistack_agent::azure::Azure {
+    let i = nodes_of(lab, role)[0];
+    let imds = hashistack_agent::imds::ImdsClient::new(
+        &format!(
+            "http://{}:{}",
+            lab.nodes[i].def.ip,
+            hashistack_lab::lab::IMDS_PORT
+        ),
+        hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
+    );
+    let cred = std::sync::Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
+    hashistack_agent::azure::Azure::new(cred, Some(&lab.opts.state_dir.join("ca.pem")), false)
+        .unwrap()
+}
+
+/// A node's Consul agent token comes from the Consul tier, so it is handed over beside the node's own tier
+/// bootstrap, not after it (issue 14, item 2). The Vault tier's bootstrap is held back (the test holds its
+/// lease, so every Vault server waits as a follower): every Vault server's Consul still gets its agent token
+/// while the Vault tier has not even begun. Released, the Vault tier bootstraps once and the lab is healthy.
+/// Order only, no timing. Loopback net 152.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consul_agent_token_is_handed_over_while_the_nodes_own_tier_bootstrap_is_held_back() {
+    let mut o = options("token-beside", 152);
+    o.start_agents = false;
+    let mut lab = Lab::up(o, tools()).await.unwrap();
+    let policy = hashistack_agent::retry::RetryPolicy {
+        deadline: Duration::from_secs(30),
+        attempt_timeout: Duration::from_secs(10),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+    };
+    let held = hashistack_agent::election::try_acquire(
+        &azure_as(&lab, Role::VaultServer),
+        &lab.blob_endpoint(),
+        &lab.opts.cluster,
+        "vault",
+        policy,
+        60,
+    )
+    .await
+    .unwrap()
+    .expect("the Vault tier's lease is free before any agent runs");
+    for i in 0..lab.nodes.len() {
+        lab.start_agent(i).unwrap();
+    }
+    wait_phase(&lab, "consul", TierPhase::Done, Duration::from_secs(240)).await;
+    let vault = nodes_of(&lab, Role::VaultServer);
+    let start = std::time::Instant::now();
+    loop {
+        let missing: Vec<_> = vault
+            .iter()
+            .filter(|&&i| {
+                !lab.nodes[i]
+                    .root
+                    .join("etc/consul.d/acl-tokens.json")
+                    .is_file()
+            })
+            .map(|&i| lab.nodes[i].def.name.clone())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no Consul agent token on {missing:?} while their own tier's bootstrap is held back (vault tier: {:?})",
+            lab.tier_state("vault").await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Still held back: no Vault server took the lease, none recorded a bootstrap result.
+    assert!(
+        lab.tier_state("vault").await.is_none(),
+        "{:?}",
+        lab.tier_state("vault").await
+    );
+    for &i in &vault {
+        let rec = lab.boot_record(i).expect("boot record");
+        assert!(rec.bootstrap.is_none(), "{}: {rec:?}", lab.nodes[i].def.name);
+    }
+    held.release().await;
+    wait_phase(&lab, "vault", TierPhase::Done, Duration::from_secs(300)).await;
+    assert_done_once(&lab, "vault").await;
+    assert_eq!(count_outcome(&lab, Role::VaultServer, "bootstrapped"), 1);
+    hashistack_e2e::wait_healthy(&lab, Duration::from_secs(180)).await;
+    lab.down().await;
+}
