@@ -656,7 +656,11 @@ async fn the_consul_agent_token_is_handed_over_while_the_nodes_own_tier_bootstra
     );
     for &i in &vault {
         let rec = lab.boot_record(i).expect("boot record");
-        assert!(rec.bootstrap.is_none(), "{}: {rec:?}", lab.nodes[i].def.name);
+        assert!(
+            rec.bootstrap.is_none(),
+            "{}: {rec:?}",
+            lab.nodes[i].def.name
+        );
     }
     held.release().await;
     wait_phase(&lab, "vault", TierPhase::Done, Duration::from_secs(300)).await;

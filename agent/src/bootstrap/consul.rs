@@ -333,9 +333,12 @@ impl Tier for ConsulTier {
             };
             let snapshot = async {
                 if let Some(h) = &self.snapshot {
-                    let t =
-                        super::snapshot_tokens::create_consul(&self.api, &self.ca_file, &management)
-                            .await?;
+                    let t = super::snapshot_tokens::create_consul(
+                        &self.api,
+                        &self.ca_file,
+                        &management,
+                    )
+                    .await?;
                     h.put("consul", &t).await?;
                 }
                 Ok::<_, TierError>(())

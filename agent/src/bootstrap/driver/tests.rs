@@ -677,7 +677,8 @@ async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_cal
 /// Nomad: the lease, the pre-flight and the escrow before use run while the servers elect a leader; the wait for
 /// it comes last, under the lease, and `initializing` is recorded only once the server can take the call.
 #[tokio::test]
-async fn a_tier_that_waits_for_its_leader_does_so_after_the_escrow_before_use_and_before_initializing() {
+async fn a_tier_that_waits_for_its_leader_does_so_after_the_escrow_before_use_and_before_initializing(
+) {
     let mut w = World::new();
     w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
     w.tier.creates_cluster = false;
@@ -709,7 +710,13 @@ async fn a_server_that_never_takes_the_call_stops_the_run_before_initializing() 
     w.tier.callable = Some(false);
     let e = w.run(None).await.expect_err("no leader");
     assert!(
-        matches!(&e, BootstrapError::Product { source: TierError::NoLeader { .. }, .. }),
+        matches!(
+            &e,
+            BootstrapError::Product {
+                source: TierError::NoLeader { .. },
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(w.called("tier.wait_callable"));
