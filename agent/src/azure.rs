@@ -184,7 +184,7 @@ where
 #[derive(Clone)]
 pub struct Azure {
     credential: Arc<dyn TokenCredential>,
-    transport: Option<Transport>,
+    transport: Transport,
     verify_challenge_resource: bool,
 }
 
@@ -197,38 +197,45 @@ impl std::fmt::Debug for Azure {
 impl Azure {
     /// `extra_ca`: a CA to trust besides the system roots (the lab's emulators). `verify_challenge_resource`
     /// stays true on Azure; the lab's Key Vault on 127.x cannot match `*.vault.azure.net`.
+    ///
+    /// Every client this factory makes shares one HTTP client: the system trust store is loaded once (the SDK's
+    /// default transport builds a client, and loads it, for every SDK client), and a vault's or storage
+    /// account's connections are kept across the clients of one boot.
     pub fn new(
         credential: Arc<dyn TokenCredential>,
         extra_ca: Option<&Path>,
         verify_challenge_resource: bool,
     ) -> Result<Self, HttpsClientError> {
-        let transport = match extra_ca {
-            None => None,
-            Some(path) => {
-                let cert = crate::tls::ca_certificate(path)?;
-                let client = reqwest::Client::builder()
-                    .add_root_certificate(cert)
-                    .connect_timeout(Duration::from_secs(5))
-                    .read_timeout(Duration::from_secs(60))
-                    .redirect(reqwest::redirect::Policy::none())
-                    // Partitioned blob downloads need the raw bytes (as the SDK's own default transport does).
-                    .gzip(false)
-                    .deflate(false)
-                    .build()
-                    .map_err(HttpsClientError::Build)?;
-                Some(Transport::new(Arc::new(client)))
-            }
-        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            // Partitioned blob downloads need the raw bytes (as the SDK's own default transport does).
+            .gzip(false)
+            .deflate(false);
+        if let Some(path) = extra_ca {
+            builder = builder.add_root_certificate(crate::tls::ca_certificate(path)?);
+        }
+        let client = builder.build().map_err(HttpsClientError::Build)?;
         Ok(Azure {
             credential,
-            transport,
+            transport: Transport::new(Arc::new(client)),
             verify_challenge_resource,
         })
     }
 
+    /// Fetches (and caches in the credential) the identity's token for `resource` ahead of the first request
+    /// that needs it. A failure is not reported here: that request fetches the token again and reports it.
+    pub async fn prefetch_token(&self, resource: &str) {
+        let scope = format!("{resource}/.default");
+        if let Err(e) = self.credential.get_token(&[scope.as_str()], None).await {
+            tracing::debug!(error = %e, "identity token not prefetched");
+        }
+    }
+
     fn client_options(&self) -> ClientOptions {
         ClientOptions {
-            transport: self.transport.clone(),
+            transport: Some(self.transport.clone()),
             retry: RetryOptions::none(),
             ..Default::default()
         }
@@ -301,6 +308,30 @@ impl Azure {
 mod tests {
     use super::*;
     use azure_core::http::{headers::Headers, RawResponse, StatusCode};
+
+    #[derive(Debug)]
+    struct NoCredential;
+    #[async_trait::async_trait]
+    impl TokenCredential for NoCredential {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            Err(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                "none",
+            ))
+        }
+    }
+
+    /// On Azure (no extra CA) too, the SDK clients share the factory's one HTTP client instead of each building
+    /// its own (a trust-store load and a connection pool per client).
+    #[test]
+    fn every_client_shares_one_transport_with_or_without_an_extra_ca() {
+        let az = Azure::new(Arc::new(NoCredential), None, true).unwrap();
+        assert!(az.client_options().transport.is_some());
+    }
 
     /// An SDK error as a throttled answer produces it: status, and the answer's headers.
     fn throttled(

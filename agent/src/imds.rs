@@ -163,6 +163,13 @@ impl std::fmt::Debug for TokenResponse {
     }
 }
 
+/// Whether `endpoint` is a plain-HTTP URL.
+fn plain_http(endpoint: &str) -> bool {
+    endpoint
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+}
+
 #[derive(Debug, Clone)]
 pub struct ImdsClient {
     http: reqwest::Client,
@@ -172,9 +179,16 @@ pub struct ImdsClient {
 
 impl ImdsClient {
     pub fn new(endpoint: &str, policy: RetryPolicy) -> Self {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2));
+        // IMDS is plain HTTP (Azure's is http://169.254.169.254): a client for it needs no TLS trust store, and
+        // loading the system's (what a default client does, at every construction) costs milliseconds of a
+        // boot's critical path. An https endpoint keeps the system roots.
+        if plain_http(endpoint) {
+            builder = builder.tls_certs_only([]);
+        }
+        let http = builder
             .build()
             .expect("static HTTP client configuration is valid");
         ImdsClient {
@@ -290,5 +304,36 @@ impl ImdsClient {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_endpoints_go_without_a_trust_store() {
+        assert!(plain_http("http://169.254.169.254"));
+        assert!(plain_http("HTTP://127.77.0.31:16925"));
+        assert!(!plain_http("https://imds.example"));
+        assert!(!plain_http("http"));
+    }
+
+    /// A client for a plain-HTTP IMDS (no trust store loaded) still fetches over HTTP.
+    #[tokio::test]
+    async fn a_plain_http_client_fetches() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let app = axum::Router::new().route(
+            "/metadata/identity/oauth2/token",
+            axum::routing::get(|| async { r#"{"access_token":"t","expires_on":"1"}"# }),
+        );
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let c = ImdsClient::new(
+            &format!("http://127.0.0.1:{port}"),
+            RetryPolicy::imds(Duration::from_secs(5)),
+        );
+        let t = c.token("https://vault.azure.net", None).await.unwrap();
+        assert_eq!(t.expires_on, "1");
     }
 }

@@ -208,6 +208,26 @@ impl Clients {
     }
 }
 
+/// One secret written through a client kept for the whole fetch (see [`read`]).
+async fn write(
+    secrets: &SecretClient,
+    name: &str,
+    value: &str,
+    policy: RetryPolicy,
+) -> Result<(), AzureError> {
+    call(policy, "cluster material write", || {
+        let params = SetSecretParameters {
+            value: Some(value.to_string()),
+            ..Default::default()
+        };
+        async move {
+            let body: RequestContent<SetSecretParameters> = params.try_into()?;
+            secrets.set_secret(name, body, None).await.map(|_| ())
+        }
+    })
+    .await
+}
+
 async fn set(
     az: &Azure,
     vault: &str,
@@ -215,19 +235,7 @@ async fn set(
     value: &str,
     policy: RetryPolicy,
 ) -> Result<(), AzureError> {
-    let secrets = az.secrets(vault)?;
-    call(policy, "cluster material write", || {
-        let params = SetSecretParameters {
-            value: Some(value.to_string()),
-            ..Default::default()
-        };
-        let secrets = &secrets;
-        async move {
-            let body: RequestContent<SetSecretParameters> = params.try_into()?;
-            secrets.set_secret(name, body, None).await.map(|_| ())
-        }
-    })
-    .await
+    write(&az.secrets(vault)?, name, value, policy).await
 }
 
 /// What a creation-complete check found: the sentinel decides ([`Names::ca_cert`], written last).
@@ -361,6 +369,22 @@ fn gossip_key() -> Zeroizing<String> {
     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&b[..]))
 }
 
+/// The first pause between looks for the cluster material: a creator that holds the lease usually finishes
+/// within a few hundred milliseconds, and a node that waits a whole second for it waits for nothing.
+pub const MATERIAL_POLL_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between looks for the cluster material (the pace of a node that boots long before any
+/// server tier: docs/PERFORMANCE.md#at-scale).
+pub const MATERIAL_POLL_MAX: Duration = Duration::from_secs(1);
+
+/// The pause after look number `look` (1-based) for the cluster material found none: [`MATERIAL_POLL_FIRST`]
+/// doubled after each look up to [`MATERIAL_POLL_MAX`] (0.1, 0.2, 0.4, 0.8, 1, 1, … s), plus up to a quarter
+/// more by `jitter` in [0, 1) so that nodes booted together do not look together.
+pub fn material_pause(look: u32, jitter: f64) -> Duration {
+    let doublings = look.saturating_sub(1).min(16);
+    let base = (MATERIAL_POLL_FIRST * 2u32.pow(doublings)).min(MATERIAL_POLL_MAX);
+    base + base.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
+}
+
 /// How long a node looks for the Consul agent token at the quick pace (0.5 s): the Consul tier's bootstrap
 /// usually hands the token over within this.
 pub const AGENT_TOKEN_QUICK: Duration = Duration::from_secs(30);
@@ -427,7 +451,7 @@ impl Fetch<'_> {
         Ok(m)
     }
 
-    /// The material, looked for every second within `left`.
+    /// The material, looked for within `left`: quickly at first, then every second ([`material_pause`]).
     async fn material(
         &self,
         clients: &Clients,
@@ -435,7 +459,7 @@ impl Fetch<'_> {
     ) -> Result<ClusterMaterial, MaterialError> {
         // Each look may create the material under the lease: never cut short by the poll.
         let r = retry(
-            RetryPolicy::poll_whole(left, Duration::from_secs(1)),
+            RetryPolicy::poll_whole(left, MATERIAL_POLL_FIRST),
             |attempt| async move {
                 match look(self, clients).await {
                     Ok(Some(m)) => Attempt::Done(m),
@@ -446,7 +470,10 @@ impl Fetch<'_> {
                                 "waiting for the cluster material in Key Vault"
                             );
                         }
-                        Attempt::Retry(Wait::NotYet)
+                        Attempt::RetryAfter(
+                            Wait::NotYet,
+                            material_pause(attempt, rand::random::<f64>()),
+                        )
                     }
                     Err(e) => Attempt::Fail(Wait::Failed(e)),
                 }
@@ -501,7 +528,7 @@ async fn look(f: &Fetch<'_>, clients: &Clients) -> Result<Option<ClusterMaterial
     if let Some(m) = read_all(clients, vaults, cluster, policy).await? {
         return Ok(Some(m));
     }
-    if let (Some(c), Some(servers)) = (f.creator, &vaults.servers) {
+    if let (Some(c), Some(_)) = (f.creator, &vaults.servers) {
         if let Some(lead) = election::try_acquire(
             az,
             c.blob_endpoint,
@@ -515,7 +542,7 @@ async fn look(f: &Fetch<'_>, clients: &Clients) -> Result<Option<ClusterMaterial
             // Re-check under the lease: the previous holder may have just finished.
             let r = match read_all(clients, vaults, cluster, policy).await {
                 Ok(Some(m)) => Ok(m),
-                Ok(None) => create(az, clients, &lead, vaults, servers, cluster, policy).await,
+                Ok(None) => create(clients, &lead, vaults, cluster, policy).await,
                 Err(e) => Err(e),
             };
             lead.release().await;
@@ -548,15 +575,12 @@ impl TimeoutError for Wait {
 }
 
 async fn create(
-    az: &Azure,
     clients: &Clients,
     lead: &election::Leadership,
     vaults: &Vaults,
-    servers: &str,
     cluster: &str,
     policy: RetryPolicy,
 ) -> Result<ClusterMaterial, MaterialError> {
-    let shared = vaults.shared.as_str();
     let now = time::OffsetDateTime::now_utc();
     let (ca_cert, ca_key) =
         crate::tls::generate_ca(&format!("hashistack {cluster} cluster CA"), 3650, now)
@@ -582,54 +606,64 @@ async fn create(
     else {
         unreachable!("just built");
     };
-    // Server-only secrets first, the shared CA certificate last (the readers' sentinel); each write only while
-    // this node's lease clock says it still holds the material lease.
-    let writes: [(&str, &str, &str); 6] = [
+    let shared = &clients.shared;
+    let Some(servers) = clients.servers.as_ref() else {
+        return Err(MaterialError::Invalid(
+            "no servers vault to create the CA key in".into(),
+        ));
+    };
+    // Over the fetch's own clients (one per vault: its challenge answered and its connections kept). In three
+    // steps, each only while this node's lease clock says it still holds the material lease: every secret
+    // that stands for nothing else, at once; the Nomad client certificate (it stands for its key, written
+    // before it); the shared CA certificate last (the readers' sentinel).
+    let first: [(&SecretClient, &str, &str); 4] = [
         (servers, n.ca_key.as_str(), ca_key.as_str()),
         (servers, n.nomad_gossip_key.as_str(), nomad.as_str()),
         (shared, n.nomad_client_key.as_str(), client_key.as_str()),
-        (shared, n.nomad_client_cert.as_str(), client_cert.as_str()),
         (
             shared,
             n.consul_gossip_key.as_str(),
             m.consul_gossip_key.as_str(),
         ),
+    ];
+    lead.check()?;
+    let [a, b, c, d] = first.map(|(client, name, value)| write(client, name, value, policy));
+    tokio::try_join!(a, b, c, d)?;
+    lead.check()?;
+    write(shared, &n.nomad_client_cert, client_cert, policy).await?;
+    lead.check()?;
+    // Create-only for the sentinel: another creator that finished wins, and this one's earlier writes are not
+    // used (the sentinel's pair is checked when loaded).
+    if read(shared, &n.ca_cert, policy).await?.is_some() {
+        tracing::warn!(
+            cluster,
+            "another node created the cluster material meanwhile; using it"
+        );
+        return read_all(clients, vaults, cluster, policy)
+            .await?
+            .ok_or_else(|| MaterialError::Invalid("the material vanished".into()));
+    }
+    lead.check()?;
+    write(shared, &n.ca_cert, &m.ca_cert, policy).await?;
+    // Read back, all at once: every secret must be this creation's. Not the Nomad client key: only workers
+    // ever read it (tests/tests/workers.rs); its certificate, written after it and read back here, stands for
+    // the pair.
+    let back: [(&SecretClient, &str, &str); 5] = [
+        first[0],
+        first[1],
+        first[3],
+        (shared, n.nomad_client_cert.as_str(), client_cert.as_str()),
         (shared, n.ca_cert.as_str(), m.ca_cert.as_str()),
     ];
-    for (vault, name, value) in writes {
-        lead.check()?;
-        if name == n.ca_cert {
-            // Create-only for the sentinel: another creator that finished wins, and this one's earlier writes
-            // are not used (the sentinel's pair is checked when loaded).
-            if get(az, vault, name, policy).await?.is_some() {
-                tracing::warn!(
-                    cluster,
-                    "another node created the cluster material meanwhile; using it"
-                );
-                return read_all(clients, vaults, cluster, policy)
-                    .await?
-                    .ok_or_else(|| MaterialError::Invalid("the material vanished".into()));
-            }
-            lead.check()?;
-        }
-        set(az, vault, name, value, policy).await?;
-    }
-    // Read back: every secret must be this creation's. Not the Nomad client key: only workers ever read it
-    // (tests/tests/workers.rs); its certificate, written after it and read back here, stands for the pair.
-    let mut overwritten = Vec::new();
-    for (vault, name, value) in writes {
-        if name == n.nomad_client_key {
-            continue;
-        }
-        if get(az, vault, name, policy)
-            .await?
-            .as_deref()
-            .map(|v| v.as_str())
-            != Some(value)
-        {
-            overwritten.push(name.to_string());
-        }
-    }
+    let [a, b, c, d, e] = back.map(|(client, name, _)| read(client, name, policy));
+    let found = tokio::try_join!(a, b, c, d, e)?;
+    let found = [found.0, found.1, found.2, found.3, found.4];
+    let overwritten: Vec<String> = back
+        .iter()
+        .zip(&found)
+        .filter(|((_, _, value), got)| got.as_deref().map(|v| v.as_str()) != Some(*value))
+        .map(|((_, name, _), _)| name.to_string())
+        .collect();
     if !overwritten.is_empty() {
         return Err(MaterialError::Conflict {
             names: overwritten.join(", "),
@@ -704,6 +738,29 @@ mod tests {
         assert!(r.is_err());
         let n = looks.load(std::sync::atomic::Ordering::SeqCst);
         assert!((2..=3).contains(&n), "{n} looks in 4 s");
+    }
+
+    /// A node waiting for the cluster material looks again after 0.1 s, then 0.2, 0.4, 0.8 and 1 s (with up to
+    /// a quarter more jitter), where it used to wait a whole second from the first look.
+    #[test]
+    fn the_wait_for_the_material_starts_quick_and_backs_off_to_a_second() {
+        let ms = |look, jitter| material_pause(look, jitter).as_millis() as u64;
+        let without: Vec<u64> = (1..=7).map(|l| ms(l, 0.0)).collect();
+        assert_eq!(without, [100, 200, 400, 800, 1000, 1000, 1000]);
+        let most: Vec<u64> = (1..=7).map(|l| ms(l, 0.999_999)).collect();
+        assert_eq!(most, [124, 249, 499, 999, 1249, 1249, 1249]);
+        assert_eq!(ms(u32::MAX, 0.0), 1000);
+        // Looks in the first 1.5 s of a wait (before jitter): at 0, 0.1, 0.3, 0.7 and 1.5 s.
+        let mut at = Duration::ZERO;
+        let mut looks = vec![0];
+        for look in 1.. {
+            at += material_pause(look, 0.0);
+            if at > Duration::from_millis(1500) {
+                break;
+            }
+            looks.push(at.as_millis() as u64);
+        }
+        assert_eq!(looks, [0, 100, 300, 700, 1500]);
     }
 
     #[test]

@@ -686,6 +686,12 @@ impl NodeSpec {
     }
 }
 
+/// Key Vault's token resource in an Azure cloud (what its challenge names: `https://vault.azure.net` on the
+/// public cloud), by IMDS `compute.azEnvironment`.
+pub fn key_vault_resource(az_environment: &str) -> Option<String> {
+    cloud_domains(az_environment).map(|(_, vault)| format!("https://{}", &vault[1..]))
+}
+
 /// The service domains of an Azure cloud, by IMDS `compute.azEnvironment`: (blob, Key Vault).
 fn cloud_domains(az_environment: &str) -> Option<(&'static str, &'static str)> {
     match az_environment {

@@ -310,11 +310,22 @@ pub(crate) async fn fetch_material(
     may_create: bool,
 ) -> Result<crate::material::ClusterMaterial, BootError> {
     let az = azure_for(cfg, spec)?;
+    fetch_material_with(&az, cfg, spec, vaults, may_create).await
+}
+
+/// [`fetch_material`] over Azure clients already built (a cold boot builds them while it checks its inputs).
+pub(crate) async fn fetch_material_with(
+    az: &crate::azure::Azure,
+    cfg: &AgentConfig,
+    spec: &NodeSpec,
+    vaults: &crate::material::Vaults,
+    may_create: bool,
+) -> Result<crate::material::ClusterMaterial, BootError> {
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
     let started = Instant::now();
     let m = crate::material::Fetch {
-        az: &az,
+        az,
         vaults,
         cluster: &spec.cluster,
         creator: (may_create && spec.role.is_server_tier()).then_some(crate::material::Creator {

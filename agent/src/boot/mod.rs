@@ -88,6 +88,7 @@ impl BootError {
 pub use crate::record::{record_path, BootRecord, Phase};
 
 mod material;
+use material::fetch_material_with;
 pub use material::load_material;
 pub(crate) use material::{fetch_material, material_vaults, warm_material};
 
@@ -279,6 +280,15 @@ async fn boot_inner(
     ),
     BootError,
 > {
+    // A boot without the material kept on disk is cold: it will need randomness (TLS, certificate keys), and
+    // AWS-LC seeds its generator from CPU-jitter entropy once per process (~24 ms): seeded now, on a thread of
+    // its own, while the metadata is fetched.
+    if !crate::warm::path(layout).exists() {
+        std::thread::spawn(|| {
+            let mut b = [0u8; 1];
+            let _ = aws_lc_rs::rand::fill(&mut b);
+        });
+    }
     let mut lap = started;
     let mut timed = |rec: &mut BootRecord, step: &str| {
         let now = Instant::now();
@@ -298,8 +308,33 @@ async fn boot_inner(
     rec.role = Some(spec.role.to_string());
     rec.cluster = Some(spec.cluster.clone());
     tracing::info!(role = %spec.role, cluster = %spec.cluster, node = %spec.node_name, ip = %spec.ip, "node identified");
+    // Warm or cold, from the material kept on disk; a cold boot's Azure clients (their trust store loaded)
+    // and identity token are prepared while the userData is checked — nothing is written or sent to Key Vault
+    // before the inputs are checked.
+    let key_vault = match cfg.material.source {
+        crate::config::MaterialSource::Files => None,
+        crate::config::MaterialSource::Keyvault => {
+            let vaults = material_vaults(&spec)?;
+            let source = crate::warm::Source::of(&spec, &vaults);
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let disk = crate::warm::load(layout, &source, nix::unistd::geteuid().as_raw(), now);
+            Some((vaults, source, disk, now))
+        }
+    };
+    let cold = matches!(&key_vault, Some((_, _, Err(_), _)));
+    let prepare = async {
+        if !cold {
+            return Ok(None);
+        }
+        let az = azure_for(cfg, &spec)?;
+        if let Some(resource) = crate::node::key_vault_resource(&md.compute.az_environment) {
+            az.prefetch_token(&resource).await;
+        }
+        Ok::<_, BootError>(Some(az))
+    };
     // Before anything is written: a bad userData or operator key stops the boot here.
-    let operator_keys = operator_keys(cfg, &spec).await?;
+    let (operator_keys, prepared) = tokio::join!(operator_keys(cfg, &spec), prepare);
+    let (operator_keys, prepared) = (operator_keys?, prepared?);
     timed(rec, "user-data");
 
     // Server tiers keep their data on the data disk, which hashistack-data.service mounted before this unit
@@ -336,46 +371,71 @@ async fn boot_inner(
     }
 
     rec.phase = Phase::Render;
-    let versions = detect_versions(cfg, layout, &spec.products()).await?;
-    rec.versions = versions
-        .iter()
-        .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
-        .collect();
-    timed(rec, "versions");
     // Warm: the material the agent kept on disk, unchanged since Key Vault last confirmed it, starts the
-    // services at once; `converge::run` confirms it with Key Vault afterwards. Cold: wait for Key Vault.
-    let mut warm = None;
+    // services at once; `converge::run` confirms it with Key Vault afterwards. Cold: wait for Key Vault, while
+    // the products' versions are detected (both are inputs to render only).
     let mut keep = None;
-    let shared = match cfg.material.source {
-        crate::config::MaterialSource::Files => {
+    let mut from_key_vault = false;
+    let (warm, material_fetch) = match key_vault {
+        None => {
             rec.material = Some("files".into());
-            None
+            (None, None)
         }
-        crate::config::MaterialSource::Keyvault => {
-            let vaults = material_vaults(&spec)?;
-            let source = crate::warm::Source::of(&spec, &vaults);
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let on_disk = crate::warm::load(layout, &source, nix::unistd::geteuid().as_raw(), now)
-                .and_then(|disk| warm_material(cfg, &spec, layout, &disk).map(|m| (m, disk)));
-            match on_disk {
-                Ok(found) => {
-                    warm = Some(found);
-                    None
-                }
+        Some((vaults, source, disk, now)) => {
+            match disk.and_then(|d| warm_material(cfg, &spec, layout, &d).map(|m| (m, d))) {
+                Ok(found) => (Some(found), None),
                 Err(why) => {
                     if why != crate::warm::NotWarm::Absent {
                         tracing::info!(reason = %why, "cold boot: the cluster material comes from Key Vault");
                     }
-                    let m = fetch_material(cfg, &spec, &vaults, true).await?;
-                    keep = Some(crate::warm::DiskMaterial::from_cluster(
-                        &m, source, spec.role, now,
-                    ));
-                    rec.material = Some("key-vault".into());
-                    Some(m)
+                    (None, Some((vaults, source, now)))
                 }
             }
         }
     };
+    let fetch = async {
+        let Some((vaults, source, now)) = &material_fetch else {
+            return Ok(None);
+        };
+        let az = match &prepared {
+            Some(az) => az.clone(),
+            None => azure_for(cfg, &spec)?,
+        };
+        let m = fetch_material_with(&az, cfg, &spec, vaults, true).await?;
+        Ok::<_, BootError>(Some((m, source.clone(), *now)))
+    };
+    let products = spec.products();
+    let detect = async {
+        let t = Instant::now();
+        let v = detect_versions(cfg, layout, &products).await?;
+        Ok::<_, BootError>((v, t.elapsed()))
+    };
+    // The first error ends both (a node whose binary cannot be probed does not wait out the material's
+    // deadline; a creation cut short is a creator that died: its lease expires, the next creator starts over).
+    let ((versions, versions_took), fetched) = tokio::try_join!(detect, fetch)?;
+    rec.versions = versions
+        .iter()
+        .map(|(p, i)| (p.to_string(), format!("{} {}", i.distribution, i.version)))
+        .collect();
+    // The steps stay a partition of the critical path: `versions` is the probe's own time, `material` what
+    // the material took beyond it (the Key Vault fetch ran beside the probe).
+    timed(rec, "versions");
+    let joined_us = rec.phases_us.get("versions").copied().unwrap_or(0);
+    let versions_us = (versions_took.as_micros() as u64).min(joined_us);
+    rec.phases_us.insert("versions".into(), versions_us);
+    let shared = match fetched {
+        Some((m, source, now)) => {
+            keep = Some(crate::warm::DiskMaterial::from_cluster(
+                &m, source, spec.role, now,
+            ));
+            from_key_vault = true;
+            Some(m)
+        }
+        None => None,
+    };
+    if from_key_vault {
+        rec.material = Some("key-vault".into());
+    }
     let (material, warm) = match warm {
         Some((m, disk)) => {
             rec.material = Some("disk".into());
@@ -386,6 +446,7 @@ async fn boot_inner(
     };
     drop(shared);
     timed(rec, "material");
+    *rec.phases_us.entry("material".into()).or_default() += joined_us - versions_us;
     let opts = RenderOptions::from_config(cfg);
     let plan = render::render(&spec, layout, &opts, &versions, Some(&material))?;
     drop(material);
