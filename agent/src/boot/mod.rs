@@ -311,17 +311,17 @@ async fn boot_inner(
     // Warm or cold, from the material kept on disk; a cold boot's Azure clients (their trust store loaded)
     // and identity token are prepared while the userData is checked — nothing is written or sent to Key Vault
     // before the inputs are checked.
+    // (A tag the material needs that is missing is reported after the userData and the data disk, as before.)
     let key_vault = match cfg.material.source {
         crate::config::MaterialSource::Files => None,
-        crate::config::MaterialSource::Keyvault => {
-            let vaults = material_vaults(&spec)?;
+        crate::config::MaterialSource::Keyvault => Some(material_vaults(&spec).map(|vaults| {
             let source = crate::warm::Source::of(&spec, &vaults);
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let disk = crate::warm::load(layout, &source, nix::unistd::geteuid().as_raw(), now);
-            Some((vaults, source, disk, now))
-        }
+            (vaults, source, disk, now)
+        })),
     };
-    let cold = matches!(&key_vault, Some((_, _, Err(_), _)));
+    let cold = matches!(&key_vault, Some(Ok((_, _, Err(_), _))));
     let prepare = async {
         if !cold {
             return Ok(None);
@@ -371,6 +371,7 @@ async fn boot_inner(
     }
 
     rec.phase = Phase::Render;
+    let key_vault = key_vault.transpose()?;
     // Warm: the material the agent kept on disk, unchanged since Key Vault last confirmed it, starts the
     // services at once; `converge::run` confirms it with Key Vault afterwards. Cold: wait for Key Vault, while
     // the products' versions are detected (both are inputs to render only).
