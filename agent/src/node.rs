@@ -793,6 +793,25 @@ mod tests {
         NodeSpec::from_metadata(&md).unwrap()
     }
 
+    /// The resource a cold boot prefetches its identity token for: what Key Vault's challenge names.
+    #[test]
+    fn key_vault_resource_per_cloud() {
+        let r = |env: &str| key_vault_resource(env);
+        assert_eq!(
+            r("AzurePublicCloud").as_deref(),
+            Some("https://vault.azure.net")
+        );
+        assert_eq!(
+            r("AzureUSGovernmentCloud").as_deref(),
+            Some("https://vault.usgovcloudapi.net")
+        );
+        assert_eq!(
+            r("AzureChinaCloud").as_deref(),
+            Some("https://vault.azure.cn")
+        );
+        assert_eq!(r("Elsewhere"), None);
+    }
+
     #[test]
     fn azure_endpoints_pass_on_their_own_cloud_only() {
         let s = spec("consul-server");

@@ -280,15 +280,6 @@ async fn boot_inner(
     ),
     BootError,
 > {
-    // A boot without the material kept on disk is cold: it will need randomness (TLS, certificate keys), and
-    // AWS-LC seeds its generator from CPU-jitter entropy once per process (~24 ms): seeded now, on a thread of
-    // its own, while the metadata is fetched.
-    if !crate::warm::path(layout).exists() {
-        std::thread::spawn(|| {
-            let mut b = [0u8; 1];
-            let _ = aws_lc_rs::rand::fill(&mut b);
-        });
-    }
     let mut lap = started;
     let mut timed = |rec: &mut BootRecord, step: &str| {
         let now = Instant::now();
