@@ -267,7 +267,7 @@ pub async fn consul_token(
         vaults: &material_vaults(spec)?,
         cluster: &spec.cluster,
         creator: None,
-        agent_token: crate::material::AgentToken::Wait,
+        agent_token: crate::material::AgentToken::Wait(crate::material::TokenPace::of(spec.role)),
         policy,
         deadline,
     }

@@ -391,11 +391,39 @@ pub const AGENT_TOKEN_QUICK: Duration = Duration::from_secs(30);
 /// The pause between looks after that: a fleet of workers booted before the Consul tier was bootstrapped must
 /// not flood the shared vault the tier's leader writes the token to (docs/PERFORMANCE.md#at-scale).
 pub const AGENT_TOKEN_SLOW: Duration = Duration::from_secs(8);
+/// How long a server-tier node looks at the fastest pace (every [`AGENT_TOKEN_SERVER_EVERY`]): the servers boot
+/// together with the Consul tier, whose bootstrap hands the token over a few seconds later.
+pub const AGENT_TOKEN_SERVER_FAST: Duration = Duration::from_secs(10);
+/// The server tiers' fastest pace. At most 3 tiers of 7 servers look this often, for at most
+/// [`AGENT_TOKEN_SERVER_FAST`]: ≤ 210 reads a second, about half of Key Vault's 4,000 per 10 s per vault.
+pub const AGENT_TOKEN_SERVER_EVERY: Duration = Duration::from_millis(100);
 
-/// The pause after a look for the agent token that found none, `elapsed` into the wait: 0.5 s during the
-/// first `quick`, then [`AGENT_TOKEN_SLOW`].
-pub fn agent_token_pause(elapsed: Duration, quick: Duration) -> Duration {
-    if elapsed < quick {
+/// Who waits for the agent token, which sets the pace of its looks ([`agent_token_pause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPace {
+    /// A server-tier node: a bounded few (≤ 7 per tier), whose wait is on the bootstrap's critical path.
+    Server,
+    /// Any other node (workers, the jumpbox): possibly thousands, so never faster than 0.5 s.
+    Fleet,
+}
+
+impl TokenPace {
+    pub fn of(role: crate::node::Role) -> TokenPace {
+        if role.is_server_tier() {
+            TokenPace::Server
+        } else {
+            TokenPace::Fleet
+        }
+    }
+}
+
+/// The pause after a look for the agent token that found none, `elapsed` into the wait: for a server-tier node
+/// 0.1 s during the first [`AGENT_TOKEN_SERVER_FAST`]; then (and for every other node from the start) 0.5 s
+/// during the first `quick`; then [`AGENT_TOKEN_SLOW`].
+pub fn agent_token_pause(elapsed: Duration, quick: Duration, pace: TokenPace) -> Duration {
+    if pace == TokenPace::Server && elapsed < AGENT_TOKEN_SERVER_FAST.min(quick) {
+        AGENT_TOKEN_SERVER_EVERY
+    } else if elapsed < quick {
         Duration::from_millis(500)
     } else {
         AGENT_TOKEN_SLOW
@@ -415,8 +443,8 @@ pub struct Creator<'a> {
 pub enum AgentToken {
     /// Take it if it is there; a node without it still renders and starts what does not need it.
     IfPresent,
-    /// Wait for it within the deadline (a Consul agent that cannot start without it).
-    Wait,
+    /// Wait for it within the deadline (a Consul agent that cannot start without it), looking at this pace.
+    Wait(TokenPace),
 }
 
 /// One fetch of the cluster material: where from, who may create it, and how long to wait.
@@ -439,9 +467,13 @@ impl Fetch<'_> {
         let start = Instant::now();
         let clients = Clients::new(self.az, self.vaults)?;
         let mut m = self.material(&clients, self.deadline).await?;
-        if self.agent_token == AgentToken::Wait && m.consul_agent_token.is_none() {
+        let waits = match self.agent_token {
+            AgentToken::Wait(pace) if m.consul_agent_token.is_none() => Some(pace),
+            _ => None,
+        };
+        if let Some(pace) = waits {
             let left = self.deadline.saturating_sub(start.elapsed());
-            m.consul_agent_token = Some(self.agent_token(&clients, left).await?);
+            m.consul_agent_token = Some(self.agent_token(&clients, left, pace).await?);
             // Handed over before the agent token: present now unless its creation failed (the Consul tier's
             // state says so) or an older agent bootstrapped the cluster.
             if self.vaults.nomad_consul_token && m.consul_nomad_token.is_none() {
@@ -492,6 +524,7 @@ impl Fetch<'_> {
         &self,
         clients: &Clients,
         left: Duration,
+        pace: TokenPace,
     ) -> Result<Zeroizing<String>, MaterialError> {
         let name = crate::names::agent_token_secret(self.cluster);
         tracing::info!(
@@ -501,13 +534,13 @@ impl Fetch<'_> {
         // Each look is a whole Key Vault read under its own retry policy: never cut short by the poll. Quick at
         // first, slow after AGENT_TOKEN_QUICK (agent_token_pause).
         let start = std::time::Instant::now();
-        let every = Duration::from_millis(500);
+        let every = agent_token_pause(Duration::ZERO, AGENT_TOKEN_QUICK, pace);
         let r = retry(RetryPolicy::poll_whole(left, every), |_| async {
             match read(&clients.shared, &name, self.policy).await {
                 Ok(Some(t)) => Attempt::Done(t),
                 Ok(None) => Attempt::RetryAfter(
                     Wait::NotYet,
-                    agent_token_pause(start.elapsed(), AGENT_TOKEN_QUICK),
+                    agent_token_pause(start.elapsed(), AGENT_TOKEN_QUICK, pace),
                 ),
                 Err(e) => Attempt::Fail(Wait::Failed(e.into())),
             }
@@ -714,12 +747,17 @@ mod tests {
     /// looks at 0, 0.5 and 1 s and then not before 9 s, where a fixed 0.5 s poll looked 8 times.
     #[tokio::test]
     async fn the_wait_for_the_agent_token_slows_down() {
+        let fleet = TokenPace::Fleet;
         assert_eq!(
-            agent_token_pause(Duration::from_secs(29), AGENT_TOKEN_QUICK),
+            agent_token_pause(Duration::ZERO, AGENT_TOKEN_QUICK, fleet),
             Duration::from_millis(500)
         );
         assert_eq!(
-            agent_token_pause(Duration::from_secs(30), AGENT_TOKEN_QUICK),
+            agent_token_pause(Duration::from_secs(29), AGENT_TOKEN_QUICK, fleet),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            agent_token_pause(Duration::from_secs(30), AGENT_TOKEN_QUICK, fleet),
             AGENT_TOKEN_SLOW
         );
         let looks = std::sync::atomic::AtomicU32::new(0);
@@ -730,7 +768,7 @@ mod tests {
                 looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 Attempt::RetryAfter(
                     Wait::NotYet,
-                    agent_token_pause(start.elapsed(), Duration::from_secs(1)),
+                    agent_token_pause(start.elapsed(), Duration::from_secs(1), TokenPace::Fleet),
                 )
             },
         )
@@ -738,6 +776,55 @@ mod tests {
         assert!(r.is_err());
         let n = looks.load(std::sync::atomic::Ordering::SeqCst);
         assert!((2..=3).contains(&n), "{n} looks in 4 s");
+    }
+
+    /// A server-tier node waits for the token on the bootstrap's critical path: it looks every 0.1 s for the first
+    /// 10 s (the Consul tier hands the token over a few seconds after the servers boot), then at the fleet's pace.
+    /// Workers and the jumpbox never look faster than every 0.5 s.
+    #[test]
+    fn servers_look_for_the_agent_token_quickly_at_first_and_the_fleet_never_does() {
+        assert_eq!(
+            TokenPace::of(crate::node::Role::VaultServer),
+            TokenPace::Server
+        );
+        assert_eq!(
+            TokenPace::of(crate::node::Role::NomadServer),
+            TokenPace::Server
+        );
+        assert_eq!(TokenPace::of(crate::node::Role::Worker), TokenPace::Fleet);
+        assert_eq!(TokenPace::of(crate::node::Role::Jumpbox), TokenPace::Fleet);
+        let server = |s: f64| {
+            agent_token_pause(
+                Duration::from_secs_f64(s),
+                AGENT_TOKEN_QUICK,
+                TokenPace::Server,
+            )
+        };
+        assert_eq!(server(0.0), Duration::from_millis(100));
+        assert_eq!(server(9.9), Duration::from_millis(100));
+        assert_eq!(server(10.0), Duration::from_millis(500));
+        assert_eq!(server(29.9), Duration::from_millis(500));
+        assert_eq!(server(30.0), AGENT_TOKEN_SLOW);
+        // A quick phase shorter than the fast one bounds it too.
+        assert_eq!(
+            agent_token_pause(
+                Duration::from_secs(2),
+                Duration::from_secs(1),
+                TokenPace::Server
+            ),
+            AGENT_TOKEN_SLOW
+        );
+        let fleet_fastest = (0..600)
+            .map(|t| {
+                agent_token_pause(
+                    Duration::from_millis(t * 100),
+                    AGENT_TOKEN_QUICK,
+                    TokenPace::Fleet,
+                )
+            })
+            .min()
+            .unwrap();
+        assert_eq!(fleet_fastest, Duration::from_millis(500));
     }
 
     /// A node waiting for the cluster material looks again after 0.1 s, then 0.2, 0.4, 0.8 and 1 s (with up to
