@@ -134,10 +134,38 @@ where
     .await
 }
 
+/// Like [`call`], through `gate`: the throttle gate of the vault the call goes to ([`Azure::gate`]).
+pub async fn call_gated<T, F, Fut>(
+    gate: &Gate,
+    policy: RetryPolicy,
+    what: &str,
+    f: F,
+) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    call_inner(policy, what, AzureError::retryable, Some(gate), f).await
+}
+
 async fn call_classified<T, F, Fut>(
     policy: RetryPolicy,
     what: &str,
     retryable: fn(&AzureError) -> bool,
+    f: F,
+) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    call_inner(policy, what, retryable, None, f).await
+}
+
+async fn call_inner<T, F, Fut>(
+    policy: RetryPolicy,
+    what: &str,
+    retryable: fn(&AzureError) -> bool,
+    gate: Option<&Gate>,
     mut f: F,
 ) -> Result<T, AzureError>
 where
@@ -145,16 +173,45 @@ where
     Fut: Future<Output = azure_core::Result<T>>,
 {
     let r = retry(policy, |_| {
+        // SDK futures send nothing until polled: the gate is passed first.
         let fut = f();
         async move {
-            match fut.await {
-                Ok(v) => Attempt::Done(v),
+            let entered = match gate {
+                Some(g) => match g.enter().await {
+                    Ok(e) => Some(e),
+                    // Held: not sent; the loop waits out the hold (or ends with the 429 if the deadline
+                    // comes first).
+                    Err((left, cause)) => return Attempt::RetryAfter(cause, left),
+                },
+                None => None,
+            };
+            let out = fut.await;
+            match out {
+                Ok(v) => {
+                    if let (Some(g), Some(e)) = (gate, &entered) {
+                        g.answered(e);
+                    }
+                    Attempt::Done(v)
+                }
                 Err(e) => {
                     let err = AzureError::from_sdk(what, &e);
+                    let after = retry_after(&e).map(jittered);
+                    if let (Some(g), Some(entered)) = (gate, &entered) {
+                        if err.is(429) {
+                            g.throttled(after, &err);
+                        } else if err.status.is_some() {
+                            g.answered(entered);
+                        }
+                    }
+                    // The gate's hold, where there is one, is at least this call's own.
+                    let after = match gate.and_then(Gate::hold) {
+                        Some((left, _)) => Some(after.map_or(left, |a| a.max(left))),
+                        None => after,
+                    };
                     if !retryable(&err) {
                         Attempt::Fail(err)
-                    } else if let Some(after) = retry_after(&e) {
-                        Attempt::RetryAfter(err, jittered(after))
+                    } else if let Some(after) = after {
+                        Attempt::RetryAfter(err, after)
                     } else {
                         Attempt::Retry(err)
                     }
@@ -180,12 +237,114 @@ where
     })
 }
 
+/// One vault's throttle gate, shared by every gated call of this process to that vault ([`Azure::gate`]).
+/// Azure's throttling guidance: after a 429, wait its `Retry-After` before any further request to that vault
+/// — not only the request that was answered. So a 429's `Retry-After` (jittered, [`jittered`]) sets a hold
+/// that every request to the vault waits out before it is sent; and from a 429 on, the vault's requests go
+/// one at a time until one sent after the last 429 is answered without one (full concurrency again).
+/// Requests already on the wire when a 429 comes back cannot honour it, and do not need to.
+#[derive(Debug)]
+pub struct Gate {
+    state: std::sync::Mutex<GateState>,
+    single: tokio::sync::Semaphore,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Nothing is sent before this.
+    until: Option<std::time::Instant>,
+    /// The 429 that set the hold (a held call that runs out of deadline ends with it).
+    cause: Option<AzureError>,
+    /// One request at a time.
+    single: bool,
+    /// Counts 429s: an answer reopens the gate only if its request was sent after the last one.
+    generation: u64,
+}
+
+/// A request let through the gate: the generation it was sent in, and its turn while one at a time.
+pub struct Entered<'a> {
+    generation: u64,
+    _turn: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            state: Default::default(),
+            single: tokio::sync::Semaphore::new(1),
+        }
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What is left of the hold, with the 429 that set it; `None`: not held.
+    pub fn hold(&self) -> Option<(Duration, AzureError)> {
+        let st = self.lock();
+        let left = st.until?.checked_duration_since(std::time::Instant::now())?;
+        (!left.is_zero()).then(|| (left, st.cause.clone().expect("set with the hold")))
+    }
+
+    /// Whether requests go one at a time.
+    pub fn single(&self) -> bool {
+        self.lock().single
+    }
+
+    /// Lets a request through, or says how long the hold still lasts. One at a time: waits for its turn.
+    async fn enter(&self) -> Result<Entered<'_>, (Duration, AzureError)> {
+        if let Some(h) = self.hold() {
+            return Err(h);
+        }
+        let turn = if self.single() {
+            let t = self.single.acquire().await.expect("the gate's semaphore is never closed");
+            // Another request may have been throttled while this one waited for its turn.
+            if let Some(h) = self.hold() {
+                return Err(h);
+            }
+            Some(t)
+        } else {
+            None
+        };
+        Ok(Entered {
+            generation: self.lock().generation,
+            _turn: turn,
+        })
+    }
+
+    /// A 429: holds the vault for `after` (if it said) from now, and goes one at a time.
+    fn throttled(&self, after: Option<Duration>, cause: &AzureError) {
+        let mut st = self.lock();
+        st.generation += 1;
+        st.single = true;
+        if let Some(after) = after {
+            let until = std::time::Instant::now() + after;
+            if st.until.is_none_or(|u| u < until) {
+                st.until = Some(until);
+                st.cause = Some(cause.clone());
+            }
+        }
+    }
+
+    /// An answer other than a 429: full concurrency again, if the request was sent after the last 429.
+    fn answered(&self, entered: &Entered<'_>) {
+        let mut st = self.lock();
+        if st.generation == entered.generation {
+            st.single = false;
+        }
+    }
+}
+
 /// Factory for SDK clients sharing one credential and transport.
 #[derive(Clone)]
 pub struct Azure {
     credential: Arc<dyn TokenCredential>,
     transport: Transport,
     verify_challenge_resource: bool,
+    /// One throttle gate per vault URL, shared by every clone of this factory.
+    gates: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Gate>>>>,
 }
 
 impl std::fmt::Debug for Azure {
@@ -221,6 +380,7 @@ impl Azure {
             credential,
             transport: Transport::new(Arc::new(client)),
             verify_challenge_resource,
+            gates: Default::default(),
         })
     }
 
@@ -281,6 +441,13 @@ impl Azure {
         };
         BlobContainerClient::new(url, Some(self.credential.clone()), Some(opts))
             .map_err(|e| AzureError::from_sdk(&what(), &e))
+    }
+
+    /// The throttle gate of the vault at `vault_uri` (one per vault for this factory and its clones).
+    pub fn gate(&self, vault_uri: &str) -> Arc<Gate> {
+        let key = vault_uri.trim_end_matches('/').to_ascii_lowercase();
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.entry(key).or_default().clone()
     }
 
     pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {
@@ -430,6 +597,112 @@ mod tests {
         .await;
         assert_eq!(r.unwrap(), 7);
         assert_eq!(n, 2);
+    }
+
+    /// Two calls to one throttled vault: the second is not sent before the first's 429 `Retry-After` has
+    /// passed (the old per-call retry sent it at once), and a call whose deadline ends inside the hold ends
+    /// with the 429 without sending anything.
+    #[tokio::test]
+    async fn a_429_holds_every_call_to_that_vault() {
+        let gate = Gate::default();
+        let short = RetryPolicy {
+            deadline: Duration::from_millis(100),
+            attempt_timeout: Duration::from_secs(1),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(5),
+        };
+        let mut answered = None;
+        let r: Result<(), _> = call_gated(&gate, short, "a", || {
+            answered = Some(std::time::Instant::now());
+            async {
+                Err(throttled(
+                    StatusCode::TooManyRequests,
+                    &[("retry-after-ms", "400")],
+                ))
+            }
+        })
+        .await;
+        assert!(r.unwrap_err().is(429));
+        let answered = answered.unwrap();
+        assert!(gate.single());
+        // Inside the hold, with less deadline than hold left: nothing sent, the 429 is the answer.
+        // (Counted where the request is sent: the SDK's future sends when polled, not when made.)
+        let sent = std::sync::Mutex::new(Vec::new());
+        let r: Result<(), _> = call_gated(&gate, short, "b", || async {
+            sent.lock().unwrap().push(std::time::Instant::now());
+            Ok(())
+        })
+        .await;
+        let err = r.unwrap_err();
+        assert!(err.is(429) && err.detail.contains("gave up"), "{err}");
+        assert!(sent.lock().unwrap().is_empty());
+        // With time to wait: sent once, not before the hold ends.
+        let long = RetryPolicy {
+            deadline: Duration::from_secs(5),
+            ..short
+        };
+        call_gated(&gate, long, "c", || async {
+            sent.lock().unwrap().push(std::time::Instant::now());
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let sent_at = sent.into_inner().unwrap();
+        assert_eq!(sent_at.len(), 1);
+        assert!(
+            sent_at[0] >= answered + Duration::from_millis(400),
+            "sent {:?} after the 429, which asked for 400 ms",
+            sent_at[0] - answered
+        );
+        // Answered without a 429: full concurrency again.
+        assert!(!gate.single());
+    }
+
+    /// While a vault is throttled its calls go one at a time; the first answer to a request sent after the
+    /// last 429 reopens full concurrency; an answer to a request already on the wire at the 429 does not.
+    #[tokio::test]
+    async fn a_throttled_vault_is_called_one_at_a_time_until_it_answers() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let gate = Gate::default();
+        let policy = RetryPolicy {
+            deadline: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(5),
+        };
+        // On the wire before the 429: its answer does not reopen.
+        let before = gate.enter().await.unwrap();
+        gate.throttled(None, &e(Some(429), "throttled"));
+        gate.answered(&before);
+        drop(before);
+        assert!(gate.single());
+        let (now, most) = (AtomicU32::new(0), AtomicU32::new(0));
+        let one = || async {
+            call_gated(&gate, policy, "x", || async {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+        };
+        let (a, b, c) = tokio::join!(one(), one(), one());
+        (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(most.load(Ordering::SeqCst), 1, "one at a time while throttled");
+        assert!(!gate.single());
+        most.store(0, Ordering::SeqCst);
+        let (a, b, c) = tokio::join!(one(), one(), one());
+        (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(most.load(Ordering::SeqCst), 3, "all at once once answered");
+    }
+
+    #[test]
+    fn one_gate_per_vault_for_a_factory_and_its_clones() {
+        let az = Azure::new(Arc::new(NoCredential), None, true).unwrap();
+        let a = az.gate("https://a.vault.azure.net/");
+        assert!(Arc::ptr_eq(&a, &az.clone().gate("https://A.vault.azure.net")));
+        assert!(!Arc::ptr_eq(&a, &az.gate("https://b.vault.azure.net/")));
     }
 
     fn e(status: Option<u16>, detail: &str) -> AzureError {

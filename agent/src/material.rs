@@ -16,7 +16,7 @@
 //! mismatched CA key and certificate are refused when loaded (tls.rs), and Key Vault keeps the earlier
 //! version to restore (docs/bootstrap.md#cluster-material-conflict).
 
-use crate::azure::{call, Azure, AzureError};
+use crate::azure::{call_gated, Azure, AzureError, Gate};
 use crate::election;
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use azure_core::http::RequestContent;
@@ -143,17 +143,34 @@ async fn get(
     name: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
-    read(&az.secrets(vault)?, name, policy).await
+    read(&Kv::new(az, vault)?, name, policy).await
+}
+
+/// One vault's secrets client and its throttle gate (shared by every call of this process to the vault:
+/// a 429's `Retry-After` holds them all, [`Gate`]).
+pub struct Kv {
+    client: SecretClient,
+    gate: std::sync::Arc<Gate>,
+}
+
+impl Kv {
+    fn new(az: &Azure, vault: &str) -> Result<Self, AzureError> {
+        Ok(Kv {
+            client: az.secrets(vault)?,
+            gate: az.gate(vault),
+        })
+    }
 }
 
 /// One secret through a client that is kept for the whole fetch (its vault's challenge and connection are
 /// reused by every read); `None`: no such secret.
 async fn read(
-    secrets: &SecretClient,
+    kv: &Kv,
     name: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
-    let r = call(policy, "cluster material read", || async move {
+    let secrets = &kv.client;
+    let r = call_gated(&kv.gate, policy, "cluster material read", || async move {
         secrets.get_secret(name, None).await?.into_model()
     })
     .await;
@@ -166,7 +183,7 @@ async fn read(
 
 /// [`read`] where this node reads that secret (`Some` client), else nothing.
 async fn read_if(
-    secrets: Option<&SecretClient>,
+    secrets: Option<&Kv>,
     name: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
@@ -179,7 +196,7 @@ async fn read_if(
 /// A value already read, else read again (see [`read_all`]).
 async fn again(
     found: Option<Zeroizing<String>>,
-    secrets: Option<&SecretClient>,
+    secrets: Option<&Kv>,
     name: &str,
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
@@ -191,18 +208,18 @@ async fn again(
 
 /// One secrets client per vault, for every read of one fetch.
 pub struct Clients {
-    shared: SecretClient,
-    servers: Option<SecretClient>,
+    shared: Kv,
+    servers: Option<Kv>,
 }
 
 impl Clients {
     pub fn new(az: &Azure, vaults: &Vaults) -> Result<Self, AzureError> {
         Ok(Clients {
-            shared: az.secrets(&vaults.shared)?,
+            shared: Kv::new(az, &vaults.shared)?,
             servers: vaults
                 .servers
                 .as_deref()
-                .map(|v| az.secrets(v))
+                .map(|v| Kv::new(az, v))
                 .transpose()?,
         })
     }
@@ -210,12 +227,13 @@ impl Clients {
 
 /// One secret written through a client kept for the whole fetch (see [`read`]).
 async fn write(
-    secrets: &SecretClient,
+    kv: &Kv,
     name: &str,
     value: &str,
     policy: RetryPolicy,
 ) -> Result<(), AzureError> {
-    call(policy, "cluster material write", || {
+    let secrets = &kv.client;
+    call_gated(&kv.gate, policy, "cluster material write", || {
         let params = SetSecretParameters {
             value: Some(value.to_string()),
             ..Default::default()
@@ -235,7 +253,7 @@ async fn set(
     value: &str,
     policy: RetryPolicy,
 ) -> Result<(), AzureError> {
-    write(&az.secrets(vault)?, name, value, policy).await
+    write(&Kv::new(az, vault)?, name, value, policy).await
 }
 
 /// What a creation-complete check found: the sentinel decides ([`Names::ca_cert`], written last).
@@ -649,7 +667,7 @@ async fn create(
     // steps, each only while this node's lease clock says it still holds the material lease: every secret
     // that stands for nothing else, at once; the Nomad client certificate (it stands for its key, written
     // before it); the shared CA certificate last (the readers' sentinel).
-    let first: [(&SecretClient, &str, &str); 4] = [
+    let first: [(&Kv, &str, &str); 4] = [
         (servers, n.ca_key.as_str(), ca_key.as_str()),
         (servers, n.nomad_gossip_key.as_str(), nomad.as_str()),
         (shared, n.nomad_client_key.as_str(), client_key.as_str()),
@@ -681,7 +699,7 @@ async fn create(
     // Read back, all at once: every secret must be this creation's. Not the Nomad client key: only workers
     // ever read it (tests/tests/workers.rs); its certificate, written after it and read back here, stands for
     // the pair.
-    let back: [(&SecretClient, &str, &str); 5] = [
+    let back: [(&Kv, &str, &str); 5] = [
         first[0],
         first[1],
         first[3],
