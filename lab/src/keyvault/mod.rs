@@ -97,6 +97,9 @@ pub struct Served {
     pub principal: Option<String>,
     /// When the request arrived (its head read), on this process's clock.
     pub at: std::time::Instant,
+    /// When its answer was ready to be written (the handler returned), on the same clock: a client cannot have
+    /// seen the answer before this.
+    pub answered: std::time::Instant,
     /// The `Retry-After` of the answer, in seconds (429s).
     pub retry_after: Option<u64>,
 }

@@ -244,9 +244,11 @@ async fn handle(inner: Arc<VaultInner>, req: Request<Incoming>) -> Result<Resp, 
         status: 0,
         principal: None,
         at: std::time::Instant::now(),
+        answered: std::time::Instant::now(),
         retry_after: None,
     };
     let result = serve(&inner, req, &mut served).await;
+    served.answered = std::time::Instant::now();
     served.status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(ResetConnection) => 0,

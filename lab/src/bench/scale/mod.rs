@@ -292,10 +292,12 @@ impl ScaleReport {
     }
 }
 
-/// One request as the bench saw it: arrival (seconds from t0), status, identity, `Retry-After`.
+/// One request as the bench saw it: arrival and answer (seconds from t0), status, identity, `Retry-After`.
 #[derive(Debug, Clone)]
 struct Seen {
     at: f64,
+    /// When the answer was ready to be written (storage: the arrival; only Key Vault's answers are judged).
+    answered: f64,
     status: u16,
     principal: Option<String>,
     retry_after: Option<u64>,
@@ -362,8 +364,15 @@ fn rates(endpoint: &str, seen: &[Seen], window: Option<f64>) -> Rates {
     }
 }
 
-/// Per identity: requests, 429s, retries sent before the `Retry-After` of the 429 before them, and the smallest
-/// margin (gap − Retry-After) seen.
+/// Per identity: requests, 429s, requests sent inside the hold of a 429 before them, and the smallest margin
+/// seen (gap − Retry-After, the gap from a 429's answer to that identity's next request).
+///
+/// The rule: a 429 answered at `t` with `Retry-After: r` holds its identity's requests to that vault during
+/// `(t, t + r)`; a request that *arrives* in that window is early. `t` is when the double's answer was ready
+/// to be written, so a client cannot have seen it sooner: a request that arrived by `t` was already on the
+/// wire and cannot have honoured the 429 (not counted), and one that arrives after `t` could have (counted, even
+/// if it crossed the answer on the wire — the rule errs strict). Every 429 is checked against every later
+/// request, not only the next one: a request on the wire does not hide the early one behind it.
 fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f64>)> {
     let mut by: BTreeMap<String, Vec<&Seen>> = BTreeMap::new();
     for s in seen {
@@ -374,18 +383,29 @@ fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f6
     by.into_iter()
         .map(|(p, mut v)| {
             v.sort_by(|a, b| a.at.total_cmp(&b.at));
+            let holds: Vec<(f64, f64)> = v
+                .iter()
+                .filter_map(|s| match (s.status, s.retry_after) {
+                    (429, Some(after)) => Some((s.answered, after as f64)),
+                    _ => None,
+                })
+                .collect();
             let throttled = v.iter().filter(|s| s.status == 429).count() as u32;
-            let mut early = 0;
-            let mut margin: Option<f64> = None;
-            for w in v.windows(2) {
-                if let (429, Some(after)) = (w[0].status, w[0].retry_after) {
-                    let m = (w[1].at - w[0].at) - after as f64;
-                    margin = Some(margin.map_or(m, |x: f64| x.min(m)));
-                    if m < 0.0 {
-                        early += 1;
-                    }
-                }
-            }
+            let early = v
+                .iter()
+                .filter(|r| {
+                    holds
+                        .iter()
+                        .any(|&(t, after)| r.at > t && r.at < t + after)
+                })
+                .count() as u32;
+            let margin = holds
+                .iter()
+                .filter_map(|&(t, after)| {
+                    let next = v.iter().find(|r| r.at > t)?;
+                    Some((next.at - t) - after)
+                })
+                .reduce(f64::min);
             (p, (v.len() as u32, throttled, early, margin))
         })
         .collect()
@@ -840,6 +860,7 @@ async fn run_in(
         .iter()
         .map(|s: &Served| Seen {
             at: rel(s.at),
+            answered: rel(s.answered),
             status: s.status,
             principal: s.principal.clone(),
             retry_after: s.retry_after,
@@ -851,6 +872,7 @@ async fn run_in(
         .iter()
         .map(|(at, status, oid)| Seen {
             at: rel(*at),
+            answered: rel(*at),
             status: *status,
             principal: oid.clone(),
             retry_after: None,
