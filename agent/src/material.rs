@@ -292,7 +292,8 @@ pub fn completeness(n: &Names, present: &dyn Fn(&str) -> bool, servers: bool) ->
     Completeness::Complete
 }
 
-/// Every secret this node reads, all at once over one client per vault (one round trip's time, not one per
+/// Every secret this node reads: the CA certificate (the sentinel) alone, then the rest all at once over one
+/// client per vault (two round trips' time, not one per
 /// secret).
 async fn read_all(
     clients: &Clients,
@@ -307,8 +308,13 @@ async fn read_all(
     let nomad_token_vault = vaults.nomad_consul_token.then_some(shared);
     let agent_token = crate::names::agent_token_secret(cluster);
     let nomad_token = crate::names::nomad_token_secret(cluster);
-    let (cert, consul, ca_key, nomad_gossip_key, client_cert, client_key, token, nomad_token) = tokio::try_join!(
-        read(shared, &n.ca_cert, policy),
+    // The sentinel alone first: one request answers the shared vault's challenge (the client keeps it for the
+    // reads after it, instead of one challenge per concurrent read), finds a throttled vault (its gate then
+    // holds the rest), and, while the material does not exist yet, is the whole look.
+    let Some(cert) = read(shared, &n.ca_cert, policy).await? else {
+        return Ok(None);
+    };
+    let (consul, ca_key, nomad_gossip_key, client_cert, client_key, token, nomad_token) = tokio::try_join!(
         read(shared, &n.consul_gossip_key, policy),
         read_if(servers, &n.ca_key, policy),
         read_if(servers, &n.nomad_gossip_key, policy),
@@ -320,9 +326,6 @@ async fn read_all(
     // The CA certificate is written last: a reader that sees it sees them all — once it has seen it. Read at
     // once, a secret written just before it may have been looked for just before it was written (a creator in
     // the middle of its writes): what is missing beside the certificate is read again, now.
-    let Some(cert) = cert else {
-        return Ok(None);
-    };
     let (consul, ca_key, nomad_gossip_key, client_cert, client_key) = tokio::try_join!(
         again(consul, Some(shared), &n.consul_gossip_key, policy),
         again(ca_key, servers, &n.ca_key, policy),

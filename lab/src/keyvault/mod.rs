@@ -100,6 +100,9 @@ pub struct Served {
     /// When its answer was ready to be written (the handler returned), on the same clock: a client cannot have
     /// seen the answer before this.
     pub answered: std::time::Instant,
+    /// The client sent this request no earlier than this: the answer before it on its connection (HTTP/1.1,
+    /// no pipelining), or the connection's accept for its first request.
+    pub sent_after: std::time::Instant,
     /// The `Retry-After` of the answer, in seconds (429s).
     pub retry_after: Option<u64>,
 }

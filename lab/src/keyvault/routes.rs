@@ -33,6 +33,9 @@ pub(super) async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // The client sends its first request on this connection after the server's handshake flight, which
+        // follows the accept: a lower bound of when it was sent (`Served::sent_after`).
+        let accepted = std::time::Instant::now();
         let (tls, inner) = (tls.clone(), inner.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) =
@@ -41,7 +44,11 @@ pub(super) async fn accept_loop(
                 return;
             };
             let mut down = inner.down.subscribe();
-            let svc = hyper::service::service_fn(move |req| handle(inner.clone(), req));
+            // HTTP/1.1 without pipelining: the next request on a connection is sent after the answer before it.
+            let ready = Arc::new(std::sync::Mutex::new(accepted));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(inner.clone(), ready.clone(), req)
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
@@ -234,7 +241,12 @@ fn api_version(query: Option<&str>) -> Result<(), KvErr> {
     }
 }
 
-async fn handle(inner: Arc<VaultInner>, req: Request<Incoming>) -> Result<Resp, ResetConnection> {
+async fn handle(
+    inner: Arc<VaultInner>,
+    ready: Arc<std::sync::Mutex<std::time::Instant>>,
+    req: Request<Incoming>,
+) -> Result<Resp, ResetConnection> {
+    let sent_after = *ready.lock().expect("connection clock");
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut served = Served {
@@ -245,10 +257,12 @@ async fn handle(inner: Arc<VaultInner>, req: Request<Incoming>) -> Result<Resp, 
         principal: None,
         at: std::time::Instant::now(),
         answered: std::time::Instant::now(),
+        sent_after,
         retry_after: None,
     };
     let result = serve(&inner, req, &mut served).await;
     served.answered = std::time::Instant::now();
+    *ready.lock().expect("connection clock") = served.answered;
     served.status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(ResetConnection) => 0,

@@ -298,6 +298,8 @@ struct Seen {
     at: f64,
     /// When the answer was ready to be written (storage: the arrival; only Key Vault's answers are judged).
     answered: f64,
+    /// The client sent it no earlier than this (Key Vault: its connection's previous answer, or its accept).
+    sent_after: f64,
     status: u16,
     principal: Option<String>,
     retry_after: Option<u64>,
@@ -367,12 +369,15 @@ fn rates(endpoint: &str, seen: &[Seen], window: Option<f64>) -> Rates {
 /// Per identity: requests, 429s, requests sent inside the hold of a 429 before them, and the smallest margin
 /// seen (gap − Retry-After, the gap from a 429's answer to that identity's next request).
 ///
-/// The rule: a 429 answered at `t` with `Retry-After: r` holds its identity's requests to that vault during
-/// `(t, t + r)`; a request that *arrives* in that window is early. `t` is when the double's answer was ready
-/// to be written, so a client cannot have seen it sooner: a request that arrived by `t` was already on the
-/// wire and cannot have honoured the 429 (not counted), and one that arrives after `t` could have (counted, even
-/// if it crossed the answer on the wire — the rule errs strict). Every 429 is checked against every later
-/// request, not only the next one: a request on the wire does not hide the early one behind it.
+/// The rule: a 429 answered at `t` with `Retry-After: r` holds its identity's requests to that vault until
+/// `t + r`; a request that arrives before `t + r` and that the client provably sent after `t` is early. `t` is
+/// when the double's answer was ready to be written: the client cannot have seen the 429 sooner. "Provably sent
+/// after": the double serves HTTP/1.1 without pipelining, so a request was sent after the answer before it on
+/// its connection was written, or (its connection's first) after the connection was accepted
+/// (`Served::sent_after`). A request on the wire when the 429 was answered is not counted — nor is one the
+/// double cannot place (it arrived on a connection whose last answer came before `t`), whatever its arrival
+/// time: arrival times on a loaded machine lag the send by the double's scheduling, and would count requests
+/// sent together with the throttled one. Every 429 is checked against every later request, not only the next.
 fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f64>)> {
     let mut by: BTreeMap<String, Vec<&Seen>> = BTreeMap::new();
     for s in seen {
@@ -396,13 +401,13 @@ fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f6
                 .filter(|r| {
                     holds
                         .iter()
-                        .any(|&(t, after)| r.at > t && r.at < t + after)
+                        .any(|&(t, after)| r.sent_after >= t && r.at < t + after)
                 })
                 .count() as u32;
             let margin = holds
                 .iter()
                 .filter_map(|&(t, after)| {
-                    let next = v.iter().find(|r| r.at > t)?;
+                    let next = v.iter().find(|r| r.sent_after >= t)?;
                     Some((next.at - t) - after)
                 })
                 .reduce(f64::min);
@@ -861,6 +866,7 @@ async fn run_in(
         .map(|s: &Served| Seen {
             at: rel(s.at),
             answered: rel(s.answered),
+            sent_after: rel(s.sent_after),
             status: s.status,
             principal: s.principal.clone(),
             retry_after: s.retry_after,
@@ -873,6 +879,7 @@ async fn run_in(
         .map(|(at, status, oid)| Seen {
             at: rel(*at),
             answered: rel(*at),
+            sent_after: 0.0,
             status: *status,
             principal: oid.clone(),
             retry_after: None,

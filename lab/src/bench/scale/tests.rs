@@ -4,6 +4,8 @@ fn seen(at: f64, status: u16, who: &str, retry_after: Option<u64>) -> Seen {
     Seen {
         at,
         answered: at,
+        // Sent a millisecond before it arrived.
+        sent_after: at - 0.001,
         status,
         principal: Some(who.into()),
         retry_after,
@@ -36,6 +38,7 @@ fn throttled_at(answered: f64, who: &str, retry_after: u64) -> Seen {
     Seen {
         at: answered - 0.01,
         answered,
+        sent_after: answered - 0.02,
         status: 429,
         principal: Some(who.into()),
         retry_after: Some(retry_after),
@@ -50,12 +53,18 @@ fn a_request_on_the_wire_at_the_429_is_not_early_and_the_ones_after_it_are_judge
         throttled_at(1.0, "a", 1),
         // Arrived while the 429 was being answered.
         seen(0.995, 200, "a", None),
+        // Arrived after the 429's answer, but sent before it (its connection's last answer came earlier): a
+        // request the loaded double read late.
+        Seen {
+            sent_after: 0.9,
+            ..seen(1.02, 200, "a", None)
+        },
         // Patient: 1.05 s after the 429's answer.
         seen(2.05, 200, "a", None),
     ];
     let d = retry_discipline(&log);
     let a = d["a"];
-    assert_eq!((a.0, a.1, a.2), (3, 1, 0));
+    assert_eq!((a.0, a.1, a.2), (4, 1, 0));
     assert!((a.3.unwrap() - 0.05).abs() < 1e-9, "{:?}", a.3);
 }
 
@@ -92,6 +101,7 @@ fn rates_count_peaks_and_the_busiest_window() {
     log.push(Seen {
         at: 0.0,
         answered: 0.0,
+        sent_after: 0.0,
         status: 401,
         principal: None,
         retry_after: None,
