@@ -284,7 +284,9 @@ impl Gate {
     /// What is left of the hold, with the 429 that set it; `None`: not held.
     pub fn hold(&self) -> Option<(Duration, AzureError)> {
         let st = self.lock();
-        let left = st.until?.checked_duration_since(std::time::Instant::now())?;
+        let left = st
+            .until?
+            .checked_duration_since(std::time::Instant::now())?;
         (!left.is_zero()).then(|| (left, st.cause.clone().expect("set with the hold")))
     }
 
@@ -299,7 +301,11 @@ impl Gate {
             return Err(h);
         }
         let turn = if self.single() {
-            let t = self.single.acquire().await.expect("the gate's semaphore is never closed");
+            let t = self
+                .single
+                .acquire()
+                .await
+                .expect("the gate's semaphore is never closed");
             // Another request may have been throttled while this one waited for its turn.
             if let Some(h) = self.hold() {
                 return Err(h);
@@ -689,7 +695,11 @@ mod tests {
         };
         let (a, b, c) = tokio::join!(one(), one(), one());
         (a.unwrap(), b.unwrap(), c.unwrap());
-        assert_eq!(most.load(Ordering::SeqCst), 1, "one at a time while throttled");
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "one at a time while throttled"
+        );
         assert!(!gate.single());
         most.store(0, Ordering::SeqCst);
         let (a, b, c) = tokio::join!(one(), one(), one());
@@ -701,7 +711,10 @@ mod tests {
     fn one_gate_per_vault_for_a_factory_and_its_clones() {
         let az = Azure::new(Arc::new(NoCredential), None, true).unwrap();
         let a = az.gate("https://a.vault.azure.net/");
-        assert!(Arc::ptr_eq(&a, &az.clone().gate("https://A.vault.azure.net")));
+        assert!(Arc::ptr_eq(
+            &a,
+            &az.clone().gate("https://A.vault.azure.net")
+        ));
         assert!(!Arc::ptr_eq(&a, &az.gate("https://b.vault.azure.net/")));
     }
 

@@ -226,12 +226,7 @@ impl Clients {
 }
 
 /// One secret written through a client kept for the whole fetch (see [`read`]).
-async fn write(
-    kv: &Kv,
-    name: &str,
-    value: &str,
-    policy: RetryPolicy,
-) -> Result<(), AzureError> {
+async fn write(kv: &Kv, name: &str, value: &str, policy: RetryPolicy) -> Result<(), AzureError> {
     let secrets = &kv.client;
     call_gated(&kv.gate, policy, "cluster material write", || {
         let params = SetSecretParameters {
@@ -293,8 +288,7 @@ pub fn completeness(n: &Names, present: &dyn Fn(&str) -> bool, servers: bool) ->
 }
 
 /// Every secret this node reads: the CA certificate (the sentinel) alone, then the rest all at once over one
-/// client per vault (two round trips' time, not one per
-/// secret).
+/// client per vault (two round trips' time, not one per secret).
 async fn read_all(
     clients: &Clients,
     vaults: &Vaults,

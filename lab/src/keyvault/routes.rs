@@ -46,9 +46,8 @@ pub(super) async fn accept_loop(
             let mut down = inner.down.subscribe();
             // HTTP/1.1 without pipelining: the next request on a connection is sent after the answer before it.
             let ready = Arc::new(std::sync::Mutex::new(accepted));
-            let svc = hyper::service::service_fn(move |req| {
-                handle(inner.clone(), ready.clone(), req)
-            });
+            let svc =
+                hyper::service::service_fn(move |req| handle(inner.clone(), ready.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
