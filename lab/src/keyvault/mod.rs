@@ -103,6 +103,8 @@ pub struct Served {
     /// The client sent this request no earlier than this: the answer before it on its connection (HTTP/1.1,
     /// no pipelining), or the connection's accept for its first request.
     pub sent_after: std::time::Instant,
+    /// The connection it came on (numbered by the double, unique in this process).
+    pub connection: u64,
     /// The `Retry-After` of the answer, in seconds (429s).
     pub retry_after: Option<u64>,
 }

@@ -45,7 +45,9 @@ pub(super) async fn accept_loop(
             };
             let mut down = inner.down.subscribe();
             // HTTP/1.1 without pipelining: the next request on a connection is sent after the answer before it.
-            let ready = Arc::new(std::sync::Mutex::new(accepted));
+            static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let id = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ready = Arc::new(std::sync::Mutex::new((id, accepted)));
             let svc =
                 hyper::service::service_fn(move |req| handle(inner.clone(), ready.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
@@ -242,10 +244,10 @@ fn api_version(query: Option<&str>) -> Result<(), KvErr> {
 
 async fn handle(
     inner: Arc<VaultInner>,
-    ready: Arc<std::sync::Mutex<std::time::Instant>>,
+    ready: Arc<std::sync::Mutex<(u64, std::time::Instant)>>,
     req: Request<Incoming>,
 ) -> Result<Resp, ResetConnection> {
-    let sent_after = *ready.lock().expect("connection clock");
+    let (connection, sent_after) = *ready.lock().expect("connection clock");
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut served = Served {
@@ -257,11 +259,12 @@ async fn handle(
         at: std::time::Instant::now(),
         answered: std::time::Instant::now(),
         sent_after,
+        connection,
         retry_after: None,
     };
     let result = serve(&inner, req, &mut served).await;
     served.answered = std::time::Instant::now();
-    *ready.lock().expect("connection clock") = served.answered;
+    ready.lock().expect("connection clock").1 = served.answered;
     served.status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(ResetConnection) => 0,

@@ -300,6 +300,8 @@ struct Seen {
     answered: f64,
     /// The client sent it no earlier than this (Key Vault: its connection's previous answer, or its accept).
     sent_after: f64,
+    /// The connection it came on (Key Vault; storage: 0).
+    connection: u64,
     status: u16,
     principal: Option<String>,
     retry_after: Option<u64>,
@@ -370,14 +372,19 @@ fn rates(endpoint: &str, seen: &[Seen], window: Option<f64>) -> Rates {
 /// seen (gap − Retry-After, the gap from a 429's answer to that identity's next request).
 ///
 /// The rule: a 429 answered at `t` with `Retry-After: r` holds its identity's requests to that vault until
-/// `t + r`; a request that arrives before `t + r` and that the client provably sent after `t` is early. `t` is
-/// when the double's answer was ready to be written: the client cannot have seen the 429 sooner. "Provably sent
-/// after": the double serves HTTP/1.1 without pipelining, so a request was sent after the answer before it on
-/// its connection was written, or (its connection's first) after the connection was accepted
-/// (`Served::sent_after`). A request on the wire when the 429 was answered is not counted — nor is one the
-/// double cannot place (it arrived on a connection whose last answer came before `t`), whatever its arrival
-/// time: arrival times on a loaded machine lag the send by the double's scheduling, and would count requests
-/// sent together with the throttled one. Every 429 is checked against every later request, not only the next.
+/// `t + r`; a request that arrives before `t + r` and that the client provably sent after it had **read** the
+/// 429 is early. The double sees arrivals only, and on a loaded machine both ends lag (the double reads a request
+/// late; the agent reads an answer late): neither an arrival after `t` nor a send after `t` proves the client had
+/// seen the 429, and counting those would count reads sent together with the throttled one. What the double can
+/// prove, serving HTTP/1.1 without pipelining: a request on the 429's own connection came after the client read
+/// the 429 (a client reuses a connection only once it has read its answer); and a request on any connection was
+/// sent after the answer before it on that connection, or (its first) after the connection's accept
+/// (`Served::sent_after`) — so one whose `sent_after` is at or after the arrival of the 429 connection's next
+/// request was sent after the client had read the 429 too. A 429 whose connection is never reused judges
+/// nothing beyond that. Every 429 is checked against every later request, not only the next.
+/// A 429's hold: answer time, Retry-After, connection, when the client had provably read it.
+type Hold = (f64, f64, u64, Option<f64>);
+
 fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f64>)> {
     let mut by: BTreeMap<String, Vec<&Seen>> = BTreeMap::new();
     for s in seen {
@@ -388,27 +395,36 @@ fn retry_discipline(seen: &[Seen]) -> BTreeMap<String, (u32, u32, u32, Option<f6
     by.into_iter()
         .map(|(p, mut v)| {
             v.sort_by(|a, b| a.at.total_cmp(&b.at));
-            let holds: Vec<(f64, f64)> = v
+            // Per 429: its answer `t`, its Retry-After, its connection, and from when the client had
+            // provably read it: its connection's next request arrived (HTTP/1.1: an answer is read before the
+            // connection is reused); `None`: never reused.
+            let holds: Vec<Hold> = v
                 .iter()
-                .filter_map(|s| match (s.status, s.retry_after) {
-                    (429, Some(after)) => Some((s.answered, after as f64)),
+                .filter_map(|q| match (q.status, q.retry_after) {
+                    (429, Some(after)) => {
+                        let read = v
+                            .iter()
+                            .filter(|r| r.connection == q.connection && r.at > q.answered)
+                            .map(|r| r.at)
+                            .reduce(f64::min);
+                        Some((q.answered, after as f64, q.connection, read))
+                    }
                     _ => None,
                 })
                 .collect();
+            let after_read = |r: &Seen, &(t, _, conn, read): &Hold| {
+                (r.connection == conn && r.at > t) || read.is_some_and(|x| r.sent_after >= x)
+            };
             let throttled = v.iter().filter(|s| s.status == 429).count() as u32;
             let early = v
                 .iter()
-                .filter(|r| {
-                    holds
-                        .iter()
-                        .any(|&(t, after)| r.sent_after >= t && r.at < t + after)
-                })
+                .filter(|r| holds.iter().any(|h| after_read(r, h) && r.at < h.0 + h.1))
                 .count() as u32;
             let margin = holds
                 .iter()
-                .filter_map(|&(t, after)| {
-                    let next = v.iter().find(|r| r.sent_after >= t)?;
-                    Some((next.at - t) - after)
+                .filter_map(|h| {
+                    let next = v.iter().find(|r| after_read(r, h))?;
+                    Some((next.at - h.0) - h.1)
                 })
                 .reduce(f64::min);
             (p, (v.len() as u32, throttled, early, margin))
@@ -867,6 +883,7 @@ async fn run_in(
             at: rel(s.at),
             answered: rel(s.answered),
             sent_after: rel(s.sent_after),
+            connection: s.connection,
             status: s.status,
             principal: s.principal.clone(),
             retry_after: s.retry_after,
@@ -880,6 +897,7 @@ async fn run_in(
             at: rel(*at),
             answered: rel(*at),
             sent_after: 0.0,
+            connection: 0,
             status: *status,
             principal: oid.clone(),
             retry_after: None,
