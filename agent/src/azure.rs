@@ -694,7 +694,9 @@ mod tests {
             .await
         };
         let (a, b, c) = tokio::join!(one(), one(), one());
-        (a.unwrap(), b.unwrap(), c.unwrap());
+        for r in [a, b, c] {
+            r.unwrap();
+        }
         assert_eq!(
             most.load(Ordering::SeqCst),
             1,
@@ -703,7 +705,9 @@ mod tests {
         assert!(!gate.single());
         most.store(0, Ordering::SeqCst);
         let (a, b, c) = tokio::join!(one(), one(), one());
-        (a.unwrap(), b.unwrap(), c.unwrap());
+        for r in [a, b, c] {
+            r.unwrap();
+        }
         assert_eq!(most.load(Ordering::SeqCst), 3, "all at once once answered");
     }
 
