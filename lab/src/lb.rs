@@ -56,7 +56,11 @@ pub async fn serve(
             // No healthy backend: Azure's load balancer drops the flow; so do we.
             let Some(target) = target else { continue };
             tokio::spawn(async move {
+                // A pass-through, as Azure's layer-4 balancer is: no Nagle on either leg (the Go servers behind
+                // it set none on theirs), or a proxied answer waits on the client's delayed ACK.
+                let _ = client.set_nodelay(true);
                 if let Ok(mut server) = TcpStream::connect(target).await {
+                    let _ = server.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 }
             });

@@ -186,6 +186,9 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // Like Go's net/http, which real Nomad serves with: no Nagle (else each answer written as several TLS
+            // records waits ~40 ms for the client's delayed ACK).
+            let _ = tcp.set_nodelay(true);
             let agent = agent.clone();
             let tls = acceptor.lock().expect("acceptor").clone();
             tokio::spawn(async move {

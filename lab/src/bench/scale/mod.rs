@@ -596,6 +596,8 @@ async fn storage_proxy(
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            // No Nagle, as the storage front end it stands in front of (see keyvault/routes.rs accept_loop).
+            let _ = tcp.set_nodelay(true);
             let (acceptor, client, upstream, log) = (
                 acceptor.clone(),
                 client.clone(),
