@@ -409,34 +409,36 @@ pub const AGENT_TOKEN_SLOW: Duration = Duration::from_secs(8);
 /// How long a server-tier node looks at the fastest pace (every [`AGENT_TOKEN_SERVER_EVERY`]): the servers boot
 /// together with the Consul tier, whose bootstrap hands the token over a few seconds later.
 pub const AGENT_TOKEN_SERVER_FAST: Duration = Duration::from_secs(10);
-/// The server tiers' fastest pace. At most 3 tiers of 7 servers look this often, for at most
-/// [`AGENT_TOKEN_SERVER_FAST`]: ≤ 210 reads a second, about half of Key Vault's 4,000 per 10 s per vault.
+/// The fastest pace, for the few ([`TokenPace::Few`]). At most 3 tiers of 7 servers and a jumpbox look this often,
+/// for at most [`AGENT_TOKEN_SERVER_FAST`]: ≤ 220 reads a second, about half of Key Vault's 4,000 per 10 s per
+/// vault.
 pub const AGENT_TOKEN_SERVER_EVERY: Duration = Duration::from_millis(100);
 
 /// Who waits for the agent token, which sets the pace of its looks ([`agent_token_pause`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenPace {
-    /// A server-tier node: a bounded few (≤ 7 per tier), whose wait is on the bootstrap's critical path.
-    Server,
-    /// Any other node (workers, the jumpbox): possibly thousands, so never faster than 0.5 s.
+    /// A server-tier node or the jumpbox: a bounded few (≤ 7 per tier, one jumpbox), booted with the cluster, whose
+    /// wait is on the bootstrap's critical path.
+    Few,
+    /// A worker: possibly thousands, so never faster than 0.5 s.
     Fleet,
 }
 
 impl TokenPace {
     pub fn of(role: crate::node::Role) -> TokenPace {
-        if role.is_server_tier() {
-            TokenPace::Server
+        if role.is_server_tier() || role == crate::node::Role::Jumpbox {
+            TokenPace::Few
         } else {
             TokenPace::Fleet
         }
     }
 }
 
-/// The pause after a look for the agent token that found none, `elapsed` into the wait: for a server-tier node
-/// 0.1 s during the first [`AGENT_TOKEN_SERVER_FAST`]; then (and for every other node from the start) 0.5 s
+/// The pause after a look for the agent token that found none, `elapsed` into the wait: for the few (servers, jumpbox)
+/// 0.1 s during the first [`AGENT_TOKEN_SERVER_FAST`]; then (and for workers from the start) 0.5 s
 /// during the first `quick`; then [`AGENT_TOKEN_SLOW`].
 pub fn agent_token_pause(elapsed: Duration, quick: Duration, pace: TokenPace) -> Duration {
-    if pace == TokenPace::Server && elapsed < AGENT_TOKEN_SERVER_FAST.min(quick) {
+    if pace == TokenPace::Few && elapsed < AGENT_TOKEN_SERVER_FAST.min(quick) {
         AGENT_TOKEN_SERVER_EVERY
     } else if elapsed < quick {
         Duration::from_millis(500)
@@ -793,26 +795,26 @@ mod tests {
         assert!((2..=3).contains(&n), "{n} looks in 4 s");
     }
 
-    /// A server-tier node waits for the token on the bootstrap's critical path: it looks every 0.1 s for the first
-    /// 10 s (the Consul tier hands the token over a few seconds after the servers boot), then at the fleet's pace.
-    /// Workers and the jumpbox never look faster than every 0.5 s.
+    /// A server-tier node (and the jumpbox) waits for the token on the bootstrap's critical path: it looks every
+    /// 0.1 s for the first 10 s (the Consul tier hands the token over a few seconds after the servers boot), then
+    /// at the fleet's pace. Workers never look faster than every 0.5 s.
     #[test]
     fn servers_look_for_the_agent_token_quickly_at_first_and_the_fleet_never_does() {
         assert_eq!(
             TokenPace::of(crate::node::Role::VaultServer),
-            TokenPace::Server
+            TokenPace::Few
         );
         assert_eq!(
             TokenPace::of(crate::node::Role::NomadServer),
-            TokenPace::Server
+            TokenPace::Few
         );
+        assert_eq!(TokenPace::of(crate::node::Role::Jumpbox), TokenPace::Few);
         assert_eq!(TokenPace::of(crate::node::Role::Worker), TokenPace::Fleet);
-        assert_eq!(TokenPace::of(crate::node::Role::Jumpbox), TokenPace::Fleet);
         let server = |s: f64| {
             agent_token_pause(
                 Duration::from_secs_f64(s),
                 AGENT_TOKEN_QUICK,
-                TokenPace::Server,
+                TokenPace::Few,
             )
         };
         assert_eq!(server(0.0), Duration::from_millis(100));
@@ -825,7 +827,7 @@ mod tests {
             agent_token_pause(
                 Duration::from_secs(2),
                 Duration::from_secs(1),
-                TokenPace::Server
+                TokenPace::Few
             ),
             AGENT_TOKEN_SLOW
         );
