@@ -329,6 +329,17 @@ async fn main() -> ExitCode {
                 }
             };
             if only.as_deref() == Some("scale") {
+                // The workers run `--lab-agent`, else `--agent-release`, else the lab's agent ($HASHISTACK_AGENT or
+                // the one beside this binary); a path given that cannot run is refused before anything starts.
+                let mut tools = tools;
+                match bench::snapshot_agent(lab_agent.as_deref(), agent_release.as_deref(), None) {
+                    Ok(Some(a)) => tools.agent = a,
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("hashistack-lab bench: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 let mut o =
                     bench::ScaleOptions::new(repo_root().join(".lab/bench-scale"), scale_net);
                 o.agents = agents;
