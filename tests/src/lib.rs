@@ -251,3 +251,18 @@ pub async fn wait_phase(lab: &Lab, tier: &str, phase: TierPhase, deadline: Durat
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Azure clients (Blob, Key Vault) as lab node `i`'s managed identity, through its IMDS, trusting the lab's CA.
+pub fn azure_as_node(lab: &Lab, i: usize) -> hashistack_agent::azure::Azure {
+    let imds = hashistack_agent::imds::ImdsClient::new(
+        &format!(
+            "http://{}:{}",
+            lab.nodes[i].def.ip,
+            hashistack_lab::lab::IMDS_PORT
+        ),
+        hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
+    );
+    let cred = std::sync::Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
+    hashistack_agent::azure::Azure::new(cred, Some(&lab.opts.state_dir.join("ca.pem")), false)
+        .expect("Azure clients for a lab node")
+}

@@ -580,18 +580,7 @@ async fn crash_after_init_is_reported_for_the_operator_never_reinitialized() {
 
 /// Azure clients as the identity of the lab's first node of `role`.
 fn azure_as(lab: &Lab, role: Role) -> hashistack_agent::azure::Azure {
-    let i = nodes_of(lab, role)[0];
-    let imds = hashistack_agent::imds::ImdsClient::new(
-        &format!(
-            "http://{}:{}",
-            lab.nodes[i].def.ip,
-            hashistack_lab::lab::IMDS_PORT
-        ),
-        hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
-    );
-    let cred = std::sync::Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
-    hashistack_agent::azure::Azure::new(cred, Some(&lab.opts.state_dir.join("ca.pem")), false)
-        .unwrap()
+    hashistack_e2e::azure_as_node(lab, nodes_of(lab, role)[0])
 }
 
 /// A node's Consul agent token comes from the Consul tier, so it is handed over beside the node's own tier

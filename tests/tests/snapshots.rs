@@ -863,18 +863,7 @@ async fn bad_snapshots_and_vm_identities_are_refused_before_anything_is_touched(
 async fn record_writes_are_fenced_by_storage(lab: &Lab, i: usize) {
     use hashistack_agent::coordination::Expect;
     use hashistack_agent::snapshot::{self, RecordError};
-    let imds = hashistack_agent::imds::ImdsClient::new(
-        &format!(
-            "http://{}:{}",
-            lab.nodes[i].def.ip,
-            hashistack_lab::lab::IMDS_PORT
-        ),
-        hashistack_agent::retry::RetryPolicy::imds(Duration::from_secs(30)),
-    );
-    let cred = std::sync::Arc::new(hashistack_agent::identity::ImdsCredential::new(imds, None));
-    let az =
-        hashistack_agent::azure::Azure::new(cred, Some(&lab.opts.state_dir.join("ca.pem")), false)
-            .unwrap();
+    let az = hashistack_e2e::azure_as_node(lab, i);
     let blob = lab.blob_endpoint();
     let pol = snapshot::policy(Duration::from_secs(30));
     let tier = "consul";
