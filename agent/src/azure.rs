@@ -17,6 +17,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod gate;
+use gate::{next_attempt, GatedClient, ATTEMPT};
+pub use gate::{Entered, Gate, Gates};
+
 /// An Azure call that failed. Carries status and service error code only: never a request or response body.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{what}: {detail}")]
@@ -88,7 +92,6 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// parser; capped at [`MAX_RETRY_AFTER`]. Key Vault documents `Retry-After` on its 429s (service limits), Blob
 /// Storage on its 503 "server busy".
 pub fn retry_after(e: &azure_core::Error) -> Option<Duration> {
-    use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
     let ErrorKind::HttpResponse {
         raw_response: Some(raw),
         ..
@@ -96,8 +99,14 @@ pub fn retry_after(e: &azure_core::Error) -> Option<Duration> {
     else {
         return None;
     };
+    retry_after_in(raw.headers())
+}
+
+/// [`retry_after`] from an answer's headers.
+fn retry_after_in(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
+    use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
     let after = azure_core::http::policies::get_retry_after(
-        raw.headers(),
+        headers,
         time::OffsetDateTime::now_utc,
         &[X_MS_RETRY_AFTER_MS, RETRY_AFTER_MS, RETRY_AFTER],
     )?;
@@ -134,7 +143,8 @@ where
     .await
 }
 
-/// Like [`call`], through `gate`: the throttle gate of the vault the call goes to ([`Azure::gate`]).
+/// Like [`call`], through `gate`: the throttle gate of the vault the call goes to ([`Azure::gate`]). For writes:
+/// once let through, a request is never withdrawn (it may have landed).
 pub async fn call_gated<T, F, Fut>(
     gate: &Gate,
     policy: RetryPolicy,
@@ -145,7 +155,37 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = azure_core::Result<T>>,
 {
-    call_inner(policy, what, AzureError::retryable, Some(gate), f).await
+    let gated = Gated {
+        gate,
+        withdraw: false,
+    };
+    call_inner(policy, what, AzureError::retryable, Some(gated), f).await
+}
+
+/// [`call_gated`] for reads: one still unanswered when another request to the vault is throttled is withdrawn
+/// and sent again after the hold (see `azure/gate.rs`).
+pub async fn read_gated<T, F, Fut>(
+    gate: &Gate,
+    policy: RetryPolicy,
+    what: &str,
+    f: F,
+) -> Result<T, AzureError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = azure_core::Result<T>>,
+{
+    let gated = Gated {
+        gate,
+        withdraw: true,
+    };
+    call_inner(policy, what, AzureError::retryable, Some(gated), f).await
+}
+
+/// A gated call: its vault's gate, and whether an unanswered request is withdrawn at another's 429.
+#[derive(Clone, Copy)]
+struct Gated<'a> {
+    gate: &'a Gate,
+    withdraw: bool,
 }
 
 async fn call_classified<T, F, Fut>(
@@ -165,13 +205,14 @@ async fn call_inner<T, F, Fut>(
     policy: RetryPolicy,
     what: &str,
     retryable: fn(&AzureError) -> bool,
-    gate: Option<&Gate>,
+    gated: Option<Gated<'_>>,
     mut f: F,
 ) -> Result<T, AzureError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = azure_core::Result<T>>,
 {
+    let gate = gated.map(|g| g.gate);
     let r = retry(policy, |_| {
         // SDK futures send nothing until polled: the gate is passed first.
         let fut = f();
@@ -185,7 +226,29 @@ where
                 },
                 None => None,
             };
-            let out = fut.await;
+            // The attempt's number, for the transport: a 429 to it must not withdraw it.
+            let attempt = next_attempt();
+            let fut = ATTEMPT.scope(attempt, fut);
+            let out = match (gated, &entered) {
+                (
+                    Some(Gated {
+                        gate: g,
+                        withdraw: true,
+                    }),
+                    Some(e),
+                ) => tokio::select! {
+                    // The gate first: a read woken by the connection a 429 freed must not be sent on it.
+                    biased;
+                    cause = g.throttled_since(e.generation, attempt) => {
+                        return match g.hold() {
+                            Some((left, held)) => Attempt::RetryAfter(held, left),
+                            None => Attempt::Retry(cause),
+                        };
+                    }
+                    out = fut => out,
+                },
+                _ => fut.await,
+            };
             match out {
                 Ok(v) => {
                     if let (Some(g), Some(e)) = (gate, &entered) {
@@ -198,7 +261,8 @@ where
                     let after = retry_after(&e).map(jittered);
                     if let (Some(g), Some(entered)) = (gate, &entered) {
                         if err.is(429) {
-                            g.throttled(after, &err);
+                            // Counted once, whether or not the transport saw it first.
+                            g.throttled(Some(entered.generation), attempt, after, &err);
                         } else if err.status.is_some() {
                             g.answered(entered);
                         }
@@ -237,120 +301,14 @@ where
     })
 }
 
-/// One vault's throttle gate, shared by every gated call of this process to that vault ([`Azure::gate`]).
-/// Azure's throttling guidance: after a 429, wait its `Retry-After` before any further request to that vault
-/// — not only the request that was answered. So a 429's `Retry-After` (jittered, [`jittered`]) sets a hold
-/// that every request to the vault waits out before it is sent; and from a 429 on, the vault's requests go
-/// one at a time until one sent after the last 429 is answered without one (full concurrency again).
-/// Requests already on the wire when a 429 comes back cannot honour it, and do not need to.
-#[derive(Debug)]
-pub struct Gate {
-    state: std::sync::Mutex<GateState>,
-    single: tokio::sync::Semaphore,
-}
-
-#[derive(Debug, Default)]
-struct GateState {
-    /// Nothing is sent before this.
-    until: Option<std::time::Instant>,
-    /// The 429 that set the hold (a held call that runs out of deadline ends with it).
-    cause: Option<AzureError>,
-    /// One request at a time.
-    single: bool,
-    /// Counts 429s: an answer reopens the gate only if its request was sent after the last one.
-    generation: u64,
-}
-
-/// A request let through the gate: the generation it was sent in, and its turn while one at a time.
-pub struct Entered<'a> {
-    generation: u64,
-    _turn: Option<tokio::sync::SemaphorePermit<'a>>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            state: Default::default(),
-            single: tokio::sync::Semaphore::new(1),
-        }
-    }
-}
-
-impl Gate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// What is left of the hold, with the 429 that set it; `None`: not held.
-    pub fn hold(&self) -> Option<(Duration, AzureError)> {
-        let st = self.lock();
-        let left = st
-            .until?
-            .checked_duration_since(std::time::Instant::now())?;
-        (!left.is_zero()).then(|| (left, st.cause.clone().expect("set with the hold")))
-    }
-
-    /// Whether requests go one at a time.
-    pub fn single(&self) -> bool {
-        self.lock().single
-    }
-
-    /// Lets a request through, or says how long the hold still lasts. One at a time: waits for its turn.
-    async fn enter(&self) -> Result<Entered<'_>, (Duration, AzureError)> {
-        if let Some(h) = self.hold() {
-            return Err(h);
-        }
-        let turn = if self.single() {
-            let t = self
-                .single
-                .acquire()
-                .await
-                .expect("the gate's semaphore is never closed");
-            // Another request may have been throttled while this one waited for its turn.
-            if let Some(h) = self.hold() {
-                return Err(h);
-            }
-            Some(t)
-        } else {
-            None
-        };
-        Ok(Entered {
-            generation: self.lock().generation,
-            _turn: turn,
-        })
-    }
-
-    /// A 429: holds the vault for `after` (if it said) from now, and goes one at a time.
-    fn throttled(&self, after: Option<Duration>, cause: &AzureError) {
-        let mut st = self.lock();
-        st.generation += 1;
-        st.single = true;
-        if let Some(after) = after {
-            let until = std::time::Instant::now() + after;
-            if st.until.is_none_or(|u| u < until) {
-                st.until = Some(until);
-                st.cause = Some(cause.clone());
-            }
-        }
-    }
-
-    /// An answer other than a 429: full concurrency again, if the request was sent after the last 429.
-    fn answered(&self, entered: &Entered<'_>) {
-        let mut st = self.lock();
-        if st.generation == entered.generation {
-            st.single = false;
-        }
-    }
-}
-
 /// Factory for SDK clients sharing one credential and transport.
 #[derive(Clone)]
 pub struct Azure {
     credential: Arc<dyn TokenCredential>,
     transport: Transport,
     verify_challenge_resource: bool,
-    /// One throttle gate per vault URL, shared by every clone of this factory.
-    gates: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Gate>>>>,
+    /// One throttle gate per vault, shared by every clone of this factory and by its transport.
+    gates: Gates,
 }
 
 impl std::fmt::Debug for Azure {
@@ -382,11 +340,16 @@ impl Azure {
             builder = builder.add_root_certificate(crate::tls::ca_certificate(path)?);
         }
         let client = builder.build().map_err(HttpsClientError::Build)?;
+        let gates = Gates::default();
+        let client = GatedClient {
+            inner: Arc::new(client),
+            gates: gates.clone(),
+        };
         Ok(Azure {
             credential,
             transport: Transport::new(Arc::new(client)),
             verify_challenge_resource,
-            gates: Default::default(),
+            gates,
         })
     }
 
@@ -451,9 +414,7 @@ impl Azure {
 
     /// The throttle gate of the vault at `vault_uri` (one per vault for this factory and its clones).
     pub fn gate(&self, vault_uri: &str) -> Arc<Gate> {
-        let key = vault_uri.trim_end_matches('/').to_ascii_lowercase();
-        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        gates.entry(key).or_default().clone()
+        self.gates.gate(vault_uri)
     }
 
     pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {
@@ -678,7 +639,7 @@ mod tests {
         };
         // On the wire before the 429: its answer does not reopen.
         let before = gate.enter().await.unwrap();
-        gate.throttled(None, &e(Some(429), "throttled"));
+        gate.throttled(None, 0, None, &e(Some(429), "throttled"));
         gate.answered(&before);
         drop(before);
         assert!(gate.single());
@@ -709,6 +670,75 @@ mod tests {
             r.unwrap();
         }
         assert_eq!(most.load(Ordering::SeqCst), 3, "all at once once answered");
+    }
+
+    /// The race behind the scale bench's early requests: read b is let through the gate while read a is on the
+    /// wire, and waits inside the HTTP client for a connection; a's 429 comes back, and reading it frees a's
+    /// connection, which the client hands to b. b must not be sent on it inside the hold: the 429 withdraws b
+    /// (it is sent again once the hold has passed), and a itself is not withdrawn before its answer is read.
+    #[tokio::test]
+    async fn a_read_waiting_for_a_connection_is_not_sent_on_the_one_a_429_frees() {
+        use tokio::sync::watch;
+        let gate = Gate::default();
+        let policy = RetryPolicy {
+            deadline: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(2),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(5),
+        };
+        let hold = Duration::from_millis(300);
+        let (b_in, b_in_rx) = watch::channel(false);
+        let (freed, freed_rx) = watch::channel(false);
+        let answered_429 = std::sync::Mutex::new(None);
+        let b_sent = std::sync::Mutex::new(Vec::new());
+        let mut a_calls = 0;
+        let a = read_gated(&gate, policy, "a", || {
+            a_calls += 1;
+            let first = a_calls == 1;
+            let (gate, freed, answered_429) = (&gate, &freed, &answered_429);
+            let mut b_in_rx = b_in_rx.clone();
+            async move {
+                if !first {
+                    return Ok(());
+                }
+                // On the wire until b has been let through too.
+                b_in_rx.wait_for(|b| *b).await.unwrap();
+                // The transport reads the 429's status line: the gate is marked there (as GatedClient does) ...
+                let own = ATTEMPT.try_with(|a| *a).unwrap();
+                gate.throttled(None, own, Some(hold), &e(Some(429), "HTTP 429"));
+                *answered_429.lock().unwrap() = Some(std::time::Instant::now());
+                tokio::task::yield_now().await;
+                // ... then its body, which frees the connection.
+                freed.send(true).unwrap();
+                Err(throttled(
+                    StatusCode::TooManyRequests,
+                    &[("retry-after-ms", "300")],
+                ))
+            }
+        });
+        let b = read_gated(&gate, policy, "b", || {
+            let (b_in, freed_rx, b_sent) = (&b_in, freed_rx.clone(), &b_sent);
+            async move {
+                b_in.send(true).unwrap();
+                // Waiting for a connection: the one a's 429 frees.
+                let mut freed_rx = freed_rx;
+                freed_rx.wait_for(|f| *f).await.unwrap();
+                b_sent.lock().unwrap().push(std::time::Instant::now());
+                Ok(())
+            }
+        });
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+        let at = answered_429.into_inner().unwrap().expect("a read its 429");
+        let sent = b_sent.into_inner().unwrap();
+        assert_eq!(sent.len(), 1, "b is sent once");
+        assert!(
+            sent[0] >= at + hold,
+            "b was sent {:?} after a's 429, inside its {hold:?} hold",
+            sent[0] - at
+        );
+        assert_eq!(a_calls, 2, "a read its own 429, then was sent again");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! mismatched CA key and certificate are refused when loaded (tls.rs), and Key Vault keeps the earlier
 //! version to restore (docs/bootstrap.md#cluster-material-conflict).
 
-use crate::azure::{call_gated, Azure, AzureError, Gate};
+use crate::azure::{call_gated, read_gated, Azure, AzureError, Gate};
 use crate::election;
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use azure_core::http::RequestContent;
@@ -170,7 +170,7 @@ async fn read(
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
     let secrets = &kv.client;
-    let r = call_gated(&kv.gate, policy, "cluster material read", || async move {
+    let r = read_gated(&kv.gate, policy, "cluster material read", || async move {
         secrets.get_secret(name, None).await?.into_model()
     })
     .await;
