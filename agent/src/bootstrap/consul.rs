@@ -14,7 +14,7 @@
 //! are final.
 
 pub use super::http::Answer;
-use super::http::{AclBootstrap, AclSecrets, CallError, TokenResponse};
+use super::http::{AclBootstrap, AclSecrets, CallError, ToLeader, TokenResponse};
 use super::{Tier, TierError, TierFailure};
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use crate::version::Version;
@@ -221,6 +221,7 @@ impl ConsulTier {
             deadline,
             retry_every: RETRY_EVERY,
             classify,
+            to_leader: Some(ToLeader::default()),
         }
         .call(&c, |s| self.own_token(&c, s, check))
         .await
@@ -462,6 +463,8 @@ mod tests {
             pub calls: Vec<Call>,
             /// The tokens presented to `token/self`.
             pub self_checks: Vec<String>,
+            /// What `GET /v1/status/leader` names (`ip:port` of the leader's RPC); `None`: "" (no leader).
+            pub leader: Option<String>,
         }
 
         pub type Shared = Arc<Mutex<Consul>>;
@@ -562,13 +565,23 @@ mod tests {
             }
         }
 
+        async fn leader(State(s): State<Shared>) -> String {
+            serde_json::to_string(&s.lock().unwrap().leader.clone().unwrap_or_default()).unwrap()
+        }
+
         /// Serves the double on 127.0.0.1; returns its base URL.
         pub async fn serve(state: Shared) -> String {
+            serve_at(state, "127.0.0.1:0").await
+        }
+
+        /// Serves the double on `addr`; returns its base URL.
+        pub async fn serve_at(state: Shared, addr: &str) -> String {
             let app = Router::new()
                 .route("/v1/acl/bootstrap", put(bootstrap))
                 .route("/v1/acl/token/self", get(token_self))
+                .route("/v1/status/leader", get(leader))
                 .with_state(state);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
             let addr = listener.local_addr().unwrap();
             tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
             format!("http://{addr}")
@@ -619,6 +632,70 @@ mod tests {
             escrowed,
             consul,
         }
+    }
+
+    /// A Consul 1.x follower refuses the ACL bootstrap ("legacy mode") until its own ACL-mode check, long after
+    /// its leader left legacy mode (seen with the real 1.8.7: leader at 7.2 s, followers at 12.8 s): the call goes
+    /// to the leader the local server names, once. A leader whose API cannot be reached (nothing listens) is given
+    /// up for the local server.
+    #[tokio::test]
+    async fn the_acl_bootstrap_goes_to_the_leader_its_server_names() {
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let tier = |api: String| ConsulTier {
+            api,
+            ca_file: ca_file.clone(),
+            shared: None,
+            status_vault: None,
+            snapshot: None,
+            cluster: "test".into(),
+            path: BootstrapPath::ServerGenerated,
+        };
+        // A follower in legacy mode for good, naming its leader on 127.0.0.2 (the same port: one API port per
+        // cluster).
+        let follower: Shared = Arc::new(Mutex::new(Consul {
+            legacy_mode: u32::MAX,
+            ..Default::default()
+        }));
+        let api = consul_contract_double::serve(follower.clone()).await;
+        let port = api.rsplit(':').next().unwrap().to_string();
+        let leader: Shared = Arc::new(Mutex::new(Consul::default()));
+        consul_contract_double::serve_at(leader.clone(), &format!("127.0.0.2:{port}")).await;
+        follower.lock().unwrap().leader = Some("127.0.0.2:8300".into());
+        let got = tier(api)
+            .bootstrap_within(Duration::from_secs(3), Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let got: AclSecrets = serde_json::from_slice(&got).unwrap();
+        {
+            let l = leader.lock().unwrap();
+            assert_eq!(l.calls.len(), 1, "sent once, to the leader");
+            assert_eq!(got.secret_id, l.bootstrapped.as_ref().unwrap().secret);
+        }
+        assert!(
+            follower.lock().unwrap().calls.is_empty(),
+            "never to the follower"
+        );
+
+        // The leader's API unreachable: the local server, which leaves legacy mode after two answers.
+        let local: Shared = Arc::new(Mutex::new(Consul {
+            legacy_mode: 2,
+            leader: Some("127.0.0.3:8300".into()),
+            ..Default::default()
+        }));
+        let api = consul_contract_double::serve(local.clone()).await;
+        let got = tier(api)
+            .bootstrap_within(Duration::from_secs(5), Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let got: AclSecrets = serde_json::from_slice(&got).unwrap();
+        let l = local.lock().unwrap();
+        assert_eq!(l.calls.len(), 3, "legacy mode twice, then the token");
+        assert_eq!(got.secret_id, l.bootstrapped.as_ref().unwrap().secret);
+        drop(l);
     }
 
     fn caller_secret() -> BootstrapPath {

@@ -7,7 +7,7 @@ use super::decide::{self, AfterCall, Decision, PeerAnswer, PeerVerdict, SpoolAct
 use super::traits::{EscrowTargets, Spool, Storage};
 use super::{crash_if, BootstrapError, CrashPoint, Outcome, Tier, TierFailure};
 use crate::coordination::{TierPhase, TierState, WriteError};
-use crate::escrow::{envelope, pgp::OperatorKeys, Receipt, ReceiptTarget};
+use crate::escrow::{envelope, pgp::OperatorKeys, Prepared, Receipt, ReceiptTarget};
 use std::path::PathBuf;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -59,23 +59,30 @@ impl Driver<'_> {
         state: &mut TierState,
         env: &envelope::Envelope,
     ) -> Result<(), BootstrapError> {
-        if !state
-            .receipts
-            .iter()
-            .any(|r: &Receipt| r.target == ReceiptTarget::Blob && r.is_for(&env.escrow_id))
-        {
+        let missing = |t: ReceiptTarget| {
+            !state
+                .receipts
+                .iter()
+                .any(|r: &Receipt| r.target == t && r.is_for(&env.escrow_id))
+        };
+        // Both targets at once: they are independent, and each receipt is recorded only with the other's.
+        let blob = async {
+            if !missing(ReceiptTarget::Blob) {
+                return Ok(None);
+            }
             let r = self.escrow.upload_blob(env).await?;
-            state.receipts.push(r);
-        }
-        crash_if(self.crash_at, CrashPoint::BetweenTargets);
-        if !state
-            .receipts
-            .iter()
-            .any(|r| r.target == ReceiptTarget::Keyvault && r.is_for(&env.escrow_id))
-        {
-            let r = self.escrow.upload_keyvault(env).await?;
-            state.receipts.push(r);
-        }
+            // The blob landed; the Key Vault copy may or may not have.
+            crash_if(self.crash_at, CrashPoint::BetweenTargets);
+            Ok::<_, BootstrapError>(Some(r))
+        };
+        let keyvault = async {
+            if !missing(ReceiptTarget::Keyvault) {
+                return Ok(None);
+            }
+            Ok::<_, BootstrapError>(Some(self.escrow.upload_keyvault(env).await?))
+        };
+        let (blob, keyvault) = tokio::try_join!(blob, keyvault)?;
+        state.receipts.extend(blob.into_iter().chain(keyvault));
         crash_if(self.crash_at, CrashPoint::BeforeReceipt);
         Ok(())
     }
@@ -220,15 +227,33 @@ pub async fn lead(
         Decision::Bootstrap => {}
     }
 
-    // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes.
+    // 3. Pre-flight: wrap a fresh data key, and prove both escrow targets accept writes. A tier whose secret is
+    //    escrowed before use proves them with that escrow (to both targets, before the call): its two data keys
+    //    are wrapped at once, and there is no separate probe.
     let state_before = state.clone();
-    let prepared = d.escrow.prepare().await?;
-    preflight(d, name, &prepared.escrow_id).await?;
+    let pre_secret = tier.pre_secret();
+    let (prepared, pre) = match pre_secret {
+        Some(payload) => {
+            let (prepared, pre) = tokio::try_join!(d.escrow.prepare(), d.escrow.prepare())?;
+            (prepared, Some((payload, pre)))
+        }
+        None => {
+            let prepared = d.escrow.prepare().await?;
+            preflight(d, name, &prepared.escrow_id).await?;
+            (prepared, None)
+        }
+    };
     d.storage.check_lease()?;
     state.escrow_id = Some(prepared.escrow_id.clone());
     // Earlier leaders' secrets escrowed before use stay until token/self proves which one is live.
     state.keep_pre_escrow_receipts();
-    let pre_escrowed = escrow_before_use(d, tier, &mut state).await?;
+    let pre_escrowed = match pre {
+        Some((payload, pre)) => {
+            escrow_before_use(d, name, &mut state, payload, pre).await?;
+            true
+        }
+        None => false,
+    };
     tier.wait_callable(READY_FOR_CALL)
         .await
         .map_err(|source| BootstrapError::Product {
@@ -362,13 +387,10 @@ pub async fn lead(
     let spool_path = d.spool.write(&env)?;
     crash_if(d.crash_at, CrashPoint::AfterSpool);
     state.set(TierPhase::Initialized, d.node, started_over.clone());
-    if let Err(e) = d.save(&state).await {
-        // The secrets are safe in the spool; the escrow below records the state again.
-        tracing::warn!(error = %e, "could not record the initialized state");
-    }
+    let initialized = state.clone();
 
-    // 5. Escrow to both targets at once, so the secrets sit in the spool for seconds, not for the whole
-    //    configuration below; then the receipts, and the spool goes.
+    // 5. Escrow to both targets, while `initialized` is recorded, so the secrets sit in the spool for a moment,
+    //    not for the whole configuration below; then the receipts, and the spool goes.
     if pre_escrowed {
         // Until now the state named the escrow made before use; the post-call one (with the server-chosen
         // accessor) replaces it.
@@ -377,7 +399,12 @@ pub async fn lead(
         // The product took our secret: no earlier leader's call landed.
         state.pre_escrows.clear();
     }
-    d.deliver(&mut state, &env).await?;
+    let (recorded, delivered) = tokio::join!(d.save(&initialized), d.deliver(&mut state, &env));
+    if let Err(e) = recorded {
+        // The secrets are safe in the spool; `escrowed` below records the state again.
+        tracing::warn!(error = %e, "could not record the initialized state");
+    }
+    delivered?;
     state.set(TierPhase::Escrowed, d.node, started_over.clone());
     d.save(&state).await?;
     d.spool
@@ -407,19 +434,17 @@ pub async fn lead(
 /// effect nowhere, so a crash loses nothing (the next leader escrows a fresh one).
 async fn escrow_before_use(
     d: &Driver<'_>,
-    tier: &dyn Tier,
+    tier: &str,
     state: &mut TierState,
-) -> Result<bool, BootstrapError> {
-    let Some(payload) = tier.pre_secret() else {
-        return Ok(false);
-    };
-    let pre = d.escrow.prepare().await?;
+    payload: Zeroizing<Vec<u8>>,
+    pre: Prepared,
+) -> Result<(), BootstrapError> {
     let env = envelope::seal(
         &pre.key,
-        d.for_escrow(tier.name(), &payload)?,
+        d.for_escrow(tier, &payload)?,
         &pre.escrow_id,
         d.cluster,
-        tier.name(),
+        tier,
         &pre.kek_id,
         &pre.wrapped,
         (d.now_unix)(),
@@ -428,8 +453,8 @@ async fn escrow_before_use(
     state.escrow_id = Some(pre.escrow_id.clone());
     // Unproven until the call's answer (or token/self) says whose secret the product took.
     state.pre_escrows.push(pre.escrow_id.clone());
-    tracing::info!(tier = tier.name(), escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
-    Ok(true)
+    tracing::info!(tier, escrow_id = %pre.escrow_id, "bootstrap secret escrowed before use");
+    Ok(())
 }
 
 /// The one step for a half-initialized node the agent did not (or could not) reset itself.
@@ -506,8 +531,10 @@ async fn preflight(d: &Driver<'_>, tier: &str, escrow_id: &str) -> Result<(), Bo
         nonce: String::new(),
         ciphertext: String::new(),
     };
-    d.escrow.upload_blob(&probe).await?;
-    d.escrow.upload_keyvault(&probe).await?;
+    tokio::try_join!(
+        d.escrow.upload_blob(&probe),
+        d.escrow.upload_keyvault(&probe)
+    )?;
     Ok(())
 }
 

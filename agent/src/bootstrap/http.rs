@@ -76,7 +76,7 @@ impl TimeoutError for CallError {
 }
 
 /// How often [`wait_for_leader`] asks: a local request, answered at once.
-pub const LEADER_POLL: Duration = Duration::from_millis(100);
+pub const LEADER_POLL: Duration = Duration::from_millis(25);
 
 /// Polls `GET {api}/v1/status/leader` every [`LEADER_POLL`] until it names a leader; an error once `deadline` has
 /// passed (`product` names the server in it).
@@ -227,6 +227,27 @@ pub(super) struct AclBootstrap<'a> {
     pub retry_every: Duration,
     /// The product's verdict on an answer that is not 200.
     pub classify: fn(u16, &str) -> Answer,
+    /// Consul: send each request to the raft leader's API instead ([`ToLeader`]); `None`: always to `url`.
+    pub to_leader: Option<ToLeader>,
+}
+
+/// Consul 1.x: each request goes to the raft leader's API (`url` with the leader's address in place of the local
+/// server's). The leader leaves ACL legacy mode as it takes over; a follower refuses the bootstrap ("legacy mode")
+/// until its own ACL-mode check comes round, at doubling intervals from its start (50 ms … 12.8 s … 30 s): up to
+/// tens of seconds after the leader could have taken it (docs/bootstrap.md#consul-acl-legacy-mode). The local
+/// server names the leader (`/v1/status/leader`, `ip:port` of its RPC); when it names none, or the leader's API
+/// cannot be reached (an older template that opens 8501 to the jumpbox only), the request goes to `url`.
+#[derive(Debug, Default)]
+pub struct ToLeader {
+    unreachable: std::sync::atomic::AtomicBool,
+}
+
+/// `url` with its host replaced by the address in `leader` (`ip:port`, as `/v1/status/leader` answers).
+fn at_leader(url: &reqwest::Url, leader: &str) -> Option<reqwest::Url> {
+    let ip = leader.parse::<std::net::SocketAddr>().ok()?.ip();
+    let mut u = url.clone();
+    u.set_ip_host(ip).ok()?;
+    Some(u)
 }
 
 impl<'a> AclBootstrap<'a> {
@@ -296,13 +317,33 @@ impl<'a> AclBootstrap<'a> {
         }
     }
 
+    /// Where this request goes: `url`, or the raft leader's API ([`ToLeader`]).
+    async fn target(&self, c: &reqwest::Client) -> Option<reqwest::Url> {
+        let local = reqwest::Url::parse(&self.url).ok()?;
+        let route = self.to_leader.as_ref()?;
+        if route.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut ask = local.clone();
+        ask.set_path("/v1/status/leader");
+        ask.set_query(None);
+        let r = c.get(ask).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let leader = r.json::<String>().await.ok()?;
+        at_leader(&local, &leader).filter(|u| *u != local)
+    }
+
     /// One bootstrap request and what its answer means.
     async fn attempt(
         &self,
         c: &reqwest::Client,
         body: Option<&[u8]>,
     ) -> Attempt<BootstrapAnswer, Stop> {
-        let mut req = c.request(self.method.clone(), &self.url);
+        let leader = self.target(c).await;
+        let url = leader.as_ref().map_or(self.url.as_str(), |u| u.as_str());
+        let mut req = c.request(self.method.clone(), url);
         if let Some(b) = body {
             req = req
                 .header("Content-Type", "application/json")
@@ -310,6 +351,17 @@ impl<'a> AclBootstrap<'a> {
         }
         let resp = match req.send().await {
             Ok(r) => r,
+            // The leader's API cannot be reached (the request never left): the local server from now on.
+            Err(e) if e.is_connect() && leader.is_some() => {
+                if let Some(route) = &self.to_leader {
+                    route
+                        .unreachable
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let e = e.without_url();
+                tracing::warn!(leader = %url, error = %e, "{}'s leader cannot be reached for the ACL bootstrap; asking the local server instead", self.product);
+                return Attempt::Retry(Stop::Transient(format!("ACL bootstrap: {e}")));
+            }
             // With a caller secret a resend is harmless; without one, only a request that never reached the
             // server is sent again.
             Err(e) if self.secret.is_some() || e.is_connect() => {

@@ -379,6 +379,7 @@ impl Tier for NomadTier {
             deadline: BOOTSTRAP_DEADLINE,
             retry_every: RETRY_EVERY,
             classify,
+            to_leader: None,
         }
         .call(&c, |_| self.own_token(&c, CHECK_DEADLINE))
         .await

@@ -15,6 +15,42 @@ fn note(log: &Log, what: String) {
     log.lock().unwrap().push(what);
 }
 
+/// Steps that must run at the same time: a step named in `pairs` does not finish until its partner has started,
+/// so a driver that runs the two one after the other never gets past the first (the test's timeout fails it).
+/// With no pairs (the default) every step goes straight on.
+#[derive(Default)]
+struct Overlap {
+    pairs: Mutex<Vec<(String, String)>>,
+    started: Mutex<Vec<String>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Overlap {
+    fn require(&self, a: &str, b: &str) {
+        self.pairs.lock().unwrap().push((a.into(), b.into()));
+    }
+
+    async fn step(&self, name: &str) {
+        self.started.lock().unwrap().push(name.into());
+        self.changed.notify_waiters();
+        let partner = self.pairs.lock().unwrap().iter().find_map(|(a, b)| {
+            (a == name)
+                .then(|| b.clone())
+                .or_else(|| (b == name).then(|| a.clone()))
+        });
+        let Some(partner) = partner else { return };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.started.lock().unwrap().contains(&partner) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 fn phase_name(p: TierPhase) -> String {
     serde_json::to_value(p)
         .unwrap()
@@ -32,6 +68,7 @@ struct FakeStorage {
     lease_held: bool,
     /// Boot records: node → address.
     records: BTreeMap<String, String>,
+    overlap: Arc<Overlap>,
 }
 
 #[async_trait::async_trait]
@@ -47,6 +84,9 @@ impl Storage for FakeStorage {
     }
 
     async fn save(&self, state: &TierState) -> Result<(), WriteError> {
+        self.overlap
+            .step(&format!("storage.save {}", phase_name(state.phase)))
+            .await;
         let n = {
             let mut w = self.writes.lock().unwrap();
             *w += 1;
@@ -80,6 +120,7 @@ impl Storage for FakeStorage {
 struct FakeEscrow {
     log: Log,
     prepared: Mutex<usize>,
+    overlap: Arc<Overlap>,
 }
 
 fn receipt(target: ReceiptTarget, env: &envelope::Envelope) -> Receipt {
@@ -103,6 +144,7 @@ impl EscrowTargets for FakeEscrow {
             *p
         };
         note(&self.log, format!("escrow.prepare e{n}"));
+        self.overlap.step(&format!("escrow.prepare e{n}")).await;
         Ok(Prepared {
             escrow_id: format!("e{n}"),
             key: DataKey::generate(),
@@ -116,6 +158,9 @@ impl EscrowTargets for FakeEscrow {
         env: &envelope::Envelope,
     ) -> Result<Receipt, crate::escrow::UploadError> {
         note(&self.log, format!("escrow.blob {}", env.escrow_id));
+        self.overlap
+            .step(&format!("escrow.blob {}", env.escrow_id))
+            .await;
         Ok(receipt(ReceiptTarget::Blob, env))
     }
 
@@ -124,6 +169,9 @@ impl EscrowTargets for FakeEscrow {
         env: &envelope::Envelope,
     ) -> Result<Receipt, crate::escrow::UploadError> {
         note(&self.log, format!("escrow.keyvault {}", env.escrow_id));
+        self.overlap
+            .step(&format!("escrow.keyvault {}", env.escrow_id))
+            .await;
         Ok(receipt(ReceiptTarget::Keyvault, env))
     }
 
@@ -257,6 +305,7 @@ impl Tier for FakeTier {
 /// One run's world: a fresh Vault tier unless a test changes it.
 struct World {
     log: Log,
+    overlap: Arc<Overlap>,
     storage: FakeStorage,
     escrow: FakeEscrow,
     spool: FakeSpool,
@@ -270,6 +319,7 @@ fn now() -> i64 {
 impl World {
     fn new() -> World {
         let log: Log = Arc::default();
+        let overlap: Arc<Overlap> = Arc::default();
         World {
             storage: FakeStorage {
                 log: log.clone(),
@@ -278,10 +328,12 @@ impl World {
                 refuse: None,
                 lease_held: true,
                 records: BTreeMap::new(),
+                overlap: overlap.clone(),
             },
             escrow: FakeEscrow {
                 log: log.clone(),
                 prepared: Mutex::new(0),
+                overlap: overlap.clone(),
             },
             spool: FakeSpool {
                 log: log.clone(),
@@ -299,6 +351,7 @@ impl World {
                 callable: None,
             },
             log,
+            overlap,
         }
     }
 
@@ -399,6 +452,36 @@ async fn a_fresh_tier_is_initialized_spooled_escrowed_configured_then_done() {
         Some(SECRETS)
     );
     assert!(w.spool.files.lock().unwrap().is_empty());
+}
+
+/// What does not depend on each other runs at once: the escrow's two targets, the `initialized` record beside
+/// the escrow, and (a secret escrowed before use) the two data keys. Each pair below waits for its partner to
+/// start, so a driver that runs them one after the other never finishes.
+#[tokio::test]
+async fn independent_steps_run_at_once() {
+    let w = World::new();
+    w.overlap.require("escrow.blob e1", "escrow.keyvault e1");
+    w.overlap
+        .require("storage.save initialized", "escrow.blob e1");
+    w.overlap
+        .require("escrow.blob preflight-e1", "escrow.keyvault preflight-e1");
+    let r = tokio::time::timeout(Duration::from_secs(5), w.run(None))
+        .await
+        .unwrap_or_else(|_| panic!("steps ran one after the other: {:?}", w.log()));
+    assert_eq!(r.expect("bootstrapped"), Some(Outcome::Bootstrapped));
+    let s = w.stored().unwrap();
+    assert!(s.escrowed_to(ReceiptTarget::Blob) && s.escrowed_to(ReceiptTarget::Keyvault));
+
+    let mut w = World::new();
+    w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
+    w.tier.creates_cluster = false;
+    w.tier.local_initialized = None;
+    w.overlap.require("escrow.prepare e1", "escrow.prepare e2");
+    w.overlap.require("escrow.blob e2", "escrow.keyvault e2");
+    let r = tokio::time::timeout(Duration::from_secs(5), w.run(None))
+        .await
+        .unwrap_or_else(|_| panic!("steps ran one after the other: {:?}", w.log()));
+    assert_eq!(r.expect("bootstrapped"), Some(Outcome::Bootstrapped));
 }
 
 #[tokio::test]
@@ -653,20 +736,20 @@ async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_cal
     w.tier.local_initialized = None;
     let r = w.run(None).await.expect("bootstrapped");
     assert_eq!(r, Some(Outcome::Bootstrapped));
+    // Its escrow to both targets is the pre-flight: no separate probe, and both data keys are wrapped at once.
     assert_eq!(
-        w.log()[..8],
+        w.log()[..7],
         [
             "tier.already_bootstrapped",
             "escrow.prepare e1",
-            "escrow.blob preflight-e1",
-            "escrow.keyvault preflight-e1",
             "escrow.prepare e2",
             "escrow.blob e2",
             "escrow.keyvault e2",
             "storage.save initializing",
+            "tier.bootstrap",
         ]
     );
-    assert_eq!(w.log()[8], "tier.bootstrap");
+    assert!(!w.called("escrow.blob preflight"), "{:?}", w.log());
     let s = w.stored().unwrap();
     // The post-call escrow replaces the one made before use.
     assert_eq!(s.escrow_id.as_deref(), Some("e1"));
@@ -687,8 +770,9 @@ async fn a_tier_that_waits_for_its_leader_does_so_after_the_escrow_before_use_an
     let r = w.run(None).await.expect("bootstrapped");
     assert_eq!(r, Some(Outcome::Bootstrapped));
     assert_eq!(
-        w.log()[4..10],
+        w.log()[1..8],
         [
+            "escrow.prepare e1",
             "escrow.prepare e2",
             "escrow.blob e2",
             "escrow.keyvault e2",
