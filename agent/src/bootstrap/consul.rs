@@ -145,6 +145,44 @@ impl ConsulTier {
             .map_err(|e| CallError::Client(e.to_string()))
     }
 
+    /// Where the post-bootstrap ACL calls go. The ACL bootstrap went to the raft leader
+    /// (docs/bootstrap.md#consul-acl-legacy-mode), and this node's own server, if a follower, may still be in
+    /// legacy mode: it refuses ACL writes (500 "legacy mode") until its next ACL-mode check. So: the leader's API
+    /// once it takes the management token; else (no leader named, its API unreachable) this node's server once
+    /// it does. Polled every [`RETRY_EVERY`] up to [`BOOTSTRAP_DEADLINE`].
+    async fn acl_api(&self, management: &str) -> Result<String, TierError> {
+        let c = self.client(Duration::from_secs(5))?;
+        let local = reqwest::Url::parse(&self.api).map_err(|_| TierError::Step {
+            step: "Consul API address",
+            detail: self.api.clone(),
+        })?;
+        let leader_unreachable = std::sync::atomic::AtomicBool::new(false);
+        let policy = RetryPolicy::poll(BOOTSTRAP_DEADLINE, RETRY_EVERY, Duration::from_secs(5));
+        retry(policy, |_| async {
+            let leader = match leader_unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+                true => None,
+                false => super::http::leader_url(&c, &local).await,
+            };
+            let base = leader.as_ref().unwrap_or(&local);
+            let mut url = base.clone();
+            url.set_path("/v1/acl/token/self");
+            match c.get(url).header("X-Consul-Token", management).send().await {
+                Ok(r) if r.status().is_success() => {
+                    Attempt::Done(base.as_str().trim_end_matches('/').to_string())
+                }
+                Ok(r) => Attempt::Retry(CallError::status("token/self", r.status().as_u16())),
+                Err(e) => {
+                    if leader.is_some() && e.is_connect() {
+                        leader_unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Attempt::Retry(CallError::transport("token/self", e))
+                }
+            }
+        })
+        .await
+        .map_err(TierError::from)
+    }
+
     /// Whether `secret` is a valid token (an earlier attempt with it landed): its accessor ID if so.
     /// `Ok(None)`: Consul does not know it (403 "ACL not found" before 1.15, 404 "Supplied token does not
     /// exist" from 1.15). Retryable answers are retried until `deadline`; then the question stays open (`Err`).
@@ -265,18 +303,19 @@ impl Tier for ConsulTier {
         let s: AclSecrets = serde_json::from_slice(secrets).map_err(|_| TierError::Payload)?;
         let management = Zeroizing::new(s.secret_id.clone());
         drop(s);
+        // The ACL bootstrap went to the leader; this node's server may still be in legacy mode.
+        let api = self.acl_api(&management).await?;
         if let Some((az, vault)) = &self.shared {
             // Nomad's Consul token first: every node waits for the agent token below, so a node that sees the
             // agent token sees this one too. Its failure does not hold the agent token back (Consul would
             // stay without one on every node); it is reported once the rest is done.
             let nomad = async {
-                let t =
-                    super::consul_tokens::ensure_nomad_token(&self.api, &self.ca_file, &management)
-                        .await
-                        .map_err(|e| TierError::Step {
-                            step: "Nomad's Consul token",
-                            detail: e.to_string(),
-                        })?;
+                let t = super::consul_tokens::ensure_nomad_token(&api, &self.ca_file, &management)
+                    .await
+                    .map_err(|e| TierError::Step {
+                        step: "Nomad's Consul token",
+                        detail: e.to_string(),
+                    })?;
                 crate::material::put_secret(
                     az,
                     vault,
@@ -291,8 +330,7 @@ impl Tier for ConsulTier {
             }
             .await;
             let token =
-                super::consul_tokens::create_agent_token(&self.api, &self.ca_file, &management)
-                    .await?;
+                super::consul_tokens::create_agent_token(&api, &self.ca_file, &management).await?;
             crate::material::put_secret(
                 az,
                 vault,
@@ -309,8 +347,7 @@ impl Tier for ConsulTier {
             // credential (docs/runbooks.md#snapshots), kept where only server tiers read it.
             let status = async {
                 let status =
-                    super::status_tokens::create_consul(&self.api, &self.ca_file, &management)
-                        .await?;
+                    super::status_tokens::create_consul(&api, &self.ca_file, &management).await?;
                 match &self.status_vault {
                     Some(sv) => {
                         super::status_tokens::hand_over(
@@ -325,7 +362,7 @@ impl Tier for ConsulTier {
                 Ok::<_, TierError>(())
             };
             let dns = async {
-                super::consul_tokens::ensure_dns_policy(&self.api, &self.ca_file, &management)
+                super::consul_tokens::ensure_dns_policy(&api, &self.ca_file, &management)
                     .await
                     .map_err(|e| TierError::Step {
                         step: "DNS policy",
@@ -334,12 +371,8 @@ impl Tier for ConsulTier {
             };
             let snapshot = async {
                 if let Some(h) = &self.snapshot {
-                    let t = super::snapshot_tokens::create_consul(
-                        &self.api,
-                        &self.ca_file,
-                        &management,
-                    )
-                    .await?;
+                    let t = super::snapshot_tokens::create_consul(&api, &self.ca_file, &management)
+                        .await?;
                     h.put("consul", &t).await?;
                 }
                 Ok::<_, TierError>(())
@@ -548,6 +581,12 @@ mod tests {
                 .unwrap_or_default()
                 .to_string();
             c.self_checks.push(presented.clone());
+            if c.legacy_mode > 0 {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The ACL system is currently in legacy mode.".into(),
+                );
+            }
             if c.token_self_down {
                 return (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -665,11 +704,16 @@ mod tests {
         let leader: Shared = Arc::new(Mutex::new(Consul::default()));
         consul_contract_double::serve_at(leader.clone(), &format!("127.0.0.2:{port}")).await;
         follower.lock().unwrap().leader = Some("127.0.0.2:8300".into());
-        let got = tier(api)
+        let got = tier(api.clone())
             .bootstrap_within(Duration::from_secs(3), Duration::from_secs(1))
             .await
             .unwrap_or_else(|e| panic!("{e:?}"));
         let got: AclSecrets = serde_json::from_slice(&got).unwrap();
+        // The configuration after it goes there too: this follower refuses every ACL call in legacy mode.
+        assert_eq!(
+            tier(api).acl_api(&got.secret_id).await.unwrap(),
+            format!("http://127.0.0.2:{port}")
+        );
         {
             let l = leader.lock().unwrap();
             assert_eq!(l.calls.len(), 1, "sent once, to the leader");
@@ -687,11 +731,15 @@ mod tests {
             ..Default::default()
         }));
         let api = consul_contract_double::serve(local.clone()).await;
-        let got = tier(api)
+        let got = tier(api.clone())
             .bootstrap_within(Duration::from_secs(5), Duration::from_secs(1))
             .await
             .unwrap_or_else(|e| panic!("{e:?}"));
         let got: AclSecrets = serde_json::from_slice(&got).unwrap();
+        assert_eq!(
+            tier(api.clone()).acl_api(&got.secret_id).await.unwrap(),
+            api
+        );
         let l = local.lock().unwrap();
         assert_eq!(l.calls.len(), 3, "legacy mode twice, then the token");
         assert_eq!(got.secret_id, l.bootstrapped.as_ref().unwrap().secret);

@@ -250,6 +250,20 @@ fn at_leader(url: &reqwest::Url, leader: &str) -> Option<reqwest::Url> {
     Some(u)
 }
 
+/// `local` (a URL of the local server's API) at the raft leader the local server names, if that is another
+/// server; `None`: no leader named, or the local server is the leader.
+pub(super) async fn leader_url(c: &reqwest::Client, local: &reqwest::Url) -> Option<reqwest::Url> {
+    let mut ask = local.clone();
+    ask.set_path("/v1/status/leader");
+    ask.set_query(None);
+    let r = c.get(ask).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let leader = r.json::<String>().await.ok()?;
+    at_leader(local, &leader).filter(|u| u != local)
+}
+
 impl<'a> AclBootstrap<'a> {
     /// Calls until the token comes back (its escrow payload), a final answer, or the deadline. "Already
     /// done" with a caller secret asks `own_token` whether that secret is a valid token (an earlier attempt
@@ -324,15 +338,7 @@ impl<'a> AclBootstrap<'a> {
         if route.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
-        let mut ask = local.clone();
-        ask.set_path("/v1/status/leader");
-        ask.set_query(None);
-        let r = c.get(ask).send().await.ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        let leader = r.json::<String>().await.ok()?;
-        at_leader(&local, &leader).filter(|u| *u != local)
+        leader_url(c, &local).await
     }
 
     /// One bootstrap request and what its answer means.

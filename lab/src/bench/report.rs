@@ -359,13 +359,13 @@ pub fn summarise_tiers(runs: &[TierRun], nomad: bool) -> Vec<TierLine> {
             "consul",
             "consul:bootstrapped",
             "tier state done (ACL bootstrap, agent/status tokens, escrow)",
-            "PUT /v1/acl/bootstrap answered 200",
+            "PUT /v1/acl/bootstrap at the leader answered 200",
         ),
         (
             "consul + agent tokens",
             "consul:with-agent-tokens",
             "tier state done + every node's Consul has its agent token",
-            "PUT /v1/acl/bootstrap answered 200",
+            "PUT /v1/acl/bootstrap at the leader answered 200",
         ),
     ];
     if nomad {

@@ -494,7 +494,8 @@ async fn floor_vault(lab: &Lab, m: &Marks, deadline: Duration) -> Result<(), Ben
     }
 }
 
-/// The floor's ACL bootstrap (Consul, Nomad): `PUT /v1/acl/bootstrap` on the tier's first server, retried
+/// The floor's ACL bootstrap (Consul, Nomad): `PUT /v1/acl/bootstrap` on the tier's first server (Consul: on the
+/// leader that server names, `via_leader`), retried
 /// every [`OBSERVE_EVERY`] while it cannot answer or answers "legacy mode" / "No cluster leader" / 5xx, until
 /// 200 (`<tier>:acl-bootstrapped`; `<tier>:acl-sent`: when that request was sent). The management token it
 /// returns is dropped.
@@ -504,9 +505,10 @@ async fn floor_acl(
     tier: &str,
     role: Role,
     port: u16,
+    via_leader: bool,
     deadline: Duration,
 ) -> Result<(), BenchError> {
-    let Some(ip) = nodes_of(lab, role).first().copied() else {
+    let Some(first) = nodes_of(lab, role).first().copied() else {
         return Ok(());
     };
     let start = Instant::now();
@@ -516,6 +518,13 @@ async fn floor_acl(
             client = api_client(lab);
         }
         if let Some(c) = &client {
+            // Consul: to the leader the first server names, as the agent sends it (a 1.x follower refuses the
+            // bootstrap in ACL legacy mode, seconds after its leader could take it); no leader named: the first
+            // server. Nomad: the first server, as the agent calls its own (it forwards to the leader).
+            let ip = match via_leader {
+                true => leader_ip(c, first, port).await.unwrap_or(first),
+                false => first,
+            };
             let sent = Instant::now();
             if let Ok(r) = c
                 .put(format!("https://{ip}:{port}/v1/acl/bootstrap"))
@@ -544,6 +553,21 @@ async fn floor_acl(
             )));
         }
         tokio::time::sleep(OBSERVE_EVERY).await;
+    }
+}
+
+/// The address of the leader that the server at `ip` names (`/v1/status/leader`: `ip:port` of its RPC).
+async fn leader_ip(c: &reqwest::Client, ip: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
+    let r = c
+        .get(format!("https://{ip}:{port}/v1/status/leader"))
+        .timeout(PROBE_TIMEOUT)
+        .send()
+        .await
+        .ok()?;
+    let leader: String = r.json().await.ok()?;
+    match leader.parse::<std::net::SocketAddr>().ok()?.ip() {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        std::net::IpAddr::V6(_) => None,
     }
 }
 
@@ -593,8 +617,24 @@ pub async fn tier_run(
         Mode::Floor => tokio::try_join!(
             observe(&lab, mode, &marks, deadline),
             floor_vault(&lab, &marks, deadline),
-            floor_acl(&lab, &marks, "consul", Role::ConsulServer, 8501, deadline),
-            floor_acl(&lab, &marks, "nomad", Role::NomadServer, 4646, deadline),
+            floor_acl(
+                &lab,
+                &marks,
+                "consul",
+                Role::ConsulServer,
+                8501,
+                true,
+                deadline
+            ),
+            floor_acl(
+                &lab,
+                &marks,
+                "nomad",
+                Role::NomadServer,
+                4646,
+                false,
+                deadline
+            ),
         )
         .map(|_| ()),
     };
