@@ -267,7 +267,8 @@ pub async fn consul_token(
         vaults: &material_vaults(spec)?,
         cluster: &spec.cluster,
         creator: None,
-        agent_token: crate::material::AgentToken::Wait(crate::material::TokenPace::of(spec.role)),
+        agent_token: crate::material::AgentToken::Wait(crate::material::Pace::of(spec.role)),
+        pace: crate::material::Pace::of(spec.role),
         policy,
         deadline,
     }

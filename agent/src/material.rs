@@ -391,12 +391,23 @@ pub const MATERIAL_POLL_FIRST: Duration = Duration::from_millis(100);
 /// server tier: docs/PERFORMANCE.md#at-scale).
 pub const MATERIAL_POLL_MAX: Duration = Duration::from_secs(1);
 
-/// The pause after look number `look` (1-based) for the cluster material found none: [`MATERIAL_POLL_FIRST`]
-/// doubled after each look up to [`MATERIAL_POLL_MAX`] (0.1, 0.2, 0.4, 0.8, 1, 1, … s), plus up to a quarter
-/// more by `jitter` in [0, 1) so that nodes booted together do not look together.
-pub fn material_pause(look: u32, jitter: f64) -> Duration {
-    let doublings = look.saturating_sub(1).min(16);
-    let base = (MATERIAL_POLL_FIRST * 2u32.pow(doublings)).min(MATERIAL_POLL_MAX);
+/// How long the few ([`Pace::Few`]) look for the cluster material every [`MATERIAL_POLL_FIRST`]: the material's
+/// creator, a server booted with them, usually writes it within a second.
+pub const MATERIAL_FEW_FAST: Duration = Duration::from_secs(10);
+
+/// The pause after look number `look` (1-based), `elapsed` into the wait, for the cluster material found none:
+/// for the few ([`Pace::Few`]) [`MATERIAL_POLL_FIRST`] during the first [`MATERIAL_FEW_FAST`]; otherwise
+/// [`MATERIAL_POLL_FIRST`] doubled after each look up to [`MATERIAL_POLL_MAX`] (0.1, 0.2, 0.4, 0.8, 1, 1, … s);
+/// plus up to a quarter more by `jitter` in [0, 1) so that nodes booted together do not look together.
+/// A server that had just missed the material used to wait 0.4–0.8 s for its next look, on the bootstrap's
+/// critical path (the Nomad tier's leader came ~0.3 s later with the agents than without).
+pub fn material_pause(look: u32, jitter: f64, elapsed: Duration, pace: Pace) -> Duration {
+    let base = if pace == Pace::Few && elapsed < MATERIAL_FEW_FAST {
+        MATERIAL_POLL_FIRST
+    } else {
+        let doublings = look.saturating_sub(1).min(16);
+        (MATERIAL_POLL_FIRST * 2u32.pow(doublings)).min(MATERIAL_POLL_MAX)
+    };
     base + base.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
 }
 
@@ -409,14 +420,16 @@ pub const AGENT_TOKEN_SLOW: Duration = Duration::from_secs(8);
 /// How long a server-tier node looks at the fastest pace (every [`AGENT_TOKEN_SERVER_EVERY`]): the servers boot
 /// together with the Consul tier, whose bootstrap hands the token over a few seconds later.
 pub const AGENT_TOKEN_SERVER_FAST: Duration = Duration::from_secs(10);
-/// The fastest pace, for the few ([`TokenPace::Few`]). At most 3 tiers of 7 servers and a jumpbox look this often,
+/// The fastest pace, for the few ([`Pace::Few`]). At most 3 tiers of 7 servers and a jumpbox look this often,
 /// for at most [`AGENT_TOKEN_SERVER_FAST`]: ≤ 220 reads a second, about half of Key Vault's 4,000 per 10 s per
 /// vault.
 pub const AGENT_TOKEN_SERVER_EVERY: Duration = Duration::from_millis(100);
 
-/// Who waits for the agent token, which sets the pace of its looks ([`agent_token_pause`]).
+/// Who waits (for the cluster material, for the agent token), which sets the pace of its looks
+/// ([`material_pause`], [`agent_token_pause`]). The few's quick looks (≤ 22 nodes, ~10 a second each, for at most
+/// 10 s, one read per look) stay under ~220 reads a second on the shared vault, whichever they wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenPace {
+pub enum Pace {
     /// A server-tier node or the jumpbox: a bounded few (≤ 7 per tier, one jumpbox), booted with the cluster, whose
     /// wait is on the bootstrap's critical path.
     Few,
@@ -424,12 +437,12 @@ pub enum TokenPace {
     Fleet,
 }
 
-impl TokenPace {
-    pub fn of(role: crate::node::Role) -> TokenPace {
+impl Pace {
+    pub fn of(role: crate::node::Role) -> Pace {
         if role.is_server_tier() || role == crate::node::Role::Jumpbox {
-            TokenPace::Few
+            Pace::Few
         } else {
-            TokenPace::Fleet
+            Pace::Fleet
         }
     }
 }
@@ -437,8 +450,8 @@ impl TokenPace {
 /// The pause after a look for the agent token that found none, `elapsed` into the wait: for the few (servers, jumpbox)
 /// 0.1 s during the first [`AGENT_TOKEN_SERVER_FAST`]; then (and for workers from the start) 0.5 s
 /// during the first `quick`; then [`AGENT_TOKEN_SLOW`].
-pub fn agent_token_pause(elapsed: Duration, quick: Duration, pace: TokenPace) -> Duration {
-    if pace == TokenPace::Few && elapsed < AGENT_TOKEN_SERVER_FAST.min(quick) {
+pub fn agent_token_pause(elapsed: Duration, quick: Duration, pace: Pace) -> Duration {
+    if pace == Pace::Few && elapsed < AGENT_TOKEN_SERVER_FAST.min(quick) {
         AGENT_TOKEN_SERVER_EVERY
     } else if elapsed < quick {
         Duration::from_millis(500)
@@ -461,7 +474,7 @@ pub enum AgentToken {
     /// Take it if it is there; a node without it still renders and starts what does not need it.
     IfPresent,
     /// Wait for it within the deadline (a Consul agent that cannot start without it), looking at this pace.
-    Wait(TokenPace),
+    Wait(Pace),
 }
 
 /// One fetch of the cluster material: where from, who may create it, and how long to wait.
@@ -472,6 +485,8 @@ pub struct Fetch<'a> {
     /// `Some` on server tiers: this node may create the material.
     pub creator: Option<Creator<'a>>,
     pub agent_token: AgentToken,
+    /// The pace of the looks for material that does not exist yet.
+    pub pace: Pace,
     /// Each Key Vault call's retry policy.
     pub policy: RetryPolicy,
     /// The whole fetch's deadline (material, then the agent token).
@@ -507,6 +522,7 @@ impl Fetch<'_> {
         left: Duration,
     ) -> Result<ClusterMaterial, MaterialError> {
         // Each look may create the material under the lease: never cut short by the poll.
+        let start = Instant::now();
         let r = retry(
             RetryPolicy::poll_whole(left, MATERIAL_POLL_FIRST),
             |attempt| async move {
@@ -521,7 +537,12 @@ impl Fetch<'_> {
                         }
                         Attempt::RetryAfter(
                             Wait::NotYet,
-                            material_pause(attempt, rand::random::<f64>()),
+                            material_pause(
+                                attempt,
+                                rand::random::<f64>(),
+                                start.elapsed(),
+                                self.pace,
+                            ),
                         )
                     }
                     Err(e) => Attempt::Fail(Wait::Failed(e)),
@@ -541,7 +562,7 @@ impl Fetch<'_> {
         &self,
         clients: &Clients,
         left: Duration,
-        pace: TokenPace,
+        pace: Pace,
     ) -> Result<Zeroizing<String>, MaterialError> {
         let name = crate::names::agent_token_secret(self.cluster);
         tracing::info!(
@@ -764,7 +785,7 @@ mod tests {
     /// looks at 0, 0.5 and 1 s and then not before 9 s, where a fixed 0.5 s poll looked 8 times.
     #[tokio::test]
     async fn the_wait_for_the_agent_token_slows_down() {
-        let fleet = TokenPace::Fleet;
+        let fleet = Pace::Fleet;
         assert_eq!(
             agent_token_pause(Duration::ZERO, AGENT_TOKEN_QUICK, fleet),
             Duration::from_millis(500)
@@ -785,7 +806,7 @@ mod tests {
                 looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 Attempt::RetryAfter(
                     Wait::NotYet,
-                    agent_token_pause(start.elapsed(), Duration::from_secs(1), TokenPace::Fleet),
+                    agent_token_pause(start.elapsed(), Duration::from_secs(1), Pace::Fleet),
                 )
             },
         )
@@ -800,23 +821,12 @@ mod tests {
     /// at the fleet's pace. Workers never look faster than every 0.5 s.
     #[test]
     fn servers_look_for_the_agent_token_quickly_at_first_and_the_fleet_never_does() {
-        assert_eq!(
-            TokenPace::of(crate::node::Role::VaultServer),
-            TokenPace::Few
-        );
-        assert_eq!(
-            TokenPace::of(crate::node::Role::NomadServer),
-            TokenPace::Few
-        );
-        assert_eq!(TokenPace::of(crate::node::Role::Jumpbox), TokenPace::Few);
-        assert_eq!(TokenPace::of(crate::node::Role::Worker), TokenPace::Fleet);
-        let server = |s: f64| {
-            agent_token_pause(
-                Duration::from_secs_f64(s),
-                AGENT_TOKEN_QUICK,
-                TokenPace::Few,
-            )
-        };
+        assert_eq!(Pace::of(crate::node::Role::VaultServer), Pace::Few);
+        assert_eq!(Pace::of(crate::node::Role::NomadServer), Pace::Few);
+        assert_eq!(Pace::of(crate::node::Role::Jumpbox), Pace::Few);
+        assert_eq!(Pace::of(crate::node::Role::Worker), Pace::Fleet);
+        let server =
+            |s: f64| agent_token_pause(Duration::from_secs_f64(s), AGENT_TOKEN_QUICK, Pace::Few);
         assert_eq!(server(0.0), Duration::from_millis(100));
         assert_eq!(server(9.9), Duration::from_millis(100));
         assert_eq!(server(10.0), Duration::from_millis(500));
@@ -824,11 +834,7 @@ mod tests {
         assert_eq!(server(30.0), AGENT_TOKEN_SLOW);
         // A quick phase shorter than the fast one bounds it too.
         assert_eq!(
-            agent_token_pause(
-                Duration::from_secs(2),
-                Duration::from_secs(1),
-                TokenPace::Few
-            ),
+            agent_token_pause(Duration::from_secs(2), Duration::from_secs(1), Pace::Few),
             AGENT_TOKEN_SLOW
         );
         let fleet_fastest = (0..600)
@@ -836,7 +842,7 @@ mod tests {
                 agent_token_pause(
                     Duration::from_millis(t * 100),
                     AGENT_TOKEN_QUICK,
-                    TokenPace::Fleet,
+                    Pace::Fleet,
                 )
             })
             .min()
@@ -844,11 +850,36 @@ mod tests {
         assert_eq!(fleet_fastest, Duration::from_millis(500));
     }
 
+    /// Servers and the jumpbox (the few) look for the material every 0.1 s (+ up to a quarter) for their first 10 s,
+    /// then back off like everyone; workers (the fleet) back off from the first look.
+    #[test]
+    fn servers_look_for_the_material_quickly_at_first_and_workers_back_off() {
+        let ms = |look, elapsed: u64, pace| {
+            material_pause(look, 0.0, Duration::from_millis(elapsed), pace).as_millis() as u64
+        };
+        let few: Vec<u64> = (1..=6)
+            .map(|l| ms(l, 100 * u64::from(l), Pace::Few))
+            .collect();
+        assert_eq!(few, [100; 6]);
+        assert_eq!(ms(90, 9_900, Pace::Few), 100);
+        assert_eq!(
+            ms(91, 10_000, Pace::Few),
+            1000,
+            "after 10 s: the backed-off pace"
+        );
+        let fleet: Vec<u64> = (1..=6).map(|l| ms(l, 0, Pace::Fleet)).collect();
+        assert_eq!(fleet, [100, 200, 400, 800, 1000, 1000]);
+        let jittered = material_pause(3, 0.999_999, Duration::from_secs(1), Pace::Few);
+        assert!(jittered < Duration::from_millis(125) && jittered > Duration::from_millis(124));
+    }
+
     /// A node waiting for the cluster material looks again after 0.1 s, then 0.2, 0.4, 0.8 and 1 s (with up to
     /// a quarter more jitter), where it used to wait a whole second from the first look.
     #[test]
     fn the_wait_for_the_material_starts_quick_and_backs_off_to_a_second() {
-        let ms = |look, jitter| material_pause(look, jitter).as_millis() as u64;
+        let ms = |look, jitter| {
+            material_pause(look, jitter, Duration::ZERO, Pace::Fleet).as_millis() as u64
+        };
         let without: Vec<u64> = (1..=7).map(|l| ms(l, 0.0)).collect();
         assert_eq!(without, [100, 200, 400, 800, 1000, 1000, 1000]);
         let most: Vec<u64> = (1..=7).map(|l| ms(l, 0.999_999)).collect();
@@ -858,7 +889,7 @@ mod tests {
         let mut at = Duration::ZERO;
         let mut looks = vec![0];
         for look in 1.. {
-            at += material_pause(look, 0.0);
+            at += material_pause(look, 0.0, Duration::ZERO, Pace::Fleet);
             if at > Duration::from_millis(1500) {
                 break;
             }

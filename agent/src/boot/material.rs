@@ -335,6 +335,7 @@ pub(crate) async fn fetch_material_with(
         // Never wait for the agent token here: a node without it renders and starts everything but an
         // auto-encrypt Consul (`consul_waits_for_token`), so the jumpbox can show a bootstrap in progress.
         agent_token: crate::material::AgentToken::IfPresent,
+        pace: crate::material::Pace::of(spec.role),
         policy,
         deadline: std::time::Duration::from_secs(cfg.material.deadline_secs),
     }
