@@ -238,10 +238,23 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
 
     // The operator's view on the jumpbox: both workers are Consul members and ready Nomad clients. Consul's
     // autopilot reports the servers unhealthy for ~10 s after the cluster forms, so status may say DEGRADED
-    // for a moment first.
+    // for a moment first; and a worker joins Consul only once it has the agent token (it looks every 0.5 s),
+    // which can be a moment after the tiers are healthy (seen: healthy with worker-1 still `absent`).
+    let workers_alive = |text: &str| {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+            return false;
+        };
+        v["nodes"].as_array().is_some_and(|nodes| {
+            ["worker-0", "worker-1"].iter().all(|w| {
+                nodes
+                    .iter()
+                    .any(|n| n["name"] == *w && n["member"] == "alive")
+            })
+        })
+    };
     let start = std::time::Instant::now();
     let (mut code, mut text) = jumpbox_status(&lab).await;
-    while code != 0 && start.elapsed() < Duration::from_secs(60) {
+    while (code != 0 || !workers_alive(&text)) && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         (code, text) = jumpbox_status(&lab).await;
     }
@@ -328,12 +341,21 @@ async fn workers_and_jumpbox_run_tls_without_the_ca_key() {
         vault_env.contains(&format!("export VAULT_ADDR='{lb}'")),
         "{vault_env}"
     );
-    let via_lb = health::client_for(&operator.join("ca.pem"), Duration::from_secs(5))
-        .unwrap()
-        .get(format!("{lb}/v1/sys/health"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{lb} with the cluster CA: {e:?}"));
+    // The LB probes its backends every second (lb::PROBE_INTERVAL, as Azure's probe has an interval): right
+    // after Vault became active it may not have found it yet and refuses the connection; asked again for a few
+    // probe intervals.
+    let client = health::client_for(&operator.join("ca.pem"), Duration::from_secs(5)).unwrap();
+    let start = std::time::Instant::now();
+    let via_lb = loop {
+        match client.get(format!("{lb}/v1/sys/health")).send().await {
+            Ok(r) => break r,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                eprintln!("{lb}: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{lb} with the cluster CA: {e:?}"),
+        }
+    };
     assert_eq!(
         via_lb.status().as_u16(),
         200,

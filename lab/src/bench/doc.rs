@@ -138,8 +138,15 @@ fn boot_results(b: &BenchReport) -> String {
             } else {
                 value(l.max, &l.unit)
             },
-            l.goal
-                .map_or(String::new(), |g| format!("≤ {}", value(g, &l.unit))),
+            match (l.goal_median, l.goal) {
+                (Some(gm), Some(g)) => format!(
+                    "≤ {} / {} (median / max: no growth)",
+                    value(gm, &l.unit),
+                    value(g, &l.unit)
+                ),
+                (_, Some(g)) => format!("≤ {}", value(g, &l.unit)),
+                _ => String::new(),
+            },
             match l.pass {
                 Some(true) => "PASS",
                 Some(false) => "**MISS**",

@@ -20,7 +20,14 @@ pub(super) const PHASE_ORDER: [&str; 8] = [
     "services",
 ];
 
+/// Issue 14's goals for the boot path, line by line: a cold boot (version cache in the image) within 100 ms at the
+/// max, a warm reboot within 20 ms; 7 agents booting at once on 2 cores may not grow past what the issue measured
+/// (544 ms median, 1,427 ms max). A cold boot *without* the image's version cache (the lab only: the image bakes
+/// it) is information: OpenBao's `bao version` alone takes 150-210 ms.
 pub const GOAL_CRITICAL_PATH_MS: f64 = 100.0;
+pub const GOAL_WARM_MS: f64 = 20.0;
+pub const GOAL_CONCURRENT_MEDIAN_MS: f64 = 544.0;
+pub const GOAL_CONCURRENT_MAX_MS: f64 = 1427.0;
 /// Goals are in MB = 10^6 bytes (the stricter reading of "MB").
 pub const GOAL_RSS_BYTES: u64 = 20_000_000;
 pub const GOAL_BINARY_BYTES: u64 = 15_000_000;
@@ -28,7 +35,7 @@ pub const GOAL_BINARY_BYTES: u64 = 15_000_000;
 pub const GOAL_BOOTSTRAP_RATIO: f64 = 1.25;
 
 /// One agent boot.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BootSample {
     pub run: u32,
     pub node: String,
@@ -65,6 +72,9 @@ pub struct Line {
     pub max: f64,
     /// Goal on the max (every sample within it); `None` for information-only lines.
     pub goal: Option<f64>,
+    /// A goal on the median too, where there is one.
+    #[serde(default)]
+    pub goal_median: Option<f64>,
     pub pass: Option<bool>,
 }
 
@@ -126,17 +136,32 @@ fn median(v: &mut [f64]) -> Option<f64> {
     })
 }
 
-fn line(metric: impl Into<String>, unit: &'static str, mut v: Vec<f64>, goal: Option<f64>) -> Line {
+fn line(metric: impl Into<String>, unit: &'static str, v: Vec<f64>, goal: Option<f64>) -> Line {
+    line_both(metric, unit, v, None, goal)
+}
+
+/// A line with a goal on the median (`goal_median`) as well as on the max (`goal`).
+fn line_both(
+    metric: impl Into<String>,
+    unit: &'static str,
+    mut v: Vec<f64>,
+    goal_median: Option<f64>,
+    goal: Option<f64>,
+) -> Line {
     let max = v.iter().cloned().fold(f64::NAN, f64::max);
     let n = v.len();
+    let median = median(&mut v);
     Line {
         metric: metric.into(),
         unit: unit.into(),
         n,
-        median: median(&mut v),
+        median,
         max,
         goal,
-        pass: goal.map(|g| n > 0 && max <= g),
+        goal_median,
+        pass: goal.map(|g| {
+            n > 0 && max <= g && goal_median.is_none_or(|gm| median.is_some_and(|m| m <= gm))
+        }),
     }
 }
 
@@ -148,23 +173,38 @@ pub fn summarise(
 ) -> Vec<Line> {
     let mut lines = Vec::new();
     let of = |kind: &'static str| boots.iter().filter(move |b| b.kind == kind);
-    for (kind, label) in [
+    for (kind, label, goal_median, goal) in [
         (
             "cold-concurrent",
             format!("critical path, cold: {n_nodes} agents at once (Lab::up)"),
+            Some(GOAL_CONCURRENT_MEDIAN_MS),
+            Some(GOAL_CONCURRENT_MAX_MS),
         ),
-        ("cold-alone", "critical path, cold: one node alone".into()),
+        (
+            "cold-alone",
+            "critical path, cold: one node alone".into(),
+            None,
+            None,
+        ),
         (
             "cold-cached-ver",
             "critical path, cold, version cache in image: alone".into(),
+            None,
+            Some(GOAL_CRITICAL_PATH_MS),
         ),
-        ("warm", "critical path, warm reboot: one node alone".into()),
+        (
+            "warm",
+            "critical path, warm reboot: one node alone".into(),
+            None,
+            Some(GOAL_WARM_MS),
+        ),
     ] {
-        lines.push(line(
+        lines.push(line_both(
             label,
             "ms",
             of(kind).map(|b| b.critical_path_ms as f64).collect(),
-            Some(GOAL_CRITICAL_PATH_MS),
+            goal_median,
+            goal,
         ));
     }
     for (kind, label) in [
@@ -229,10 +269,16 @@ impl BenchReport {
                 out.push(if l.n == 0 {
                     format!("{}: no samples (goal <= {goal} {})", l.metric, l.unit)
                 } else {
-                    format!(
-                        "{}: max {:.1} {} > goal {goal} {}",
-                        l.metric, l.max, l.unit, l.unit
-                    )
+                    match (l.goal_median, l.median) {
+                        (Some(gm), Some(m)) if m > gm => format!(
+                            "{}: median {m:.1} {} > goal {gm} {}",
+                            l.metric, l.unit, l.unit
+                        ),
+                        _ => format!(
+                            "{}: max {:.1} {} > goal {goal} {}",
+                            l.metric, l.max, l.unit, l.unit
+                        ),
+                    }
                 });
             }
         }
@@ -548,5 +594,56 @@ mod goal_tests {
             vec![],
         );
         assert!(ok.missed().is_empty());
+    }
+
+    /// A line with goals on both the median and the max misses when either is over.
+    #[test]
+    fn a_median_goal_is_checked_beside_the_max() {
+        let l = |v: Vec<f64>| line_both("7 at once", "ms", v, Some(544.0), Some(1427.0));
+        assert_eq!(l(vec![402.0, 402.0, 816.0]).pass, Some(true));
+        let median_over = report(vec![l(vec![600.0, 600.0, 900.0])], vec![]);
+        assert_eq!(
+            median_over.missed(),
+            vec!["7 at once: median 600.0 ms > goal 544 ms".to_string()]
+        );
+        let max_over = report(vec![l(vec![400.0, 400.0, 1500.0])], vec![]);
+        assert_eq!(
+            max_over.missed(),
+            vec!["7 at once: max 1500.0 ms > goal 1427 ms".to_string()]
+        );
+    }
+
+    /// The boot lines carry issue 14's goals: 20 ms for a warm reboot, 100 ms for a cold boot with the image's
+    /// version cache, "no growth" for 7 at once; a cold boot without the cache is information.
+    #[test]
+    fn the_boot_lines_carry_the_issues_goals() {
+        let boot = |kind: &str, ms: u64| BootSample {
+            kind: kind.into(),
+            critical_path_ms: ms,
+            ..BootSample::default()
+        };
+        let lines = summarise(
+            &[
+                boot("warm", 21),
+                boot("cold-cached-ver", 90),
+                boot("cold-alone", 220),
+                boot("cold-concurrent", 500),
+            ],
+            &[],
+            None,
+            7,
+        );
+        let get = |prefix: &str| lines.iter().find(|l| l.metric.starts_with(prefix)).unwrap();
+        let warm = get("critical path, warm");
+        assert_eq!((warm.goal, warm.pass), (Some(20.0), Some(false)));
+        let cached = get("critical path, cold, version cache");
+        assert_eq!((cached.goal, cached.pass), (Some(100.0), Some(true)));
+        let alone = get("critical path, cold: one node alone");
+        assert_eq!((alone.goal, alone.pass), (None, None));
+        let at_once = get("critical path, cold: 7 agents");
+        assert_eq!(
+            (at_once.goal_median, at_once.goal, at_once.pass),
+            (Some(544.0), Some(1427.0), Some(true))
+        );
     }
 }
