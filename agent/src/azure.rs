@@ -143,29 +143,20 @@ where
     .await
 }
 
-/// Like [`call`], through `gate`: the throttle gate of the vault the call goes to ([`Azure::gate`]). For writes:
-/// once let through, a request is never withdrawn (it may have landed).
-pub async fn call_gated<T, F, Fut>(
-    gate: &Gate,
-    policy: RetryPolicy,
-    what: &str,
-    f: F,
-) -> Result<T, AzureError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = azure_core::Result<T>>,
-{
-    let gated = Gated {
-        gate,
-        withdraw: false,
-    };
-    call_inner(policy, what, AzureError::retryable, Some(gated), f).await
+/// What a gated call sends: whether it may be withdrawn once let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sends {
+    /// A read: one still unanswered when another request to the vault is throttled is withdrawn and sent again
+    /// after the hold (see `azure/gate.rs`).
+    Read,
+    /// A write: once let through, never withdrawn (it may have landed).
+    Write,
 }
 
-/// [`call_gated`] for reads: one still unanswered when another request to the vault is throttled is withdrawn
-/// and sent again after the hold (see `azure/gate.rs`).
-pub async fn read_gated<T, F, Fut>(
+/// Like [`call`], through `gate`: the throttle gate of the vault the call goes to ([`Azure::gate`]).
+pub async fn call_gated<T, F, Fut>(
     gate: &Gate,
+    sends: Sends,
     policy: RetryPolicy,
     what: &str,
     f: F,
@@ -176,7 +167,7 @@ where
 {
     let gated = Gated {
         gate,
-        withdraw: true,
+        withdraw: sends == Sends::Read,
     };
     call_inner(policy, what, AzureError::retryable, Some(gated), f).await
 }
@@ -579,7 +570,7 @@ mod tests {
             max_backoff: Duration::from_millis(5),
         };
         let mut answered = None;
-        let r: Result<(), _> = call_gated(&gate, short, "a", || {
+        let r: Result<(), _> = call_gated(&gate, Sends::Write, short, "a", || {
             answered = Some(std::time::Instant::now());
             async {
                 Err(throttled(
@@ -595,7 +586,7 @@ mod tests {
         // Inside the hold, with less deadline than hold left: nothing sent, the 429 is the answer.
         // (Counted where the request is sent: the SDK's future sends when polled, not when made.)
         let sent = std::sync::Mutex::new(Vec::new());
-        let r: Result<(), _> = call_gated(&gate, short, "b", || async {
+        let r: Result<(), _> = call_gated(&gate, Sends::Write, short, "b", || async {
             sent.lock().unwrap().push(std::time::Instant::now());
             Ok(())
         })
@@ -608,7 +599,7 @@ mod tests {
             deadline: Duration::from_secs(5),
             ..short
         };
-        call_gated(&gate, long, "c", || async {
+        call_gated(&gate, Sends::Write, long, "c", || async {
             sent.lock().unwrap().push(std::time::Instant::now());
             Ok(())
         })
@@ -645,7 +636,7 @@ mod tests {
         assert!(gate.single());
         let (now, most) = (AtomicU32::new(0), AtomicU32::new(0));
         let one = || async {
-            call_gated(&gate, policy, "x", || async {
+            call_gated(&gate, Sends::Write, policy, "x", || async {
                 let n = now.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(n, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(30)).await;
@@ -692,7 +683,7 @@ mod tests {
         let answered_429 = std::sync::Mutex::new(None);
         let b_sent = std::sync::Mutex::new(Vec::new());
         let mut a_calls = 0;
-        let a = read_gated(&gate, policy, "a", || {
+        let a = call_gated(&gate, Sends::Read, policy, "a", || {
             a_calls += 1;
             let first = a_calls == 1;
             let (gate, freed, answered_429) = (&gate, &freed, &answered_429);
@@ -716,7 +707,7 @@ mod tests {
                 ))
             }
         });
-        let b = read_gated(&gate, policy, "b", || {
+        let b = call_gated(&gate, Sends::Read, policy, "b", || {
             let (b_in, freed_rx, b_sent) = (&b_in, freed_rx.clone(), &b_sent);
             async move {
                 b_in.send(true).unwrap();

@@ -16,7 +16,7 @@
 //! mismatched CA key and certificate are refused when loaded (tls.rs), and Key Vault keeps the earlier
 //! version to restore (docs/bootstrap.md#cluster-material-conflict).
 
-use crate::azure::{call_gated, read_gated, Azure, AzureError, Gate};
+use crate::azure::{call_gated, Azure, AzureError, Gate, Sends};
 use crate::election;
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy, TimeoutError};
 use azure_core::http::RequestContent;
@@ -170,9 +170,13 @@ async fn read(
     policy: RetryPolicy,
 ) -> Result<Option<Zeroizing<String>>, AzureError> {
     let secrets = &kv.client;
-    let r = read_gated(&kv.gate, policy, "cluster material read", || async move {
-        secrets.get_secret(name, None).await?.into_model()
-    })
+    let r = call_gated(
+        &kv.gate,
+        Sends::Read,
+        policy,
+        "cluster material read",
+        || async move { secrets.get_secret(name, None).await?.into_model() },
+    )
     .await;
     match r {
         Ok(s) => Ok(s.value.map(Zeroizing::new)),
@@ -228,16 +232,22 @@ impl Clients {
 /// One secret written through a client kept for the whole fetch (see [`read`]).
 async fn write(kv: &Kv, name: &str, value: &str, policy: RetryPolicy) -> Result<(), AzureError> {
     let secrets = &kv.client;
-    call_gated(&kv.gate, policy, "cluster material write", || {
-        let params = SetSecretParameters {
-            value: Some(value.to_string()),
-            ..Default::default()
-        };
-        async move {
-            let body: RequestContent<SetSecretParameters> = params.try_into()?;
-            secrets.set_secret(name, body, None).await.map(|_| ())
-        }
-    })
+    call_gated(
+        &kv.gate,
+        Sends::Write,
+        policy,
+        "cluster material write",
+        || {
+            let params = SetSecretParameters {
+                value: Some(value.to_string()),
+                ..Default::default()
+            };
+            async move {
+                let body: RequestContent<SetSecretParameters> = params.try_into()?;
+                secrets.set_secret(name, body, None).await.map(|_| ())
+            }
+        },
+    )
     .await
 }
 
