@@ -505,14 +505,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_call_waits_as_long_as_the_service_asks() {
-        let policy = RetryPolicy {
-            deadline: Duration::from_millis(600),
+    /// A policy for the gate tests: `deadline`, 1 s per attempt, 5 ms between attempts.
+    fn quick(deadline: Duration) -> RetryPolicy {
+        RetryPolicy {
+            deadline,
             attempt_timeout: Duration::from_secs(1),
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(5),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_as_long_as_the_service_asks() {
+        let policy = quick(Duration::from_millis(600));
         // Without Retry-After: retried at the policy's pace, many times within the deadline.
         let mut n = 0;
         let r: Result<(), _> = call(policy, "t", || {
@@ -563,12 +568,7 @@ mod tests {
     #[tokio::test]
     async fn a_429_holds_every_call_to_that_vault() {
         let gate = Gate::default();
-        let short = RetryPolicy {
-            deadline: Duration::from_millis(100),
-            attempt_timeout: Duration::from_secs(1),
-            initial_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(5),
-        };
+        let short = quick(Duration::from_millis(100));
         let mut answered = None;
         let r: Result<(), _> = call_gated(&gate, Sends::Write, short, "a", || {
             answered = Some(std::time::Instant::now());
@@ -622,12 +622,7 @@ mod tests {
     async fn a_throttled_vault_is_called_one_at_a_time_until_it_answers() {
         use std::sync::atomic::{AtomicU32, Ordering};
         let gate = Gate::default();
-        let policy = RetryPolicy {
-            deadline: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(1),
-            initial_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(5),
-        };
+        let policy = quick(Duration::from_secs(5));
         // On the wire before the 429: its answer does not reopen.
         let before = gate.enter().await.unwrap();
         gate.throttled(None, 0, None, &e(Some(429), "throttled"));
@@ -671,12 +666,7 @@ mod tests {
     async fn a_read_waiting_for_a_connection_is_not_sent_on_the_one_a_429_frees() {
         use tokio::sync::watch;
         let gate = Gate::default();
-        let policy = RetryPolicy {
-            deadline: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(2),
-            initial_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(5),
-        };
+        let policy = quick(Duration::from_secs(5));
         let hold = Duration::from_millis(300);
         let (b_in, b_in_rx) = watch::channel(false);
         let (freed, freed_rx) = watch::channel(false);

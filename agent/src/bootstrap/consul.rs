@@ -156,13 +156,10 @@ impl ConsulTier {
             step: "Consul API address",
             detail: self.api.clone(),
         })?;
-        let leader_unreachable = std::sync::atomic::AtomicBool::new(false);
+        let route = ToLeader::default();
         let policy = RetryPolicy::poll(BOOTSTRAP_DEADLINE, RETRY_EVERY, Duration::from_secs(5));
         retry(policy, |_| async {
-            let leader = match leader_unreachable.load(std::sync::atomic::Ordering::Relaxed) {
-                true => None,
-                false => super::http::leader_url(&c, &local).await,
-            };
+            let leader = route.url(&c, &local).await;
             let base = leader.as_ref().unwrap_or(&local);
             let mut url = base.clone();
             url.set_path("/v1/acl/token/self");
@@ -172,8 +169,8 @@ impl ConsulTier {
                 }
                 Ok(r) => Attempt::Retry(CallError::status("token/self", r.status().as_u16())),
                 Err(e) => {
-                    if leader.is_some() && e.is_connect() {
-                        leader_unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if leader.is_some() {
+                        route.failed(&e);
                     }
                     Attempt::Retry(CallError::transport("token/self", e))
                 }

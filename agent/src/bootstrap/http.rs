@@ -242,6 +242,28 @@ pub struct ToLeader {
     unreachable: std::sync::atomic::AtomicBool,
 }
 
+impl ToLeader {
+    /// `local` (a URL of the local server's API) at the leader that server names; `None`: no leader named, the
+    /// local server is the leader, or the leader's API was found unreachable ([`ToLeader::failed`]).
+    pub async fn url(&self, c: &reqwest::Client, local: &reqwest::Url) -> Option<reqwest::Url> {
+        if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        leader_url(c, local).await
+    }
+
+    /// A request to the leader's API failed with `e`: whether that gives the leader up for the rest (a connection
+    /// that could not be made; the request never left).
+    pub fn failed(&self, e: &reqwest::Error) -> bool {
+        let gone = e.is_connect();
+        if gone {
+            self.unreachable
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        gone
+    }
+}
+
 /// `url` with its host replaced by the address in `leader` (`ip:port`, as `/v1/status/leader` answers).
 fn at_leader(url: &reqwest::Url, leader: &str) -> Option<reqwest::Url> {
     let ip = leader.parse::<std::net::SocketAddr>().ok()?.ip();
@@ -252,7 +274,7 @@ fn at_leader(url: &reqwest::Url, leader: &str) -> Option<reqwest::Url> {
 
 /// `local` (a URL of the local server's API) at the raft leader the local server names, if that is another
 /// server; `None`: no leader named, or the local server is the leader.
-pub(super) async fn leader_url(c: &reqwest::Client, local: &reqwest::Url) -> Option<reqwest::Url> {
+async fn leader_url(c: &reqwest::Client, local: &reqwest::Url) -> Option<reqwest::Url> {
     let mut ask = local.clone();
     ask.set_path("/v1/status/leader");
     ask.set_query(None);
@@ -334,11 +356,7 @@ impl<'a> AclBootstrap<'a> {
     /// Where this request goes: `url`, or the raft leader's API ([`ToLeader`]).
     async fn target(&self, c: &reqwest::Client) -> Option<reqwest::Url> {
         let local = reqwest::Url::parse(&self.url).ok()?;
-        let route = self.to_leader.as_ref()?;
-        if route.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
-        leader_url(c, &local).await
+        self.to_leader.as_ref()?.url(c, &local).await
     }
 
     /// One bootstrap request and what its answer means.
@@ -358,12 +376,13 @@ impl<'a> AclBootstrap<'a> {
         let resp = match req.send().await {
             Ok(r) => r,
             // The leader's API cannot be reached (the request never left): the local server from now on.
-            Err(e) if e.is_connect() && leader.is_some() => {
-                if let Some(route) = &self.to_leader {
-                    route
-                        .unreachable
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+            Err(e)
+                if leader.is_some()
+                    && self
+                        .to_leader
+                        .as_ref()
+                        .is_some_and(|route| route.failed(&e)) =>
+            {
                 let e = e.without_url();
                 tracing::warn!(leader = %url, error = %e, "{}'s leader cannot be reached for the ACL bootstrap; asking the local server instead", self.product);
                 return Attempt::Retry(Stop::Transient(format!("ACL bootstrap: {e}")));
