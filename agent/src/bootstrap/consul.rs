@@ -291,6 +291,12 @@ impl Tier for ConsulTier {
             .map(|s| AclSecrets::payload(KIND, String::new(), s.to_string()))
     }
 
+    fn holds_pre_secret(&self, secrets: &[u8]) -> bool {
+        self.path
+            .secret()
+            .is_some_and(|s| AclSecrets::holds(secrets, s))
+    }
+
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
         self.bootstrap_within(BOOTSTRAP_DEADLINE, CHECK_DEADLINE)
             .await

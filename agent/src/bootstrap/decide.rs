@@ -28,6 +28,7 @@ pub enum Transition {
     EarlierLeaderInitialized,
     PreviousLeaderUnreachable,
     Escrow,
+    EscrowedBeforeUse,
     DoneEscrowedBeforeUse,
     WaitForPeerAfterCall,
     AlreadyBootstrapped,
@@ -38,7 +39,7 @@ pub enum Transition {
 }
 
 impl Transition {
-    pub const ALL: [Transition; 23] = [
+    pub const ALL: [Transition; 24] = [
         Transition::DoneBeforeLease,
         Transition::NeedsOperatorStops,
         Transition::TakeLease,
@@ -55,6 +56,7 @@ impl Transition {
         Transition::EarlierLeaderInitialized,
         Transition::PreviousLeaderUnreachable,
         Transition::Escrow,
+        Transition::EscrowedBeforeUse,
         Transition::DoneEscrowedBeforeUse,
         Transition::WaitForPeerAfterCall,
         Transition::AlreadyBootstrapped,
@@ -83,6 +85,7 @@ impl Transition {
             Transition::EarlierLeaderInitialized => "earlier-leader-initialized",
             Transition::PreviousLeaderUnreachable => "previous-leader-unreachable",
             Transition::Escrow => "escrow",
+            Transition::EscrowedBeforeUse => "escrowed-before-use",
             Transition::DoneEscrowedBeforeUse => "done-escrowed-before-use",
             Transition::WaitForPeerAfterCall => "wait-for-peer-after-call",
             Transition::AlreadyBootstrapped => "already-bootstrapped",
@@ -297,6 +300,9 @@ pub struct AfterFacts<'a> {
     pub before: Facts<'a>,
     /// This node escrowed a caller-chosen secret before the call ([`super::Tier::pre_secret`]).
     pub pre_escrowed: bool,
+    /// The call's answer holds that very secret ([`super::Tier::holds_pre_secret`]); `false` for a server that
+    /// ignored it and made a token of its own, and for every failure.
+    pub answer_is_pre_secret: bool,
     /// This node already reset its half-initialized storage and called again in this run.
     pub started_over: bool,
 }
@@ -306,6 +312,10 @@ pub struct AfterFacts<'a> {
 pub enum AfterCall<T> {
     /// The secrets: spool, `initialized`, escrow to both targets, `escrowed`, configure, `done`.
     Escrow(T),
+    /// The secrets are the ones this node escrowed before the call: that escrow is the tier's (no second
+    /// one); `escrowed` naming it (earlier leaders' unproven escrows dropped) while the configuration runs,
+    /// then `done`.
+    EscrowedBeforeUse(T),
     /// "Already bootstrapped", and an earlier leader's secret escrowed before use holds the live one: `done`
     /// naming that escrow (or every such escrow).
     DoneEscrowedBeforeUse,
@@ -327,6 +337,9 @@ pub enum AfterCall<T> {
 pub fn after_call<T>(f: &AfterFacts, answer: Result<T, Failure>) -> AfterCall<T> {
     let s = f.before.state;
     match answer {
+        Ok(secrets) if f.pre_escrowed && f.answer_is_pre_secret => {
+            AfterCall::EscrowedBeforeUse(secrets)
+        }
         Ok(secrets) => AfterCall::Escrow(secrets),
         Err(Failure::AlreadyDone)
             if f.pre_escrowed
@@ -352,6 +365,7 @@ impl<T> AfterCall<T> {
     pub fn transition(&self) -> Transition {
         match self {
             AfterCall::Escrow(_) => Transition::Escrow,
+            AfterCall::EscrowedBeforeUse(_) => Transition::EscrowedBeforeUse,
             AfterCall::DoneEscrowedBeforeUse => Transition::DoneEscrowedBeforeUse,
             AfterCall::WaitForPeer => Transition::WaitForPeerAfterCall,
             AfterCall::AlreadyBootstrapped => Transition::AlreadyBootstrapped,
@@ -689,7 +703,8 @@ mod tests {
         );
         pre_escrowed_before.pre_escrows = vec!["100-old".into()];
         let escrowed_before = state(Initialized, "other", 5000, &[(Initializing, "other")], BOTH);
-        // (what, state before the pre-flight, pre-escrowed, started over, answer, want)
+        // (what, state before the pre-flight, pre-escrowed, started over, answer, want); an `Ok` answer of
+        // "pre-secret" holds the secret escrowed before use.
         type Row<'a> = (
             &'a str,
             &'a TierState,
@@ -701,6 +716,30 @@ mod tests {
         let rows: Vec<Row> = vec![
             ("the secrets", &fresh, false, false, Ok("secrets"), AfterCall::Escrow("secrets")),
             ("the secrets after a restart", &mine, false, true, Ok("secrets"), AfterCall::Escrow("secrets")),
+            (
+                "the secret escrowed before use",
+                &fresh,
+                true,
+                false,
+                Ok("pre-secret"),
+                AfterCall::EscrowedBeforeUse("pre-secret"),
+            ),
+            (
+                "the secret escrowed before use, earlier leaders' unproven escrows beside it",
+                &pre_escrowed_before,
+                true,
+                false,
+                Ok("pre-secret"),
+                AfterCall::EscrowedBeforeUse("pre-secret"),
+            ),
+            (
+                "a server that ignored the secret escrowed before use: its own token",
+                &fresh,
+                true,
+                false,
+                Ok("secrets"),
+                AfterCall::Escrow("secrets"),
+            ),
             (
                 "already bootstrapped; an earlier leader's secret escrowed before use",
                 &pre_escrowed_before,
@@ -773,6 +812,7 @@ mod tests {
                 let f = AfterFacts {
                     before: facts(s, None, true),
                     pre_escrowed,
+                    answer_is_pre_secret: answer == Ok("pre-secret"),
                     started_over,
                 };
                 assert_eq!(after_call(&f, answer), want, "{what}");

@@ -270,10 +270,11 @@ pub async fn lead(
     let mut answer = tier.bootstrap().await;
     // A note that stays in the state's message up to `done`.
     let mut started_over: Option<String> = None;
-    let secrets = loop {
+    let (secrets, proven) = loop {
         let after = decide::AfterFacts {
             before: d.facts(&state_before, None, false),
             pre_escrowed,
+            answer_is_pre_secret: answer.as_ref().is_ok_and(|s| tier.holds_pre_secret(s)),
             started_over: started_over.is_some(),
         };
         let (decided, detail) = match answer {
@@ -284,7 +285,8 @@ pub async fn lead(
             Err(TierFailure::Other(s)) => (Err(decide::Failure::Other), s),
         };
         match decide::after_call(&after, decided) {
-            AfterCall::Escrow(secrets) => break secrets,
+            AfterCall::Escrow(secrets) => break (secrets, false),
+            AfterCall::EscrowedBeforeUse(secrets) => break (secrets, true),
             // Our own call was cut off (power loss) after the server began it and before it wrote anything
             // secret: nothing exists to lose, and no other node has used this storage (an uninitialized server
             // admits no peer). Start it over, once.
@@ -371,49 +373,63 @@ pub async fn lead(
         }
     };
     crash_if(d.crash_at, CrashPoint::AfterInit);
-    // With the PGP option, the clear payload stays in memory for the configuration below and only its PGP
-    // form is sealed and spooled (the keys were proven at boot by a trial encryption to each).
-    let escrowed = d.for_escrow(name, &secrets)?;
-    let env = envelope::seal(
-        &prepared.key,
-        escrowed,
-        &prepared.escrow_id,
-        d.cluster,
-        name,
-        &prepared.kek_id,
-        &prepared.wrapped,
-        (d.now_unix)(),
-    )?;
-    let spool_path = d.spool.write(&env)?;
-    crash_if(d.crash_at, CrashPoint::AfterSpool);
-    state.set(TierPhase::Initialized, d.node, started_over.clone());
-    let initialized = state.clone();
-
-    // 5. Escrow to both targets, while `initialized` is recorded, so the secrets sit in the spool for a moment,
-    //    not for the whole configuration below; then the receipts, and the spool goes.
-    if pre_escrowed {
-        // Until now the state named the escrow made before use; the post-call one (with the server-chosen
-        // accessor) replaces it.
-        state.escrow_id = Some(prepared.escrow_id.clone());
-        state.receipts.clear();
-        // The product took our secret: no earlier leader's call landed.
+    let configured = if proven {
+        // 5'. The product took the secret escrowed before use: that escrow is the tier's, so nothing is spooled
+        //     or escrowed again (the accessor ID it lacks is not secret: `token/self` gives it). Earlier
+        //     leaders' unproven escrows are dropped; `escrowed` is recorded while the configuration runs.
+        let own = state.escrow_id.clone().unwrap_or_default();
+        state.receipts.retain(|r| r.is_for(&own));
         state.pre_escrows.clear();
-    }
-    let (recorded, delivered) = tokio::join!(d.save(&initialized), d.deliver(&mut state, &env));
-    if let Err(e) = recorded {
-        // The secrets are safe in the spool; `escrowed` below records the state again.
-        tracing::warn!(error = %e, "could not record the initialized state");
-    }
-    delivered?;
-    state.set(TierPhase::Escrowed, d.node, started_over.clone());
-    d.save(&state).await?;
-    d.spool
-        .remove(&spool_path)
-        .map_err(BootstrapError::SpoolRemove)?;
-    crash_if(d.crash_at, CrashPoint::AfterEscrow);
+        state.set(TierPhase::Escrowed, d.node, started_over.clone());
+        let (recorded, configured) = tokio::join!(d.save(&state), tier.configure(&secrets));
+        recorded?;
+        crash_if(d.crash_at, CrashPoint::AfterEscrow);
+        configured
+    } else {
+        // With the PGP option, the clear payload stays in memory for the configuration below and only its PGP
+        // form is sealed and spooled (the keys were proven at boot by a trial encryption to each).
+        let escrowed = d.for_escrow(name, &secrets)?;
+        let env = envelope::seal(
+            &prepared.key,
+            escrowed,
+            &prepared.escrow_id,
+            d.cluster,
+            name,
+            &prepared.kek_id,
+            &prepared.wrapped,
+            (d.now_unix)(),
+        )?;
+        let spool_path = d.spool.write(&env)?;
+        crash_if(d.crash_at, CrashPoint::AfterSpool);
+        state.set(TierPhase::Initialized, d.node, started_over.clone());
+        let initialized = state.clone();
 
-    // 6. Configuration that needs the fresh root credential, still in memory (never read back from escrow).
-    if let Err(e) = tier.configure(&secrets).await {
+        // 5. Escrow to both targets, while `initialized` is recorded, so the secrets sit in the spool for a moment,
+        //    not for the whole configuration below; then the receipts, and the spool goes.
+        if pre_escrowed {
+            // A server that ignored the secret escrowed before use made a token of its own: its escrow replaces
+            // the one the state named until now; and the call succeeded, so no earlier leader's call landed.
+            state.escrow_id = Some(prepared.escrow_id.clone());
+            state.receipts.clear();
+            state.pre_escrows.clear();
+        }
+        let (recorded, delivered) = tokio::join!(d.save(&initialized), d.deliver(&mut state, &env));
+        if let Err(e) = recorded {
+            // The secrets are safe in the spool; `escrowed` below records the state again.
+            tracing::warn!(error = %e, "could not record the initialized state");
+        }
+        delivered?;
+        state.set(TierPhase::Escrowed, d.node, started_over.clone());
+        d.save(&state).await?;
+        d.spool
+            .remove(&spool_path)
+            .map_err(BootstrapError::SpoolRemove)?;
+        crash_if(d.crash_at, CrashPoint::AfterEscrow);
+
+        // 6. Configuration that needs the fresh root credential, still in memory (never read back from escrow).
+        tier.configure(&secrets).await
+    };
+    if let Err(e) = configured {
         let message = e.to_string();
         tracing::error!(tier = name, %message, "post-bootstrap configuration failed");
         let incomplete = format!("post-bootstrap configuration incomplete: {message}");
@@ -425,7 +441,7 @@ pub async fn lead(
     drop(secrets);
     state.set(TierPhase::Done, d.node, state.message.clone());
     d.save(&state).await?;
-    tracing::info!(tier = name, escrow_id = %prepared.escrow_id, "bootstrapped and escrowed");
+    tracing::info!(tier = name, escrow_id = %state.escrow_id.as_deref().unwrap_or_default(), "bootstrapped and escrowed");
     Ok(Some(Outcome::Bootstrapped))
 }
 

@@ -165,6 +165,11 @@ pub struct AclSecrets {
 }
 
 impl AclSecrets {
+    /// Whether the escrow payload `payload` holds the management token whose secret is `secret`.
+    pub fn holds(payload: &[u8], secret: &str) -> bool {
+        serde_json::from_slice::<AclSecrets>(payload).is_ok_and(|s| s.secret_id == secret)
+    }
+
     /// The escrow payload of a management token (`kind`: the tier's, e.g. `consul-acl-bootstrap`).
     pub fn payload(kind: &str, accessor_id: String, secret_id: String) -> Zeroizing<Vec<u8>> {
         crate::escrow::payload(&AclSecrets {

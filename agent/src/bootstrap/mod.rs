@@ -176,6 +176,11 @@ pub trait Tier: Send + Sync {
     fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
         None
     }
+    /// Whether the bootstrap call's answer (`secrets`) holds the secret of [`pre_secret`](Tier::pre_secret),
+    /// i.e. the escrow made before use is the tier's and none is needed after the call. Default: no.
+    fn holds_pre_secret(&self, _secrets: &[u8]) -> bool {
+        false
+    }
     /// The bootstrap call. Returns the secrets as a serialisable, zeroizing payload.
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure>;
     /// Configuration that needs the fresh root credential (audit device, autopilot, policies).

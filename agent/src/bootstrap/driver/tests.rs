@@ -228,6 +228,7 @@ struct FakeTier {
     /// A tier that waits before its call ([`Tier::wait_callable`], Nomad's leader): whether the server then
     /// takes it (`Some(false)`: no leader by the deadline). `None`: the default (nothing to wait for, not logged).
     callable: Option<bool>,
+    overlap: Arc<Overlap>,
 }
 
 const SECRETS: &[u8] = br#"{"kind":"vault-init","root_token":"s.fake"}"#;
@@ -264,6 +265,9 @@ impl Tier for FakeTier {
     fn pre_secret(&self) -> Option<Zeroizing<Vec<u8>>> {
         self.pre_secret.clone().map(Zeroizing::new)
     }
+    fn holds_pre_secret(&self, secrets: &[u8]) -> bool {
+        self.pre_secret.as_deref() == Some(secrets)
+    }
     async fn bootstrap(&self) -> Result<Zeroizing<Vec<u8>>, TierFailure> {
         note(&self.log, "tier.bootstrap".into());
         self.answers
@@ -273,6 +277,7 @@ impl Tier for FakeTier {
             .expect("a queued answer for each bootstrap call")
     }
     async fn configure(&self, secrets: &[u8]) -> Result<(), TierError> {
+        self.overlap.step("tier.configure").await;
         note(&self.log, "tier.configure".into());
         *self.configured_with.lock().unwrap() = Some(secrets.to_vec());
         if self.configure_fails {
@@ -349,6 +354,7 @@ impl World {
                 configure_fails: false,
                 configured_with: Mutex::new(None),
                 callable: None,
+                overlap: overlap.clone(),
             },
             log,
             overlap,
@@ -728,6 +734,60 @@ async fn a_refused_call_is_for_an_operator_and_nothing_is_spooled() {
     assert_eq!(w.log().last().unwrap(), "storage.save needs-operator");
 }
 
+/// The answer holds the secret escrowed before use (Nomad, Consul >= 1.15): that escrow is the tier's. Nothing is
+/// spooled or escrowed after the call, and `escrowed` is recorded while the configuration runs.
+#[tokio::test]
+async fn a_secret_the_product_took_is_escrowed_once_before_the_call_and_never_again() {
+    const PRE: &[u8] = br#"{"kind":"nomad-acl","accessor_id":"","secret_id":"x"}"#;
+    let mut w = World::new();
+    w.tier.pre_secret = Some(PRE.to_vec());
+    w.tier.creates_cluster = false;
+    w.tier.local_initialized = None;
+    *w.tier.answers.lock().unwrap() = VecDeque::from([Ok(Zeroizing::new(PRE.to_vec()))]);
+    // An earlier leader's unproven escrow before use, with its receipts.
+    let mut earlier = begun_by("old", 5000);
+    earlier.escrow_id = Some("e0".into());
+    earlier.pre_escrows = vec!["e0".into()];
+    for target in ReceiptTarget::ALL {
+        earlier.receipts.push(receipt(target, &spooled("e0")));
+    }
+    w.overlap
+        .require("storage.save escrowed", "tier.configure");
+    let r = tokio::time::timeout(Duration::from_secs(5), w.run(Some(earlier)))
+        .await
+        .unwrap_or_else(|_| panic!("steps ran one after the other: {:?}", w.log()));
+    assert_eq!(r.expect("bootstrapped"), Some(Outcome::Bootstrapped));
+    let log = w.log();
+    let after_call = &log[log.iter().position(|l| l == "tier.bootstrap").unwrap() + 1..];
+    assert!(
+        after_call
+            .iter()
+            .all(|l| !l.starts_with("escrow.") && !l.starts_with("spool.")),
+        "nothing spooled or escrowed after the call: {log:?}"
+    );
+    assert!(
+        !after_call.iter().any(|l| l == "storage.save initialized"),
+        "{log:?}"
+    );
+    assert_eq!(log.last().unwrap(), "storage.save done");
+    let s = w.stored().unwrap();
+    assert_eq!(s.phase, TierPhase::Done);
+    assert_eq!(s.escrow_id.as_deref(), Some("e2"), "the escrow made before use");
+    assert!(s.pre_escrows.is_empty(), "proven: {:?}", s.pre_escrows);
+    assert!(s.escrowed_to(ReceiptTarget::Blob) && s.escrowed_to(ReceiptTarget::Keyvault));
+    assert!(
+        s.receipts.iter().all(|r| r.is_for("e2")),
+        "the earlier leader's receipts are dropped: {:?}",
+        s.receipts
+    );
+    assert_eq!(
+        w.tier.configured_with.lock().unwrap().as_deref(),
+        Some(PRE)
+    );
+}
+
+/// A server that ignored the secret escrowed before use (an older Consul leader during an upgrade) answers with
+/// a token of its own: that one is spooled and escrowed after the call and replaces the escrow made before use.
 #[tokio::test]
 async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_call() {
     let mut w = World::new();
@@ -750,6 +810,7 @@ async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_cal
         ]
     );
     assert!(!w.called("escrow.blob preflight"), "{:?}", w.log());
+    assert!(w.called("spool.write e1"), "{:?}", w.log());
     let s = w.stored().unwrap();
     // The post-call escrow replaces the one made before use.
     assert_eq!(s.escrow_id.as_deref(), Some("e1"));
