@@ -64,8 +64,9 @@
 //!   cluster-wide routes to its servers and resolves tokens through them (`/v1/acl/token/self`,
 //!   `/v1/acl/policy/:name`) for its own `/v1/agent/self`.
 //! - Workload identities (lab/src/nomad_identity.rs, from `nomad/encrypter.go`, `nomad/structs/identity.go`,
-//!   `workload_id.go`, `command/agent/keyring_endpoint.go`): the leader creates a root key (RSA 2048) when the
-//!   cluster forms, replicated with the rest of the state; `GET /.well-known/jwks.json` (unauthenticated, any
+//!   `workload_id.go`, `command/agent/keyring_endpoint.go`): the leader creates a root key (RSA 2048) in the
+//!   background once it leads (`nomad/leader.go`: `go s.initializeKeyring(stopCh)`; leadership and the ACL
+//!   bootstrap do not wait for it), replicated with the rest of the state; `GET /.well-known/jwks.json` (unauthenticated, any
 //!   agent; clients ask their servers) lists its public key (`{"keys": [{"use": "sig", "kty": "RSA", "kid",
 //!   "alg": "RS256", "n", "e"}]}`); identities are RS256 JWTs with header `kid` and Nomad's claims.
 //!
@@ -275,8 +276,13 @@ async fn shutdown_signal() {
 // ---------------------------------------------------------------------------------------------------
 // The agent
 
+/// Makes a root key with the given key ID (RSA 2048: a random prime search, tens to hundreds of milliseconds).
+type KeyGen = fn(String) -> crate::nomad_identity::RootKey;
+
 struct Agent {
     cfg: Config,
+    /// The leader's root-key generator ([`Agent::initialize_keyring`]).
+    keygen: KeyGen,
     state_file: PathBuf,
     /// This server's raft ID (persisted in `<data_dir>/server/node-id`).
     raft_id: String,
@@ -296,6 +302,8 @@ struct Runtime {
     heartbeats: HashMap<String, Instant>,
     /// Whether this server led at the last heartbeat check (a new leader resets every node's timer).
     was_leader: bool,
+    /// Leader only: a root key is being generated ([`Agent::initialize_keyring`]).
+    keyring_pending: bool,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -94,6 +94,15 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    run_with(cfg, shutdown, crate::nomad_identity::RootKey::generate).await
+}
+
+/// [`run`], with the leader's root-key generator injected (tests: a slow one).
+pub(super) async fn run_with(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    keygen: KeyGen,
+) -> Result<(), String> {
     let server_dir = cfg.data_dir.join("server");
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -117,6 +126,7 @@ pub async fn run(
         .await
         .map_err(|e| format!("listen on {addr}: {e}"))?;
     let agent = Arc::new(Agent {
+        keygen,
         http: Mutex::new(http_client(&cfg)?),
         state_file,
         raft_id,

@@ -109,14 +109,12 @@ impl Agent {
             rt.store.index += 1;
             self.persist(&rt.store);
         }
-        // Nomad's leader initializes the keyring when it establishes leadership; followers adopt it.
-        if leader == Some(self.cfg.bind) && rt.store.keyring.is_empty() {
-            rt.store
-                .keyring
-                .push(crate::nomad_identity::RootKey::generate(uuid()));
-            rt.store.index += 1;
-            self.persist(&rt.store);
-            log("keyring initialized: a new root key signs workload identities");
+        // Nomad's leader initializes the keyring as it establishes leadership, in the background: leadership
+        // (and with it the ACL bootstrap) does not wait for the key (nomad/leader.go, establishLeadership:
+        // `go s.initializeKeyring(stopCh)`). Followers adopt it with the rest of the state.
+        if leader == Some(self.cfg.bind) && rt.store.keyring.is_empty() && !rt.keyring_pending {
+            rt.keyring_pending = true;
+            tokio::spawn(self.clone().initialize_keyring());
         }
         if leader != rt.leader {
             match leader {
@@ -135,6 +133,25 @@ impl Agent {
         }
         rt.leader = leader;
         rt.alive = alive;
+    }
+
+    /// Leader only, in the background: makes the first root key and writes it, unless this server lost the
+    /// leadership meanwhile or a key exists by then (as Nomad's `initializeKeyring`).
+    async fn initialize_keyring(self: Arc<Self>) {
+        let keygen = self.keygen;
+        let key = tokio::task::spawn_blocking(move || keygen(uuid())).await;
+        let mut rt = self.rt.lock().expect("runtime");
+        rt.keyring_pending = false;
+        let Ok(key) = key else {
+            log("could not initialize keyring: the key generation failed");
+            return;
+        };
+        if rt.leader == Some(self.cfg.bind) && rt.store.keyring.is_empty() {
+            rt.store.keyring.push(key);
+            rt.store.index += 1;
+            self.persist(&rt.store);
+            log("keyring initialized: a new root key signs workload identities");
+        }
     }
 
     /// Leader only: marks `down` every node whose last heartbeat is older than TTL + grace. A server that

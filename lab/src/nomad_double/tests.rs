@@ -236,6 +236,89 @@ async fn three_servers_agree_forward_and_persist() {
     stop(nodes).await;
 }
 
+/// Held closed until the test below opens it: the slow root-key generator waits for it.
+static KEYGEN_GATE: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+fn gated_keygen(id: String) -> crate::nomad_identity::RootKey {
+    let (open, cv) = &KEYGEN_GATE;
+    let mut g = open.lock().unwrap();
+    while !*g {
+        g = cv.wait(g).unwrap();
+    }
+    crate::nomad_identity::RootKey::generate(id)
+}
+
+/// As Nomad's leader (`go s.initializeKeyring(stopCh)` in establishLeadership), the double's leader makes its
+/// root key in the background: a leader is named and the ACL bootstrap answered while the key is still being
+/// made, and the key is there (and signs) once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_and_the_acl_bootstrap_do_not_wait_for_the_keyring() {
+    let pki = Pki::new();
+    let ips: Vec<IpAddr> = (31..34)
+        .map(|h| format!("127.65.0.{h}").parse().unwrap())
+        .collect();
+    let port = 24646;
+    let http = pki.http(None);
+    let url = |i: usize, p: &str| format!("https://{}:{port}{p}", ips[i]);
+    // Opened at the latest after 30 s, so that a double whose leader waits for its key (and blocks its runtime
+    // meanwhile) fails the first assertion below instead of hanging.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        let (open, cv) = &KEYGEN_GATE;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    });
+    let mut nodes = vec![];
+    for i in 0..3 {
+        let cfg = Config::from_value(&json!({
+            "name": format!("k{i}"), "bind_addr": ips[i].to_string(), "ports": {"http": port},
+            "data_dir": pki.dir.path().join(format!("data{i}")).display().to_string(),
+            "acl": {"enabled": true},
+            "server": {"enabled": true, "bootstrap_expect": 3, "encrypt": "k",
+                       "server_join": {"retry_join": ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()}},
+            "tls": pki.tls(&format!("k{i}"), ips[i]),
+        }))
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(run_with(
+            cfg,
+            async move {
+                let _ = rx.await;
+            },
+            gated_keygen,
+        ));
+        nodes.push((tx, h));
+    }
+    let leader = eventually("a leader while the key is being made", Duration::from_secs(20), || async {
+        match get(&http, &url(0, "/v1/status/leader"), None).await {
+            (200, body) => Some(serde_json::from_str::<String>(&body).unwrap()),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(leader, "127.65.0.31:4647");
+    let r = http.post(url(1, "/v1/acl/bootstrap")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "the ACL bootstrap while the key is being made");
+    let (st, jwks) = get(&http, &url(0, "/.well-known/jwks.json"), None).await;
+    assert_eq!(st, 200);
+    let keys = |body: &str| serde_json::from_str::<Value>(body).unwrap()["keys"].as_array().unwrap().len();
+    assert_eq!(keys(&jwks), 0, "no root key yet: {jwks}");
+    {
+        let (open, cv) = &KEYGEN_GATE;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    for i in 0..3 {
+        eventually("the root key, on every server", Duration::from_secs(20), || async {
+            let (st, body) = get(&http, &url(i, "/.well-known/jwks.json"), None).await;
+            (st == 200 && keys(&body) == 1).then_some(())
+        })
+        .await;
+    }
+    stop(nodes).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_registers_over_mtls_heartbeats_goes_down_and_acls_are_enforced() {
     let pki = Pki::new();
