@@ -254,16 +254,32 @@ pub async fn lead(
         }
         None => false,
     };
-    tier.wait_callable(READY_FOR_CALL)
-        .await
-        .map_err(|source| BootstrapError::Product {
-            tier: name.into(),
-            source,
-        })?;
+    // `initializing` is recorded while the server gets ready to take the call (Nomad: while its servers elect a
+    // leader); the call comes only after both. A server that never gets ready stops the run with the state
+    // `initializing` and no call made: the next leader bootstraps, after `peer_grace`.
     d.storage.check_lease()?;
     let note = pre_escrowed.then(|| "bootstrap secret escrowed before use".to_string());
     state.set(TierPhase::Initializing, d.node, note);
-    d.save(&state).await?;
+    // A refused write stops the wait; an answer from the server (ready or not) still lets the write finish, so
+    // the state is what this run says it is.
+    let ready = {
+        let (save, ready) = (d.save(&state), tier.wait_callable(READY_FOR_CALL));
+        tokio::pin!(save, ready);
+        tokio::select! {
+            saved = &mut save => {
+                saved?;
+                ready.await
+            }
+            answered = &mut ready => {
+                save.await?;
+                answered
+            }
+        }
+    };
+    ready.map_err(|source| BootstrapError::Product {
+        tier: name.into(),
+        source,
+    })?;
     d.storage.check_lease()?;
 
     // 4. The bootstrap call, then straight to local disk.

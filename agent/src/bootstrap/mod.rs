@@ -162,8 +162,8 @@ pub trait Tier: Send + Sync {
     /// Waits until the local server answers (before this node looks for the lease).
     async fn wait_ready(&self, deadline: Duration) -> Result<(), TierError>;
     /// Waits, under the lease and after the escrow before use, until the local server takes the bootstrap call
-    /// (Nomad: its cluster has a leader), so that the lease, the pre-flight and the escrow before use overlap the
-    /// servers' election instead of following it; `initializing` is recorded only after it. A tier whose
+    /// (Nomad: its cluster has a leader), so that the lease, the pre-flight, the escrow before use and the
+    /// `initializing` record overlap the servers' election instead of following it. A tier whose
     /// [`wait_ready`](Tier::wait_ready) already waits for that needs nothing here (the default).
     async fn wait_callable(&self, _deadline: Duration) -> Result<(), TierError> {
         Ok(())

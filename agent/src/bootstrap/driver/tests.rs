@@ -246,6 +246,7 @@ impl Tier for FakeTier {
         match self.callable {
             None => Ok(()),
             Some(ok) => {
+                self.overlap.step("tier.wait_callable").await;
                 note(&self.log, "tier.wait_callable".into());
                 if ok {
                     Ok(())
@@ -818,36 +819,62 @@ async fn a_secret_chosen_by_the_agent_is_escrowed_to_both_targets_before_the_cal
     assert!(s.receipts.iter().all(|r| r.is_for("e1")));
 }
 
-/// Nomad: the lease, the pre-flight and the escrow before use run while the servers elect a leader; the wait for
-/// it comes last, under the lease, and `initializing` is recorded only once the server can take the call.
+/// Nomad: the lease, the pre-flight, the escrow before use and `initializing` run while the servers elect a
+/// leader: the wait for it comes after the escrow before use, under the lease, at the same time as the
+/// `initializing` record, and the call only after both.
 #[tokio::test]
-async fn a_tier_that_waits_for_its_leader_does_so_after_the_escrow_before_use_and_before_initializing(
-) {
+async fn a_tier_that_waits_for_its_leader_records_initializing_meanwhile_and_calls_after() {
     let mut w = World::new();
     w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
     w.tier.creates_cluster = false;
     w.tier.local_initialized = None;
     w.tier.callable = Some(true);
-    let r = w.run(None).await.expect("bootstrapped");
-    assert_eq!(r, Some(Outcome::Bootstrapped));
+    w.overlap
+        .require("tier.wait_callable", "storage.save initializing");
+    let r = tokio::time::timeout(Duration::from_secs(5), w.run(None))
+        .await
+        .unwrap_or_else(|_| panic!("steps ran one after the other: {:?}", w.log()));
+    assert_eq!(r.expect("bootstrapped"), Some(Outcome::Bootstrapped));
+    let log = w.log();
     assert_eq!(
-        w.log()[1..8],
+        log[1..5],
         [
             "escrow.prepare e1",
             "escrow.prepare e2",
             "escrow.blob e2",
             "escrow.keyvault e2",
-            "tier.wait_callable",
-            "storage.save initializing",
-            "tier.bootstrap",
         ]
     );
+    let mut both = log[5..7].to_vec();
+    both.sort();
+    assert_eq!(both, ["storage.save initializing", "tier.wait_callable"]);
+    assert_eq!(log[7], "tier.bootstrap");
 }
 
-/// No leader by the deadline: the run stops before any state write and before the call; the secret escrowed
-/// before use was never used (and no state names it), so the next leader escrows a fresh one.
+/// Storage refuses `initializing` (fenced) while the server is still electing: the run stops at once, without
+/// waiting for the leader and without a call.
 #[tokio::test]
-async fn a_server_that_never_takes_the_call_stops_the_run_before_initializing() {
+async fn a_refused_initializing_record_stops_the_wait_for_the_leader() {
+    let mut w = World::new();
+    w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
+    w.tier.creates_cluster = false;
+    w.tier.local_initialized = None;
+    w.tier.callable = Some(true);
+    w.storage.refuse = Some(1);
+    // The leader never comes: its partner step never starts.
+    w.overlap.require("tier.wait_callable", "a leader");
+    let e = tokio::time::timeout(Duration::from_secs(5), w.run(None))
+        .await
+        .unwrap_or_else(|_| panic!("the run waited for the leader after its write was refused: {:?}", w.log()))
+        .expect_err("fenced");
+    assert!(matches!(e, BootstrapError::Write(WriteError::Fenced { .. })), "{e}");
+    assert!(!w.called("tier.bootstrap"), "{:?}", w.log());
+}
+
+/// No leader by the deadline: the run stops before the call, with `initializing` recorded (naming the secret
+/// escrowed before use as unproven); the next leader bootstraps after `peer_grace`.
+#[tokio::test]
+async fn a_server_that_never_takes_the_call_stops_the_run_before_the_call() {
     let mut w = World::new();
     w.tier.pre_secret = Some(br#"{"kind":"nomad-acl","secret_id":"x"}"#.to_vec());
     w.tier.creates_cluster = false;
@@ -866,8 +893,21 @@ async fn a_server_that_never_takes_the_call_stops_the_run_before_initializing() 
     );
     assert!(w.called("tier.wait_callable"));
     assert!(!w.called("tier.bootstrap"), "{:?}", w.log());
-    assert!(!w.called("storage.save"), "{:?}", w.log());
-    assert!(w.stored().is_none());
+    let s = w.stored().expect("initializing recorded");
+    assert_eq!(s.phase, TierPhase::Initializing);
+    assert_eq!(s.pre_escrows, vec!["e2".to_string()], "unproven: no call was made");
+    // What the next leader decides: wait for this node within `peer_grace`, then bootstrap (no cluster is made
+    // by an ACL bootstrap, so no earlier leader is asked).
+    let f = |now: i64| decide::Facts {
+        state: &s,
+        me: "other",
+        local_initialized: None,
+        creates_cluster: false,
+        now_unix: now,
+        peer_grace: Duration::from_secs(60),
+    };
+    assert_eq!(decide::decide(&f(s.updated_unix + 1)), Decision::WaitForPeer);
+    assert_eq!(decide::decide(&f(s.updated_unix + 61)), Decision::Bootstrap);
 }
 
 #[tokio::test]
