@@ -300,6 +300,34 @@ pub struct Azure {
     verify_challenge_resource: bool,
     /// One throttle gate per vault, shared by every clone of this factory and by its transport.
     gates: Gates,
+    /// The Key Vault clients made so far, one per vault and kind, shared by every clone of this factory.
+    vaults: VaultClients,
+}
+
+/// A Key Vault client learns its vault's challenge (the scope to ask a token for) from its first request, which
+/// goes out without a token and is answered 401; every later request of that client carries the token at once.
+/// So each vault gets one client per kind, kept for the factory's life: one challenge per vault and boot, not
+/// one per operation.
+#[derive(Clone, Default)]
+struct VaultClients {
+    keys: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<KeyClient>>>>,
+    secrets: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<SecretClient>>>>,
+}
+
+/// The client of `uri` in `map`, made by `make` the first time.
+fn kept<C>(
+    map: &std::sync::Mutex<std::collections::HashMap<String, Arc<C>>>,
+    uri: &str,
+    make: impl FnOnce() -> Result<C, AzureError>,
+) -> Result<Arc<C>, AzureError> {
+    let key = uri.trim_end_matches('/').to_ascii_lowercase();
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = m.get(&key) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(make()?);
+    m.insert(key, c.clone());
+    Ok(c)
 }
 
 impl std::fmt::Debug for Azure {
@@ -341,6 +369,7 @@ impl Azure {
             transport: Transport::new(Arc::new(client)),
             verify_challenge_resource,
             gates,
+            vaults: VaultClients::default(),
         })
     }
 
@@ -408,24 +437,30 @@ impl Azure {
         self.gates.gate(vault_uri)
     }
 
-    pub fn keys(&self, vault_uri: &str) -> Result<KeyClient, AzureError> {
-        let opts = KeyClientOptions {
-            client_options: self.client_options(),
-            verify_challenge_resource: Some(self.verify_challenge_resource),
-            ..Default::default()
-        };
-        KeyClient::new(vault_uri, self.credential.clone(), Some(opts))
-            .map_err(|e| AzureError::from_sdk("key vault keys client", &e))
+    /// The keys client of `vault_uri`: made once per factory ([`VaultClients`]).
+    pub fn keys(&self, vault_uri: &str) -> Result<Arc<KeyClient>, AzureError> {
+        kept(&self.vaults.keys, vault_uri, || {
+            let opts = KeyClientOptions {
+                client_options: self.client_options(),
+                verify_challenge_resource: Some(self.verify_challenge_resource),
+                ..Default::default()
+            };
+            KeyClient::new(vault_uri, self.credential.clone(), Some(opts))
+                .map_err(|e| AzureError::from_sdk("key vault keys client", &e))
+        })
     }
 
-    pub fn secrets(&self, vault_uri: &str) -> Result<SecretClient, AzureError> {
-        let opts = SecretClientOptions {
-            client_options: self.client_options(),
-            verify_challenge_resource: Some(self.verify_challenge_resource),
-            ..Default::default()
-        };
-        SecretClient::new(vault_uri, self.credential.clone(), Some(opts))
-            .map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
+    /// The secrets client of `vault_uri`: made once per factory ([`VaultClients`]).
+    pub fn secrets(&self, vault_uri: &str) -> Result<Arc<SecretClient>, AzureError> {
+        kept(&self.vaults.secrets, vault_uri, || {
+            let opts = SecretClientOptions {
+                client_options: self.client_options(),
+                verify_challenge_resource: Some(self.verify_challenge_resource),
+                ..Default::default()
+            };
+            SecretClient::new(vault_uri, self.credential.clone(), Some(opts))
+                .map_err(|e| AzureError::from_sdk("key vault secrets client", &e))
+        })
     }
 }
 
@@ -452,6 +487,23 @@ mod tests {
 
     /// On Azure (no extra CA) too, the SDK clients share the factory's one HTTP client instead of each building
     /// its own (a trust-store load and a connection pool per client).
+    /// One Key Vault client per vault and kind, for the factory and its clones: its vault's challenge is learnt
+    /// once (the first request of a new client is an unauthenticated one that Key Vault answers 401).
+    #[test]
+    fn each_vault_has_one_kept_client_per_kind() {
+        let az = Azure::new(Arc::new(NoCredential), None, true).unwrap();
+        let a = "https://a.vault.azure.net/";
+        let k1 = az.keys(a).unwrap();
+        let k2 = az.clone().keys("https://A.vault.azure.net").unwrap();
+        assert!(Arc::ptr_eq(&k1, &k2), "the same vault, another spelling, a clone");
+        assert!(!Arc::ptr_eq(&k1, &az.keys("https://b.vault.azure.net/").unwrap()));
+        let s1 = az.secrets(a).unwrap();
+        assert!(Arc::ptr_eq(&s1, &az.secrets(a).unwrap()));
+        // Another factory (another boot, another identity): clients of its own.
+        let other = Azure::new(Arc::new(NoCredential), None, true).unwrap();
+        assert!(!Arc::ptr_eq(&k1, &other.keys(a).unwrap()));
+    }
+
     #[test]
     fn every_client_shares_one_transport_with_or_without_an_extra_ca() {
         let az = Azure::new(Arc::new(NoCredential), None, true).unwrap();

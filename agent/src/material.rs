@@ -149,7 +149,7 @@ async fn get(
 /// One vault's secrets client and its throttle gate (shared by every call of this process to the vault:
 /// a 429's `Retry-After` holds them all, [`Gate`]).
 pub struct Kv {
-    client: SecretClient,
+    client: std::sync::Arc<SecretClient>,
     gate: std::sync::Arc<Gate>,
 }
 
