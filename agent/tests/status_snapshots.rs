@@ -10,6 +10,7 @@ use hashistack_agent::coordination::{TierPhase, TierState};
 use hashistack_agent::escrow::{Receipt, ReceiptTarget};
 use hashistack_agent::publish::NodeRecord;
 use hashistack_agent::status::model::*;
+use hashistack_agent::status::assess::JOIN_GRACE_SECS;
 use hashistack_agent::status::{assess, render};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -909,6 +910,40 @@ fn a_recent_record_that_consul_does_not_list_is_not_departed() {
     let r = assess(&o);
     assert_eq!(r.verdict, Verdict::Healthy, "{:?}", subjects(&r));
     assert!(node(&r, "workers-000002").departed);
+}
+
+#[test]
+fn a_node_that_never_joined_consul_is_a_problem_after_the_join_grace() {
+    // A worker Nomad lists as ready whose Consul agent never joined (a wrong gossip key, port 8301 closed).
+    let mut o = healthy();
+    o.records.push(aged(
+        record("workers-000002", "worker", "10.0.4.6", &[]),
+        600,
+    ));
+    o.records.sort_by(|a, b| a.boot.node.cmp(&b.boot.node));
+    if let Some(Ok(nodes)) = &mut o.nomad.nodes {
+        nodes.push(nomad_node("workers-000002", "10.0.4.6", "ready"));
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Degraded, "{:?}", subjects(&r));
+    let s = subjects(&r);
+    assert!(
+        s.iter().any(|(sev, who, what)| *sev == Severity::Degraded
+            && who == "workers-000002"
+            && what.starts_with("workers-000002: not a Consul member 10m after its boot")),
+        "{s:?}"
+    );
+    assert!(!node(&r, "workers-000002").departed);
+    // Within the join grace it is still joining: healthy.
+    for rec in o
+        .records
+        .iter_mut()
+        .filter(|r| r.boot.node == "workers-000002")
+    {
+        rec.published_unix = NOW - (JOIN_GRACE_SECS - 1);
+    }
+    let r = assess(&o);
+    assert_eq!(r.verdict, Verdict::Healthy, "{:?}", subjects(&r));
 }
 
 #[test]

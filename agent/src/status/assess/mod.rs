@@ -31,6 +31,11 @@ use std::collections::BTreeMap;
 /// services start), or never did — not departed.
 pub const REAPED_AFTER_SECS: i64 = 24 * 3600;
 
+/// How long after it published its boot record a node may be missing from Consul's member list: its agent
+/// publishes the record once its services started, and its Consul agent joins within seconds (retry_join
+/// every few seconds). Past this, a node Consul does not list has not joined: a problem.
+pub const JOIN_GRACE_SECS: i64 = 120;
+
 /// Nodes whose last boot succeeded and whose Consul agent has gone since: name → `left` (a graceful leave or
 /// `consul force-leave`) or `absent` (no longer a member: reaped; only when the record is older than
 /// [`REAPED_AFTER_SECS`]). Empty when the member list is unknown: nobody is assumed gone. A `failed` member
@@ -149,6 +154,25 @@ pub fn assess(o: &Observations) -> Report {
                 .unwrap_or_else(|| "absent".into())
         });
         n.departed = n.ok && gone.contains_key(&n.name) && !counted_by_a_tier(&n.name);
+    }
+    // Every node runs a Consul agent: one that booted a while ago and that Consul does not list never joined (or
+    // was removed without leaving). Not departed: that needs 24 h (or a `left`).
+    for n in nodes
+        .iter()
+        .filter(|n| n.ok && !n.departed && n.member.as_deref() == Some("absent"))
+        .filter(|n| o.observed_unix - n.published_unix >= JOIN_GRACE_SECS)
+    {
+        p.bad(
+            "nodes",
+            Some(&n.name),
+            format!(
+                "{}: not a Consul member {} after its boot: its Consul agent has not joined (its consul log: gossip \
+                 key, port 8301, retry_join), or it was removed with `consul force-leave -prune` (then delete its \
+                 boot record: docs/status.md#departed-nodes)",
+                n.name,
+                age(o.observed_unix, n.published_unix)
+            ),
+        );
     }
     let departed = nodes.iter().filter(|n| n.departed).count()
         + tiers
