@@ -314,13 +314,13 @@ struct VaultClients {
     secrets: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<SecretClient>>>>,
 }
 
-/// The client of `uri` in `map`, made by `make` the first time.
+/// The client of `uri` in `map` (by origin, as the gates), made by `make` the first time.
 fn kept<C>(
     map: &std::sync::Mutex<std::collections::HashMap<String, Arc<C>>>,
     uri: &str,
     make: impl FnOnce() -> Result<C, AzureError>,
 ) -> Result<Arc<C>, AzureError> {
-    let key = uri.trim_end_matches('/').to_ascii_lowercase();
+    let key = gate::key(uri);
     let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(c) = m.get(&key) {
         return Ok(c.clone());

@@ -177,7 +177,7 @@ pub(super) fn next_attempt() -> u64 {
 pub struct Gates(Arc<Mutex<HashMap<String, Arc<Gate>>>>);
 
 /// A vault URI or request URL as its gate's key: its origin (`https://name.vault.azure.net`).
-fn key(uri: &str) -> String {
+pub(super) fn key(uri: &str) -> String {
     match Url::parse(uri) {
         Ok(u) => u.origin().ascii_serialization(),
         Err(_) => uri.trim_end_matches('/').to_ascii_lowercase(),
