@@ -495,8 +495,14 @@ mod tests {
         let a = "https://a.vault.azure.net/";
         let k1 = az.keys(a).unwrap();
         let k2 = az.clone().keys("https://A.vault.azure.net").unwrap();
-        assert!(Arc::ptr_eq(&k1, &k2), "the same vault, another spelling, a clone");
-        assert!(!Arc::ptr_eq(&k1, &az.keys("https://b.vault.azure.net/").unwrap()));
+        assert!(
+            Arc::ptr_eq(&k1, &k2),
+            "the same vault, another spelling, a clone"
+        );
+        assert!(!Arc::ptr_eq(
+            &k1,
+            &az.keys("https://b.vault.azure.net/").unwrap()
+        ));
         let s1 = az.secrets(a).unwrap();
         assert!(Arc::ptr_eq(&s1, &az.secrets(a).unwrap()));
         // Another factory (another boot, another identity): clients of its own.

@@ -60,7 +60,15 @@ async fn call(
 /// the first other answer.
 async fn acl_call(lab: &Lab, url: &str, token: &str) -> (u16, String) {
     eventually(&format!("GET {url} outside legacy mode"), || async {
-        let r = call(lab, reqwest::Method::GET, url, "X-Consul-Token", token, None).await?;
+        let r = call(
+            lab,
+            reqwest::Method::GET,
+            url,
+            "X-Consul-Token",
+            token,
+            None,
+        )
+        .await?;
         if r.0 == 500 && r.1.contains("legacy mode") {
             Err(format!("{r:?}"))
         } else {

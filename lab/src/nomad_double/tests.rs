@@ -115,6 +115,24 @@ async fn put(http: &reqwest::Client, url: &str, token: Option<&str>, body: Value
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// The leader that all three servers (`url(i, path)`, i = 0..3) name alike, within 20 s.
+async fn common_leader(
+    http: &reqwest::Client,
+    url: &impl Fn(usize, &str) -> String,
+    what: &str,
+) -> String {
+    eventually(what, Duration::from_secs(20), || async {
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            if let (200, body) = get(http, &url(i, "/v1/status/leader"), None).await {
+                seen.push(serde_json::from_str::<String>(&body).unwrap());
+            }
+        }
+        (seen.len() == 3 && seen.iter().all(|l| *l == seen[0])).then(|| seen[0].clone())
+    })
+    .await
+}
+
 /// Three in-process servers over HTTPS: one leader everywhere, bootstrap forwarded from followers,
 /// state replicated and kept over a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,16 +163,7 @@ async fn three_servers_agree_forward_and_persist() {
         (500, "No cluster leader".into())
     );
     nodes.push(start(cfg_for(2)));
-    let leader = eventually("a common leader", Duration::from_secs(20), || async {
-        let mut seen = Vec::new();
-        for i in 0..3 {
-            if let (200, body) = get(&http, &url(i, "/v1/status/leader"), None).await {
-                seen.push(serde_json::from_str::<String>(&body).unwrap());
-            }
-        }
-        (seen.len() == 3 && seen.iter().all(|l| *l == seen[0])).then(|| seen[0].clone())
-    })
-    .await;
+    let leader = common_leader(&http, &url, "a common leader").await;
     assert_eq!(leader, "127.63.0.31:4647");
     let (_, body) = get(&http, &url(2, "/v1/status/peers"), None).await;
     assert_eq!(serde_json::from_str::<Vec<String>>(&body).unwrap().len(), 3);
@@ -291,22 +300,22 @@ async fn leadership_and_the_acl_bootstrap_do_not_wait_for_the_keyring() {
         nodes.push((tx, h));
     }
     // Every server names the leader (a follower that has not seen it yet answers "No cluster leader").
-    let leader = eventually("a leader while the key is being made", Duration::from_secs(20), || async {
-        let mut seen = Vec::new();
-        for i in 0..3 {
-            if let (200, body) = get(&http, &url(i, "/v1/status/leader"), None).await {
-                seen.push(serde_json::from_str::<String>(&body).unwrap());
-            }
-        }
-        (seen.len() == 3 && seen.iter().all(|l| *l == seen[0])).then(|| seen[0].clone())
-    })
-    .await;
+    let leader = common_leader(&http, &url, "a leader while the key is being made").await;
     assert_eq!(leader, "127.65.0.31:4647");
     let r = http.post(url(1, "/v1/acl/bootstrap")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 200, "the ACL bootstrap while the key is being made");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "the ACL bootstrap while the key is being made"
+    );
     let (st, jwks) = get(&http, &url(0, "/.well-known/jwks.json"), None).await;
     assert_eq!(st, 200);
-    let keys = |body: &str| serde_json::from_str::<Value>(body).unwrap()["keys"].as_array().unwrap().len();
+    let keys = |body: &str| {
+        serde_json::from_str::<Value>(body).unwrap()["keys"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
     assert_eq!(keys(&jwks), 0, "no root key yet: {jwks}");
     {
         let (open, cv) = &KEYGEN_GATE;
@@ -314,10 +323,14 @@ async fn leadership_and_the_acl_bootstrap_do_not_wait_for_the_keyring() {
         cv.notify_all();
     }
     for i in 0..3 {
-        eventually("the root key, on every server", Duration::from_secs(20), || async {
-            let (st, body) = get(&http, &url(i, "/.well-known/jwks.json"), None).await;
-            (st == 200 && keys(&body) == 1).then_some(())
-        })
+        eventually(
+            "the root key, on every server",
+            Duration::from_secs(20),
+            || async {
+                let (st, body) = get(&http, &url(i, "/.well-known/jwks.json"), None).await;
+                (st == 200 && keys(&body) == 1).then_some(())
+            },
+        )
         .await;
     }
     stop(nodes).await;

@@ -752,8 +752,7 @@ async fn a_secret_the_product_took_is_escrowed_once_before_the_call_and_never_ag
     for target in ReceiptTarget::ALL {
         earlier.receipts.push(receipt(target, &spooled("e0")));
     }
-    w.overlap
-        .require("storage.save escrowed", "tier.configure");
+    w.overlap.require("storage.save escrowed", "tier.configure");
     let r = tokio::time::timeout(Duration::from_secs(5), w.run(Some(earlier)))
         .await
         .unwrap_or_else(|_| panic!("steps ran one after the other: {:?}", w.log()));
@@ -773,7 +772,11 @@ async fn a_secret_the_product_took_is_escrowed_once_before_the_call_and_never_ag
     assert_eq!(log.last().unwrap(), "storage.save done");
     let s = w.stored().unwrap();
     assert_eq!(s.phase, TierPhase::Done);
-    assert_eq!(s.escrow_id.as_deref(), Some("e2"), "the escrow made before use");
+    assert_eq!(
+        s.escrow_id.as_deref(),
+        Some("e2"),
+        "the escrow made before use"
+    );
     assert!(s.pre_escrows.is_empty(), "proven: {:?}", s.pre_escrows);
     assert!(s.escrowed_to(ReceiptTarget::Blob) && s.escrowed_to(ReceiptTarget::Keyvault));
     assert!(
@@ -781,10 +784,7 @@ async fn a_secret_the_product_took_is_escrowed_once_before_the_call_and_never_ag
         "the earlier leader's receipts are dropped: {:?}",
         s.receipts
     );
-    assert_eq!(
-        w.tier.configured_with.lock().unwrap().as_deref(),
-        Some(PRE)
-    );
+    assert_eq!(w.tier.configured_with.lock().unwrap().as_deref(), Some(PRE));
 }
 
 /// A server that ignored the secret escrowed before use (an older Consul leader during an upgrade) answers with
@@ -865,9 +865,17 @@ async fn a_refused_initializing_record_stops_the_wait_for_the_leader() {
     w.overlap.require("tier.wait_callable", "a leader");
     let e = tokio::time::timeout(Duration::from_secs(5), w.run(None))
         .await
-        .unwrap_or_else(|_| panic!("the run waited for the leader after its write was refused: {:?}", w.log()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the run waited for the leader after its write was refused: {:?}",
+                w.log()
+            )
+        })
         .expect_err("fenced");
-    assert!(matches!(e, BootstrapError::Write(WriteError::Fenced { .. })), "{e}");
+    assert!(
+        matches!(e, BootstrapError::Write(WriteError::Fenced { .. })),
+        "{e}"
+    );
     assert!(!w.called("tier.bootstrap"), "{:?}", w.log());
 }
 
@@ -895,7 +903,11 @@ async fn a_server_that_never_takes_the_call_stops_the_run_before_the_call() {
     assert!(!w.called("tier.bootstrap"), "{:?}", w.log());
     let s = w.stored().expect("initializing recorded");
     assert_eq!(s.phase, TierPhase::Initializing);
-    assert_eq!(s.pre_escrows, vec!["e2".to_string()], "unproven: no call was made");
+    assert_eq!(
+        s.pre_escrows,
+        vec!["e2".to_string()],
+        "unproven: no call was made"
+    );
     // What the next leader decides: wait for this node within `peer_grace`, then bootstrap (no cluster is made
     // by an ACL bootstrap, so no earlier leader is asked).
     let f = |now: i64| decide::Facts {
@@ -906,7 +918,10 @@ async fn a_server_that_never_takes_the_call_stops_the_run_before_the_call() {
         now_unix: now,
         peer_grace: Duration::from_secs(60),
     };
-    assert_eq!(decide::decide(&f(s.updated_unix + 1)), Decision::WaitForPeer);
+    assert_eq!(
+        decide::decide(&f(s.updated_unix + 1)),
+        Decision::WaitForPeer
+    );
     assert_eq!(decide::decide(&f(s.updated_unix + 61)), Decision::Bootstrap);
 }
 
