@@ -532,6 +532,7 @@ mod tests {
             operator_keys: None,
             warm: None,
             versions: versions(),
+            azure: None,
         };
         (booted, rec)
     }

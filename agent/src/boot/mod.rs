@@ -117,6 +117,9 @@ pub struct Booted {
     pub warm: Option<crate::warm::DiskMaterial>,
     /// The products' versions this boot rendered for (a re-render after the boot uses them again).
     pub versions: Versions,
+    /// A cold boot's Azure clients (`None` on a warm boot): the tier bootstrap goes on with them, over the
+    /// connections, identity tokens and Key Vault challenges the boot already has.
+    pub azure: Option<crate::azure::Azure>,
 }
 
 /// A service manager that may need to keep running after boot (the process backend).
@@ -240,7 +243,7 @@ pub async fn boot(
     let result = boot_inner(cfg, &layout, started, &mut record, &mut metadata).await;
     record.finished_unix = time::OffsetDateTime::now_utc().unix_timestamp();
     match result {
-        Ok((spec, plan, manager, operator_keys, warm, versions)) => {
+        Ok((spec, plan, manager, operator_keys, warm, versions, azure)) => {
             record.ok = true;
             record.phase = Phase::Done;
             write_record(&layout, &record);
@@ -252,6 +255,7 @@ pub async fn boot(
                 operator_keys,
                 warm,
                 versions,
+                azure,
             })
         }
         Err(e) => {
@@ -277,6 +281,7 @@ async fn boot_inner(
         Option<std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
         Option<crate::warm::DiskMaterial>,
         Versions,
+        Option<crate::azure::Azure>,
     ),
     BootError,
 > {
@@ -469,7 +474,7 @@ async fn boot_inner(
             tracing::warn!(error = %e, "cannot keep the cluster material on disk: the next boot is cold too");
         }
     }
-    Ok((spec, plan, manager, operator_keys, warm, versions))
+    Ok((spec, plan, manager, operator_keys, warm, versions, prepared))
 }
 
 /// Starts the plan's services, restarting those whose files are among `changed` (and the image's units the
@@ -566,6 +571,8 @@ fn consul_waits_for_token(
 /// [`SharedRecord`] (the boot record) or is returned to the caller (a new plan), which applies it after both.
 pub struct Started<'a> {
     pub spec: &'a NodeSpec,
+    /// A cold boot's Azure clients ([`Booted::azure`]).
+    pub azure: Option<&'a crate::azure::Azure>,
     pub plan: &'a Plan,
     pub manager: &'a std::sync::Arc<dyn BootManager>,
     pub operator_keys: Option<&'a std::sync::Arc<crate::escrow::pgp::OperatorKeys>>,
@@ -586,6 +593,7 @@ impl Booted {
         (
             Started {
                 spec: &self.spec,
+                azure: self.azure.as_ref(),
                 plan: &self.plan,
                 manager: &self.manager,
                 operator_keys: self.operator_keys.as_ref(),
@@ -644,10 +652,15 @@ pub async fn bootstrap_phase(
     {
         return Ok(None);
     }
-    let az = azure_for(cfg, spec).map_err(|e| bootstrap::BootstrapError::Tier {
-        tier: spec.role.to_string(),
-        message: e.to_string(),
-    })?;
+    // A cold boot's clients, when there are: their connections, identity tokens and Key Vault challenges are
+    // warm (a first request to a vault costs a 401 round trip, a new connection a TLS handshake).
+    let az = match booted.azure {
+        Some(az) => az.clone(),
+        None => azure_for(cfg, spec).map_err(|e| bootstrap::BootstrapError::Tier {
+            tier: spec.role.to_string(),
+            message: e.to_string(),
+        })?,
+    };
     let mut policy = crate::escrow::policy();
     policy.deadline = std::time::Duration::from_secs(cfg.bootstrap.azure_deadline_secs);
     let ctx = Ctx {

@@ -97,14 +97,15 @@ impl Transition {
     }
 }
 
-/// Before the lease, from the state as read and this node's spool (every server, at every boot).
+/// Before leading, from the state as read and this node's spool (every server, at every boot): read under the
+/// lease the node just took, or without it when another node holds it (`claim.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BeforeLease {
-    /// `done` and nothing spooled here: outcome `already-done`, nothing else happens.
+    /// `done` and nothing spooled here: outcome `already-done` (a lease taken is given back), nothing else happens.
     AlreadyDone,
-    /// `needs-operator` and nothing spooled here: stop with the recorded message.
+    /// `needs-operator` and nothing spooled here: stop with the recorded message (a lease taken is given back).
     NeedsOperator,
-    /// Anything else (or a spooled envelope to finish): take the lease.
+    /// Anything else (or a spooled envelope to finish): lead under the lease (or wait for the node holding it).
     TakeLease,
 }
 

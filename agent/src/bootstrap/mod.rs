@@ -15,6 +15,7 @@
 //! idempotent), and a tier whose server is initialized with nothing spooled or escrowed is reported as
 //! `needs-operator` with the documented recovery (docs/bootstrap.md) — never initialized twice.
 
+pub mod claim;
 pub mod consul;
 pub mod consul_tokens;
 pub mod decide;
@@ -33,7 +34,6 @@ use crate::coordination;
 use crate::election;
 use crate::escrow::{self, envelope, Targets};
 use crate::retry::{retry, Attempt, RetryError, RetryPolicy};
-use decide::BeforeLease;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -292,18 +292,15 @@ pub async fn run(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> 
 /// The bootstrap protocol: this node bootstraps the tier, finishes an interrupted bootstrap, or finds it done.
 async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     let name = tier.name();
-    tier.wait_ready(Duration::from_secs(300))
-        .await
-        .map_err(|source| BootstrapError::Product {
-            tier: name.into(),
-            source,
-        })?;
+    // Whether this node's server has answered: the first look claims the tier while it gets ready.
+    let ready = std::sync::atomic::AtomicBool::new(false);
+    let ready = &ready;
     // Each look may bootstrap the tier under the lease: never cut short. A look that held the lease but must
     // wait (the node that initialized may still come back with its spool) waits longer before the next one:
     // it re-takes the lease each time.
     let policy = RetryPolicy::poll_whole(ctx.follower_deadline, FOLLOWER_POLL);
     let r = retry(policy, |attempt| async move {
-        match look(ctx, tier).await {
+        match look(ctx, tier, ready).await {
             Ok(Look::Finished(outcome)) => Attempt::Done(outcome),
             Ok(Look::Held(phase)) => Attempt::RetryAfter(Wait::Pending(phase), LEADER_REPOLL),
             Ok(Look::Other(phase)) => {
@@ -376,66 +373,54 @@ impl crate::retry::TimeoutError for Wait {
     }
 }
 
-/// One look: the tier's state and this node's spool; done, needs an operator, or take the lease and lead.
-async fn look(ctx: &Ctx, tier: &dyn Tier) -> Result<Look, BootstrapError> {
+/// How long this node's own server may take to answer at all, before the first look can lead.
+const READY: Duration = Duration::from_secs(300);
+
+/// One look: this node's spool, then the lease and the tier's state under it ([`claim`]) while this node's
+/// server gets ready; done, needs an operator, another node's turn, or lead.
+async fn look(
+    ctx: &Ctx,
+    tier: &dyn Tier,
+    ready: &std::sync::atomic::AtomicBool,
+) -> Result<Look, BootstrapError> {
+    use std::sync::atomic::Ordering;
     let name = tier.name();
-    let state = coordination::read(
-        &ctx.az,
-        &ctx.targets.blob_endpoint,
-        &ctx.cluster,
-        name,
-        ctx.policy,
-    )
-    .await?;
     let pending: Vec<_> = escrow::pending(&ctx.spool_dir)
         .into_iter()
         .filter(|(_, e)| e.tier == name && e.cluster == ctx.cluster)
         .collect();
-    match decide::before_lease(state.as_ref(), pending.is_empty()) {
-        BeforeLease::AlreadyDone => return Ok(Look::Finished(Outcome::AlreadyDone)),
-        BeforeLease::NeedsOperator => {
-            return Err(BootstrapError::NeedsOperator {
-                tier: name.into(),
-                message: state.and_then(|s| s.message).unwrap_or_default(),
-            })
-        }
-        BeforeLease::TakeLease => {}
-    }
-    let Some(lead) = election::try_acquire(
-        &ctx.az,
-        &ctx.targets.blob_endpoint,
-        &ctx.cluster,
-        name,
-        ctx.policy,
-        ctx.lease_secs,
-    )
-    .await?
-    else {
-        return Ok(Look::Other(
-            state
-                .map(|s| format!("{:?}", s.phase))
-                .unwrap_or_else(|| "none".into()),
-        ));
+    let claims = traits::AzureClaims {
+        az: &ctx.az,
+        blob_endpoint: &ctx.targets.blob_endpoint,
+        cluster: &ctx.cluster,
+        tier: name,
+        policy: ctx.policy,
+        lease_secs: ctx.lease_secs,
     };
-    crash_if(ctx.crash_at, CrashPoint::AfterLease);
-    // Re-read under the lease: the previous holder may have finished just before releasing it. Every state
-    // write from here on must find what this read found (the fence).
-    let state = match coordination::read_for_update(
-        &ctx.az,
-        &ctx.targets.blob_endpoint,
-        &ctx.cluster,
-        name,
-        ctx.policy,
-    )
-    .await
-    {
-        Ok((s, expect)) => {
-            ctx.fence.arm(lead.clock(), expect);
-            s
+    let server = async {
+        if !ready.load(Ordering::Relaxed) {
+            tier.wait_ready(READY)
+                .await
+                .map_err(|source| BootstrapError::Product {
+                    tier: name.into(),
+                    source,
+                })?;
+            ready.store(true, Ordering::Relaxed);
         }
-        Err(e) => {
-            lead.release().await;
-            return Err(e.into());
+        Ok(())
+    };
+    let claimed = claim::claim(&claims, name, pending.is_empty(), ctx.crash_at);
+    let (lead, state) = match claim::when_ready(&claims, server, claimed).await? {
+        claim::Claimed::Done => return Ok(Look::Finished(Outcome::AlreadyDone)),
+        claim::Claimed::Other(phase) => return Ok(Look::Other(phase)),
+        claim::Claimed::Lead {
+            lease,
+            state,
+            expect,
+        } => {
+            // Every state write from here on must find what the read under the lease found (the fence).
+            ctx.fence.arm(lease.clock(), expect);
+            (lease, state)
         }
     };
     let storage = traits::AzureStorage {

@@ -1,11 +1,12 @@
 //! What the bootstrap driver (`driver.rs`) needs from the world, each behind a small trait: the tier state's
 //! storage and the lease ([`Storage`]), the escrow targets ([`EscrowTargets`]), the local spool ([`Spool`]); the
-//! product is [`super::Tier`]. The production implementations below wrap the Azure and disk code unchanged;
-//! unit tests (`driver/tests.rs`) run the real driver with in-memory fakes that record every call.
+//! product is [`super::Tier`]. A look's claim of the lease and the state before the driver runs is
+//! [`super::claim::Claims`]. The production implementations below wrap the Azure and disk code unchanged;
+//! unit tests (`driver/tests.rs`, `claim.rs`) run the real code with in-memory fakes that record every call.
 
 use crate::azure::{Azure, AzureError};
-use crate::coordination::{self, TierState, WriteError};
-use crate::election::{Leadership, LeaseLost};
+use crate::coordination::{self, Expect, TierState, WriteError};
+use crate::election::{self, Leadership, LeaseLost};
 use crate::escrow::{self, envelope::Envelope, Prepared, Receipt, Targets, UploadError};
 use crate::files::FileError;
 use crate::retry::RetryPolicy;
@@ -78,6 +79,59 @@ impl Storage for AzureStorage<'_> {
 
     async fn peer_ip(&self, node: &str) -> Result<Option<String>, AzureError> {
         crate::publish::read_ip(self.az, self.blob_endpoint, self.cluster, node, self.policy).await
+    }
+}
+
+/// [`super::claim::Claims`] in the coordination container: the tier's lease blob and state blob.
+pub struct AzureClaims<'a> {
+    pub az: &'a Azure,
+    pub blob_endpoint: &'a str,
+    pub cluster: &'a str,
+    pub tier: &'a str,
+    pub policy: RetryPolicy,
+    pub lease_secs: i32,
+}
+
+#[async_trait::async_trait]
+impl super::claim::Claims for AzureClaims<'_> {
+    type Lease = Leadership;
+
+    async fn try_lease(&self) -> Result<Option<Leadership>, AzureError> {
+        election::try_acquire(
+            self.az,
+            self.blob_endpoint,
+            self.cluster,
+            self.tier,
+            self.policy,
+            self.lease_secs,
+        )
+        .await
+    }
+
+    async fn release(&self, lease: Leadership) {
+        lease.release().await
+    }
+
+    async fn read(&self) -> Result<Option<TierState>, AzureError> {
+        coordination::read(
+            self.az,
+            self.blob_endpoint,
+            self.cluster,
+            self.tier,
+            self.policy,
+        )
+        .await
+    }
+
+    async fn read_for_update(&self) -> Result<(Option<TierState>, Expect), AzureError> {
+        coordination::read_for_update(
+            self.az,
+            self.blob_endpoint,
+            self.cluster,
+            self.tier,
+            self.policy,
+        )
+        .await
     }
 }
 
