@@ -113,14 +113,7 @@ impl super::claim::Claims for AzureClaims<'_> {
     }
 
     async fn read(&self) -> Result<Option<TierState>, AzureError> {
-        coordination::read(
-            self.az,
-            self.blob_endpoint,
-            self.cluster,
-            self.tier,
-            self.policy,
-        )
-        .await
+        self.read_for_update().await.map(|(state, _)| state)
     }
 
     async fn read_for_update(&self) -> Result<(Option<TierState>, Expect), AzureError> {
