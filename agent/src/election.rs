@@ -106,7 +106,7 @@ pub async fn try_acquire(
         &lock_blob_name(cluster, tier),
     )?;
     // The lock blob must exist before it can be leased; creating it is create-only and idempotent.
-    let created = call(policy, "leader lock create", || {
+    let created = call(policy, "coordination lock create", || {
         let blob = &blob;
         async move {
             blob.upload(
@@ -126,7 +126,7 @@ pub async fn try_acquire(
     }
     let lease_id = crate::ids::uuid_v4().to_string();
     let sent = Instant::now();
-    let acquired = call(policy, "leader lease acquire", || {
+    let acquired = call(policy, "coordination lease acquire", || {
         let (blob, id) = (&blob, lease_id.clone());
         async move {
             let opts = BlobClientAcquireLeaseOptions {
@@ -194,7 +194,7 @@ async fn renew_loop(
             max_backoff: Duration::from_secs(3),
         };
         let sent = std::sync::Mutex::new(Instant::now());
-        let r = call(policy, "leader lease renew", || {
+        let r = call(policy, "coordination lease renew", || {
             let (blob, id) = (&blob, lease_id.clone());
             *sent.lock().expect("not poisoned") = Instant::now();
             async move { blob.renew_lease(id, None).await.map(|_| ()) }
