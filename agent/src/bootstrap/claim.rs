@@ -9,25 +9,10 @@
 //! the lease taken reads the state without it, to see whether the tier is done meanwhile.
 
 use super::decide::{self, BeforeLease};
+pub use super::traits::Claims;
 use super::{crash_if, BootstrapError, CrashPoint};
-use crate::azure::AzureError;
 use crate::coordination::{Expect, TierState};
 use std::future::Future;
-
-/// What a claim needs from the coordination storage ([`super::traits::AzureClaims`] in production).
-#[async_trait::async_trait]
-pub trait Claims: Send + Sync {
-    /// A lease this node holds.
-    type Lease: Send;
-    /// Tries once (with retries for transient errors) to take the tier's lease; `None`: another node holds it.
-    async fn try_lease(&self) -> Result<Option<Self::Lease>, AzureError>;
-    /// Gives the lease up (best effort: it expires by itself otherwise).
-    async fn release(&self, lease: Self::Lease);
-    /// The tier state, read without the lease.
-    async fn read(&self) -> Result<Option<TierState>, AzureError>;
-    /// The tier state under the lease, with what the next fenced write must find.
-    async fn read_for_update(&self) -> Result<(Option<TierState>, Expect), AzureError>;
-}
 
 /// What a claim found. (One per look, moved once: the size of `Lead` costs nothing worth a box.)
 #[derive(Debug)]
@@ -122,6 +107,7 @@ pub async fn when_ready<C: Claims>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::azure::AzureError;
     use crate::coordination::TierPhase;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;

@@ -1,7 +1,7 @@
 //! What the bootstrap driver (`driver.rs`) needs from the world, each behind a small trait: the tier state's
 //! storage and the lease ([`Storage`]), the escrow targets ([`EscrowTargets`]), the local spool ([`Spool`]); the
-//! product is [`super::Tier`]. A look's claim of the lease and the state before the driver runs is
-//! [`super::claim::Claims`]. The production implementations below wrap the Azure and disk code unchanged;
+//! product is [`super::Tier`]. A look's claim of the lease and the state before the driver runs (`claim.rs`) is
+//! [`Claims`]. The production implementations below wrap the Azure and disk code unchanged;
 //! unit tests (`driver/tests.rs`, `claim.rs`) run the real code with in-memory fakes that record every call.
 
 use crate::azure::{Azure, AzureError};
@@ -82,7 +82,23 @@ impl Storage for AzureStorage<'_> {
     }
 }
 
-/// [`super::claim::Claims`] in the coordination container: the tier's lease blob and state blob.
+/// What a claim needs from the coordination storage ([`AzureClaims`] in production; used by
+/// `claim.rs`).
+#[async_trait::async_trait]
+pub trait Claims: Send + Sync {
+    /// A lease this node holds.
+    type Lease: Send;
+    /// Tries once (with retries for transient errors) to take the tier's lease; `None`: another node holds it.
+    async fn try_lease(&self) -> Result<Option<Self::Lease>, AzureError>;
+    /// Gives the lease up (best effort: it expires by itself otherwise).
+    async fn release(&self, lease: Self::Lease);
+    /// The tier state, read without the lease.
+    async fn read(&self) -> Result<Option<TierState>, AzureError>;
+    /// The tier state under the lease, with what the next fenced write must find.
+    async fn read_for_update(&self) -> Result<(Option<TierState>, Expect), AzureError>;
+}
+
+/// [`Claims`] in the coordination container: the tier's lease blob and state blob.
 pub struct AzureClaims<'a> {
     pub az: &'a Azure,
     pub blob_endpoint: &'a str,
@@ -93,7 +109,7 @@ pub struct AzureClaims<'a> {
 }
 
 #[async_trait::async_trait]
-impl super::claim::Claims for AzureClaims<'_> {
+impl Claims for AzureClaims<'_> {
     type Lease = Leadership;
 
     async fn try_lease(&self) -> Result<Option<Leadership>, AzureError> {
