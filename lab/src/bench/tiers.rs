@@ -76,23 +76,13 @@ impl Marks {
         }
     }
     fn mark(&self, key: &str) {
-        let t = self.t0.elapsed().as_secs_f64();
-        self.seen
-            .lock()
-            .expect("marks")
-            .entry(key.to_string())
-            .or_insert(t);
+        self.mark_secs(key, self.t0.elapsed().as_secs_f64());
     }
     /// Records `key` at a time taken earlier (e.g. when a request that succeeded was sent).
     fn mark_at(&self, key: &str, at: Instant) {
-        let t = at.saturating_duration_since(self.t0).as_secs_f64();
-        self.seen
-            .lock()
-            .expect("marks")
-            .entry(key.to_string())
-            .or_insert(t);
+        self.mark_secs(key, at.saturating_duration_since(self.t0).as_secs_f64());
     }
-    /// Records `key` at `secs` after `t0`, a time taken from another clock reading (an agent's log).
+    /// Records `key` (once: the first record stays) at `secs` after `t0`, e.g. from an agent's log.
     fn mark_secs(&self, key: &str, secs: f64) {
         self.seen
             .lock()
