@@ -220,6 +220,7 @@ where
             // The attempt's number, for the transport: a 429 to it must not withdraw it.
             let attempt = next_attempt();
             let fut = ATTEMPT.scope(attempt, fut);
+            let sent = std::time::Instant::now();
             let out = match (gated, &entered) {
                 (
                     Some(Gated {
@@ -240,6 +241,16 @@ where
                 },
                 _ => fut.await,
             };
+            // Each attempt's round trip (the bench's timelines: docs/PERFORMANCE.md); names the call only.
+            tracing::debug!(
+                what,
+                ms = sent.elapsed().as_millis() as u64,
+                status = match &out {
+                    Ok(_) => None,
+                    Err(e) => e.http_status().map(u16::from),
+                },
+                "azure call"
+            );
             match out {
                 Ok(v) => {
                     if let (Some(g), Some(e)) = (gate, &entered) {

@@ -10,6 +10,8 @@ use crate::retry::RetryPolicy;
 use azure_core::http::RequestContent;
 use azure_storage_blob::models::{BlobClientAcquireLeaseOptions, BlobClientUploadOptions};
 use azure_storage_blob::BlobClient;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -91,82 +93,148 @@ pub fn lock_blob_name(cluster: &str, tier: &str) -> String {
     format!("{cluster}/{tier}/leader.lock")
 }
 
-/// Tries once (with retries for transient errors) to become the tier's leader. `Ok(None)`: someone else is.
-pub async fn try_acquire(
-    az: &Azure,
-    blob_endpoint: &str,
-    cluster: &str,
-    tier: &str,
-    policy: RetryPolicy,
-    lease_secs: i32,
-) -> Result<Option<Leadership>, AzureError> {
-    let blob = az.blob(
-        blob_endpoint,
-        COORDINATION_CONTAINER,
-        &lock_blob_name(cluster, tier),
-    )?;
-    // The lock blob must exist before it can be leased; creating it is create-only and idempotent.
-    let created = call(policy, "coordination lock create", || {
-        let blob = &blob;
-        async move {
-            blob.upload(
-                RequestContent::from(Vec::<u8>::new()),
-                Some(BlobClientUploadOptions::default().if_not_exists()),
-            )
-            .await
-            .map(|_| ())
+/// A tier's lock blob (the blob that is leased), and whether this process knows it exists: it created it,
+/// or found it there. A node that polls for a lease held elsewhere then sends one request per try (the
+/// acquire) instead of two (create, then acquire). A lock blob removed since (an operator's reset) makes the
+/// acquire answer 404: it is created again, and the acquire sent again.
+#[derive(Debug)]
+pub struct Lock {
+    cluster: String,
+    tier: String,
+    exists: AtomicBool,
+}
+
+impl Lock {
+    pub fn new(cluster: &str, tier: &str) -> Self {
+        Lock {
+            cluster: cluster.into(),
+            tier: tier.into(),
+            exists: AtomicBool::new(false),
         }
+    }
+
+    /// Tries once (with retries for transient errors) to become the tier's leader. `Ok(None)`: someone else is.
+    pub async fn try_acquire(
+        &self,
+        az: &Azure,
+        blob_endpoint: &str,
+        policy: RetryPolicy,
+        lease_secs: i32,
+    ) -> Result<Option<Leadership>, AzureError> {
+        let blob = az.blob(
+            blob_endpoint,
+            COORDINATION_CONTAINER,
+            &lock_blob_name(&self.cluster, &self.tier),
+        )?;
+        let lease_id = crate::ids::uuid_v4().to_string();
+        let sent = std::sync::Mutex::new(Instant::now());
+        let acquired = with_lock(
+            &self.exists,
+            || create_lock(&blob, policy),
+            || {
+                *sent.lock().expect("not poisoned") = Instant::now();
+                acquire(&blob, &lease_id, policy, lease_secs)
+            },
+        )
+        .await;
+        match acquired {
+            Ok(()) => {}
+            Err(e) if e.is(409) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let sent = *sent.lock().expect("not poisoned");
+        let tier = self.tier.as_str();
+        // Counted from before the acquire's first attempt: a retried acquire only makes the deadline more
+        // conservative.
+        let (tx, rx) = watch::channel(Some(valid_until(sent, lease_secs)));
+        let renew_blob = az.blob(
+            blob_endpoint,
+            COORDINATION_CONTAINER,
+            &lock_blob_name(&self.cluster, tier),
+        )?;
+        let renewer = tokio::spawn(renew_loop(
+            renew_blob,
+            lease_id.clone(),
+            tier.to_string(),
+            tx,
+            lease_secs,
+        ));
+        tracing::info!(tier, "won the leader lease");
+        Ok(Some(Leadership {
+            tier: tier.to_string(),
+            blob,
+            lease_id,
+            clock: LeaseClock {
+                tier: tier.to_string(),
+                until: rx,
+            },
+            renewer,
+        }))
+    }
+}
+
+/// The lock blob's part of an acquire: `create` (create-only, idempotent) before the first `acquire` of a
+/// process, never after one that found the blob; and once more, with the acquire again, when the acquire
+/// answers 404 (the blob is gone). Answers the acquire's result.
+async fn with_lock<C, CF, A, AF>(
+    exists: &AtomicBool,
+    create: C,
+    acquire: A,
+) -> Result<(), AzureError>
+where
+    C: Fn() -> CF,
+    CF: Future<Output = Result<(), AzureError>>,
+    A: Fn() -> AF,
+    AF: Future<Output = Result<(), AzureError>>,
+{
+    if !exists.load(Ordering::Relaxed) {
+        create().await?;
+        exists.store(true, Ordering::Relaxed);
+    }
+    match acquire().await {
+        Err(e) if e.is(404) => {
+            exists.store(false, Ordering::Relaxed);
+            create().await?;
+            exists.store(true, Ordering::Relaxed);
+            acquire().await
+        }
+        r => r,
+    }
+}
+
+/// Creates the lock blob if it does not exist. It existing already (409), or being leased right now (412), is
+/// success.
+async fn create_lock(blob: &BlobClient, policy: RetryPolicy) -> Result<(), AzureError> {
+    let created = call(policy, "coordination lock create", || async {
+        blob.upload(
+            RequestContent::from(Vec::<u8>::new()),
+            Some(BlobClientUploadOptions::default().if_not_exists()),
+        )
+        .await
+        .map(|_| ())
     })
     .await;
     match created {
-        Ok(()) => {}
-        // 409 BlobAlreadyExists; 412 LeaseIdMissing: it exists and is leased right now.
-        Err(e) if e.is(409) || e.is(412) => {}
-        Err(e) => return Err(e),
+        Err(e) if e.is(409) || e.is(412) => Ok(()),
+        r => r,
     }
-    let lease_id = crate::ids::uuid_v4().to_string();
-    let sent = Instant::now();
-    let acquired = call(policy, "coordination lease acquire", || {
-        let (blob, id) = (&blob, lease_id.clone());
-        async move {
-            let opts = BlobClientAcquireLeaseOptions {
-                proposed_lease_id: Some(id),
-                ..Default::default()
-            };
-            blob.acquire_lease(lease_secs, Some(opts)).await.map(|_| ())
-        }
+}
+
+/// One lease acquire on the lock blob, with `lease_id` proposed.
+async fn acquire(
+    blob: &BlobClient,
+    lease_id: &str,
+    policy: RetryPolicy,
+    lease_secs: i32,
+) -> Result<(), AzureError> {
+    call(policy, "coordination lease acquire", || async {
+        let opts = BlobClientAcquireLeaseOptions {
+            proposed_lease_id: Some(lease_id.to_string()),
+            ..Default::default()
+        };
+        blob.acquire_lease(lease_secs, Some(opts)).await.map(|_| ())
     })
-    .await;
-    match acquired {
-        Ok(()) => {}
-        Err(e) if e.is(409) => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    // Counted from before the first attempt: a retried acquire only makes the deadline more conservative.
-    let (tx, rx) = watch::channel(Some(valid_until(sent, lease_secs)));
-    let renew_blob = az.blob(
-        blob_endpoint,
-        COORDINATION_CONTAINER,
-        &lock_blob_name(cluster, tier),
-    )?;
-    let renewer = tokio::spawn(renew_loop(
-        renew_blob,
-        lease_id.clone(),
-        tier.to_string(),
-        tx,
-        lease_secs,
-    ));
-    tracing::info!(tier, "won the leader lease");
-    Ok(Some(Leadership {
-        tier: tier.to_string(),
-        blob,
-        lease_id,
-        clock: LeaseClock {
-            tier: tier.to_string(),
-            until: rx,
-        },
-        renewer,
-    }))
+    .await
 }
 
 async fn renew_loop(
@@ -280,5 +348,57 @@ mod tests {
         assert!(clock.clone().check().is_ok());
         tx.send(None).unwrap();
         assert!(clock.check().is_err());
+    }
+
+    /// An in-memory lock blob: whether it exists, and every request in order.
+    #[derive(Default)]
+    struct Blob {
+        exists: std::sync::Mutex<bool>,
+        log: std::sync::Mutex<Vec<&'static str>>,
+    }
+
+    impl Blob {
+        async fn create(&self) -> Result<(), AzureError> {
+            self.log.lock().unwrap().push("create");
+            *self.exists.lock().unwrap() = true;
+            Ok(())
+        }
+        /// Held elsewhere (409) when the blob exists; 404 when it does not.
+        async fn acquire(&self) -> Result<(), AzureError> {
+            self.log.lock().unwrap().push("acquire");
+            let status = if *self.exists.lock().unwrap() {
+                409
+            } else {
+                404
+            };
+            Err(AzureError {
+                what: "coordination lease acquire".into(),
+                status: Some(status),
+                code: None,
+                detail: String::new(),
+            })
+        }
+        fn log(&self) -> Vec<&'static str> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_lock_blob_is_created_once_per_process_not_at_every_try() {
+        let (blob, exists) = (Blob::default(), AtomicBool::new(false));
+        for _ in 0..3 {
+            let r = with_lock(&exists, || blob.create(), || blob.acquire()).await;
+            assert!(r.unwrap_err().is(409), "held elsewhere");
+        }
+        assert_eq!(blob.log(), ["create", "acquire", "acquire", "acquire"]);
+    }
+
+    #[tokio::test]
+    async fn a_lock_blob_removed_since_is_created_again_and_the_acquire_sent_again() {
+        let (blob, exists) = (Blob::default(), AtomicBool::new(true));
+        let r = with_lock(&exists, || blob.create(), || blob.acquire()).await;
+        assert!(r.unwrap_err().is(409), "the second acquire's answer");
+        assert_eq!(blob.log(), ["acquire", "create", "acquire"]);
+        assert!(exists.load(Ordering::Relaxed));
     }
 }

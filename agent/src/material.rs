@@ -533,10 +533,11 @@ impl Fetch<'_> {
     ) -> Result<ClusterMaterial, MaterialError> {
         // Each look may create the material under the lease: never cut short by the poll.
         let start = Instant::now();
+        let lock = &election::Lock::new(self.cluster, "material");
         let r = retry(
             RetryPolicy::poll_whole(left, MATERIAL_POLL_FIRST),
             |attempt| async move {
-                match look(self, clients).await {
+                match look(self, clients, lock).await {
                     Ok(Some(m)) => Attempt::Done(m),
                     Ok(None) => {
                         if attempt == 1 {
@@ -604,21 +605,19 @@ impl Fetch<'_> {
 
 /// One look for the cluster material: what Key Vault holds, else (a node that may create it, holding the
 /// `material` lease) the material it creates; `None` while another node creates it.
-async fn look(f: &Fetch<'_>, clients: &Clients) -> Result<Option<ClusterMaterial>, MaterialError> {
+async fn look(
+    f: &Fetch<'_>,
+    clients: &Clients,
+    lock: &election::Lock,
+) -> Result<Option<ClusterMaterial>, MaterialError> {
     let (az, vaults, cluster, policy) = (f.az, f.vaults, f.cluster, f.policy);
     if let Some(m) = read_all(clients, vaults, cluster, policy).await? {
         return Ok(Some(m));
     }
     if let (Some(c), Some(_)) = (f.creator, &vaults.servers) {
-        if let Some(lead) = election::try_acquire(
-            az,
-            c.blob_endpoint,
-            cluster,
-            "material",
-            policy,
-            c.lease_secs,
-        )
-        .await?
+        if let Some(lead) = lock
+            .try_acquire(az, c.blob_endpoint, policy, c.lease_secs)
+            .await?
         {
             // Re-check under the lease: the previous holder may have just finished.
             let r = match read_all(clients, vaults, cluster, policy).await {

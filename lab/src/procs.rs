@@ -22,6 +22,21 @@ pub fn spawn(
     log_dir: &Path,
     pid_dir: &Path,
 ) -> std::io::Result<Proc> {
+    spawn_niced(name, program, args, envs, log_dir, pid_dir, None)
+}
+
+/// [`spawn`], at the scheduling priority `nice` (-20 to 19) when it is `Some`, set before the program starts
+/// so that each of its threads has it. A priority above the lab's own needs `CAP_SYS_NICE`: without it the
+/// process runs at the lab's ([`Proc::nice`] tells which it got).
+pub fn spawn_niced(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    envs: &[(String, String)],
+    log_dir: &Path,
+    pid_dir: &Path,
+    nice: Option<i32>,
+) -> std::io::Result<Proc> {
     std::fs::create_dir_all(log_dir)?;
     std::fs::create_dir_all(pid_dir)?;
     let log = log_dir.join(format!("{name}.log"));
@@ -37,7 +52,11 @@ pub fn spawn(
     }
     // SAFETY: prctl is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if let Some(n) = nice {
+                // SAFETY: setpriority is a plain system call. Refused (EPERM): the lab's priority is kept.
+                nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, n);
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
                 .map_err(std::io::Error::from)
         });
@@ -58,6 +77,18 @@ pub fn spawn(
 impl Proc {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// The process's scheduling priority (its main thread's), from `/proc`.
+    pub fn nice(&self) -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Field 19, counted after the command name (which may hold spaces) closes at the last ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(16)?
+            .parse()
+            .ok()
     }
 
     pub fn alive(&mut self) -> bool {
@@ -176,6 +207,46 @@ mod tests {
             &dir.join("pids"),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_niced_process_runs_at_its_priority_or_at_the_labs_when_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spawn_at = |name: &str, nice| {
+            spawn_niced(
+                name,
+                Path::new("/bin/sh"),
+                &["-c".into(), "exec sleep 30".into()],
+                &[],
+                &dir.path().join("logs"),
+                &dir.path().join("pids"),
+                nice,
+            )
+            .unwrap()
+        };
+        let ours = nix::unistd::Pid::this();
+        let own = std::fs::read_to_string(format!("/proc/{ours}/stat")).unwrap();
+        let own: i32 = own
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut plain = spawn_at("plain", None);
+        assert_eq!(plain.nice(), Some(own));
+        // Lower is always allowed.
+        let mut lower = spawn_at("lower", Some((own + 3).min(19)));
+        assert_eq!(lower.nice(), Some((own + 3).min(19)));
+        // Higher needs CAP_SYS_NICE (root here and in CI); refused, the process still runs, at ours.
+        let mut higher = spawn_at("higher", Some(own - 5));
+        let root = nix::unistd::geteuid().is_root();
+        assert_eq!(higher.nice(), Some(if root { own - 5 } else { own }));
+        for p in [&mut plain, &mut lower, &mut higher] {
+            p.kill().await;
+        }
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ pub use super::traits::Claims;
 use super::{crash_if, BootstrapError, CrashPoint};
 use crate::coordination::{Expect, TierState};
 use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// What a claim found. (One per look, moved once: the size of `Lead` costs nothing worth a box.)
 #[derive(Debug)]
@@ -30,16 +31,46 @@ pub enum Claimed<L> {
     },
 }
 
+/// How often a node that found the lease held by another tries it again (a lease attempt before its state
+/// read; between them, a look only reads the state): it takes over a lease given back or expired within this.
+/// Seldom next to the follower's poll (500 ms): while ten nodes boot, every request to the coordination
+/// storage delays the leader's own (docs/PERFORMANCE.md, "Calls per boot"); and a lease that is not given
+/// back lasts `bootstrap.lease_secs` (15–60 s) anyway.
+pub const LEASE_RETRY: Duration = Duration::from_secs(2);
+
+/// Whether a look tries the lease, or only reads the state (a node that found the lease held by another a
+/// moment ago: [`lease_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryLease {
+    Yes,
+    No,
+}
+
+/// Whether a look at `now` tries the lease, when this node last found it held by another at `held_at`:
+/// not until [`LEASE_RETRY`] after that.
+pub fn lease_now(held_at: Option<Instant>, now: Instant) -> TryLease {
+    match held_at {
+        Some(at) if now.duration_since(at) < LEASE_RETRY => TryLease::No,
+        _ => TryLease::Yes,
+    }
+}
+
 /// Takes the tier's lease and reads its state under it; gives the lease back when the tier is done or needs
 /// an operator. `spool_empty`: this node's spool holds no envelope of the tier (one that does takes the lease
-/// whatever the state says: it may finish the escrow).
+/// whatever the state says: it may finish the escrow). [`TryLease::No`]: the state is read without the
+/// lease, as when another node holds it.
 pub async fn claim<C: Claims>(
     c: &C,
     tier: &str,
     spool_empty: bool,
+    lease: TryLease,
     crash_at: Option<CrashPoint>,
 ) -> Result<Claimed<C::Lease>, BootstrapError> {
-    let Some(lease) = c.try_lease().await? else {
+    let lease = match lease {
+        TryLease::Yes => c.try_lease().await?,
+        TryLease::No => None,
+    };
+    let Some(lease) = lease else {
         let state = c.read().await?;
         return match decide::before_lease(state.as_ref(), spool_empty) {
             BeforeLease::AlreadyDone => Ok(Claimed::Done),
@@ -110,7 +141,6 @@ mod tests {
     use crate::azure::AzureError;
     use crate::coordination::TierPhase;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
 
     /// Storage in memory; every call is logged in order.
     #[derive(Default)]
@@ -203,9 +233,13 @@ mod tests {
             fake.note("ready");
             Ok(())
         };
-        let claimed = within(when_ready(&fake, ready, claim(&fake, "nomad", true, None)))
-            .await
-            .unwrap();
+        let claimed = within(when_ready(
+            &fake,
+            ready,
+            claim(&fake, "nomad", true, TryLease::Yes, None),
+        ))
+        .await
+        .unwrap();
         assert!(matches!(
             claimed,
             Claimed::Lead {
@@ -230,9 +264,13 @@ mod tests {
             fake.note("ready");
             Ok(())
         };
-        let claimed = within(when_ready(&fake, ready, claim(&fake, "nomad", true, None)))
-            .await
-            .unwrap();
+        let claimed = within(when_ready(
+            &fake,
+            ready,
+            claim(&fake, "nomad", true, TryLease::Yes, None),
+        ))
+        .await
+        .unwrap();
         assert!(matches!(claimed, Claimed::Done));
         assert_eq!(
             fake.calls(),
@@ -247,9 +285,13 @@ mod tests {
             fake.called("read_for_update").await;
             Err(not_ready())
         };
-        let e = within(when_ready(&fake, ready, claim(&fake, "nomad", true, None)))
-            .await
-            .unwrap_err();
+        let e = within(when_ready(
+            &fake,
+            ready,
+            claim(&fake, "nomad", true, TryLease::Yes, None),
+        ))
+        .await
+        .unwrap_err();
         assert_eq!(e.to_string(), not_ready().to_string());
         assert_eq!(
             fake.calls(),
@@ -265,7 +307,9 @@ mod tests {
                 state: Some(state(phase)),
                 ..Default::default()
             };
-            let claimed = claim(&fake, "nomad", true, None).await.unwrap();
+            let claimed = claim(&fake, "nomad", true, TryLease::Yes, None)
+                .await
+                .unwrap();
             match claimed {
                 Claimed::Done => assert!(want_done, "{phase:?}"),
                 Claimed::Other(p) => {
@@ -279,12 +323,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_look_that_does_not_try_the_lease_only_reads() {
+        for (phase, want_done) in [(TierPhase::Initializing, false), (TierPhase::Done, true)] {
+            // The lease is free: a look told not to try it still leaves it alone.
+            let fake = Fake {
+                state: Some(state(phase)),
+                ..Default::default()
+            };
+            let claimed = claim(&fake, "nomad", true, TryLease::No, None)
+                .await
+                .unwrap();
+            match claimed {
+                Claimed::Done => assert!(want_done, "{phase:?}"),
+                Claimed::Other(p) => assert!(!want_done && p == "Initializing", "{phase:?}: {p}"),
+                Claimed::Lead { .. } => panic!("no lease was to be taken"),
+            }
+            assert_eq!(fake.calls(), ["read"]);
+        }
+    }
+
+    #[test]
+    fn a_lease_found_held_is_tried_again_only_after_the_lease_retry() {
+        let now = std::time::Instant::now();
+        assert_eq!(lease_now(None, now), TryLease::Yes);
+        assert_eq!(lease_now(Some(now), now), TryLease::No);
+        let step = LEASE_RETRY;
+        assert_eq!(lease_now(Some(now), now + step / 2), TryLease::No);
+        assert_eq!(lease_now(Some(now), now + step), TryLease::Yes);
+    }
+
+    #[tokio::test]
     async fn a_tier_for_an_operator_is_reported_and_its_lease_given_back() {
         let fake = Fake {
             state: Some(state(TierPhase::NeedsOperator)),
             ..Default::default()
         };
-        let e = claim(&fake, "nomad", true, None).await.unwrap_err();
+        let e = claim(&fake, "nomad", true, TryLease::Yes, None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, BootstrapError::NeedsOperator { tier, message } if tier == "nomad" && message == "a note"),
             "{e}"
@@ -298,7 +374,9 @@ mod tests {
             state: Some(state(TierPhase::NeedsOperator)),
             ..Default::default()
         };
-        let claimed = claim(&fake, "nomad", false, None).await.unwrap();
+        let claimed = claim(&fake, "nomad", false, TryLease::Yes, None)
+            .await
+            .unwrap();
         assert!(matches!(claimed, Claimed::Lead { .. }));
         assert_eq!(fake.calls(), ["try_lease", "read_for_update"]);
     }
@@ -309,7 +387,9 @@ mod tests {
             read_fails: true,
             ..Default::default()
         };
-        let e = claim(&fake, "nomad", true, None).await.unwrap_err();
+        let e = claim(&fake, "nomad", true, TryLease::Yes, None)
+            .await
+            .unwrap_err();
         assert!(matches!(e, BootstrapError::Azure(_)), "{e}");
         assert_eq!(
             fake.calls(),

@@ -263,9 +263,8 @@ pub enum Outcome {
     AlreadyDone,
 }
 
-/// How often a node that found the bootstrap lease taken looks again (state read + lease attempt): it is
-/// done, and can hand over to what follows its bootstrap (e.g. the Consul agent token), within this of the
-/// leader finishing. Two small blob requests per follower per poll, only while a bootstrap runs.
+/// How often a node that found the bootstrap lease taken looks again (a state read): it is done, and can hand
+/// over to what follows its bootstrap (e.g. the Consul agent token), within this of the leader finishing.
 const FOLLOWER_POLL: Duration = Duration::from_millis(500);
 
 /// Runs the tier's bootstrap protocol on this node, then waits until this node's own server is a member of
@@ -295,15 +294,26 @@ async fn settle(ctx: &Ctx, tier: &dyn Tier) -> Result<Outcome, BootstrapError> {
     // Whether this node's server has answered: the first look claims the tier while it gets ready.
     let ready = std::sync::atomic::AtomicBool::new(false);
     let ready = &ready;
+    let lock = &election::Lock::new(&ctx.cluster, name);
+    // When this node last found the lease held by another node: until `claim::LEASE_RETRY` after that, a look
+    // only reads the state.
+    let held_at = std::sync::Mutex::new(None::<std::time::Instant>);
+    let held_at = &held_at;
     // Each look may bootstrap the tier under the lease: never cut short. A look that held the lease but must
     // wait (the node that initialized may still come back with its spool) waits longer before the next one:
     // it re-takes the lease each time.
     let policy = RetryPolicy::poll_whole(ctx.follower_deadline, FOLLOWER_POLL);
     let r = retry(policy, |attempt| async move {
-        match look(ctx, tier, ready).await {
+        let last = *held_at.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = claim::lease_now(last, std::time::Instant::now());
+        match look(ctx, tier, ready, lock, lease).await {
             Ok(Look::Finished(outcome)) => Attempt::Done(outcome),
             Ok(Look::Held(phase)) => Attempt::RetryAfter(Wait::Pending(phase), LEADER_REPOLL),
             Ok(Look::Other(phase)) => {
+                if lease == claim::TryLease::Yes {
+                    *held_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now());
+                }
                 if attempt == 1 {
                     tracing::info!(
                         tier = name,
@@ -382,6 +392,8 @@ async fn look(
     ctx: &Ctx,
     tier: &dyn Tier,
     ready: &std::sync::atomic::AtomicBool,
+    lock: &election::Lock,
+    lease: claim::TryLease,
 ) -> Result<Look, BootstrapError> {
     use std::sync::atomic::Ordering;
     let name = tier.name();
@@ -396,6 +408,7 @@ async fn look(
         tier: name,
         policy: ctx.policy,
         lease_secs: ctx.lease_secs,
+        lock,
     };
     let server = async {
         if !ready.load(Ordering::Relaxed) {
@@ -409,7 +422,7 @@ async fn look(
         }
         Ok(())
     };
-    let claimed = claim::claim(&claims, name, pending.is_empty(), ctx.crash_at);
+    let claimed = claim::claim(&claims, name, pending.is_empty(), lease, ctx.crash_at);
     let (lead, state) = match claim::when_ready(&claims, server, claimed).await? {
         claim::Claimed::Done => return Ok(Look::Finished(Outcome::AlreadyDone)),
         claim::Claimed::Other(phase) => return Ok(Look::Other(phase)),

@@ -106,6 +106,8 @@ pub struct AzureClaims<'a> {
     pub tier: &'a str,
     pub policy: RetryPolicy,
     pub lease_secs: i32,
+    /// The tier's lock blob, kept across looks (created once per process).
+    pub lock: &'a election::Lock,
 }
 
 #[async_trait::async_trait]
@@ -113,15 +115,9 @@ impl Claims for AzureClaims<'_> {
     type Lease = Leadership;
 
     async fn try_lease(&self) -> Result<Option<Leadership>, AzureError> {
-        election::try_acquire(
-            self.az,
-            self.blob_endpoint,
-            self.cluster,
-            self.tier,
-            self.policy,
-            self.lease_secs,
-        )
-        .await
+        self.lock
+            .try_acquire(self.az, self.blob_endpoint, self.policy, self.lease_secs)
+            .await
     }
 
     async fn release(&self, lease: Leadership) {

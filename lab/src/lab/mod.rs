@@ -35,6 +35,11 @@ pub use status::*;
 
 pub const IMDS_PORT: u16 = 16925;
 pub const AZURITE_PORT: u16 = 10000;
+/// Azurite's CPU priority, ahead of the nodes' (0). It stands for Azure Blob Storage, which no VM takes CPU
+/// from; on a small machine, at the nodes' priority, its answers wait behind ten booting nodes (0.1–0.5 s
+/// each where it needs 3–5 ms), and every agent waits on them (docs/PERFORMANCE.md, "The lab's storage").
+/// Azurite uses little CPU over a lab's boot (about one CPU-second), so the nodes lose little of theirs.
+pub const AZURITE_NICE: i32 = -10;
 /// The Key Vault double's `shared` vault (cluster material every node reads); `escrow`, `servers` (CA key,
 /// Nomad gossip key) and `status` (status tokens) listen on the next ports.
 pub const KEYVAULT_PORT: u16 = 8443;

@@ -97,18 +97,7 @@ impl Lab {
             );
             let dir = o.state_dir.join("azurite");
             std::fs::create_dir_all(&dir).map_err(io("azurite dir"))?;
-            let args = self.azurite_args();
-            self.azurite = Some(
-                procs::spawn(
-                    "azurite",
-                    &azurite,
-                    &args,
-                    &[],
-                    &self.log_dir,
-                    &self.pid_dir,
-                )
-                .map_err(io("start azurite"))?,
-            );
+            self.azurite = Some(self.spawn_azurite(&azurite)?);
             wait_for("Azurite", Duration::from_secs(60), || {
                 tcp_open(SocketAddr::from((host, AZURITE_PORT)))
             })
@@ -143,6 +132,30 @@ impl Lab {
             .map_err(|e| LabError::Failed(format!("Key Vault double: {e}")))?;
         self.keyvault = Some(kv);
         Ok(())
+    }
+
+    /// Azurite, ahead of the nodes for the CPU ([`AZURITE_NICE`]).
+    fn spawn_azurite(&self, azurite: &Path) -> Result<procs::Proc, LabError> {
+        let p = procs::spawn_niced(
+            "azurite",
+            azurite,
+            &self.azurite_args(),
+            &[],
+            &self.log_dir,
+            &self.pid_dir,
+            Some(AZURITE_NICE),
+        )
+        .map_err(io("start azurite"))?;
+        if p.nice() != Some(AZURITE_NICE) {
+            say(
+                &self.opts,
+                format!(
+                    "Azurite runs at the nodes' CPU priority (raising it to nice {AZURITE_NICE} needs CAP_SYS_NICE): \
+                     while many nodes boot its answers wait for CPU (docs/PERFORMANCE.md, \"The lab's storage\")"
+                ),
+            );
+        }
+        Ok(p)
     }
 
     fn azurite_args(&self) -> Vec<String> {
@@ -180,16 +193,7 @@ impl Lab {
         if let Some(mut p) = self.azurite.take() {
             p.stop(Duration::from_secs(10)).await;
         }
-        let p = procs::spawn(
-            "azurite",
-            &azurite,
-            &self.azurite_args(),
-            &[],
-            &self.log_dir,
-            &self.pid_dir,
-        )
-        .map_err(io("start azurite"))?;
-        self.azurite = Some(p);
+        self.azurite = Some(self.spawn_azurite(&azurite)?);
         let addr = SocketAddr::from((self.opts.ip(1), AZURITE_PORT));
         wait_for("Azurite", Duration::from_secs(60), || tcp_open(addr)).await
     }
