@@ -93,6 +93,21 @@ pub fn lock_blob_name(cluster: &str, tier: &str) -> String {
     format!("{cluster}/{tier}/leader.lock")
 }
 
+/// One try for the tier's lease by a process that keeps no [`Lock`] (a tool, a test playing another node):
+/// the lock blob is created first, as at a process's first try.
+pub async fn try_acquire(
+    az: &Azure,
+    blob_endpoint: &str,
+    cluster: &str,
+    tier: &str,
+    policy: RetryPolicy,
+    lease_secs: i32,
+) -> Result<Option<Leadership>, AzureError> {
+    Lock::new(cluster, tier)
+        .try_acquire(az, blob_endpoint, policy, lease_secs)
+        .await
+}
+
 /// A tier's lock blob (the blob that is leased), and whether this process knows it exists: it created it,
 /// or found it there. A node that polls for a lease held elsewhere then sends one request per try (the
 /// acquire) instead of two (create, then acquire). A lock blob removed since (an operator's reset) makes the
