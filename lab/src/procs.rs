@@ -14,21 +14,10 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+/// Starts `program`, logging to `<log_dir>/<name>.log`, its pid in `<pid_dir>/<name>.pid`. `nice`: a scheduling
+/// priority (-20 to 19) set before the program starts, so that each of its threads has it; one above the lab's
+/// own needs `CAP_SYS_NICE`, and without it the process runs at the lab's ([`Proc::nice`] tells which it got).
 pub fn spawn(
-    name: &str,
-    program: &Path,
-    args: &[String],
-    envs: &[(String, String)],
-    log_dir: &Path,
-    pid_dir: &Path,
-) -> std::io::Result<Proc> {
-    spawn_niced(name, program, args, envs, log_dir, pid_dir, None)
-}
-
-/// [`spawn`], at the scheduling priority `nice` (-20 to 19) when it is `Some`, set before the program starts
-/// so that each of its threads has it. A priority above the lab's own needs `CAP_SYS_NICE`: without it the
-/// process runs at the lab's ([`Proc::nice`] tells which it got).
-pub fn spawn_niced(
     name: &str,
     program: &Path,
     args: &[String],
@@ -205,6 +194,7 @@ mod tests {
             &[],
             &dir.join("logs"),
             &dir.join("pids"),
+            None,
         )
         .unwrap()
     }
@@ -213,7 +203,7 @@ mod tests {
     async fn a_niced_process_runs_at_its_priority_or_at_the_labs_when_refused() {
         let dir = tempfile::tempdir().unwrap();
         let spawn_at = |name: &str, nice| {
-            spawn_niced(
+            spawn(
                 name,
                 Path::new("/bin/sh"),
                 &["-c".into(), "exec sleep 30".into()],

@@ -300,45 +300,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lease_held_elsewhere_reads_the_state_without_it() {
-        for (phase, want_done) in [(TierPhase::Initializing, false), (TierPhase::Done, true)] {
-            let fake = Fake {
-                taken: true,
-                state: Some(state(phase)),
-                ..Default::default()
-            };
-            let claimed = claim(&fake, "nomad", true, TryLease::Yes, None)
-                .await
-                .unwrap();
-            match claimed {
-                Claimed::Done => assert!(want_done, "{phase:?}"),
-                Claimed::Other(p) => {
-                    assert!(!want_done, "{phase:?}");
-                    assert_eq!(p, "Initializing");
+    async fn a_lease_held_elsewhere_or_not_tried_reads_the_state_without_it() {
+        // The lease held by another node; or free, but this look told not to try it (it leaves it alone).
+        let cases = [
+            (true, TryLease::Yes, &["try_lease", "read"][..]),
+            (false, TryLease::No, &["read"][..]),
+        ];
+        for (taken, lease, calls) in cases {
+            for (phase, want_done) in [(TierPhase::Initializing, false), (TierPhase::Done, true)] {
+                let fake = Fake {
+                    taken,
+                    state: Some(state(phase)),
+                    ..Default::default()
+                };
+                let claimed = claim(&fake, "nomad", true, lease, None).await.unwrap();
+                match claimed {
+                    Claimed::Done => assert!(want_done, "{lease:?} {phase:?}"),
+                    Claimed::Other(p) => {
+                        assert!(!want_done, "{lease:?} {phase:?}");
+                        assert_eq!(p, "Initializing");
+                    }
+                    Claimed::Lead { .. } => panic!("{lease:?}: no lease was to be taken"),
                 }
-                Claimed::Lead { .. } => panic!("no lease was taken"),
+                assert_eq!(fake.calls(), calls, "{lease:?} {phase:?}");
             }
-            assert_eq!(fake.calls(), ["try_lease", "read"]);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_look_that_does_not_try_the_lease_only_reads() {
-        for (phase, want_done) in [(TierPhase::Initializing, false), (TierPhase::Done, true)] {
-            // The lease is free: a look told not to try it still leaves it alone.
-            let fake = Fake {
-                state: Some(state(phase)),
-                ..Default::default()
-            };
-            let claimed = claim(&fake, "nomad", true, TryLease::No, None)
-                .await
-                .unwrap();
-            match claimed {
-                Claimed::Done => assert!(want_done, "{phase:?}"),
-                Claimed::Other(p) => assert!(!want_done && p == "Initializing", "{phase:?}: {p}"),
-                Claimed::Lead { .. } => panic!("no lease was to be taken"),
-            }
-            assert_eq!(fake.calls(), ["read"]);
         }
     }
 

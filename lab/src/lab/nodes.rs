@@ -247,6 +247,7 @@ impl Lab {
             &[],
             &self.log_dir,
             &self.pid_dir,
+            None,
         )
         .map_err(io("start agent"))?;
         self.nodes[i].agent = Some(p);

@@ -136,7 +136,7 @@ impl Lab {
 
     /// Azurite, ahead of the nodes for the CPU ([`AZURITE_NICE`]).
     fn spawn_azurite(&self, azurite: &Path) -> Result<procs::Proc, LabError> {
-        let p = procs::spawn_niced(
+        let p = procs::spawn(
             "azurite",
             azurite,
             &self.azurite_args(),
@@ -231,6 +231,7 @@ impl Lab {
                 &envs,
                 &self.log_dir,
                 &self.pid_dir,
+                None,
             )
             .map_err(io("start transit bao"))?,
         );

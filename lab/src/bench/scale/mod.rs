@@ -786,6 +786,7 @@ async fn run_in(
             &[("PATH".to_string(), path.clone())],
             &log_dir,
             &pid_dir,
+            None,
         )
         .map_err(|e| BenchError::Failed(format!("spawn agent: {e}")))?;
         procs_.push((n, p));
