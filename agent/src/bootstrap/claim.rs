@@ -216,6 +216,13 @@ mod tests {
         }
     }
 
+    /// A first look's claim: the lease tried, this node's spool empty.
+    fn look(
+        fake: &Fake,
+    ) -> impl Future<Output = Result<Claimed<&'static str>, BootstrapError>> + '_ {
+        claim(fake, "nomad", true, TryLease::Yes, None)
+    }
+
     /// Bounds a test that would hang on a look that waits for the server before it claims.
     async fn within<T>(f: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), f)
@@ -233,13 +240,7 @@ mod tests {
             fake.note("ready");
             Ok(())
         };
-        let claimed = within(when_ready(
-            &fake,
-            ready,
-            claim(&fake, "nomad", true, TryLease::Yes, None),
-        ))
-        .await
-        .unwrap();
+        let claimed = within(when_ready(&fake, ready, look(&fake))).await.unwrap();
         assert!(matches!(
             claimed,
             Claimed::Lead {
@@ -264,13 +265,7 @@ mod tests {
             fake.note("ready");
             Ok(())
         };
-        let claimed = within(when_ready(
-            &fake,
-            ready,
-            claim(&fake, "nomad", true, TryLease::Yes, None),
-        ))
-        .await
-        .unwrap();
+        let claimed = within(when_ready(&fake, ready, look(&fake))).await.unwrap();
         assert!(matches!(claimed, Claimed::Done));
         assert_eq!(
             fake.calls(),
@@ -285,13 +280,9 @@ mod tests {
             fake.called("read_for_update").await;
             Err(not_ready())
         };
-        let e = within(when_ready(
-            &fake,
-            ready,
-            claim(&fake, "nomad", true, TryLease::Yes, None),
-        ))
-        .await
-        .unwrap_err();
+        let e = within(when_ready(&fake, ready, look(&fake)))
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), not_ready().to_string());
         assert_eq!(
             fake.calls(),
