@@ -128,6 +128,14 @@ impl Lock {
         }
     }
 
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn tier(&self) -> &str {
+        &self.tier
+    }
+
     /// Tries once (with retries for transient errors) to become the tier's leader. `Ok(None)`: someone else is.
     pub async fn try_acquire(
         &self,

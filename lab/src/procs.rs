@@ -70,14 +70,7 @@ impl Proc {
 
     /// The process's scheduling priority (its main thread's), from `/proc`.
     pub fn nice(&self) -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
-        // Field 19, counted after the command name (which may hold spaces) closes at the last ')'.
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(16)?
-            .parse()
-            .ok()
+        nice_of(self.pid()?)
     }
 
     pub fn alive(&mut self) -> bool {
@@ -112,6 +105,18 @@ impl Proc {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// The scheduling priority of process `pid` (its main thread's): field 19 of `/proc/<pid>/stat`, counted after
+/// the command name (which may hold spaces) closes at the last ')'.
+fn nice_of(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
 }
 
 /// Stops many processes at once: SIGTERM to all, then up to `grace` for them to exit, then SIGKILL to what is left.
@@ -214,17 +219,7 @@ mod tests {
             )
             .unwrap()
         };
-        let ours = nix::unistd::Pid::this();
-        let own = std::fs::read_to_string(format!("/proc/{ours}/stat")).unwrap();
-        let own: i32 = own
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let own = nice_of(std::process::id()).unwrap();
         let mut plain = spawn_at("plain", None);
         assert_eq!(plain.nice(), Some(own));
         // Lower is always allowed.

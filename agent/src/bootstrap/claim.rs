@@ -334,9 +334,7 @@ mod tests {
             state: Some(state(TierPhase::NeedsOperator)),
             ..Default::default()
         };
-        let e = claim(&fake, "nomad", true, TryLease::Yes, None)
-            .await
-            .unwrap_err();
+        let e = look(&fake).await.unwrap_err();
         assert!(
             matches!(&e, BootstrapError::NeedsOperator { tier, message } if tier == "nomad" && message == "a note"),
             "{e}"
@@ -363,9 +361,7 @@ mod tests {
             read_fails: true,
             ..Default::default()
         };
-        let e = claim(&fake, "nomad", true, TryLease::Yes, None)
-            .await
-            .unwrap_err();
+        let e = look(&fake).await.unwrap_err();
         assert!(matches!(e, BootstrapError::Azure(_)), "{e}");
         assert_eq!(
             fake.calls(),

@@ -404,11 +404,9 @@ async fn look(
     let claims = traits::AzureClaims {
         az: &ctx.az,
         blob_endpoint: &ctx.targets.blob_endpoint,
-        cluster: &ctx.cluster,
-        tier: name,
+        lock,
         policy: ctx.policy,
         lease_secs: ctx.lease_secs,
-        lock,
     };
     let server = async {
         if !ready.load(Ordering::Relaxed) {

@@ -102,12 +102,10 @@ pub trait Claims: Send + Sync {
 pub struct AzureClaims<'a> {
     pub az: &'a Azure,
     pub blob_endpoint: &'a str,
-    pub cluster: &'a str,
-    pub tier: &'a str,
+    /// The tier's lock blob, kept across looks (created once per process); it names the cluster and tier.
+    pub lock: &'a election::Lock,
     pub policy: RetryPolicy,
     pub lease_secs: i32,
-    /// The tier's lock blob, kept across looks (created once per process).
-    pub lock: &'a election::Lock,
 }
 
 #[async_trait::async_trait]
@@ -132,8 +130,8 @@ impl Claims for AzureClaims<'_> {
         coordination::read_for_update(
             self.az,
             self.blob_endpoint,
-            self.cluster,
-            self.tier,
+            self.lock.cluster(),
+            self.lock.tier(),
             self.policy,
         )
         .await

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 const OBSERVE_EVERY: Duration = Duration::from_millis(100);
 /// How often the bench reads each tier's coordination state (agent-driven labs). Seldom: those reads go to the
 /// lab's storage, which the agents' own bootstrap waits on and the floor's never does, so at [`OBSERVE_EVERY`] the
-/// bench's reads slowed the very path it timed (docs/PERFORMANCE.md, "What the bench observes"). A tier's `done`
+/// bench's reads slowed the very path it timed (docs/PERFORMANCE.md, tier bench Method, item 3). A tier's `done`
 /// is timed by its lead agent's log line ([`logged_done`]); the state's phases are coarse marks.
 const STATE_EVERY: Duration = Duration::from_secs(1);
 /// Per-request timeout of the bench's observations.
